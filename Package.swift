@@ -1,0 +1,39 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Layering (see ../shared/DESIGN.md):
+//   swiftvisor → VMM → (Devices, KVMEngine, X86Emulator) → VirtCore → CKVM
+// Devices never import an engine; engines never import devices.
+let package = Package(
+    name: "Swiftvisor",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "swiftvisor", targets: ["swiftvisor"]),
+        .library(name: "VMM", targets: ["VMM"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // C shim: <linux/kvm.h>, memfd, userfaultfd, ioctl wrappers and the reference C run loop.
+        .target(name: "CKVM"),
+        .target(name: "VirtCore", dependencies: ["CKVM"]),
+        .target(name: "KVMEngine", dependencies: ["VirtCore", "CKVM"]),
+        .target(name: "X86Emulator", dependencies: ["VirtCore"]),
+        .target(name: "Devices", dependencies: ["VirtCore"]),
+        // Freestanding C guests under Guests/, compiled by the build-tool plugin and embedded.
+        .executableTarget(name: "GuestBuilder", path: "Sources/GuestBuilder"),
+        .plugin(name: "GuestBuildPlugin", capability: .buildTool(), dependencies: ["GuestBuilder"]),
+        .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
+        .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
+        .executableTarget(name: "swiftvisor", dependencies: [
+            "VMM", "GuestImages",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "VirtCoreTests", dependencies: ["VirtCore"]),
+        .testTarget(name: "KVMEngineTests", dependencies: ["KVMEngine", "VirtCore", "GuestImages", "VMM"]),
+        .testTarget(name: "X86EmulatorTests", dependencies: ["X86Emulator", "VirtCore"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "VirtCore"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages"]),
+    ]
+)

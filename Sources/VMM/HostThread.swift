@@ -1,0 +1,26 @@
+import CKVM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A joinable OS thread (one per vCPU). Foundation's Thread cannot be joined, and the
+/// run loop wants a plain thread with nothing else scheduled on it.
+final class HostThread: @unchecked Sendable {
+    private var thread = pthread_t()
+    private final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
+
+    init(name: String, _ body: @escaping @Sendable () -> Void) {
+        let box = Unmanaged.passRetained(Box {
+            ckvm_set_thread_name(name)
+            body()
+        }).toOpaque()
+        let rc = pthread_create(&thread, nil, { arg in
+            let box = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+            box.body()
+            return nil
+        }, box)
+        precondition(rc == 0, "pthread_create failed: \(rc)")
+    }
+
+    func join() { pthread_join(thread, nil) }
+}

@@ -1,0 +1,300 @@
+import Devices
+import Dispatch
+import Synchronization
+import VirtCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a machine is built with.
+public struct MachineConfiguration: Sendable {
+    public var memorySize: UInt64 = 64 << 20
+    public var vcpuCount = 1
+    public var commandLine = ""
+    /// Stop the VM after this many seconds (nil: no limit).
+    public var timeoutSeconds: Double?
+    /// Keep every exit of every vCPU in `RunResult.exitTrace` (for differential tests).
+    public var recordExits = false
+
+    public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
+                timeoutSeconds: Double? = nil, recordExits: Bool = false) {
+        self.memorySize = memorySize; self.vcpuCount = vcpuCount; self.commandLine = commandLine
+        self.timeoutSeconds = timeoutSeconds; self.recordExits = recordExits
+    }
+}
+
+public enum MachineError: Error, Equatable, CustomStringConvertible {
+    case invalidMemorySize(UInt64)
+    case invalidVCPUCount(Int)
+    case commandLineTooLong(Int)
+    case alreadyRan
+
+    public var description: String {
+        switch self {
+        case let .invalidMemorySize(size):
+            return "memory size \(MemorySize.format(size)) is outside \(MemorySize.format(BootLayout.minRAM))–\(MemorySize.format(BootLayout.maxRAM)) or not a multiple of 2 MiB"
+        case let .invalidVCPUCount(n):
+            return "vCPU count \(n) is outside 1–\(BootLayout.maxVCPUs)"
+        case let .commandLineTooLong(n):
+            return "guest command line of \(n) bytes exceeds \(BootLayout.commandLineCapacity)"
+        case .alreadyRan:
+            return "a machine runs once; build a new one"
+        }
+    }
+}
+
+/// Why a machine stopped.
+public enum StopReason: Sendable, Equatable {
+    /// The guest wrote its exit status to the exit port.
+    case exitPort(status: UInt8)
+    /// Every vCPU executed `hlt` with nothing left to wake it.
+    case allHalted
+    /// A vCPU triple-faulted (or otherwise shut down); its state at that point.
+    case shutdown(vcpu: Int, state: VCPUState?)
+    case timeout
+    /// `Machine.stop()` was called.
+    case stopped
+    /// The engine could not run the guest: KVM internal error, failed entry, ioctl error.
+    case engineFailure(vcpu: Int, message: String)
+
+    /// One line for the user.
+    public var summary: String {
+        switch self {
+        case let .exitPort(status): return "guest exited with status \(status)"
+        case .allHalted: return "all vCPUs halted"
+        case let .shutdown(vcpu, _): return "vCPU \(vcpu) shut down (triple fault)"
+        case .timeout: return "timed out"
+        case .stopped: return "stopped by the host"
+        case let .engineFailure(vcpu, message): return "vCPU \(vcpu): \(message)"
+        }
+    }
+}
+
+public struct RunResult: Sendable {
+    public var stopReason: StopReason
+    /// All vCPUs' exit statistics merged.
+    public var statistics: ExitStatistics
+    public var perVCPUStatistics: [ExitStatistics]
+    public var wallNanoseconds: UInt64
+    /// Per vCPU, every exit in order (only with `recordExits`).
+    public var exitTrace: [[VMExit]]
+}
+
+/// One running VM: guest RAM, an engine VM with its vCPUs, and the I/O bus with the
+/// standard devices (COM1, exit port, bench port). `run()` starts one thread per vCPU
+/// and returns when the guest exits, fails, times out or is stopped.
+public final class Machine: @unchecked Sendable {
+    public let configuration: MachineConfiguration
+    public let memory: GuestMemory
+    public let engine: any Engine
+    public let vm: any VM
+    public let bus = IOBus()
+    public let uart: UART16550
+    public let benchPort = BenchPort()
+    public let image: ELFImage
+    public var hypercalls = HypercallTable()
+
+    private let vcpus: [any VCPU]
+    private let stopRequested = Atomic<Bool>(false)
+    private let stopState = Mutex<StopReason?>(nil)
+    private let haltedCount = Atomic<Int>(0)
+    private let started = Atomic<Bool>(false)
+
+    /// Builds the machine: validates the configuration, loads `image`, writes boot state
+    /// and sets every vCPU to the ABI entry state. `serialOutput` receives COM1 bytes.
+    public init(image: ELFImage, configuration: MachineConfiguration, engine: any Engine,
+                serialOutput: @escaping @Sendable (UInt8) -> Void) throws {
+        let size = configuration.memorySize
+        guard size >= BootLayout.minRAM, size <= BootLayout.maxRAM, size % (2 << 20) == 0 else {
+            throw MachineError.invalidMemorySize(size)
+        }
+        guard configuration.vcpuCount >= 1, configuration.vcpuCount <= BootLayout.maxVCPUs else {
+            throw MachineError.invalidVCPUCount(configuration.vcpuCount)
+        }
+        guard configuration.commandLine.utf8.count <= BootLayout.commandLineCapacity else {
+            throw MachineError.commandLineTooLong(configuration.commandLine.utf8.count)
+        }
+        self.configuration = configuration
+        self.image = image
+        self.engine = engine
+        memory = try GuestMemory(size: size)
+        try BootLayout.prepare(memory: memory, vcpuCount: configuration.vcpuCount,
+                               commandLine: configuration.commandLine, hypercall: engine.hypercallMechanism)
+        try image.load(into: memory)
+        vm = try engine.makeVM(memory: memory, config: VMConfig(vcpuCount: configuration.vcpuCount))
+        var vcpus: [any VCPU] = []
+        for id in 0..<configuration.vcpuCount {
+            let vcpu = try vm.makeVCPU(id: id)
+            try vcpu.setState(BootLayout.initialState(vcpu: id, entry: image.entry))
+            vcpus.append(vcpu)
+        }
+        self.vcpus = vcpus
+        uart = UART16550(output: serialOutput)
+        try bus.attach(uart, firstPort: UART16550.com1, count: UART16550.registerCount)
+        try bus.attach(benchPort, firstPort: BenchPort.port, count: 1)
+        try bus.attach(ExitPort { [weak self] status in self?.requestStop(.exitPort(status: status)) },
+                       firstPort: ExitPort.port, count: 1)
+    }
+
+    /// Asks every vCPU to stop; the first reason given wins. Safe from any thread.
+    public func requestStop(_ reason: StopReason) {
+        stopState.withLock { if $0 == nil { $0 = reason } }
+        stopRequested.store(true, ordering: .releasing)
+        for v in vcpus { v.requestExit() }
+    }
+
+    public func stop() { requestStop(.stopped) }
+
+    /// The engine's vCPU `id` (for engine-specific tools such as the exit benchmark).
+    public func vcpu(_ id: Int) -> any VCPU { vcpus[id] }
+
+    /// The state of vCPU `id` (call after `run` returns, or before it starts).
+    public func vcpuState(_ id: Int) throws -> VCPUState { try vcpus[id].getState() }
+
+    /// Runs the guest to completion on one thread per vCPU.
+    public func run() throws -> RunResult {
+        guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw MachineError.alreadyRan }
+        let count = vcpus.count
+        let results = Mutex([(ExitStatistics, [VMExit])](repeating: (ExitStatistics(), []), count: count))
+        var timer: DispatchWorkItem?
+        if let t = configuration.timeoutSeconds {
+            let item = DispatchWorkItem { [weak self] in self?.requestStop(.timeout) }
+            DispatchQueue.global().asyncAfter(deadline: .now() + t, execute: item)
+            timer = item
+        }
+        let start = monotonicNanoseconds()
+        let threads = vcpus.enumerated().map { id, vcpu in
+            HostThread(name: "vcpu\(id)") { [self] in
+                let outcome = runLoop(vcpu)
+                results.withLock { $0[id] = outcome }
+            }
+        }
+        threads.forEach { $0.join() }
+        let wall = monotonicNanoseconds() - start
+        timer?.cancel()
+
+        let perVCPU = results.withLock { $0 }
+        var merged = ExitStatistics()
+        for (s, _) in perVCPU { merged.merge(s) }
+        let reason = stopState.withLock { $0 } ?? .stopped
+        return RunResult(stopReason: reason, statistics: merged, perVCPUStatistics: perVCPU.map(\.0),
+                         wallNanoseconds: wall, exitTrace: perVCPU.map(\.1))
+    }
+
+    /// The vCPU loop: run, dispatch the exit, account for it. Generic so the engine's
+    /// concrete vCPU type is used directly (no existential call per exit).
+    private func runLoop<V: VCPU>(_ vcpu: V) -> (ExitStatistics, [VMExit]) {
+        var stats = ExitStatistics()
+        var trace: [VMExit] = []
+        let record = configuration.recordExits
+        var t0 = monotonicNanoseconds()
+        while !stopRequested.load(ordering: .acquiring) {
+            let exit: VMExit
+            do {
+                exit = try vcpu.run()
+            } catch {
+                requestStop(.engineFailure(vcpu: vcpu.id, message: "\(error)"))
+                break
+            }
+            let t1 = monotonicNanoseconds()
+            stats.guestNanoseconds &+= t1 &- t0
+            if record { trace.append(exit) }
+            var done = false
+            switch exit {
+            case let .portIO(a):
+                if a.direction == .write {
+                    bus.portWrite(a.port, size: a.size, value: a.value)
+                } else {
+                    vcpu.completeRead(value: UInt64(bus.portRead(a.port, size: a.size)))
+                }
+                t0 = monotonicNanoseconds()
+                stats.record(.portIO, nanoseconds: t0 &- t1)
+                stats.recordPort(a.port, nanoseconds: t0 &- t1)
+                continue
+            case let .stringPortIO(port, size, direction, count, data):
+                handleStringIO(vcpu, port: port, size: size, direction: direction, count: count, data: data)
+                t0 = monotonicNanoseconds()
+                stats.record(.portIO, nanoseconds: t0 &- t1)
+                stats.recordPort(port, nanoseconds: t0 &- t1)
+                continue
+            case let .mmio(a):
+                let range: RangeBase?
+                if a.direction == .write {
+                    range = bus.mmioWrite(a.address, size: a.size, value: a.value)
+                } else {
+                    let r = bus.mmioRead(a.address, size: a.size)
+                    vcpu.completeRead(value: r.value)
+                    range = r.range
+                }
+                t0 = monotonicNanoseconds()
+                stats.record(.mmio, nanoseconds: t0 &- t1)
+                stats.recordMMIO(rangeBase: range ?? (a.address & ~0xFFF), nanoseconds: t0 &- t1)
+                continue
+            case let .hypercall(call):
+                vcpu.completeHypercall(result: hypercalls.handle(call, vcpu: vcpu.id))
+            case .halt:
+                // No interrupt sources yet: a halted vCPU stays halted.
+                done = true
+                if haltedCount.add(1, ordering: .acquiringAndReleasing).newValue == vcpus.count {
+                    requestStop(.allHalted)
+                }
+            case .shutdown:
+                requestStop(.shutdown(vcpu: vcpu.id, state: try? vcpu.getState()))
+                done = true
+            case let .failEntry(code):
+                requestStop(.engineFailure(vcpu: vcpu.id, message: "entry failed, hardware reason 0x\(String(code, radix: 16))"))
+                done = true
+            case let .internalError(suberror, data, bytes):
+                requestStop(.engineFailure(vcpu: vcpu.id, message: Self.describeInternalError(suberror, data, bytes, try? vcpu.getState())))
+                done = true
+            case .interrupted, .preemptionTimer:
+                break
+            case let .exception(vector, code):
+                requestStop(.engineFailure(vcpu: vcpu.id, message: "unhandled exception \(vector) error \(code.map { String($0) } ?? "none")"))
+                done = true
+            case let .memoryFault(gpa, _):
+                requestStop(.engineFailure(vcpu: vcpu.id, message: "memory fault at 0x\(String(gpa, radix: 16))"))
+                done = true
+            case let .systemEvent(type):
+                requestStop(.engineFailure(vcpu: vcpu.id, message: "system event \(type)"))
+                done = true
+            case let .unknown(reason):
+                requestStop(.engineFailure(vcpu: vcpu.id, message: "unknown exit reason \(reason)"))
+                done = true
+            }
+            t0 = monotonicNanoseconds()
+            stats.record(exit.reason, nanoseconds: t0 &- t1)
+            if done { break }
+        }
+        return (stats, trace)
+    }
+
+    private func handleStringIO<V: VCPU>(_ vcpu: V, port: UInt16, size: UInt8, direction: AccessDirection, count: UInt32, data: [UInt8]) {
+        let n = Int(size)
+        if direction == .write {
+            for i in 0..<Int(count) {
+                var v: UInt32 = 0
+                for b in 0..<n { v |= UInt32(data[i * n + b]) << (8 * UInt32(b)) }
+                bus.portWrite(port, size: size, value: v)
+            }
+        } else {
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(Int(count) * n)
+            for _ in 0..<Int(count) {
+                let v = bus.portRead(port, size: size)
+                for b in 0..<n { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(b)))) }
+            }
+            vcpu.completeStringRead(bytes)
+        }
+    }
+
+    static func describeInternalError(_ suberror: UInt32, _ data: [UInt64], _ bytes: [UInt8], _ state: VCPUState?) -> String {
+        var s = "internal error (suberror \(suberror)"
+        if suberror == 1 { s += ": instruction emulation failed" }
+        s += ")"
+        if let rip = state?.rip { s += " at rip 0x\(String(rip, radix: 16))" }
+        if !bytes.isEmpty { s += ", instruction bytes: " + bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: " ") }
+        if !data.isEmpty { s += ", data: " + data.map { "0x" + String($0, radix: 16) }.joined(separator: " ") }
+        return s
+    }
+}

@@ -1,0 +1,134 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Count and host time of a class of exits.
+public struct ExitCounter: Sendable, Equatable, Codable {
+    public var count: UInt64 = 0
+    /// Host nanoseconds the VMM spent handling these exits (engine return → next entry).
+    public var nanoseconds: UInt64 = 0
+    public init(count: UInt64 = 0, nanoseconds: UInt64 = 0) { self.count = count; self.nanoseconds = nanoseconds }
+
+    @inline(__always)
+    public mutating func add(nanoseconds ns: UInt64) {
+        count &+= 1
+        nanoseconds &+= ns
+    }
+
+    public static func + (a: ExitCounter, b: ExitCounter) -> ExitCounter {
+        ExitCounter(count: a.count + b.count, nanoseconds: a.nanoseconds + b.nanoseconds)
+    }
+}
+
+/// Exit accounting for one vCPU (no locking: each vCPU thread owns its own and they are
+/// merged afterwards). Recording is allocation-free once a port or range has been seen.
+public struct ExitStatistics: Sendable, Equatable {
+    private var reasons = [ExitCounter](repeating: ExitCounter(), count: ExitReason.allCases.count)
+    public private(set) var ports: [UInt16: ExitCounter] = [:]
+    /// Keyed by the base address of the MMIO range (device) that took the access.
+    public private(set) var mmioRanges: [UInt64: ExitCounter] = [:]
+    /// Total nanoseconds spent inside the engine's `run()` (guest time plus exit overhead).
+    public var guestNanoseconds: UInt64 = 0
+
+    public init() {}
+
+    @inline(__always)
+    public mutating func record(_ reason: ExitReason, nanoseconds: UInt64) {
+        reasons[reason.rawValue].add(nanoseconds: nanoseconds)
+    }
+
+    @inline(__always)
+    public mutating func recordPort(_ port: UInt16, nanoseconds: UInt64) {
+        ports[port, default: ExitCounter()].add(nanoseconds: nanoseconds)
+    }
+
+    @inline(__always)
+    public mutating func recordMMIO(rangeBase: UInt64, nanoseconds: UInt64) {
+        mmioRanges[rangeBase, default: ExitCounter()].add(nanoseconds: nanoseconds)
+    }
+
+    public subscript(reason: ExitReason) -> ExitCounter { reasons[reason.rawValue] }
+
+    public var totalExits: UInt64 { reasons.reduce(0) { $0 + $1.count } }
+
+    public mutating func merge(_ other: ExitStatistics) {
+        for i in reasons.indices { reasons[i] = reasons[i] + other.reasons[i] }
+        for (k, v) in other.ports { ports[k, default: ExitCounter()] = ports[k, default: ExitCounter()] + v }
+        for (k, v) in other.mmioRanges { mmioRanges[k, default: ExitCounter()] = mmioRanges[k, default: ExitCounter()] + v }
+        guestNanoseconds += other.guestNanoseconds
+    }
+
+    /// A human-readable table. `portName`/`rangeName` label ports and MMIO ranges.
+    public func table(portName: (UInt16) -> String = { _ in "" }, rangeName: (UInt64) -> String = { _ in "" }) -> String {
+        var rows: [[String]] = [["exit", "count", "host time", "avg"]]
+        func row(_ label: String, _ c: ExitCounter) -> [String] {
+            let avg = c.count == 0 ? 0 : Double(c.nanoseconds) / Double(c.count)
+            return [label, String(c.count), Self.formatNanoseconds(Double(c.nanoseconds)), Self.formatNanoseconds(avg)]
+        }
+        for r in ExitReason.allCases where reasons[r.rawValue].count > 0 {
+            rows.append(row(r.name, reasons[r.rawValue]))
+        }
+        for (port, c) in ports.sorted(by: { $0.key < $1.key }) {
+            let name = portName(port)
+            rows.append(row("  port 0x" + String(port, radix: 16) + (name.isEmpty ? "" : " (\(name))"), c))
+        }
+        for (base, c) in mmioRanges.sorted(by: { $0.key < $1.key }) {
+            let name = rangeName(base)
+            rows.append(row("  mmio 0x" + String(base, radix: 16) + (name.isEmpty ? "" : " (\(name))"), c))
+        }
+        rows.append(["total", String(totalExits), "", ""])
+        let widths = (0..<4).map { col in rows.map { $0[col].count }.max() ?? 0 }
+        return rows.map { r in
+            r.enumerated().map { i, cell in
+                i == 0 ? cell.padded(to: widths[i]) : cell.leftPadded(to: widths[i])
+            }.joined(separator: "  ")
+        }.joined(separator: "\n")
+    }
+
+    /// JSON object: `{"total":…, "guest_ns":…, "reasons":{name:{count,ns}}, "ports":{…}, "mmio":{…}}`.
+    public var json: String {
+        func obj(_ c: ExitCounter) -> String { "{\"count\":\(c.count),\"ns\":\(c.nanoseconds)}" }
+        let r = ExitReason.allCases.filter { reasons[$0.rawValue].count > 0 }
+            .map { "\"\($0.name)\":\(obj(reasons[$0.rawValue]))" }.joined(separator: ",")
+        let p = ports.sorted { $0.key < $1.key }.map { "\"0x\(String($0.key, radix: 16))\":\(obj($0.value))" }.joined(separator: ",")
+        let m = mmioRanges.sorted { $0.key < $1.key }.map { "\"0x\(String($0.key, radix: 16))\":\(obj($0.value))" }.joined(separator: ",")
+        return "{\"total\":\(totalExits),\"guest_ns\":\(guestNanoseconds),\"reasons\":{\(r)},\"ports\":{\(p)},\"mmio\":{\(m)}}"
+    }
+
+    public static func formatNanoseconds(_ ns: Double) -> String {
+        if ns >= 1e9 { return String(format2: ns / 1e9) + " s" }
+        if ns >= 1e6 { return String(format2: ns / 1e6) + " ms" }
+        if ns >= 1e3 { return String(format2: ns / 1e3) + " µs" }
+        return String(format2: ns) + " ns"
+    }
+}
+
+/// Monotonic host clock in nanoseconds (vDSO clock_gettime, no allocation).
+@inline(__always)
+public func monotonicNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}
+
+extension String {
+    /// Fixed two decimals without Foundation.
+    init(format2 value: Double) {
+        let scaled = (value * 100).rounded()
+        let whole = Int(scaled / 100)
+        let frac = Int(abs(scaled.truncatingRemainder(dividingBy: 100)))
+        self = "\(whole)." + (frac < 10 ? "0" : "") + "\(frac)"
+    }
+}
+
+extension String {
+    /// Left-aligned in a field of `width` characters (no Foundation needed).
+    public func padded(to width: Int) -> String {
+        count >= width ? self : self + String(repeating: " ", count: width - count)
+    }
+
+    /// Right-aligned in a field of `width` characters.
+    public func leftPadded(to width: Int) -> String {
+        count >= width ? self : String(repeating: " ", count: width - count) + self
+    }
+}

@@ -1,0 +1,124 @@
+import CKVM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why a guest-memory access was refused.
+public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertible {
+    case outOfRange(gpa: UInt64, length: Int, ramSize: UInt64)
+    case allocationFailed(size: UInt64, errno: Int32)
+    case invalidSize(UInt64)
+
+    public var description: String {
+        switch self {
+        case let .outOfRange(gpa, length, ram):
+            return "guest access of \(length) bytes at 0x\(String(gpa, radix: 16)) is outside RAM (0x\(String(ram, radix: 16)) bytes)"
+        case let .allocationFailed(size, err):
+            return "could not allocate \(size) bytes of guest RAM: \(String(cString: strerror(err)))"
+        case let .invalidSize(size):
+            return "guest RAM size \(size) must be a non-zero multiple of 4 KiB"
+        }
+    }
+}
+
+/// Guest RAM: one contiguous memfd-backed region starting at guest-physical address 0.
+///
+/// The memfd (rather than anonymous memory) lets later services — snapshots, page
+/// deduplication, userfaultfd and migration — share or remap the same pages. All public
+/// access is bounds-checked; engines in this package reach the raw pointer through
+/// `package` API so the unsafe part stays inside the package.
+public final class GuestMemory: @unchecked Sendable {
+    public static let pageSize = 4096
+
+    /// Bytes of RAM, from GPA 0.
+    public let size: UInt64
+    /// The memfd holding the RAM; stays open for the life of the object.
+    public let fileDescriptor: Int32
+    package let base: UnsafeMutableRawPointer
+
+    public init(size: UInt64, name: String = "swiftvisor-ram") throws(GuestMemoryError) {
+        guard size > 0, size % UInt64(Self.pageSize) == 0 else { throw .invalidSize(size) }
+        let fd = ckvm_memfd_create(name)
+        guard fd >= 0 else { throw .allocationFailed(size: size, errno: -fd) }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let err = errno
+            close(fd)
+            throw .allocationFailed(size: size, errno: err)
+        }
+        guard let p = ckvm_mmap_shared(fd, Int(size), 1) else {
+            let err = errno
+            close(fd)
+            throw .allocationFailed(size: size, errno: err)
+        }
+        self.size = size
+        self.fileDescriptor = fd
+        self.base = p
+    }
+
+    deinit {
+        munmap(base, Int(size))
+        close(fileDescriptor)
+    }
+
+    @inline(__always)
+    public func contains(_ gpa: UInt64, length: Int) -> Bool {
+        length >= 0 && gpa <= size && UInt64(length) <= size - gpa
+    }
+
+    @inline(__always)
+    func check(_ gpa: UInt64, _ length: Int) throws(GuestMemoryError) {
+        guard contains(gpa, length: length) else { throw .outOfRange(gpa: gpa, length: length, ramSize: size) }
+    }
+
+    /// Host pointer for `[gpa, gpa+length)`, or nil when the range is not all RAM.
+    @inline(__always)
+    package func hostPointer(_ gpa: UInt64, length: Int) -> UnsafeMutableRawPointer? {
+        contains(gpa, length: length) ? base + Int(gpa) : nil
+    }
+
+    /// Reads a little-endian integer.
+    @inline(__always)
+    public func load<T: FixedWidthInteger>(_: T.Type = T.self, at gpa: UInt64) throws(GuestMemoryError) -> T {
+        try check(gpa, MemoryLayout<T>.size)
+        return T(littleEndian: (base + Int(gpa)).loadUnaligned(as: T.self))
+    }
+
+    /// Writes a little-endian integer.
+    @inline(__always)
+    public func store<T: FixedWidthInteger>(_ value: T, at gpa: UInt64) throws(GuestMemoryError) {
+        try check(gpa, MemoryLayout<T>.size)
+        (base + Int(gpa)).storeBytes(of: value.littleEndian, as: T.self)
+    }
+
+    public func read(at gpa: UInt64, count: Int) throws(GuestMemoryError) -> [UInt8] {
+        try check(gpa, count)
+        return [UInt8](UnsafeRawBufferPointer(start: base + Int(gpa), count: count))
+    }
+
+    public func write<C: Collection>(_ bytes: C, at gpa: UInt64) throws(GuestMemoryError) where C.Element == UInt8 {
+        try check(gpa, bytes.count)
+        let dst = UnsafeMutableRawBufferPointer(start: base + Int(gpa), count: bytes.count)
+        _ = dst.copyBytes(from: bytes) as Void?
+    }
+
+    public func fill(_ byte: UInt8, at gpa: UInt64, count: Int) throws(GuestMemoryError) {
+        try check(gpa, count)
+        memset(base + Int(gpa), Int32(byte), count)
+    }
+
+    /// Calls `body` with a read-only view of `[gpa, gpa+count)`.
+    public func withBytes<R>(at gpa: UInt64, count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        try check(gpa, count)
+        return try body(UnsafeRawBufferPointer(start: base + Int(gpa), count: count))
+    }
+
+    /// FNV-1a 64 over all of RAM: a cheap fingerprint for differential tests.
+    public func contentHash() -> UInt64 {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        let words = base.assumingMemoryBound(to: UInt64.self)
+        for i in 0..<Int(size / 8) {
+            h = (h ^ words[i]) &* 0x100_0000_01b3
+        }
+        return h
+    }
+}

@@ -1,0 +1,115 @@
+import ArgumentParser
+import GuestImages
+import KVMEngine
+import Foundation
+import VMM
+
+struct Guests: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the bundled guests (name, then what it does).")
+
+    @Flag(name: .long, help: "Also list guests that exist to exercise failure paths in tests.")
+    var all = false
+
+    func run() {
+        let guests = BundledGuests.all.filter { all || !$0.isTestGuest }
+        let width = guests.map(\.name.count).max() ?? 0
+        for g in guests {
+            print(g.name.padding(toLength: width + 2, withPad: " ", startingAt: 0) + g.summary + (g.isTestGuest ? " [test]" : ""))
+        }
+    }
+}
+
+struct Host: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Report this host's KVM: device, API version, capabilities, vCPU limits.")
+
+    @Option(name: .long, help: ArgumentHelp("KVM device to examine.", valueName: "path"))
+    var kvmPath = "/dev/kvm"
+
+    func run() throws {
+        let system: KVMSystem
+        do {
+            system = try KVMSystem(path: kvmPath)
+        } catch {
+            print("kvm: unavailable — \(error)")
+            throw ExitCode(1)
+        }
+        let r = system.report()
+        print("kvm device:       \(r.path)")
+        print("api version:      \(r.apiVersion)")
+        print("vCPUs:            \(r.recommendedVCPUs) recommended, \(r.maxVCPUs) maximum (swiftvisor: \(BootLayout.maxVCPUs))")
+        print("capabilities:")
+        let width = r.capabilities.map(\.capability.name.count).max() ?? 0
+        for (cap, value) in r.capabilities {
+            let state = value > 0 ? (value == 1 ? "yes" : "yes (\(value))") : "no"
+            print("  " + cap.name.padding(toLength: width + 2, withPad: " ", startingAt: 0) + state + (cap.required ? "  [required]" : ""))
+        }
+    }
+}
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmarks (printed table; --json for machine-readable results).",
+        subcommands: [BenchExits.self])
+}
+
+struct BenchExits: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "exits",
+        abstract: "Cost of a port-I/O exit: Swift run loop vs a plain C KVM_RUN loop, same guest, same run.",
+        discussion: """
+            Runs the bundled 'pio-loop' guest, which writes port 0x80 N times, at the chosen
+            ring(s), through swiftvisor's run loop and through the C loop in the CKVM shim.
+            Per-exit cost = (time with N writes − time with 0 writes) / N; best of R runs.
+            On nested KVM, ring 0 guest code is emulated by the host, so the two rings differ.
+            """)
+
+    @Option(name: .long, help: "Port writes per run.")
+    var count: UInt64 = 50_000
+
+    @Option(name: .long, help: "Runs per measurement (the fastest counts).")
+    var repetitions = 3
+
+    @Option(name: .long, help: "Guest ring: 0, 3 or both.")
+    var ring = "both"
+
+    @Option(name: .long, help: ArgumentHelp("Also write results as JSON to this file.", valueName: "path"))
+    var json: String?
+
+    @Option(name: .long, help: .hidden)
+    var kvmPath = "/dev/kvm"
+
+    func validate() throws {
+        guard ["0", "3", "both"].contains(ring) else { throw ValidationError("--ring must be 0, 3 or both") }
+        guard count > 0 else { throw ValidationError("--count must be positive") }
+        guard repetitions > 0 else { throw ValidationError("--repetitions must be positive") }
+    }
+
+    func run() throws {
+        let rings = ring == "both" ? [0, 3] : [Int(ring)!]
+        let bench = ExitCostBenchmark(count: count, repetitions: repetitions, rings: rings, kvmPath: kvmPath)
+        let rows: [ExitCostBenchmark.Row]
+        do {
+            rows = try bench.run { printError("bench: \($0)") }
+        } catch {
+            printError("swiftvisor: error: \(error)")
+            throw ExitCode(ToolStatus.failure)
+        }
+        print("port-I/O exit round trip on KVM (\(count) exits, best of \(repetitions))")
+        print("ring   Swift run loop   C KVM_RUN loop   ratio (Swift/C)")
+        for r in rows {
+            print("CPL\(r.ring)   " + fmt(r.swiftNanosecondsPerExit).padding(toLength: 17, withPad: " ", startingAt: 0)
+                  + fmt(r.cNanosecondsPerExit).padding(toLength: 17, withPad: " ", startingAt: 0)
+                  + String(format: "%.3f×", r.ratio))
+        }
+        if let path = json {
+            let items = rows.map {
+                "{\"ring\":\($0.ring),\"exits\":\($0.exits),\"swift_ns_per_exit\":\(String(format: "%.1f", $0.swiftNanosecondsPerExit)),\"c_ns_per_exit\":\(String(format: "%.1f", $0.cNanosecondsPerExit)),\"ratio\":\(String(format: "%.4f", $0.ratio))}"
+            }
+            try writeFile(path, "{\"benchmark\":\"exits\",\"engine\":\"kvm\",\"results\":[\(items.joined(separator: ","))]}\n")
+        }
+    }
+
+    private func fmt(_ ns: Double) -> String { String(format: "%.2f µs", ns / 1000) }
+}

@@ -1,0 +1,62 @@
+import ArgumentParser
+import VMM
+
+@main
+struct Swiftvisor: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "swiftvisor",
+        abstract: "A hypervisor toolkit: run guests on KVM, inspect the host, measure exits.",
+        discussion: """
+            Quick start:
+              swiftvisor run hello           boot the bundled 'hello' guest on KVM
+              swiftvisor guests              list the bundled guests
+              swiftvisor host                what this host's /dev/kvm offers
+              swiftvisor bench exits         cost of a port-I/O exit, Swift loop vs C loop
+            """,
+        subcommands: [Run.self, Guests.self, Host.self, Bench.self]
+    )
+}
+
+/// Exit statuses of `swiftvisor` itself (a guest's own status passes through unchanged).
+enum ToolStatus {
+    /// The guest did not finish within --timeout.
+    static let timeout: Int32 = 124
+    /// Swiftvisor or the engine failed (bad image, KVM error, triple fault).
+    static let failure: Int32 = 125
+}
+
+/// `--memory 64M` and friends.
+struct MemoryArgument: ExpressibleByArgument {
+    let bytes: UInt64
+    init?(argument: String) {
+        guard let b = MemorySize.parse(argument) else { return nil }
+        bytes = b
+    }
+    static var defaultCompletionKind: CompletionKind { .default }
+}
+
+extension EngineChoice: ExpressibleByArgument {}
+
+/// Prints one line to standard error.
+func printError(_ message: String) {
+    var stderr = StandardError()
+    print(message, to: &stderr)
+}
+
+struct StandardError: TextOutputStream {
+    mutating func write(_ string: String) {
+        var s = string
+        s.withUTF8 { buf in
+            var off = 0
+            while off < buf.count {
+                let n = Glibc.write(2, buf.baseAddress! + off, buf.count - off)
+                if n <= 0 { if errno == EINTR { continue }; return }
+                off += n
+            }
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
