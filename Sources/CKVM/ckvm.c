@@ -164,3 +164,10 @@ void ckvm_set_thread_name(const char *name) {
     buf[sizeof buf - 1] = 0;
     pthread_setname_np(pthread_self(), buf);
 }
+
+int ckvm_unblock_signal(int signo) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    return -pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}

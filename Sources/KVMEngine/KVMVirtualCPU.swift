@@ -56,7 +56,11 @@ public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
 
     public func run() throws -> VMExit {
         let me = UInt(pthread_self())
-        if runningThread.load(ordering: .relaxed) != me { runningThread.store(me, ordering: .releasing) }
+        if runningThread.load(ordering: .relaxed) != me {
+            // First run on this thread: let the kick signal interrupt KVM_RUN here.
+            _ = ckvm_unblock_signal(Self.kickSignal)
+            runningThread.store(me, ordering: .releasing)
+        }
         let rc = ckvm_run(fd)
         if rc < 0 {
             if -rc == EINTR || -rc == EAGAIN {

@@ -85,6 +85,9 @@ int ckvm_reference_io_loop(int vcpu_fd, struct kvm_run *run, uint16_t exit_port,
 /// Signal used to kick a vCPU thread out of KVM_RUN; installs a no-op handler once.
 int ckvm_install_kick_handler(int signo);
 
+/// Unblocks `signo` for the calling thread (threads inherit masks; dispatch workers block all).
+int ckvm_unblock_signal(int signo);
+
 /// Names the calling thread (shown by top -H and gdb); truncated to 15 bytes.
 void ckvm_set_thread_name(const char *name);
 
