@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layering (see ../shared/DESIGN.md):
-//   swiftvisor → VMM → (Devices, KVMEngine, X86Emulator) → VirtCore → CKVM
+//   swiftvisor → VMM → (Devices, KVMEngine) → VirtCore → CKVM
 // Devices never import an engine; engines never import devices.
 let package = Package(
     name: "Swiftvisor",
@@ -19,20 +19,18 @@ let package = Package(
         .target(name: "CKVM"),
         .target(name: "VirtCore", dependencies: ["CKVM"]),
         .target(name: "KVMEngine", dependencies: ["VirtCore", "CKVM"]),
-        .target(name: "X86Emulator", dependencies: ["VirtCore"]),
         .target(name: "Devices", dependencies: ["VirtCore"]),
         // Freestanding C guests under Guests/, compiled by the build-tool plugin and embedded.
         .executableTarget(name: "GuestBuilder", path: "Sources/GuestBuilder"),
         .plugin(name: "GuestBuildPlugin", capability: .buildTool(), dependencies: ["GuestBuilder"]),
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
-        .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
+        .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "Devices", "GuestImages"]),
         .executableTarget(name: "swiftvisor", dependencies: [
             "VMM", "GuestImages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "VirtCoreTests", dependencies: ["VirtCore"]),
         .testTarget(name: "KVMEngineTests", dependencies: ["KVMEngine", "VirtCore", "GuestImages", "VMM"]),
-        .testTarget(name: "X86EmulatorTests", dependencies: ["X86Emulator", "VirtCore"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "VirtCore"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages"]),
     ]

@@ -1,0 +1,74 @@
+/* Swiftvisor guest runtime: the freestanding C side of docs/guest-abi.md. */
+#ifndef SV_H
+#define SV_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct sv_device { uint32_t type; uint32_t irq; uint64_t base; uint64_t size; };
+
+struct sv_boot_info {
+    uint32_t magic;          /* 0x49425653 "SVBI" */
+    uint32_t version;
+    uint64_t ram_size;
+    uint32_t vcpu_count;
+    uint32_t hypercall_kind; /* 0 = vmcall, 1 = port doorbell */
+    uint16_t hypercall_port;
+    uint16_t serial_port;
+    uint16_t exit_port;
+    uint16_t device_count;
+    uint32_t cmdline_size;
+    uint32_t reserved;
+    uint64_t cmdline_gpa;
+    struct sv_device devices[16];
+};
+
+#define SV_MAX_CPUS 16
+#define SV_BENCH_PORT 0x80
+#define SV_EXIT_PORT 0xF4
+
+/* Each guest defines this; it runs on every vCPU. The boot CPU's return value becomes
+ * the VM's exit status; other CPUs halt when they return. */
+int guest_main(const struct sv_boot_info *bi, unsigned cpu);
+
+extern const struct sv_boot_info *sv_boot;
+
+/* Port I/O (allowed at CPL3 too: the runtime enters user mode with IOPL=3). */
+static inline void sv_outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void sv_outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline uint8_t sv_inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline void sv_pause(void) { __asm__ volatile("pause"); }
+static inline unsigned sv_cpl(void) { uint16_t cs; __asm__ volatile("mov %%cs, %0" : "=r"(cs)); return cs & 3; }
+
+/* Console on COM1. */
+void sv_putc(char c);
+void sv_puts(const char *s);
+int sv_getc(void);                      /* blocks until a byte arrives */
+void sv_printf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void sv_vprintf(const char *fmt, va_list ap);
+
+/* Stops the VM with `code` as its exit status. */
+__attribute__((noreturn)) void sv_exit(unsigned code);
+
+/* Hypercall: number in RAX, arguments in RDI, RSI, RDX, R10, result in RAX. */
+uint64_t sv_hypercall(uint64_t nr, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t a3);
+#define SV_HC_PING 0
+
+/* Command line: value of `key=...` (decimal or 0x-hex), or `def` when absent. */
+uint64_t sv_cmdline_u64(const char *key, uint64_t def);
+
+/* Runs fn(arg) at CPL3 with IOPL=3 on this CPU's user stack; returns when fn returns. */
+void sv_run_user(void (*fn)(void *), void *arg);
+
+/* A test-and-set spinlock (xchg). */
+typedef struct { volatile uint32_t locked; } sv_lock;
+void sv_lock_acquire(sv_lock *l);
+void sv_lock_release(sv_lock *l);
+
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+void *memmove(void *d, const void *s, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+
+#endif
