@@ -32,6 +32,6 @@ let package = Package(
         .testTarget(name: "VirtCoreTests", dependencies: ["VirtCore"]),
         .testTarget(name: "KVMEngineTests", dependencies: ["KVMEngine", "VirtCore", "GuestImages", "VMM"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "VirtCore"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "Devices", "VirtCore"]),
     ]
 )

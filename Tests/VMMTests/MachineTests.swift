@@ -1,0 +1,197 @@
+import Devices
+import GuestImages
+import KVMEngine
+import Synchronization
+import Testing
+import VirtCore
+@testable import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
+let noKVM = "needs a usable /dev/kvm (absent or not accessible on this host)"
+
+/// Collects a guest's serial output.
+final class SerialCapture: Sendable {
+    private let bytes = Mutex<[UInt8]>([])
+    var text: String { String(decoding: bytes.withLock { $0 }, as: UTF8.self) }
+    func append(_ b: UInt8) { bytes.withLock { $0.append(b) } }
+}
+
+struct GuestRun {
+    var machine: Machine
+    var result: RunResult
+    var output: String
+}
+
+func runGuest(_ name: String, vcpus: Int = 1, memory: UInt64 = 32 << 20, commandLine: String = "",
+              input: String? = nil, timeout: Double = 60, recordExits: Bool = false) throws -> GuestRun {
+    let guest = try #require(BundledGuests.named(name), "bundled guest \(name)")
+    let capture = SerialCapture()
+    let machine = try Machine(image: try ELFImage(bytes: guest.elf),
+                              configuration: MachineConfiguration(memorySize: memory, vcpuCount: vcpus, commandLine: commandLine,
+                                                                  timeoutSeconds: timeout, recordExits: recordExits),
+                              engine: try KVMEngine(), serialOutput: capture.append)
+    if let input { machine.uart.enqueueInput(Array(input.utf8)) }
+    let result = try machine.run()
+    return GuestRun(machine: machine, result: result, output: capture.text)
+}
+
+@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
+struct KVMGuestTests {
+    @Test func helloPrintsItsGreetingAndExitsZero() throws {
+        let r = try runGuest("hello")
+        #expect(r.output == "Hello from Swiftvisor! 32 MiB RAM, 1 vCPU\n")
+        #expect(r.result.stopReason == .exitPort(status: 0))
+        // Every console byte is a THR write plus an LSR poll, each one exit.
+        #expect(r.result.statistics.ports[0x3F8]?.count == UInt64(r.output.utf8.count))
+        #expect(r.result.statistics.ports[0xF4]?.count == 1)
+    }
+
+    @Test func computeWorkloadsGiveTheirKnownChecksums() throws {
+        let r = try runGuest("compute")
+        #expect(r.output == """
+            sieve: primes below 1000000 = 78498
+            crc32: checksum=bb52c326
+            heapsort: checksum=edc2c80d
+            sha-mix: checksum=078ae5e5
+            compute: done (scale 1)
+
+            """)
+        #expect(r.result.stopReason == .exitPort(status: 0))
+    }
+
+    @Test(arguments: [0, 3])
+    func pioLoopTrapsEveryWrite(ring: Int) throws {
+        let r = try runGuest("pio-loop", commandLine: "count=2000 ring=\(ring)")
+        #expect(r.output == "pio-loop: 2000 writes at CPL\(ring)\n")
+        #expect(r.machine.benchPort.writes == 2000)
+        #expect(r.result.statistics.ports[0x80]?.count == 2000)
+        #expect(r.result.stopReason == .exitPort(status: 0))
+    }
+
+    @Test(arguments: [2, 4])
+    func smpVCPUsAgreeOnTheSharedCounter(vcpus: Int) throws {
+        let r = try runGuest("smp", vcpus: vcpus, commandLine: "count=5000")
+        let lines = (0..<vcpus).map { "cpu \($0) reported\n" }.joined()
+        #expect(r.output == lines + "smp: \(vcpus) cpus, counter=\(vcpus * 5000)\n")
+        #expect(r.result.stopReason == .exitPort(status: 0))
+        #expect(r.result.perVCPUStatistics.count == vcpus)
+        // Secondary vCPUs finish with hlt.
+        #expect(r.result.statistics[.halt].count == UInt64(vcpus - 1))
+    }
+
+    @Test func unmappedAddressIsAnMMIOExitReadingAllOnes() throws {
+        let r = try runGuest("mmio-touch", recordExits: true)
+        #expect(r.output == "mmio-touch: read 0xffffffff\n")
+        let mmio = r.result.exitTrace[0].compactMap { e -> MMIOAccess? in if case let .mmio(a) = e { return a } else { return nil } }
+        #expect(mmio == [MMIOAccess(address: 0xD000_0000, size: 4, direction: .read),
+                         MMIOAccess(address: 0xD000_0000, size: 4, direction: .write, value: 0x1234_5678)])
+        #expect(r.result.statistics.mmioRanges[0xD000_0000]?.count == 2)
+        #expect(r.machine.bus.unhandledAccesses == 2)
+    }
+
+    @Test func tripleFaultIsAShutdownWithState() throws {
+        let r = try runGuest("triple-fault")
+        #expect(r.output == "triple-fault: loading an empty IDT\n")
+        guard case let .shutdown(vcpu, state) = r.result.stopReason else {
+            Issue.record("expected a shutdown, got \(r.result.stopReason)")
+            return
+        }
+        #expect(vcpu == 0)
+        let s = try #require(state)
+        #expect(s.idt.limit == 0)
+        #expect(s.cpl == 0)
+        #expect(s.dump.contains("rip="))
+    }
+
+    @Test func guestExceptionHandlerReportsVectorAndExitStatus() throws {
+        let r = try runGuest("fault")
+        #expect(r.output.hasPrefix("fault: executing ud2\nexception 6 error=0x0 rip=0x"))
+        #expect(r.result.stopReason == .exitPort(status: 0x86))
+    }
+
+    @Test func hypercallsCarryArgumentsAndResults() throws {
+        let r = try runGuest("hypercall")
+        #expect(r.output == "hypercall: result=10\nhypercall: unknown=0xffffffffffffffff\n")
+        #expect(r.result.statistics[.hypercall].count == 2)
+        #expect(r.result.stopReason == .exitPort(status: 0))
+    }
+
+    @Test func userModeRoundTrip() throws {
+        let r = try runGuest("user-mode")
+        #expect(r.output == "cpl=3\ncpl=0\n")
+        #expect(r.result.stopReason == .exitPort(status: 0))
+    }
+
+    @Test func serialInputReachesTheGuest() throws {
+        let r = try runGuest("echo", input: "ping from host\n")
+        #expect(r.output == "echo: ping from host\n")
+    }
+
+    @Test func timeoutStopsAGuestWaitingForever() throws {
+        // echo waits for a line that never comes.
+        let r = try runGuest("echo", timeout: 0.5)
+        #expect(r.result.stopReason == .timeout)
+    }
+
+    @Test func stopFromAnotherThread() throws {
+        let guest = try #require(BundledGuests.named("echo"))
+        let machine = try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 16 << 20),
+                                  engine: try KVMEngine(), serialOutput: { _ in })
+        let stopper = HostThread(name: "stopper") { usleep(100_000); machine.stop() }
+        let r = try machine.run()
+        stopper.join()
+        #expect(r.stopReason == .stopped)
+        #expect(throws: MachineError.alreadyRan) { _ = try machine.run() }
+    }
+
+    @Test func configurationIsValidated() throws {
+        let image = try ELFImage(bytes: try #require(BundledGuests.named("hello")).elf)
+        let engine = try KVMEngine()
+        #expect(throws: MachineError.invalidMemorySize(1 << 20)) {
+            _ = try Machine(image: image, configuration: MachineConfiguration(memorySize: 1 << 20), engine: engine, serialOutput: { _ in })
+        }
+        #expect(throws: MachineError.invalidVCPUCount(17)) {
+            _ = try Machine(image: image, configuration: MachineConfiguration(vcpuCount: 17), engine: engine, serialOutput: { _ in })
+        }
+        let long = String(repeating: "x", count: 5000)
+        #expect(throws: MachineError.commandLineTooLong(5000)) {
+            _ = try Machine(image: image, configuration: MachineConfiguration(commandLine: long), engine: engine, serialOutput: { _ in })
+        }
+    }
+}
+
+@Suite struct EngineSelectionTests {
+    @Test func missingKVMDeviceGivesTheClearError() {
+        #expect(throws: KVMError.deviceMissing(path: "/no/such/kvm")) {
+            _ = try EngineSelection.make(.kvm, kvmPath: "/no/such/kvm")
+        }
+    }
+
+    @Test func bundledGuestsAreValidImages() throws {
+        let names = BundledGuests.all.map(\.name)
+        for required in ["hello", "compute", "pio-loop", "smp"] { #expect(names.contains(required)) }
+        for g in BundledGuests.all {
+            let image = try ELFImage(bytes: g.elf)
+            #expect(image.entry >= BootLayout.imageBase)
+            #expect(!g.summary.isEmpty, "guest \(g.name) has a summary line")
+        }
+    }
+
+    @Test func unknownGuestNameListsTheBundledOnes() {
+        #expect(throws: GuestProgramError.notFound("nope")) { _ = try GuestProgram.load("nope") }
+        #expect(GuestProgramError.notFound("nope").description.contains("hello"))
+    }
+
+    @Test func malformedFileIsRejectedWithItsPath() throws {
+        let path = "/tmp/swiftvisor-test-\(getpid()).elf"
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        let junk = [UInt8](repeating: 0x41, count: 100)
+        _ = write(fd, junk, junk.count)
+        close(fd)
+        defer { unlink(path) }
+        #expect(throws: GuestProgramError.invalid(source: path, .badMagic)) { _ = try GuestProgram.load(path) }
+    }
+}
