@@ -162,6 +162,7 @@ public final class Machine: @unchecked Sendable {
             DispatchQueue.global().asyncAfter(deadline: .now() + t, execute: item)
             timer = item
         }
+        _ = HostClock.nanosecondsPerTick  // calibrate before the vCPUs start
         let start = monotonicNanoseconds()
         let threads = vcpus.enumerated().map { id, vcpu in
             HostThread(name: "vcpu\(id)") { [self] in
@@ -187,7 +188,7 @@ public final class Machine: @unchecked Sendable {
         var stats = ExitStatistics()
         var trace: [VMExit] = []
         let record = configuration.recordExits
-        var t0 = monotonicNanoseconds()
+        var t0 = HostClock.ticks()
         while !stopRequested.load(ordering: .acquiring) {
             let exit: VMExit
             do {
@@ -196,8 +197,8 @@ public final class Machine: @unchecked Sendable {
                 requestStop(.engineFailure(vcpu: vcpu.id, message: "\(error)"))
                 break
             }
-            let t1 = monotonicNanoseconds()
-            stats.guestNanoseconds &+= t1 &- t0
+            let t1 = HostClock.ticks()
+            stats.guestNanoseconds &+= HostClock.nanoseconds(ticks: t1 &- t0)
             if record { trace.append(exit) }
             var done = false
             switch exit {
@@ -207,15 +208,17 @@ public final class Machine: @unchecked Sendable {
                 } else {
                     vcpu.completeRead(value: UInt64(bus.portRead(a.port, size: a.size)))
                 }
-                t0 = monotonicNanoseconds()
-                stats.record(.portIO, nanoseconds: t0 &- t1)
-                stats.recordPort(a.port, nanoseconds: t0 &- t1)
+                t0 = HostClock.ticks()
+                let ns = HostClock.nanoseconds(ticks: t0 &- t1)
+                stats.record(.portIO, nanoseconds: ns)
+                stats.recordPort(a.port, nanoseconds: ns)
                 continue
             case let .stringPortIO(port, size, direction, count, data):
                 handleStringIO(vcpu, port: port, size: size, direction: direction, count: count, data: data)
-                t0 = monotonicNanoseconds()
-                stats.record(.portIO, nanoseconds: t0 &- t1)
-                stats.recordPort(port, nanoseconds: t0 &- t1)
+                t0 = HostClock.ticks()
+                let ns = HostClock.nanoseconds(ticks: t0 &- t1)
+                stats.record(.portIO, nanoseconds: ns)
+                stats.recordPort(port, nanoseconds: ns)
                 continue
             case let .mmio(a):
                 let range: RangeBase?
@@ -226,9 +229,10 @@ public final class Machine: @unchecked Sendable {
                     vcpu.completeRead(value: r.value)
                     range = r.range
                 }
-                t0 = monotonicNanoseconds()
-                stats.record(.mmio, nanoseconds: t0 &- t1)
-                stats.recordMMIO(rangeBase: range ?? (a.address & ~0xFFF), nanoseconds: t0 &- t1)
+                t0 = HostClock.ticks()
+                let ns = HostClock.nanoseconds(ticks: t0 &- t1)
+                stats.record(.mmio, nanoseconds: ns)
+                stats.recordMMIO(rangeBase: range ?? (a.address & ~0xFFF), nanoseconds: ns)
                 continue
             case let .hypercall(call):
                 vcpu.completeHypercall(result: hypercalls.handle(call, vcpu: vcpu.id))
@@ -262,8 +266,8 @@ public final class Machine: @unchecked Sendable {
                 requestStop(.engineFailure(vcpu: vcpu.id, message: "unknown exit reason \(reason)"))
                 done = true
             }
-            t0 = monotonicNanoseconds()
-            stats.record(exit.reason, nanoseconds: t0 &- t1)
+            t0 = HostClock.ticks()
+            stats.record(exit.reason, nanoseconds: HostClock.nanoseconds(ticks: t0 &- t1))
             if done { break }
         }
         return (stats, trace)

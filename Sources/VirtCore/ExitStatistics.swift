@@ -1,3 +1,4 @@
+import CKVM
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -24,13 +25,20 @@ public struct ExitCounter: Sendable, Equatable, Codable {
 /// merged afterwards). Recording is allocation-free once a port or range has been seen.
 public struct ExitStatistics: Sendable, Equatable {
     private var reasons = [ExitCounter](repeating: ExitCounter(), count: ExitReason.allCases.count)
-    public private(set) var ports: [UInt16: ExitCounter] = [:]
-    /// Keyed by the base address of the MMIO range (device) that took the access.
+    private var portCounters: [UInt16: ExitCounter] = [:]
+    /// One-entry cache in front of `portCounters`: a guest usually hits the same port many
+    /// times in a row, and this keeps the dictionary off the per-exit path.
+    private var cachedPort: UInt16 = 0
+    private var cachedPortCounter = ExitCounter()
     public private(set) var mmioRanges: [UInt64: ExitCounter] = [:]
     /// Total nanoseconds spent inside the engine's `run()` (guest time plus exit overhead).
     public var guestNanoseconds: UInt64 = 0
 
     public init() {}
+
+    public static func == (a: ExitStatistics, b: ExitStatistics) -> Bool {
+        a.reasons == b.reasons && a.ports == b.ports && a.mmioRanges == b.mmioRanges && a.guestNanoseconds == b.guestNanoseconds
+    }
 
     @inline(__always)
     public mutating func record(_ reason: ExitReason, nanoseconds: UInt64) {
@@ -39,7 +47,19 @@ public struct ExitStatistics: Sendable, Equatable {
 
     @inline(__always)
     public mutating func recordPort(_ port: UInt16, nanoseconds: UInt64) {
-        ports[port, default: ExitCounter()].add(nanoseconds: nanoseconds)
+        if port != cachedPort && cachedPortCounter.count != 0 {
+            portCounters[cachedPort, default: ExitCounter()] = portCounters[cachedPort, default: ExitCounter()] + cachedPortCounter
+            cachedPortCounter = ExitCounter()
+        }
+        cachedPort = port
+        cachedPortCounter.add(nanoseconds: nanoseconds)
+    }
+
+    /// Count and time per port.
+    public var ports: [UInt16: ExitCounter] {
+        var p = portCounters
+        if cachedPortCounter.count != 0 { p[cachedPort, default: ExitCounter()] = p[cachedPort, default: ExitCounter()] + cachedPortCounter }
+        return p
     }
 
     @inline(__always)
@@ -53,7 +73,9 @@ public struct ExitStatistics: Sendable, Equatable {
 
     public mutating func merge(_ other: ExitStatistics) {
         for i in reasons.indices { reasons[i] = reasons[i] + other.reasons[i] }
-        for (k, v) in other.ports { ports[k, default: ExitCounter()] = ports[k, default: ExitCounter()] + v }
+        portCounters = ports
+        cachedPortCounter = ExitCounter()
+        for (k, v) in other.ports { portCounters[k, default: ExitCounter()] = portCounters[k, default: ExitCounter()] + v }
         for (k, v) in other.mmioRanges { mmioRanges[k, default: ExitCounter()] = mmioRanges[k, default: ExitCounter()] + v }
         guestNanoseconds += other.guestNanoseconds
     }
@@ -109,6 +131,25 @@ public func monotonicNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}
+
+/// The time-stamp counter as a clock for the per-exit accounting in vCPU loops: reading
+/// it touches no memory, where clock_gettime touches the vDSO's code and data pages —
+/// which costs TLB misses on every exit when the host switches address spaces per exit.
+public enum HostClock {
+    @inline(__always)
+    public static func ticks() -> UInt64 { ckvm_rdtsc() }
+
+    /// Calibrated once against CLOCK_MONOTONIC over about 10 ms.
+    public static let nanosecondsPerTick: Double = {
+        let n0 = monotonicNanoseconds(), t0 = ckvm_rdtsc()
+        while monotonicNanoseconds() - n0 < 10_000_000 {}
+        let n1 = monotonicNanoseconds(), t1 = ckvm_rdtsc()
+        return t1 > t0 ? Double(n1 - n0) / Double(t1 - t0) : 1
+    }()
+
+    @inline(__always)
+    public static func nanoseconds(ticks: UInt64) -> UInt64 { UInt64(Double(ticks) * nanosecondsPerTick) }
 }
 
 extension String {

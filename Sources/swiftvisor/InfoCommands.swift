@@ -61,15 +61,16 @@ struct BenchExits: ParsableCommand {
         discussion: """
             Runs the bundled 'pio-loop' guest, which writes port 0x80 N times, at the chosen
             ring(s), through swiftvisor's run loop and through the C loop in the CKVM shim.
-            Per-exit cost = (time with N writes − time with 0 writes) / N; best of R runs.
+            Per-exit cost = (time with N writes − time with 0 writes) / N; the paths are
+            interleaved R times and the fastest run of each counts.
             On nested KVM, ring 0 guest code is emulated by the host, so the two rings differ.
             """)
 
     @Option(name: .long, help: "Port writes per run.")
     var count: UInt64 = 50_000
 
-    @Option(name: .long, help: "Runs per measurement (the fastest counts).")
-    var repetitions = 3
+    @Option(name: .long, help: "Rounds per ring (each runs both loops; the fastest counts).")
+    var repetitions = 5
 
     @Option(name: .long, help: "Guest ring: 0, 3 or both.")
     var ring = "both"

@@ -94,6 +94,27 @@ import Testing
         #expect(s.json.hasPrefix("{\"total\":4,"))
     }
 
+    @Test func portCountsSurviveAlternatingPorts() {
+        var s = ExitStatistics()
+        for port: UInt16 in [0x80, 0x80, 0x3F8, 0x80, 0x3FD, 0x3FD] { s.recordPort(port, nanoseconds: 10) }
+        #expect(s.ports == [0x80: ExitCounter(count: 3, nanoseconds: 30), 0x3F8: ExitCounter(count: 1, nanoseconds: 10),
+                            0x3FD: ExitCounter(count: 2, nanoseconds: 20)])
+        var t = ExitStatistics()
+        t.recordPort(0x3FD, nanoseconds: 5)
+        t.merge(s)
+        #expect(t.ports[0x3FD] == ExitCounter(count: 3, nanoseconds: 25))
+        t.recordPort(0x3FD, nanoseconds: 1)
+        #expect(t.ports[0x3FD]?.count == 4)
+        #expect(t.ports.count == 3)
+    }
+
+    @Test func hostClockTicksConvertToNanoseconds() {
+        #expect(HostClock.nanosecondsPerTick > 0)
+        let a = HostClock.ticks()
+        let b = HostClock.ticks()
+        #expect(b >= a)
+    }
+
     @Test func formatsDurations() {
         #expect(ExitStatistics.formatNanoseconds(1500) == "1.50 µs")
         #expect(ExitStatistics.formatNanoseconds(2_000_000_000) == "2.00 s")

@@ -69,6 +69,13 @@ static inline uint64_t ckvm_run_internal_data(const struct kvm_run *r, uint32_t 
 static inline uint32_t ckvm_run_system_event_type(const struct kvm_run *r) { return r->system_event.type; }
 static inline uint64_t ckvm_run_hw_exit_reason(const struct kvm_run *r) { return r->hw.hardware_exit_reason; }
 
+/// The time-stamp counter (invariant on the hosts we run on); see VirtCore's HostClock.
+static inline uint64_t ckvm_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
 // Memory
 int ckvm_memfd_create(const char *name);
 void *ckvm_mmap_shared(int fd, size_t size, int writable);
