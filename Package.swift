@@ -32,6 +32,8 @@ let package = Package(
         .testTarget(name: "VirtCoreTests", dependencies: ["VirtCore"]),
         .testTarget(name: "KVMEngineTests", dependencies: ["KVMEngine", "VirtCore", "GuestImages", "VMM"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "VirtCore"]),
+        // Runs the built `swiftvisor` executable as a user would.
+        .testTarget(name: "CLITests"),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "Devices", "VirtCore"]),
     ]
 )

@@ -15,7 +15,7 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case let .deviceMissing(path):
-            return "\(path) does not exist: this host has no KVM (enable virtualization or load the kvm module), or use --engine software"
+            return "\(path) does not exist: this host has no KVM (enable virtualization or load the kvm module)"
         case let .permissionDenied(path):
             return "permission denied opening \(path): add your user to the 'kvm' group or run as root"
         case let .openFailed(path, err):

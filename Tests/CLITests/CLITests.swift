@@ -1,0 +1,137 @@
+import Foundation
+import Synchronization
+import Testing
+
+/// The `swiftvisor` executable built next to this test bundle.
+let swiftvisorPath: String = {
+    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("swiftvisor").path
+}()
+
+let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
+let noKVM = "needs a usable /dev/kvm (absent or not accessible on this host)"
+
+struct CLIResult {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+}
+
+func swiftvisor(_ args: [String], stdin: String = "") throws -> CLIResult {
+    #expect(FileManager.default.isExecutableFile(atPath: swiftvisorPath), "swiftvisor built at \(swiftvisorPath)")
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: swiftvisorPath)
+    p.arguments = args
+    let out = Pipe(), err = Pipe(), input = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    p.standardInput = input
+    try p.run()
+    input.fileHandleForWriting.write(Data(stdin.utf8))
+    try input.fileHandleForWriting.close()
+    // Read both pipes fully before waiting, so a chatty child cannot block on a full pipe.
+    let errData = Mutex(Data())
+    let errDone = DispatchSemaphore(value: 0)
+    Thread {
+        errData.withLock { $0 = err.fileHandleForReading.readDataToEndOfFile() }
+        errDone.signal()
+    }.start()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    errDone.wait()
+    p.waitUntilExit()
+    return CLIResult(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                     stderr: String(decoding: errData.withLock { $0 }, as: UTF8.self))
+}
+
+@Suite struct CLIArgumentTests {
+    @Test func badMemorySizeIsAUsageError() throws {
+        let r = try swiftvisor(["run", "hello", "--memory", "12X"])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("Error: The value '12X' is invalid for '--memory <size>'"))
+        #expect(r.stderr.contains("Usage: swiftvisor run"))
+        #expect(!r.stderr.contains("Fatal error"))
+    }
+
+    @Test func badVCPUCountIsAUsageError() throws {
+        let r = try swiftvisor(["run", "hello", "--vcpus", "0"])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("--vcpus must be between 1 and 16"))
+    }
+
+    @Test func unknownGuestIsOneClearLine() throws {
+        let r = try swiftvisor(["run", "no-such-guest"])
+        #expect(r.status == 125)
+        #expect(r.stderr.hasPrefix("swiftvisor: error: no bundled guest named 'no-such-guest'"))
+        #expect(r.stderr.split(separator: "\n").count == 1)
+    }
+
+    @Test func missingKVMIsOneClearLine() throws {
+        let r = try swiftvisor(["run", "hello", "--kvm-path", "/no/such/kvm"])
+        #expect(r.status == 125)
+        #expect(r.stderr == "swiftvisor: error: /no/such/kvm does not exist: this host has no KVM (enable virtualization or load the kvm module)\n")
+    }
+
+    @Test func guestsListsNamesFirst() throws {
+        let r = try swiftvisor(["guests"])
+        #expect(r.status == 0)
+        let names = r.stdout.split(separator: "\n").map { String($0.split(separator: " ").first ?? "") }
+        #expect(names == ["compute", "hello", "pio-loop", "smp"])
+        let all = try swiftvisor(["guests", "--all"])
+        #expect(all.stdout.contains("triple-fault"))
+    }
+
+    @Test func helpExplainsExitStatuses() throws {
+        let r = try swiftvisor(["run", "--help"])
+        #expect(r.status == 0)
+        #expect(r.stdout.contains("124 on --timeout"))
+    }
+}
+
+@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
+struct CLIRunTests {
+    @Test func runHelloStreamsTheGreeting() throws {
+        let r = try swiftvisor(["run", "hello"])
+        #expect(r.status == 0)
+        #expect(r.stdout == "Hello from Swiftvisor! 64 MiB RAM, 1 vCPU\n")
+        #expect(r.stderr.isEmpty)
+    }
+
+    @Test func guestExitStatusPassesThrough() throws {
+        let r = try swiftvisor(["run", "fault"])
+        #expect(r.status == 0x86)
+    }
+
+    @Test func tripleFaultPrintsTheStateAndFails() throws {
+        let r = try swiftvisor(["run", "triple-fault"])
+        #expect(r.status == 125)
+        #expect(r.stderr.contains("vCPU 0 shut down (triple fault)"))
+        #expect(r.stderr.contains("rip="))
+    }
+
+    @Test func statsTableAndJSON() throws {
+        let json = NSTemporaryDirectory() + "swiftvisor-stats-\(getpid()).json"
+        defer { unlink(json) }
+        let r = try swiftvisor(["run", "pio-loop", "--cmdline", "count=500", "--stats", "--stats-json", json])
+        #expect(r.status == 0)
+        #expect(r.stderr.contains("port 0x80 (bench-port)"))
+        let data = try Data(contentsOf: URL(fileURLWithPath: json))
+        let obj = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        #expect(obj["engine"] as? String == "kvm")
+        let exits = try #require(obj["exits"] as? [String: Any])
+        let ports = try #require(exits["ports"] as? [String: Any])
+        let bench = try #require(ports["0x80"] as? [String: Any])
+        #expect(bench["count"] as? Int == 500)
+    }
+
+    @Test func standardInputReachesTheSerialPort() throws {
+        let r = try swiftvisor(["run", "echo"], stdin: "typed by a user\n")
+        #expect(r.stdout == "echo: typed by a user\n")
+        #expect(r.status == 0)
+    }
+
+    @Test func timeoutExitsWith124() throws {
+        let r = try swiftvisor(["run", "echo", "--timeout", "0.3"], stdin: "")
+        #expect(r.status == 124)
+        #expect(r.stderr.contains("timed out"))
+    }
+}
