@@ -17,11 +17,12 @@ struct CLIResult {
     var stderr: String
 }
 
-func swiftvisor(_ args: [String], stdin: String = "") throws -> CLIResult {
+/// Runs `swiftvisor args…`, or `launcher + [swiftvisor] + args` when a launcher is given.
+func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = []) throws -> CLIResult {
     #expect(FileManager.default.isExecutableFile(atPath: swiftvisorPath), "swiftvisor built at \(swiftvisorPath)")
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: swiftvisorPath)
-    p.arguments = args
+    p.executableURL = URL(fileURLWithPath: launcher.first ?? swiftvisorPath)
+    p.arguments = launcher.isEmpty ? args : Array(launcher.dropFirst()) + [swiftvisorPath] + args
     let out = Pipe(), err = Pipe(), input = Pipe()
     p.standardOutput = out
     p.standardError = err
@@ -69,6 +70,16 @@ func swiftvisor(_ args: [String], stdin: String = "") throws -> CLIResult {
         let r = try swiftvisor(["run", "hello", "--kvm-path", "/no/such/kvm"])
         #expect(r.status == 125)
         #expect(r.stderr == "swiftvisor: error: /no/such/kvm does not exist: this host has no KVM (enable virtualization or load the kvm module)\n")
+    }
+
+    /// As an unprivileged user, where /dev/kvm is root-only (needs root and setpriv to test).
+    @Test(.enabled(if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+                   && kvmUsable && (try? FileManager.default.attributesOfItem(atPath: "/dev/kvm")[.posixPermissions] as? Int) == 0o600,
+                   "needs root, setpriv and a root-only /dev/kvm"))
+    func permissionDeniedIsOneClearLine() throws {
+        let r = try swiftvisor(["run", "hello"], launcher: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        #expect(r.status == 125)
+        #expect(r.stderr == "swiftvisor: error: permission denied opening /dev/kvm: add your user to the 'kvm' group or run as root\n")
     }
 
     @Test func guestsListsNamesFirst() throws {

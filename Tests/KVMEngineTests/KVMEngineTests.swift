@@ -91,6 +91,23 @@ struct KVMExitTests {
         try expectExit(raw.vcpu, .shutdown)
     }
 
+    @Test func undeliverableBreakpointShutsDownOrReportsTheInstruction() throws {
+        // Architecturally int3 with no IDT triple-faults. This host's nested KVM instead
+        // fails to emulate it at CPL0: then the exit must carry the suberror and the bytes
+        // at RIP, read through the guest's page tables.
+        let raw = try RawVM(code: [0xCC, 0x90, 0xF4])
+        let exit = try raw.vcpu.run()
+        switch exit {
+        case .shutdown:
+            break
+        case let .internalError(suberror, _, bytes):
+            #expect(suberror == 1)
+            #expect(Array(bytes.prefix(3)) == [0xCC, 0x90, 0xF4])
+        default:
+            Issue.record("expected shutdown or internal error, got \(exit)")
+        }
+    }
+
     @Test func doorbellPortIsAHypercall() throws {
         // mov eax,0; mov edi,1; mov esi,2; mov edx,3; mov r10d,4; out 0xf6,eax; out 0x80,eax; hlt
         let code: [UInt8] = [0xB8, 0, 0, 0, 0, 0xBF, 1, 0, 0, 0, 0xBE, 2, 0, 0, 0, 0xBA, 3, 0, 0, 0,
