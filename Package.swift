@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layering (see ../shared/DESIGN.md):
-//   swiftvisor → VMM → (Devices, KVMEngine) → VirtCore → CKVM
+//   swiftvisor → VMM → (Devices, KVMEngine, X86Emulator) → VirtCore → CKVM
 // Devices never import an engine; engines never import devices.
 let package = Package(
     name: "Swiftvisor",
@@ -19,12 +19,13 @@ let package = Package(
         .target(name: "CKVM"),
         .target(name: "VirtCore", dependencies: ["CKVM"]),
         .target(name: "KVMEngine", dependencies: ["VirtCore", "CKVM"]),
+        .target(name: "X86Emulator", dependencies: ["VirtCore"]),
         .target(name: "Devices", dependencies: ["VirtCore"]),
         // Freestanding C guests under Guests/, compiled by the build-tool plugin and embedded.
         .executableTarget(name: "GuestBuilder", path: "Sources/GuestBuilder"),
         .plugin(name: "GuestBuildPlugin", capability: .buildTool(), dependencies: ["GuestBuilder"]),
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
-        .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "Devices", "GuestImages"]),
+        .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
         .executableTarget(name: "swiftvisor", dependencies: [
             "VMM", "GuestImages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -1,9 +1,11 @@
 import KVMEngine
 import VirtCore
+import X86Emulator
 
 /// Which engine `swiftvisor run --engine …` asked for.
 public enum EngineChoice: String, CaseIterable, Sendable {
     case kvm
+    case software
 }
 
 public enum EngineSelection {
@@ -11,6 +13,17 @@ public enum EngineSelection {
     public static func make(_ choice: EngineChoice, kvmPath: String = "/dev/kvm") throws -> any Engine {
         switch choice {
         case .kvm: return try KVMEngine(devicePath: kvmPath)
+        case .software: return SoftwareEngine()
+        }
+    }
+
+    /// KVM when it is usable, otherwise the software engine; `notice` says why it fell back.
+    public static func makeDefault(kvmPath: String = "/dev/kvm", notice: (String) -> Void) -> any Engine {
+        do {
+            return try KVMEngine(devicePath: kvmPath)
+        } catch {
+            notice("KVM unavailable (\(error)); using the software engine")
+            return SoftwareEngine()
         }
     }
 }

@@ -29,8 +29,8 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Number of vCPUs.", valueName: "n"))
     var vcpus = 1
 
-    @Option(name: .long, help: "Execution engine.")
-    var engine = EngineChoice.kvm
+    @Option(name: .long, help: "Execution engine: kvm (hardware) or software (interpreter). Default: kvm when /dev/kvm is usable, otherwise software.")
+    var engine: EngineChoice?
 
     @Option(name: .long, help: ArgumentHelp("Stop the guest after this many seconds.", valueName: "seconds"))
     var timeout: Double?
@@ -58,7 +58,8 @@ struct Run: ParsableCommand {
         let machine: Machine
         do {
             let image = try GuestProgram.load(guest)
-            let engine = try EngineSelection.make(self.engine, kvmPath: kvmPath)
+            let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath) }
+                ?? EngineSelection.makeDefault(kvmPath: kvmPath) { printError("swiftvisor: \($0)") }
             let config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: cmdline,
                                               timeoutSeconds: timeout)
             machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: ConsoleOutput.write)

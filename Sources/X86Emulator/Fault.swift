@@ -1,0 +1,13 @@
+/// Why the current instruction stopped before completing. Thrown with typed throws, so
+/// raising one costs no allocation. Faults are restartable: RIP still points at the
+/// instruction and no architectural state was committed (writes come last).
+enum Fault: Error {
+    /// A guest exception: vector and optional error code (CR2 already set for #PF).
+    case exception(vector: UInt8, errorCode: UInt32?)
+    /// The instruction needs a value from an MMIO read the VMM must supply first.
+    case mmioRead(address: UInt64, size: UInt8)
+
+    static let de = Fault.exception(vector: 0, errorCode: nil)
+    static let ud = Fault.exception(vector: 6, errorCode: nil)
+    static func gp(_ code: UInt32 = 0) -> Fault { .exception(vector: 13, errorCode: code) }
+}
