@@ -83,7 +83,9 @@ extension CPU {
 
     /// Delivers an exception or interrupt through the IDT (64-bit gates). Throws if the
     /// delivery itself faults, which the caller escalates (#DF, then triple fault).
-    func deliver(vector: UInt8, errorCode: UInt32?, software: Bool) throws(Fault) {
+    /// `software`: INT n / INT3 (gate DPL is checked). `fault`: a fault-class exception,
+    /// whose pushed RFLAGS image has RF set so the retried instruction is not re-trapped.
+    func deliver(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool = false) throws(Fault) {
         let offset = UInt64(vector) * 16
         guard offset + 15 <= UInt64(idt.limit) else { throw Fault.gp(UInt32(vector) * 8 + 2) }
         let low = try read(idt.base &+ offset, size: 8, user: false)
@@ -105,11 +107,17 @@ extension CPU {
             rsp = try read(tr.base &+ 4, size: 8, user: false)
         }
         rsp &= ~0xF
-        var frame: [UInt64] = [UInt64(ss.selector), gpr[4], rflags, UInt64(cs.selector), rip]
-        if let errorCode { frame.append(UInt64(errorCode)) }
-        for v in frame {
-            rsp &-= 8
-            try write(rsp, v, size: 8, user: false)
+        let pushedFlags = fault ? rflags | Flag.rf : rflags
+        let frame = (UInt64(ss.selector), gpr[4], pushedFlags, UInt64(cs.selector), rip, UInt64(errorCode ?? 0))
+        let count = errorCode == nil ? 5 : 6
+        // Check the whole frame is writable before writing any of it.
+        _ = try translate(rsp &- UInt64(8 * count), write: true, user: false)
+        _ = try translate(rsp &- 8, write: true, user: false)
+        try withUnsafeBytes(of: frame) { raw throws(Fault) in
+            for i in 0..<count {
+                rsp &-= 8
+                try write(rsp, raw.load(fromByteOffset: i * 8, as: UInt64.self), size: 8, user: false)
+            }
         }
         if newCPL < oldCPL { ss = SegmentRegister(selector: UInt16(newCPL), unusable: true) }
         newCS.selector = (selector & 0xFFFC) | UInt16(newCPL)

@@ -93,6 +93,7 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
                 if budget == 0 { preemptionBudget = nil; return .preemptionTimer }
                 preemptionBudget = budget - 1
             }
+            let faultRIP = cpu.rip
             do throws(Fault) {
                 switch try cpu.step() {
                 case .next: continue
@@ -110,7 +111,10 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
                     return .mmio(MMIOAccess(address: address, size: size, direction: .read))
                 case let .exception(vector, code):
                     exceptionCount &+= 1
-                    if !raise(vector: vector, errorCode: code, software: vector == 3 || !Self.hasHardwareMeaning(vector, code)) {
+                    // INT3 and INT n arrive with RIP already past the instruction (traps);
+                    // everything else the interpreter raises is a fault at the instruction.
+                    let software = cpu.rip != faultRIP
+                    if !raise(vector: vector, errorCode: code, software: software, fault: !software) {
                         return .shutdown
                     }
                 }
@@ -118,20 +122,16 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
         }
     }
 
-    /// `int n` with a vector that is not an exception the CPU itself raises is a software
-    /// interrupt (gate DPL checked); hardware exceptions carry error codes where defined.
-    private static func hasHardwareMeaning(_ vector: UInt8, _ code: UInt32?) -> Bool { vector < 32 }
-
     /// Delivers a vector, escalating a failed delivery to #DF and a failed #DF to a triple
     /// fault. Returns false on triple fault.
-    private func raise(vector: UInt8, errorCode: UInt32?, software: Bool) -> Bool {
+    private func raise(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool = false) -> Bool {
         do throws(Fault) {
-            try cpu.deliver(vector: vector, errorCode: errorCode, software: software)
+            try cpu.deliver(vector: vector, errorCode: errorCode, software: software, fault: fault)
             return true
         } catch {
             guard vector != 8 else { return false }
             do throws(Fault) {
-                try cpu.deliver(vector: 8, errorCode: 0, software: false)
+                try cpu.deliver(vector: 8, errorCode: 0, software: false, fault: false)
                 return true
             } catch {
                 return false

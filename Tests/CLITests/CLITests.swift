@@ -66,8 +66,15 @@ func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = []) t
         #expect(r.stderr.split(separator: "\n").count == 1)
     }
 
-    @Test func missingKVMIsOneClearLine() throws {
+    @Test func missingKVMFallsBackToSoftwareWithANotice() throws {
         let r = try swiftvisor(["run", "hello", "--kvm-path", "/no/such/kvm"])
+        #expect(r.status == 0)
+        #expect(r.stdout == "Hello from Swiftvisor! 64 MiB RAM, 1 vCPU\n")
+        #expect(r.stderr == "swiftvisor: KVM unavailable (/no/such/kvm does not exist: this host has no KVM (enable virtualization or load the kvm module)); using the software engine\n")
+    }
+
+    @Test func missingKVMIsOneClearLineWhenKVMIsAskedFor() throws {
+        let r = try swiftvisor(["run", "hello", "--engine", "kvm", "--kvm-path", "/no/such/kvm"])
         #expect(r.status == 125)
         #expect(r.stderr == "swiftvisor: error: /no/such/kvm does not exist: this host has no KVM (enable virtualization or load the kvm module)\n")
     }
@@ -77,7 +84,7 @@ func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = []) t
                    && kvmUsable && (try? FileManager.default.attributesOfItem(atPath: "/dev/kvm")[.posixPermissions] as? Int) == 0o600,
                    "needs root, setpriv and a root-only /dev/kvm"))
     func permissionDeniedIsOneClearLine() throws {
-        let r = try swiftvisor(["run", "hello"], launcher: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        let r = try swiftvisor(["run", "hello", "--engine", "kvm"], launcher: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
         #expect(r.status == 125)
         #expect(r.stderr == "swiftvisor: error: permission denied opening /dev/kvm: add your user to the 'kvm' group or run as root\n")
     }
