@@ -33,6 +33,7 @@ let package = Package(
         ]),
         .testTarget(name: "VirtCoreTests", dependencies: ["VirtCore"]),
         .testTarget(name: "KVMEngineTests", dependencies: ["KVMEngine", "VirtCore", "GuestImages", "VMM"]),
+        .testTarget(name: "X86EmulatorTests", dependencies: ["X86Emulator", "VirtCore", "VMM", "KVMEngine"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "VirtCore"]),
         // Every bundled guest on both engines: output, exits, registers, RAM.
         .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages"]),

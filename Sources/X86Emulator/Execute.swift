@@ -156,6 +156,10 @@ extension CPU {
             rflags = (rflags & ~changeable) | (v & changeable) | 0x2
         case 0x9E: rflags = (rflags & ~0xD5) | (gpr[0] >> 8 & 0xD5) | 0x2  // SAHF
         case 0x9F: setReg(4, 1, rflags & 0xD7, Decoded())  // LAHF into AH
+        case 0xA0...0xA3:  // MOV AL/eAX ↔ [moffs64]
+            let size = op & 1 == 0 ? 1 : d.size
+            let address = try fetch(&d, &pos, 8) &+ d.segmentBase
+            if op <= 0xA1 { setReg(0, size, try read(address, size: size), d) } else { try write(address, reg(0, size, d), size: size) }
         case 0xA8, 0xA9:
             let size = op == 0xA8 ? 1 : d.size
             _ = alu(4, reg(0, size, d), try fetchSigned(&d, &pos, min(size, 4)) & Self.mask(size), size)

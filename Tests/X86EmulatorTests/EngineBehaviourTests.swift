@@ -1,0 +1,128 @@
+import Foundation
+import Testing
+import VirtCore
+@testable import X86Emulator
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An IDT at 0x5000 whose gates 0–47 all lead to a `hlt` at 0x6000.
+func installHaltingIDT(_ s: Snippet) throws {
+    try s.memory.store(UInt8(0xF4), at: 0x6000)
+    for v in UInt64(0)..<48 {
+        let low: UInt64 = 0x6000 | (0x08 << 16) | (0x8E00 << 32)
+        try s.memory.store(low, at: 0x5000 + v * 16)
+        try s.memory.store(UInt64(0), at: 0x5000 + v * 16 + 8)
+    }
+}
+
+func withIDT(_ st: inout VCPUState) { st.idt = DescriptorTableRegister(base: 0x5000, limit: 48 * 16 - 1) }
+
+@Suite struct SoftwareEngineBehaviourTests {
+    @Test func pageFaultDeliversCR2AndErrorCode() throws {
+        // mov rax,[0x100000000] (not mapped) → #PF
+        let s = try Snippet([0x48, 0xA1, 0, 0, 0, 0, 1, 0, 0, 0], engine: SoftwareEngine(), state: withIDT)
+        try installHaltingIDT(s)
+        #expect(try s.run() == .halt)
+        let st = try s.state
+        #expect(st.cr2 == 0x1_0000_0000)
+        #expect(try s.memory.load(UInt64.self, at: st.rsp) == 0)  // not present, read, supervisor
+        #expect(try s.memory.load(UInt64.self, at: st.rsp + 8) == Snippet.codeAddress)  // faulting RIP
+        #expect(try s.memory.load(UInt64.self, at: st.rsp + 24) & 0x10000 != 0)  // RF in the pushed RFLAGS
+    }
+
+    @Test func userFetchFromSupervisorPageFaultsAndSwitchesStacks() throws {
+        // Clear the user bit of the 2 MiB page holding the code, then run it at CPL3: the
+        // instruction fetch itself faults, and delivery switches to the TSS's RSP0.
+        let s = try Snippet([0x90], engine: SoftwareEngine(), user: true) { withIDT(&$0) }
+        try installHaltingIDT(s)
+        try s.memory.store(UInt64(0x87 & ~4), at: 0x12000)  // PD[0]: present, writable, 2 MiB, supervisor
+        // TSS for the CPL3 → CPL0 stack switch: RSP0 at offset 4.
+        var st = try s.state
+        st.tr = SegmentRegister(selector: 0, base: 0x7000, limit: 0x67, type: 0xB, present: true)
+        try s.vcpu.setState(st)
+        try s.memory.store(UInt64(0x9_0000), at: 0x7004)
+        #expect(try s.run() == .halt)
+        let after = try s.state
+        #expect(after.cr2 == Snippet.codeAddress)
+        #expect(try s.memory.load(UInt64.self, at: after.rsp) == 0x15)  // present | user | fetch
+        #expect(after.cpl == 0)
+        #expect(after.rsp < 0x9_0000 && after.rsp >= 0x9_0000 - 64)  // switched to RSP0
+    }
+
+    @Test func mmioReadCompletesIntoTheDestination() throws {
+        // mov ecx,0xd0000000; mov eax,[rcx]; add eax,1; hlt
+        let s = try Snippet([0xB9, 0, 0, 0, 0xD0, 0x8B, 0x01, 0x83, 0xC0, 0x01, 0xF4], engine: SoftwareEngine())
+        #expect(try s.run() == .mmio(MMIOAccess(address: 0xD000_0000, size: 4, direction: .read)))
+        s.vcpu.completeRead(value: 41)
+        #expect(try s.run() == .halt)
+        #expect(try s.state.rax == 42)
+    }
+
+    @Test func preemptionBudgetStopsAfterThatManyInstructions() throws {
+        let s = try Snippet([0xEB, 0xFE], engine: SoftwareEngine())  // jmp $
+        let v = try #require(s.vcpu as? SoftwareVirtualCPU)
+        v.preemptionBudget = 1000
+        #expect(try v.run() == .preemptionTimer)
+        #expect(v.instructionsRetired == 1000)
+    }
+
+    @Test func requestExitFromAnotherThread() throws {
+        let s = try Snippet([0xEB, 0xFE], engine: SoftwareEngine())
+        let v = s.vcpu
+        let kicker = Thread { usleep(20_000); v.requestExit() }
+        kicker.start()
+        #expect(try v.run() == .interrupted)
+    }
+
+    @Test func injectedInterruptWaitsForIF() throws {
+        // sti; nop; jmp $   (vector 0x20 → hlt handler)
+        let s = try Snippet([0xFB, 0x90, 0xEB, 0xFE], engine: SoftwareEngine(), state: withIDT)
+        try installHaltingIDT(s)
+        let v = try #require(s.vcpu as? SoftwareVirtualCPU)
+        v.injectInterrupt(vector: 0x20)
+        v.preemptionBudget = 5000
+        #expect(try v.run() == .halt)
+        #expect(try s.state.rip == 0x6001)
+        // Without STI the interrupt stays pending.
+        let t = try Snippet([0xEB, 0xFE], engine: SoftwareEngine(), state: withIDT)
+        try installHaltingIDT(t)
+        let w = try #require(t.vcpu as? SoftwareVirtualCPU)
+        w.injectInterrupt(vector: 0x20)
+        w.preemptionBudget = 5000
+        #expect(try w.run() == .preemptionTimer)
+    }
+
+    @Test func hypercallExitAndResult() throws {
+        // mov eax,0; mov edi,20; mov esi,22; vmcall; hlt
+        let s = try Snippet([0xB8, 0, 0, 0, 0, 0xBF, 20, 0, 0, 0, 0xBE, 22, 0, 0, 0, 0x0F, 0x01, 0xC1, 0xF4], engine: SoftwareEngine())
+        #expect(try s.run() == .hypercall(Hypercall(number: 0, arg0: 20, arg1: 22)))
+        s.vcpu.completeHypercall(result: 42)
+        #expect(try s.run() == .halt)
+        #expect(try s.state.rax == 42)
+    }
+
+    /// Random bytes must end in an exit or a guest exception, never a host crash.
+    @Test func decoderFuzzNeverCrashesTheHost() throws {
+        var g = SplitMix64(state: 0x5EED)
+        var undefined = 0
+        for _ in 0..<3000 {
+            let bytes = (0..<16).map { _ in UInt8(truncatingIfNeeded: g.next()) }
+            let s = try Snippet(bytes, engine: SoftwareEngine(), state: withIDT)
+            try installHaltingIDT(s)
+            let v = try #require(s.vcpu as? SoftwareVirtualCPU)
+            v.preemptionBudget = 200
+            exits: for _ in 0..<20 {
+                switch try v.run() {
+                case .halt, .shutdown, .preemptionTimer: break exits
+                case .portIO: v.completeRead(value: 0)
+                case .mmio: v.completeRead(value: 0)
+                case .hypercall: v.completeHypercall(result: 0)
+                default: break exits
+                }
+            }
+            if v.exceptionCount > 0 { undefined += 1 }
+        }
+        #expect(undefined > 100)  // plenty of random encodings fault (#UD, #GP, #PF)
+    }
+}

@@ -1,0 +1,164 @@
+import KVMEngine
+import Testing
+import VirtCore
+@testable import X86Emulator
+
+/// SplitMix64: a seeded generator, so every run tests the same sequences.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// One generated instruction and what it does to the flags the comparison can rely on.
+struct GeneratedInstruction {
+    var bytes: [UInt8]
+    /// nil: leaves flags as they were; true: defines CF, ZF, SF, PF; false: leaves some undefined.
+    var definesFlags: Bool?
+    /// Reads CF or ZF (so may only follow a defining instruction).
+    var consumesFlags = false
+}
+
+/// Random integer instruction sequences over general-purpose registers (never RSP).
+enum SequenceGenerator {
+    static let registers = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    static let boundaryValues: [UInt64] = [0, 1, 2, 0x7F, 0x80, 0xFF, 0x7FFF, 0x8000, 0xFFFF, 0x7FFF_FFFF, 0x8000_0000,
+                                           0xFFFF_FFFF, 0x1_0000_0000, UInt64(Int64.max), 1 << 63, ~0, ~1]
+
+    static func value(_ g: inout SplitMix64) -> UInt64 {
+        g.next() % 3 == 0 ? g.next() : boundaryValues[Int(g.next() % UInt64(boundaryValues.count))]
+    }
+
+    static func instruction(_ g: inout SplitMix64, flagsDefined: Bool) -> GeneratedInstruction {
+        let dst = registers[Int(g.next() % UInt64(registers.count))]
+        let src = registers[Int(g.next() % UInt64(registers.count))]
+        let w = g.next() & 1 == 0
+        let rexRB = Asm.rex(w: w, r: src, b: dst)
+        let rexB = Asm.rex(w: w, b: dst)
+        switch g.next() % (flagsDefined ? 14 : 11) {
+        case 0, 1:  // ALU r/m, r
+            let ops: [UInt8] = [0x01, 0x09, 0x21, 0x29, 0x31, 0x39, 0x85]
+            return GeneratedInstruction(bytes: Asm.rr(ops[Int(g.next() % 7)], dst: dst, src: src, w: w), definesFlags: true)
+        case 2:  // ALU r/m, imm8
+            let op = Int(g.next() % 8)
+            guard op != 2 && op != 3 else { fallthrough }  // ADC/SBB read CF: handled below
+            return GeneratedInstruction(bytes: [rexB, 0x83, 0xC0 | UInt8(op << 3) | UInt8(dst & 7), UInt8(truncatingIfNeeded: g.next())], definesFlags: true)
+        case 3:  // INC/DEC (CF kept), NEG, NOT
+            switch g.next() % 4 {
+            case 0: return GeneratedInstruction(bytes: [rexB, 0xFF, 0xC0 | UInt8(dst & 7)], definesFlags: flagsDefined ? true : false)
+            case 1: return GeneratedInstruction(bytes: [rexB, 0xFF, 0xC8 | UInt8(dst & 7)], definesFlags: flagsDefined ? true : false)
+            case 2: return GeneratedInstruction(bytes: [rexB, 0xF7, 0xD8 | UInt8(dst & 7)], definesFlags: true)
+            default: return GeneratedInstruction(bytes: [rexB, 0xF7, 0xD0 | UInt8(dst & 7)], definesFlags: nil)
+            }
+        case 4:  // shifts and rotates by an immediate (count masked like the CPU does)
+            let kind = [0, 1, 4, 5, 7][Int(g.next() % 5)]
+            let width: UInt64 = w ? 64 : 32
+            let counts: [UInt64] = [0, 1, width - 1, g.next() % width]
+            let count = counts[Int(g.next() % 4)]
+            // OF is undefined for counts above 1 and rotates leave ZF/SF/PF alone.
+            let defines: Bool? = count == 0 ? nil : (kind <= 1 ? false : true)
+            return GeneratedInstruction(bytes: [rexB, 0xC1, 0xC0 | UInt8(kind << 3) | UInt8(dst & 7), UInt8(count)], definesFlags: defines)
+        case 5:  // MOVZX/MOVSX from a byte or word register
+            let op: UInt8 = [0xB6, 0xB7, 0xBE, 0xBF][Int(g.next() % 4)]
+            return GeneratedInstruction(bytes: [Asm.rex(w: w, r: dst, b: src), 0x0F, op, Asm.modrm(dst, src)], definesFlags: nil)
+        case 6:  // IMUL r, r/m (SF/ZF/PF undefined)
+            return GeneratedInstruction(bytes: [Asm.rex(w: w, r: dst, b: src), 0x0F, 0xAF, Asm.modrm(dst, src)], definesFlags: false)
+        case 7:  // BSWAP, XCHG, MOV imm
+            switch g.next() % 3 {
+            case 0: return GeneratedInstruction(bytes: [rexB, 0x0F, 0xC8 | UInt8(dst & 7)], definesFlags: nil)
+            case 1: return GeneratedInstruction(bytes: Asm.rr(0x87, dst: dst, src: src, w: w), definesFlags: nil)
+            default: return GeneratedInstruction(bytes: Asm.movImm64(dst, value(&g)), definesFlags: nil)
+            }
+        case 8:  // LEA dst, [src + dst*scale + disp8]
+            let sib = UInt8(Int(g.next() % 4) << 6) | UInt8((dst & 7) << 3) | UInt8(src & 7)
+            guard dst != 4, src & 7 != 5 else { fallthrough }
+            return GeneratedInstruction(bytes: [0x48 | UInt8((dst >> 3) << 2) | UInt8((dst >> 3) << 1) | UInt8(src >> 3), 0x8D,
+                                                0x44 | UInt8((dst & 7) << 3), sib, UInt8(truncatingIfNeeded: g.next())], definesFlags: nil)
+        case 9:  // POPCNT (all flags defined), TZCNT/LZCNT (CF, ZF defined; others undefined)
+            let op: UInt8 = [0xB8, 0xBC, 0xBD][Int(g.next() % 3)]
+            return GeneratedInstruction(bytes: [0xF3, Asm.rex(w: w, r: dst, b: src), 0x0F, op, Asm.modrm(dst, src)],
+                                        definesFlags: op == 0xB8 ? true : false)
+        case 10:  // MUL/IMUL one-operand (RDX:RAX; SF/ZF/PF undefined)
+            return GeneratedInstruction(bytes: [rexB, 0xF7, (g.next() & 1 == 0 ? 0xE0 : 0xE8) | UInt8(dst & 7)], definesFlags: false)
+        case 11:  // SETcc / CMOVcc on CF and ZF conditions (B, AE, E, NE, BE, A)
+            let cc = UInt8([2, 3, 4, 5, 6, 7][Int(g.next() % 6)])
+            if g.next() & 1 == 0 {
+                return GeneratedInstruction(bytes: [Asm.rex(w: false, b: dst), 0x0F, 0x90 | cc, Asm.modrm(0, dst)], definesFlags: nil, consumesFlags: true)
+            }
+            return GeneratedInstruction(bytes: [Asm.rex(w: w, r: dst, b: src), 0x0F, 0x40 | cc, Asm.modrm(dst, src)], definesFlags: nil, consumesFlags: true)
+        default:  // ADC/SBB
+            return GeneratedInstruction(bytes: Asm.rr(g.next() & 1 == 0 ? 0x11 : 0x19, dst: dst, src: src, w: w), definesFlags: true, consumesFlags: true)
+        }
+    }
+
+    static func sequence(seed: UInt64, length: Int) -> (initial: [UInt64], flags: UInt64, code: [GeneratedInstruction]) {
+        var g = SplitMix64(state: seed)
+        let initial = (0..<16).map { _ in value(&g) }
+        let flags = g.next() & (CF | PF | ZF | SF | OF)
+        var defined = true
+        var code: [GeneratedInstruction] = []
+        for _ in 0..<length {
+            let i = instruction(&g, flagsDefined: defined)
+            if let d = i.definesFlags { defined = d }
+            code.append(i)
+        }
+        return (initial, flags, code)
+    }
+}
+
+/// Runs a sequence at CPL3 then `ud2` (no IDT: the VM shuts down there) and returns the
+/// general-purpose registers, RIP and RFLAGS.
+func runSequence(_ code: [GeneratedInstruction], initial: [UInt64], flags: UInt64, on engine: any Engine) throws -> ([UInt64], UInt64, UInt64) {
+    let s = try Snippet(code.flatMap(\.bytes) + [0x0F, 0x0B], engine: engine, user: true) { st in
+        var g = initial
+        g[4] = 0x70_0000
+        st.gprs = g
+        st.rflags = 0x2 | flags
+    }
+    let exit = try s.run()
+    #expect(exit == .shutdown)
+    let st = try s.state
+    return (st.gprs, st.rip, st.rflags)
+}
+
+@Suite(.enabled(if: kvmUsable, "needs /dev/kvm: CPL3 code runs natively there, so it is the reference CPU"))
+struct RandomSequenceTests {
+    @Test func interpreterMatchesTheRealCPU() throws {
+        let kvm = try KVMEngine()
+        var mismatches: [String] = []
+        for seed in UInt64(1)...300 {
+            let (initial, flags, code) = SequenceGenerator.sequence(seed: seed, length: 12)
+            if try !agrees(code, initial, flags, kvm) {
+                mismatches.append("seed \(seed): " + shrink(code, initial, flags, kvm))
+            }
+        }
+        #expect(mismatches.isEmpty, "\(mismatches.count) sequences differ; smallest reproducers:\n\(mismatches.prefix(10).joined(separator: "\n"))")
+    }
+
+    func agrees(_ code: [GeneratedInstruction], _ initial: [UInt64], _ flags: UInt64, _ kvm: KVMEngine) throws -> Bool {
+        let hw = try runSequence(code, initial: initial, flags: flags, on: kvm)
+        let sw = try runSequence(code, initial: initial, flags: flags, on: SoftwareEngine())
+        var defined = true
+        for i in code { if let d = i.definesFlags { defined = d } }
+        let mask: UInt64 = defined ? CF | ZF | SF | PF : 0
+        return hw.0 == sw.0 && hw.1 == sw.1 && hw.2 & mask == sw.2 & mask
+    }
+
+    /// Drops instructions while the disagreement persists; returns the bytes left.
+    func shrink(_ code: [GeneratedInstruction], _ initial: [UInt64], _ flags: UInt64, _ kvm: KVMEngine) -> String {
+        var current = code
+        var i = 0
+        while i < current.count {
+            var candidate = current
+            candidate.remove(at: i)
+            if (try? agrees(candidate, initial, flags, kvm)) == false { current = candidate } else { i += 1 }
+        }
+        let hex = current.map { $0.bytes.map { String($0, radix: 16) }.joined(separator: " ") }.joined(separator: " | ")
+        return "[\(hex)] from registers \(initial.map { "0x" + String($0, radix: 16) }) flags 0x\(String(flags, radix: 16))"
+    }
+}
