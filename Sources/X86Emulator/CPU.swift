@@ -47,15 +47,43 @@ final class CPU {
 
     let atomicLock: AtomicInstructionLock
 
+    /// A direct-mapped TLB of 4 KiB translations: tag = linear page + 1 (0 = empty), the
+    /// guest-physical frame, and what the cached walk allows (see `TLBBits`).
+    static let tlbSize = 512
+    let tlbTags: UnsafeMutablePointer<UInt64>
+    let tlbFrames: UnsafeMutablePointer<UInt64>
+    let tlbBits: UnsafeMutablePointer<UInt8>
+
+    enum TLBBits {
+        /// Writable, and the leaf's dirty bit is already set (so a write needs no walk).
+        static let writeOK: UInt8 = 1
+        static let user: UInt8 = 2
+        static let noExecute: UInt8 = 4
+    }
+
     init(memory: GuestMemory, atomicLock: AtomicInstructionLock) {
         self.atomicLock = atomicLock
+        tlbTags = .allocate(capacity: Self.tlbSize)
+        tlbTags.initialize(repeating: 0, count: Self.tlbSize)
+        tlbFrames = .allocate(capacity: Self.tlbSize)
+        tlbFrames.initialize(repeating: 0, count: Self.tlbSize)
+        tlbBits = .allocate(capacity: Self.tlbSize)
+        tlbBits.initialize(repeating: 0, count: Self.tlbSize)
         gpr = .allocate(capacity: 16)
         gpr.initialize(repeating: 0, count: 16)
         ram = memory.base
         ramSize = memory.size
     }
 
-    deinit { gpr.deallocate() }
+    deinit {
+        gpr.deallocate()
+        tlbTags.deallocate()
+        tlbFrames.deallocate()
+        tlbBits.deallocate()
+    }
+
+    /// Drops every cached translation (CR0/CR3/CR4 writes, INVLPG, state loads).
+    func flushTLB() { tlbTags.update(repeating: 0, count: Self.tlbSize) }
 
     var cpl: UInt8 { cs.dpl }
 
@@ -66,6 +94,27 @@ final class CPU {
     @inline(__always)
     func translate(_ linear: UInt64, write: Bool, execute: Bool = false, user: Bool) throws(Fault) -> UInt64 {
         if cr0 & 0x8000_0000 == 0 { return linear }
+        let page = linear >> 12
+        let slot = Int(page & UInt64(Self.tlbSize - 1))
+        if tlbTags[slot] == page &+ 1 {
+            let bits = tlbBits[slot]
+            let userPage = bits & TLBBits.user != 0
+            if (!write || bits & TLBBits.writeOK != 0) && (!user || userPage) && (!execute || bits & TLBBits.noExecute == 0)
+                && (user || !userPage || supervisorMayUseUserPage(execute: execute)) {
+                return tlbFrames[slot] | (linear & 0xFFF)
+            }
+        }
+        return try walk(linear, write: write, execute: execute, user: user)
+    }
+
+    /// SMEP and SMAP, for a supervisor access to a user page.
+    @inline(__always)
+    func supervisorMayUseUserPage(execute: Bool) -> Bool {
+        execute ? cr4 & (1 << 20) == 0 : (cr4 & (1 << 21) == 0 || rflags & Flag.ac != 0)
+    }
+
+    /// The page walk behind `translate`; fills the TLB on success.
+    func walk(_ linear: UInt64, write: Bool, execute: Bool, user: Bool) throws(Fault) -> UInt64 {
         var table = cr3 & 0x000F_FFFF_FFFF_F000
         var writable = true, userOK = true, noExecute = false
         var level = 3
@@ -96,7 +145,16 @@ final class CPU {
                 if newEntry != entry { p.pointee = newEntry; entry = newEntry }
                 let shift = UInt64(12 + 9 * level)
                 let mask: UInt64 = (1 << shift) - 1
-                return (entry & 0x000F_FFFF_FFFF_F000 & ~mask) | (linear & mask)
+                let gpa = (entry & 0x000F_FFFF_FFFF_F000 & ~mask) | (linear & mask)
+                if gpa < ramSize {
+                    let page = linear >> 12
+                    let slot = Int(page & UInt64(Self.tlbSize - 1))
+                    tlbTags[slot] = page &+ 1
+                    tlbFrames[slot] = gpa & ~0xFFF
+                    tlbBits[slot] = (writable && entry & 0x40 != 0 ? TLBBits.writeOK : 0) | (userOK ? TLBBits.user : 0)
+                        | (noExecute ? TLBBits.noExecute : 0)
+                }
+                return gpa
             }
             if entry & 0x20 == 0 { p.pointee = entry | 0x20 }
             table = entry & 0x000F_FFFF_FFFF_F000
@@ -207,6 +265,7 @@ final class CPU {
         cr0 = s.cr0; cr2 = s.cr2; cr3 = s.cr3; cr4 = s.cr4; cr8 = s.cr8; efer = s.efer; apicBase = s.apicBase
         msrs = s.msrs
         kernelGSBase = s.msrs[MSR.kernelGSBase] ?? 0
+        flushTLB()
     }
 
     func save() -> VCPUState {

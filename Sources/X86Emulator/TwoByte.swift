@@ -36,8 +36,9 @@ extension CPU {
                     let limit = UInt16(try read(a, size: 2))
                     let base = try read(a &+ 2, size: 8)
                     if d.reg & 7 == 2 { gdt = DescriptorTableRegister(base: base, limit: limit) } else { idt = DescriptorTableRegister(base: base, limit: limit) }
-                case 7:  // INVLPG: no TLB yet beyond the code-page cache
+                case 7:  // INVLPG (the whole TLB: simple, and rare in our guests)
                     try requireCPL0()
+                    flushTLB()
                 default:
                     throw Fault.ud
                 }
@@ -83,10 +84,10 @@ extension CPU {
             } else {
                 let v = gpr[d.rm]
                 switch n {
-                case 0: cr0 = v | 0x10
+                case 0: cr0 = v | 0x10; flushTLB()
                 case 2: cr2 = v
-                case 3: cr3 = v
-                case 4: cr4 = v
+                case 3: cr3 = v; flushTLB()
+                case 4: cr4 = v; flushTLB()
                 case 8: cr8 = v & 0xF
                 default: throw Fault.ud
                 }

@@ -51,7 +51,7 @@ struct Host: ParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks (printed table; --json for machine-readable results).",
-        subcommands: [BenchExits.self])
+        subcommands: [BenchExits.self, BenchCPU.self])
 }
 
 struct BenchExits: ParsableCommand {
@@ -113,4 +113,53 @@ struct BenchExits: ParsableCommand {
     }
 
     private func fmt(_ ns: Double) -> String { String(format: "%.2f µs", ns / 1000) }
+}
+
+struct BenchCPU: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cpu",
+        abstract: "Guest instructions per second of the software engine on the 'compute' workloads, beside KVM.",
+        discussion: """
+            Runs the bundled 'compute' guest (sieve, CRC-32, heapsort, SHA-256-style mixing,
+            at CPL3) on the software engine, counting retired guest instructions, and on KVM
+            when /dev/kvm is usable, where the same workloads run natively.
+            """)
+
+    @Option(name: .long, help: "Work multiplier passed to the guest (scale=N).")
+    var scale = 1
+
+    @Option(name: .long, help: ArgumentHelp("Also write results as JSON to this file.", valueName: "path"))
+    var json: String?
+
+    @Option(name: .long, help: .hidden)
+    var kvmPath = "/dev/kvm"
+
+    func validate() throws {
+        guard scale >= 1 else { throw ValidationError("--scale must be at least 1") }
+    }
+
+    func run() throws {
+        let rows: [CPUBenchmark.Row]
+        do {
+            rows = try CPUBenchmark(scale: scale, kvmPath: kvmPath).run { printError("bench: \($0)") }
+        } catch {
+            printError("swiftvisor: error: \(error)")
+            throw ExitCode(ToolStatus.failure)
+        }
+        print("compute workloads, scale \(scale) (guest at CPL3)")
+        print("engine     wall time    guest instructions   MIPS")
+        for r in rows {
+            print(r.engine.padding(toLength: 11, withPad: " ", startingAt: 0)
+                  + String(format: "%.3f s", r.seconds).padding(toLength: 13, withPad: " ", startingAt: 0)
+                  + (r.instructions.map { String($0) } ?? "(native)").padding(toLength: 21, withPad: " ", startingAt: 0)
+                  + (r.mips.map { String(format: "%.1f", $0) } ?? "-"))
+        }
+        if rows.count == 2 { print(String(format: "software / kvm wall time: %.1f×", rows[0].seconds / rows[1].seconds)) }
+        if let path = json {
+            let items = rows.map { r in
+                "{\"engine\":\"\(r.engine)\",\"seconds\":\(String(format: "%.4f", r.seconds)),\"instructions\":\(r.instructions.map { String($0) } ?? "null"),\"mips\":\(r.mips.map { String(format: "%.2f", $0) } ?? "null")}"
+            }
+            try writeFile(path, "{\"benchmark\":\"cpu\",\"scale\":\(scale),\"results\":[\(items.joined(separator: ","))]}\n")
+        }
+    }
 }

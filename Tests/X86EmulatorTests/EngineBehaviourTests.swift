@@ -50,6 +50,26 @@ func withIDT(_ st: inout VCPUState) { st.idt = DescriptorTableRegister(base: 0x5
         #expect(after.rsp < 0x9_0000 && after.rsp >= 0x9_0000 - 64)  // switched to RSP0
     }
 
+    @Test func remappingAfterCR3ReloadIsSeen() throws {
+        // Page tables for 0x40000000 (GiB 1) → PD at 0x13000 entry 0: 2 MiB page at 0x200000.
+        // mov eax,[0x40000000]; mov [0x13000],rbx (remap to 0x400000); mov rcx,cr3; mov cr3,rcx;
+        // mov edx,[0x40000000]; hlt
+        let code: [UInt8] = [0x8B, 0x04, 0x25, 0x00, 0x00, 0x00, 0x40,
+                             0x48, 0x89, 0x1C, 0x25, 0x00, 0x30, 0x01, 0x00,
+                             0x0F, 0x20, 0xD9, 0x0F, 0x22, 0xD9,
+                             0x8B, 0x14, 0x25, 0x00, 0x00, 0x00, 0x40, 0xF4]
+        let s = try Snippet(code, engine: SoftwareEngine()) { $0.rbx = 0x40_0087 }
+        try s.memory.store(UInt64(0x20_0087), at: 0x13000)
+        try s.memory.store(UInt32(0xAAAA), at: 0x20_0000)
+        try s.memory.store(UInt32(0xBBBB), at: 0x40_0000)
+        #expect(try s.run() == .halt)
+        let st = try s.state
+        #expect(st.rax == 0xAAAA)
+        #expect(st.rdx == 0xBBBB)
+        // The walk set accessed bits, and dirty only where written.
+        #expect(try s.memory.load(UInt64.self, at: 0x13000) & 0x60 == 0x20)
+    }
+
     @Test func mmioReadCompletesIntoTheDestination() throws {
         // mov ecx,0xd0000000; mov eax,[rcx]; add eax,1; hlt
         let s = try Snippet([0xB9, 0, 0, 0, 0xD0, 0x8B, 0x01, 0x83, 0xC0, 0x01, 0xF4], engine: SoftwareEngine())
