@@ -33,8 +33,9 @@ extension CPU {
         }
     }
 
+    /// Commits the instruction: RIP moves on, and an MMIO write it made is reported.
     @inline(__always)
-    private func finish(_ pos: UInt64) -> StepOutcome {
+    func finish(_ pos: UInt64) -> StepOutcome {
         rip = pos
         instructions &+= 1
         if let w = pendingMMIOWrite {

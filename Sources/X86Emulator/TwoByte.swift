@@ -196,13 +196,7 @@ extension CPU {
         default:
             throw Fault.ud
         }
-        rip = pos
-        instructions &+= 1
-        if let w = pendingMMIOWrite {
-            pendingMMIOWrite = nil
-            return .exit(.mmio(w))
-        }
-        return .next
+        return finish(pos)
     }
 
     func requireCPL0() throws(Fault) { if cpl != 0 { throw Fault.gp() } }
