@@ -44,6 +44,10 @@ final class CPU {
     var pendingMMIOWrite: MMIOAccess?
     /// Size of the `in` whose value `completeRead` will put in RAX (0: none).
     var pendingInSize = 0
+    /// An `ins` element the VMM supplied; the re-executed `ins` stores it at [RDI].
+    var pendingInsValue: UInt64?
+    /// Set while an `ins` waits for its value (so `completeRead` knows where it goes).
+    var awaitingInsValue = false
 
     let atomicLock: AtomicInstructionLock
 

@@ -164,6 +164,41 @@ extension CPU {
         case 0xA8, 0xA9:
             let size = op == 0xA8 ? 1 : d.size
             _ = alu(4, reg(0, size, d), try fetchSigned(&d, &pos, min(size, 4)) & Self.mask(size), size)
+        case 0x6C...0x6F:
+            return try stringPortIO(op, &d, pos)
+        case 0xA6, 0xA7, 0xAE, 0xAF:  // CMPS, SCAS with REPE/REPNE
+            let size = op & 1 == 0 ? 1 : d.size
+            let step = rflags & Flag.df != 0 ? UInt64(bitPattern: -Int64(size)) : UInt64(size)
+            while d.rep == 0 || gpr[1] != 0 {
+                let a = op <= 0xA7 ? try read(gpr[6] &+ d.segmentBase, size: size) : reg(0, size, d)
+                let b = try read(gpr[7], size: size)
+                _ = alu(7, a, b, size)
+                if op <= 0xA7 { gpr[6] &+= step }
+                gpr[7] &+= step
+                if d.rep == 0 { break }
+                gpr[1] &-= 1
+                let zf = rflags & Flag.zf != 0
+                if (d.rep == 0xF3 && !zf) || (d.rep == 0xF2 && zf) { break }
+            }
+        case 0xC8:  // ENTER imm16, imm8
+            let frameSize = try fetch(&d, &pos, 2)
+            let level = try fetch(&d, &pos, 1) & 31
+            let rsp0 = gpr[4]
+            var rsp = rsp0 &- 8
+            try write(rsp, gpr[5], size: 8)
+            let frame = rsp
+            if level > 0 {
+                var rbp = gpr[5]
+                for _ in 1..<level {
+                    rbp &-= 8
+                    rsp &-= 8
+                    try write(rsp, try read(rbp, size: 8), size: 8)
+                }
+                rsp &-= 8
+                try write(rsp, frame, size: 8)
+            }
+            gpr[5] = frame
+            gpr[4] = rsp &- frameSize
         case 0xA4, 0xA5, 0xAA, 0xAB, 0xAC, 0xAD:
             // An MMIO write stops a REP early: report it and resume from the same instruction.
             if try !stringOp(op, &d) { pos = d.start }
@@ -383,6 +418,35 @@ extension CPU {
             if pendingMMIOWrite != nil { return gpr[1] == 0 }
         }
         return true
+    }
+
+    /// INS/OUTS: one element per exit. A REP form keeps RIP on the instruction until RCX
+    /// reaches zero, so each element is an ordinary port exit (as interruptible REPs are).
+    private func stringPortIO(_ op: Int, _ d: inout Decoded, _ pos: UInt64) throws(Fault) -> StepOutcome {
+        try checkIOPermission()
+        let size = op & 1 == 0 ? 1 : (d.opsize16 ? 2 : 4)
+        let step = rflags & Flag.df != 0 ? UInt64(bitPattern: -Int64(size)) : UInt64(size)
+        let port = UInt16(truncatingIfNeeded: gpr[2])
+        if d.rep != 0 && gpr[1] == 0 { return finish(pos) }
+        var exit: VMExit?
+        if op >= 0x6E {  // OUTS
+            let v = try read(gpr[6] &+ d.segmentBase, size: size)
+            gpr[6] &+= step
+            exit = .portIO(PortAccess(port: port, size: UInt8(size), direction: .write, value: UInt32(truncatingIfNeeded: v)))
+        } else {  // INS: first ask for the value, then store it when re-executed
+            guard let v = pendingInsValue else {
+                awaitingInsValue = true
+                return .exit(.portIO(PortAccess(port: port, size: UInt8(size), direction: .read)))
+            }
+            try write(gpr[7], v, size: size)
+            pendingInsValue = nil
+            gpr[7] &+= step
+        }
+        if d.rep != 0 { gpr[1] &-= 1 }
+        let done = d.rep == 0 || gpr[1] == 0
+        rip = done ? pos : d.start
+        if done { instructions &+= 1 }
+        return exit.map { .exit($0) } ?? .next
     }
 
     private func checkIOPermission() throws(Fault) {

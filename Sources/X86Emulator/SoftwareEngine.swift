@@ -62,6 +62,9 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
             case 2: cpu.gpr[0] = (cpu.gpr[0] & ~0xFFFF) | v
             default: cpu.gpr[0] = v  // 32-bit results zero-extend
             }
+        } else if cpu.awaitingInsValue {
+            cpu.awaitingInsValue = false
+            cpu.pendingInsValue = value
         } else if let last = lastMMIORead {
             cpu.pendingMMIORead = (last.address, last.size, value & CPU.mask(Int(last.size)))
         }

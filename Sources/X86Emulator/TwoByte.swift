@@ -146,6 +146,22 @@ extension CPU {
                 let r = kind == 1 ? v | (1 << bit) : kind == 2 ? v & ~(1 << bit) : v ^ (1 << bit)
                 if d.isRegister { setReg(d.rm, d.size, r, d) } else { try write(address, r, size: d.size) }
             }
+        case 0xA4, 0xA5, 0xAC, 0xAD:  // SHLD, SHRD (immediate or CL count)
+            try decodeModRM(&d, &pos)
+            let count = (op & 1 == 0 ? try fetch(&d, &pos, 1) : gpr[1]) & (d.size == 8 ? 63 : 31)
+            let bits = UInt64(8 * d.size)
+            let dst = try readRM(d, pos, d.size), src = reg(d.reg, d.size, d)
+            var r = dst
+            if count != 0 && count < bits {
+                let left = op <= 0xA5
+                r = left ? ((dst << count) | (src >> (bits - count))) & Self.mask(d.size)
+                         : ((dst >> count) | (src << (bits - count))) & Self.mask(d.size)
+                let cf = left ? (dst >> (bits - count)) & 1 != 0 : (dst >> (count - 1)) & 1 != 0
+                let of = (r ^ dst) & Self.sign(d.size) != 0  // defined for count 1 only
+                setResultFlags(r, d.size, carry: cf, overflow: of, aux: false)
+            }
+            // Written even for count 0: a 32-bit register destination is zero-extended.
+            try writeRM(d, pos, d.size, r)
         case 0xAF:
             try decodeModRM(&d, &pos)
             setReg(d.reg, d.size, imul(reg(d.reg, d.size, d), try readRM(d, pos, d.size), d.size), d)
