@@ -32,6 +32,9 @@ final class CPU {
     var msrs: [UInt32: UInt64] = [:]
     var kernelGSBase: UInt64 = 0
     var tscOffset: UInt64 = 0
+    /// Set by STI (when it enables IF) and MOV SS/POP SS: no interrupt is taken before the
+    /// next instruction completes.
+    var interruptShadow = false
     /// Instructions retired (the TSC and the preemption timer count these).
     var instructions: UInt64 = 0
 

@@ -127,6 +127,7 @@ extension CPU {
         case 0x8E:  // MOV Sreg, r/m
             try decodeModRM(&d, &pos)
             try loadSegment(d.reg & 7, UInt16(truncatingIfNeeded: try readRM(d, pos, 2)))
+            if d.reg & 7 == 2 { interruptShadow = true }
         case 0x8F:
             try decodeModRM(&d, &pos)
             let v = try read(gpr[4], size: 8)
@@ -280,7 +281,10 @@ extension CPU {
         case 0xF9: rflags |= Flag.cf
         case 0xFA, 0xFB:
             guard cpl <= UInt8((rflags >> 12) & 3) else { throw Fault.gp() }
-            if op == 0xFA { rflags &= ~Flag.if } else { rflags |= Flag.if }
+            if op == 0xFA { rflags &= ~Flag.if } else {
+                if rflags & Flag.if == 0 { interruptShadow = true }
+                rflags |= Flag.if
+            }
         case 0xFC: rflags &= ~Flag.df
         case 0xFD: rflags |= Flag.df
         case 0xFE, 0xFF:

@@ -83,22 +83,27 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
     public func run() throws -> VMExit {
         var sinceCheck = 0
         while true {
-            if sinceCheck == 0 {
+            if sinceCheck == 0 || cpu.interruptShadow {
                 sinceCheck = 1024
                 if exitRequested.exchange(false, ordering: .acquiring) { return .interrupted }
-                if cpu.rflags & Flag.if != 0, pendingInterrupt.load(ordering: .relaxed) >= 0 {
+                if cpu.interruptShadow {
+                    sinceCheck = 1  // look again right after the shadowed instruction
+                } else if cpu.rflags & Flag.if != 0, pendingInterrupt.load(ordering: .relaxed) >= 0 {
                     let v = pendingInterrupt.exchange(-1, ordering: .acquiring)
                     if v >= 0, !raise(vector: UInt8(v), errorCode: nil, software: false) { return .shutdown }
                 }
             }
             sinceCheck -= 1
+            let shadowed = cpu.interruptShadow
             if let budget = preemptionBudget {
                 if budget == 0 { preemptionBudget = nil; return .preemptionTimer }
                 preemptionBudget = budget - 1
             }
             let faultRIP = cpu.rip
             do throws(Fault) {
-                switch try cpu.step() {
+                let outcome = try cpu.step()
+                if shadowed { cpu.interruptShadow = false }
+                switch outcome {
                 case .next: continue
                 case let .exit(e):
                     if case .halt = e, cpu.rflags & Flag.if != 0, pendingInterrupt.load(ordering: .relaxed) >= 0 {

@@ -104,6 +104,8 @@ func withIDT(_ st: inout VCPUState) { st.idt = DescriptorTableRegister(base: 0x5
         v.preemptionBudget = 5000
         #expect(try v.run() == .halt)
         #expect(try s.state.rip == 0x6001)
+        // STI's shadow: the interrupt arrives after the NOP, so the pushed RIP is the JMP.
+        #expect(try s.memory.load(UInt64.self, at: try s.state.rsp) == Snippet.codeAddress + 2)
         // Without STI the interrupt stays pending.
         let t = try Snippet([0xEB, 0xFE], engine: SoftwareEngine(), state: withIDT)
         try installHaltingIDT(t)

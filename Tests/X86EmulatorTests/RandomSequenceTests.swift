@@ -38,12 +38,14 @@ enum SequenceGenerator {
         let dst = registers[Int(g.next() % UInt64(registers.count))]
         let src = registers[Int(g.next() % UInt64(registers.count))]
         let w = g.next() & 1 == 0
+        // A quarter of the 32-bit forms become 16-bit ones (operand-size prefix).
+        let o16: [UInt8] = !w && g.next() % 4 == 0 ? [0x66] : []
         let rexRB = Asm.rex(w: w, r: src, b: dst)
         let rexB = Asm.rex(w: w, b: dst)
-        switch g.next() % (flagsDefined ? 14 : 11) {
+        switch g.next() % (flagsDefined ? 15 : 11) {
         case 0, 1:  // ALU r/m, r
             let ops: [UInt8] = [0x01, 0x09, 0x21, 0x29, 0x31, 0x39, 0x85]
-            return GeneratedInstruction(bytes: Asm.rr(ops[Int(g.next() % 7)], dst: dst, src: src, w: w), definesFlags: true)
+            return GeneratedInstruction(bytes: o16 + Asm.rr(ops[Int(g.next() % 7)], dst: dst, src: src, w: w), definesFlags: true)
         case 2:  // ALU r/m, imm8
             let op = Int(g.next() % 8)
             guard op != 2 && op != 3 else { fallthrough }  // ADC/SBB read CF: handled below
@@ -91,8 +93,10 @@ enum SequenceGenerator {
                 return GeneratedInstruction(bytes: [Asm.rex(w: false, b: dst), 0x0F, 0x90 | cc, Asm.modrm(0, dst)], definesFlags: nil, consumesFlags: true)
             }
             return GeneratedInstruction(bytes: [Asm.rex(w: w, r: dst, b: src), 0x0F, 0x40 | cc, Asm.modrm(dst, src)], definesFlags: nil, consumesFlags: true)
+        case 12:  // RCL/RCR by 1 (CF and OF defined; reads CF)
+            return GeneratedInstruction(bytes: [rexB, 0xD1, (g.next() & 1 == 0 ? 0xD0 : 0xD8) | UInt8(dst & 7)], definesFlags: false, consumesFlags: true)
         default:  // ADC/SBB
-            return GeneratedInstruction(bytes: Asm.rr(g.next() & 1 == 0 ? 0x11 : 0x19, dst: dst, src: src, w: w), definesFlags: true, consumesFlags: true)
+            return GeneratedInstruction(bytes: o16 + Asm.rr(g.next() & 1 == 0 ? 0x11 : 0x19, dst: dst, src: src, w: w), definesFlags: true, consumesFlags: true)
         }
     }
 
