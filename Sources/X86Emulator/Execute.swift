@@ -375,7 +375,7 @@ extension CPU {
                     let magnitude: (UInt64, UInt64) = negative
                         ? { let l = ~lo &+ 1; return (~UInt64(bitPattern: dividend.high) &+ (l == 0 ? 1 : 0), l) }()
                         : (hi, lo)
-                    let dm = sd < 0 ? UInt64(bitPattern: -sd) : UInt64(sd)
+                    let dm = sd < 0 ? ~UInt64(bitPattern: sd) &+ 1 : UInt64(sd)  // |INT64_MIN| fits unsigned
                     guard magnitude.0 < dm else { throw Fault.de }
                     let (uq, ur) = dm.dividingFullWidth(magnitude)
                     let qNegative = negative != (sd < 0)
@@ -384,7 +384,10 @@ extension CPU {
                     r = negative ? ~ur &+ 1 : ur
                 } else {
                     let n = Int64(bitPattern: ((hi << bits) | lo) << (64 - 2 * bits)) >> Int64(64 - 2 * bits)
-                    let sq = n / sd, sr = n % sd
+                    // INT64_MIN / -1 (edx:eax = 0x80000000:0 by -1) overflows: #DE, not a host trap.
+                    let (sq, quotientOverflow) = n.dividedReportingOverflow(by: sd)
+                    guard !quotientOverflow else { throw Fault.de }
+                    let sr = n.remainderReportingOverflow(dividingBy: sd).partialValue
                     let limit = Int64(1) << Int64(bits - 1)
                     guard sq >= -limit && sq < limit else { throw Fault.de }
                     q = UInt64(bitPattern: sq) & Self.mask(size); r = UInt64(bitPattern: sr) & Self.mask(size)

@@ -50,6 +50,7 @@ struct GuestCase: CustomTestStringConvertible, Sendable {
 let cases: [GuestCase] = [
     GuestCase(guest: "hello"),
     GuestCase(guest: "compute"),
+    GuestCase(guest: "coverage"),
     GuestCase(guest: "pio-loop", commandLine: "count=3000 ring=3"),
     GuestCase(guest: "pio-loop", commandLine: "count=3000 ring=0"),
     GuestCase(guest: "smp", vcpus: 2, commandLine: "count=3000"),

@@ -78,6 +78,21 @@ let CF: UInt64 = 1, PF: UInt64 = 4, AF: UInt64 = 0x10, ZF: UInt64 = 0x40, SF: UI
         #expect(try s.run() == .shutdown)
     }
 
+    @Test func signedDivisionByINT64MinAndOverflowingNarrowDivision() throws {
+        // mov rax,INT64_MIN; cqo; mov rcx,INT64_MIN; idiv rcx → 1 r 0
+        let (_, s) = try execute(Asm.movImm64(0, 1 << 63) + [0x48, 0x99] + Asm.movImm64(1, 1 << 63) + [0x48, 0xF7, 0xF9])
+        #expect(s.rax == 1 && s.rdx == 0)
+        // mov rax,5; cqo; mov rcx,INT64_MIN; idiv rcx → 0 r 5
+        let (_, t) = try execute(Asm.movImm64(0, 5) + [0x48, 0x99] + Asm.movImm64(1, 1 << 63) + [0x48, 0xF7, 0xF9])
+        #expect(t.rax == 0 && t.rdx == 5)
+        // edx:eax = 0x80000000:00000000, idiv ecx=-1 → #DE (no IDT: shutdown), host intact
+        let u = try Snippet([0xBA, 0, 0, 0, 0x80, 0x31, 0xC0, 0xB9, 0xFF, 0xFF, 0xFF, 0xFF, 0xF7, 0xF9, 0xF4], engine: SoftwareEngine())
+        #expect(try u.run() == .shutdown)
+        // 16-bit: dx:ax = 0x8000:0000 / -1 → #DE
+        let w = try Snippet([0x66, 0xBA, 0, 0x80, 0x31, 0xC0, 0x66, 0xB9, 0xFF, 0xFF, 0x66, 0xF7, 0xF9, 0xF4], engine: SoftwareEngine())
+        #expect(try w.run() == .shutdown)
+    }
+
     @Test func divisionResults() throws {
         // mov eax,100; xor edx,edx; mov ecx,7; div ecx → 14 r 2 ; mov rax,-100; cqo; mov rbx,7; idiv rbx → -14 r -2
         let (_, s) = try execute([0xB8, 100, 0, 0, 0, 0x31, 0xD2, 0xB9, 7, 0, 0, 0, 0xF7, 0xF1])
