@@ -7,19 +7,64 @@ final class AtomicInstructionLock: Sendable {
     let mutex = Mutex(())
 }
 
+/// One generation counter per 4 KiB page of guest RAM, shared by a VM's vCPUs. Bit 31 says
+/// "some vCPU has decoded instructions on this page": a write to such a page bumps the
+/// generation (and clears the bit), which invalidates every cached decode of the page.
+final class CodePages: @unchecked Sendable {
+    static let hasCode: UInt32 = 0x8000_0000
+    let gens: UnsafeMutablePointer<UInt32>
+    let count: Int
+
+    init(ramSize: UInt64) {
+        count = Int((ramSize + 0xFFF) >> 12)
+        gens = .allocate(capacity: max(count, 1))
+        gens.initialize(repeating: 0, count: max(count, 1))
+    }
+
+    deinit { gens.deallocate() }
+
+    /// Forgets every decoded instruction (after the VMM rewrote guest memory).
+    func invalidateAll() {
+        for p in 0..<count { gens[p] = (gens[p] &+ 1) & ~Self.hasCode }
+    }
+
+    func invalidate(gpa: UInt64, length: UInt64) {
+        guard length > 0 else { return }
+        let first = Int(min(gpa >> 12, UInt64(count)))
+        let last = Int(min((gpa &+ length &- 1) >> 12, UInt64(count &- 1)))
+        guard first <= last else { return }
+        for p in first...last { gens[p] = (gens[p] &+ 1) & ~Self.hasCode }
+    }
+}
+
 /// RFLAGS bits.
 enum Flag {
     static let cf: UInt64 = 1 << 0, pf: UInt64 = 1 << 2, af: UInt64 = 1 << 4, zf: UInt64 = 1 << 6
     static let sf: UInt64 = 1 << 7, tf: UInt64 = 1 << 8, `if`: UInt64 = 1 << 9, df: UInt64 = 1 << 10
     static let of: UInt64 = 1 << 11, iopl: UInt64 = 3 << 12, nt: UInt64 = 1 << 14, rf: UInt64 = 1 << 16
-    static let ac: UInt64 = 1 << 18
+    static let vm: UInt64 = 1 << 17, ac: UInt64 = 1 << 18, id: UInt64 = 1 << 21
     static let arithmetic: UInt64 = cf | pf | af | zf | sf | of
+}
+
+/// Control-register bits the engine looks at.
+enum CR {
+    static let pe: UInt64 = 1, ts: UInt64 = 8, et: UInt64 = 0x10, wp: UInt64 = 1 << 16, pg: UInt64 = 1 << 31
+    static let cr0Valid: UInt64 = 0xE005_003F
+    static let tsd: UInt64 = 1 << 2, pae: UInt64 = 1 << 5, umip: UInt64 = 1 << 11, fsgsbase: UInt64 = 1 << 16
+    static let smep: UInt64 = 1 << 20, smap: UInt64 = 1 << 21
+    /// VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT UMIP FSGSBASE SMEP SMAP.
+    static let cr4Valid: UInt64 = 0x7FF | fsgsbase | smep | smap
+    static let eferSCE: UInt64 = 1, eferLME: UInt64 = 1 << 8, eferLMA: UInt64 = 1 << 10, eferNXE: UInt64 = 1 << 11
 }
 
 /// The architectural state of the software CPU and its view of guest memory. Registers
 /// live in one unsafe buffer so the interpreter loop does no ARC or bounds-check work on
 /// them. Owned by one vCPU thread.
 final class CPU {
+    /// Physical address width reported by CPUID 0x80000008; page-table bits above it are reserved.
+    static let maxPhysicalAddressBits: UInt64 = 40
+    static let physicalAddressMask: UInt64 = ((1 << maxPhysicalAddressBits) - 1) & ~0xFFF
+
     let gpr: UnsafeMutablePointer<UInt64>
     var rip: UInt64 = 0
     var rflags: UInt64 = 0x2
@@ -29,7 +74,8 @@ final class CPU {
     var cr0: UInt64 = 0x6000_0010, cr2: UInt64 = 0, cr3: UInt64 = 0, cr4: UInt64 = 0, cr8: UInt64 = 0
     var efer: UInt64 = 0
     var apicBase: UInt64 = 0xFEE0_0900
-    var msrs: [UInt32: UInt64] = [:]
+    var star: UInt64 = 0, lstar: UInt64 = 0, cstar: UInt64 = 0, fmask: UInt64 = 0, pat: UInt64 = 0x0007_0406_0007_0406
+    var sysenterCS: UInt64 = 0, sysenterESP: UInt64 = 0, sysenterEIP: UInt64 = 0, tscAux: UInt64 = 0
     var kernelGSBase: UInt64 = 0
     var tscOffset: UInt64 = 0
     /// Set by STI (when it enables IF) and MOV SS/POP SS: no interrupt is taken before the
@@ -37,12 +83,25 @@ final class CPU {
     var interruptShadow = false
     /// Instructions retired (the TSC and the preemption timer count these).
     var instructions: UInt64 = 0
+    /// Guest exceptions raised, and how many of them were #UD.
+    var exceptionCount: UInt64 = 0
+    var undefinedOpcodeCount: UInt64 = 0
+
+    /// The run loop must look at the CPU after this instruction: an exit is pending, an
+    /// interrupt shadow started, or IF was set.
+    var attention = false
+    /// The exit the current instruction produced (with `attention`).
+    var pendingExit: VMExit?
 
     let ram: UnsafeMutableRawPointer
     let ramSize: UInt64
+    let codePages: CodePages
+    let codeGens: UnsafeMutablePointer<UInt32>
 
     /// Value for the MMIO read that stopped the last attempt at the current instruction.
     var pendingMMIORead: (address: UInt64, size: UInt8, value: UInt64)?
+    /// The MMIO read reported by the last exit (so `completeRead` can answer it).
+    var lastMMIORead: (address: UInt64, size: UInt8)?
     /// An MMIO write made by the current instruction, reported once it completes.
     var pendingMMIOWrite: MMIOAccess?
     /// Size of the `in` whose value `completeRead` will put in RAX (0: none).
@@ -52,14 +111,20 @@ final class CPU {
     /// Set while an `ins` waits for its value (so `completeRead` knows where it goes).
     var awaitingInsValue = false
 
-    let atomicLock: AtomicInstructionLock
+    /// nil with one vCPU: nothing to serialise against.
+    let atomicLock: AtomicInstructionLock?
 
     /// A direct-mapped TLB of 4 KiB translations: tag = linear page + 1 (0 = empty), the
     /// guest-physical frame, and what the cached walk allows (see `TLBBits`).
-    static let tlbSize = 512
+    static let tlbSize = 1024
     let tlbTags: UnsafeMutablePointer<UInt64>
     let tlbFrames: UnsafeMutablePointer<UInt64>
     let tlbBits: UnsafeMutablePointer<UInt8>
+    /// Some entry came from a 2 MiB or 1 GiB page (INVLPG must then drop them all).
+    var tlbHasLargePages = false
+    /// Counters of page walks and their memory references (for the lab's reports).
+    var pageWalks: UInt64 = 0
+    var pageWalkReferences: UInt64 = 0
 
     enum TLBBits {
         /// Writable, and the leaf's dirty bit is already set (so a write needs no walk).
@@ -68,14 +133,28 @@ final class CPU {
         static let noExecute: UInt8 = 4
     }
 
-    init(memory: GuestMemory, atomicLock: AtomicInstructionLock) {
+    /// The code page the last instruction came from: tag (linear page << 2 | CPL) and
+    /// guest-physical frame. Cleared with the TLB.
+    var fetchTag: UInt64 = ~0
+    var fetchFrame: UInt64 = 0
+
+    /// Decoded-instruction cache, direct-mapped and keyed by guest-physical address.
+    static let icacheBits = 14
+    let icache: UnsafeMutablePointer<Instr>
+    var decodes: UInt64 = 0
+
+    init(memory: GuestMemory, codePages: CodePages, atomicLock: AtomicInstructionLock?) {
         self.atomicLock = atomicLock
+        self.codePages = codePages
+        codeGens = codePages.gens
         tlbTags = .allocate(capacity: Self.tlbSize)
         tlbTags.initialize(repeating: 0, count: Self.tlbSize)
         tlbFrames = .allocate(capacity: Self.tlbSize)
         tlbFrames.initialize(repeating: 0, count: Self.tlbSize)
         tlbBits = .allocate(capacity: Self.tlbSize)
         tlbBits.initialize(repeating: 0, count: Self.tlbSize)
+        icache = .allocate(capacity: 1 << Self.icacheBits)
+        icache.initialize(repeating: Instr(), count: 1 << Self.icacheBits)
         gpr = .allocate(capacity: 16)
         gpr.initialize(repeating: 0, count: 16)
         ram = memory.base
@@ -87,20 +166,37 @@ final class CPU {
         tlbTags.deallocate()
         tlbFrames.deallocate()
         tlbBits.deallocate()
+        icache.deallocate()
     }
 
-    /// Drops every cached translation (CR0/CR3/CR4 writes, INVLPG, state loads).
-    func flushTLB() { tlbTags.update(repeating: 0, count: Self.tlbSize) }
+    /// Drops every cached translation (CR0/CR3/CR4/EFER writes, state loads).
+    func flushTLB() {
+        tlbTags.update(repeating: 0, count: Self.tlbSize)
+        tlbHasLargePages = false
+        fetchTag = ~0
+    }
+
+    /// INVLPG: the page's entry, or everything when large pages are cached.
+    func invalidatePage(_ linear: UInt64) {
+        if tlbHasLargePages { flushTLB(); return }
+        let page = linear >> 12
+        let slot = Int(page & UInt64(Self.tlbSize - 1))
+        if tlbTags[slot] == page &+ 1 { tlbTags[slot] = 0 }
+        fetchTag = ~0
+    }
 
     var cpl: UInt8 { cs.dpl }
+
+    @inline(__always)
+    static func isCanonical(_ a: UInt64) -> Bool { UInt64(bitPattern: Int64(bitPattern: a << 16) >> 16) == a }
 
     // MARK: Linear → physical
 
     /// Translates a linear address through the guest's 4-level page tables, checking
-    /// present, writable (CR0.WP at CPL0), user and NX, and setting accessed/dirty bits.
+    /// present, writable (CR0.WP at CPL0), user, NX, SMEP and SMAP, and setting
+    /// accessed/dirty bits.
     @inline(__always)
     func translate(_ linear: UInt64, write: Bool, execute: Bool = false, user: Bool) throws(Fault) -> UInt64 {
-        if cr0 & 0x8000_0000 == 0 { return linear }
         let page = linear >> 12
         let slot = Int(page & UInt64(Self.tlbSize - 1))
         if tlbTags[slot] == page &+ 1 {
@@ -117,42 +213,53 @@ final class CPU {
     /// SMEP and SMAP, for a supervisor access to a user page.
     @inline(__always)
     func supervisorMayUseUserPage(execute: Bool) -> Bool {
-        execute ? cr4 & (1 << 20) == 0 : (cr4 & (1 << 21) == 0 || rflags & Flag.ac != 0)
+        execute ? cr4 & CR.smep == 0 : (cr4 & CR.smap == 0 || rflags & Flag.ac != 0)
     }
 
     /// The page walk behind `translate`; fills the TLB on success.
     func walk(_ linear: UInt64, write: Bool, execute: Bool, user: Bool) throws(Fault) -> UInt64 {
-        var table = cr3 & 0x000F_FFFF_FFFF_F000
+        guard Self.isCanonical(linear) else { throw Fault.gp() }
+        if cr0 & CR.pg == 0 { return linear }
+        pageWalks &+= 1
+        var table = cr3 & Self.physicalAddressMask
         var writable = true, userOK = true, noExecute = false
         var level = 3
+        let nxe = efer & CR.eferNXE != 0
+        var reserved: UInt64 = ~((1 << Self.maxPhysicalAddressBits) - 1) & 0x7FFF_FFFF_FFFF_FFFF
+        if !nxe { reserved |= 1 << 63 }
         while true {
             let index = (linear >> UInt64(12 + 9 * level)) & 0x1FF
             let entryAddress = table + index * 8
+            pageWalkReferences &+= 1
             guard entryAddress + 8 <= ramSize else { throw pageFault(linear, present: false, write: write, execute: execute, user: user) }
             let p = (ram + Int(entryAddress)).assumingMemoryBound(to: UInt64.self)
             var entry = p.pointee
             guard entry & 1 != 0 else { throw pageFault(linear, present: false, write: write, execute: execute, user: user) }
+            let large = level >= 1 && level <= 2 && entry & 0x80 != 0
+            var rsvd = entry & reserved
+            if level == 3 && entry & 0x80 != 0 { rsvd |= 0x80 }
+            if large { rsvd |= entry & (level == 2 ? 0x3FFF_E000 : 0x1F_E000) }
+            if rsvd != 0 { throw pageFault(linear, present: true, write: write, execute: execute, user: user, reserved: true) }
             writable = writable && entry & 2 != 0
             userOK = userOK && entry & 4 != 0
-            noExecute = noExecute || (entry >> 63 != 0 && efer & 0x800 != 0)
-            let leaf = level == 0 || (level <= 2 && entry & 0x80 != 0)
-            if leaf {
+            noExecute = noExecute || (nxe && entry >> 63 != 0)
+            if level == 0 || large {
                 if user && !userOK { throw pageFault(linear, present: true, write: write, execute: execute, user: user) }
-                if write && !writable && (user || cr0 & 0x1_0000 != 0) {
+                if write && !writable && (user || cr0 & CR.wp != 0) {
                     throw pageFault(linear, present: true, write: write, execute: execute, user: user)
                 }
                 if execute && noExecute { throw pageFault(linear, present: true, write: write, execute: execute, user: user) }
-                if !user && userOK && execute && cr4 & (1 << 20) != 0 {  // SMEP
+                if !user && userOK && execute && cr4 & CR.smep != 0 {
                     throw pageFault(linear, present: true, write: write, execute: execute, user: user)
                 }
-                if !user && userOK && !execute && cr4 & (1 << 21) != 0 && rflags & Flag.ac == 0 {  // SMAP
+                if !user && userOK && !execute && cr4 & CR.smap != 0 && rflags & Flag.ac == 0 {
                     throw pageFault(linear, present: true, write: write, execute: execute, user: user)
                 }
                 let newEntry = entry | 0x20 | (write ? 0x40 : 0)
                 if newEntry != entry { p.pointee = newEntry; entry = newEntry }
                 let shift = UInt64(12 + 9 * level)
                 let mask: UInt64 = (1 << shift) - 1
-                let gpa = (entry & 0x000F_FFFF_FFFF_F000 & ~mask) | (linear & mask)
+                let gpa = (entry & Self.physicalAddressMask & ~mask) | (linear & mask)
                 if gpa < ramSize {
                     let page = linear >> 12
                     let slot = Int(page & UInt64(Self.tlbSize - 1))
@@ -160,20 +267,22 @@ final class CPU {
                     tlbFrames[slot] = gpa & ~0xFFF
                     tlbBits[slot] = (writable && entry & 0x40 != 0 ? TLBBits.writeOK : 0) | (userOK ? TLBBits.user : 0)
                         | (noExecute ? TLBBits.noExecute : 0)
+                    if large { tlbHasLargePages = true }
                 }
                 return gpa
             }
             if entry & 0x20 == 0 { p.pointee = entry | 0x20 }
-            table = entry & 0x000F_FFFF_FFFF_F000
+            table = entry & Self.physicalAddressMask
             level -= 1
         }
     }
 
-    func pageFault(_ linear: UInt64, present: Bool, write: Bool, execute: Bool, user: Bool) -> Fault {
+    func pageFault(_ linear: UInt64, present: Bool, write: Bool, execute: Bool, user: Bool, reserved: Bool = false) -> Fault {
         cr2 = linear
         var code: UInt32 = present ? 1 : 0
         if write { code |= 2 }
         if user { code |= 4 }
+        if reserved { code |= 8 }
         if execute { code |= 0x10 }
         return .exception(vector: 14, errorCode: code)
     }
@@ -181,15 +290,23 @@ final class CPU {
     // MARK: Memory access (linear addresses)
 
     @inline(__always)
-    func read(_ linear: UInt64, size: Int, user: Bool? = nil) throws(Fault) -> UInt64 {
-        let u = user ?? (cpl == 3)
+    func read(_ linear: UInt64, size: Int) throws(Fault) -> UInt64 {
+        try read(linear, size: size, user: cs.dpl == 3)
+    }
+
+    @inline(__always)
+    func read(_ linear: UInt64, size: Int, user u: Bool) throws(Fault) -> UInt64 {
         if (linear & 0xFFF) + UInt64(size) <= 0x1000 {
             let gpa = try translate(linear, write: false, user: u)
             return try readPhysical(gpa, size: size)
         }
+        // Crossing a page: translate both pages before reading either.
+        let first = 0x1000 - Int(linear & 0xFFF)
+        let g0 = try translate(linear, write: false, user: u)
+        let g1 = try translate(linear &+ UInt64(first), write: false, user: u)
         var v: UInt64 = 0
         for i in 0..<size {
-            let gpa = try translate(linear &+ UInt64(i), write: false, user: u)
+            let gpa = i < first ? g0 &+ UInt64(i) : g1 &+ UInt64(i - first)
             v |= try readPhysical(gpa, size: 1) << (8 * UInt64(i))
         }
         return v
@@ -214,25 +331,33 @@ final class CPU {
     }
 
     @inline(__always)
-    func write(_ linear: UInt64, _ value: UInt64, size: Int, user: Bool? = nil) throws(Fault) {
-        let u = user ?? (cpl == 3)
+    func write(_ linear: UInt64, _ value: UInt64, size: Int) throws(Fault) {
+        try write(linear, value, size: size, user: cs.dpl == 3)
+    }
+
+    @inline(__always)
+    func write(_ linear: UInt64, _ value: UInt64, size: Int, user u: Bool) throws(Fault) {
         if (linear & 0xFFF) + UInt64(size) <= 0x1000 {
             let gpa = try translate(linear, write: true, user: u)
             writePhysical(gpa, value, size: size)
             return
         }
-        // Check every byte's page before writing any, so a fault leaves memory untouched.
-        var gpas: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
-        try withUnsafeMutableBytes(of: &gpas) { raw throws(Fault) in
-            let g = raw.bindMemory(to: UInt64.self)
-            for i in 0..<size { g[i] = try translate(linear &+ UInt64(i), write: true, user: u) }
-            for i in 0..<size { writePhysical(g[i], value >> (8 * UInt64(i)), size: 1) }
+        // Check both pages before writing any byte, so a fault leaves memory untouched.
+        let first = 0x1000 - Int(linear & 0xFFF)
+        let g0 = try translate(linear, write: true, user: u)
+        let g1 = try translate(linear &+ UInt64(first), write: true, user: u)
+        for i in 0..<size {
+            let gpa = i < first ? g0 &+ UInt64(i) : g1 &+ UInt64(i - first)
+            writePhysical(gpa, value >> (8 * UInt64(i)), size: 1)
         }
     }
 
     @inline(__always)
     func writePhysical(_ gpa: UInt64, _ value: UInt64, size: Int) {
         if gpa < ramSize && UInt64(size) <= ramSize - gpa {
+            let page = Int(gpa >> 12)
+            let g = codeGens[page]
+            if g & CodePages.hasCode != 0 { codeGens[page] = (g &+ 1) & ~CodePages.hasCode }
             let p = ram + Int(gpa)
             switch size {
             case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
@@ -242,23 +367,63 @@ final class CPU {
             }
             return
         }
-        pendingMMIOWrite = MMIOAccess(address: gpa, size: UInt8(size), direction: .write, value: value)
+        pendingMMIOWrite = MMIOAccess(address: gpa, size: UInt8(size), direction: .write, value: value & Self.mask(size))
+        attention = true
     }
 
     // MARK: Stack
 
     @inline(__always)
-    func push(_ value: UInt64) throws(Fault) {
-        let rsp = gpr[4] &- 8
-        try write(rsp, value, size: 8)
+    func push(_ value: UInt64, size: Int = 8) throws(Fault) {
+        let rsp = gpr[4] &- UInt64(size)
+        try write(rsp, value, size: size)
         gpr[4] = rsp
     }
 
     @inline(__always)
-    func pop() throws(Fault) -> UInt64 {
-        let v = try read(gpr[4], size: 8)
-        gpr[4] &+= 8
+    func pop(size: Int = 8) throws(Fault) -> UInt64 {
+        let v = try read(gpr[4], size: size)
+        gpr[4] &+= UInt64(size)
         return v
+    }
+
+    // MARK: Instruction fetch
+
+    /// The decoded instruction at RIP, from the cache when its page is unchanged.
+    @inline(__always)
+    func fetchDecoded() throws(Fault) -> UnsafeMutablePointer<Instr> {
+        let r = rip
+        let tag = (r >> 12) << 2 | UInt64(cs.dpl & 3)
+        let gpa: UInt64
+        if tag == fetchTag {
+            gpa = fetchFrame | (r & 0xFFF)
+        } else {
+            let g = try translate(r, write: false, execute: true, user: cs.dpl == 3)
+            guard g < ramSize else { throw Fault.fetchOutsideRAM(gpa: g) }
+            fetchTag = tag
+            fetchFrame = g & ~0xFFF
+            gpa = g
+        }
+        let slot = icache + Int(truncatingIfNeeded: (gpa &* 0x9E37_79B9_7F4A_7C15) >> UInt64(64 - Self.icacheBits))
+        if slot.pointee.tag == gpa && slot.pointee.gen == codeGens[Int(gpa >> 12)] & ~CodePages.hasCode { return slot }
+        return try decodeInto(slot, rip: r, gpa: gpa)
+    }
+
+    private func decodeInto(_ slot: UnsafeMutablePointer<Instr>, rip r: UInt64, gpa: UInt64) throws(Fault) -> UnsafeMutablePointer<Instr> {
+        decodes &+= 1
+        var w = FetchWindow()
+        fillWindow(&w, rip: r, gpa: gpa)
+        slot.pointee.tag = ~0
+        try decode(w, into: &slot.pointee)
+        // Cache only instructions that lie within one page (their bytes are all on the
+        // page whose generation guards the entry).
+        if Int(gpa & 0xFFF) + Int(slot.pointee.length) <= 0x1000 {
+            let page = Int(gpa >> 12)
+            codeGens[page] |= CodePages.hasCode
+            slot.pointee.gen = codeGens[page] & ~CodePages.hasCode
+            slot.pointee.tag = gpa
+        }
+        return slot
     }
 
     // MARK: State exchange
@@ -270,8 +435,14 @@ final class CPU {
         cs = s.cs; ss = s.ss; ds = s.ds; es = s.es; fs = s.fs; gs = s.gs; tr = s.tr; ldtr = s.ldtr
         gdt = s.gdt; idt = s.idt
         cr0 = s.cr0; cr2 = s.cr2; cr3 = s.cr3; cr4 = s.cr4; cr8 = s.cr8; efer = s.efer; apicBase = s.apicBase
-        msrs = s.msrs
+        star = s.msrs[MSR.star] ?? 0; lstar = s.msrs[MSR.lstar] ?? 0; cstar = s.msrs[MSR.cstar] ?? 0
+        fmask = s.msrs[MSR.fmask] ?? 0; pat = s.msrs[MSR.pat] ?? 0x0007_0406_0007_0406
+        sysenterCS = s.msrs[MSR.sysenterCS] ?? 0; sysenterESP = s.msrs[MSR.sysenterESP] ?? 0
+        sysenterEIP = s.msrs[MSR.sysenterEIP] ?? 0
         kernelGSBase = s.msrs[MSR.kernelGSBase] ?? 0
+        if let tsc = s.msrs[MSR.tsc] { tscOffset = tsc &- instructions }
+        pendingMMIORead = nil; pendingMMIOWrite = nil; pendingInsValue = nil; awaitingInsValue = false
+        pendingInSize = 0; lastMMIORead = nil; pendingExit = nil; attention = false
         flushTLB()
     }
 
@@ -282,9 +453,9 @@ final class CPU {
         s.cs = cs; s.ss = ss; s.ds = ds; s.es = es; s.fs = fs; s.gs = gs; s.tr = tr; s.ldtr = ldtr
         s.gdt = gdt; s.idt = idt
         s.cr0 = cr0; s.cr2 = cr2; s.cr3 = cr3; s.cr4 = cr4; s.cr8 = cr8; s.efer = efer; s.apicBase = apicBase
-        s.msrs = msrs
-        s.msrs[MSR.kernelGSBase] = kernelGSBase
-        s.msrs[MSR.tsc] = instructions &+ tscOffset
+        s.msrs = [MSR.star: star, MSR.lstar: lstar, MSR.cstar: cstar, MSR.fmask: fmask, MSR.kernelGSBase: kernelGSBase,
+                  MSR.sysenterCS: sysenterCS, MSR.sysenterESP: sysenterESP, MSR.sysenterEIP: sysenterEIP, MSR.pat: pat,
+                  MSR.tsc: instructions &+ tscOffset]
         return s
     }
 }

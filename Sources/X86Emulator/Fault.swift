@@ -4,10 +4,17 @@
 enum Fault: Error {
     /// A guest exception: vector and optional error code (CR2 already set for #PF).
     case exception(vector: UInt8, errorCode: UInt32?)
+    /// INT n / INT3 / INT1: delivered as a trap, RIP already past the instruction.
+    /// `checkDPL`: the gate's DPL must allow the current privilege level (not for INT1).
+    case softwareInterrupt(vector: UInt8, checkDPL: Bool)
     /// The instruction needs a value from an MMIO read the VMM must supply first.
     case mmioRead(address: UInt64, size: UInt8)
+    /// Instruction fetch from a guest-physical address with no RAM behind it (KVM reports
+    /// this as an emulation failure).
+    case fetchOutsideRAM(gpa: UInt64)
 
     static let de = Fault.exception(vector: 0, errorCode: nil)
     static let ud = Fault.exception(vector: 6, errorCode: nil)
     static func gp(_ code: UInt32 = 0) -> Fault { .exception(vector: 13, errorCode: code) }
+    static func ss(_ code: UInt32 = 0) -> Fault { .exception(vector: 12, errorCode: code) }
 }

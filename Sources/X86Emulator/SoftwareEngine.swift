@@ -17,13 +17,23 @@ public final class SoftwareVirtualMachine: VM, @unchecked Sendable {
     public let memory: GuestMemory
     public let config: VMConfig
     let atomicLock = AtomicInstructionLock()
+    let codePages: CodePages
 
     init(memory: GuestMemory, config: VMConfig) {
         self.memory = memory
         self.config = config
+        codePages = CodePages(ramSize: memory.size)
     }
 
     public func makeVCPU(id: Int) throws -> any VCPU { SoftwareVirtualCPU(vm: self, id: id) }
+
+    /// Forgets decoded instructions after the VMM wrote guest memory behind the vCPUs'
+    /// backs (loading code, restoring a snapshot, DMA into code pages). Guest writes,
+    /// from any vCPU, are tracked by the engine itself. Call while no vCPU runs.
+    public func invalidateDecodedCode() { codePages.invalidateAll() }
+
+    /// As `invalidateDecodedCode()`, for `[gpa, gpa+length)` only.
+    public func invalidateDecodedCode(gpa: UInt64, length: UInt64) { codePages.invalidate(gpa: gpa, length: length) }
 }
 
 /// One interpreted vCPU. `run`, state and completions belong to its thread;
@@ -35,22 +45,45 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
     private let exitRequested = Atomic<Bool>(false)
     /// Vector waiting for RFLAGS.IF (one, like KVM_INTERRUPT without an irqchip).
     private let pendingInterrupt = Atomic<Int>(-1)
-    /// Instructions left before `.preemptionTimer` (nil: timer off).
+
+    /// The model of the VMX preemption timer: instructions (attempts, including ones that
+    /// fault) left before `run()` returns `.preemptionTimer`; nil: timer off. It fires once
+    /// and disarms itself.
     public var preemptionBudget: UInt64?
-    /// Guest exceptions raised (including #UD for unsupported encodings).
-    public private(set) var exceptionCount: UInt64 = 0
+
+    /// Instructions to run between looks at `requestExit` and pending interrupts.
+    static let blockSize = 8192
 
     init(vm: SoftwareVirtualMachine, id: Int) {
         self.vm = vm
         self.id = id
-        cpu = CPU(memory: vm.memory, atomicLock: vm.atomicLock)
+        cpu = CPU(memory: vm.memory, codePages: vm.codePages, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil)
     }
+
+    /// Arms the preemption timer: `run()` returns `.preemptionTimer` after `instructions`
+    /// more instruction attempts.
+    public func armPreemptionTimer(instructions: UInt64) { preemptionBudget = instructions }
+    public func disarmPreemptionTimer() { preemptionBudget = nil }
 
     /// Instructions retired so far.
     public var instructionsRetired: UInt64 { cpu.instructions }
+    /// Guest exceptions raised (including #UD for unsupported encodings) and software interrupts.
+    public var exceptionCount: UInt64 { cpu.exceptionCount }
+    /// #UD raised: undefined or unimplemented encodings.
+    public var undefinedOpcodeCount: UInt64 { cpu.undefinedOpcodeCount }
+    /// Instructions decoded (misses of the decoded-instruction cache).
+    public var instructionsDecoded: UInt64 { cpu.decodes }
+    /// Page walks done on TLB misses, and the page-table entries they read.
+    public var pageWalks: (walks: UInt64, references: UInt64) { (cpu.pageWalks, cpu.pageWalkReferences) }
 
     public func getState() throws -> VCPUState { cpu.save() }
-    public func setState(_ state: VCPUState) throws { cpu.load(state) }
+
+    /// Loads registers. The VMM may have rewritten memory since the last run (a snapshot
+    /// restore, a new image), so decoded instructions are dropped too.
+    public func setState(_ state: VCPUState) throws {
+        cpu.load(state)
+        vm.codePages.invalidateAll()
+    }
 
     public func completeRead(value: UInt64) {
         if cpu.pendingInSize != 0 {
@@ -65,85 +98,110 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
         } else if cpu.awaitingInsValue {
             cpu.awaitingInsValue = false
             cpu.pendingInsValue = value
-        } else if let last = lastMMIORead {
+        } else if let last = cpu.lastMMIORead {
             cpu.pendingMMIORead = (last.address, last.size, value & CPU.mask(Int(last.size)))
         }
-        lastMMIORead = nil
+        cpu.lastMMIORead = nil
     }
-
-    private var lastMMIORead: (address: UInt64, size: UInt8)?
 
     public func completeHypercall(result: UInt64) { cpu.gpr[0] = result }
 
     public func requestExit() { exitRequested.store(true, ordering: .releasing) }
 
-    /// Queues an external interrupt, delivered when RFLAGS.IF allows (as KVM_INTERRUPT).
+    /// Queues an external interrupt, delivered through the IDT once RFLAGS.IF is set and no
+    /// STI/MOV SS interrupt shadow is in force (as KVM_INTERRUPT). A `hlt` with IF set wakes
+    /// for it. A second call before delivery replaces the vector.
     public func injectInterrupt(vector: UInt8) { pendingInterrupt.store(Int(vector), ordering: .releasing) }
 
+    /// True while an injected interrupt waits for IF.
+    public var interruptPending: Bool { pendingInterrupt.load(ordering: .acquiring) >= 0 }
+
     public func run() throws -> VMExit {
-        var sinceCheck = 0
+        let cpu = self.cpu
         while true {
-            if sinceCheck == 0 || cpu.interruptShadow {
-                sinceCheck = 1024
-                if exitRequested.exchange(false, ordering: .acquiring) { return .interrupted }
-                if cpu.interruptShadow {
-                    sinceCheck = 1  // look again right after the shadowed instruction
-                } else if cpu.rflags & Flag.if != 0, pendingInterrupt.load(ordering: .relaxed) >= 0 {
-                    let v = pendingInterrupt.exchange(-1, ordering: .acquiring)
-                    if v >= 0, !raise(vector: UInt8(v), errorCode: nil, software: false) { return .shutdown }
+            if cpu.attention, let e = takeExit() { return e }
+            if exitRequested.load(ordering: .relaxed) && exitRequested.exchange(false, ordering: .acquiring) {
+                return .interrupted
+            }
+            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && pendingInterrupt.load(ordering: .relaxed) >= 0 {
+                let v = pendingInterrupt.exchange(-1, ordering: .acquiring)
+                if v >= 0 && !cpu.raise(vector: UInt8(truncatingIfNeeded: v), errorCode: nil, software: false, fault: false) {
+                    return .shutdown
                 }
             }
-            sinceCheck -= 1
+            var limit = Self.blockSize
             let shadowed = cpu.interruptShadow
+            if shadowed { limit = 1 }  // look again right after the shadowed instruction
             if let budget = preemptionBudget {
                 if budget == 0 { preemptionBudget = nil; return .preemptionTimer }
-                preemptionBudget = budget - 1
+                limit = Int(min(UInt64(limit), budget))
             }
-            let faultRIP = cpu.rip
-            do throws(Fault) {
-                let outcome = try cpu.step()
-                if shadowed { cpu.interruptShadow = false }
-                switch outcome {
-                case .next: continue
-                case let .exit(e):
-                    if case .halt = e, cpu.rflags & Flag.if != 0, pendingInterrupt.load(ordering: .relaxed) >= 0 {
-                        sinceCheck = 0
-                        continue
-                    }
-                    return e
-                }
-            } catch {
-                switch error {
-                case let .mmioRead(address, size):
-                    lastMMIORead = (address, size)
-                    return .mmio(MMIOAccess(address: address, size: size, direction: .read))
-                case let .exception(vector, code):
-                    exceptionCount &+= 1
-                    // INT3 and INT n arrive with RIP already past the instruction (traps);
-                    // everything else the interpreter raises is a fault at the instruction.
-                    let software = cpu.rip != faultRIP
-                    if !raise(vector: vector, errorCode: code, software: software, fault: !software) {
-                        return .shutdown
-                    }
-                }
-            }
+            cpu.attention = false
+            let used = cpu.runBlock(limit)
+            if shadowed { cpu.interruptShadow = false }
+            if let budget = preemptionBudget { preemptionBudget = budget &- UInt64(used) }
         }
     }
 
-    /// Delivers a vector, escalating a failed delivery to #DF and a failed #DF to a triple
-    /// fault. Returns false on triple fault.
-    private func raise(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool = false) -> Bool {
-        do throws(Fault) {
-            try cpu.deliver(vector: vector, errorCode: errorCode, software: software, fault: fault)
-            return true
-        } catch {
-            guard vector != 8 else { return false }
+    /// The exit the last instruction left, if any (an MMIO write is reported first; another
+    /// exit of the same instruction stays pending for the next `run()`).
+    private func takeExit() -> VMExit? {
+        if let w = cpu.pendingMMIOWrite {
+            cpu.pendingMMIOWrite = nil
+            cpu.attention = cpu.pendingExit != nil
+            return .mmio(w)
+        }
+        cpu.attention = false
+        guard let e = cpu.pendingExit else { return nil }
+        cpu.pendingExit = nil
+        if case .halt = e, cpu.rflags & Flag.if != 0, pendingInterrupt.load(ordering: .relaxed) >= 0 {
+            return nil  // an interrupt is waiting: HLT wakes at once
+        }
+        return e
+    }
+}
+
+extension CPU {
+    /// Runs up to `limit` instruction attempts, stopping early when an instruction sets
+    /// `attention`. Returns the attempts made.
+    func runBlock(_ limit: Int) -> Int {
+        var left = limit
+        while left > 0 {
+            left &-= 1
             do throws(Fault) {
-                try cpu.deliver(vector: 8, errorCode: 0, software: false, fault: false)
-                return true
+                let p = try fetchDecoded()
+                if let lock = atomicLock, p.pointee.pfx & Instr.P.lock != 0 || (p.pointee.op & 0x1FE == 0x86 && p.pointee.isMem) {
+                    let i = p.pointee
+                    try lock.mutex.withLock { _ throws(Fault) in try execute(i) }
+                } else {
+                    try execute(p.pointee)
+                }
             } catch {
-                return false
+                handle(error)
             }
+            if attention { break }
+        }
+        return limit - left
+    }
+
+    /// A fault of the current instruction: exits for MMIO reads and fetches outside RAM,
+    /// guest exceptions otherwise (triple fault: `.shutdown`).
+    func handle(_ f: Fault) {
+        pendingMMIOWrite = nil
+        switch f {
+        case let .mmioRead(address, size):
+            lastMMIORead = (address, size)
+            exit(.mmio(MMIOAccess(address: address, size: size, direction: .read)))
+        case let .exception(vector, code):
+            exceptionCount &+= 1
+            if vector == 6 { undefinedOpcodeCount &+= 1 }
+            if !raise(vector: vector, errorCode: code, software: false, fault: true) { exit(.shutdown) }
+        case let .softwareInterrupt(vector, checkDPL):
+            exceptionCount &+= 1
+            if !raise(vector: vector, errorCode: nil, software: checkDPL, fault: false, external: false) { exit(.shutdown) }
+        case let .fetchOutsideRAM(gpa):
+            // KVM_INTERNAL_ERROR_EMULATION, as KVM reports code fetched from MMIO.
+            exit(.internalError(suberror: 1, data: [gpa, rip], instructionBytes: []))
         }
     }
 }

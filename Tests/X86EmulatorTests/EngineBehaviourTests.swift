@@ -70,6 +70,37 @@ func withIDT(_ st: inout VCPUState) { st.idt = DescriptorTableRegister(base: 0x5
         #expect(try s.memory.load(UInt64.self, at: 0x13000) & 0x60 == 0x20)
     }
 
+    @Test func codeRewrittenByTheGuestRunsAsRewritten() throws {
+        // The loop body's `mov edx, imm32` is decoded and cached on the first pass, then the
+        // guest patches its immediate; the second pass must run the new bytes.
+        let code: [UInt8] = [
+            0x48, 0xC7, 0xC1, 0x02, 0x00, 0x00, 0x00,  // mov rcx, 2
+            0xBA, 0x11, 0x11, 0x11, 0x11,  // loop: mov edx, 0x11111111
+            0xC7, 0x05, 0xF2, 0xFF, 0xFF, 0xFF, 0x22, 0x22, 0x22, 0x22,  // mov dword [loop+1], 0x22222222
+            0x48, 0xFF, 0xC9,  // dec rcx
+            0x75, 0xEC,  // jnz loop
+            0xF4,  // hlt
+        ]
+        let s = try Snippet(code, engine: SoftwareEngine())
+        #expect(try s.run() == .halt)
+        #expect(try s.state.rdx == 0x2222_2222)
+    }
+
+    @Test func codeRewrittenByTheVMMIsSeenAfterInvalidation() throws {
+        let memory = try GuestMemory(size: 8 << 20)
+        try GuestABI.prepare(memory)
+        try memory.write([0xBA, 0x11, 0x11, 0x11, 0x11, 0xF4], at: Snippet.codeAddress)  // mov edx, imm; hlt
+        let vm = try SoftwareEngine().makeVM(memory: memory, config: VMConfig(vcpuCount: 1)) as! SoftwareVirtualMachine
+        let vcpu = try vm.makeVCPU(id: 0)
+        try vcpu.setState(GuestABI.entryState(rip: Snippet.codeAddress))
+        #expect(try vcpu.run() == .halt)
+        try memory.write([0x33, 0x33, 0x33, 0x33], at: Snippet.codeAddress + 1)
+        vm.invalidateDecodedCode(gpa: Snippet.codeAddress, length: 4096)
+        try vcpu.setState(GuestABI.entryState(rip: Snippet.codeAddress))
+        #expect(try vcpu.run() == .halt)
+        #expect(try vcpu.getState().rdx == 0x3333_3333)
+    }
+
     @Test func mmioReadCompletesIntoTheDestination() throws {
         // mov ecx,0xd0000000; mov eax,[rcx]; add eax,1; hlt
         let s = try Snippet([0xB9, 0, 0, 0, 0xD0, 0x8B, 0x01, 0x83, 0xC0, 0x01, 0xF4], engine: SoftwareEngine())

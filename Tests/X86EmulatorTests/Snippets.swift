@@ -1,5 +1,4 @@
 import KVMEngine
-import VMM
 import VirtCore
 @testable import X86Emulator
 #if canImport(Glibc)
@@ -18,14 +17,11 @@ struct Snippet {
 
     init(_ code: [UInt8], engine: any Engine, user: Bool = false, state adjust: (inout VCPUState) -> Void = { _ in }) throws {
         memory = try GuestMemory(size: 8 << 20)
-        try BootLayout.prepare(memory: memory, vcpuCount: 1, commandLine: "", hypercall: engine.hypercallMechanism)
-        try memory.store(UInt64(0x00CF_F300_0000_FFFF), at: BootLayout.gdtAddress + 0x18)
-        try memory.store(UInt64(0x00AF_FB00_0000_FFFF), at: BootLayout.gdtAddress + 0x20)
+        try GuestABI.prepare(memory)
         try memory.write(code, at: Self.codeAddress)
         let vm = try engine.makeVM(memory: memory, config: VMConfig(vcpuCount: 1))
         vcpu = try vm.makeVCPU(id: 0)
-        var s = BootLayout.initialState(vcpu: 0, entry: Self.codeAddress)
-        s.gdt.limit = 0x27
+        var s = GuestABI.entryState(rip: Self.codeAddress)
         if user {
             s.cs = .code64(selector: 0x23, dpl: 3)
             let data = SegmentRegister.data(selector: 0x1B, dpl: 3)
@@ -62,5 +58,44 @@ enum Asm {
     }
     static func movImm64(_ reg: Int, _ v: UInt64) -> [UInt8] {
         [rex(w: true, b: reg), 0xB8 + UInt8(reg & 7)] + withUnsafeBytes(of: v.littleEndian) { Array($0) }
+    }
+}
+
+/// The machine docs/guest-abi.md describes, built here so the tests need no VMM: GDT at
+/// 0x1000 (null, 0x08 code DPL0, 0x10 data DPL0, plus 0x18 user data and 0x20 user code),
+/// PML4 at 0x10000 identity-mapping 4 GiB with 2 MiB present/writable/user pages.
+enum GuestABI {
+    static let gdt: UInt64 = 0x1000, pml4: UInt64 = 0x10000
+
+    static func prepare(_ memory: GuestMemory) throws {
+        try memory.store(UInt64(0), at: gdt)
+        try memory.store(UInt64(0x00AF_9B00_0000_FFFF), at: gdt + 0x08)
+        try memory.store(UInt64(0x00CF_9300_0000_FFFF), at: gdt + 0x10)
+        try memory.store(UInt64(0x00CF_F300_0000_FFFF), at: gdt + 0x18)
+        try memory.store(UInt64(0x00AF_FB00_0000_FFFF), at: gdt + 0x20)
+        let pdpt = pml4 + 0x1000
+        try memory.store(pdpt | 7, at: pml4)
+        for g in UInt64(0)..<4 {
+            let pd = pml4 + 0x2000 + g * 0x1000
+            try memory.store(pd | 7, at: pdpt + g * 8)
+            for i in UInt64(0)..<512 { try memory.store((g << 30) | (i << 21) | 0x87, at: pd + i * 8) }
+        }
+    }
+
+    static func entryState(rip: UInt64) -> VCPUState {
+        var s = VCPUState()
+        s.rip = rip
+        s.rsp = 0xA0000
+        s.rdi = 0x2000
+        s.rflags = 0x2
+        s.cs = .code64(selector: 0x08)
+        let data = SegmentRegister.data(selector: 0x10)
+        s.ds = data; s.es = data; s.ss = data; s.fs = data; s.gs = data
+        s.tr = SegmentRegister(selector: 0, base: 0, limit: 0x67, type: 0xB, present: true)
+        s.ldtr = SegmentRegister(selector: 0, unusable: true)
+        s.gdt = DescriptorTableRegister(base: gdt, limit: 0x27)
+        s.idt = DescriptorTableRegister(base: 0, limit: 0)
+        s.cr0 = 0x8005_0033; s.cr3 = pml4; s.cr4 = 0x620; s.efer = 0xD01
+        return s
     }
 }

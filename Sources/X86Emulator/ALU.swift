@@ -1,104 +1,25 @@
 import VirtCore
 
-/// Decoded prefixes and ModRM of the instruction being executed.
-struct Decoded {
-    var start: UInt64 = 0
-    var opsize16 = false
-    var rep: UInt8 = 0        // 0xF3, 0xF2 or 0
-    var segmentBase: UInt64 = 0
-    var rex: UInt8 = 0
-    var hasREX = false
-    // ModRM
-    var mod = 0, reg = 0, rm = 0
-    var isRegister = false
-    var address: UInt64 = 0
-    var ripRelative = false
-
-    var rexW: Bool { rex & 8 != 0 }
-    /// Operand size for non-byte instructions.
-    var size: Int { rexW ? 8 : (opsize16 ? 2 : 4) }
-}
-
-/// What the interpreter loop stops for.
-enum StepOutcome {
-    case next
-    case exit(VMExit)
-}
-
 extension CPU {
-    // MARK: Fetch
+    // MARK: Operands
 
+    /// Linear address of the memory operand (RIP-relative counts from the instruction's end).
     @inline(__always)
-    func fetch8(_ d: inout Decoded, _ pos: inout UInt64) throws(Fault) -> UInt64 {
-        let gpa = try translate(pos, write: false, execute: true, user: cpl == 3)
-        guard gpa < ramSize else { throw Fault.exception(vector: 14, errorCode: 0x11) }
-        pos &+= 1
-        return UInt64((ram + Int(gpa)).load(as: UInt8.self))
+    func ea(_ i: Instr) -> UInt64 {
+        var a = i.disp
+        let b = Int(i.base)
+        if b < 16 { a &+= gpr[b] } else if b == 17 { a &+= rip &+ UInt64(i.length) }
+        if i.index < 16 { a &+= gpr[Int(i.index)] &<< UInt64(i.scale) }
+        if i.pfx & Instr.P.addr32 != 0 { a &= 0xFFFF_FFFF }
+        if i.seg != 0 { a &+= i.seg == 1 ? fs.base : gs.base }
+        return a
     }
 
     @inline(__always)
-    func fetch(_ d: inout Decoded, _ pos: inout UInt64, _ n: Int) throws(Fault) -> UInt64 {
-        var v: UInt64 = 0
-        for i in 0..<n { v |= try fetch8(&d, &pos) << (8 * UInt64(i)) }
-        return v
-    }
-
-    /// Sign-extended immediate of `n` bytes.
-    @inline(__always)
-    func fetchSigned(_ d: inout Decoded, _ pos: inout UInt64, _ n: Int) throws(Fault) -> UInt64 {
-        let v = try fetch(&d, &pos, n)
-        let shift = UInt64(64 - 8 * n)
-        return UInt64(bitPattern: Int64(bitPattern: v << shift) >> Int64(shift))
-    }
-
-    func decodeModRM(_ d: inout Decoded, _ pos: inout UInt64) throws(Fault) {
-        let m = Int(try fetch8(&d, &pos))
-        d.mod = m >> 6
-        d.reg = ((m >> 3) & 7) | (d.rex & 4 != 0 ? 8 : 0)
-        let rmLow = m & 7
-        if d.mod == 3 {
-            d.isRegister = true
-            d.rm = rmLow | (d.rex & 1 != 0 ? 8 : 0)
-            return
-        }
-        d.isRegister = false
-        var ea: UInt64 = 0
-        if rmLow == 4 {
-            let sib = Int(try fetch8(&d, &pos))
-            let scale = sib >> 6
-            let index = ((sib >> 3) & 7) | (d.rex & 2 != 0 ? 8 : 0)
-            let base = (sib & 7) | (d.rex & 1 != 0 ? 8 : 0)
-            if index != 4 { ea = gpr[index] << UInt64(scale) }
-            if (sib & 7) == 5 && d.mod == 0 {
-                ea &+= try fetchSigned(&d, &pos, 4)
-            } else {
-                ea &+= gpr[base]
-            }
-        } else if rmLow == 5 && d.mod == 0 {
-            d.ripRelative = true
-            ea = try fetchSigned(&d, &pos, 4)
-        } else {
-            ea = gpr[rmLow | (d.rex & 1 != 0 ? 8 : 0)]
-        }
-        if d.mod == 1 { ea &+= try fetchSigned(&d, &pos, 1) }
-        if d.mod == 2 { ea &+= try fetchSigned(&d, &pos, 4) }
-        d.address = ea &+ d.segmentBase
-    }
-
-    /// The memory operand's address; call after all immediates are fetched (RIP-relative
-    /// addressing counts from the end of the instruction).
-    @inline(__always)
-    func effectiveAddress(_ d: Decoded, _ pos: UInt64) -> UInt64 {
-        d.ripRelative ? d.address &+ pos : d.address
-    }
-
-    // MARK: Registers by size
-
-    @inline(__always)
-    func reg(_ n: Int, _ size: Int, _ d: Decoded) -> UInt64 {
+    func reg(_ n: Int, _ size: Int, _ rex: Bool) -> UInt64 {
         switch size {
         case 1:
-            if !d.hasREX && n >= 4 && n < 8 { return (gpr[n - 4] >> 8) & 0xFF }
+            if !rex && n >= 4 && n < 8 { return (gpr[n - 4] >> 8) & 0xFF }
             return gpr[n] & 0xFF
         case 2: return gpr[n] & 0xFFFF
         case 4: return gpr[n] & 0xFFFF_FFFF
@@ -107,10 +28,10 @@ extension CPU {
     }
 
     @inline(__always)
-    func setReg(_ n: Int, _ size: Int, _ v: UInt64, _ d: Decoded) {
+    func setReg(_ n: Int, _ size: Int, _ v: UInt64, _ rex: Bool) {
         switch size {
         case 1:
-            if !d.hasREX && n >= 4 && n < 8 {
+            if !rex && n >= 4 && n < 8 {
                 gpr[n - 4] = (gpr[n - 4] & ~0xFF00) | ((v & 0xFF) << 8)
             } else {
                 gpr[n] = (gpr[n] & ~0xFF) | (v & 0xFF)
@@ -122,21 +43,33 @@ extension CPU {
     }
 
     @inline(__always)
-    func readRM(_ d: Decoded, _ pos: UInt64, _ size: Int) throws(Fault) -> UInt64 {
-        d.isRegister ? reg(d.rm, size, d) : try read(effectiveAddress(d, pos), size: size)
+    func readRM(_ i: Instr, _ size: Int) throws(Fault) -> UInt64 {
+        i.isMem ? try read(ea(i), size: size) : reg(Int(i.rm), size, i.hasREX)
     }
 
     @inline(__always)
-    func writeRM(_ d: Decoded, _ pos: UInt64, _ size: Int, _ v: UInt64) throws(Fault) {
-        if d.isRegister { setReg(d.rm, size, v, d) } else { try write(effectiveAddress(d, pos), v, size: size) }
+    func writeRM(_ i: Instr, _ size: Int, _ v: UInt64) throws(Fault) {
+        if i.isMem { try write(ea(i), v, size: size) } else { setReg(Int(i.rm), size, v, i.hasREX) }
+    }
+
+    /// Writes the result of a read-modify-write; if the write faults, the flags the
+    /// instruction already computed are rolled back so the retry starts from the same state.
+    @inline(__always)
+    func writeBack(_ address: UInt64, _ v: UInt64, _ size: Int, flags saved: UInt64) throws(Fault) {
+        do { try write(address, v, size: size) } catch { rflags = saved; throw error }
     }
 
     // MARK: Flags
 
     @inline(__always)
-    static func mask(_ size: Int) -> UInt64 { size == 8 ? ~0 : (1 << UInt64(8 * size)) - 1 }
+    static func mask(_ size: Int) -> UInt64 { size >= 8 ? ~0 : (1 << UInt64(8 * size)) - 1 }
     @inline(__always)
     static func sign(_ size: Int) -> UInt64 { 1 << UInt64(8 * size - 1) }
+    @inline(__always)
+    static func signExtend(_ v: UInt64, _ size: Int) -> UInt64 {
+        let s = UInt64(64 - 8 * size)
+        return UInt64(bitPattern: Int64(bitPattern: v << s) >> Int64(s))
+    }
 
     @inline(__always)
     func setResultFlags(_ r: UInt64, _ size: Int, carry: Bool, overflow: Bool, aux: Bool) {
@@ -151,6 +84,7 @@ extension CPU {
     }
 
     /// The eight classic ALU operations (ADD OR ADC SBB AND SUB XOR CMP) with exact flags.
+    /// CMP returns its first operand.
     @inline(__always)
     func alu(_ op: Int, _ a: UInt64, _ b: UInt64, _ size: Int) -> UInt64 {
         let m = Self.mask(size), s = Self.sign(size)
@@ -172,7 +106,8 @@ extension CPU {
         }
     }
 
-    /// Shifts and rotates (group 2: ROL ROR RCL RCR SHL SHR SAL SAR).
+    /// Shifts and rotates (group 2: ROL ROR RCL RCR SHL SHR SAL SAR). A masked count of 0
+    /// changes nothing, flags included.
     func shift(_ op: Int, _ a: UInt64, _ rawCount: UInt64, _ size: Int) -> UInt64 {
         let bits = UInt64(8 * size)
         let count = rawCount & (size == 8 ? 63 : 31)
@@ -243,5 +178,16 @@ extension CPU {
         default: r = f & Flag.zf != 0 || (f & Flag.sf != 0) != (f & Flag.of != 0)
         }
         return cc & 1 == 0 ? r : !r
+    }
+
+    @inline(__always)
+    func imul(_ a: UInt64, _ b: UInt64, _ size: Int) -> UInt64 {
+        let sa = Int64(bitPattern: Self.signExtend(a, size))
+        let sb = Int64(bitPattern: Self.signExtend(b, size))
+        let (p, overflow64) = sa.multipliedReportingOverflow(by: sb)
+        let r = UInt64(bitPattern: p) & Self.mask(size)
+        let overflow = size == 8 ? overflow64 : Int64(bitPattern: Self.signExtend(r, size)) != p
+        rflags = (rflags & ~(Flag.cf | Flag.of)) | (overflow ? Flag.cf | Flag.of : 0)
+        return r
     }
 }
