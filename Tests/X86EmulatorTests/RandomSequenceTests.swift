@@ -1,3 +1,4 @@
+import Foundation
 import KVMEngine
 import Testing
 import VirtCore
@@ -138,23 +139,25 @@ struct RandomSequenceTests {
         for seed in UInt64(1)...300 {
             let (initial, flags, code) = SequenceGenerator.sequence(seed: seed, length: 12)
             if try !agrees(code, initial, flags, kvm) {
-                mismatches.append("seed \(seed): " + shrink(code, initial, flags, kvm))
+                let reproducer = try shrink(code, initial, flags, kvm)
+                try RegressionCorpus.append(reproducer)
+                mismatches.append("seed \(seed): \(reproducer.line)")
             }
         }
-        #expect(mismatches.isEmpty, "\(mismatches.count) sequences differ; smallest reproducers:\n\(mismatches.prefix(10).joined(separator: "\n"))")
+        #expect(mismatches.isEmpty, """
+            \(mismatches.count) sequences differ; their smallest reproducers were added to \
+            \(RegressionCorpus.url.lastPathComponent) (commit them with the fix):
+            \(mismatches.prefix(10).joined(separator: "\n"))
+            """)
     }
 
     func agrees(_ code: [GeneratedInstruction], _ initial: [UInt64], _ flags: UInt64, _ kvm: KVMEngine) throws -> Bool {
-        let hw = try runSequence(code, initial: initial, flags: flags, on: kvm)
-        let sw = try runSequence(code, initial: initial, flags: flags, on: SoftwareEngine())
-        var defined = true
-        for i in code { if let d = i.definesFlags { defined = d } }
-        let mask: UInt64 = defined ? CF | ZF | SF | PF : 0
-        return hw.0 == sw.0 && hw.1 == sw.1 && hw.2 & mask == sw.2 & mask
+        try RegressionCase.record(code, initial, flags, reference: kvm).holds(on: SoftwareEngine())
     }
 
-    /// Drops instructions while the disagreement persists; returns the bytes left.
-    func shrink(_ code: [GeneratedInstruction], _ initial: [UInt64], _ flags: UInt64, _ kvm: KVMEngine) -> String {
+    /// Drops instructions while the disagreement persists; returns the case left, with the
+    /// real CPU's results as its expectation.
+    func shrink(_ code: [GeneratedInstruction], _ initial: [UInt64], _ flags: UInt64, _ kvm: KVMEngine) throws -> RegressionCase {
         var current = code
         var i = 0
         while i < current.count {
@@ -162,7 +165,118 @@ struct RandomSequenceTests {
             candidate.remove(at: i)
             if (try? agrees(candidate, initial, flags, kvm)) == false { current = candidate } else { i += 1 }
         }
-        let hex = current.map { $0.bytes.map { String($0, radix: 16) }.joined(separator: " ") }.joined(separator: " | ")
-        return "[\(hex)] from registers \(initial.map { "0x" + String($0, radix: 16) }) flags 0x\(String(flags, radix: 16))"
+        return try RegressionCase.record(current, initial, flags, reference: kvm)
+    }
+}
+
+/// A shrunk disagreement between the interpreter and the real CPU, with the real CPU's
+/// results, so it keeps being checked on machines without /dev/kvm. One line of
+/// `RandomSequenceRegressions.txt` each.
+struct RegressionCase: CustomStringConvertible {
+    var code: [[UInt8]]
+    var initial: [UInt64]
+    var flags: UInt64
+    var gprs: [UInt64]
+    var rip: UInt64
+    var rflags: UInt64
+    /// The RFLAGS bits the sequence defines (undefined ones are not compared).
+    var flagMask: UInt64
+
+    static func record(_ code: [GeneratedInstruction], _ initial: [UInt64], _ flags: UInt64, reference: any Engine) throws -> RegressionCase {
+        let (gprs, rip, rflags) = try runSequence(code, initial: initial, flags: flags, on: reference)
+        var defined = true
+        for i in code { if let d = i.definesFlags { defined = d } }
+        return RegressionCase(code: code.map(\.bytes), initial: initial, flags: flags, gprs: gprs, rip: rip,
+                              rflags: rflags, flagMask: defined ? CF | ZF | SF | PF : 0)
+    }
+
+    func holds(on engine: any Engine) throws -> Bool {
+        let code = self.code.map { GeneratedInstruction(bytes: $0, definesFlags: nil) }
+        let (g, r, f) = try runSequence(code, initial: initial, flags: flags, on: engine)
+        return g == gprs && r == rip && f & flagMask == rflags & flagMask
+    }
+
+    private static func hex(_ v: [UInt64]) -> String { v.map { String($0, radix: 16) }.joined(separator: ",") }
+    private static func values(_ s: Substring) -> [UInt64]? {
+        let v = s.split(separator: ",").compactMap { UInt64($0, radix: 16) }
+        return v.count == 16 ? v : nil
+    }
+
+    /// `code=48 11 c8|66 d1 d0 regs=… flags=… expect-regs=… expect-rip=… expect-flags=… mask=…`
+    var line: String {
+        "code=" + code.map { $0.map { String($0, radix: 16) }.joined(separator: " ") }.joined(separator: "|")
+            + " regs=\(Self.hex(initial)) flags=\(String(flags, radix: 16)) expect-regs=\(Self.hex(gprs))"
+            + " expect-rip=\(String(rip, radix: 16)) expect-flags=\(String(rflags, radix: 16)) mask=\(String(flagMask, radix: 16))"
+    }
+    var description: String { line }
+
+    init(code: [[UInt8]], initial: [UInt64], flags: UInt64, gprs: [UInt64], rip: UInt64, rflags: UInt64, flagMask: UInt64) {
+        (self.code, self.initial, self.flags, self.gprs, self.rip, self.rflags, self.flagMask) = (code, initial, flags, gprs, rip, rflags, flagMask)
+    }
+
+    init?(line: Substring) {
+        guard let codeStart = line.range(of: "code="), let regsStart = line.range(of: " regs=") else { return nil }
+        code = line[codeStart.upperBound..<regsStart.lowerBound].split(separator: "|").map {
+            $0.split(separator: " ").compactMap { UInt8($0, radix: 16) }
+        }
+        var fields: [Substring: Substring] = [:]
+        for f in line[line.index(after: regsStart.lowerBound)...].split(separator: " ") {
+            guard let eq = f.firstIndex(of: "=") else { return nil }
+            fields[f[..<eq]] = f[f.index(after: eq)...]
+        }
+        guard let i = fields["regs"].flatMap(Self.values), let g = fields["expect-regs"].flatMap(Self.values),
+              let fl = fields["flags"].flatMap({ UInt64($0, radix: 16) }), let r = fields["expect-rip"].flatMap({ UInt64($0, radix: 16) }),
+              let rf = fields["expect-flags"].flatMap({ UInt64($0, radix: 16) }), let m = fields["mask"].flatMap({ UInt64($0, radix: 16) })
+        else { return nil }
+        (initial, flags, gprs, rip, rflags, flagMask) = (i, fl, g, r, rf, m)
+    }
+}
+
+/// The stored reproducers: failures found by the random comparison are appended here.
+enum RegressionCorpus {
+    static let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("RandomSequenceRegressions.txt")
+
+    static func load() throws -> [RegressionCase] {
+        let text = try String(contentsOf: url, encoding: .utf8)
+        return try text.split(separator: "\n").filter { !$0.hasPrefix("#") && !$0.isEmpty }.map { line in
+            guard let c = RegressionCase(line: line) else { throw CorpusError(line: String(line)) }
+            return c
+        }
+    }
+
+    static func append(_ c: RegressionCase) throws {
+        let handle = try FileHandle(forWritingTo: url)
+        defer { try? handle.close() }
+        try handle.seekToEnd()
+        try handle.write(contentsOf: Data((c.line + "\n").utf8))
+    }
+
+    struct CorpusError: Error, CustomStringConvertible {
+        var line: String
+        var description: String { "unreadable line in \(RegressionCorpus.url.lastPathComponent): \(line)" }
+    }
+}
+
+/// The stored reproducers need no /dev/kvm: their expectations came from the real CPU.
+@Suite struct RandomSequenceRegressionTests {
+    @Test func storedReproducersStillAgreeWithTheRealCPU() throws {
+        let cases = try RegressionCorpus.load()
+        #expect(!cases.isEmpty)
+        for c in cases {
+            #expect(try c.holds(on: SoftwareEngine()), "\(c)")
+        }
+    }
+
+    @Test func aWrongExpectationIsCaught() throws {
+        var c = try #require(try RegressionCorpus.load().first)
+        c.gprs[0] ^= 1
+        #expect(try !c.holds(on: SoftwareEngine()))
+    }
+
+    @Test func corpusLinesRoundTrip() throws {
+        for c in try RegressionCorpus.load() {
+            let again = try #require(RegressionCase(line: Substring(c.line)))
+            #expect(again.line == c.line)
+        }
     }
 }
