@@ -17,6 +17,12 @@ public protocol MMIODevice: AnyObject, Sendable {
     func mmioWrite(offset: UInt64, size: UInt8, value: UInt64)
 }
 
+/// A device's interrupt output, level-style: called with `true` when the device asserts
+/// its line (for virtio: InterruptStatus became non-zero) and `false` when it deasserts.
+/// The VMM turns a rising edge into one interrupt delivered to a vCPU. Called from any
+/// thread.
+public typealias InterruptLine = @Sendable (_ asserted: Bool) -> Void
+
 public enum IOBusError: Error, Equatable, CustomStringConvertible {
     case portRangeOverlaps(first: UInt16, count: Int, existing: String)
     case mmioRangeOverlaps(base: UInt64, size: UInt64, existing: String)
