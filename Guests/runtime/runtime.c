@@ -37,6 +37,7 @@ struct percpu {
 
 static struct percpu percpus[SV_MAX_CPUS];
 extern const uint64_t sv_exception_stubs[32];
+extern const uint64_t sv_irq_stubs[SV_MAX_IRQS];
 extern void sv_user_return_isr(void);
 extern void sv_enter_user(void (*fn)(void *), void *arg, uint64_t user_rsp, uint64_t *saved_rsp);
 
@@ -72,6 +73,7 @@ static void setup_cpu(unsigned cpu) {
 
     for (int v = 0; v < 32; v++) set_gate(&p->idt[v], sv_exception_stubs[v], 0);
     set_gate(&p->idt[3], (uint64_t)sv_user_return_isr, 3);  /* int3: user code is done */
+    for (int i = 0; i < SV_MAX_IRQS; i++) set_gate(&p->idt[SV_IRQ_VECTOR_BASE + i], sv_irq_stubs[i], 0);
 
     struct dtr gdtr = { sizeof p->gdt - 1, (uint64_t)p->gdt };
     struct dtr idtr = { sizeof p->idt - 1, (uint64_t)p->idt };
@@ -106,6 +108,25 @@ static struct percpu *this_cpu(void) {
 void sv_run_user(void (*fn)(void *), void *arg) {
     struct percpu *p = this_cpu();
     sv_enter_user(fn, arg, (uint64_t)(p->ustack + sizeof p->ustack), &p->saved_rsp);
+}
+
+/* ---- device interrupts ---- */
+
+static struct { sv_irq_handler fn; void *ctx; } irq_handlers[SV_MAX_IRQS];
+static volatile uint64_t irq_counts[SV_MAX_IRQS];
+
+void sv_irq_register(unsigned irq, sv_irq_handler fn, void *ctx) {
+    if (irq >= SV_MAX_IRQS) return;
+    irq_handlers[irq].ctx = ctx;
+    irq_handlers[irq].fn = fn;
+}
+
+uint64_t sv_irq_count(unsigned irq) { return irq < SV_MAX_IRQS ? irq_counts[irq] : 0; }
+
+void sv_irq_dispatch(uint64_t irq) {
+    if (irq >= SV_MAX_IRQS) return;
+    irq_counts[irq]++;
+    if (irq_handlers[irq].fn) irq_handlers[irq].fn((unsigned)irq, irq_handlers[irq].ctx);
 }
 
 /* ---- exceptions ---- */
@@ -324,5 +345,13 @@ void *memmove(void *d, const void *s, size_t n) {
 int memcmp(const void *a, const void *b, size_t n) {
     const uint8_t *p = a, *q = b;
     for (; n; n--, p++, q++) if (*p != *q) return *p - *q;
+    return 0;
+}
+
+const struct sv_device *sv_find_device(uint32_t type, unsigned n) {
+    if (!sv_boot) return 0;
+    for (unsigned i = 0; i < sv_boot->device_count && i < 16; i++) {
+        if (sv_boot->devices[i].type == type && n-- == 0) return &sv_boot->devices[i];
+    }
     return 0;
 }

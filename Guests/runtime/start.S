@@ -99,6 +99,47 @@ EXC_ERR 29
 EXC_ERR 30
 EXC_NOERR 31
 
+.macro IRQ n
+sv_irq\n:
+    pushq $\n
+    jmp irq_common
+.endm
+.irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+IRQ \n
+.endr
+
+/* Device interrupts: irq n arrives as vector 0x20+n (docs/guest-abi.md). Saves what a C
+ * call may clobber, calls sv_irq_dispatch(n) on an aligned stack, returns with iretq. */
+irq_common:
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %rbp
+    mov %rsp, %rbp
+    mov 80(%rsp), %rdi     /* the irq number pushed by the stub */
+    and $-16, %rsp
+    cld
+    call sv_irq_dispatch
+    mov %rbp, %rsp
+    pop %rbp
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    add $8, %rsp
+    iretq
+
 exception_common:
     mov %rsp, %rdi         /* -> struct sv_exception_frame */
     and $-16, %rsp
@@ -113,4 +154,9 @@ exception_common:
 sv_exception_stubs:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad sv_exc\n
+    .endr
+    .globl sv_irq_stubs
+sv_irq_stubs:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .quad sv_irq\n
     .endr

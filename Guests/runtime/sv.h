@@ -61,6 +61,32 @@ uint64_t sv_cmdline_u64(const char *key, uint64_t def);
 /* Runs fn(arg) at CPL3 with IOPL=3 on this CPU's user stack; returns when fn returns. */
 void sv_run_user(void (*fn)(void *), void *arg);
 
+/* Device interrupts: irq n (from boot info) arrives as vector SV_IRQ_VECTOR_BASE + n on
+ * the boot CPU. Handlers run at CPL0 with interrupts off. */
+#define SV_MAX_IRQS 16
+#define SV_IRQ_VECTOR_BASE 0x20
+typedef void (*sv_irq_handler)(unsigned irq, void *ctx);
+void sv_irq_register(unsigned irq, sv_irq_handler fn, void *ctx);
+uint64_t sv_irq_count(unsigned irq);   /* interrupts taken on `irq` */
+static inline void sv_irq_enable(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void sv_irq_disable(void) { __asm__ volatile("cli" ::: "memory"); }
+/* Sleeps until an interrupt has been handled (CPL0). `sti; hlt` leaves no gap for a
+ * wake-up to be lost: STI's shadow covers the HLT. Returns with interrupts off. */
+static inline void sv_wait_for_interrupt(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"); }
+
+/* Boot-info device types. */
+#define SV_DEV_VIRTIO_MMIO 1
+#define SV_DEV_STATUS_PAGE 2
+#define SV_DEV_EMULATED_NIC 3
+/* The n-th device of `type` in boot info, or NULL. */
+const struct sv_device *sv_find_device(uint32_t type, unsigned n);
+
+/* MMIO register access (volatile, exact width). */
+static inline uint32_t sv_mmio_read32(uint64_t a) { return *(volatile uint32_t *)a; }
+static inline void sv_mmio_write32(uint64_t a, uint32_t v) { *(volatile uint32_t *)a = v; }
+static inline uint8_t sv_mmio_read8(uint64_t a) { return *(volatile uint8_t *)a; }
+static inline void sv_mmio_write8(uint64_t a, uint8_t v) { *(volatile uint8_t *)a = v; }
+
 /* A test-and-set spinlock (xchg). */
 typedef struct { volatile uint32_t locked; } sv_lock;
 void sv_lock_acquire(sv_lock *l);

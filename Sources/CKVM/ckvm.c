@@ -54,6 +54,7 @@ int ckvm_get_dirty_log(int vm_fd, uint32_t slot, void *bitmap) {
 int ckvm_set_tss_addr(int vm_fd, unsigned long addr) { return rc(ioctl(vm_fd, KVM_SET_TSS_ADDR, addr)); }
 
 int ckvm_run(int vcpu_fd) { return rc(ioctl(vcpu_fd, KVM_RUN, 0)); }
+
 int ckvm_get_regs(int fd, struct kvm_regs *r) { return rc(ioctl(fd, KVM_GET_REGS, r)); }
 int ckvm_set_regs(int fd, const struct kvm_regs *r) { return rc(ioctl(fd, KVM_SET_REGS, r)); }
 int ckvm_get_sregs(int fd, struct kvm_sregs *s) { return rc(ioctl(fd, KVM_GET_SREGS, s)); }

@@ -24,6 +24,9 @@ public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
     private var hypercallRegs = kvm_regs()
     /// pthread of the thread inside `run()`, for `requestExit` (0 = none yet).
     private let runningThread = Atomic<UInt>(0)
+    /// Set by `requestExit`: `run()` returns `.interrupted` (kicks for interrupts don't).
+    private let exitRequested = Atomic<Bool>(false)
+    private let pending = PendingInterrupts()
 
     init(vm: KVMVirtualMachine, id: Int) throws(KVMError) {
         _ = Self.kickHandlerInstalled
@@ -61,18 +64,43 @@ public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
             _ = ckvm_unblock_signal(Self.kickSignal)
             runningThread.store(me, ordering: .releasing)
         }
-        let rc = ckvm_run(fd)
-        if rc < 0 {
-            if -rc == EINTR || -rc == EAGAIN {
+        while true {
+            if !pending.isEmpty { try offerInterrupt() }
+            let rc = ckvm_run(fd)
+            if rc < 0 {
+                guard -rc == EINTR || -rc == EAGAIN else { throw KVMError.ioctlFailed(operation: "KVM_RUN", errno: -rc) }
                 ckvm_run_set_immediate_exit(runPage, 0)
-                return .interrupted
+                // A kick only to deliver an interrupt is not an exit for the VMM.
+                if exitRequested.exchange(false, ordering: .acquiring) { return .interrupted }
+                continue
             }
-            throw KVMError.ioctlFailed(operation: "KVM_RUN", errno: -rc)
+            if ckvm_run_exit_reason(runPage) == KVM_EXIT_IRQ_WINDOW_OPEN { continue }
+            return try decodeExit()
         }
-        return try decodeExit()
     }
 
-    @inline(__always)
+    /// Without an in-kernel irqchip the VMM is the interrupt controller: inject when the
+    /// guest can take an interrupt now, else ask KVM to exit as soon as it can.
+    private func offerInterrupt() throws(KVMError) {
+        if ckvm_run_ready_for_interrupt(runPage) != 0, let vector = pending.takeHighest() {
+            let rc = ckvm_interrupt(fd, UInt32(vector))
+            if rc < 0 {
+                pending.post(vector)
+                throw .ioctlFailed(operation: "KVM_INTERRUPT", errno: -rc)
+            }
+        }
+        ckvm_run_request_interrupt_window(runPage, pending.isEmpty ? 0 : 1)
+    }
+
+    public func injectInterrupt(vector: UInt8) {
+        pending.post(vector)
+        kick()
+    }
+
+    public var hasPendingInterrupt: Bool { !pending.isEmpty }
+
+    public var interruptsEnabled: Bool { ckvm_run_if_flag(runPage) != 0 }
+
     private func decodeExit() throws -> VMExit {
         let r = runPage
         switch Int32(ckvm_run_exit_reason(r)) {
@@ -171,6 +199,12 @@ public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
     }
 
     public func requestExit() {
+        exitRequested.store(true, ordering: .releasing)
+        kick()
+    }
+
+    /// Knocks the vCPU out of KVM_RUN (or makes the next one return at once).
+    private func kick() {
         ckvm_run_set_immediate_exit(runPage, 1)
         let thread = runningThread.load(ordering: .acquiring)
         if thread != 0 { pthread_kill(pthread_t(thread), Self.kickSignal) }

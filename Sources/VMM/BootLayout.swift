@@ -28,6 +28,21 @@ public enum BootLayout {
     public static let kernelCodeSelector: UInt16 = 0x08
     public static let kernelDataSelector: UInt16 = 0x10
 
+    /// Devices' slots in the MMIO window, one page each.
+    public static let deviceSlotSize: UInt64 = 0x1000
+    /// Device interrupt `irq` arrives as vector `irqVectorBase + irq`.
+    public static let irqVectorBase: UInt8 = 0x20
+
+    /// `sv_device.type` values.
+    public enum DeviceType: UInt32, Sendable {
+        /// A virtio-mmio transport; the guest reads its DeviceID register.
+        case virtioMMIO = 1
+        /// The S1 status device's shared page (`base` is in RAM).
+        case statusPage = 2
+        /// The emulated NIC with a classic register interface.
+        case emulatedNIC = 3
+    }
+
     /// A device entry for boot info.
     public struct DeviceEntry: Sendable, Equatable {
         public var type: UInt32, irq: UInt32, base: UInt64, size: UInt64
@@ -85,16 +100,23 @@ public enum BootLayout {
         if case let .portDoorbell(port) = hypercall { try memory.store(port, at: b + 24) }
         try memory.store(UInt16(0x3F8), at: b + 26)
         try memory.store(UInt16(0xF4), at: b + 28)
-        try memory.store(UInt16(devices.count), at: b + 30)
+        try memory.store(UInt16(0), at: b + 30)
         try memory.store(UInt32(cmd.count), at: b + 32)
         try memory.store(commandLineAddress, at: b + 40)
-        for (i, d) in devices.enumerated() {
-            let e = b + 48 + UInt64(i) * 24
-            try memory.store(d.type, at: e)
-            try memory.store(d.irq, at: e + 4)
-            try memory.store(d.base, at: e + 8)
-            try memory.store(d.size, at: e + 16)
-        }
+        for (i, d) in devices.enumerated() { try writeDevice(d, index: i, memory: memory) }
+    }
+
+    /// Writes boot-info device entry `index` and raises `device_count` to cover it.
+    public static func writeDevice(_ d: DeviceEntry, index: Int, memory: GuestMemory) throws {
+        precondition(index < maxDevices, "device count checked by the caller")
+        let b = bootInfoAddress
+        let e = b + 48 + UInt64(index) * 24
+        try memory.store(d.type, at: e)
+        try memory.store(d.irq, at: e + 4)
+        try memory.store(d.base, at: e + 8)
+        try memory.store(d.size, at: e + 16)
+        let count: UInt16 = try memory.load(at: b + 30)
+        if count <= index { try memory.store(UInt16(index + 1), at: b + 30) }
     }
 
     /// The long-mode state vCPU `id` starts in.

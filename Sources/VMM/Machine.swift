@@ -28,6 +28,7 @@ public enum MachineError: Error, Equatable, CustomStringConvertible {
     case invalidVCPUCount(Int)
     case commandLineTooLong(Int)
     case alreadyRan
+    case tooManyDevices
 
     public var description: String {
         switch self {
@@ -39,6 +40,8 @@ public enum MachineError: Error, Equatable, CustomStringConvertible {
             return "guest command line of \(n) bytes exceeds \(BootLayout.commandLineCapacity)"
         case .alreadyRan:
             return "a machine runs once; build a new one"
+        case .tooManyDevices:
+            return "a machine has at most \(BootLayout.maxDevices) devices"
         }
     }
 }
@@ -99,6 +102,13 @@ public final class Machine: @unchecked Sendable {
     private let stopState = Mutex<StopReason?>(nil)
     private let haltedCount = Atomic<Int>(0)
     private let started = Atomic<Bool>(false)
+    /// Per vCPU: signalled when an interrupt is injected or the machine stops, for a vCPU
+    /// waiting in `hlt`.
+    private let wakeups: [DispatchSemaphore]
+    /// Devices attached so far (boot-info entries and MMIO slots).
+    private var deviceCount = 0
+    /// Devices that can interrupt: with none, `hlt` with IF set halts for good.
+    private var interruptSources = 0
 
     /// Builds the machine: validates the configuration, loads `image`, writes boot state
     /// and sets every vCPU to the ABI entry state. `serialOutput` receives COM1 bytes.
@@ -129,6 +139,7 @@ public final class Machine: @unchecked Sendable {
             vcpus.append(vcpu)
         }
         self.vcpus = vcpus
+        wakeups = vcpus.map { _ in DispatchSemaphore(value: 0) }
         uart = UART16550(output: serialOutput)
         try bus.attach(uart, firstPort: UART16550.com1, count: UART16550.registerCount)
         try bus.attach(benchPort, firstPort: BenchPort.port, count: 1)
@@ -141,9 +152,65 @@ public final class Machine: @unchecked Sendable {
         stopState.withLock { if $0 == nil { $0 = reason } }
         stopRequested.store(true, ordering: .releasing)
         for v in vcpus { v.requestExit() }
+        for w in wakeups { w.signal() }
     }
 
     public func stop() { requestStop(.stopped) }
+
+    /// Where a device sits: its MMIO page, its interrupt and the line that raises it.
+    public struct DeviceSlot: Sendable {
+        public let index: Int
+        public let base: UInt64
+        public let size: UInt64
+        public let irq: UInt8
+        public let interrupt: InterruptLine
+    }
+
+    /// Adds an MMIO device in the next free slot of the MMIO window, with its own
+    /// interrupt, and lists it in boot info. Call before `run()`.
+    @discardableResult
+    public func addMMIODevice<D: MMIODevice>(type: BootLayout.DeviceType, _ make: (DeviceSlot) throws -> D) throws -> D {
+        precondition(!started.load(ordering: .relaxed), "devices are added before the machine runs")
+        guard deviceCount < BootLayout.maxDevices else { throw MachineError.tooManyDevices }
+        let index = deviceCount
+        let base = BootLayout.mmioWindowBase + UInt64(index) * BootLayout.deviceSlotSize
+        let irq = UInt8(index + 1)
+        let slot = DeviceSlot(index: index, base: base, size: BootLayout.deviceSlotSize, irq: irq,
+                              interrupt: interruptLine(irq: irq))
+        let device = try make(slot)
+        try bus.attach(device, base: base, size: slot.size)
+        try BootLayout.writeDevice(BootLayout.DeviceEntry(type: type.rawValue, irq: UInt32(irq), base: base, size: slot.size),
+                                   index: index, memory: memory)
+        deviceCount += 1
+        return device
+    }
+
+    /// Lists a device that is not in the MMIO window (a shared page in RAM, say) in boot
+    /// info. Call before `run()`.
+    public func listDevice(type: BootLayout.DeviceType, base: UInt64, size: UInt64, irq: UInt8 = 0) throws {
+        guard deviceCount < BootLayout.maxDevices else { throw MachineError.tooManyDevices }
+        try BootLayout.writeDevice(BootLayout.DeviceEntry(type: type.rawValue, irq: UInt32(irq), base: base, size: size),
+                                   index: deviceCount, memory: memory)
+        deviceCount += 1
+    }
+
+    /// A level-style interrupt line whose rising edge delivers vector
+    /// `irqVectorBase + irq` to vCPU 0 (the boot CPU handles device interrupts).
+    public func interruptLine(irq: UInt8) -> InterruptLine {
+        interruptSources += 1
+        let level = Atomic<Bool>(false)
+        let vector = BootLayout.irqVectorBase &+ irq
+        return { [weak self] asserted in
+            guard level.exchange(asserted, ordering: .acquiringAndReleasing) != asserted, asserted else { return }
+            self?.raiseInterrupt(vector: vector, vcpu: 0)
+        }
+    }
+
+    /// Injects `vector` into vCPU `id` and wakes it if it waits in `hlt`. Any thread.
+    public func raiseInterrupt(vector: UInt8, vcpu id: Int) {
+        vcpus[id].injectInterrupt(vector: vector)
+        wakeups[id].signal()
+    }
 
     /// The engine's vCPU `id` (for engine-specific tools such as the exit benchmark).
     public func vcpu(_ id: Int) -> any VCPU { vcpus[id] }
@@ -237,7 +304,13 @@ public final class Machine: @unchecked Sendable {
             case let .hypercall(call):
                 vcpu.completeHypercall(result: hypercalls.handle(call, vcpu: vcpu.id))
             case .halt:
-                // No interrupt sources yet: a halted vCPU stays halted.
+                if vcpu.interruptsEnabled && interruptSources > 0 {
+                    // Waits for an interrupt, as `hlt` does; the next run() delivers it.
+                    while !vcpu.hasPendingInterrupt && !stopRequested.load(ordering: .acquiring) {
+                        wakeups[vcpu.id].wait()
+                    }
+                    break
+                }
                 done = true
                 if haltedCount.add(1, ordering: .acquiringAndReleasing).newValue == vcpus.count {
                     requestStop(.allHalted)

@@ -54,6 +54,15 @@ public protocol VCPU: AnyObject, Sendable {
     /// Makes a `run()` in progress return `.interrupted` soon, or the next one at once.
     /// Safe to call from any thread.
     func requestExit()
+    /// Queues external interrupt `vector` (32–255), delivered through the guest's IDT once
+    /// RFLAGS.IF is set and no STI/MOV SS shadow is in force — what a PIC or APIC presents.
+    /// Safe from any thread; a `run()` in progress picks it up promptly.
+    func injectInterrupt(vector: UInt8)
+    /// True while an injected interrupt waits for delivery.
+    var hasPendingInterrupt: Bool { get }
+    /// RFLAGS.IF as of the last exit: a `hlt` with IF set waits for an interrupt, one with
+    /// IF clear halts the vCPU for good.
+    var interruptsEnabled: Bool { get }
 }
 
 extension VCPU {

@@ -43,8 +43,8 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
     let vm: SoftwareVirtualMachine
     let cpu: CPU
     private let exitRequested = Atomic<Bool>(false)
-    /// Vector waiting for RFLAGS.IF (one, like KVM_INTERRUPT without an irqchip).
-    private let pendingInterrupt = Atomic<Int>(-1)
+    /// Vectors waiting for RFLAGS.IF.
+    private let pending = PendingInterrupts()
 
     /// The model of the VMX preemption timer: instructions (attempts, including ones that
     /// fault) left before `run()` returns `.preemptionTimer`; nil: timer off. It fires once
@@ -109,12 +109,13 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
     public func requestExit() { exitRequested.store(true, ordering: .releasing) }
 
     /// Queues an external interrupt, delivered through the IDT once RFLAGS.IF is set and no
-    /// STI/MOV SS interrupt shadow is in force (as KVM_INTERRUPT). A `hlt` with IF set wakes
-    /// for it. A second call before delivery replaces the vector.
-    public func injectInterrupt(vector: UInt8) { pendingInterrupt.store(Int(vector), ordering: .releasing) }
+    /// STI/MOV SS interrupt shadow is in force (as KVM_INTERRUPT); the highest vector
+    /// first. A `hlt` with IF set wakes for it. A running vCPU sees it within one block.
+    public func injectInterrupt(vector: UInt8) { pending.post(vector) }
 
-    /// True while an injected interrupt waits for IF.
-    public var interruptPending: Bool { pendingInterrupt.load(ordering: .acquiring) >= 0 }
+    public var hasPendingInterrupt: Bool { !pending.isEmpty }
+
+    public var interruptsEnabled: Bool { cpu.rflags & Flag.if != 0 }
 
     public func run() throws -> VMExit {
         let cpu = self.cpu
@@ -123,11 +124,8 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
             if exitRequested.load(ordering: .relaxed) && exitRequested.exchange(false, ordering: .acquiring) {
                 return .interrupted
             }
-            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && pendingInterrupt.load(ordering: .relaxed) >= 0 {
-                let v = pendingInterrupt.exchange(-1, ordering: .acquiring)
-                if v >= 0 && !cpu.raise(vector: UInt8(truncatingIfNeeded: v), errorCode: nil, software: false, fault: false) {
-                    return .shutdown
-                }
+            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = pending.takeHighest() {
+                if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
             }
             var limit = Self.blockSize
             let shadowed = cpu.interruptShadow
@@ -154,7 +152,7 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
         cpu.attention = false
         guard let e = cpu.pendingExit else { return nil }
         cpu.pendingExit = nil
-        if case .halt = e, cpu.rflags & Flag.if != 0, pendingInterrupt.load(ordering: .relaxed) >= 0 {
+        if case .halt = e, cpu.rflags & Flag.if != 0, !pending.isEmpty {
             return nil  // an interrupt is waiting: HLT wakes at once
         }
         return e

@@ -29,6 +29,7 @@ int ckvm_set_tss_addr(int vm_fd, unsigned long addr);
 
 // vCPU ioctls
 int ckvm_run(int vcpu_fd);
+
 int ckvm_get_regs(int vcpu_fd, struct kvm_regs *regs);
 int ckvm_set_regs(int vcpu_fd, const struct kvm_regs *regs);
 int ckvm_get_sregs(int vcpu_fd, struct kvm_sregs *sregs);
@@ -49,6 +50,9 @@ static inline uint32_t ckvm_run_exit_reason(const struct kvm_run *r) { return r-
 static inline void ckvm_run_set_immediate_exit(struct kvm_run *r, uint8_t v) {
     __atomic_store_n(&r->immediate_exit, v, __ATOMIC_SEQ_CST);
 }
+static inline uint8_t ckvm_run_if_flag(const struct kvm_run *r) { return r->if_flag; }
+static inline uint8_t ckvm_run_ready_for_interrupt(const struct kvm_run *r) { return r->ready_for_interrupt_injection; }
+static inline void ckvm_run_request_interrupt_window(struct kvm_run *r, uint8_t v) { r->request_interrupt_window = v; }
 static inline uint8_t ckvm_run_io_direction(const struct kvm_run *r) { return r->io.direction; }
 static inline uint8_t ckvm_run_io_size(const struct kvm_run *r) { return r->io.size; }
 static inline uint16_t ckvm_run_io_port(const struct kvm_run *r) { return r->io.port; }
