@@ -5,7 +5,8 @@
  *   line, 0x10000.. identity map of max(RAM, 4 GiB) with 2 MiB present|writable|user pages,
  *   everything else below 1 MiB zero (up to the VGA hole at 0xA0000).
  * The command line is the multiboot one less its first word: QEMU passes
- * "<kernel path> <-append text>". RAM size comes from the multiboot memory info.
+ * "<kernel path> <-append text>". RAM size comes from the multiboot memory info (so
+ * -m 64M gives ram_size = 64 MiB, as --memory 64M does).
  * On an error it prints "qemu-multiboot: ..." on COM1 and exits through port 0xF4 with
  * 0x7E (QEMU's isa-debug-exit status (0x7E << 1) | 1 = 253). */
 #include <stddef.h>
@@ -102,7 +103,11 @@ static int cpu_has_nx(void) {
 void loader_main(uint32_t magic, const struct mb_info *mbi) {
     if (magic != MB_BOOT_MAGIC) fail("not started by a multiboot loader");
     if (!(mbi->flags & 1)) fail("no memory info from the loader");
+    /* RAM from 0 to the end of the block at 1 MiB, rounded up to 2 MiB (our engines' RAM
+     * sizes are multiples of 2 MiB): the firmware keeps its ACPI tables in the last pages
+     * of -m, which multiboot's mem_upper leaves out. */
     uint64_t ram = ((uint64_t)mbi->mem_upper + 1024) * 1024;
+    ram = (ram + 0x1FFFFF) & ~(uint64_t)0x1FFFFF;
 
     /* Command line first: nothing below may overwrite it before it's copied. */
     uint32_t cmd_len = 0;
