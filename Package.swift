@@ -27,8 +27,10 @@ let package = Package(
         .plugin(name: "GuestBuildPlugin", capability: .buildTool(), dependencies: ["GuestBuilder"]),
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
         .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
+        // Experiments reproducing the source text's scenarios; tables, JSON and SVG charts.
+        .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages"]),
         .executableTarget(name: "swiftvisor", dependencies: [
-            "VMM", "GuestImages",
+            "VMM", "Lab", "GuestImages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "VirtCoreTests", dependencies: ["VirtCore"]),
@@ -40,6 +42,7 @@ let package = Package(
         .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages"]),
         // Runs the built `swiftvisor` executable as a user would.
         .testTarget(name: "CLITests"),
+        .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore"]),
     ]
 )

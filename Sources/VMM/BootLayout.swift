@@ -9,6 +9,8 @@ public enum BootLayout {
     public static let commandLineCapacity = 4095
     public static let pml4Address: UInt64 = 0x10000
     public static let pageTablesEnd: UInt64 = 0x50000
+    /// The S1 status device's shared page (in the VMM's area, below the stacks).
+    public static let statusPageAddress: UInt64 = 0x5F000
     public static let stackRegionStart: UInt64 = 0x60000
     public static let stackTop: UInt64 = 0xA0000
     public static let stackSize: UInt64 = 0x4000

@@ -2,6 +2,7 @@ import Devices
 import Dispatch
 import Synchronization
 import VirtCore
+import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,6 +16,11 @@ public struct MachineConfiguration: Sendable {
     public var timeoutSeconds: Double?
     /// Keep every exit of every vCPU in `RunResult.exitTrace` (for differential tests).
     public var recordExits = false
+    /// A periodic tick on vCPU 0, for VMM work done at timer exits (`Machine.onTick`):
+    /// on KVM a host timer kicks the vCPU out every `tickSeconds`; the software engine
+    /// uses its preemption timer, every `tickInstructions` guest instructions.
+    public var tickSeconds: Double?
+    public var tickInstructions: UInt64 = 100_000
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
                 timeoutSeconds: Double? = nil, recordExits: Bool = false) {
@@ -96,6 +102,12 @@ public final class Machine: @unchecked Sendable {
     public let benchPort = BenchPort()
     public let image: ELFImage
     public var hypercalls = HypercallTable()
+    /// Runs on vCPU 0's thread at each timer exit when `configuration.tickSeconds` is set
+    /// (the vCPU is stopped meanwhile). Set before `run()`.
+    public var onTick: (@Sendable () -> Void)?
+    /// Timer exits taken for `onTick`.
+    public var ticks: UInt64 { tickCount.load(ordering: .relaxed) }
+    private let tickCount = Atomic<UInt64>(0)
 
     private let vcpus: [any VCPU]
     private let stopRequested = Atomic<Bool>(false)
@@ -230,6 +242,19 @@ public final class Machine: @unchecked Sendable {
             timer = item
         }
         _ = HostClock.nanosecondsPerTick  // calibrate before the vCPUs start
+        var tickTimer: DispatchSourceTimer?
+        if let period = configuration.tickSeconds {
+            if let sw = vcpus[0] as? SoftwareVirtualCPU {
+                sw.armPreemptionTimer(instructions: configuration.tickInstructions)
+            } else {
+                let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "swiftvisor.tick"))
+                let first = vcpus[0]
+                t.schedule(deadline: .now() + period, repeating: period, leeway: .microseconds(50))
+                t.setEventHandler { first.requestExit() }
+                t.resume()
+                tickTimer = t
+            }
+        }
         let start = monotonicNanoseconds()
         let threads = vcpus.enumerated().map { id, vcpu in
             HostThread(name: "vcpu\(id)") { [self] in
@@ -240,6 +265,7 @@ public final class Machine: @unchecked Sendable {
         threads.forEach { $0.join() }
         let wall = monotonicNanoseconds() - start
         timer?.cancel()
+        tickTimer?.cancel()
 
         let perVCPU = results.withLock { $0 }
         var merged = ExitStatistics()
@@ -325,7 +351,13 @@ public final class Machine: @unchecked Sendable {
                 requestStop(.engineFailure(vcpu: vcpu.id, message: Self.describeInternalError(suberror, data, bytes, try? vcpu.getState())))
                 done = true
             case .interrupted, .preemptionTimer:
-                break
+                if vcpu.id == 0, configuration.tickSeconds != nil, let tick = onTick {
+                    tickCount.add(1, ordering: .relaxed)
+                    tick()
+                    if case .preemptionTimer = exit, let sw = vcpu as? SoftwareVirtualCPU {
+                        sw.armPreemptionTimer(instructions: configuration.tickInstructions)
+                    }
+                }
             case let .exception(vector, code):
                 requestStop(.engineFailure(vcpu: vcpu.id, message: "unhandled exception \(vector) error \(code.map { String($0) } ?? "none")"))
                 done = true

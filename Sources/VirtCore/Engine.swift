@@ -34,6 +34,14 @@ public protocol VM: AnyObject, Sendable {
     var memory: GuestMemory { get }
     /// Creates vCPU `id` (0-based, below `config.vcpuCount`).
     func makeVCPU(id: Int) throws -> any VCPU
+    /// Starts or stops logging which guest pages are written (KVM: the slot's dirty log;
+    /// software engine: the dirty flags of its second-level page table). Starting clears
+    /// the log.
+    func setDirtyLogging(_ enabled: Bool) throws
+    /// The pages written since logging started or since the last fetch, which clears it.
+    /// Callable while vCPUs run on KVM; on the software engine the vCPUs must be out of
+    /// `run()` for the clearing to be exact (see `SecondLevelPageTable`).
+    func fetchDirtyLog() throws -> DirtyBitmap
 }
 
 /// One virtual CPU. `run`, `state` and the completion calls belong to the vCPU's own

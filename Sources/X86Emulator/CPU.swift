@@ -97,6 +97,10 @@ final class CPU {
     let ramSize: UInt64
     let codePages: CodePages
     let codeGens: UnsafeMutablePointer<UInt32>
+    /// The VM's second-level page table (EPT model) and the INVEPT epoch this vCPU's TLB
+    /// was filled under.
+    let secondLevel: SecondLevelPageTable
+    var secondLevelEpoch: UInt64 = 0
 
     /// Value for the MMIO read that stopped the last attempt at the current instruction.
     var pendingMMIORead: (address: UInt64, size: UInt8, value: UInt64)?
@@ -110,6 +114,11 @@ final class CPU {
     var pendingInsValue: UInt64?
     /// Set while an `ins` waits for its value (so `completeRead` knows where it goes).
     var awaitingInsValue = false
+
+    /// An event whose delivery was stopped by an EPT violation, delivered again first
+    /// thing in the next `run()`.
+    struct PendingEvent { var vector: UInt8; var errorCode: UInt32?; var software, fault, external: Bool }
+    var pendingEvent: PendingEvent?
 
     /// nil with one vCPU: nothing to serialise against.
     let atomicLock: AtomicInstructionLock?
@@ -133,6 +142,20 @@ final class CPU {
         static let noExecute: UInt8 = 4
     }
 
+    /// Second-level check of a translation being cached: the EPT violation if `gpa`'s
+    /// page forbids the access; otherwise sets its accessed (and for a write, dirty) flag.
+    @inline(__always)
+    func secondLevelAccess(_ gpa: UInt64, write: Bool, execute: Bool) throws(Fault) {
+        let page = Int(gpa >> 12)
+        let sl = secondLevel
+        if sl.restrictedPages != 0 {
+            let need: UInt8 = write ? 2 : execute ? 4 : 1
+            if sl.permissions[page] & need == 0 { throw .secondLevelViolation(gpa: gpa, access: need) }
+        }
+        if sl.accessed[page] == 0 { sl.accessed[page] = 1 }
+        if write && sl.dirty[page] == 0 { sl.dirty[page] = 1 }
+    }
+
     /// The code page the last instruction came from: tag (linear page << 2 | CPL) and
     /// guest-physical frame. Cleared with the TLB.
     var fetchTag: UInt64 = ~0
@@ -143,8 +166,9 @@ final class CPU {
     let icache: UnsafeMutablePointer<Instr>
     var decodes: UInt64 = 0
 
-    init(memory: GuestMemory, codePages: CodePages, atomicLock: AtomicInstructionLock?) {
+    init(memory: GuestMemory, codePages: CodePages, secondLevel: SecondLevelPageTable, atomicLock: AtomicInstructionLock?) {
         self.atomicLock = atomicLock
+        self.secondLevel = secondLevel
         self.codePages = codePages
         codeGens = codePages.gens
         tlbTags = .allocate(capacity: Self.tlbSize)
@@ -256,22 +280,36 @@ final class CPU {
                     throw pageFault(linear, present: true, write: write, execute: execute, user: user)
                 }
                 let newEntry = entry | 0x20 | (write ? 0x40 : 0)
-                if newEntry != entry { p.pointee = newEntry; entry = newEntry }
+                if newEntry != entry {
+                    try secondLevelAccess(entryAddress, write: true, execute: false)
+                    p.pointee = newEntry
+                    entry = newEntry
+                }
                 let shift = UInt64(12 + 9 * level)
                 let mask: UInt64 = (1 << shift) - 1
                 let gpa = (entry & Self.physicalAddressMask & ~mask) | (linear & mask)
                 if gpa < ramSize {
-                    let page = linear >> 12
-                    let slot = Int(page & UInt64(Self.tlbSize - 1))
-                    tlbTags[slot] = page &+ 1
-                    tlbFrames[slot] = gpa & ~0xFFF
-                    tlbBits[slot] = (writable && entry & 0x40 != 0 ? TLBBits.writeOK : 0) | (userOK ? TLBBits.user : 0)
-                        | (noExecute ? TLBBits.noExecute : 0)
-                    if large { tlbHasLargePages = true }
+                    try secondLevelAccess(gpa, write: write, execute: execute)
+                    let sl = secondLevel.permissions[Int(gpa >> 12)]
+                    // Cache writes only once the second-level dirty flag is set, and only
+                    // what both stages allow (so a cached entry never skips a check).
+                    let writeOK = writable && entry & 0x40 != 0 && sl & 2 != 0 && secondLevel.dirty[Int(gpa >> 12)] != 0
+                    if sl & 1 != 0 {
+                        let page = linear >> 12
+                        let slot = Int(page & UInt64(Self.tlbSize - 1))
+                        tlbTags[slot] = page &+ 1
+                        tlbFrames[slot] = gpa & ~0xFFF
+                        tlbBits[slot] = (writeOK ? TLBBits.writeOK : 0) | (userOK ? TLBBits.user : 0)
+                            | (noExecute || sl & 4 == 0 ? TLBBits.noExecute : 0)
+                        if large { tlbHasLargePages = true }
+                    }
                 }
                 return gpa
             }
-            if entry & 0x20 == 0 { p.pointee = entry | 0x20 }
+            if entry & 0x20 == 0 {
+                try secondLevelAccess(entryAddress, write: true, execute: false)
+                p.pointee = entry | 0x20
+            }
             table = entry & Self.physicalAddressMask
             level -= 1
         }

@@ -12,6 +12,8 @@ enum Fault: Error {
     /// Instruction fetch from a guest-physical address with no RAM behind it (KVM reports
     /// this as an emulation failure).
     case fetchOutsideRAM(gpa: UInt64)
+    /// EPT violation: the second-level page table forbids this access to `gpa`.
+    case secondLevelViolation(gpa: UInt64, access: UInt8)
 
     static let de = Fault.exception(vector: 0, errorCode: nil)
     static let ud = Fault.exception(vector: 6, errorCode: nil)

@@ -278,6 +278,13 @@ extension CPU {
                 try deliver(vector: v, errorCode: code, software: sw, fault: isFault, external: external)
                 return true
             } catch {
+                if case let .secondLevelViolation(gpa, access) = error {
+                    // The VMM resolves the EPT violation; the event is delivered again on
+                    // the next run() (as VMX re-injects an event whose delivery exited).
+                    pendingEvent = PendingEvent(vector: v, errorCode: code, software: sw, fault: isFault, external: external)
+                    exit(.memoryFault(gpa: gpa, access: MemoryAccessKind(rawValue: access)))
+                    return true
+                }
                 guard case let .exception(second, secondCode) = error else { return false }
                 if v == 8 { return false }  // fault while delivering #DF: triple fault
                 let firstClass = Self.isContributory(first) ? 1 : (first == 14 ? 2 : 0)

@@ -18,14 +18,24 @@ public final class SoftwareVirtualMachine: VM, @unchecked Sendable {
     public let config: VMConfig
     let atomicLock = AtomicInstructionLock()
     let codePages: CodePages
+    /// The EPT model: permissions and accessed/dirty flags per guest page.
+    public let secondLevel: SecondLevelPageTable
 
     init(memory: GuestMemory, config: VMConfig) {
         self.memory = memory
         self.config = config
         codePages = CodePages(ramSize: memory.size)
+        secondLevel = SecondLevelPageTable(ramSize: memory.size)
     }
 
     public func makeVCPU(id: Int) throws -> any VCPU { SoftwareVirtualCPU(vm: self, id: id) }
+
+    /// The second-level dirty flags are always kept; enabling only clears them.
+    public func setDirtyLogging(_ enabled: Bool) throws {
+        if enabled { _ = secondLevel.collectDirty() }
+    }
+
+    public func fetchDirtyLog() throws -> DirtyBitmap { secondLevel.collectDirty() }
 
     /// Forgets decoded instructions after the VMM wrote guest memory behind the vCPUs'
     /// backs (loading code, restoring a snapshot, DMA into code pages). Guest writes,
@@ -57,7 +67,7 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
     init(vm: SoftwareVirtualMachine, id: Int) {
         self.vm = vm
         self.id = id
-        cpu = CPU(memory: vm.memory, codePages: vm.codePages, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil)
+        cpu = CPU(memory: vm.memory, codePages: vm.codePages, secondLevel: vm.secondLevel, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil)
     }
 
     /// Arms the preemption timer: `run()` returns `.preemptionTimer` after `instructions`
@@ -82,6 +92,7 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
     /// restore, a new image), so decoded instructions are dropped too.
     public func setState(_ state: VCPUState) throws {
         cpu.load(state)
+        cpu.pendingEvent = nil
         vm.codePages.invalidateAll()
     }
 
@@ -119,6 +130,17 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
 
     public func run() throws -> VMExit {
         let cpu = self.cpu
+        let epoch = vm.secondLevel.epoch
+        if cpu.secondLevelEpoch != epoch {  // INVEPT since the last run
+            cpu.flushTLB()
+            cpu.secondLevelEpoch = epoch
+        }
+        if let e = cpu.pendingEvent {
+            cpu.pendingEvent = nil
+            if !cpu.raise(vector: e.vector, errorCode: e.errorCode, software: e.software, fault: e.fault, external: e.external) {
+                return .shutdown
+            }
+        }
         while true {
             if cpu.attention, let e = takeExit() { return e }
             if exitRequested.load(ordering: .relaxed) && exitRequested.exchange(false, ordering: .acquiring) {
@@ -126,6 +148,7 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
             }
             if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = pending.takeHighest() {
                 if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
+                if cpu.attention { continue }  // delivery stopped at an EPT violation
             }
             var limit = Self.blockSize
             let shadowed = cpu.interruptShadow
@@ -197,6 +220,8 @@ extension CPU {
         case let .softwareInterrupt(vector, checkDPL):
             exceptionCount &+= 1
             if !raise(vector: vector, errorCode: nil, software: checkDPL, fault: false, external: false) { exit(.shutdown) }
+        case let .secondLevelViolation(gpa, access):
+            exit(.memoryFault(gpa: gpa, access: MemoryAccessKind(rawValue: access)))
         case let .fetchOutsideRAM(gpa):
             // KVM_INTERNAL_ERROR_EMULATION, as KVM reports code fetched from MMIO.
             exit(.internalError(suberror: 1, data: [gpa, rip], instructionBytes: []))

@@ -1,0 +1,143 @@
+import Foundation
+import VirtCore
+
+/// A lab's result as a user sees it: a titled table, notes that explain the numbers, a
+/// JSON document and an SVG chart written side by side.
+public struct LabTable: Sendable {
+    public var title: String
+    public var columns: [String]
+    public var rows: [[String]]
+    public var notes: [String] = []
+
+    public init(title: String, columns: [String], rows: [[String]], notes: [String] = []) {
+        self.title = title; self.columns = columns; self.rows = rows; self.notes = notes
+    }
+
+    /// Fixed-width text: the first column left-aligned, numbers right-aligned.
+    public var text: String {
+        var widths = columns.map(\.count)
+        for r in rows { for (i, c) in r.enumerated() where i < widths.count { widths[i] = max(widths[i], c.count) } }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, c in i == 0 ? c.padded(to: widths[i]) : c.leftPadded(to: widths[i]) }
+                .joined(separator: "  ")
+        }
+        var out = title + "\n" + line(columns) + "\n"
+        out += widths.map { String(repeating: "-", count: $0) }.joined(separator: "  ") + "\n"
+        for r in rows { out += line(r) + "\n" }
+        for n in notes { out += "• " + n + "\n" }
+        return out
+    }
+}
+
+/// A grouped bar chart as a standalone SVG document (no dependencies; opens in a browser).
+public struct BarChart: Sendable {
+    public var title: String
+    public var categories: [String]
+    /// One series per bar colour: name and one value per category.
+    public var series: [(name: String, values: [Double])]
+    public var yLabel: String
+    /// Logarithmic y axis (for values that span orders of magnitude, like exit counts).
+    public var logarithmic = false
+
+    public init(title: String, categories: [String], series: [(name: String, values: [Double])], yLabel: String, logarithmic: Bool = false) {
+        self.title = title; self.categories = categories; self.series = series; self.yLabel = yLabel; self.logarithmic = logarithmic
+    }
+
+    static let palette = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948"]
+
+    public var svg: String {
+        let width = 720.0, height = 420.0, left = 80.0, right = 20.0, top = 50.0, bottom = 70.0
+        let plotW = width - left - right, plotH = height - top - bottom
+        let all = series.flatMap(\.values).filter { $0.isFinite }
+        let maxValue = max(all.max() ?? 1, logarithmic ? 10 : 1e-9)
+        func scale(_ v: Double) -> Double {
+            guard v > 0 else { return 0 }
+            if logarithmic {
+                let top = ceil(log10(maxValue))
+                return max(0, log10(max(v, 1))) / max(top, 1) * plotH
+            }
+            return v / (maxValue * 1.1) * plotH
+        }
+        var s = """
+            <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(width))" height="\(Int(height))" font-family="sans-serif" font-size="12">
+            <rect width="100%" height="100%" fill="white"/>
+            <text x="\(width / 2)" y="24" text-anchor="middle" font-size="15">\(Self.escape(title))</text>
+            <line x1="\(left)" y1="\(top + plotH)" x2="\(left + plotW)" y2="\(top + plotH)" stroke="black"/>
+            <line x1="\(left)" y1="\(top)" x2="\(left)" y2="\(top + plotH)" stroke="black"/>
+            <text x="16" y="\(top + plotH / 2)" transform="rotate(-90 16 \(top + plotH / 2))" text-anchor="middle">\(Self.escape(yLabel + (logarithmic ? " (log scale)" : "")))</text>
+
+            """
+        // Axis ticks.
+        let tickValues: [Double] = logarithmic
+            ? (0...Int(ceil(log10(maxValue)))).map { pow(10, Double($0)) }
+            : (0...4).map { Double($0) * maxValue * 1.1 / 4 }
+        for t in tickValues {
+            let y = top + plotH - scale(t)
+            s += "<line x1=\"\(left - 4)\" y1=\"\(y)\" x2=\"\(left)\" y2=\"\(y)\" stroke=\"black\"/>"
+            s += "<text x=\"\(left - 6)\" y=\"\(y + 4)\" text-anchor=\"end\">\(Self.short(t))</text>\n"
+        }
+        let groupW = plotW / Double(max(categories.count, 1))
+        let barW = groupW * 0.8 / Double(max(series.count, 1))
+        for (ci, c) in categories.enumerated() {
+            let gx = left + Double(ci) * groupW + groupW * 0.1
+            for (si, ser) in series.enumerated() where ci < ser.values.count {
+                let v = ser.values[ci]
+                let h = scale(v)
+                let x = gx + Double(si) * barW
+                s += "<rect x=\"\(x)\" y=\"\(top + plotH - h)\" width=\"\(barW * 0.95)\" height=\"\(h)\" fill=\"\(Self.palette[si % Self.palette.count])\"/>"
+                s += "<text x=\"\(x + barW / 2)\" y=\"\(top + plotH - h - 4)\" text-anchor=\"middle\" font-size=\"10\">\(Self.short(v))</text>\n"
+            }
+            s += "<text x=\"\(gx + groupW * 0.4)\" y=\"\(top + plotH + 18)\" text-anchor=\"middle\">\(Self.escape(c))</text>\n"
+        }
+        for (si, ser) in series.enumerated() {
+            let x = left + Double(si) * 160
+            s += "<rect x=\"\(x)\" y=\"\(height - 24)\" width=\"12\" height=\"12\" fill=\"\(Self.palette[si % Self.palette.count])\"/>"
+            s += "<text x=\"\(x + 16)\" y=\"\(height - 14)\">\(Self.escape(ser.name))</text>\n"
+        }
+        return s + "</svg>\n"
+    }
+
+    static func short(_ v: Double) -> String {
+        let a = abs(v)
+        if a >= 1e9 { return String(format: "%.1fG", v / 1e9) }
+        if a >= 1e6 { return String(format: "%.1fM", v / 1e6) }
+        if a >= 1e4 { return String(format: "%.0fk", v / 1e3) }
+        if a >= 100 || v == v.rounded() { return String(format: "%.0f", v) }
+        return String(format: "%.3g", v)
+    }
+
+    static func escape(_ s: String) -> String {
+        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+    }
+}
+
+public enum LabOutputError: Error, CustomStringConvertible {
+    case cannotWrite(path: String, reason: String)
+    public var description: String {
+        switch self {
+        case let .cannotWrite(path, reason): return "cannot write \(path): \(reason)"
+        }
+    }
+}
+
+/// Writes `<directory>/<name>.json` and `<name>.svg`, atomically (temporary file, then
+/// rename), and returns their paths.
+public func writeLabOutputs<R: Encodable>(name: String, directory: String, result: R, chart: BarChart) throws -> (json: String, svg: String) {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    let json = try encoder.encode(result)
+    let dir = URL(fileURLWithPath: directory)
+    do {
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    } catch {
+        throw LabOutputError.cannotWrite(path: directory, reason: "\(error.localizedDescription)")
+    }
+    let jsonURL = dir.appendingPathComponent(name + ".json"), svgURL = dir.appendingPathComponent(name + ".svg")
+    do {
+        try json.write(to: jsonURL, options: .atomic)
+        try Data(chart.svg.utf8).write(to: svgURL, options: .atomic)
+    } catch {
+        throw LabOutputError.cannotWrite(path: jsonURL.path, reason: "\(error.localizedDescription)")
+    }
+    return (jsonURL.path, svgURL.path)
+}

@@ -1,0 +1,132 @@
+import Devices
+import Foundation
+import GuestImages
+import VirtCore
+import VMM
+
+/// Scenario S1: the same status device as trapped port-I/O registers and as registers on
+/// a shared guest page that the VMM scans on a timer. The `status-device` guest makes
+/// `reads` status reads and `writes` control writes at CPL3 in each form.
+public struct PioVsMmioLab: Sendable {
+    public var engine: EngineChoice
+    public var reads: UInt64 = 1_000_000
+    public var writes: UInt64 = 10_000
+    /// KVM: how often the host timer kicks the vCPU to scan the page.
+    public var tickSeconds = 0.001
+    /// Software engine: preemption-timer period in guest instructions.
+    public var tickInstructions: UInt64 = 100_000
+
+    public init(engine: EngineChoice) { self.engine = engine }
+
+    public struct Form: Codable, Sendable {
+        public var form: String
+        public var exits: UInt64
+        /// Exits by reason name.
+        public var exitsByReason: [String: UInt64]
+        public var wallSeconds: Double
+        public var handledControlWrites: UInt64
+        public var controlWritesIssued: UInt64
+        public var statusReads: UInt64
+        /// Timer ticks (page form: scans of the dirty state).
+        public var ticks: UInt64
+        /// Scans that found the page written.
+        public var dirtyScans: UInt64
+        public var guestOutput: String
+    }
+
+    public struct Result: Codable, Sendable {
+        public var engine: String
+        public var cpl: Int = 3
+        public var tick: String
+        public var forms: [Form]
+    }
+
+    public enum Failure: Error, CustomStringConvertible {
+        case guestFailed(form: String, reason: String, output: String)
+        public var description: String {
+            switch self {
+            case let .guestFailed(form, reason, output): return "\(form) form: \(reason); guest output: \(output)"
+            }
+        }
+    }
+
+    public func run() throws -> Result {
+        let port = try runForm(page: false)
+        let page = try runForm(page: true)
+        let tick = engine == .kvm ? "host timer every \(tickSeconds * 1000) ms" : "preemption timer every \(tickInstructions) instructions"
+        return Result(engine: engine.rawValue, tick: tick, forms: [port, page])
+    }
+
+    func runForm(page: Bool) throws -> Form {
+        let guest = try GuestProgram.load("status-device")
+        var config = MachineConfiguration(memorySize: 32 << 20, commandLine: "reads=\(reads) writes=\(writes) page=\(page ? 1 : 0)",
+                                          timeoutSeconds: 600)
+        let output = SerialBuffer()
+        let engine = try EngineSelection.make(self.engine)
+        if page {
+            config.tickSeconds = tickSeconds
+            config.tickInstructions = tickInstructions
+        }
+        let machine = try Machine(image: guest, configuration: config, engine: engine, serialOutput: output.append)
+        let device = StatusDevice()
+        try machine.bus.attach(device, firstPort: StatusDevice.firstPort, count: StatusDevice.portCount)
+        var statusPage: StatusPage?
+        if page {
+            let sp = try StatusPage(memory: machine.memory, address: BootLayout.statusPageAddress)
+            try machine.listDevice(type: .statusPage, base: sp.address, size: 4096)
+            try machine.vm.setDirtyLogging(true)
+            let vm = machine.vm
+            machine.onTick = {
+                // The vCPU is stopped at this timer exit: fetch the log, then serve the page.
+                let written = (try? vm.fetchDirtyLog()[sp.pageNumber]) ?? false
+                _ = try? sp.scan(pageWasWritten: written)
+            }
+            statusPage = sp
+        }
+        let result = try machine.run()
+        let text = output.text
+        guard result.stopReason == .exitPort(status: 0) else {
+            throw Failure.guestFailed(form: page ? "page" : "port", reason: result.stopReason.summary, output: text)
+        }
+        var byReason: [String: UInt64] = [:]
+        for r in ExitReason.allCases where result.statistics[r].count > 0 { byReason[r.name] = result.statistics[r].count }
+        return Form(form: page ? "shared page" : "port I/O", exits: result.statistics.totalExits, exitsByReason: byReason,
+                    wallSeconds: Double(result.wallNanoseconds) / 1e9,
+                    handledControlWrites: page ? statusPage?.handledCommands ?? 0 : device.handledCommands,
+                    controlWritesIssued: writes, statusReads: reads, ticks: machine.ticks,
+                    dirtyScans: statusPage?.dirtyScans ?? 0, guestOutput: text)
+    }
+
+    public static func table(_ r: Result) -> LabTable {
+        let rows = r.forms.map { f in
+            [f.form, String(f.statusReads), String(f.controlWritesIssued), String(f.exits),
+             String(format: "%.3f", f.wallSeconds), String(f.handledControlWrites), String(f.ticks)]
+        }
+        var notes: [String] = []
+        if r.forms.count == 2 {
+            let (p, s) = (r.forms[0], r.forms[1])
+            notes.append("port form: every status read and control write is an exit (\(p.exits) exits for \(p.statusReads + p.controlWritesIssued) accesses), "
+                + String(format: "%.2f µs of wall time per access.", p.wallSeconds * 1e6 / Double(max(p.statusReads + p.controlWritesIssued, 1))))
+            notes.append("page form: accesses are plain memory operations; the \(s.exits) exits are the timer's (\(s.ticks) ticks, \(s.dirtyScans) found the page dirty) plus the guest's console and exit. "
+                + "Control writes between two scans are handled together, so the page form trades exits for latency: up to one tick (\(r.tick)).")
+            if s.wallSeconds > 0 { notes.append(String(format: "wall-time ratio port/page: %.1f×", p.wallSeconds / s.wallSeconds)) }
+        }
+        return LabTable(title: "S1 status device: trapped port I/O vs shared page (\(r.engine) engine, guest at CPL3)",
+                        columns: ["form", "status reads", "control writes", "exits", "wall s", "handled writes", "timer ticks"],
+                        rows: rows, notes: notes)
+    }
+
+    public static func chart(_ r: Result) -> BarChart {
+        BarChart(title: "S1 on the \(r.engine) engine: exits and wall time", categories: r.forms.map(\.form),
+                 series: [("exits", r.forms.map { Double($0.exits) }), ("wall time (µs)", r.forms.map { $0.wallSeconds * 1e6 })],
+                 yLabel: "count / µs", logarithmic: true)
+    }
+}
+
+/// Collects a guest's serial output (from the vCPU thread).
+final class SerialBuffer: @unchecked Sendable {
+    private var bytes: [UInt8] = []
+    private let lock = NSLock()
+    func append(_ b: UInt8) { lock.withLock { bytes.append(b) } }
+    var text: String { lock.withLock { String(decoding: bytes, as: UTF8.self) } }
+}

@@ -1,0 +1,102 @@
+import Synchronization
+import VirtCore
+
+/// The model of EPT: the second translation stage, guest-physical → host memory, with
+/// read/write/execute permissions and accessed/dirty flags for every 4 KiB page of guest
+/// RAM. (The mapping itself is the identity onto the VM's memfd: what the model adds is
+/// the permission and A/D state the hardware keeps in its EPT entries.)
+///
+/// Like EPT, it is consulted when a translation is cached: a vCPU's TLB entry allows
+/// writes only after the page's dirty flag was set by a write, so later writes to the page
+/// cost nothing. Changing permissions or clearing flags therefore needs the cached
+/// translations dropped — INVEPT: `invalidate()`, which every vCPU of the VM honours when
+/// it next enters `run()`. Make such changes while the vCPUs are out of `run()` (stopped
+/// at an exit), as a VMM pauses vCPUs around INVEPT.
+///
+/// A guest access the permissions forbid is an EPT violation: the instruction is not
+/// executed and `run()` returns `.memoryFault(gpa:access:)`; it restarts on the next
+/// `run()`, after the VMM has changed the permissions (copy-on-write, say).
+public final class SecondLevelPageTable: @unchecked Sendable {
+    public static let pageSize: UInt64 = 4096
+    public let pageCount: Int
+
+    /// Per page: `Permissions` bits. Written by the VMM only.
+    let permissions: UnsafeMutablePointer<UInt8>
+    /// Per page: 1 once read or written through a translation since last cleared. Separate
+    /// byte arrays so concurrent vCPUs set flags with plain stores (no read-modify-write).
+    let accessed: UnsafeMutablePointer<UInt8>
+    let dirty: UnsafeMutablePointer<UInt8>
+    private let epochCounter = Atomic<UInt64>(0)
+    /// Pages that lack a permission, so fills can skip the permission check when zero.
+    private(set) var restrictedPages = 0
+
+    public struct Permissions: OptionSet, Sendable {
+        public let rawValue: UInt8
+        public init(rawValue: UInt8) { self.rawValue = rawValue }
+        public static let read = Permissions(rawValue: 1)
+        public static let write = Permissions(rawValue: 2)
+        public static let execute = Permissions(rawValue: 4)
+        public static let all: Permissions = [.read, .write, .execute]
+    }
+
+    init(ramSize: UInt64) {
+        pageCount = Int((ramSize + Self.pageSize - 1) / Self.pageSize)
+        let n = max(pageCount, 1)
+        permissions = .allocate(capacity: n)
+        permissions.initialize(repeating: Permissions.all.rawValue, count: n)
+        accessed = .allocate(capacity: n)
+        accessed.initialize(repeating: 0, count: n)
+        dirty = .allocate(capacity: n)
+        dirty.initialize(repeating: 0, count: n)
+    }
+
+    deinit {
+        permissions.deallocate()
+        accessed.deallocate()
+        dirty.deallocate()
+    }
+
+    /// Bumped by `invalidate()`; vCPUs compare it with the value their TLB was filled under.
+    var epoch: UInt64 { epochCounter.load(ordering: .acquiring) }
+
+    /// INVEPT: every vCPU drops its cached translations when it next enters `run()`.
+    public func invalidate() { epochCounter.add(1, ordering: .releasing) }
+
+    public func permissions(page: Int) -> Permissions {
+        precondition(page >= 0 && page < pageCount, "page \(page) outside guest RAM")
+        return Permissions(rawValue: permissions[page])
+    }
+
+    /// Sets the permissions of `pages`, then invalidates.
+    public func setPermissions(_ p: Permissions, pages: Range<Int>) {
+        precondition(pages.lowerBound >= 0 && pages.upperBound <= pageCount, "pages outside guest RAM")
+        for i in pages {
+            let was = permissions[i] != Permissions.all.rawValue
+            let now = p != .all
+            restrictedPages += (now ? 1 : 0) - (was ? 1 : 0)
+            permissions[i] = p.rawValue
+        }
+        invalidate()
+    }
+
+    public func isDirty(page: Int) -> Bool { page >= 0 && page < pageCount && dirty[page] != 0 }
+    public func isAccessed(page: Int) -> Bool { page >= 0 && page < pageCount && accessed[page] != 0 }
+
+    /// The dirty flags of `pages` as a bitmap over all of RAM, clearing them (and the
+    /// accessed flags when `clearAccessed`), then invalidates so the next write to each
+    /// page sets its flag again.
+    public func collectDirty(pages: Range<Int>? = nil, clearAccessed: Bool = false) -> DirtyBitmap {
+        let range = pages ?? 0..<pageCount
+        precondition(range.lowerBound >= 0 && range.upperBound <= pageCount, "pages outside guest RAM")
+        var bitmap = DirtyBitmap(pageCount: pageCount)
+        for i in range {
+            if dirty[i] != 0 {
+                bitmap[i] = true
+                dirty[i] = 0
+            }
+            if clearAccessed { accessed[i] = 0 }
+        }
+        invalidate()
+        return bitmap
+    }
+}

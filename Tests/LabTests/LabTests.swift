@@ -1,0 +1,61 @@
+import Foundation
+import Testing
+@testable import Lab
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
+
+@Suite struct LabReportTests {
+    @Test func tableAlignsColumnsAndKeepsNotes() {
+        let t = LabTable(title: "T", columns: ["form", "exits"], rows: [["port", "1000000"], ["page", "12"]], notes: ["why"])
+        let lines = t.text.split(separator: "\n").map(String.init)
+        #expect(lines[0] == "T")
+        #expect(lines[1] == "form    exits")
+        #expect(lines[3] == "port  1000000")
+        #expect(lines[4] == "page       12")
+        #expect(lines[5] == "• why")
+    }
+
+    @Test func chartIsWellFormedSVGWithOneBarPerValue() {
+        let c = BarChart(title: "a < b", categories: ["x", "y"], series: [("s1", [1, 1000]), ("s2", [10, 0])], yLabel: "n", logarithmic: true)
+        let svg = c.svg
+        #expect(svg.hasPrefix("<svg"))
+        #expect(svg.hasSuffix("</svg>\n"))
+        #expect(svg.contains("a &lt; b"))
+        #expect(svg.components(separatedBy: "<rect x=").count - 1 == 4 + 2)  // 4 bars + 2 legend swatches
+    }
+
+    @Test func outputsAreWrittenNextToEachOther() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("lab-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let files = try writeLabOutputs(name: "r", directory: dir, result: ["a": 1], chart: BarChart(title: "t", categories: ["a"], series: [("s", [1])], yLabel: "y"))
+        #expect(try String(contentsOfFile: files.json, encoding: .utf8).contains("\"a\" : 1"))
+        #expect(try String(contentsOfFile: files.svg, encoding: .utf8).hasPrefix("<svg"))
+    }
+}
+
+/// S1 at a reduced size: the shapes the lab exists to show must hold on each engine.
+@Suite struct PioVsMmioLabTests {
+    static var engines: [EngineChoice] { kvmUsable ? [.kvm, .software] : [.software] }
+
+    @Test(arguments: engines)
+    func portFormExitsPerAccessAndPageFormDoesNot(engine: EngineChoice) throws {
+        var lab = PioVsMmioLab(engine: engine)
+        lab.reads = 20_000
+        lab.writes = 200
+        lab.tickInstructions = 20_000
+        let r = try lab.run()
+        let port = r.forms[0], page = r.forms[1]
+        #expect(port.exits >= 20_200)  // every access, plus console and exit
+        #expect(port.handledControlWrites == 200)
+        #expect(page.handledControlWrites == 200)  // all handled, in batches
+        #expect(page.exits < port.exits / 10)
+        #expect(page.ticks > 0)
+        #expect(page.dirtyScans > 0 && page.dirtyScans <= page.ticks)
+        #expect(port.guestOutput.contains("port form, 20000 reads, 200 control writes"))
+        #expect(page.guestOutput.contains("page form, 20000 reads, 200 control writes"))
+    }
+}
