@@ -1,0 +1,41 @@
+// summary: virtio-net: role=ping sends count=N frames and waits for each echo; role=pong echoes N frames back
+#include "virtio.h"
+
+static uint8_t frame[1514];
+
+int guest_main(const struct sv_boot_info *bi, unsigned cpu) {
+    (void)bi;
+    if (cpu != 0) return 0;
+    int ping = sv_cmdline_u64("pong", 0) == 0;
+    unsigned count = (unsigned)sv_cmdline_u64("count", 10);
+    int irq = (int)sv_cmdline_u64("irq", 1);
+    struct virtio_dev d;
+    int r = virtio_net_open(&d, 0, irq);
+    if (r) { sv_printf("net: no usable virtio-net device (%d)\n", r); return 2; }
+    uint8_t mac[6];
+    virtio_net_mac(&d, mac);
+    sv_printf("net: %s, mac %02x:%02x:%02x:%02x:%02x:%02x\n", ping ? "ping" : "pong", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]);
+    unsigned ok = 0;
+    for (unsigned i = 0; i < count; i++) {
+        if (ping) {
+            memset(frame, 0xFF, 6);                 /* broadcast */
+            memcpy(frame + 6, mac, 6);
+            frame[12] = 0x88; frame[13] = 0xB5;     /* local experimental EtherType */
+            memcpy(frame + 14, &i, sizeof i);
+            if (virtio_net_send(&d, frame, 60)) { sv_printf("net: send failed\n"); return 3; }
+            int n = virtio_net_recv(&d, frame, sizeof frame, 1);
+            unsigned seq;
+            memcpy(&seq, frame + 14, sizeof seq);
+            if (n >= 18 && seq == i && memcmp(frame, mac, 6) == 0) ok++;
+        } else {
+            int n = virtio_net_recv(&d, frame, sizeof frame, 1);
+            if (n < 14) continue;
+            memcpy(frame, frame + 6, 6);            /* back to the sender */
+            memcpy(frame + 6, mac, 6);
+            if (virtio_net_send(&d, frame, (uint32_t)n)) { sv_printf("net: send failed\n"); return 3; }
+            ok++;
+        }
+    }
+    sv_printf("net: %s %u of %u frames\n", ping ? "echoed" : "answered", ok, count);
+    return ok == count ? 0 : 1;
+}

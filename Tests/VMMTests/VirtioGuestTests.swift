@@ -1,0 +1,78 @@
+import Devices
+import Foundation
+import GuestImages
+import KVMEngine
+import Testing
+import VirtCore
+@testable import VMM
+import X86Emulator
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A temporary raw disk image; removed on deinit.
+final class TemporaryDisk {
+    let path: String
+    init(sectors: Int, sector0: String) throws {
+        path = FileManager.default.temporaryDirectory.appendingPathComponent("swiftvisor-disk-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).img").path
+        var bytes = [UInt8](repeating: 0, count: sectors * 512)
+        bytes.replaceSubrange(0..<sector0.utf8.count, with: Array(sector0.utf8))
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+    }
+    deinit { unlink(path) }
+    func sector(_ n: Int) throws -> [UInt8] {
+        let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        return Array(data[(n * 512)..<((n + 1) * 512)])
+    }
+}
+
+func makeEngine(_ name: String) throws -> any Engine { name == "kvm" ? try KVMEngine() : SoftwareEngine() }
+let bothEngines = kvmUsable ? ["kvm", "software"] : ["software"]
+
+func machine(_ guestName: String, engine: String, commandLine: String = "", capture: SerialCapture) throws -> Machine {
+    let guest = try #require(BundledGuests.named(guestName))
+    return try Machine(image: try ELFImage(bytes: guest.elf),
+                       configuration: MachineConfiguration(memorySize: 32 << 20, commandLine: commandLine, timeoutSeconds: 120),
+                       engine: try makeEngine(engine), serialOutput: capture.append)
+}
+
+@Suite struct VirtioBlockGuestTests {
+    @Test(arguments: bothEngines, [true, false])
+    func guestReadsAndWritesTheImageFile(engine: String, interrupts: Bool) throws {
+        let disk = try TemporaryDisk(sectors: 64, sector0: "boot sector of a test image\n")
+        let capture = SerialCapture()
+        let m = try machine("disk", engine: engine, commandLine: "irq=\(interrupts ? 1 : 0)", capture: capture)
+        let transport = try m.addVirtioBlock(path: disk.path)
+        let r = try m.run()
+        #expect(r.stopReason == .exitPort(status: 0), "\(capture.text)")
+        let lines = capture.text.split(separator: "\n").map(String.init)
+        #expect(lines.first == "disk: 64 sectors, \(interrupts ? "interrupts" : "polling")")
+        #expect(lines.dropFirst().first == "disk: sector 0: boot sector of a test image")
+        #expect(lines.contains("disk: read past the end: status 1"))
+        let expected = Array("written by the disk guest through virtio-blk\n".utf8)
+        #expect(try Array(disk.sector(1).prefix(expected.count)) == expected)  // the host sees the write
+        #expect(!transport.needsReset)
+    }
+
+    @Test(arguments: bothEngines)
+    func readOnlyImageRefusesWritesAndStaysUnchanged(engine: String) throws {
+        let disk = try TemporaryDisk(sectors: 8, sector0: "read-only\n")
+        let before = try disk.sector(1)
+        let capture = SerialCapture()
+        let m = try machine("disk", engine: engine, capture: capture)
+        try m.addVirtioBlock(path: disk.path, readOnly: true)
+        let r = try m.run()
+        #expect(r.stopReason == .exitPort(status: 0), "\(capture.text)")
+        #expect(capture.text.contains("disk: 8 sectors, read-only"))
+        #expect(capture.text.contains("write to a read-only disk refused (IOERR)"))
+        #expect(try disk.sector(1) == before)
+    }
+
+    @Test func missingImageIsAClearError() throws {
+        let capture = SerialCapture()
+        let m = try machine("disk", engine: "software", capture: capture)
+        #expect {
+            try m.addVirtioBlock(path: "/nonexistent/disk.img")
+        } throws: { "\($0)".contains("does not exist") }
+    }
+}
