@@ -28,7 +28,7 @@ let package = Package(
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
         .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
         // Experiments reproducing the source text's scenarios; tables, JSON and SVG charts.
-        .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages"]),
+        .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages", "X86Emulator"]),
         .executableTarget(name: "swiftvisor", dependencies: [
             "VMM", "Lab", "GuestImages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -26,6 +26,9 @@ struct sv_boot_info {
 
 #define SV_MAX_CPUS 16
 #define SV_BENCH_PORT 0x80
+/* Marker port: labs timestamp writes to it on the host (start/end of a measured phase). */
+#define SV_MARK_PORT 0x81
+static inline void sv_mark(uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"((uint16_t)SV_MARK_PORT)); }
 #define SV_EXIT_PORT 0xF4
 
 /* Each guest defines this; it runs on every vCPU. The boot CPU's return value becomes

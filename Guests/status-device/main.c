@@ -47,7 +47,9 @@ int guest_main(const struct sv_boot_info *bi, unsigned cpu) {
         if (!d) { sv_printf("status-device: no status page in boot info\n"); return 2; }
         j.sp = (struct status_page *)d->base;
     }
+    sv_mark(1);
     sv_run_user(run, &j);
+    sv_mark(2);
     sv_printf("status-device: %s form, %llu reads, %llu control writes, status sum %llu\n",
               j.page ? "page" : "port", (unsigned long long)j.reads, (unsigned long long)j.writes, (unsigned long long)j.sum);
     return 0;

@@ -26,3 +26,51 @@ extension Machine {
         }
     }
 }
+
+/// A network attachment as the command line names it: `switch:NAME` (a learning switch
+/// shared by the VMs of this process) or `tap:IFNAME` (a host TAP interface).
+public enum NetworkAttachment: Sendable, Equatable, CustomStringConvertible {
+    case networkSwitch(String)
+    case tap(String)
+
+    public init?(_ text: String) {
+        let parts = text.split(separator: ":", maxSplits: 1).map(String.init)
+        guard parts.count == 2, !parts[1].isEmpty else { return nil }
+        switch parts[0] {
+        case "switch": self = .networkSwitch(parts[1])
+        case "tap": self = .tap(parts[1])
+        default: return nil
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case let .networkSwitch(name): return "switch:\(name)"
+        case let .tap(name): return "tap:\(name)"
+        }
+    }
+
+    /// A fresh backend: a new port on the named switch, or the TAP interface opened.
+    public func makeBackend() throws -> any NetworkBackend {
+        switch self {
+        case let .networkSwitch(name): return NetworkSwitch.named(name).makePort()
+        case let .tap(name): return try TAPBackend(interfaceName: name)
+        }
+    }
+}
+
+extension Machine {
+    /// virtio-net on `backend`, with `mac` (default: a random locally administered one).
+    @discardableResult
+    public func addVirtioNet(backend: any NetworkBackend, mac: MACAddress = .random()) throws -> VirtioMMIOTransport {
+        try addVirtioDevice(VirtioNet(mac: mac, backend: backend), name: "virtio-net")
+    }
+
+    /// The emulated register-interface NIC (scenario S2) on `backend`.
+    @discardableResult
+    public func addEmulatedNIC(backend: any NetworkBackend, mac: MACAddress = .random()) throws -> EmulatedNIC {
+        try addMMIODevice(type: .emulatedNIC) { slot in
+            EmulatedNIC(memory: memory, backend: backend, mac: mac, interrupt: slot.interrupt, name: "emulated-nic@\(slot.index)")
+        }
+    }
+}

@@ -11,7 +11,7 @@ struct LabCommand: ParsableCommand {
             Each lab prints a table that explains its numbers, and writes <name>.json and
             <name>.svg (a chart) into --output (default: lab-results/).
             """,
-        subcommands: [PioVsMmio.self])
+        subcommands: [PioVsMmio.self, ParavirtVsEmulated.self])
 }
 
 /// Options every lab takes.
@@ -81,6 +81,55 @@ struct PioVsMmio: ParsableCommand {
             print(String(decoding: try encoder.encode(result), as: UTF8.self))
         } else {
             print(PioVsMmioLab.table(result).text, terminator: "")
+            print("wrote \(files.json) and \(files.svg)")
+        }
+    }
+}
+
+struct ParavirtVsEmulated: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "paravirt-vs-emulated",
+        abstract: "S2: the same packet workload over an emulated register-interface NIC and over virtio-net.",
+        discussion: """
+            The 'net-bench' guest sends N frames at CPL3, polling: through the emulated NIC
+            (buffer address, length and a command written to MMIO registers, then a status
+            read — five exits per frame) and through virtio-net (B frames queued, one notify).
+            A calibration run measures one exit's cost on the same engine; the model predicts
+            packets/s from exits per packet alone.
+            """)
+
+    @OptionGroup var options: LabOptions
+
+    @Option(name: .long, help: "Frames per device.")
+    var packets: UInt64 = 20_000
+
+    @Option(name: .long, help: "Frame size in bytes (22–1514).")
+    var size: UInt64 = 256
+
+    @Option(name: .long, help: "virtio-net frames per notify (1–32).")
+    var batch: UInt64 = 32
+
+    func validate() throws {
+        guard packets > 0 else { throw ValidationError("--packets must be positive") }
+        guard (22...1514).contains(size) else { throw ValidationError("--size must be 22–1514") }
+        guard (1...32).contains(batch) else { throw ValidationError("--batch must be 1–32") }
+    }
+
+    func run() throws {
+        var lab = ParavirtVsEmulatedLab(engine: options.resolvedEngine())
+        lab.packets = packets
+        lab.size = size
+        lab.batch = batch
+        FileHandle.standardError.write(Data("lab paravirt-vs-emulated: \(lab.engine.rawValue) engine, \(packets) frames per device…\n".utf8))
+        let result = try lab.run()
+        let files = try writeLabOutputs(name: "paravirt-vs-emulated-\(lab.engine.rawValue)", directory: options.output,
+                                        result: result, chart: ParavirtVsEmulatedLab.chart(result))
+        if options.json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(result), as: UTF8.self))
+        } else {
+            print(ParavirtVsEmulatedLab.table(result).text, terminator: "")
             print("wrote \(files.json) and \(files.svg)")
         }
     }

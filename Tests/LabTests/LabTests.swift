@@ -59,3 +59,20 @@ let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
         #expect(page.guestOutput.contains("page form, 20000 reads, 200 control writes"))
     }
 }
+
+/// S2 at a reduced size: exits per packet follow the device protocols on each engine.
+@Suite struct ParavirtVsEmulatedLabTests {
+    @Test(arguments: PioVsMmioLabTests.engines)
+    func emulatedNICCostsFiveExitsPerPacketAndVirtioFarFewer(engine: EngineChoice) throws {
+        var lab = ParavirtVsEmulatedLab(engine: engine)
+        lab.packets = 640
+        let r = try lab.run()
+        let nic = r.forms[0], virtio = r.forms[1]
+        #expect(nic.framesSeen == 640 && virtio.framesSeen == 640)
+        #expect(nic.exitsPerPacket >= 5 && nic.exitsPerPacket < 5.1)  // plus a few probe reads
+        #expect(virtio.exitsPerPacket < 0.2)  // a notify per 32 frames, plus setup
+        #expect(r.exitNanoseconds > 0)
+        #expect((nic.guestInstructionsPerPacket != nil) == (engine == .software))
+        #expect(ParavirtVsEmulatedLab.table(r).rows.count == 2)
+    }
+}
