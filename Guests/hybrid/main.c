@@ -2,7 +2,7 @@
 #include "virtio.h"
 
 static uint8_t sector[512] __attribute__((aligned(512)));
-static uint8_t frame[1514];
+static uint8_t frame[1514], reply[1514];
 
 int guest_main(const struct sv_boot_info *bi, unsigned cpu) {
     (void)bi;
@@ -20,10 +20,19 @@ int guest_main(const struct sv_boot_info *bi, unsigned cpu) {
     memcpy(frame + 6, mac, 6);
     frame[12] = 0x88; frame[13] = 0xB5;
     memcpy(frame + 14, sector, 64);
-    if (virtio_net_send(&net, frame, 14 + 64)) { sv_printf("hybrid: send failed\n"); return 3; }
+    /* Resend until the peer's echo arrives (it may not be listening yet). */
+    int n = -1;
+    for (unsigned attempt = 0; attempt < 1000 && n < 0; attempt++) {
+        if (virtio_net_send(&net, frame, 14 + 64)) { sv_printf("hybrid: send failed\n"); return 3; }
+        uint64_t deadline = sv_rdtsc() + 20000000;
+        while (n < 0 && sv_rdtsc() < deadline) {
+            n = virtio_net_recv(&net, reply, sizeof reply, 0);
+            if (n >= 0 && memcmp(reply, mac, 6) != 0) n = -1;  /* not for us */
+        }
+    }
     sv_printf("hybrid: sent 64 bytes of sector 0 to the network\n");
-    int n = virtio_net_recv(&net, frame, sizeof frame, 1);
-    if (n < 14 + 64 || memcmp(frame + 14, sector, 64) != 0) { sv_printf("hybrid: bad echo (%d bytes)\n", n); return 4; }
+    if (n < 14 + 64 || memcmp(reply + 14, sector, 64) != 0) { sv_printf("hybrid: bad echo (%d bytes)\n", n); return 4; }
+    memcpy(frame, reply, sizeof reply);
     memset(sector, 0, sizeof sector);
     memcpy(sector, frame + 14, 64);
     if (virtio_blk_write(&blk, 2, sector, 1) || virtio_blk_flush(&blk)) { sv_printf("hybrid: disk write failed\n"); return 5; }

@@ -5,11 +5,11 @@ import Glibc
 
 /// A joinable OS thread (one per vCPU). Foundation's Thread cannot be joined, and the
 /// run loop wants a plain thread with nothing else scheduled on it.
-final class HostThread: @unchecked Sendable {
+public final class HostThread: @unchecked Sendable {
     private var thread = pthread_t()
     private final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
 
-    init(name: String, _ body: @escaping @Sendable () -> Void) {
+    public init(name: String, _ body: @escaping @Sendable () -> Void) {
         let box = Unmanaged.passRetained(Box {
             ckvm_set_thread_name(name)
             body()
@@ -22,5 +22,5 @@ final class HostThread: @unchecked Sendable {
         precondition(rc == 0, "pthread_create failed: \(rc)")
     }
 
-    func join() { pthread_join(thread, nil) }
+    public func join() { pthread_join(thread, nil) }
 }

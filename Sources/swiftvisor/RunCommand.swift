@@ -3,6 +3,7 @@ import Foundation
 import Devices
 import GuestImages
 import VMM
+import Synchronization
 import VirtCore
 #if canImport(Glibc)
 import Glibc
@@ -10,18 +11,30 @@ import Glibc
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Boot a guest and stream its serial console.",
+        abstract: "Boot one guest (or several, side by side) and stream the serial console.",
         discussion: """
             GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static
-            ELF64 x86-64 executable linked at 1 MiB (docs/guest-abi.md). The guest's COM1
-            output goes to standard output and standard input is fed to COM1. swiftvisor
-            exits with the status the guest writes to port 0xF4; 124 on --timeout; 125 if
-            the VM failed (triple fault, engine error, bad image).
+            ELF64 x86-64 executable linked at 1 MiB (docs/guest-abi.md), optionally followed
+            by its own command line in the same argument: 'net-ping pong=1 count=5'.
+            Several GUESTs run as several VMs of this process with the same options; each
+            gets its own NICs and consoles (--net switch:NAME connects them). With more than one VM,
+            output lines are prefixed with [vm0], [vm1], …; standard input goes to vm0.
+
+            Devices: --disk PATH[,ro][,vm=N] adds a virtio-blk disk backed by a raw image
+            file to vm0 (or vmN); the image is locked while in use; --net
+            switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME;
+            --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN);
+            --virtio-console adds a virtio console on standard output; --nic switch:NAME
+            adds the emulated register-interface NIC.
+
+            swiftvisor exits with the status the guest writes to port 0xF4 (with several
+            VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple
+            fault, engine error, bad image or device).
             """
     )
 
-    @Argument(help: "Bundled guest name or path to an ELF file.")
-    var guest: String
+    @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
+    var guests: [String]
 
     @Option(name: .long, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
     var memory = MemoryArgument(argument: "64M")!
@@ -38,6 +51,18 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Command line passed to the guest, e.g. 'count=1000 ring=3'.", valueName: "text"))
     var cmdline = ""
 
+    @Option(name: .long, help: ArgumentHelp("Add a virtio-blk disk: a raw image file; ',ro' read-only, ',vm=N' for the N-th VM. Repeatable.", valueName: "path[,ro][,vm=N]"))
+    var disk: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Add a virtio-net NIC: switch:NAME or tap:IFNAME. Repeatable.", valueName: "attachment"))
+    var net: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Add the emulated register-interface NIC: switch:NAME or tap:IFNAME.", valueName: "attachment"))
+    var nic: [String] = []
+
+    @Flag(name: .long, help: "Add a virtio console connected to standard output.")
+    var virtioConsole = false
+
     @Flag(name: .long, help: "Print the exit statistics table to standard error when the guest stops.")
     var stats = false
 
@@ -48,58 +73,173 @@ struct Run: ParsableCommand {
     var kvmPath = "/dev/kvm"
 
     func validate() throws {
+        guard !guests.isEmpty else { throw ValidationError("name at least one guest") }
+        guard guests.count <= 16 else { throw ValidationError("at most 16 VMs per run") }
         guard (1...BootLayout.maxVCPUs).contains(vcpus) else {
             throw ValidationError("--vcpus must be between 1 and \(BootLayout.maxVCPUs)")
         }
         if let t = timeout, !(t > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        for d in disk where try DiskArgument(d).vm >= guests.count {
+            throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
+        }
+        for n in net + nic where NetworkAttachment(n) == nil {
+            throw ValidationError("network attachment '\(n)' is not switch:NAME or tap:IFNAME")
+        }
+        guard disk.count + net.count + nic.count + (virtioConsole ? 1 : 0) <= BootLayout.maxDevices else {
+            throw ValidationError("at most \(BootLayout.maxDevices) devices per VM")
+        }
     }
 
     func run() throws {
-        let machine: Machine
+        let many = guests.count > 1
+        var machines: [Machine] = []
         do {
-            let image = try GuestProgram.load(guest)
-            let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath) }
-                ?? EngineSelection.makeDefault(kvmPath: kvmPath) { printError("swiftvisor: \($0)") }
-            let config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: cmdline,
-                                              timeoutSeconds: timeout)
-            machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: ConsoleOutput.write)
+            for (index, spec) in guests.enumerated() {
+                let (name, guestCmdline) = Self.split(spec)
+                let image = try GuestProgram.load(name)
+                let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath) }
+                    ?? EngineSelection.makeDefault(kvmPath: kvmPath) { message in if index == 0 { printError("swiftvisor: \(message)") } }
+                let config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
+                                                  timeoutSeconds: timeout)
+                let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
+                let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
+                try addDevices(to: machine, index: index, output: output)
+                machines.append(machine)
+            }
         } catch {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        ConsoleInput.start(feeding: machine.uart)
-        let result: RunResult
-        do {
-            result = try machine.run()
-        } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
+        ConsoleInput.start(feeding: machines[0].uart)
+        let results = Mutex([RunResult?](repeating: nil, count: machines.count))
+        let failures = Mutex([String]())
+        let threads = machines.enumerated().map { index, machine in
+            HostThread(name: "vm\(index)") {
+                do {
+                    let r = try machine.run()
+                    results.withLock { $0[index] = r }
+                } catch {
+                    failures.withLock { $0.append("vm\(index): \(error)") }
+                }
+            }
         }
+        threads.forEach { $0.join() }
+        for f in failures.withLock({ $0 }) { printError("swiftvisor: error: \(f)") }
+        var status: Int32? = failures.withLock { $0.isEmpty } ? nil : ToolStatus.failure
+        for (index, machine) in machines.enumerated() {
+            guard let result = results.withLock({ $0[index] }) else { continue }
+            let label = many ? "vm\(index): " : ""
+            report(result, machine: machine, label: label, jsonPath: statsJSON.map { many ? "\($0).vm\(index)" : $0 })
+            let s = exitStatus(result.stopReason, label: label)
+            if status == nil || status == 0 { status = s }
+        }
+        if let status, status != 0 { throw ExitCode(status) }
+    }
+
+    /// "name rest of line" → (name, command line); no space → (name, nil).
+    static func split(_ spec: String) -> (String, String?) {
+        guard let space = spec.firstIndex(of: " ") else { return (spec, nil) }
+        return (String(spec[..<space]), String(spec[spec.index(after: space)...]).trimmingCharacters(in: .whitespaces))
+    }
+
+    func addDevices(to machine: Machine, index: Int, output: @escaping @Sendable (UInt8) -> Void) throws {
+        for d in disk {
+            let arg = try DiskArgument(d)
+            if arg.vm == index { try machine.addVirtioBlock(path: arg.path, readOnly: arg.readOnly) }
+        }
+        for n in net { try machine.addVirtioNet(backend: NetworkAttachment(n)!.makeBackend()) }
+        for n in nic { try machine.addEmulatedNIC(backend: NetworkAttachment(n)!.makeBackend()) }
+        if virtioConsole {
+            try machine.addVirtioConsole { bytes in bytes.forEach(output) }
+        }
+    }
+
+    func report(_ result: RunResult, machine: Machine, label: String, jsonPath: String?) {
         if stats {
-            printError(result.statistics.table(portName: { machine.bus.deviceName(port: $0) ?? "" },
-                                               rangeName: { machine.bus.deviceName(mmioBase: $0) ?? "unassigned" }))
-            printError("wall time: \(ExitStatistics.formatNanoseconds(Double(result.wallNanoseconds))), engine: \(machine.engine.name)")
+            printError(label + result.statistics.table(portName: { machine.bus.deviceName(port: $0) ?? "" },
+                                                       rangeName: { machine.bus.deviceName(mmioBase: $0) ?? "unassigned" }))
+            printError("\(label)wall time: \(ExitStatistics.formatNanoseconds(Double(result.wallNanoseconds))), engine: \(machine.engine.name)")
         }
-        if let path = statsJSON {
+        if let path = jsonPath {
             let json = "{\"engine\":\"\(machine.engine.name)\",\"wall_ns\":\(result.wallNanoseconds),\"stop\":\"\(result.stopReason.summary)\",\"exits\":\(result.statistics.json)}\n"
             do { try writeFile(path, json) } catch { printError("swiftvisor: error: cannot write \(path): \(error)") }
         }
-        switch result.stopReason {
+    }
+
+    /// What the tool exits with for one VM's stop, after saying why on standard error.
+    func exitStatus(_ reason: StopReason, label: String) -> Int32 {
+        switch reason {
         case let .exitPort(status):
-            throw ExitCode(Int32(status))
+            return Int32(status)
         case .allHalted:
-            printError("swiftvisor: \(result.stopReason.summary)")
+            printError("swiftvisor: \(label)\(reason.summary)")
+            return 0
         case .timeout:
-            printError("swiftvisor: guest \(result.stopReason.summary) after \(timeout ?? 0) s")
-            throw ExitCode(ToolStatus.timeout)
+            printError("swiftvisor: \(label)guest \(reason.summary) after \(timeout ?? 0) s")
+            return ToolStatus.timeout
         case let .shutdown(vcpu, state):
-            printError("swiftvisor: vCPU \(vcpu) shut down (triple fault)")
+            printError("swiftvisor: \(label)vCPU \(vcpu) shut down (triple fault)")
             if let state { printError(state.dump) }
-            throw ExitCode(ToolStatus.failure)
+            return ToolStatus.failure
         case .engineFailure, .stopped:
-            printError("swiftvisor: error: \(result.stopReason.summary)")
-            throw ExitCode(ToolStatus.failure)
+            printError("swiftvisor: error: \(label)\(reason.summary)")
+            return ToolStatus.failure
         }
+    }
+}
+
+/// `--disk PATH[,ro][,vm=N]`.
+struct DiskArgument {
+    var path: String
+    var readOnly: Bool
+    /// The VM (by position) that gets the disk.
+    var vm = 0
+
+    init(_ text: String) throws {
+        var parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        guard let first = parts.first, !first.isEmpty else { throw ValidationError("--disk needs a path") }
+        path = first
+        parts.removeFirst()
+        readOnly = false
+        for option in parts {
+            if option == "ro" {
+                readOnly = true
+            } else if option.hasPrefix("vm="), let n = Int(option.dropFirst(3)), n >= 0 {
+                vm = n
+            } else {
+                throw ValidationError("unknown --disk option '\(option)' (use 'ro' or 'vm=N')")
+            }
+        }
+    }
+}
+
+/// One VM's console when several run: whole lines, each prefixed with the VM's name.
+final class PrefixedOutput: @unchecked Sendable {
+    private let prefix: [UInt8]
+    private var line: [UInt8] = []
+    private let lock = NSLock()
+    init(prefix: String) { self.prefix = Array(prefix.utf8) }
+
+    @Sendable func write(_ byte: UInt8) {
+        lock.withLock {
+            line.append(byte)
+            guard byte == UInt8(ascii: "\n") else { return }
+            let out = prefix + line
+            line.removeAll(keepingCapacity: true)
+            OutputLock.shared.withLock { out.withUnsafeBytes { writeAll(1, $0) } }
+        }
+    }
+}
+
+/// Serialises whole-line writes of several VMs to standard output.
+enum OutputLock { static let shared = NSLock() }
+
+func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+    var off = 0
+    while off < bytes.count {
+        let n = Glibc.write(fd, bytes.baseAddress! + off, bytes.count - off)
+        if n < 0 { if errno == EINTR { continue }; return }
+        off += n
     }
 }
 

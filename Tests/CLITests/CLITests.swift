@@ -93,7 +93,7 @@ func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = []) t
         let r = try swiftvisor(["guests"])
         #expect(r.status == 0)
         let names = r.stdout.split(separator: "\n").map { String($0.split(separator: " ").first ?? "") }
-        #expect(names == ["compute", "hello", "pio-loop", "smp"])
+        #expect(names == ["compute", "disk", "hello", "hybrid", "net-bench", "net-ping", "pio-loop", "smp", "status-device"])
         let all = try swiftvisor(["guests", "--all"])
         #expect(all.stdout.contains("triple-fault"))
     }
@@ -151,5 +151,64 @@ struct CLIRunTests {
         let r = try swiftvisor(["run", "echo", "--timeout", "0.3"], stdin: "")
         #expect(r.status == 124)
         #expect(r.stderr.contains("timed out"))
+    }
+}
+
+/// Devices from the command line, on the software engine (runs anywhere) and KVM.
+@Suite struct CLIDeviceTests {
+    static var engines: [String] { kvmUsable ? ["kvm", "software"] : ["software"] }
+
+    func temporaryImage(_ sector0: String, sectors: Int = 16) throws -> String {
+        let path = NSTemporaryDirectory() + "swiftvisor-cli-disk-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).img"
+        var bytes = [UInt8](repeating: 0, count: sectors * 512)
+        bytes.replaceSubrange(0..<sector0.utf8.count, with: Array(sector0.utf8))
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        return path
+    }
+
+    @Test(arguments: engines)
+    func diskGuestWritesTheImageFile(engine: String) throws {
+        let image = try temporaryImage("an image made by the CLI test\n")
+        defer { unlink(image) }
+        let r = try swiftvisor(["run", "disk", "--disk", image, "--engine", engine])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("disk: sector 0: an image made by the CLI test"))
+        let data = try Data(contentsOf: URL(fileURLWithPath: image))
+        #expect(String(decoding: data[512..<556], as: UTF8.self) == "written by the disk guest through virtio-blk")
+    }
+
+    @Test(arguments: engines)
+    func twoVMsOnOneSwitchAndTheHybridGuest(engine: String) throws {
+        let r = try swiftvisor(["run", "net-ping count=3", "net-ping pong=1 count=3", "--net", "switch:lan", "--engine", engine])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("[vm0] net: echoed 3 of 3 frames\n"))
+        #expect(r.stdout.contains("[vm1] net: answered 3 of 3 frames\n"))
+
+        let image = try temporaryImage("S3: one guest, three devices\n")
+        defer { unlink(image) }
+        let h = try swiftvisor(["run", "hybrid", "net-ping pong=1 count=1", "--disk", image, "--net", "switch:lan", "--engine", engine])
+        #expect(h.status == 0, "\(h.stderr)")
+        #expect(h.stdout.contains("[vm0] hybrid: echo received and stored in sector 2\n"))
+        let data = try Data(contentsOf: URL(fileURLWithPath: image))
+        #expect(String(decoding: data[1024..<1052], as: UTF8.self) == "S3: one guest, three devices")
+    }
+
+    @Test func badDeviceArgumentsAreUsageErrors() throws {
+        let a = try swiftvisor(["run", "disk", "--disk", "x.img,rw"])
+        #expect(a.status == 64)
+        #expect(a.stderr.contains("unknown --disk option 'rw'"))
+        let b = try swiftvisor(["run", "disk", "--net", "bridge:br0"])
+        #expect(b.status == 64)
+        #expect(b.stderr.contains("is not switch:NAME or tap:IFNAME"))
+        let c = try swiftvisor(["run", "disk", "--disk", "x.img,vm=1"])
+        #expect(c.status == 64)
+        #expect(c.stderr.contains("there is no VM 1"))
+    }
+
+    @Test func missingImageIsOneClearLine() throws {
+        let r = try swiftvisor(["run", "disk", "--disk", "/nonexistent/disk.img", "--engine", "software"])
+        #expect(r.status == 125)
+        #expect(r.stderr.contains("does not exist"))
+        #expect(r.stderr.split(separator: "\n").count == 1)
     }
 }
