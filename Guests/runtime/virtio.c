@@ -249,3 +249,26 @@ int virtio_console_write(struct virtio_dev *d, const void *bytes, uint32_t len) 
     while (!virtq_get_used(d->q[1], 0)) virtio_wait_used(d, 1);
     return 0;
 }
+
+static uint8_t console_rx[64] __attribute__((aligned(64)));
+static uint32_t console_rx_pos, console_rx_len;  /* bytes received but not yet returned */
+
+unsigned virtio_console_read_line(struct virtio_dev *d, char *buf, unsigned cap) {
+    unsigned n = 0;
+    while (n < cap) {
+        if (console_rx_pos == console_rx_len) {
+            struct virtio_buf b = { console_rx, sizeof console_rx, 1 };
+            if (virtq_add(d->q[0], &b, 1, console_rx) < 0) return n;
+            virtio_notify(d, 0);
+            uint32_t len = 0;
+            while (!virtq_get_used(d->q[0], &len)) virtio_wait_used(d, 0);
+            if (len == 0) return n;
+            console_rx_pos = 0;
+            console_rx_len = len > sizeof console_rx ? sizeof console_rx : len;
+        }
+        char c = (char)console_rx[console_rx_pos++];
+        buf[n++] = c;
+        if (c == '\n') return n;
+    }
+    return n;
+}

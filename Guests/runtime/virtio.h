@@ -77,7 +77,9 @@ int virtio_net_send(struct virtio_dev *d, const void *frame, uint32_t len);
  * none is waiting (with wait = 0). */
 int virtio_net_recv(struct virtio_dev *d, void *buf, uint32_t cap, int wait);
 
-/* Console: bytes out on the transmit queue. */
+/* Console: bytes out on the transmit queue; input through receive buffers. */
 int virtio_console_write(struct virtio_dev *d, const void *bytes, uint32_t len);
+/* Reads up to and including a newline (or cap bytes, or end of input); returns the count. */
+unsigned virtio_console_read_line(struct virtio_dev *d, char *buf, unsigned cap);
 
 #endif

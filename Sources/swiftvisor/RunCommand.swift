@@ -93,6 +93,7 @@ struct Run: ParsableCommand {
     func run() throws {
         let many = guests.count > 1
         var machines: [Machine] = []
+        var firstVirtioConsole: VirtioConsole?
         do {
             for (index, spec) in guests.enumerated() {
                 let (name, guestCmdline) = Self.split(spec)
@@ -103,14 +104,20 @@ struct Run: ParsableCommand {
                                                   timeoutSeconds: timeout)
                 let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
                 let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
-                try addDevices(to: machine, index: index, output: output)
+                let console = try addDevices(to: machine, index: index, output: output)
+                if index == 0 { firstVirtioConsole = console }
                 machines.append(machine)
             }
         } catch {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        ConsoleInput.start(feeding: machines[0].uart)
+        // Standard input goes to vm0: its UART and, when present, its virtio console.
+        let uart = machines[0].uart, virtioConsole = firstVirtioConsole
+        ConsoleInput.start { bytes in
+            uart.enqueueInput(bytes)
+            virtioConsole?.receive(bytes)
+        }
         let results = Mutex([RunResult?](repeating: nil, count: machines.count))
         let failures = Mutex([String]())
         let threads = machines.enumerated().map { index, machine in
@@ -142,16 +149,16 @@ struct Run: ParsableCommand {
         return (String(spec[..<space]), String(spec[spec.index(after: space)...]).trimmingCharacters(in: .whitespaces))
     }
 
-    func addDevices(to machine: Machine, index: Int, output: @escaping @Sendable (UInt8) -> Void) throws {
+    /// Adds the devices the options ask for; returns the virtio console, if any.
+    func addDevices(to machine: Machine, index: Int, output: @escaping @Sendable (UInt8) -> Void) throws -> VirtioConsole? {
         for d in disk {
             let arg = try DiskArgument(d)
             if arg.vm == index { try machine.addVirtioBlock(path: arg.path, readOnly: arg.readOnly) }
         }
         for n in net { try machine.addVirtioNet(backend: NetworkAttachment(n)!.makeBackend()) }
         for n in nic { try machine.addEmulatedNIC(backend: NetworkAttachment(n)!.makeBackend()) }
-        if virtioConsole {
-            try machine.addVirtioConsole { bytes in bytes.forEach(output) }
-        }
+        guard virtioConsole else { return nil }
+        return try machine.addVirtioConsole { bytes in bytes.forEach(output) }.device as? VirtioConsole
     }
 
     func report(_ result: RunResult, machine: Machine, label: String, jsonPath: String?) {
@@ -251,20 +258,20 @@ enum ConsoleOutput {
     }
 }
 
-/// Standard input → COM1, on a background thread that ends at end of input.
+/// Standard input → the guest's consoles, on a background thread that ends at end of input.
 enum ConsoleInput {
-    static func start(feeding uart: UART16550) {
-        let thread = Thread { readLoop(uart) }
+    static func start(feeding deliver: @escaping @Sendable ([UInt8]) -> Void) {
+        let thread = Thread { readLoop(deliver) }
         thread.start()
     }
 
-    private static func readLoop(_ uart: UART16550) {
+    private static func readLoop(_ deliver: @Sendable ([UInt8]) -> Void) {
         var buffer = [UInt8](repeating: 0, count: 256)
         while true {
             let n = buffer.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { return }
-            uart.enqueueInput(buffer[0..<n])
+            deliver(Array(buffer[0..<n]))
         }
     }
 }

@@ -81,7 +81,7 @@ public struct VirtioNetStatistics: Equatable, Sendable {
     public var receivedFrames: UInt64 = 0
     public var receivedBytes: UInt64 = 0
     /// Frames for the guest dropped because receive buffers ran out (the pending queue
-    /// was full) or a buffer was too small for the frame.
+    /// was full), or because they were not Ethernet frames of a valid size.
     public var receiveDropped: UInt64 = 0
     /// Frames for the guest dropped because the driver had not set DRIVER_OK.
     public var receiveDroppedNotReady: UInt64 = 0
@@ -212,22 +212,25 @@ public final class VirtioNet: VirtioDevice, NetworkFrameReceiver {
                                 _ diagnostics: VirtioDiagnostics) throws(VirtqueueError) {
         // virtio_net_hdr_v1 with nothing offloaded; num_buffers (offset 10) must be 1.
         let header: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]
-        while state.withLock({ $0.pendingCount }) > 0 {
+        while let next = state.withLock({ $0.pendingCount > 0 ? $0.pending[$0.pendingHead] : nil }) {
             guard let chain = try queue.nextChain(from: memory, diagnostics: diagnostics) else { return }
-            let frame = state.withLock { s -> [UInt8] in
-                defer { s.pending[s.pendingHead] = []; s.pendingHead += 1 }
-                return s.pending[s.pendingHead]
-            }
-            let needed = Self.headerSize + frame.count
+            let needed = Self.headerSize + next.count
             guard chain.writableLength >= needed else {
-                // Without VIRTIO_NET_F_MRG_RXBUF a frame must fit one chain. Hand the
-                // buffer back empty rather than deliver a truncated frame.
+                // Without VIRTIO_NET_F_MRG_RXBUF a frame must fit one chain. Hand this
+                // buffer back empty rather than deliver a truncated frame; the frame
+                // waits for the next buffer.
                 diagnostics.record(VirtioDeviceError(
                     kind: "netReceiveBufferTooSmall",
                     message: "receive chain \(chain.head) holds \(chain.writableLength) bytes, frame needs \(needed)"))
-                state.withLock { $0.stats.receiveDropped += 1 }
                 try queue.addUsed(head: chain.head, length: 0, in: memory)
                 continue
+            }
+            // Frames are only taken here and dropped in `reset`, both under the transport
+            // lock (receiveFrame merely appends and compacts), so the frame peeked above
+            // is still the first one.
+            let frame = state.withLock { s -> [UInt8] in
+                defer { s.pending[s.pendingHead] = []; s.pendingHead += 1 }
+                return s.pending[s.pendingHead]
             }
             var used: UInt32 = 0
             do {

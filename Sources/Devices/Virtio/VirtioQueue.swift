@@ -23,8 +23,9 @@ public struct GuestBuffer: Hashable, Sendable, CustomStringConvertible {
         for b in buffers where remaining > 0 {
             if skip >= b.length { skip -= b.length; continue }
             let n = min(b.length - skip, remaining)
-            // `skip < b.length` and the buffer was validated inside RAM, so no overflow.
-            result.append(GuestBuffer(address: b.address + UInt64(skip), length: n))
+            // Wrapping add: for validated buffers it never wraps; for arbitrary ones a
+            // wrapped address simply fails the later bounds-checked access.
+            result.append(GuestBuffer(address: b.address &+ UInt64(skip), length: n))
             remaining -= n
             skip = 0
         }
@@ -394,6 +395,10 @@ public struct VirtioQueue: Sendable {
     public mutating func takeInterruptRequest(in memory: GuestMemory) -> Bool {
         guard usedSinceCheck else { return false }
         usedSinceCheck = false
+        // Store→load fence: the used idx written above must be visible before the flags
+        // are read, or a driver re-enabling interrupts while it re-checks the used ring
+        // could miss this batch and never be woken (spec 2.7.7.2).
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
         let flags = (try? memory.load(UInt16.self, at: availableRing)) ?? 0
         return flags & VirtqAvailFlag.noInterrupt == 0
     }
