@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -171,4 +172,28 @@ int ckvm_unblock_signal(int signo) {
     sigemptyset(&set);
     sigaddset(&set, signo);
     return -pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+int ckvm_eventfd(void) { return rc(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }
+
+int64_t ckvm_eventfd_take(int fd) {
+    uint64_t v = 0;
+    ssize_t n = read(fd, &v, sizeof v);
+    return n == (ssize_t)sizeof v ? (int64_t)v : (n < 0 && errno == EAGAIN ? 0 : -errno);
+}
+
+int ckvm_eventfd_signal(int fd) {
+    uint64_t one = 1;
+    return write(fd, &one, sizeof one) == (ssize_t)sizeof one ? 0 : -errno;
+}
+
+int ckvm_ioeventfd(int vm_fd, uint64_t address, uint32_t length, int event_fd, uint64_t datamatch, int deassign) {
+    struct kvm_ioeventfd e;
+    memset(&e, 0, sizeof e);
+    e.addr = address;
+    e.len = length;
+    e.fd = event_fd;
+    e.datamatch = datamatch;
+    e.flags = KVM_IOEVENTFD_FLAG_DATAMATCH | (deassign ? KVM_IOEVENTFD_FLAG_DEASSIGN : 0);
+    return rc(ioctl(vm_fd, KVM_IOEVENTFD, &e));
 }

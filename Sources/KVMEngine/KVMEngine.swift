@@ -74,6 +74,19 @@ public final class KVMVirtualMachine: VM, @unchecked Sendable {
         dirtyLogging = enabled
     }
 
+    /// Whether the host can signal eventfds for guest MMIO writes (KVM_CAP_IOEVENTFD).
+    public var supportsIOEventFD: Bool { system.capability(KVM_CAP_IOEVENTFD) > 0 }
+
+    /// KVM_IOEVENTFD: a guest write of `value` (`length` bytes) to MMIO `address` signals
+    /// `eventFD` inside the kernel; the vCPU carries on without an exit to userspace.
+    public func assignIOEventFD(address: UInt64, length: UInt32, value: UInt64, eventFD: Int32) throws(KVMError) {
+        _ = try KVMError.check(ckvm_ioeventfd(fd, address, length, eventFD, value, 0), "KVM_IOEVENTFD")
+    }
+
+    public func deassignIOEventFD(address: UInt64, length: UInt32, value: UInt64, eventFD: Int32) throws(KVMError) {
+        _ = try KVMError.check(ckvm_ioeventfd(fd, address, length, eventFD, value, 1), "KVM_IOEVENTFD (deassign)")
+    }
+
     /// Pages written since the last call (KVM_GET_DIRTY_LOG resets the log).
     public func fetchDirtyLog() throws(KVMError) -> DirtyBitmap {
         var bitmap = DirtyBitmap(pageCount: Int(memory.size) / GuestMemory.pageSize)

@@ -21,6 +21,9 @@ public struct MachineConfiguration: Sendable {
     /// uses its preemption timer, every `tickInstructions` guest instructions.
     public var tickSeconds: Double?
     public var tickInstructions: UInt64 = 100_000
+    /// KVM: deliver virtio queue notifications through ioeventfds (handled in the kernel
+    /// and a doorbell thread, no exit to userspace) when the host supports them.
+    public var ioeventfd = true
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
                 timeoutSeconds: Double? = nil, recordExits: Bool = false) {
@@ -121,6 +124,10 @@ public final class Machine: @unchecked Sendable {
     private var deviceCount = 0
     /// Devices that can interrupt: with none, `hlt` with IF set halts for good.
     private var interruptSources = 0
+    /// KVM ioeventfd doorbells of virtio devices (nil: none, or not KVM).
+    var doorbells: DoorbellThread?
+    /// virtio queue notifications taken by ioeventfd instead of an exit.
+    public var doorbellNotifications: UInt64 { doorbells?.notifications.load(ordering: .relaxed) ?? 0 }
 
     /// Builds the machine: validates the configuration, loads `image`, writes boot state
     /// and sets every vCPU to the ABI entry state. `serialOutput` receives COM1 bytes.
@@ -255,6 +262,7 @@ public final class Machine: @unchecked Sendable {
                 tickTimer = t
             }
         }
+        doorbells?.start()
         let start = monotonicNanoseconds()
         let threads = vcpus.enumerated().map { id, vcpu in
             HostThread(name: "vcpu\(id)") { [self] in
@@ -263,6 +271,7 @@ public final class Machine: @unchecked Sendable {
             }
         }
         threads.forEach { $0.join() }
+        doorbells?.stop()
         let wall = monotonicNanoseconds() - start
         timer?.cancel()
         tickTimer?.cancel()

@@ -1,4 +1,5 @@
 import Devices
+import KVMEngine
 import VirtCore
 
 /// The virtio-mmio devices a machine can be given; each takes the next MMIO slot and
@@ -21,9 +22,16 @@ extension Machine {
     /// Any virtio device behind a virtio-mmio transport in the next slot.
     @discardableResult
     public func addVirtioDevice(_ device: any VirtioDevice, name: String) throws -> VirtioMMIOTransport {
-        try addMMIODevice(type: .virtioMMIO) { slot in
-            VirtioMMIOTransport(device: device, memory: memory, interrupt: slot.interrupt, name: "\(name)@\(slot.index)")
+        var base: UInt64 = 0
+        let transport = try addMMIODevice(type: .virtioMMIO) { slot in
+            base = slot.base
+            return VirtioMMIOTransport(device: device, memory: memory, interrupt: slot.interrupt, name: "\(name)@\(slot.index)")
         }
+        if configuration.ioeventfd, let kvm = vm as? KVMVirtualMachine, kvm.supportsIOEventFD {
+            if doorbells == nil { doorbells = try DoorbellThread(vm: kvm) }
+            try doorbells?.add(transport, base: base)
+        }
+        return transport
     }
 }
 

@@ -136,3 +136,32 @@ final class FrameCounter: NetworkBackend, @unchecked Sendable {
         #expect(r.statistics[.mmio].count < 64 * 5 / 4)
     }
 }
+
+@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
+struct IOEventFDTests {
+    /// Runs the disk guest; returns its QueueNotify exits to userspace and the doorbell count.
+    func run(ioeventfd: Bool) throws -> (notifyExits: Int, doorbells: UInt64) {
+        let disk = try TemporaryDisk(sectors: 16, sector0: "ioeventfd\n")
+        let capture = SerialCapture()
+        let guest = try #require(BundledGuests.named("disk"))
+        var config = MachineConfiguration(memorySize: 32 << 20, timeoutSeconds: 60, recordExits: true)
+        config.ioeventfd = ioeventfd
+        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: try KVMEngine(),
+                            serialOutput: capture.append)
+        try m.addVirtioBlock(path: disk.path)
+        let r = try m.run()
+        #expect(r.stopReason == .exitPort(status: 0), "\(capture.text)")
+        #expect(capture.text.contains("disk: wrote, flushed and read back sector 1 (5 notifies"))
+        let notify = BootLayout.mmioWindowBase + VirtioMMIOTransport.queueNotifyOffset
+        let notifyExits = r.exitTrace[0].filter { if case let .mmio(a) = $0 { return a.address == notify } else { return false } }.count
+        return (notifyExits, m.doorbellNotifications)
+    }
+
+    @Test func queueNotifiesGoThroughTheKernelInsteadOfExiting() throws {
+        let with = try run(ioeventfd: true), without = try run(ioeventfd: false)
+        #expect(with.doorbells == 5)
+        #expect(without.doorbells == 0)
+        #expect(with.notifyExits == 0)
+        #expect(without.notifyExits == 5)
+    }
+}

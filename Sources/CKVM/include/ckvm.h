@@ -42,6 +42,13 @@ int ckvm_get_msrs(int vcpu_fd, const uint32_t *indices, uint64_t *values, int co
 int ckvm_set_msrs(int vcpu_fd, const uint32_t *indices, const uint64_t *values, int count);
 int ckvm_set_cpuid2(int vcpu_fd, const struct kvm_cpuid_entry2 *entries, int count);
 int ckvm_interrupt(int vcpu_fd, uint32_t vector);
+/* eventfd (non-blocking, close-on-exec); take returns the count read (0 if none), or -errno. */
+int ckvm_eventfd(void);
+int64_t ckvm_eventfd_take(int fd);
+int ckvm_eventfd_signal(int fd);
+/* KVM_IOEVENTFD on an MMIO address: a guest write of `datamatch` signals event_fd inside
+ * the kernel instead of exiting to userspace. */
+int ckvm_ioeventfd(int vm_fd, uint64_t address, uint32_t length, int event_fd, uint64_t datamatch, int deassign);
 void *ckvm_mmap_run(int vcpu_fd, size_t size);
 int ckvm_munmap(void *addr, size_t size);
 

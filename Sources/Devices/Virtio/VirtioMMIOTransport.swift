@@ -103,6 +103,8 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
     /// Bytes of MMIO space one transport decodes: registers plus up to 0x100 of config.
     public static let regionSize: UInt64 = 0x200
     public static let configOffset: UInt64 = 0x100
+    /// QueueNotify: a VMM may route writes here to an ioeventfd and call `processQueue`.
+    public static let queueNotifyOffset: UInt64 = Register.queueNotify
 
     /// Register offsets (spec 4.2.2, table "MMIO Device Register Layout").
     enum Register {
