@@ -10,6 +10,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -196,4 +197,18 @@ int ckvm_ioeventfd(int vm_fd, uint64_t address, uint32_t length, int event_fd, u
     e.datamatch = datamatch;
     e.flags = KVM_IOEVENTFD_FLAG_DATAMATCH | (deassign ? KVM_IOEVENTFD_FLAG_DEASSIGN : 0);
     return rc(ioctl(vm_fd, KVM_IOEVENTFD, &e));
+}
+
+int ckvm_discard_range(int memfd, void *mapping, uint64_t offset, uint64_t length) {
+    /* Free the backing pages (the memfd hole reads as zeros), then drop this mapping's
+     * page-table entries so the memory really returns to the host. */
+    if (fallocate(memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) != 0) return -errno;
+    if (madvise((char *)mapping + offset, length, MADV_DONTNEED) != 0) return -errno;
+    return 0;
+}
+
+int64_t ckvm_allocated_bytes(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return -errno;
+    return (int64_t)st.st_blocks * 512;
 }

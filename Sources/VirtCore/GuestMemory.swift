@@ -70,6 +70,20 @@ public final class GuestMemory: @unchecked Sendable {
         guard contains(gpa, length: length) else { throw .outOfRange(gpa: gpa, length: length, ramSize: size) }
     }
 
+    /// Gives the pages of `[gpa, gpa+length)` back to the host (ballooning): they read as
+    /// zeros afterwards and use no host memory until written again. Page-aligned.
+    public func discard(gpa: UInt64, length: UInt64) throws(GuestMemoryError) {
+        guard gpa % UInt64(Self.pageSize) == 0, length % UInt64(Self.pageSize) == 0 else {
+            throw .outOfRange(gpa: gpa, length: Int(clamping: length), ramSize: size)
+        }
+        try check(gpa, Int(clamping: length))
+        let rc = ckvm_discard_range(fileDescriptor, base, gpa, length)
+        if rc < 0 { throw .allocationFailed(size: length, errno: -rc) }
+    }
+
+    /// Host memory the RAM's memfd holds now (pages never touched or discarded don't count).
+    public var allocatedBytes: UInt64 { UInt64(max(0, ckvm_allocated_bytes(fileDescriptor))) }
+
     /// Host pointer for `[gpa, gpa+length)`, or nil when the range is not all RAM.
     @inline(__always)
     package func hostPointer(_ gpa: UInt64, length: Int) -> UnsafeMutableRawPointer? {

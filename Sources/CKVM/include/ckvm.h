@@ -89,6 +89,11 @@ static inline uint64_t ckvm_rdtsc(void) {
 
 // Memory
 int ckvm_memfd_create(const char *name);
+/* Frees [offset, offset+length) of a memfd and drops it from `mapping` (the memfd's
+ * mapping at offset 0): the range reads as zeros afterwards and uses no host memory. */
+int ckvm_discard_range(int memfd, void *mapping, uint64_t offset, uint64_t length);
+/* Bytes of host memory a file (memfd) has allocated, from st_blocks. */
+int64_t ckvm_allocated_bytes(int fd);
 void *ckvm_mmap_shared(int fd, size_t size, int writable);
 int ckvm_userfaultfd(int flags);
 
