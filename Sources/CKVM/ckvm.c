@@ -7,6 +7,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -211,4 +213,60 @@ int64_t ckvm_allocated_bytes(int fd) {
     struct stat st;
     if (fstat(fd, &st) != 0) return -errno;
     return (int64_t)st.st_blocks * 512;
+}
+
+/* ---- userfaultfd: write protection (copy-on-write snapshots) and missing pages (lazy restore) ---- */
+
+int ckvm_uffd_open(int want_wp) {
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return -errno;
+    struct uffdio_api api = { .api = UFFD_API, .features = want_wp ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : 0 };
+    if (ioctl(fd, UFFDIO_API, &api) != 0) { int e = errno; close(fd); return -e; }
+    return fd;
+}
+
+int ckvm_uffd_register(int fd, void *addr, uint64_t len, int wp, int missing) {
+    struct uffdio_register r = { .range = { .start = (uint64_t)addr, .len = len },
+                                 .mode = (wp ? UFFDIO_REGISTER_MODE_WP : 0) | (missing ? UFFDIO_REGISTER_MODE_MISSING : 0) };
+    return ioctl(fd, UFFDIO_REGISTER, &r) == 0 ? 0 : -errno;
+}
+
+int ckvm_uffd_unregister(int fd, void *addr, uint64_t len) {
+    struct uffdio_range r = { .start = (uint64_t)addr, .len = len };
+    return ioctl(fd, UFFDIO_UNREGISTER, &r) == 0 ? 0 : -errno;
+}
+
+int ckvm_uffd_writeprotect(int fd, void *addr, uint64_t len, int protect) {
+    struct uffdio_writeprotect w = { .range = { .start = (uint64_t)addr, .len = len },
+                                     .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0 };
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &w) == 0 ? 0 : -errno;
+}
+
+int ckvm_uffd_copy(int fd, void *dst, const void *src, uint64_t len) {
+    struct uffdio_copy c = { .dst = (uint64_t)dst, .src = (uint64_t)src, .len = len, .mode = 0 };
+    if (ioctl(fd, UFFDIO_COPY, &c) == 0) return 0;
+    return errno == EEXIST ? 0 : -errno;  /* another thread resolved it first */
+}
+
+int ckvm_uffd_wake(int fd, void *addr, uint64_t len) {
+    struct uffdio_range r = { .start = (uint64_t)addr, .len = len };
+    return ioctl(fd, UFFDIO_WAKE, &r) == 0 ? 0 : -errno;
+}
+
+int ckvm_uffd_next_fault(int fd, int stop_fd, int timeout_ms, uint64_t *address, int *is_write, int *is_wp) {
+    struct pollfd p[2] = { { .fd = fd, .events = POLLIN }, { .fd = stop_fd, .events = POLLIN } };
+    for (;;) {
+        int n = poll(p, stop_fd >= 0 ? 2 : 1, timeout_ms);
+        if (n < 0) { if (errno == EINTR) continue; return -errno; }
+        if (n == 0) return 0;
+        if (stop_fd >= 0 && p[1].revents) return 2;
+        struct uffd_msg m;
+        ssize_t r = read(fd, &m, sizeof m);
+        if (r < 0) { if (errno == EAGAIN || errno == EINTR) continue; return -errno; }
+        if (r != (ssize_t)sizeof m || m.event != UFFD_EVENT_PAGEFAULT) continue;
+        *address = m.arg.pagefault.address;
+        *is_write = (m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+        *is_wp = (m.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
+        return 1;
+    }
 }

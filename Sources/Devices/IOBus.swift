@@ -87,6 +87,9 @@ public final class IOBus: @unchecked Sendable {
         return i == 0 ? nil : portRanges[i - 1].device.name
     }
 
+    /// Names of the MMIO devices attached.
+    public var mmioDeviceNames: [String] { mmioRanges.map(\.device.name) }
+
     public func deviceName(mmioBase: UInt64) -> String? {
         mmioRanges.first { $0.base == mmioBase }?.device.name
     }

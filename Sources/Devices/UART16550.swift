@@ -54,6 +54,25 @@ public final class UART16550: PortIODevice, Sendable {
 
     public var pendingInputCount: Int { state.withLock { $0.input.count - $0.inputHead } }
 
+    /// The registers a guest programmed, for snapshots: IER, LCR, MCR, SCR, DLL, DLM, FIFO
+    /// enable, then the unread input bytes.
+    public var savedState: [UInt8] {
+        state.withLock { r in
+            [r.ier, r.lcr, r.mcr, r.scr, r.dll, r.dlm, r.fifoEnabled ? 1 : 0] + Array(r.input[r.inputHead...])
+        }
+    }
+
+    /// Restores `savedState`; a state of the wrong shape is ignored (the defaults stay).
+    public func restore(state saved: [UInt8]) {
+        guard saved.count >= 7 else { return }
+        state.withLock { r in
+            r.ier = saved[0] & 0x0F; r.lcr = saved[1]; r.mcr = saved[2] & 0x1F; r.scr = saved[3]
+            r.dll = saved[4]; r.dlm = saved[5]; r.fifoEnabled = saved[6] != 0
+            r.input = Array(saved[7...]); r.inputHead = 0
+            r.thrEmptyPending = false
+        }
+    }
+
     private static func interruptPending(_ r: Registers) -> Bool {
         (r.ier & 0x01 != 0 && r.hasInput) || (r.ier & 0x02 != 0 && r.thrEmptyPending)
     }

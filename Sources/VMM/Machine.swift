@@ -103,7 +103,10 @@ public final class Machine: @unchecked Sendable {
     public let bus = IOBus()
     public let uart: UART16550
     public let benchPort = BenchPort()
-    public let image: ELFImage
+    /// The image the machine booted (nil when restored from a snapshot).
+    public let image: ELFImage?
+    /// What the guest is (a bundled guest's name or a path), kept in snapshots.
+    public var guestName = ""
     public var hypercalls = HypercallTable()
     /// Runs on vCPU 0's thread at each timer exit when `configuration.tickSeconds` is set
     /// (the vCPU is stopped meanwhile). Set before `run()`.
@@ -124,6 +127,21 @@ public final class Machine: @unchecked Sendable {
     private var deviceCount = 0
     /// Devices that can interrupt: with none, `hlt` with IF set halts for good.
     private var interruptSources = 0
+    /// Pausing: vCPUs park at their next exit until `resume()`.
+    private let pauseRequested = Atomic<Bool>(false)
+    private let parkedCount = Atomic<Int>(0)
+    private let finishedCount = Atomic<Int>(0)
+    private let parkedSignal = DispatchSemaphore(value: 0)
+    private let resumeSignals: [DispatchSemaphore]
+    private let pauseLock = Mutex(())
+    /// Called on a vCPU's thread for a `.memoryFault` exit (an EPT violation of the
+    /// software engine); true: handled, run on. Set while a service (a copy-on-write
+    /// snapshot) has pages protected.
+    let memoryFaultHandler = Mutex<(@Sendable (UInt64, MemoryAccessKind) -> Bool)?>(nil)
+    /// Fills RAM on first touch for a lazily restored machine (nil otherwise).
+    var lazyLoader: LazyMemoryLoader?
+    /// Pages a lazy restore has faulted in so far.
+    public var lazyRestoreFaults: UInt64 { lazyLoader?.counters.faults.load(ordering: .relaxed) ?? 0 }
     /// KVM ioeventfd doorbells of virtio devices (nil: none, or not KVM).
     var doorbells: DoorbellThread?
     /// virtio queue notifications taken by ioeventfd instead of an exit.
@@ -131,8 +149,22 @@ public final class Machine: @unchecked Sendable {
 
     /// Builds the machine: validates the configuration, loads `image`, writes boot state
     /// and sets every vCPU to the ABI entry state. `serialOutput` receives COM1 bytes.
-    public init(image: ELFImage, configuration: MachineConfiguration, engine: any Engine,
-                serialOutput: @escaping @Sendable (UInt8) -> Void) throws {
+    public convenience init(image: ELFImage, configuration: MachineConfiguration, engine: any Engine,
+                            serialOutput: @escaping @Sendable (UInt8) -> Void) throws {
+        try self.init(configuration: configuration, engine: engine, image: image, serialOutput: serialOutput) { memory in
+            try BootLayout.prepare(memory: memory, vcpuCount: configuration.vcpuCount,
+                                   commandLine: configuration.commandLine, hypercall: engine.hypercallMechanism)
+            try image.load(into: memory)
+            return (0..<configuration.vcpuCount).map { BootLayout.initialState(vcpu: $0, entry: image.entry) }
+        }
+    }
+
+    /// Builds a machine whose RAM and vCPU states come from `contents` — a restored
+    /// snapshot, say. `contents` fills the fresh RAM (or arranges for it to be filled on
+    /// demand) and returns one state per vCPU; it runs before the engine VM exists.
+    public init(configuration: MachineConfiguration, engine: any Engine, image: ELFImage? = nil,
+                serialOutput: @escaping @Sendable (UInt8) -> Void,
+                contents: (GuestMemory) throws -> [VCPUState]) throws {
         let size = configuration.memorySize
         guard size >= BootLayout.minRAM, size <= BootLayout.maxRAM, size % (2 << 20) == 0 else {
             throw MachineError.invalidMemorySize(size)
@@ -147,18 +179,18 @@ public final class Machine: @unchecked Sendable {
         self.image = image
         self.engine = engine
         memory = try GuestMemory(size: size)
-        try BootLayout.prepare(memory: memory, vcpuCount: configuration.vcpuCount,
-                               commandLine: configuration.commandLine, hypercall: engine.hypercallMechanism)
-        try image.load(into: memory)
+        let states = try contents(memory)
+        guard states.count == configuration.vcpuCount else { throw MachineError.invalidVCPUCount(states.count) }
         vm = try engine.makeVM(memory: memory, config: VMConfig(vcpuCount: configuration.vcpuCount))
         var vcpus: [any VCPU] = []
         for id in 0..<configuration.vcpuCount {
             let vcpu = try vm.makeVCPU(id: id)
-            try vcpu.setState(BootLayout.initialState(vcpu: id, entry: image.entry))
+            try vcpu.setState(states[id])
             vcpus.append(vcpu)
         }
         self.vcpus = vcpus
         wakeups = vcpus.map { _ in DispatchSemaphore(value: 0) }
+        resumeSignals = vcpus.map { _ in DispatchSemaphore(value: 0) }
         uart = UART16550(output: serialOutput)
         try bus.attach(uart, firstPort: UART16550.com1, count: UART16550.registerCount)
         try bus.attach(benchPort, firstPort: BenchPort.port, count: 1)
@@ -175,6 +207,45 @@ public final class Machine: @unchecked Sendable {
     }
 
     public func stop() { requestStop(.stopped) }
+
+    /// Stops every vCPU at its next exit and returns once all are parked (or finished):
+    /// their state can then be read and memory changed consistently. Any thread but a
+    /// vCPU's; pair with `resume()`.
+    public func pause() {
+        pauseLock.withLock { _ in
+            guard !pauseRequested.exchange(true, ordering: .acquiringAndReleasing) else { return }
+            for v in vcpus { v.requestExit() }
+            for w in wakeups { w.signal() }
+            while parkedCount.load(ordering: .acquiring) + finishedCount.load(ordering: .acquiring) < vcpus.count,
+                  started.load(ordering: .acquiring) {
+                _ = parkedSignal.wait(timeout: .now() + .milliseconds(50))  // re-check: a vCPU may finish instead
+            }
+        }
+    }
+
+    /// Lets paused vCPUs run on.
+    public func resume() {
+        pauseLock.withLock { _ in
+            guard pauseRequested.exchange(false, ordering: .acquiringAndReleasing) else { return }
+            for r in resumeSignals { r.signal() }
+        }
+    }
+
+    public var isPaused: Bool { pauseRequested.load(ordering: .acquiring) }
+
+    /// Parks the calling vCPU thread while a pause is requested.
+    private func parkIfPaused(_ id: Int) {
+        guard pauseRequested.load(ordering: .acquiring) else { return }
+        parkedCount.add(1, ordering: .acquiringAndReleasing)
+        parkedSignal.signal()
+        while pauseRequested.load(ordering: .acquiring) && !stopRequested.load(ordering: .acquiring) {
+            _ = resumeSignals[id].wait(timeout: .now() + .milliseconds(100))
+        }
+        parkedCount.subtract(1, ordering: .acquiringAndReleasing)
+    }
+
+    /// The vCPU handles (for services that read or set their state while paused).
+    public var allVCPUs: [any VCPU] { vcpus }
 
     /// Where a device sits: its MMIO page, its interrupt and the line that raises it.
     public struct DeviceSlot: Sendable {
@@ -291,7 +362,12 @@ public final class Machine: @unchecked Sendable {
         var trace: [VMExit] = []
         let record = configuration.recordExits
         var t0 = HostClock.ticks()
+        defer {
+            finishedCount.add(1, ordering: .acquiringAndReleasing)
+            parkedSignal.signal()
+        }
         while !stopRequested.load(ordering: .acquiring) {
+            parkIfPaused(vcpu.id)
             let exit: VMExit
             do {
                 exit = try vcpu.run()
@@ -341,7 +417,9 @@ public final class Machine: @unchecked Sendable {
             case .halt:
                 if vcpu.interruptsEnabled && interruptSources > 0 {
                     // Waits for an interrupt, as `hlt` does; the next run() delivers it.
+                    // A pause parks the vCPU here and it goes back to waiting after.
                     while !vcpu.hasPendingInterrupt && !stopRequested.load(ordering: .acquiring) {
+                        if pauseRequested.load(ordering: .acquiring) { parkIfPaused(vcpu.id); continue }
                         wakeups[vcpu.id].wait()
                     }
                     break
@@ -370,7 +448,8 @@ public final class Machine: @unchecked Sendable {
             case let .exception(vector, code):
                 requestStop(.engineFailure(vcpu: vcpu.id, message: "unhandled exception \(vector) error \(code.map { String($0) } ?? "none")"))
                 done = true
-            case let .memoryFault(gpa, _):
+            case let .memoryFault(gpa, access):
+                if let handler = memoryFaultHandler.withLock({ $0 }), handler(gpa, access) { break }
                 requestStop(.engineFailure(vcpu: vcpu.id, message: "memory fault at 0x\(String(gpa, radix: 16))"))
                 done = true
             case let .systemEvent(type):

@@ -256,7 +256,7 @@ final class CPU {
             let entryAddress = table + index * 8
             pageWalkReferences &+= 1
             guard entryAddress + 8 <= ramSize else { throw pageFault(linear, present: false, write: write, execute: execute, user: user) }
-            let p = (ram + Int(entryAddress)).assumingMemoryBound(to: UInt64.self)
+            let p = (ram + Int(secondLevel.hostAddress(entryAddress))).assumingMemoryBound(to: UInt64.self)
             var entry = p.pointee
             guard entry & 1 != 0 else { throw pageFault(linear, present: false, write: write, execute: execute, user: user) }
             let large = level >= 1 && level <= 2 && entry & 0x80 != 0
@@ -298,11 +298,13 @@ final class CPU {
                         let page = linear >> 12
                         let slot = Int(page & UInt64(Self.tlbSize - 1))
                         tlbTags[slot] = page &+ 1
-                        tlbFrames[slot] = gpa & ~0xFFF
+                        tlbFrames[slot] = secondLevel.hostAddress(gpa) & ~0xFFF
                         tlbBits[slot] = (writeOK ? TLBBits.writeOK : 0) | (userOK ? TLBBits.user : 0)
                             | (noExecute || sl & 4 == 0 ? TLBBits.noExecute : 0)
                         if large { tlbHasLargePages = true }
                     }
+                    // From here on, accesses use the host frame the second stage maps to.
+                    return secondLevel.hostAddress(gpa)
                 }
                 return gpa
             }

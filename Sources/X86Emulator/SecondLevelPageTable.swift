@@ -3,8 +3,9 @@ import VirtCore
 
 /// The model of EPT: the second translation stage, guest-physical → host memory, with
 /// read/write/execute permissions and accessed/dirty flags for every 4 KiB page of guest
-/// RAM. (The mapping itself is the identity onto the VM's memfd: what the model adds is
-/// the permission and A/D state the hardware keeps in its EPT entries.)
+/// RAM. Each guest page maps to a host frame of the VM's memory — itself by default; page
+/// deduplication points several guest pages at one frame (read-only, so the first write is
+/// an EPT violation that breaks the sharing).
 ///
 /// Like EPT, it is consulted when a translation is cached: a vCPU's TLB entry allows
 /// writes only after the page's dirty flag was set by a write, so later writes to the page
@@ -26,9 +27,16 @@ public final class SecondLevelPageTable: @unchecked Sendable {
     /// byte arrays so concurrent vCPUs set flags with plain stores (no read-modify-write).
     let accessed: UnsafeMutablePointer<UInt8>
     let dirty: UnsafeMutablePointer<UInt8>
+    /// Per page: the host frame (page number within the VM's RAM) it maps to.
+    let frames: UnsafeMutablePointer<UInt32>
+    /// Pages mapped to a frame other than their own (0: identity everywhere, fast path).
+    private let remappedCount = Atomic<Int>(0)
     private let epochCounter = Atomic<UInt64>(0)
     /// Pages that lack a permission, so fills can skip the permission check when zero.
-    private(set) var restrictedPages = 0
+    private let restrictedCount = Atomic<Int>(0)
+    /// Serialises permission changes (a snapshot writer and vCPU threads make them).
+    private let changeLock = Mutex(())
+    @inline(__always) var restrictedPages: Int { restrictedCount.load(ordering: .relaxed) }
 
     public struct Permissions: OptionSet, Sendable {
         public let rawValue: UInt8
@@ -48,12 +56,37 @@ public final class SecondLevelPageTable: @unchecked Sendable {
         accessed.initialize(repeating: 0, count: n)
         dirty = .allocate(capacity: n)
         dirty.initialize(repeating: 0, count: n)
+        frames = .allocate(capacity: n)
+        for i in 0..<n { (frames + i).initialize(to: UInt32(i)) }
     }
 
     deinit {
         permissions.deallocate()
         accessed.deallocate()
         dirty.deallocate()
+        frames.deallocate()
+    }
+
+    /// The host address (offset in the VM's RAM) of guest-physical `gpa` (inside RAM).
+    @inline(__always)
+    func hostAddress(_ gpa: UInt64) -> UInt64 {
+        if remappedCount.load(ordering: .relaxed) == 0 { return gpa }
+        return UInt64(frames[Int(gpa >> 12)]) << 12 | (gpa & 0xFFF)
+    }
+
+    /// The host frame `page` maps to.
+    public func frame(of page: Int) -> Int { Int(frames[page]) }
+
+    /// Maps guest `page` onto host `frame` with `permissions` (dedup: read and execute
+    /// only, so a write breaks the sharing), then invalidates. vCPUs out of `run()`.
+    public func map(page: Int, toFrame frame: Int, permissions p: Permissions) {
+        precondition(page >= 0 && page < pageCount && frame >= 0 && frame < pageCount, "pages outside guest RAM")
+        changeLock.withLock { _ in
+            let was = Int(frames[page]) != page, now = frame != page
+            remappedCount.add((now ? 1 : 0) - (was ? 1 : 0), ordering: .releasing)
+            frames[page] = UInt32(frame)
+        }
+        setPermissions(p, pages: page..<(page + 1))
     }
 
     /// Bumped by `invalidate()`; vCPUs compare it with the value their TLB was filled under.
@@ -67,14 +100,20 @@ public final class SecondLevelPageTable: @unchecked Sendable {
         return Permissions(rawValue: permissions[page])
     }
 
-    /// Sets the permissions of `pages`, then invalidates.
+    /// Sets the permissions of `pages`, then invalidates. Any thread: lifting a restriction
+    /// takes effect at once (a stale cached translation is only more restrictive, and the
+    /// walk it causes sees the new permission); adding one needs the vCPUs out of `run()`.
     public func setPermissions(_ p: Permissions, pages: Range<Int>) {
         precondition(pages.lowerBound >= 0 && pages.upperBound <= pageCount, "pages outside guest RAM")
-        for i in pages {
-            let was = permissions[i] != Permissions.all.rawValue
-            let now = p != .all
-            restrictedPages += (now ? 1 : 0) - (was ? 1 : 0)
-            permissions[i] = p.rawValue
+        changeLock.withLock { _ in
+            var delta = 0
+            for i in pages {
+                let was = permissions[i] != Permissions.all.rawValue
+                let now = p != .all
+                delta += (now ? 1 : 0) - (was ? 1 : 0)
+                permissions[i] = p.rawValue
+            }
+            restrictedCount.add(delta, ordering: .releasing)
         }
         invalidate()
     }

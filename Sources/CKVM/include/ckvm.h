@@ -94,6 +94,19 @@ int ckvm_memfd_create(const char *name);
 int ckvm_discard_range(int memfd, void *mapping, uint64_t offset, uint64_t length);
 /* Bytes of host memory a file (memfd) has allocated, from st_blocks. */
 int64_t ckvm_allocated_bytes(int fd);
+
+/* userfaultfd. open: non-blocking fd with the API handshake (want_wp: shmem write
+ * protection). register: a range in WP and/or MISSING mode. writeprotect: set or clear
+ * (clearing wakes threads waiting on the range). copy: fill a missing range (EEXIST counts
+ * as done). next_fault: waits up to timeout_ms (-1: forever) for a page fault on fd or a
+ * readable stop_fd; returns 1 with the fault, 2 when stop_fd fired, 0 on timeout, -errno. */
+int ckvm_uffd_open(int want_wp);
+int ckvm_uffd_register(int fd, void *addr, uint64_t len, int wp, int missing);
+int ckvm_uffd_unregister(int fd, void *addr, uint64_t len);
+int ckvm_uffd_writeprotect(int fd, void *addr, uint64_t len, int protect);
+int ckvm_uffd_copy(int fd, void *dst, const void *src, uint64_t len);
+int ckvm_uffd_wake(int fd, void *addr, uint64_t len);
+int ckvm_uffd_next_fault(int fd, int stop_fd, int timeout_ms, uint64_t *address, int *is_write, int *is_wp);
 void *ckvm_mmap_shared(int fd, size_t size, int writable);
 int ckvm_userfaultfd(int flags);
 

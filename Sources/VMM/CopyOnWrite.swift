@@ -1,0 +1,163 @@
+import CKVM
+import Synchronization
+import VirtCore
+import X86Emulator
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public enum CopyOnWriteError: Error, CustomStringConvertible {
+    case userfaultfdUnavailable(errno: Int32)
+    case writeProtectFailed(operation: String, errno: Int32)
+
+    public var description: String {
+        switch self {
+        case let .userfaultfdUnavailable(err):
+            return "userfaultfd write protection is unavailable (\(String(cString: strerror(err)))); it needs Linux ≥ 5.19 and "
+                + "CAP_SYS_PTRACE (or vm.unprivileged_userfaultfd=1)"
+        case let .writeProtectFailed(op, err):
+            return "\(op) failed: \(String(cString: strerror(err)))"
+        }
+    }
+}
+
+/// Catches the first guest write to each page after `protectAll()`: the writing vCPU is
+/// held until `CopyOnWriteSession.firstWrite(page:)` has saved the page, then the page is
+/// made writable again.
+protocol WriteProtection: AnyObject, Sendable {
+    func protectAll() throws
+    /// Makes `page` writable again (from any thread).
+    func unprotect(page: Int)
+    /// Unprotects everything and stops any helper thread.
+    func finish()
+    /// How writes are caught, for reports.
+    var mechanism: String { get }
+}
+
+/// KVM (and any engine writing through the host mapping): userfaultfd write protection on
+/// the memfd mapping. A guest write — by the vCPU through KVM's page tables, or by a device
+/// thread — faults in the host kernel; a handler thread saves the page and lifts the
+/// protection, which wakes the writer.
+final class UserfaultWriteProtection: WriteProtection, @unchecked Sendable {
+    let memory: GuestMemory
+    private let uffd: Int32
+    private let stopFD: Int32
+    private var thread: HostThread?
+    private let onFault: @Sendable (Int) -> Void
+    var mechanism: String { "userfaultfd write protection" }
+
+    init(memory: GuestMemory, onFault: @escaping @Sendable (Int) -> Void) throws {
+        self.memory = memory
+        self.onFault = onFault
+        let fd = ckvm_uffd_open(1)
+        guard fd >= 0 else { throw CopyOnWriteError.userfaultfdUnavailable(errno: -fd) }
+        let rc = ckvm_uffd_register(fd, memory.base, memory.size, 1, 0)
+        guard rc == 0 else {
+            close(fd)
+            throw CopyOnWriteError.userfaultfdUnavailable(errno: -rc)
+        }
+        uffd = fd
+        stopFD = ckvm_eventfd()
+    }
+
+    deinit {
+        finish()
+        close(uffd)
+        if stopFD >= 0 { close(stopFD) }
+    }
+
+    func protectAll() throws {
+        let rc = ckvm_uffd_writeprotect(uffd, memory.base, memory.size, 1)
+        guard rc == 0 else { throw CopyOnWriteError.writeProtectFailed(operation: "UFFDIO_WRITEPROTECT", errno: -rc) }
+        let base = UInt(bitPattern: memory.base)
+        thread = HostThread(name: "cow-faults") { [uffd, stopFD, onFault] in
+            var address: UInt64 = 0
+            var isWrite: Int32 = 0, isWP: Int32 = 0
+            while true {
+                let r = ckvm_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP)
+                if r != 1 { return }
+                onFault(Int((UInt(address) - base) >> 12))
+            }
+        }
+    }
+
+    func unprotect(page: Int) {
+        // Clearing WP also wakes a thread waiting on the page.
+        _ = ckvm_uffd_writeprotect(uffd, memory.base + page * 4096, 4096, 0)
+    }
+
+    func finish() {
+        guard let t = thread else { return }
+        _ = ckvm_uffd_writeprotect(uffd, memory.base, memory.size, 0)
+        _ = ckvm_eventfd_signal(stopFD)
+        t.join()
+        thread = nil
+        _ = ckvm_uffd_unregister(uffd, memory.base, memory.size)
+    }
+}
+
+/// The software engine, as the text describes it: write permission is cleared in the
+/// second-level page table; a guest write is an EPT violation (a `.memoryFault` exit),
+/// handled on the vCPU's thread by saving the page and restoring the permission.
+final class SecondLevelWriteProtection: WriteProtection, @unchecked Sendable {
+    let table: SecondLevelPageTable
+    var mechanism: String { "second-level page table write protection (EPT violations)" }
+
+    init(table: SecondLevelPageTable) { self.table = table }
+
+    func protectAll() throws { table.setPermissions([.read, .execute], pages: 0..<table.pageCount) }
+    func unprotect(page: Int) { table.setPermissions(.all, pages: page..<(page + 1)) }
+    func finish() { table.setPermissions(.all, pages: 0..<table.pageCount) }
+}
+
+/// One copy-on-write snapshot in progress: every page is saved exactly once, as it was at
+/// the snapshot point — by the writer as it streams pages in order, or earlier, by the
+/// first guest write to it (the original goes to a side store the writer drains).
+final class CopyOnWriteSession: @unchecked Sendable {
+    let memory: GuestMemory
+    var protection: (any WriteProtection)!
+    private struct State {
+        var saved: [Bool]
+        var copies: [Int: [UInt8]] = [:]
+        var faults: UInt64 = 0
+        var bytesCopied: UInt64 = 0
+    }
+    private let state: Mutex<State>
+
+    init(memory: GuestMemory) {
+        self.memory = memory
+        state = Mutex(State(saved: [Bool](repeating: false, count: Int(memory.size / 4096))))
+    }
+
+    /// A guest write is about to change `page` for the first time since the snapshot point.
+    func firstWrite(page: Int) {
+        state.withLock { s in
+            guard page >= 0, page < s.saved.count else { return }
+            s.faults += 1
+            if !s.saved[page] {
+                s.copies[page] = Array(UnsafeRawBufferPointer(start: memory.base + page * 4096, count: 4096))
+                s.saved[page] = true
+                s.bytesCopied += 4096
+            }
+        }
+        protection.unprotect(page: page)
+    }
+
+    /// The snapshot-point contents of `page`, for the writer (pages in order).
+    func contents(page: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        let wasSaved = state.withLock { s -> Bool in
+            if let copy = s.copies.removeValue(forKey: page) {
+                copy.withUnsafeBytes { buffer.copyMemory(from: $0) }
+                return true
+            }
+            // Still protected, so still the snapshot-point contents.
+            buffer.copyMemory(from: UnsafeRawBufferPointer(start: memory.base + page * 4096, count: 4096))
+            s.saved[page] = true
+            return false
+        }
+        if !wasSaved { protection.unprotect(page: page) }
+    }
+
+    var faults: UInt64 { state.withLock { $0.faults } }
+    var bytesCopied: UInt64 { state.withLock { $0.bytesCopied } }
+}

@@ -1,0 +1,182 @@
+import CKVM
+import Foundation
+import KVMEngine
+import Synchronization
+import VirtCore
+import X86Emulator
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What taking a snapshot cost.
+public struct SnapshotReport: Sendable, Codable {
+    public var path: String
+    /// The vCPUs were stopped for this long: state saved and write protection armed.
+    public var pauseSeconds: Double
+    /// From the pause to the file renamed into place (the guest ran meanwhile).
+    public var totalSeconds: Double
+    /// Guest writes that hit a protected page, and the bytes those faults copied.
+    public var copyOnWriteFaults: UInt64
+    public var bytesCopied: UInt64
+    public var fileBytes: UInt64
+    public var mechanism: String
+}
+
+public enum MachineSnapshotError: Error, CustomStringConvertible {
+    case devicesNotSupported([String])
+    case notRunning
+    case engineMismatch(snapshot: String, requested: String)
+
+    public var description: String {
+        switch self {
+        case let .devicesNotSupported(names):
+            return "snapshots of machines with devices beyond the serial port are not supported yet (attached: \(names.joined(separator: ", ")))"
+        case .notRunning:
+            return "the machine is not running: only a running machine can be snapshotted with copy-on-write"
+        case let .engineMismatch(snapshot, requested):
+            return "the snapshot was taken on the \(snapshot) engine and restores only there (asked for \(requested)): the hypercall ABI in its RAM differs"
+        }
+    }
+}
+
+extension Machine {
+    /// Snapshots the running machine with copy-on-write: the vCPUs stop only while their
+    /// state is saved and guest RAM is write-protected; then the guest runs on while the
+    /// pages are written out in order, and a page the guest writes first is copied just
+    /// before the write (KVM: userfaultfd write protection; software engine: its
+    /// second-level page table). The file appears atomically at `path`.
+    /// `whilePaused` runs at the snapshot point, with every vCPU stopped.
+    public func snapshot(to path: String, note: String = "", progress: ((Int) -> Void)? = nil,
+                         whilePaused: (() -> Void)? = nil) throws -> SnapshotReport {
+        guard deviceNames.isEmpty else { throw MachineSnapshotError.devicesNotSupported(deviceNames) }
+        let t0 = monotonicNanoseconds()
+        pause()
+        var resumed = false
+        defer { if !resumed { resume() } }
+        let states = try allVCPUs.map { try $0.getState() }
+        let session = CopyOnWriteSession(memory: memory)
+        let protection: any WriteProtection
+        if let sw = vm as? SoftwareVirtualMachine {
+            protection = SecondLevelWriteProtection(table: sw.secondLevel)
+            memoryFaultHandler.withLock {
+                $0 = { gpa, access in
+                    guard access.contains(.write) else { return false }
+                    session.firstWrite(page: Int(gpa >> 12))
+                    return true
+                }
+            }
+        } else {
+            protection = try UserfaultWriteProtection(memory: memory) { page in session.firstWrite(page: page) }
+        }
+        session.protection = protection
+        defer {
+            protection.finish()
+            memoryFaultHandler.withLock { $0 = nil }
+        }
+        try protection.protectAll()
+        whilePaused?()
+        let metadata = SnapshotMetadata(engine: engine.name, memorySize: memory.size, vcpuCount: allVCPUs.count,
+                                        commandLine: configuration.commandLine, imageIdentity: guestName,
+                                        created: Date(), note: note)
+        let devices: [(name: String, state: [UInt8])] = [("com1", uart.savedState)]
+        let t1 = monotonicNanoseconds()
+        resume()
+        resumed = true
+        let written = try SnapshotWriter.write(to: path, metadata: metadata, vcpus: states, devices: devices,
+                                               pageCount: Int(memory.size / 4096), progress: progress) { page, buffer in
+            session.contents(page: page, into: buffer)
+        }
+        let t2 = monotonicNanoseconds()
+        return SnapshotReport(path: path, pauseSeconds: Double(t1 - t0) / 1e9, totalSeconds: Double(t2 - t0) / 1e9,
+                              copyOnWriteFaults: session.faults, bytesCopied: session.bytesCopied,
+                              fileBytes: written.bytesWritten, mechanism: protection.mechanism)
+    }
+
+    /// Builds a machine from a snapshot file: the same RAM, vCPU states and serial-port
+    /// state; it continues where the snapshot was taken when `run()` is called. With
+    /// `lazy`, RAM is filled on first touch through userfaultfd (each 64 KiB chunk
+    /// verified when first read), so the guest starts before all of RAM is read; otherwise
+    /// all of RAM is read and verified first. The file is only read.
+    public convenience init(restoring snapshot: SnapshotFile, engine: any Engine, lazy: Bool = false,
+                            timeoutSeconds: Double? = nil, serialOutput: @escaping @Sendable (UInt8) -> Void) throws {
+        let m = snapshot.metadata
+        guard m.engine == engine.name else { throw MachineSnapshotError.engineMismatch(snapshot: m.engine, requested: engine.name) }
+        var config = MachineConfiguration(memorySize: m.memorySize, vcpuCount: m.vcpuCount, commandLine: m.commandLine,
+                                          timeoutSeconds: timeoutSeconds)
+        config.ioeventfd = true
+        var loader: LazyMemoryLoader?
+        try self.init(configuration: config, engine: engine, serialOutput: serialOutput) { memory in
+            if lazy {
+                loader = try LazyMemoryLoader(snapshot: snapshot, memory: memory)
+            } else {
+                try snapshot.restoreMemory(into: memory.base, size: memory.size)
+            }
+            return snapshot.vcpus
+        }
+        lazyLoader = loader
+        guestName = m.imageIdentity
+        if let com1 = snapshot.devices.first(where: { $0.name == "com1" }) { uart.restore(state: com1.state) }
+    }
+
+    /// Names of attached devices a snapshot cannot carry yet.
+    var deviceNames: [String] { bus.mmioDeviceNames }
+}
+
+/// Lazy restore: guest RAM registered with userfaultfd in missing-page mode; the first
+/// touch of a page (by a vCPU through KVM, by the interpreter, or by a device) faults, and
+/// a handler thread copies the page in from the snapshot file.
+final class LazyMemoryLoader: @unchecked Sendable {
+    private let uffd: Int32
+    private let stopFD: Int32
+    private var thread: HostThread?
+    private let memory: GuestMemory
+    final class Counters: Sendable {
+        let faults = Atomic<UInt64>(0)
+        /// Pages the file could not supply (a corrupt chunk): they stay zero; the errors are kept.
+        let failures = Mutex<[String]>([])
+    }
+    let counters = Counters()
+
+    init(snapshot: SnapshotFile, memory: GuestMemory) throws {
+        guard snapshot.metadata.memorySize == memory.size else {
+            throw SnapshotError.memorySizeMismatch(snapshot: snapshot.metadata.memorySize, machine: memory.size)
+        }
+        self.memory = memory
+        let fd = ckvm_uffd_open(0)
+        guard fd >= 0 else { throw CopyOnWriteError.userfaultfdUnavailable(errno: -fd) }
+        let rc = ckvm_uffd_register(fd, memory.base, memory.size, 0, 1)
+        guard rc == 0 else { close(fd); throw CopyOnWriteError.userfaultfdUnavailable(errno: -rc) }
+        uffd = fd
+        stopFD = ckvm_eventfd()
+        let base = UInt(bitPattern: memory.base)
+        let pages = Int(memory.size / 4096)
+        thread = HostThread(name: "lazy-restore") { [uffd, stopFD, counters] in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+            defer { buffer.deallocate() }
+            var address: UInt64 = 0
+            var isWrite: Int32 = 0, isWP: Int32 = 0
+            while true {
+                let r = ckvm_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP)
+                if r != 1 { return }
+                let page = Int((UInt(address) - base) >> 12)
+                guard page >= 0, page < pages else { continue }
+                counters.faults.add(1, ordering: .relaxed)
+                do {
+                    try snapshot.readPage(page, into: buffer)
+                } catch {
+                    counters.failures.withLock { $0.append("page \(page): \(error)") }
+                    buffer.initializeMemory(as: UInt8.self, repeating: 0)
+                }
+                _ = ckvm_uffd_copy(uffd, UnsafeMutableRawPointer(bitPattern: base + UInt(page) * 4096), buffer.baseAddress, 4096)
+            }
+        }
+    }
+
+    deinit {
+        _ = ckvm_eventfd_signal(stopFD)
+        thread?.join()
+        _ = ckvm_uffd_unregister(uffd, memory.base, memory.size)
+        close(uffd)
+        close(stopFD)
+    }
+}

@@ -1,0 +1,93 @@
+import Foundation
+import GuestImages
+import KVMEngine
+import Synchronization
+import Testing
+import VirtCore
+@testable import VMM
+import X86Emulator
+#if canImport(Glibc)
+import Glibc
+#endif
+
+func temporaryPath(_ name: String) -> String {
+    NSTemporaryDirectory() + "swiftvisor-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+}
+
+/// Waits (bounded) until `condition` holds; false on timeout.
+func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
+    let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
+    while !condition() {
+        if monotonicNanoseconds() > deadline { return false }
+        usleep(1000)
+    }
+    return true
+}
+
+@Suite struct SnapshotTests {
+    /// Runs `counter` until it printed `after` lines, snapshots it, lets it finish; returns
+    /// the machine's whole output, the output at the snapshot point, the report, and the RAM
+    /// as it was at the snapshot point.
+    func snapshotCounter(engine: String, path: String, touch: Int) throws -> (full: String, atSnapshot: String, report: SnapshotReport, ram: [UInt8]) {
+        let out = SerialCapture()
+        let guest = try #require(BundledGuests.named("counter"))
+        let m = try Machine(image: try ELFImage(bytes: guest.elf),
+                            configuration: MachineConfiguration(memorySize: 32 << 20, commandLine: "limit=60 work=20000 touch=\(touch)", timeoutSeconds: 120),
+                            engine: try makeEngine(engine), serialOutput: out.append)
+        m.guestName = "counter"
+        let runner = HostThread(name: "counter") { _ = try? m.run() }
+        defer { m.stop(); runner.join() }
+        #expect(waitUntil { out.text.contains("count 10\n") })
+        var atSnapshot = ""
+        var ram: [UInt8] = []
+        let report = try m.snapshot(to: path, note: "test", whilePaused: {
+            atSnapshot = out.text
+            ram = try! m.memory.read(at: 0, count: Int(m.memory.size))
+        })
+        #expect(waitUntil { out.text.contains("count 60\n") })
+        return (out.text, atSnapshot, report, ram)
+    }
+
+    @Test(arguments: bothEngines)
+    func snapshotHoldsTheRAMOfTheSnapshotPointWhileTheGuestKeepsWriting(engine: String) throws {
+        let path = temporaryPath("snap")
+        defer { unlink(path) }
+        let (full, atSnapshot, report, ram) = try snapshotCounter(engine: engine, path: path, touch: 64)
+        #expect(full.hasPrefix(atSnapshot))
+        #expect(report.copyOnWriteFaults > 0, "the guest wrote while the snapshot was written")
+        #expect(report.pauseSeconds < report.totalSeconds)
+        let file = try SnapshotFile(path: path)
+        #expect(file.metadata.engine == engine)
+        #expect(file.metadata.note == "test")
+        var restored = [UInt8](repeating: 0, count: ram.count)
+        try restored.withUnsafeMutableBytes { try file.restoreMemory(into: $0.baseAddress!, size: UInt64($0.count)) }
+        #expect(restored == ram)  // pre-write contents, not what the guest wrote afterwards
+    }
+
+    @Test(arguments: bothEngines, [false, true])
+    func twoClonesContinueFromTheSnapshotCount(engine: String, lazy: Bool) throws {
+        let path = temporaryPath("snap")
+        defer { unlink(path) }
+        let (full, atSnapshot, _, _) = try snapshotCounter(engine: engine, path: path, touch: 1)
+        for _ in 0..<2 {
+            let out = SerialCapture()
+            let clone = try Machine(restoring: try SnapshotFile(path: path), engine: try makeEngine(engine), lazy: lazy,
+                                    timeoutSeconds: 120, serialOutput: out.append)
+            let r = try clone.run()
+            #expect(r.stopReason == .exitPort(status: 0))
+            // The clone prints exactly what the original printed after the snapshot point.
+            #expect(atSnapshot + out.text == full)
+            if lazy { #expect(clone.lazyRestoreFaults > 0) }
+        }
+    }
+
+    @Test func restoreOnAnotherEngineIsAClearError() throws {
+        let path = temporaryPath("snap")
+        defer { unlink(path) }
+        _ = try snapshotCounter(engine: "software", path: path, touch: 1)
+        guard kvmUsable else { return }
+        #expect(throws: MachineSnapshotError.self) {
+            _ = try Machine(restoring: try SnapshotFile(path: path), engine: try KVMEngine(), serialOutput: { _ in })
+        }
+    }
+}
