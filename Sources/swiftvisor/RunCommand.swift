@@ -60,6 +60,9 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Add the emulated register-interface NIC: switch:NAME or tap:IFNAME.", valueName: "attachment"))
     var nic: [String] = []
 
+    @Option(name: .long, help: ArgumentHelp("Serve a control socket (snapshot, pause, resume, status, stop) at this path; see 'swiftvisor snapshot'.", valueName: "path"))
+    var control: String?
+
     @Flag(name: .long, help: "Add a virtio console connected to standard output.")
     var virtioConsole = false
 
@@ -79,6 +82,7 @@ struct Run: ParsableCommand {
             throw ValidationError("--vcpus must be between 1 and \(BootLayout.maxVCPUs)")
         }
         if let t = timeout, !(t > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        if control != nil && guests.count > 1 { throw ValidationError("--control serves one VM; run one guest") }
         for d in disk where try DiskArgument(d).vm >= guests.count {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
         }
@@ -104,6 +108,7 @@ struct Run: ParsableCommand {
                                                   timeoutSeconds: timeout)
                 let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
                 let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
+                machine.guestName = name
                 let console = try addDevices(to: machine, index: index, output: output)
                 if index == 0 { firstVirtioConsole = console }
                 machines.append(machine)
@@ -112,6 +117,14 @@ struct Run: ParsableCommand {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
+        let server: ControlServer?
+        do {
+            server = try control.map { try ControlServer(machine: machines[0], path: $0) }
+        } catch {
+            printError("swiftvisor: error: \(error)")
+            throw ExitCode(ToolStatus.failure)
+        }
+        defer { server?.close() }
         // Standard input goes to vm0: its UART and, when present, its virtio console.
         let uart = machines[0].uart, virtioConsole = firstVirtioConsole
         ConsoleInput.start { bytes in

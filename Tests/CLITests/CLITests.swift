@@ -223,3 +223,66 @@ extension CLIDeviceTests {
         #expect(r.stdout == "Hello through virtio-console!\nvconsole echo: a line for virtio\n")
     }
 }
+
+@Suite struct CLISnapshotTests {
+    @Test(arguments: CLIDeviceTests.engines)
+    func snapshotARunningCounterAndRestoreItTwice(engine: String) throws {
+        let socket = NSTemporaryDirectory() + "swiftvisor-cli-\(getpid())-\(engine).sock"
+        let file = NSTemporaryDirectory() + "swiftvisor-cli-\(getpid())-\(engine).snap"
+        defer { unlink(file) }
+        // The original VM runs in the background until it reaches its limit.
+        let original = Process()
+        original.executableURL = URL(fileURLWithPath: swiftvisorPath)
+        original.arguments = ["run", "counter", "--engine", engine, "--cmdline", "limit=300 work=50000", "--control", socket]
+        let out = Pipe()
+        original.standardOutput = out
+        original.standardError = FileHandle.nullDevice
+        try original.run()
+        // Snapshot once the counter is under way (it has printed "count 20").
+        var seen = Data()
+        while !String(decoding: seen, as: UTF8.self).contains("count 20\n") {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty { break }  // the VM ended early: the expectations below say so
+            seen += chunk
+        }
+        let create = try swiftvisor(["snapshot", "create", "--socket", socket, file, "--note", "cli test"])
+        let originalOutput = String(decoding: seen + out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        original.waitUntilExit()
+        #expect(create.status == 0, "\(create.stderr)")
+        #expect(create.stdout.contains("copy-on-write faults"))
+        #expect(originalOutput.hasSuffix("count 300\n"))
+
+        let inspect = try swiftvisor(["snapshot", "inspect", file])
+        #expect(inspect.status == 0)
+        #expect(inspect.stdout.contains("engine:       \(engine)"))
+        #expect(inspect.stdout.contains("note:         cli test"))
+        #expect(inspect.stdout.contains("memory checksums: OK"))
+
+        // Two clones, one eager and one lazy: each continues the count to the limit, and
+        // what it prints is the tail of what the original printed.
+        for extra in [[], ["--lazy"]] {
+            let clone = try swiftvisor(["snapshot", "restore", file] + extra)
+            #expect(clone.status == 0, "\(clone.stderr)")
+            #expect(clone.stdout.hasSuffix("count 300\n"))
+            #expect(!clone.stdout.contains("count 20\n"))  // it starts after the snapshot point
+            #expect(originalOutput.hasSuffix(clone.stdout))
+        }
+    }
+
+    @Test func corruptSnapshotIsOneClearLineAndTheFileStays() throws {
+        let file = NSTemporaryDirectory() + "swiftvisor-cli-bad-\(getpid()).snap"
+        defer { unlink(file) }
+        try Data("SVSNAP\0\0 but then garbage".utf8).write(to: URL(fileURLWithPath: file))
+        let before = try Data(contentsOf: URL(fileURLWithPath: file))
+        for args in [["snapshot", "inspect", file], ["snapshot", "restore", file]] {
+            let r = try swiftvisor(args)
+            #expect(r.status == 125)
+            #expect(r.stderr.hasPrefix("swiftvisor: error: "))
+            #expect(r.stderr.split(separator: "\n").count == 1)
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == before)
+        let missing = try swiftvisor(["snapshot", "create", "--socket", "/nonexistent/vm.sock", file])
+        #expect(missing.status == 125)
+        #expect(missing.stderr.contains("connect failed"))
+    }
+}

@@ -1,0 +1,105 @@
+import ArgumentParser
+import Foundation
+import VMM
+
+struct SnapshotCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "snapshot",
+        abstract: "Copy-on-write snapshots: take one from a running VM, restore (clone) it, inspect a file.",
+        discussion: """
+            Start a VM with a control socket:   swiftvisor run counter --control /tmp/vm.sock
+            Snapshot it while it runs:          swiftvisor snapshot create --socket /tmp/vm.sock counter.snap
+            Restore it (as often as you like):  swiftvisor snapshot restore counter.snap
+            The guest keeps running during 'create': only saving the vCPU state and arming write
+            protection stops it; a page it writes before the writer reaches it is copied first.
+            """,
+        subcommands: [Create.self, Restore.self, Inspect.self])
+
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Snapshot a running VM through its control socket.")
+
+        @Option(name: .long, help: ArgumentHelp("The VM's control socket (swiftvisor run … --control PATH).", valueName: "path"))
+        var socket: String
+
+        @Argument(help: "Snapshot file to write (replaced atomically).")
+        var file: String
+
+        @Option(name: .long, help: "A note kept in the snapshot.")
+        var note = ""
+
+        func run() throws {
+            let absolute = file.hasPrefix("/") ? file : FileManager.default.currentDirectoryPath + "/" + file
+            let reply: [String: Any]
+            do {
+                reply = try ControlServer.send("snapshot \(absolute) \(note)", to: socket)
+            } catch {
+                printError("swiftvisor: error: \(error)")
+                throw ExitCode(ToolStatus.failure)
+            }
+            guard reply["ok"] as? Bool == true else {
+                printError("swiftvisor: error: \(reply["error"] as? String ?? "snapshot failed")")
+                throw ExitCode(ToolStatus.failure)
+            }
+            let pause = (reply["pause_seconds"] as? Double ?? 0) * 1000, total = (reply["total_seconds"] as? Double ?? 0) * 1000
+            let bytes = (reply["file_bytes"] as? NSNumber)?.doubleValue ?? 0
+            print("snapshot \(file): " + String(format: "%.1f MiB, ", bytes / 1048576)
+                + String(format: "guest paused %.2f ms, total %.1f ms, ", pause, total)
+                + "\(reply["cow_faults"] ?? 0) copy-on-write faults (\(reply["mechanism"] ?? ""))")
+        }
+    }
+
+    struct Restore: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a VM from a snapshot file; it continues where the snapshot was taken.",
+            discussion: "The file is only read, so it can be restored any number of times (clones). Exit statuses as for 'run'.")
+
+        @Argument(help: "Snapshot file.")
+        var file: String
+
+        @Flag(name: .long, help: "Fill RAM on first touch (userfaultfd) instead of reading it all first.")
+        var lazy = false
+
+        @Option(name: .long, help: ArgumentHelp("Stop the guest after this many seconds.", valueName: "seconds"))
+        var timeout: Double?
+
+        @Option(name: .long, help: ArgumentHelp("Control socket for this VM.", valueName: "path"))
+        var control: String?
+
+        func run() throws {
+            let machine: Machine
+            do {
+                let snapshot = try SnapshotFile(path: file)
+                let engine = try EngineSelection.make(EngineChoice(rawValue: snapshot.metadata.engine) ?? .software)
+                machine = try Machine(restoring: snapshot, engine: engine, lazy: lazy, timeoutSeconds: timeout,
+                                      serialOutput: ConsoleOutput.write)
+            } catch {
+                printError("swiftvisor: error: \(error)")
+                throw ExitCode(ToolStatus.failure)
+            }
+            let server = try control.map { try ControlServer(machine: machine, path: $0) }
+            defer { server?.close() }
+            let result = try machine.run()
+            if case let .exitPort(status) = result.stopReason { throw ExitCode(Int32(status)) }
+            printError("swiftvisor: \(result.stopReason.summary)")
+            if case .timeout = result.stopReason { throw ExitCode(ToolStatus.timeout) }
+            throw ExitCode(ToolStatus.failure)
+        }
+    }
+
+    struct Inspect: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Describe a snapshot file and verify its checksums.")
+
+        @Argument(help: "Snapshot file.")
+        var file: String
+
+        func run() throws {
+            do {
+                let text = try SnapshotFile.inspect(path: file)
+                print(text, terminator: text.hasSuffix("\n") ? "" : "\n")
+            } catch {
+                printError("swiftvisor: error: \(error)")
+                throw ExitCode(ToolStatus.failure)
+            }
+        }
+    }
+}
