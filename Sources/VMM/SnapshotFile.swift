@@ -294,7 +294,12 @@ public final class SnapshotFile: Sendable {
                 if errno == EINTR { continue }
                 throw .ioFailed(path: path, errno: errno)
             }
-            if n == 0 { throw .truncated(expected: offset + UInt64(count), actual: offset + UInt64(done)) }
+            if n == 0 {
+                // The file ended early (it shrank after it was opened, or the tables lie).
+                var st = stat()
+                let actual = fstat(fd, &st) == 0 ? UInt64(max(0, st.st_size)) : offset + UInt64(done)
+                throw .truncated(expected: offset + UInt64(count), actual: actual)
+            }
             done += n
         }
     }

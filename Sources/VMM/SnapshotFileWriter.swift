@@ -27,7 +27,8 @@ public enum SnapshotWriter {
     /// fsynced and renamed over `path` (then the directory is fsynced), so if anything
     /// fails — including `page` throwing — `path` keeps its previous contents and the
     /// temporary file is removed. The file is created with mode 0600 (guest RAM may hold
-    /// secrets).
+    /// secrets). One writer per path at a time within a process (they would share the
+    /// temporary file).
     ///
     /// `page(i, buffer)` is called for i in 0..<pageCount, in order, and must fill the
     /// 4096-byte `buffer` (zeroed beforehand) with guest page i — a copy-on-write snapshot

@@ -19,6 +19,15 @@ extension Machine {
         try addVirtioDevice(VirtioConsole(output: output), name: "virtio-console")
     }
 
+    /// virtio-balloon: set its target with `balloon.setTarget(pages:)`; inflated pages are
+    /// discarded from guest RAM, so the host gets the memory back.
+    @discardableResult
+    public func addVirtioBalloon(target: UInt32 = 0, onChange: @escaping @Sendable () -> Void = {}) throws -> VirtioBalloon {
+        let balloon = VirtioBalloon(target: target, onChange: onChange)
+        try addVirtioDevice(balloon, name: "virtio-balloon")
+        return balloon
+    }
+
     /// Any virtio device behind a virtio-mmio transport in the next slot.
     @discardableResult
     public func addVirtioDevice(_ device: any VirtioDevice, name: String) throws -> VirtioMMIOTransport {

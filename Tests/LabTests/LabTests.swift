@@ -80,3 +80,22 @@ let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
         }
     }
 }
+
+/// S6 at a reduced size: the snapshot's accounting is consistent on each engine.
+@Suite struct CowSnapshotLabTests {
+    @Test(arguments: PioVsMmioLabTests.engines)
+    func copiesAreWholePagesAndClonesRestoreBothWays(engine: EngineChoice) throws {
+        var lab = CowSnapshotLab(engine: engine)
+        lab.memory = 32 << 20  // the guest's write area is 16 MiB
+        let r = try lab.run()
+        #expect(r.rows.count == 2)
+        for row in r.rows {
+            #expect(row.pauseMilliseconds <= row.totalMilliseconds)
+            #expect(row.bytesCopied <= row.cowFaults * 4096)  // a fault copies at most one page
+            #expect(row.fileBytes >= 32 << 20)
+            #expect(row.lazyPagesFaultedIn > 0)
+            if let a = row.writeAmplification { #expect(a == (row.workload.hasPrefix("small") ? 512 : 1)) }
+        }
+        #expect(CowSnapshotLab.table(r).rows.count == 2)
+    }
+}
