@@ -59,7 +59,7 @@ public struct CowSnapshotLab: Sendable {
     }
 
     func measure(fill: Bool) throws -> Row {
-        let path = directory + "/swiftvisor-lab-\(getpid())-\(fill ? "large" : "small").snap"
+        let path = directory + "/swiftvisor-lab-\(getpid())-\(engine.rawValue)-\(fill ? "large" : "small").snap"
         defer { unlink(path) }
         let out = LineClock()
         let work = engine == .kvm ? 200_000 : 20_000
