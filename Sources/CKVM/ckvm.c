@@ -270,3 +270,34 @@ int ckvm_uffd_next_fault(int fd, int stop_fd, int timeout_ms, uint64_t *address,
         return 1;
     }
 }
+
+/* ---- page deduplication ---- */
+
+int ckvm_map_private_page(void *address, int store_fd, uint64_t store_offset) {
+    void *p = mmap(address, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, store_fd, (off_t)store_offset);
+    return p == MAP_FAILED ? -errno : 0;
+}
+
+int ckvm_map_shared_page(void *address, int fd, uint64_t offset) {
+    void *p = mmap(address, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (off_t)offset);
+    return p == MAP_FAILED ? -errno : 0;
+}
+
+int ckvm_punch_hole(int fd, uint64_t offset, uint64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length) == 0 ? 0 : -errno;
+}
+
+int ckvm_pagemap_entries(const void *address, uint64_t count, uint64_t *entries) {
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    off_t off = (off_t)((uint64_t)address / 4096 * 8);
+    size_t want = (size_t)count * 8, got = 0;
+    while (got < want) {
+        ssize_t n = pread(fd, (char *)entries + got, want - got, off + (off_t)got);
+        if (n < 0) { if (errno == EINTR) continue; int e = errno; close(fd); return -e; }
+        if (n == 0) break;
+        got += (size_t)n;
+    }
+    close(fd);
+    return got == want ? 0 : -EIO;
+}

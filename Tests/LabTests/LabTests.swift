@@ -99,3 +99,23 @@ let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
         #expect(CowSnapshotLab.table(r).rows.count == 2)
     }
 }
+
+/// S8 at a reduced size: with no writes everything stays merged; with many, sharing breaks
+/// and the policy declines to merge.
+@Suite struct DedupLabTests {
+    @Test(arguments: PioVsMmioLabTests.engines)
+    func breaksFollowTheWriteProbabilityAndThePolicyAvoidsLosses(engine: EngineChoice) throws {
+        var lab = DedupLab(engine: engine)
+        lab.pages = 128
+        lab.writeProbabilities = [0, 0.5]
+        let r = try lab.run()
+        let row = { (p: Double, s: String) in r.rows.first { $0.writeProbability == p && $0.strategy == s }! }
+        #expect(row(0, "merge all").pagesMerged == 128)
+        #expect(row(0, "merge all").breaks == 0)
+        #expect(row(0, "merge all").hostPagesSavedAtEnd == 127)
+        #expect(row(0.5, "merge all").breaks >= 120)
+        #expect((row(0.5, "merge all").netBenefitPerPage ?? 0) < 0)
+        #expect(row(0.5, "policy").pagesMerged < 16)
+        #expect(r.predictedBreakEven > 0 && r.predictedBreakEven < 0.5)
+    }
+}

@@ -106,6 +106,13 @@ int ckvm_uffd_unregister(int fd, void *addr, uint64_t len);
 int ckvm_uffd_writeprotect(int fd, void *addr, uint64_t len, int protect);
 int ckvm_uffd_copy(int fd, void *dst, const void *src, uint64_t len);
 int ckvm_uffd_wake(int fd, void *addr, uint64_t len);
+/* Page deduplication: map one page of `store_fd` privately (copy-on-write by the kernel) or
+ * shared at `address` (MAP_FIXED); punch a hole in a file; read /proc/self/pagemap entries
+ * (bit 63 present, bit 61 file-backed or shared). */
+int ckvm_map_private_page(void *address, int store_fd, uint64_t store_offset);
+int ckvm_map_shared_page(void *address, int fd, uint64_t offset);
+int ckvm_punch_hole(int fd, uint64_t offset, uint64_t length);
+int ckvm_pagemap_entries(const void *address, uint64_t count, uint64_t *entries);
 int ckvm_uffd_next_fault(int fd, int stop_fd, int timeout_ms, uint64_t *address, int *is_write, int *is_wp);
 void *ckvm_mmap_shared(int fd, size_t size, int writable);
 int ckvm_userfaultfd(int flags);
