@@ -22,7 +22,8 @@ public enum ControlError: Error, CustomStringConvertible {
 /// answering with one line of JSON (`{"ok":true,…}` or `{"ok":false,"error":"…"}`).
 ///
 /// Commands: `snapshot PATH [NOTE…]` (copy-on-write snapshot while the guest runs),
-/// `pause`, `resume`, `status`, `stop`.
+/// `balloon PAGES` (set the balloon's target; `balloon` alone reports it), `pause`,
+/// `resume`, `status`, `stop`.
 public final class ControlServer: @unchecked Sendable {
     public let path: String
     private let machine: Machine
@@ -112,13 +113,21 @@ public final class ControlServer: @unchecked Sendable {
             } catch {
                 return fail("\(error)")
             }
+        case "balloon":
+            guard let balloon = machine.balloon else { return fail("this VM has no balloon (run it with --balloon)") }
+            if words.count >= 2 {
+                guard let pages = UInt32(words[1]) else { return fail("usage: balloon PAGES (4 KiB pages, a whole number)") }
+                balloon.setTarget(pages: pages)
+            }
+            return ok(["target_pages": balloon.targetPages, "actual_pages": balloon.actualPages,
+                       "host_bytes": machine.memory.allocatedBytes])
         case "pause": machine.pause(); return ok()
         case "resume": machine.resume(); return ok()
         case "status":
             return ok(["engine": machine.engine.name, "paused": machine.isPaused, "memory": machine.memory.size,
                        "vcpus": machine.configuration.vcpuCount])
         case "stop": machine.stop(); return ok()
-        default: return fail("unknown command '\(words.first ?? "")' (snapshot PATH [NOTE], pause, resume, status, stop)")
+        default: return fail("unknown command '\(words.first ?? "")' (snapshot PATH [NOTE], balloon [PAGES], pause, resume, status, stop)")
         }
     }
 

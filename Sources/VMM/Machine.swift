@@ -138,6 +138,8 @@ public final class Machine: @unchecked Sendable {
     /// software engine); true: handled, run on. Set while a service (a copy-on-write
     /// snapshot) has pages protected.
     let memoryFaultHandler = Mutex<(@Sendable (UInt64, MemoryAccessKind) -> Bool)?>(nil)
+    /// The machine's virtio-balloon, if it has one (the control socket's `balloon` command).
+    public internal(set) var balloon: VirtioBalloon?
     /// Fills RAM on first touch for a lazily restored machine (nil otherwise).
     var lazyLoader: LazyMemoryLoader?
     /// Pages a lazy restore has faulted in so far.

@@ -25,6 +25,7 @@ extension Machine {
     public func addVirtioBalloon(target: UInt32 = 0, onChange: @escaping @Sendable () -> Void = {}) throws -> VirtioBalloon {
         let balloon = VirtioBalloon(target: target, onChange: onChange)
         try addVirtioDevice(balloon, name: "virtio-balloon")
+        self.balloon = balloon
         return balloon
     }
 

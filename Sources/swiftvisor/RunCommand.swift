@@ -25,7 +25,7 @@ struct Run: ParsableCommand {
             switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME;
             --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN);
             --virtio-console adds a virtio console on standard output; --nic switch:NAME
-            adds the emulated register-interface NIC.
+            adds the emulated register-interface NIC; --balloon adds virtio-balloon.
 
             swiftvisor exits with the status the guest writes to port 0xF4 (with several
             VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple
@@ -62,6 +62,9 @@ struct Run: ParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("Serve a control socket (snapshot, pause, resume, status, stop) at this path; see 'swiftvisor snapshot'.", valueName: "path"))
     var control: String?
+
+    @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor balloon', through --control).")
+    var balloon = false
 
     @Flag(name: .long, help: "Add a virtio console connected to standard output.")
     var virtioConsole = false
@@ -170,6 +173,7 @@ struct Run: ParsableCommand {
         }
         for n in net { try machine.addVirtioNet(backend: NetworkAttachment(n)!.makeBackend()) }
         for n in nic { try machine.addEmulatedNIC(backend: NetworkAttachment(n)!.makeBackend()) }
+        if balloon { try machine.addVirtioBalloon() }
         guard virtioConsole else { return nil }
         return try machine.addVirtioConsole { bytes in bytes.forEach(output) }.device as? VirtioConsole
     }

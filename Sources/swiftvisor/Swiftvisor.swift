@@ -13,7 +13,7 @@ struct Swiftvisor: ParsableCommand {
               swiftvisor host                what this host's /dev/kvm offers
               swiftvisor bench exits         cost of a port-I/O exit, Swift loop vs C loop
             """,
-        subcommands: [Run.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, LabCommand.self]
+        subcommands: [Run.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, BalloonCommand.self, LabCommand.self]
     )
 }
 

@@ -1,0 +1,47 @@
+import ArgumentParser
+import Foundation
+import VMM
+
+struct BalloonCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "balloon",
+        abstract: "Inflate or deflate a running VM's balloon (run it with --balloon --control PATH).",
+        discussion: """
+            Sets the balloon's target in MiB (or 4 KiB pages with --pages); without a size, reports it.
+            The guest's balloon driver hands pages over; the VMM discards them, so the host gets the
+            memory back (host_bytes is the VM's RAM as the host holds it now).
+            """)
+
+    @Option(name: .long, help: ArgumentHelp("The VM's control socket.", valueName: "path"))
+    var socket: String
+
+    @Argument(help: "Target balloon size in MiB.")
+    var mib: UInt32?
+
+    @Option(name: .long, help: "Target balloon size in 4 KiB pages instead.")
+    var pages: UInt32?
+
+    func validate() throws {
+        if mib != nil && pages != nil { throw ValidationError("give the size in MiB or --pages, not both") }
+        if let mib, mib > UInt32.max / 256 { throw ValidationError("balloon size too large") }
+    }
+
+    func run() throws {
+        let target = pages ?? mib.map { $0 * 256 }
+        let reply: [String: Any]
+        do {
+            reply = try ControlServer.send(target.map { "balloon \($0)" } ?? "balloon", to: socket)
+        } catch {
+            printError("swiftvisor: error: \(error)")
+            throw ExitCode(ToolStatus.failure)
+        }
+        guard reply["ok"] as? Bool == true else {
+            printError("swiftvisor: error: \(reply["error"] as? String ?? "balloon request failed")")
+            throw ExitCode(ToolStatus.failure)
+        }
+        let t = (reply["target_pages"] as? NSNumber)?.intValue ?? 0, a = (reply["actual_pages"] as? NSNumber)?.intValue ?? 0
+        let host = (reply["host_bytes"] as? NSNumber)?.doubleValue ?? 0
+        print("balloon: target \(t) pages (\(t / 256) MiB), guest has given \(a) pages; host holds "
+              + String(format: "%.1f MiB", host / 1048576) + " of the VM's RAM")
+    }
+}

@@ -1,0 +1,40 @@
+import Foundation
+import GuestImages
+import Testing
+import VirtCore
+@testable import VMM
+import Devices
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite struct ControlServerTests {
+    @Test(arguments: bothEngines)
+    func balloonOnCommandGivesMemoryBackAndStatusReports(engine: String) throws {
+        let guest = try #require(BundledGuests.named("balloon"))
+        let m = try Machine(image: try ELFImage(bytes: guest.elf),
+                            configuration: MachineConfiguration(memorySize: 64 << 20, timeoutSeconds: 120),
+                            engine: try makeEngine(engine), serialOutput: { _ in })
+        let balloon = try m.addVirtioBalloon()
+        let socket = temporaryPath("ctl") + ".sock"
+        let server = try ControlServer(machine: m, path: socket)
+        defer { server.close() }
+        let runner = HostThread(name: "balloon-vm") { _ = try? m.run() }
+        defer { m.stop(); runner.join() }
+        // The guest touches its whole page pool (most of RAM) before taking commands.
+        #expect(waitUntil { m.memory.allocatedBytes >= 60 << 20 })
+        let before = m.memory.allocatedBytes
+        let reply = try ControlServer.send("balloon 4096", to: socket)
+        #expect(reply["ok"] as? Bool == true)
+        #expect((reply["target_pages"] as? NSNumber)?.intValue == 4096)
+        #expect(waitUntil { balloon.actualPages == 4096 })
+        #expect(m.memory.allocatedBytes <= m.memory.size - (16 << 20))  // 16 MiB went back to the host
+        #expect(m.memory.allocatedBytes < before)
+        let status = try ControlServer.send("status", to: socket)
+        #expect(status["engine"] as? String == engine)
+        let bad = try ControlServer.send("balloon lots", to: socket)
+        #expect(bad["ok"] as? Bool == false)
+        #expect(try ControlServer.send("frobnicate", to: socket)["ok"] as? Bool == false)
+        _ = try ControlServer.send("balloon \(VirtioBalloon.quitTarget)", to: socket)
+    }
+}
