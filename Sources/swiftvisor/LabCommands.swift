@@ -25,6 +25,19 @@ struct LabOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Directory for the JSON result and the SVG chart.", valueName: "dir"))
     var output = "lab-results"
 
+    /// Writes the JSON result and SVG chart, then prints the table (or, with --json, the JSON).
+    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: BarChart) throws {
+        let files = try writeLabOutputs(name: name, directory: output, result: result, chart: chart)
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(result), as: UTF8.self))
+        } else {
+            print(table.text, terminator: "")
+            print("wrote \(files.json) and \(files.svg)")
+        }
+    }
+
     func resolvedEngine() -> EngineChoice {
         if let engine { return engine }
         let e = EngineSelection.makeDefault { FileHandle.standardError.write(Data(("swiftvisor: " + $0 + "\n").utf8)) }
@@ -73,16 +86,7 @@ struct PioVsMmio: ParsableCommand {
         lab.tickInstructions = tickInstructions
         FileHandle.standardError.write(Data("lab pio-vs-mmio: \(lab.engine.rawValue) engine, \(reads) reads + \(writes) writes per form…\n".utf8))
         let result = try lab.run()
-        let files = try writeLabOutputs(name: "pio-vs-mmio-\(lab.engine.rawValue)", directory: options.output, result: result,
-                                        chart: PioVsMmioLab.chart(result))
-        if options.json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(result), as: UTF8.self))
-        } else {
-            print(PioVsMmioLab.table(result).text, terminator: "")
-            print("wrote \(files.json) and \(files.svg)")
-        }
+        try options.emit(result, name: "pio-vs-mmio-\(lab.engine.rawValue)", table: PioVsMmioLab.table(result), chart: PioVsMmioLab.chart(result))
     }
 }
 
@@ -122,16 +126,7 @@ struct ParavirtVsEmulated: ParsableCommand {
         lab.batch = batch
         FileHandle.standardError.write(Data("lab paravirt-vs-emulated: \(lab.engine.rawValue) engine, \(packets) frames per device…\n".utf8))
         let result = try lab.run()
-        let files = try writeLabOutputs(name: "paravirt-vs-emulated-\(lab.engine.rawValue)", directory: options.output,
-                                        result: result, chart: ParavirtVsEmulatedLab.chart(result))
-        if options.json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(result), as: UTF8.self))
-        } else {
-            print(ParavirtVsEmulatedLab.table(result).text, terminator: "")
-            print("wrote \(files.json) and \(files.svg)")
-        }
+        try options.emit(result, name: "paravirt-vs-emulated-\(lab.engine.rawValue)", table: ParavirtVsEmulatedLab.table(result), chart: ParavirtVsEmulatedLab.chart(result))
     }
 }
 
@@ -161,16 +156,7 @@ struct CowSnapshot: ParsableCommand {
         lab.touch = touch
         FileHandle.standardError.write(Data("lab cow-snapshot: \(lab.engine.rawValue) engine…\n".utf8))
         let result = try lab.run()
-        let files = try writeLabOutputs(name: "cow-snapshot-\(lab.engine.rawValue)", directory: options.output, result: result,
-                                        chart: CowSnapshotLab.chart(result))
-        if options.json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(result), as: UTF8.self))
-        } else {
-            print(CowSnapshotLab.table(result).text, terminator: "")
-            print("wrote \(files.json) and \(files.svg)")
-        }
+        try options.emit(result, name: "cow-snapshot-\(lab.engine.rawValue)", table: CowSnapshotLab.table(result), chart: CowSnapshotLab.chart(result))
     }
 }
 
@@ -204,15 +190,6 @@ struct Dedup: ParsableCommand {
         lab.policy.breakCostPageRounds = breakCost
         FileHandle.standardError.write(Data("lab dedup: \(lab.engine.rawValue) engine, \(pages) pages…\n".utf8))
         let result = try lab.run()
-        let files = try writeLabOutputs(name: "dedup-\(lab.engine.rawValue)", directory: options.output, result: result,
-                                        chart: DedupLab.chart(result))
-        if options.json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(result), as: UTF8.self))
-        } else {
-            print(DedupLab.table(result).text, terminator: "")
-            print("wrote \(files.json) and \(files.svg)")
-        }
+        try options.emit(result, name: "dedup-\(lab.engine.rawValue)", table: DedupLab.table(result), chart: DedupLab.chart(result))
     }
 }
