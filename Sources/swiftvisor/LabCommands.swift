@@ -11,7 +11,7 @@ struct LabCommand: ParsableCommand {
             Each lab prints a table that explains its numbers, and writes <name>.json and
             <name>.svg (a chart) into --output (default: lab-results/).
             """,
-        subcommands: [PioVsMmio.self, ParavirtVsEmulated.self, CowSnapshot.self, Dedup.self])
+        subcommands: [PioVsMmio.self, ParavirtVsEmulated.self, CowSnapshot.self, Dedup.self, BalloonLabCommand.self])
 }
 
 /// Options every lab takes.
