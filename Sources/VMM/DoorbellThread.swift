@@ -19,6 +19,7 @@ final class DoorbellThread: @unchecked Sendable {
     /// Notifications handled here (each would otherwise have been an exit to userspace).
     let notifications = Atomic<UInt64>(0)
 
+
     init(vm: KVMVirtualMachine) throws {
         self.vm = vm
         let fd = ckvm_eventfd()
@@ -66,7 +67,7 @@ final class DoorbellThread: @unchecked Sendable {
                 for i in bells.indices where fds[i].revents != 0 {
                     if ckvm_eventfd_take(bells[i].fd) > 0 {
                         notifications.add(1, ordering: .relaxed)
-                        bells[i].transport.processQueue(bells[i].queue)
+                        bells[i].transport.processQueue(bells[i].queue)  // deferred while frozen for a snapshot
                     }
                 }
             }

@@ -138,6 +138,8 @@ public final class Machine: @unchecked Sendable {
     /// software engine); true: handled, run on. Set while a service (a copy-on-write
     /// snapshot) has pages protected.
     let memoryFaultHandler = Mutex<(@Sendable (UInt64, MemoryAccessKind) -> Bool)?>(nil)
+    /// MMIO devices in slot order, with how to make each again.
+    var attachedDevices: [AttachedDevice] = []
     /// The machine's virtio-balloon, if it has one (the control socket's `balloon` command).
     public internal(set) var balloon: VirtioBalloon?
     /// Fills RAM on first touch for a lazily restored machine (nil otherwise).
@@ -262,6 +264,11 @@ public final class Machine: @unchecked Sendable {
     /// interrupt, and lists it in boot info. Call before `run()`.
     @discardableResult
     public func addMMIODevice<D: MMIODevice>(type: BootLayout.DeviceType, _ make: (DeviceSlot) throws -> D) throws -> D {
+        try addMMIODevice(type: type, recipe: nil, make)
+    }
+
+    /// As `addMMIODevice(type:_:)`, recording how to make the device again (for snapshots).
+    func addMMIODevice<D: MMIODevice>(type: BootLayout.DeviceType, recipe: DeviceRecipe?, _ make: (DeviceSlot) throws -> D) throws -> D {
         precondition(!started.load(ordering: .relaxed), "devices are added before the machine runs")
         guard deviceCount < BootLayout.maxDevices else { throw MachineError.tooManyDevices }
         let index = deviceCount
@@ -274,6 +281,7 @@ public final class Machine: @unchecked Sendable {
         try BootLayout.writeDevice(BootLayout.DeviceEntry(type: type.rawValue, irq: UInt32(irq), base: base, size: slot.size),
                                    index: index, memory: memory)
         deviceCount += 1
+        attachedDevices.append(AttachedDevice(recipe: recipe ?? .unsupported(device.name), transport: device as? VirtioMMIOTransport))
         return device
     }
 

@@ -1,4 +1,5 @@
 import CKVM
+import Devices
 import Foundation
 import KVMEngine
 import Synchronization
@@ -24,13 +25,16 @@ public struct SnapshotReport: Sendable, Codable {
 
 public enum MachineSnapshotError: Error, CustomStringConvertible {
     case devicesNotSupported([String])
+    case badDeviceState(String)
     case notRunning
     case engineMismatch(snapshot: String, requested: String)
 
     public var description: String {
         switch self {
         case let .devicesNotSupported(names):
-            return "snapshots of machines with devices beyond the serial port are not supported yet (attached: \(names.joined(separator: ", ")))"
+            return "this machine has devices a snapshot cannot carry yet: \(names.joined(separator: ", ")) (virtio block, net, console and balloon are supported)"
+        case let .badDeviceState(message):
+            return "the snapshot's device state cannot be restored: \(message)"
         case .notRunning:
             return "the machine is not running: only a running machine can be snapshotted with copy-on-write"
         case let .engineMismatch(snapshot, requested):
@@ -48,15 +52,27 @@ extension Machine {
     /// `whilePaused` runs at the snapshot point, with every vCPU stopped.
     public func snapshot(to path: String, note: String = "", progress: ((Int) -> Void)? = nil,
                          whilePaused: (() -> Void)? = nil) throws -> SnapshotReport {
-        guard deviceNames.isEmpty else { throw MachineSnapshotError.devicesNotSupported(deviceNames) }
+        let unsupported = attachedDevices.compactMap { d -> String? in if case let .unsupported(n) = d.recipe { return n } else { return nil } }
+        guard unsupported.isEmpty else { throw MachineSnapshotError.devicesNotSupported(unsupported) }
         let t0 = monotonicNanoseconds()
         pause()
+        // Devices stop touching memory too (freezing waits for work in progress), so memory
+        // and device state belong to one point.
+        let transports = attachedDevices.compactMap(\.transport)
+        for t in transports { t.freeze() }
         var resumed = false
-        defer { if !resumed { resume() } }
+        defer {
+            if !resumed {
+                for t in transports { t.thaw() }
+                resume()
+            }
+        }
         let states = try allVCPUs.map { try $0.getState() }
         let session = CopyOnWriteSession(memory: memory)
         let protection: any WriteProtection
-        if let sw = vm as? SoftwareVirtualMachine {
+        // The second-level table sees vCPU writes only; with devices that write guest
+        // memory (DMA), the host mapping is protected instead, which catches both.
+        if let sw = vm as? SoftwareVirtualMachine, transports.isEmpty {
             protection = SecondLevelWriteProtection(table: sw.secondLevel)
             memoryFaultHandler.withLock {
                 $0 = { gpa, access in
@@ -78,8 +94,16 @@ extension Machine {
         let metadata = SnapshotMetadata(engine: engine.name, memorySize: memory.size, vcpuCount: allVCPUs.count,
                                         commandLine: configuration.commandLine, imageIdentity: guestName,
                                         created: Date(), note: note)
-        let devices: [(name: String, state: [UInt8])] = [("com1", uart.savedState)]
+        var devices: [(name: String, state: [UInt8])] = [("com1", uart.savedState)]
+        let encoder = JSONEncoder()
+        devices.append(("devices", Array(try encoder.encode(attachedDevices.map(\.recipe)))))
+        for (i, d) in attachedDevices.enumerated() {
+            guard let t = d.transport else { continue }
+            devices.append(("virtio\(i)", Array(try encoder.encode(t.savedState))))
+            devices.append(("virtio\(i).device", t.device.savedDeviceState()))
+        }
         let t1 = monotonicNanoseconds()
+        for t in transports { t.thaw() }
         resume()
         resumed = true
         let written = try SnapshotWriter.write(to: path, metadata: metadata, vcpus: states, devices: devices,
@@ -116,10 +140,44 @@ extension Machine {
         lazyLoader = loader
         guestName = m.imageIdentity
         if let com1 = snapshot.devices.first(where: { $0.name == "com1" }) { uart.restore(state: com1.state) }
+        try restoreDevices(from: snapshot, console: serialOutput)
     }
 
-    /// Names of attached devices a snapshot cannot carry yet.
-    var deviceNames: [String] { bus.mmioDeviceNames }
+    /// Rebuilds the snapshot's devices in their slots and gives them their saved state.
+    private func restoreDevices(from snapshot: SnapshotFile, console: @escaping @Sendable (UInt8) -> Void) throws {
+        guard let manifest = snapshot.devices.first(where: { $0.name == "devices" }) else { return }
+        let decoder = JSONDecoder()
+        let recipes: [DeviceRecipe]
+        do { recipes = try decoder.decode([DeviceRecipe].self, from: Data(manifest.state)) } catch {
+            throw MachineSnapshotError.badDeviceState("device list: \(error)")
+        }
+        for (i, recipe) in recipes.enumerated() {
+            let transport: VirtioMMIOTransport
+            switch recipe {
+            case let .virtioBlock(path, readOnly): transport = try addVirtioBlock(path: path, readOnly: readOnly)
+            case let .virtioNet(attachment, mac):
+                guard let a = NetworkAttachment(attachment), let address = MACAddress(mac) else {
+                    throw MachineSnapshotError.badDeviceState("network attachment \(attachment) / \(mac)")
+                }
+                transport = try addVirtioNet(attachment: a, mac: address)
+            case .virtioConsole: transport = try addVirtioConsole { bytes in bytes.forEach(console) }
+            case .virtioBalloon: transport = try addVirtioDevice(VirtioBalloon(), name: "virtio-balloon", recipe: .virtioBalloon)
+                balloon = transport.device as? VirtioBalloon
+            case let .unsupported(name): throw MachineSnapshotError.badDeviceState("device \(name) cannot be restored")
+            }
+            guard let saved = snapshot.devices.first(where: { $0.name == "virtio\(i)" }) else {
+                throw MachineSnapshotError.badDeviceState("no state for device \(i)")
+            }
+            do {
+                try transport.device.restoreDeviceState(snapshot.devices.first { $0.name == "virtio\(i).device" }?.state ?? [])
+                try transport.restore(try decoder.decode(VirtioMMIOTransport.SavedState.self, from: Data(saved.state)))
+            } catch let e as MachineSnapshotError {
+                throw e
+            } catch {
+                throw MachineSnapshotError.badDeviceState("device \(i): \(error)")
+            }
+        }
+    }
 }
 
 /// Lazy restore: guest RAM registered with userfaultfd in missing-page mode; the first

@@ -1,4 +1,5 @@
 import Devices
+import Foundation
 import KVMEngine
 import VirtCore
 
@@ -9,14 +10,15 @@ extension Machine {
     @discardableResult
     public func addVirtioBlock(path: String, readOnly: Bool = false) throws -> VirtioMMIOTransport {
         let disk = try VirtioBlock(path: path, readOnly: readOnly)
-        return try addVirtioDevice(disk, name: "virtio-blk")
+        let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+        return try addVirtioDevice(disk, name: "virtio-blk", recipe: .virtioBlock(path: absolute, readOnly: readOnly))
     }
 
     /// virtio-console: guest output goes to `output`; feed input with
     /// `(transport.device as! VirtioConsole).receive(_:)`.
     @discardableResult
     public func addVirtioConsole(output: @escaping @Sendable ([UInt8]) -> Void) throws -> VirtioMMIOTransport {
-        try addVirtioDevice(VirtioConsole(output: output), name: "virtio-console")
+        try addVirtioDevice(VirtioConsole(output: output), name: "virtio-console", recipe: .virtioConsole)
     }
 
     /// virtio-balloon: set its target with `balloon.setTarget(pages:)`; inflated pages are
@@ -24,7 +26,7 @@ extension Machine {
     @discardableResult
     public func addVirtioBalloon(target: UInt32 = 0, onChange: @escaping @Sendable () -> Void = {}) throws -> VirtioBalloon {
         let balloon = VirtioBalloon(target: target, onChange: onChange)
-        try addVirtioDevice(balloon, name: "virtio-balloon")
+        try addVirtioDevice(balloon, name: "virtio-balloon", recipe: .virtioBalloon)
         self.balloon = balloon
         return balloon
     }
@@ -32,8 +34,12 @@ extension Machine {
     /// Any virtio device behind a virtio-mmio transport in the next slot.
     @discardableResult
     public func addVirtioDevice(_ device: any VirtioDevice, name: String) throws -> VirtioMMIOTransport {
+        try addVirtioDevice(device, name: name, recipe: nil)
+    }
+
+    func addVirtioDevice(_ device: any VirtioDevice, name: String, recipe: DeviceRecipe?) throws -> VirtioMMIOTransport {
         var base: UInt64 = 0
-        let transport = try addMMIODevice(type: .virtioMMIO) { slot in
+        let transport = try addMMIODevice(type: .virtioMMIO, recipe: recipe) { slot in
             base = slot.base
             return VirtioMMIOTransport(device: device, memory: memory, interrupt: slot.interrupt, name: "\(name)@\(slot.index)")
         }
@@ -78,10 +84,20 @@ public enum NetworkAttachment: Sendable, Equatable, CustomStringConvertible {
 }
 
 extension Machine {
+    /// The virtio transports attached, in slot order.
+    public var virtioTransports: [VirtioMMIOTransport] { attachedDevices.compactMap(\.transport) }
+
     /// virtio-net on `backend`, with `mac` (default: a random locally administered one).
     @discardableResult
     public func addVirtioNet(backend: any NetworkBackend, mac: MACAddress = .random()) throws -> VirtioMMIOTransport {
-        try addVirtioDevice(VirtioNet(mac: mac, backend: backend), name: "virtio-net")
+        try addVirtioDevice(VirtioNet(mac: mac, backend: backend), name: "virtio-net", recipe: nil)
+    }
+
+    /// virtio-net on a named attachment (kept in snapshots, so a restored VM rejoins it).
+    @discardableResult
+    public func addVirtioNet(attachment: NetworkAttachment, mac: MACAddress = .random()) throws -> VirtioMMIOTransport {
+        try addVirtioDevice(VirtioNet(mac: mac, backend: attachment.makeBackend()), name: "virtio-net",
+                            recipe: .virtioNet(attachment: attachment.description, mac: mac.description))
     }
 
     /// The emulated register-interface NIC (scenario S2) on `backend`.
@@ -91,4 +107,21 @@ extension Machine {
             EmulatedNIC(memory: memory, backend: backend, mac: mac, interrupt: slot.interrupt, name: "emulated-nic@\(slot.index)")
         }
     }
+}
+
+/// How to make an attached device again, kept in snapshots so a restore rebuilds the
+/// machine's devices in the same slots.
+public enum DeviceRecipe: Codable, Sendable, Equatable {
+    case virtioBlock(path: String, readOnly: Bool)
+    case virtioNet(attachment: String, mac: String)
+    case virtioConsole
+    case virtioBalloon
+    /// A device whose state a snapshot cannot carry (the emulated NIC, test devices).
+    case unsupported(String)
+}
+
+/// One MMIO slot's device.
+struct AttachedDevice {
+    var recipe: DeviceRecipe
+    var transport: VirtioMMIOTransport?
 }

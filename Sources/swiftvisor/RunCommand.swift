@@ -171,7 +171,7 @@ struct Run: ParsableCommand {
             let arg = try DiskArgument(d)
             if arg.vm == index { try machine.addVirtioBlock(path: arg.path, readOnly: arg.readOnly) }
         }
-        for n in net { try machine.addVirtioNet(backend: NetworkAttachment(n)!.makeBackend()) }
+        for n in net { try machine.addVirtioNet(attachment: NetworkAttachment(n)!) }
         for n in nic { try machine.addEmulatedNIC(backend: NetworkAttachment(n)!.makeBackend()) }
         if balloon { try machine.addVirtioBalloon() }
         guard virtioConsole else { return nil }

@@ -1,4 +1,5 @@
 import Foundation
+import Devices
 import GuestImages
 import KVMEngine
 import Synchronization
@@ -89,5 +90,46 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
         #expect(throws: MachineSnapshotError.self) {
             _ = try Machine(restoring: try SnapshotFile(path: path), engine: try KVMEngine(), serialOutput: { _ in })
         }
+    }
+}
+
+@Suite struct SnapshotWithDevicesTests {
+    /// vconsole waits for a line on its virtio console; the snapshot taken while it waits
+    /// restores into a clone whose console (queues, posted buffers, interrupt) still works.
+    @Test(arguments: bothEngines)
+    func cloneOfAVMWaitingOnVirtioConsoleStillTakesInput(engine: String) throws {
+        let path = temporaryPath("snap-dev")
+        defer { unlink(path) }
+        let out = SerialCapture()
+        let guest = try #require(BundledGuests.named("vconsole"))
+        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 32 << 20, timeoutSeconds: 60),
+                            engine: try makeEngine(engine), serialOutput: { _ in })
+        let console = try m.addVirtioConsole { bytes in bytes.forEach(out.append) }.device as! VirtioConsole
+        let runner = HostThread(name: "vconsole") { _ = try? m.run() }
+        #expect(waitUntil { out.text == "Hello through virtio-console!\n" })
+        _ = try m.snapshot(to: path)
+        console.receive(Array("to the original\n".utf8))
+        runner.join()
+        #expect(out.text.hasSuffix("vconsole echo: to the original\n"))
+
+        let file = try SnapshotFile(path: path)
+        #expect(file.devices.contains { $0.name == "virtio0" })
+        let cloneOut = SerialCapture()
+        let clone = try Machine(restoring: file, engine: try makeEngine(engine), timeoutSeconds: 60, serialOutput: cloneOut.append)
+        let cloneConsole = try #require(clone.virtioTransports.first?.device as? VirtioConsole)
+        cloneConsole.receive(Array("to the clone\n".utf8))
+        let r = try clone.run()
+        #expect(r.stopReason == .exitPort(status: 0))
+        #expect(cloneOut.text == "vconsole echo: to the clone\n")
+    }
+
+    @Test func machinesWithUnsupportedDevicesAreRefusedClearly() throws {
+        let guest = try #require(BundledGuests.named("hello"))
+        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 16 << 20),
+                            engine: SoftwareEngine(), serialOutput: { _ in })
+        try m.addEmulatedNIC(backend: NetworkSwitch(name: "x").makePort())
+        #expect {
+            _ = try m.snapshot(to: temporaryPath("never"))
+        } throws: { "\($0)".contains("emulated-nic") }
     }
 }

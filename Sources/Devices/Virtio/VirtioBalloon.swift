@@ -174,6 +174,32 @@ public final class VirtioBalloon: VirtioDevice {
     /// Pages the host's own bookkeeping has in the balloon (what was inflated and not
     /// deflated since the last reset); normally equal to `actualPages`.
     public var balloonedPages: Int { state.withLock { $0.balloonedCount } }
+
+    /// For snapshots: target, actual and the ballooned-page bitmap (little-endian words).
+    public func savedDeviceState() -> [UInt8] {
+        state.withLock { s in
+            var out: [UInt8] = []
+            func put<T: FixedWidthInteger>(_ v: T) { withUnsafeBytes(of: v.littleEndian) { out += $0 } }
+            put(s.target); put(s.actual); put(UInt32(s.ballooned.count))
+            for w in s.ballooned { put(w) }
+            return out
+        }
+    }
+
+    public func restoreDeviceState(_ bytes: [UInt8]) throws {
+        guard bytes.count >= 12 else { throw VirtioDeviceError(kind: "restoreBalloon", message: "balloon state is \(bytes.count) bytes, too short") }
+        func get<T: FixedWidthInteger>(_: T.Type, _ at: Int) -> T {
+            bytes[at..<(at + MemoryLayout<T>.size)].reversed().reduce(T(0)) { $0 << 8 | T($1) }
+        }
+        let words = Int(get(UInt32.self, 8))
+        guard bytes.count == 12 + words * 8 else { throw VirtioDeviceError(kind: "restoreBalloon", message: "balloon state has the wrong length") }
+        state.withLock { s in
+            s.target = get(UInt32.self, 0)
+            s.actual = get(UInt32.self, 4)
+            s.ballooned = (0..<words).map { get(UInt64.self, 12 + $0 * 8) }
+            s.balloonedCount = s.ballooned.reduce(0) { $0 + $1.nonzeroBitCount }
+        }
+    }
     public var statistics: VirtioBalloonStatistics { state.withLock { $0.stats } }
     /// The statistics the driver last reported (nil before the first statsq buffer).
     public var guestStatistics: VirtioBalloonGuestStatistics? { state.withLock { $0.guestStats } }

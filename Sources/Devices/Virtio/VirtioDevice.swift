@@ -49,6 +49,11 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func reset()
     /// Hands finished work to the outside world; see the threading contract above.
     func performDeferredWork()
+    /// Device-internal state a snapshot must keep (beyond the transport's registers and
+    /// queues); empty for devices whose state lives in guest memory or on the host.
+    func savedDeviceState() -> [UInt8]
+    /// Takes back `savedDeviceState()` in a fresh device.
+    func restoreDeviceState(_ bytes: [UInt8]) throws
 }
 
 extension VirtioDevice {
@@ -57,6 +62,8 @@ extension VirtioDevice {
     public func attach(to transport: any VirtioTransportHandle) {}
     public func activate(features: UInt64) throws(VirtioDeviceError) {}
     public func performDeferredWork() {}
+    public func savedDeviceState() -> [UInt8] { [] }
+    public func restoreDeviceState(_ bytes: [UInt8]) throws {}
 }
 
 /// A device-side failure that is not about one ring or chain.

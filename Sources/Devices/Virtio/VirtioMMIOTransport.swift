@@ -151,6 +151,9 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
         var queues: [VirtioQueue]
         var interruptStatus: UInt32 = 0
         var lineAsserted = false
+        /// Frozen for a snapshot: queue processing is deferred (the queues to process later).
+        var frozen = false
+        var deferredQueues: Set<Int> = []
         var configGeneration: UInt32 = 0
 
         /// The device may consume buffers: DRIVER_OK set, no error state.
@@ -206,9 +209,73 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
     public func processQueue(_ index: Int) {
         state.withLock { s in
             guard s.queues.indices.contains(index) else { return }
+            if s.frozen { s.deferredQueues.insert(index); return }
             process(index, &s)
         }
         device.performDeferredWork()
+    }
+
+    // MARK: Snapshots
+
+    /// Stops the device touching guest memory (host-initiated processing is deferred) so a
+    /// snapshot sees memory and device state at one point. The vCPUs must be paused.
+    public func freeze() { state.withLock { $0.frozen = true } }
+
+    /// Ends `freeze()` and processes what was deferred.
+    public func thaw() {
+        let deferred = state.withLock { s -> Set<Int> in
+            s.frozen = false
+            defer { s.deferredQueues = [] }
+            return s.deferredQueues
+        }
+        for q in deferred.sorted() { processQueue(q) }
+    }
+
+    /// The transport's register and queue state, for a snapshot.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var status: UInt8
+        public var deviceFeaturesSel: UInt32, driverFeaturesSel: UInt32
+        public var driverFeatures: UInt64, negotiated: UInt64
+        public var queueSel: UInt32
+        public var queues: [VirtioQueue.SavedState]
+        public var interruptStatus: UInt32
+        public var configGeneration: UInt32
+    }
+
+    public var savedState: SavedState {
+        state.withLock { s in
+            SavedState(status: s.status, deviceFeaturesSel: s.deviceFeaturesSel, driverFeaturesSel: s.driverFeaturesSel,
+                       driverFeatures: s.driverFeatures, negotiated: s.negotiated, queueSel: s.queueSel,
+                       queues: s.queues.map(\.savedState), interruptStatus: s.interruptStatus,
+                       configGeneration: s.configGeneration)
+        }
+    }
+
+    /// Restores a saved state into a freshly made transport for the same device: the
+    /// driver finds the device as it left it (a DRIVER_OK device is activated again).
+    public func restore(_ saved: SavedState) throws {
+        try state.withLock { s throws in
+            guard saved.queues.count == s.queues.count else {
+                throw VirtioDeviceError(kind: "restoreMismatch", message: "\(name): saved state has \(saved.queues.count) queues, the device \(s.queues.count)")
+            }
+            for (i, q) in saved.queues.enumerated() {
+                do throws(VirtqueueError) { try s.queues[i].restore(q, in: memory) } catch {
+                    throw VirtioDeviceError(kind: "restoreQueue", message: "\(name): saved queue \(i) is invalid: \(error)")
+                }
+            }
+            s.status = saved.status
+            s.deviceFeaturesSel = saved.deviceFeaturesSel
+            s.driverFeaturesSel = saved.driverFeaturesSel
+            s.driverFeatures = saved.driverFeatures
+            s.negotiated = saved.negotiated
+            s.queueSel = saved.queueSel
+            s.configGeneration = saved.configGeneration
+            if s.status & VirtioStatus.driverOK != 0 {
+                do throws(VirtioDeviceError) { try device.activate(features: s.negotiated) } catch { enterNeedsReset(&s) }
+            }
+            s.interruptStatus = saved.interruptStatus
+            updateLine(&s)
+        }
     }
 
     public func configurationChanged() {

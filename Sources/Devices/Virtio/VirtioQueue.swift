@@ -267,6 +267,32 @@ public struct VirtioQueue: Sendable {
     /// QueueReady ← 0: the device stops using the queue; the layout is kept.
     public mutating func disable() { isReady = false }
 
+    /// What a snapshot keeps of a queue: the driver's layout and the device's positions.
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var size: UInt16
+        public var descriptorTable: UInt64, availableRing: UInt64, usedRing: UInt64
+        public var isReady: Bool
+        public var lastAvailIndex: UInt16, usedIndex: UInt16
+    }
+
+    public var savedState: SavedState {
+        SavedState(size: size, descriptorTable: descriptorTable, availableRing: availableRing, usedRing: usedRing,
+                   isReady: isReady, lastAvailIndex: lastAvailIndex, usedIndex: usedIndex)
+    }
+
+    /// Takes a saved state back (validating the layout of a ready queue against `memory`).
+    public mutating func restore(_ saved: SavedState, in memory: GuestMemory) throws(VirtqueueError) {
+        size = saved.size
+        descriptorTable = saved.descriptorTable
+        availableRing = saved.availableRing
+        usedRing = saved.usedRing
+        if saved.isReady { try validateLayout(in: memory) }
+        isReady = saved.isReady
+        lastAvailIndex = saved.lastAvailIndex
+        usedIndex = saved.usedIndex
+        usedSinceCheck = false
+    }
+
     private func load<T: FixedWidthInteger>(_: T.Type, _ ring: VirtqueueRing, _ address: UInt64, in memory: GuestMemory) throws(VirtqueueError) -> T {
         do { return try memory.load(T.self, at: address) } catch {
             throw .ringOutsideMemory(ring, address: address, length: MemoryLayout<T>.size)
