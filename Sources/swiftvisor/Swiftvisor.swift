@@ -5,13 +5,16 @@ import VMM
 struct Swiftvisor: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "swiftvisor",
-        abstract: "A hypervisor toolkit: run guests on KVM, inspect the host, measure exits.",
+        abstract: "A hypervisor toolkit: run guests on KVM or the software engine, with devices, snapshots and labs.",
         discussion: """
             Quick start:
-              swiftvisor run hello           boot the bundled 'hello' guest on KVM
-              swiftvisor guests              list the bundled guests
-              swiftvisor host                what this host's /dev/kvm offers
-              swiftvisor bench exits         cost of a port-I/O exit, Swift loop vs C loop
+              swiftvisor run hello                        boot the bundled 'hello' guest (KVM, else software)
+              swiftvisor guests                           list the bundled guests
+              swiftvisor run disk --disk disk.img         a guest using a virtio-blk disk image
+              swiftvisor run counter --control vm.sock    a VM you can snapshot: swiftvisor snapshot --help
+              swiftvisor lab pio-vs-mmio                  a scenario experiment: swiftvisor lab --help
+              swiftvisor host                             what this host's /dev/kvm offers
+              swiftvisor bench exits                      cost of a port-I/O exit, Swift loop vs C loop
             """,
         subcommands: [Run.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, BalloonCommand.self, LabCommand.self]
     )
