@@ -89,17 +89,6 @@ public struct BalloonLab: Sendable {
         public var guestOutput: String
     }
 
-    public enum Failure: Error, CustomStringConvertible {
-        case badParameters(String)
-        case guestFailed(reason: String, output: String)
-        public var description: String {
-            switch self {
-            case let .badParameters(s): return s
-            case let .guestFailed(reason, output): return "zipf-cache guest: \(reason); output:\n\(output)"
-            }
-        }
-    }
-
     /// Stamps page i of a raw image: first word i, last word i ^ "ZIPFCACH".
     static let stampMagic: UInt64 = 0x5A49_5046_4341_4348
     static let pageSize = 4096
@@ -169,10 +158,10 @@ public struct BalloonLab: Sendable {
     }
 
     public func run() throws -> Result {
-        guard (2...16384).contains(datasetPages) else { throw Failure.badParameters("dataset pages must be 2–16384") }
-        guard zipfExponent > 0, zipfExponent <= 4 else { throw Failure.badParameters("the Zipf exponent must be in (0, 4]") }
-        guard accesses > 0 else { throw Failure.badParameters("accesses must be positive") }
-        guard cacheFractions.allSatisfy({ $0 > 0 && $0 <= 1 }) else { throw Failure.badParameters("cache fractions must be in (0, 1]") }
+        guard (2...16384).contains(datasetPages) else { throw LabError.badParameters("dataset pages must be 2–16384") }
+        guard zipfExponent > 0, zipfExponent <= 4 else { throw LabError.badParameters("the Zipf exponent must be in (0, 4]") }
+        guard accesses > 0 else { throw LabError.badParameters("accesses must be positive") }
+        guard cacheFractions.allSatisfy({ $0 > 0 && $0 <= 1 }) else { throw LabError.badParameters("cache fractions must be in (0, 1]") }
         let smilli = Int((zipfExponent * 1000).rounded())
         let s = Double(smilli) / 1000
         let warm = warmupAccesses ?? accesses / 4
@@ -187,11 +176,11 @@ public struct BalloonLab: Sendable {
             }
         }
         guard FileManager.default.createFile(atPath: path, contents: Data(image)) else {
-            throw Failure.badParameters("cannot create the disk image \(path)")
+            throw LabError.badParameters("cannot create the disk image \(path)")
         }
         defer { unlink(path) }
 
-        let out = SerialBuffer()
+        let out = GuestOutput()
         var config = MachineConfiguration(
             memorySize: ramBytes,
             commandLine: "pages=\(datasetPages) accesses=\(accesses) warm=\(warm) smilli=\(smilli) seed=\(seed)",
@@ -207,16 +196,16 @@ public struct BalloonLab: Sendable {
         try m.bus.attach(controller, firstPort: MarkerPort.port, count: 1)
         let r = try m.run()
         let text = out.text
-        guard r.stopReason == .exitPort(status: 0) else { throw Failure.guestFailed(reason: r.stopReason.summary, output: text) }
+        guard r.stopReason == .exitPort(status: 0) else { throw LabError.guestFailed(what: "zipf-cache guest", reason: r.stopReason.summary, output: text) }
         guard let poolPages = controller.poolPages, let ready = controller.ready else {
-            throw Failure.guestFailed(reason: "no ready mark", output: text)
+            throw LabError.guestFailed(what: "zipf-cache guest", reason: "no ready mark", output: text)
         }
 
         let lines = text.split(separator: "\n").map(String.init)
         let phaseLines = lines.filter { $0.hasPrefix("phase ") }.map(Self.fields)
         let marks = controller.marks, targets = controller.targets
         guard phaseLines.count == marks.count, phaseLines.count == targets.count else {
-            throw Failure.guestFailed(reason: "\(phaseLines.count) phase lines, \(marks.count) marks, \(targets.count) targets", output: text)
+            throw LabError.guestFailed(what: "zipf-cache guest", reason: "\(phaseLines.count) phase lines, \(marks.count) marks, \(targets.count) targets", output: text)
         }
         let model = ZipfModel(pages: datasetPages, exponent: s)
         var replay = ZipfCacheReplay(pages: datasetPages, smilli: UInt64(smilli), seed: seed)

@@ -45,13 +45,6 @@ public struct CowSnapshotLab: Sendable {
         public var rows: [Row]
     }
 
-    public enum Failure: Error, CustomStringConvertible {
-        case guestStalled(String)
-        public var description: String {
-            switch self { case let .guestStalled(s): return "the counter guest did not get going: \(s)" }
-        }
-    }
-
     public func run() throws -> Result {
         var rows: [Row] = []
         for fill in [false, true] { rows.append(try measure(fill: fill)) }
@@ -61,7 +54,7 @@ public struct CowSnapshotLab: Sendable {
     func measure(fill: Bool) throws -> Row {
         let path = directory + "/swiftvisor-lab-\(getpid())-\(engine.rawValue)-\(fill ? "large" : "small").snap"
         defer { unlink(path) }
-        let out = LineClock()
+        let out = GuestOutput()
         let work = engine == .kvm ? 200_000 : 20_000
         var config = MachineConfiguration(memorySize: memory, commandLine: "work=\(work) touch=\(touch) fill=\(fill ? 1 : 0)",
                                           timeoutSeconds: 600)
@@ -71,7 +64,7 @@ public struct CowSnapshotLab: Sendable {
         m.guestName = "counter"
         let runner = HostThread(name: "lab-counter") { _ = try? m.run() }
         defer { m.stop(); runner.join() }
-        guard out.waitForLines(20) else { throw Failure.guestStalled(out.text) }
+        guard out.waitForLines(20) else { throw LabError.guestStalled(what: "the counter guest", output: out.text) }
         var linesAtSnapshot = 0
         let report = try m.snapshot(to: path, whilePaused: { linesAtSnapshot = out.lines })
         let linesDuring = max(out.lines - linesAtSnapshot, 0)
@@ -80,7 +73,7 @@ public struct CowSnapshotLab: Sendable {
         let intoProtected = report.bytesCopied / 4096 * (fill ? 4096 : 8)
 
         func restore(lazy: Bool) throws -> (Double, Double, UInt64) {
-            let clock = LineClock()
+            let clock = GuestOutput()
             let t0 = monotonicNanoseconds()
             let clone = try Machine(restoring: try SnapshotFile(path: path), engine: try EngineSelection.make(engine), lazy: lazy,
                                     timeoutSeconds: 600, serialOutput: clock.append)
@@ -129,38 +122,5 @@ public struct CowSnapshotLab: Sendable {
                           ("eager restore to 1st line (ms)", r.rows.map(\.eagerRestoreToOutputMs)),
                           ("lazy restore to 1st line (ms)", r.rows.map(\.lazyRestoreToOutputMs))],
                  yLabel: "value", logarithmic: true)
-    }
-}
-
-/// Serial output with line counting and the time the first line completed.
-final class LineClock: @unchecked Sendable {
-    private let lock = NSLock()
-    private var bytes: [UInt8] = []
-    private var count = 0
-    private var first: UInt64?
-    private let signal = DispatchSemaphore(value: 0)
-
-    func append(_ b: UInt8) {
-        lock.withLock {
-            bytes.append(b)
-            if b == UInt8(ascii: "\n") {
-                count += 1
-                if first == nil { first = monotonicNanoseconds() }
-            }
-        }
-        if b == UInt8(ascii: "\n") { signal.signal() }
-    }
-
-    var lines: Int { lock.withLock { count } }
-    var firstLineAt: UInt64? { lock.withLock { first } }
-    var text: String { lock.withLock { String(decoding: bytes, as: UTF8.self) } }
-
-    /// Waits (up to a minute) for `n` lines.
-    func waitForLines(_ n: Int) -> Bool {
-        let deadline = DispatchTime.now() + 60
-        while lines < n {
-            if signal.wait(timeout: deadline) == .timedOut { return lines >= n }
-        }
-        return true
     }
 }

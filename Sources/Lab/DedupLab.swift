@@ -110,7 +110,7 @@ public struct DedupLab: Sendable {
     }
 
     func runOnce(p: Double, usePolicy: Bool) throws -> Row {
-        let out = SerialBuffer()
+        let out = GuestOutput()
         let permille = Int((p * 1000).rounded())
         let config = MachineConfiguration(memorySize: 64 << 20,
                                           commandLine: "pages=\(pages) warm=\(warmRounds) rounds=\(policy.rounds) p=\(permille)",
@@ -123,7 +123,7 @@ public struct DedupLab: Sendable {
         try m.bus.attach(controller, firstPort: 0x81, count: 1)
         let r = try m.run()
         guard r.stopReason == .exitPort(status: 0), controller.error == nil else {
-            throw PioVsMmioLab.Failure.guestFailed(form: "dedup p=\(p)", reason: controller.error ?? r.stopReason.summary, output: out.text)
+            throw LabError.guestFailed(what: "dedup-workload at p=\(p)", reason: controller.error ?? r.stopReason.summary, output: out.text)
         }
         let s = dedup.statistics
         let merged = controller.merged

@@ -111,6 +111,61 @@ public struct BarChart: Sendable {
     }
 }
 
+/// Why a lab could not produce its numbers.
+public enum LabError: Error, CustomStringConvertible {
+    /// A guest run ended other than by its own exit (or reported a failure).
+    case guestFailed(what: String, reason: String, output: String)
+    /// A guest did not reach the point the lab waits for.
+    case guestStalled(what: String, output: String)
+    /// The guest did not mark the phase the lab times.
+    case noMarkers(String)
+    case badParameters(String)
+
+    public var description: String {
+        switch self {
+        case let .guestFailed(what, reason, output): return "\(what): \(reason); guest output:\n\(output)"
+        case let .guestStalled(what, output): return "\(what) did not get going; guest output:\n\(output)"
+        case let .noMarkers(what): return "\(what): the guest did not mark its measured phase"
+        case let .badParameters(s): return s
+        }
+    }
+}
+
+/// A guest's serial output as a lab collects it (from the vCPU thread): the text, how many
+/// lines, and when the first line completed.
+final class GuestOutput: @unchecked Sendable {
+    private let lock = NSLock()
+    private var bytes: [UInt8] = []
+    private var count = 0
+    private var first: UInt64?
+    private let signal = DispatchSemaphore(value: 0)
+
+    func append(_ b: UInt8) {
+        let newline = b == UInt8(ascii: "\n")
+        lock.withLock {
+            bytes.append(b)
+            if newline {
+                count += 1
+                if first == nil { first = monotonicNanoseconds() }
+            }
+        }
+        if newline { signal.signal() }
+    }
+
+    var lines: Int { lock.withLock { count } }
+    var firstLineAt: UInt64? { lock.withLock { first } }
+    var text: String { lock.withLock { String(decoding: bytes, as: UTF8.self) } }
+
+    /// Waits (up to a minute) for `n` lines.
+    func waitForLines(_ n: Int) -> Bool {
+        let deadline = DispatchTime.now() + 60
+        while lines < n {
+            if signal.wait(timeout: deadline) == .timedOut { return lines >= n }
+        }
+        return true
+    }
+}
+
 public enum LabOutputError: Error, CustomStringConvertible {
     case cannotWrite(path: String, reason: String)
     public var description: String {

@@ -45,17 +45,6 @@ public struct ParavirtVsEmulatedLab: Sendable {
         public var forms: [Form]
     }
 
-    public enum Failure: Error, CustomStringConvertible {
-        case guestFailed(String, String)
-        case noMarkers(String)
-        public var description: String {
-            switch self {
-            case let .guestFailed(what, out): return "\(what) failed; guest output: \(out)"
-            case let .noMarkers(what): return "\(what): the guest did not mark its measured phase"
-            }
-        }
-    }
-
     public func run() throws -> Result {
         let exitNs = try calibrateExitCost()
         var forms = [try runForm(emulated: true, exitNs: exitNs), try runForm(emulated: false, exitNs: exitNs)]
@@ -71,13 +60,13 @@ public struct ParavirtVsEmulatedLab: Sendable {
         let (m, marks, out) = try machine("status-device", "reads=\(reads) writes=1 page=0")
         try m.bus.attach(StatusDevice(), firstPort: StatusDevice.firstPort, count: StatusDevice.portCount)
         let r = try m.run()
-        guard r.stopReason == .exitPort(status: 0) else { throw Failure.guestFailed("exit-cost calibration", out.text) }
-        guard let ns = marks.interval(from: 1, to: 2) else { throw Failure.noMarkers("exit-cost calibration") }
+        guard r.stopReason == .exitPort(status: 0) else { throw LabError.guestFailed(what: "exit-cost calibration", reason: r.stopReason.summary, output: out.text) }
+        guard let ns = marks.interval(from: 1, to: 2) else { throw LabError.noMarkers("exit-cost calibration") }
         return Double(ns) / Double(reads + 1)
     }
 
-    func machine(_ guest: String, _ cmdline: String, ioeventfd: Bool = false) throws -> (Machine, MarkerPort, SerialBuffer) {
-        let out = SerialBuffer()
+    func machine(_ guest: String, _ cmdline: String, ioeventfd: Bool = false) throws -> (Machine, MarkerPort, GuestOutput) {
+        let out = GuestOutput()
         var config = MachineConfiguration(memorySize: 32 << 20, commandLine: cmdline, timeoutSeconds: 600)
         config.ioeventfd = ioeventfd
         let m = try Machine(image: try GuestProgram.load(guest), configuration: config,
@@ -101,8 +90,8 @@ public struct ParavirtVsEmulatedLab: Sendable {
         let start = (m.vcpu(0) as? SoftwareVirtualCPU)?.instructionsRetired
         let r = try m.run()
         let name = emulated ? "emulated NIC" : ioeventfd ? "virtio-net+ioeventfd" : "virtio-net"
-        guard r.stopReason == .exitPort(status: 0) else { throw Failure.guestFailed(name, out.text) }
-        guard let ns = marks.interval(from: 1, to: 2) else { throw Failure.noMarkers(name) }
+        guard r.stopReason == .exitPort(status: 0) else { throw LabError.guestFailed(what: name, reason: r.stopReason.summary, output: out.text) }
+        guard let ns = marks.interval(from: 1, to: 2) else { throw LabError.noMarkers(name) }
         let seconds = Double(ns) / 1e9
         let deviceExits = Double(r.statistics.mmioRanges[rangeBase]?.count ?? 0)
         // With ioeventfd the notify is a kernel-handled exit: none reach userspace.

@@ -41,15 +41,6 @@ public struct PioVsMmioLab: Sendable {
         public var forms: [Form]
     }
 
-    public enum Failure: Error, CustomStringConvertible {
-        case guestFailed(form: String, reason: String, output: String)
-        public var description: String {
-            switch self {
-            case let .guestFailed(form, reason, output): return "\(form) form: \(reason); guest output: \(output)"
-            }
-        }
-    }
-
     public func run() throws -> Result {
         let port = try runForm(page: false)
         let page = try runForm(page: true)
@@ -61,7 +52,7 @@ public struct PioVsMmioLab: Sendable {
         let guest = try GuestProgram.load("status-device")
         var config = MachineConfiguration(memorySize: 32 << 20, commandLine: "reads=\(reads) writes=\(writes) page=\(page ? 1 : 0)",
                                           timeoutSeconds: 600)
-        let output = SerialBuffer()
+        let output = GuestOutput()
         let engine = try EngineSelection.make(self.engine)
         if page {
             config.tickSeconds = tickSeconds
@@ -86,7 +77,7 @@ public struct PioVsMmioLab: Sendable {
         let result = try machine.run()
         let text = output.text
         guard result.stopReason == .exitPort(status: 0) else {
-            throw Failure.guestFailed(form: page ? "page" : "port", reason: result.stopReason.summary, output: text)
+            throw LabError.guestFailed(what: "\(page ? "page" : "port") form", reason: result.stopReason.summary, output: text)
         }
         var byReason: [String: UInt64] = [:]
         for r in ExitReason.allCases where result.statistics[r].count > 0 { byReason[r.name] = result.statistics[r].count }
@@ -121,12 +112,4 @@ public struct PioVsMmioLab: Sendable {
                  series: [("exits", r.forms.map { Double($0.exits) }), ("wall time (µs)", r.forms.map { $0.wallSeconds * 1e6 })],
                  yLabel: "count / µs", logarithmic: true)
     }
-}
-
-/// Collects a guest's serial output (from the vCPU thread).
-final class SerialBuffer: @unchecked Sendable {
-    private var bytes: [UInt8] = []
-    private let lock = NSLock()
-    func append(_ b: UInt8) { lock.withLock { bytes.append(b) } }
-    var text: String { lock.withLock { String(decoding: bytes, as: UTF8.self) } }
 }
