@@ -125,9 +125,8 @@ extension Machine {
                             timeoutSeconds: Double? = nil, serialOutput: @escaping @Sendable (UInt8) -> Void) throws {
         let m = snapshot.metadata
         guard m.engine == engine.name else { throw MachineSnapshotError.engineMismatch(snapshot: m.engine, requested: engine.name) }
-        var config = MachineConfiguration(memorySize: m.memorySize, vcpuCount: m.vcpuCount, commandLine: m.commandLine,
+        let config = MachineConfiguration(memorySize: m.memorySize, vcpuCount: m.vcpuCount, commandLine: m.commandLine,
                                           timeoutSeconds: timeoutSeconds)
-        config.ioeventfd = true
         var loader: LazyMemoryLoader?
         try self.init(configuration: config, engine: engine, serialOutput: serialOutput) { memory in
             if lazy {

@@ -294,17 +294,18 @@ final class CPU {
                     // Cache writes only once the second-level dirty flag is set, and only
                     // what both stages allow (so a cached entry never skips a check).
                     let writeOK = writable && entry & 0x40 != 0 && sl & 2 != 0 && secondLevel.dirty[Int(gpa >> 12)] != 0
+                    // From here on, accesses use the host frame the second stage maps to.
+                    let host = secondLevel.hostAddress(gpa)
                     if sl & 1 != 0 {
                         let page = linear >> 12
                         let slot = Int(page & UInt64(Self.tlbSize - 1))
                         tlbTags[slot] = page &+ 1
-                        tlbFrames[slot] = secondLevel.hostAddress(gpa) & ~0xFFF
+                        tlbFrames[slot] = host & ~0xFFF
                         tlbBits[slot] = (writeOK ? TLBBits.writeOK : 0) | (userOK ? TLBBits.user : 0)
                             | (noExecute || sl & 4 == 0 ? TLBBits.noExecute : 0)
                         if large { tlbHasLargePages = true }
                     }
-                    // From here on, accesses use the host frame the second stage maps to.
-                    return secondLevel.hostAddress(gpa)
+                    return host
                 }
                 return gpa
             }
