@@ -137,6 +137,10 @@ extension Machine {
             return snapshot.vcpus
         }
         lazyLoader = loader
+        // RAM the snapshot cannot supply stops the VM with the reason, never runs on as zeros.
+        loader?.counters.onFailure.withLock {
+            $0 = { [weak self] message in self?.requestStop(.engineFailure(vcpu: 0, message: "lazy restore: \(message)")) }
+        }
         guestName = m.imageIdentity
         if let com1 = snapshot.devices.first(where: { $0.name == "com1" }) { uart.restore(state: com1.state) }
         try restoreDevices(from: snapshot, console: serialOutput)
@@ -189,8 +193,9 @@ final class LazyMemoryLoader: @unchecked Sendable {
     private let memory: GuestMemory
     final class Counters: Sendable {
         let faults = Atomic<UInt64>(0)
-        /// Pages the file could not supply (a corrupt chunk): they stay zero; the errors are kept.
-        let failures = Mutex<[String]>([])
+        /// Told when the file cannot supply a page (a corrupt chunk): the page is filled with
+        /// zeros only so the faulting thread can go on to be stopped.
+        let onFailure = Mutex<(@Sendable (String) -> Void)?>(nil)
     }
     let counters = Counters()
 
@@ -221,8 +226,8 @@ final class LazyMemoryLoader: @unchecked Sendable {
                 do {
                     try snapshot.readPage(page, into: buffer)
                 } catch {
-                    counters.failures.withLock { $0.append("page \(page): \(error)") }
                     buffer.initializeMemory(as: UInt8.self, repeating: 0)
+                    counters.onFailure.withLock { $0 }?("page \(page): \(error)")
                 }
                 _ = ckvm_uffd_copy(uffd, UnsafeMutableRawPointer(bitPattern: base + UInt(page) * 4096), buffer.baseAddress, 4096)
             }

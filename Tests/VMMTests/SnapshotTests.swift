@@ -133,3 +133,31 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
         } throws: { "\($0)".contains("emulated-nic") }
     }
 }
+
+@Suite struct LazyRestoreFailureTests {
+    /// A memory chunk corrupted after the snapshot was written: the lazy restore stops the
+    /// VM with the reason when the guest first touches it, rather than running on zeros.
+    @Test(arguments: bothEngines)
+    func corruptChunkStopsTheVMWithTheReason(engine: String) throws {
+        let path = temporaryPath("snap-corrupt")
+        defer { unlink(path) }
+        _ = try SnapshotTests().snapshotCounter(engine: engine, path: path, touch: 1)
+        let offset = try SnapshotFile(path: path).memoryOffset
+        let fd = open(path, O_RDWR)
+        defer { close(fd) }
+        var byte: UInt8 = 0
+        let at = off_t(offset) + 0x10_0000 + 64  // the guest image's first page
+        #expect(pread(fd, &byte, 1, at) == 1)
+        byte ^= 0xFF
+        #expect(pwrite(fd, &byte, 1, at) == 1)
+        let clone = try Machine(restoring: try SnapshotFile(path: path), engine: try makeEngine(engine), lazy: true,
+                                timeoutSeconds: 60, serialOutput: { _ in })
+        let r = try clone.run()
+        guard case let .engineFailure(_, message) = r.stopReason else {
+            Issue.record("expected a failure, got \(r.stopReason)")
+            return
+        }
+        #expect(message.contains("lazy restore: page"))
+        #expect(message.contains("chunk 16"))
+    }
+}
