@@ -155,18 +155,19 @@ extension Machine {
             throw MachineSnapshotError.badDeviceState("device list: \(error)")
         }
         for (i, recipe) in recipes.enumerated() {
-            let transport: VirtioMMIOTransport
             switch recipe {
-            case let .virtioBlock(path, readOnly): transport = try addVirtioBlock(path: path, readOnly: readOnly)
+            case let .virtioBlock(path, readOnly): try addVirtioBlock(path: path, readOnly: readOnly)
             case let .virtioNet(attachment, mac):
                 guard let a = NetworkAttachment(attachment), let address = MACAddress(mac) else {
                     throw MachineSnapshotError.badDeviceState("network attachment \(attachment) / \(mac)")
                 }
-                transport = try addVirtioNet(attachment: a, mac: address)
-            case .virtioConsole: transport = try addVirtioConsole { bytes in bytes.forEach(console) }
-            case .virtioBalloon: transport = try addVirtioDevice(VirtioBalloon(), name: "virtio-balloon", recipe: .virtioBalloon)
-                balloon = transport.device as? VirtioBalloon
+                try addVirtioNet(attachment: a, mac: address)
+            case .virtioConsole: try addVirtioConsole { bytes in bytes.forEach(console) }
+            case .virtioBalloon: try addVirtioBalloon()
             case let .unsupported(name): throw MachineSnapshotError.badDeviceState("device \(name) cannot be restored")
+            }
+            guard let transport = attachedDevices.last?.transport, attachedDevices.count == i + 1 else {
+                throw MachineSnapshotError.badDeviceState("device \(i) went into the wrong slot")
             }
             guard let saved = snapshot.devices.first(where: { $0.name == "virtio\(i)" }) else {
                 throw MachineSnapshotError.badDeviceState("no state for device \(i)")
