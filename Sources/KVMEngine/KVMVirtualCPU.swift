@@ -22,8 +22,11 @@ public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
     private var pendingRead = PendingRead.none
     /// Registers fetched for the last hypercall exit, so its result can be written back.
     private var hypercallRegs = kvm_regs()
-    /// pthread of the thread inside `run()`, for `requestExit` (0 = none yet).
+    /// pthread of the thread that runs this vCPU, for kicks (0 = none). Set and cleared
+    /// under `kickLock`, which a kick holds while it signals, so a kick never signals a
+    /// thread that has ended (signalling a dead pthread_t is undefined and can crash).
     private let runningThread = Atomic<UInt>(0)
+    private let kickLock = Mutex(())
     /// Set by `requestExit`: `run()` returns `.interrupted` (kicks for interrupts don't).
     private let exitRequested = Atomic<Bool>(false)
     private let pending = PendingInterrupts()
@@ -62,7 +65,7 @@ public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
         if runningThread.load(ordering: .relaxed) != me {
             // First run on this thread: let the kick signal interrupt KVM_RUN here.
             _ = ckvm_unblock_signal(Self.kickSignal)
-            runningThread.store(me, ordering: .releasing)
+            kickLock.withLock { _ in runningThread.store(me, ordering: .releasing) }
         }
         while true {
             if !pending.isEmpty { try offerInterrupt() }
@@ -206,8 +209,15 @@ public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
     /// Knocks the vCPU out of KVM_RUN (or makes the next one return at once).
     private func kick() {
         ckvm_run_set_immediate_exit(runPage, 1)
-        let thread = runningThread.load(ordering: .acquiring)
-        if thread != 0 { pthread_kill(pthread_t(thread), Self.kickSignal) }
+        kickLock.withLock { _ in
+            let thread = runningThread.load(ordering: .acquiring)
+            if thread != 0 { pthread_kill(pthread_t(thread), Self.kickSignal) }
+        }
+    }
+
+    /// The running thread is about to end: later kicks only set immediate_exit.
+    public func runThreadWillExit() {
+        kickLock.withLock { _ in runningThread.store(0, ordering: .releasing) }
     }
 
     /// Runs the guest in the shim's plain C KVM_RUN loop (no Swift between exits) until it

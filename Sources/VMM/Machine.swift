@@ -373,6 +373,7 @@ public final class Machine: @unchecked Sendable {
         let record = configuration.recordExits
         var t0 = HostClock.ticks()
         defer {
+            vcpu.runThreadWillExit()
             finishedCount.add(1, ordering: .acquiringAndReleasing)
             parkedSignal.signal()
         }

@@ -45,3 +45,20 @@ import Glibc
         #expect(machine.benchPort.lastWritten == 5)
     }
 }
+
+@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
+struct KickAfterRunTests {
+    /// Kicks after the vCPU threads ended (a late timer, a device interrupt, `stop()` after
+    /// the guest exited) must not signal the dead threads: that is undefined and crashed
+    /// the process now and then.
+    @Test func stopAndInterruptsAfterTheRunEndedAreHarmless() throws {
+        for _ in 0..<20 {
+            let r = try runGuest("hello")
+            #expect(r.result.stopReason == .exitPort(status: 0))
+            for _ in 0..<50 {
+                r.machine.stop()
+                r.machine.raiseInterrupt(vector: 0x21, vcpu: 0)
+            }
+        }
+    }
+}
