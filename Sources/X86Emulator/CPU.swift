@@ -65,7 +65,15 @@ final class CPU {
     static let maxPhysicalAddressBits: UInt64 = 40
     static let physicalAddressMask: UInt64 = ((1 << maxPhysicalAddressBits) - 1) & ~0xFFF
 
+    /// The context block shared with translated code (`TranslatorContext`); the GPRs are
+    /// its first 128 bytes.
+    let context: UnsafeMutableRawPointer
     let gpr: UnsafeMutablePointer<UInt64>
+    /// The block translator (nil: interpret everything).
+    var translator: BlockTranslator?
+    /// The translator's TLB and jump cache must be emptied before translated code runs again.
+    var translatorFlushPending = true
+    var lastTranslatorKey: UInt64 = ~0
     var rip: UInt64 = 0
     var rflags: UInt64 = 0x2
     var cs = SegmentRegister(), ss = SegmentRegister(), ds = SegmentRegister(), es = SegmentRegister()
@@ -179,14 +187,21 @@ final class CPU {
         tlbBits.initialize(repeating: 0, count: Self.tlbSize)
         icache = .allocate(capacity: 1 << Self.icacheBits)
         icache.initialize(repeating: Instr(), count: 1 << Self.icacheBits)
-        gpr = .allocate(capacity: 16)
-        gpr.initialize(repeating: 0, count: 16)
+        context = .allocate(byteCount: TranslatorContext.size, alignment: 64)
+        context.initializeMemory(as: UInt8.self, repeating: 0, count: TranslatorContext.size)
+        gpr = context.bindMemory(to: UInt64.self, capacity: 16)
         ram = memory.base
         ramSize = memory.size
+        context.storeBytes(of: UInt64(UInt(bitPattern: codePages.gens)), toByteOffset: Int(TranslatorContext.codeGens), as: UInt64.self)
+        context.storeBytes(of: 0x3FF000, toByteOffset: Int(TranslatorContext.tlbIndexMask), as: UInt64.self)
+        context.storeBytes(of: ~0xFFF, toByteOffset: Int(TranslatorContext.pageNumberMask), as: UInt64.self)
+        context.storeBytes(of: BlockTranslator.missHelperAddress, toByteOffset: Int(TranslatorContext.missHelper), as: UInt64.self)
+        context.storeBytes(of: UInt64(UInt(bitPattern: Unmanaged.passUnretained(self).toOpaque())),
+                           toByteOffset: Int(TranslatorContext.owner), as: UInt64.self)
     }
 
     deinit {
-        gpr.deallocate()
+        context.deallocate()
         tlbTags.deallocate()
         tlbFrames.deallocate()
         tlbBits.deallocate()
@@ -198,6 +213,7 @@ final class CPU {
         tlbTags.update(repeating: 0, count: Self.tlbSize)
         tlbHasLargePages = false
         fetchTag = ~0
+        translatorFlushPending = true
     }
 
     /// INVLPG: the page's entry, or everything when large pages are cached.
@@ -207,6 +223,7 @@ final class CPU {
         let slot = Int(page & UInt64(Self.tlbSize - 1))
         if tlbTags[slot] == page &+ 1 { tlbTags[slot] = 0 }
         fetchTag = ~0
+        translatorFlushPending = true
     }
 
     var cpl: UInt8 { cs.dpl }
@@ -460,7 +477,10 @@ final class CPU {
         // page whose generation guards the entry).
         if Int(gpa & 0xFFF) + Int(slot.pointee.length) <= 0x1000 {
             let page = Int(gpa >> 12)
-            codeGens[page] |= CodePages.hasCode
+            if codeGens[page] & CodePages.hasCode == 0 {
+                codeGens[page] |= CodePages.hasCode
+                translatorFlushPending = true  // its cached write permissions must go
+            }
             slot.pointee.gen = codeGens[page] & ~CodePages.hasCode
             slot.pointee.tag = gpa
         }

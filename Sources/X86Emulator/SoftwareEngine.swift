@@ -4,12 +4,19 @@ import VirtCore
 /// The software x86-64 engine: an interpreter that runs the same guests as KVM and
 /// returns the same exits. Works without /dev/kvm.
 public struct SoftwareEngine: Engine {
-    public init() {}
+    /// Run guest code through the block translator where it can (single-vCPU VMs on hosts
+    /// with BMI2); otherwise, and always when false, interpret every instruction.
+    public var translation: Bool
+
+    public init(translation: Bool = true) { self.translation = translation }
     public var name: String { "software" }
     public var hypercallMechanism: HypercallMechanism { .vmcall }
 
+    /// Whether this host can run translated code at all.
+    public static var translationSupported: Bool { BlockTranslator.hostSupported }
+
     public func makeVM(memory: GuestMemory, config: VMConfig) throws -> any VM {
-        SoftwareVirtualMachine(memory: memory, config: config)
+        SoftwareVirtualMachine(memory: memory, config: config, translation: translation)
     }
 }
 
@@ -21,9 +28,13 @@ public final class SoftwareVirtualMachine: VM, @unchecked Sendable {
     /// The EPT model: permissions and accessed/dirty flags per guest page.
     public let secondLevel: SecondLevelPageTable
 
-    init(memory: GuestMemory, config: VMConfig) {
+    /// Translated execution requested (see `SoftwareEngine.translation`).
+    let translation: Bool
+
+    init(memory: GuestMemory, config: VMConfig, translation: Bool) {
         self.memory = memory
         self.config = config
+        self.translation = translation
         codePages = CodePages(ramSize: memory.size)
         secondLevel = SecondLevelPageTable(ramSize: memory.size)
     }
@@ -68,7 +79,15 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
         self.vm = vm
         self.id = id
         cpu = CPU(memory: vm.memory, codePages: vm.codePages, secondLevel: vm.secondLevel, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil)
+        // Translated code keeps write permissions in its own TLB, which another vCPU's code
+        // writes would not invalidate: with several vCPUs everything is interpreted.
+        if vm.translation && vm.config.vcpuCount == 1 { cpu.translator = BlockTranslator() }
     }
+
+    /// Whether this vCPU runs translated code.
+    public var usesTranslation: Bool { cpu.translator != nil }
+    /// Blocks translated so far.
+    public var blocksTranslated: UInt64 { cpu.translator?.blocksTranslated ?? 0 }
 
     /// Arms the preemption timer: `run()` returns `.preemptionTimer` after `instructions`
     /// more instruction attempts.
@@ -158,7 +177,8 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
                 limit = Int(min(UInt64(limit), budget))
             }
             cpu.attention = false
-            let used = cpu.runBlock(limit)
+            let used: Int
+            if let t = cpu.translator, limit >= 16 { used = cpu.runTranslated(t, limit: limit) } else { used = cpu.runBlock(limit) }
             if shadowed { cpu.interruptShadow = false }
             if let budget = preemptionBudget { preemptionBudget = budget &- UInt64(used) }
         }

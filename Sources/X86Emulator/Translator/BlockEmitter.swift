@@ -1,0 +1,419 @@
+/// Emits the host code of one block (see `BlockTranslator`).
+struct BlockEmitter {
+    typealias C = TranslatorContext
+    let rax = HostReg.rax, rcx = HostReg.rcx, rbx = HostReg.rbx, rsi = HostReg.rsi, rdi = HostReg.rdi
+
+    var a: HostAssembler
+    let translator: BlockTranslator
+    /// Host register caching each guest register (-1: not used by the block).
+    var host = [Int](repeating: -1, count: 16)
+    var used: UInt16 = 0
+    /// Guest registers written so far (stored back at every exit).
+    var dirty: UInt16 = 0
+    /// Host RFLAGS hold the guest's arithmetic flags, newer than the context's copy.
+    var flagsLive = false
+    let count: Int
+
+    struct PendingMiss { var jump: HostLabel; var back: Int; var index: Int; var rip: UInt64; var kind: UInt64; var flagsLive: Bool; var dirty: UInt16 }
+    struct PendingFail { var jump: HostLabel; var index: Int; var rip: UInt64; var dirty: UInt16 }
+    var misses: [PendingMiss] = []
+    var fails: [PendingFail] = []
+
+    init(translator: BlockTranslator, used: UInt16, count: Int) {
+        self.translator = translator
+        a = HostAssembler(origin: translator.used)
+        self.used = used
+        self.count = count
+        var next = 0
+        for g in 0..<16 where used & (1 << g) != 0 {
+            host[g] = BlockTranslator.cacheRegisters[next]
+            next += 1
+        }
+    }
+
+    // MARK: Prologue and exits
+
+    mutating func prologue(rip: UInt64, page: UInt64, gen: UInt32, restoreFlags: Bool) {
+        a.mov64(rax, .at(rbx, C.codeGens))
+        a.mov32(rax, .at(rax, Int32(truncatingIfNeeded: page * 4)))
+        a.byte(0x25); a.imm32(0x7FFF_FFFF)                       // and eax, ~hasCode
+        a.byte(0x3D); a.imm32(Int32(bitPattern: gen))            // cmp eax, gen
+        let stale = a.jccForward(0x5)
+        a.instruction([0x81], w: true, reg: 5, rm: .at(rbx, C.budget)); a.imm32(Int32(count))  // sub [budget], n
+        let short = a.jccForward(0xC)                            // jl
+        for g in 0..<16 where host[g] >= 0 { a.mov64(host[g], .at(rbx, Int32(g * 8))) }
+        if restoreFlags {
+            a.restoreFlags(from: C.flags)
+            flagsLive = true
+        }
+        let body = a.jmpForward()
+        a.bind(stale)
+        exitWith(.invalid, rip: rip)
+        a.bind(short)
+        a.instruction([0x81], w: true, reg: 0, rm: .at(rbx, C.budget)); a.imm32(Int32(count))  // add [budget], n
+        exitWith(.budget, rip: rip)
+        a.bind(body)
+    }
+
+    mutating func exitWith(_ reason: TranslatorExit, rip: UInt64) {
+        a.movImm(rax, rip)
+        a.store64(.at(rbx, C.rip), rax)
+        a.movImm(rax, UInt64(reason.rawValue))
+        a.jmp(bufferOffset: translator.epilogue)
+    }
+
+    mutating func saveFlagsIfLive() {
+        if flagsLive { a.saveFlags(at: C.flags); flagsLive = false }
+    }
+
+    mutating func storeDirty(_ mask: UInt16) {
+        for g in 0..<16 where mask & (1 << g) != 0 { a.store64(.at(rbx, Int32(g * 8)), host[g]) }
+    }
+
+    /// Leaves for `target` through the jump cache (flags saved, registers stored).
+    mutating func leave(to target: UInt64) {
+        saveFlagsIfLive()
+        storeDirty(dirty)
+        a.movImm(rax, target)
+        a.jmp(bufferOffset: translator.lookup)
+    }
+
+    /// Leaves so that the interpreter runs the instruction at `rip`.
+    mutating func leaveToInterpreter(at rip: UInt64) {
+        saveFlagsIfLive()
+        storeDirty(dirty)
+        exitWith(.interpret, rip: rip)
+    }
+
+    // MARK: Memory operands
+
+    /// The operand's linear address into RSI (with the FS/GS base when `segment`).
+    mutating func address(_ i: Instr, next: UInt64, segment: Bool) {
+        if i.base == 17 {
+            a.movImm(rsi, next &+ i.disp)
+        } else {
+            let b = i.base < 16 ? host[Int(i.base)] : nil
+            let x = i.index < 16 ? host[Int(i.index)] : nil
+            if b == nil && x == nil {
+                a.movImm(rsi, i.disp)
+            } else {
+                a.lea(rsi, .mem(base: b, index: x, scale: Int(i.scale), disp: Int32(truncatingIfNeeded: i.disp)))
+            }
+        }
+        if i.addr32 { a.mov32(rsi, .reg(rsi)) }
+        if segment && i.seg != 0 {
+            a.mov64(rdi, .at(rbx, i.seg == 1 ? C.fsBase : C.gsBase))
+            a.lea(rsi, .mem(base: rsi, index: rdi, scale: 0, disp: 0))
+        }
+    }
+
+    /// Inline TLB lookup: RSI linear → RSI host address, without touching RFLAGS. A miss
+    /// (including an access crossing its page) goes to an out-of-line call of the helper.
+    mutating func translate(size: Int, write: Bool, index: Int, rip: UInt64) {
+        let tag: Int32 = write ? 8 : 0
+        a.pext(rdi, rsi, mask: .at(rbx, C.tlbIndexMask))
+        a.lea(rdi, .mem(base: rdi, index: rdi, scale: 1, disp: 0))           // ×3: 24-byte entries
+        if size > 1 {
+            a.lea(rcx, .at(rsi, Int32(size - 1)))
+            a.pext(rcx, rcx, mask: .at(rbx, C.pageNumberMask))               // page of the last byte
+        } else {
+            a.pext(rcx, rsi, mask: .at(rbx, C.pageNumberMask))
+        }
+        a.not64(rcx)
+        a.mov64(rax, .mem(base: rbx, index: rdi, scale: 3, disp: C.tlb + tag))
+        a.lea(rcx, .mem(base: rax, index: rcx, scale: 0, disp: 1))           // tag - page
+        a.bytes(0xE3, 0x05)                                                  // jrcxz hit
+        let miss = a.jmpForward()
+        a.mov64(rax, .mem(base: rbx, index: rdi, scale: 3, disp: C.tlb + 16))
+        a.lea(rsi, .mem(base: rsi, index: rax, scale: 0, disp: 0))
+        misses.append(PendingMiss(jump: miss, back: a.position, index: index, rip: rip,
+                                  kind: UInt64(size) | (write ? 0x100 : 0), flagsLive: flagsLive, dirty: dirty))
+    }
+
+    /// A jump to the stub that hands instruction `index` to the interpreter.
+    mutating func failIfNotEqual(index: Int, rip: UInt64) {
+        fails.append(PendingFail(jump: a.jccForward(0x5), index: index, rip: rip, dirty: dirty))
+    }
+
+    /// RAX must be canonical to be a branch target; otherwise the interpreter raises #GP on
+    /// the branch itself. Clobbers RCX and RFLAGS.
+    mutating func checkCanonical(index: Int, rip: UInt64) {
+        a.bytes(0x48, 0x89, 0xC1)                 // mov rcx, rax
+        a.bytes(0x48, 0xC1, 0xE1, 0x10)           // shl rcx, 16
+        a.bytes(0x48, 0xC1, 0xF9, 0x10)           // sar rcx, 16
+        a.bytes(0x48, 0x39, 0xC1)                 // cmp rcx, rax
+        failIfNotEqual(index: index, rip: rip)
+    }
+
+    /// The out-of-line stubs, after the block's body.
+    mutating func finish() {
+        for m in misses {
+            a.bind(m.jump)
+            if m.flagsLive { a.saveFlags(at: C.flags) }
+            storeDirty(m.dirty)
+            a.store64(.reg(rdi), rbx)                                        // mov rdi, rbx (RSI: linear)
+            a.movImm(HostReg.rdx, m.kind)
+            a.instruction([0xFF], w: false, reg: 2, rm: .at(rbx, C.missHelper))  // call [helper]
+            a.bytes(0x48, 0x85, 0xC0)                                        // test rax, rax
+            let failed = a.jccForward(0x4)
+            a.store64(.reg(rsi), rax)                                        // mov rsi, rax
+            for g in 0..<16 where host[g] >= 0 { a.mov64(host[g], .at(rbx, Int32(g * 8))) }
+            if m.flagsLive { a.restoreFlags(from: C.flags) }
+            a.jmp(to: m.back)
+            a.bind(failed)
+            interpreterExit(index: m.index, rip: m.rip, dirty: 0)  // registers already stored
+        }
+        for f in fails {
+            a.bind(f.jump)
+            interpreterExit(index: f.index, rip: f.rip, dirty: f.dirty)
+        }
+    }
+
+    /// Instruction `index` onwards did not run: give their budget back, interpret at `rip`.
+    private mutating func interpreterExit(index: Int, rip: UInt64, dirty: UInt16) {
+        storeDirty(dirty)
+        a.instruction([0x81], w: true, reg: 0, rm: .at(rbx, C.budget)); a.imm32(Int32(count - index))
+        exitWith(.interpret, rip: rip)
+    }
+
+    // MARK: Instructions
+
+    /// Emits instruction `index` (at `rip`, `i`, planned as `p`).
+    mutating func emit(_ i: Instr, _ p: TranslationPlan, index: Int, rip: UInt64) {
+        let next = rip &+ UInt64(i.length)
+        switch p.kind {
+        case .native:
+            if p.memorySize != 0 {
+                address(i, next: next, segment: true)
+                translate(size: p.memorySize, write: p.memoryWrite, index: index, rip: rip)
+            }
+            if p.usesCL { a.mov32(rcx, .reg(host[1])) }
+            if i.opsize16 { a.byte(0x66) }
+            if p.prefixF3 { a.byte(0xF3) }
+            let reg: Int
+            switch p.regField {
+            case let .guest(g): reg = host[g]
+            case let .ext(e): reg = e
+            }
+            let rm: HostOperand = p.rmGuest.map { .reg(host[$0]) } ?? .at(rsi)
+            a.instruction(p.opcode, w: i.rexW, reg: reg, rm: rm, forceREX: p.byteRegisters)
+            if p.immediateSize > 0 { a.immediate(i.imm, size: p.immediateSize) }
+        case .lea:
+            address(i, next: next, segment: false)
+            guard case let .guest(g) = p.regField else { return }
+            switch i.osize {
+            case 8: a.mov64(host[g], .reg(rsi))
+            case 4: a.mov32(host[g], .reg(rsi))
+            default: a.byte(0x66); a.instruction([0x89], w: false, reg: rsi, rm: .reg(host[g]))
+            }
+        case .movImmediate:
+            guard case let .guest(g) = p.regField else { return }
+            let h = host[g]
+            let byteForm = p.byteRegisters
+            if i.opsize16 && !byteForm { a.byte(0x66) }
+            var rex: UInt8 = 0x40
+            if i.osize == 8 && !byteForm { rex |= 8 }
+            if h >= 8 { rex |= 1 }
+            if rex != 0x40 || byteForm { a.byte(rex) }
+            a.byte((byteForm ? 0xB0 : 0xB8) + UInt8(h & 7))
+            a.immediate(i.imm, size: byteForm ? 1 : Int(i.osize))
+        case .bswap:
+            guard case let .guest(g) = p.regField else { return }
+            let h = host[g]
+            var rex: UInt8 = 0x40
+            if i.osize == 8 { rex |= 8 }
+            if h >= 8 { rex |= 1 }
+            if rex != 0x40 { a.byte(rex) }
+            a.bytes(0x0F, 0xC8 + UInt8(h & 7))
+        case .nop:
+            break
+        case .extendAccumulator:
+            let h = host[0]
+            switch i.osize {
+            case 8: a.instruction([0x63], w: true, reg: h, rm: .reg(h))                     // movsxd
+            case 4: a.instruction([0x0F, 0xBF], w: false, reg: h, rm: .reg(h))              // movsx r32, r16
+            default: a.byte(0x66); a.instruction([0x0F, 0xBE], w: false, reg: h, rm: .reg(h), forceREX: true)
+            }
+        case .signExtendIntoDX:
+            let ha = host[0], hd = host[2]
+            switch i.osize {
+            case 8: a.movImm(rcx, 63); a.sarx(hd, .reg(ha), count: rcx, w: true)
+            case 4: a.movImm(rcx, 31); a.sarx(hd, .reg(ha), count: rcx, w: false)
+            default:
+                a.instruction([0x0F, 0xBF], w: false, reg: rax, rm: .reg(ha))              // movsx eax, ax'
+                a.movImm(rcx, 31)
+                a.sarx(rax, .reg(rax), count: rcx, w: false)
+                a.byte(0x66); a.instruction([0x89], w: false, reg: rax, rm: .reg(hd))       // mov dx', ax
+            }
+        case .push, .pushImmediate:
+            let sp = host[4]
+            a.lea(rsi, .at(sp, -8))
+            translate(size: 8, write: true, index: index, rip: rip)
+            if case let .guest(g) = p.regField, case .push = p.kind {
+                a.store64(.at(rsi), host[g])
+            } else {
+                a.movImm(rax, i.imm)
+                a.store64(.at(rsi), rax)
+            }
+            a.lea(sp, .at(sp, -8))
+        case .pop:
+            guard case let .guest(g) = p.regField else { return }
+            let sp = host[4]
+            a.mov64(rsi, .reg(sp))
+            translate(size: 8, write: false, index: index, rip: rip)
+            a.lea(sp, .at(sp, 8))
+            a.mov64(host[g], .at(rsi))
+        case let .jcc(cc, target):
+            if flagsLive { a.saveFlags(at: C.flags) }
+            storeDirty(dirty | p.written)
+            let taken = a.jccForward(cc)
+            a.movImm(rax, next)
+            a.jmp(bufferOffset: translator.lookup)
+            a.bind(taken)
+            a.movImm(rax, target)
+            a.jmp(bufferOffset: translator.lookup)
+        case let .jmp(target):
+            leave(to: target)
+        case let .call(target):
+            let sp = host[4]
+            a.lea(rsi, .at(sp, -8))
+            translate(size: 8, write: true, index: index, rip: rip)
+            a.movImm(rax, next)
+            a.store64(.at(rsi), rax)
+            a.lea(sp, .at(sp, -8))
+            dirty |= 1 << 4
+            leave(to: target)
+        case .ret:
+            let sp = host[4]
+            a.mov64(rsi, .reg(sp))
+            translate(size: 8, write: false, index: index, rip: rip)
+            saveFlagsIfLive()
+            a.mov64(rax, .at(rsi))
+            checkCanonical(index: index, rip: rip)
+            a.lea(sp, .at(sp, 8))
+            dirty |= 1 << 4
+            storeDirty(dirty)
+            a.jmp(bufferOffset: translator.lookup)
+        case .jmpIndirect, .callIndirect:
+            if let g = p.rmGuest {
+                saveFlagsIfLive()
+                a.mov64(rax, .reg(host[g]))
+            } else {
+                address(i, next: next, segment: true)
+                translate(size: 8, write: false, index: index, rip: rip)
+                saveFlagsIfLive()
+                a.mov64(rax, .at(rsi))
+            }
+            checkCanonical(index: index, rip: rip)
+            if case .callIndirect = p.kind {
+                a.store64(.at(rbx, C.rip), rax)  // the push's TLB lookup needs RAX
+                let sp = host[4]
+                a.lea(rsi, .at(sp, -8))
+                translate(size: 8, write: true, index: index, rip: rip)
+                a.movImm(rcx, next)
+                a.store64(.at(rsi), rcx)
+                a.lea(sp, .at(sp, -8))
+                dirty |= 1 << 4
+                a.mov64(rax, .at(rbx, C.rip))
+            }
+            storeDirty(dirty)
+            a.jmp(bufferOffset: translator.lookup)
+        }
+        dirty |= p.written
+        if p.writesFlags { flagsLive = true }
+    }
+}
+
+extension CPU {
+    /// Translates the block at `rip` (guest-physical `gpa`); nil when its first instruction
+    /// must be interpreted.
+    func translateBlock(_ t: BlockTranslator, rip: UInt64, gpa: UInt64) -> BlockTranslator.Block? {
+        if !t.hasRoom {
+            t.reset()
+            flushTranslatorCaches()
+        }
+        let page = gpa >> 12
+        let mark = codeGens[Int(page)]
+        if mark & CodePages.hasCode == 0 {
+            // Cached write permissions to this page would bypass the code-write check.
+            codeGens[Int(page)] = mark | CodePages.hasCode
+            flushTranslatorCaches()
+        }
+        let gen = codeGens[Int(page)] & ~CodePages.hasCode
+
+        var plans: [(Instr, TranslationPlan, UInt64)] = []
+        var used: UInt16 = 0
+        var r = rip, g = gpa
+        var endedByBranch = false
+        var endedByUnsupported = false
+        while plans.count < BlockTranslator.maxBlockInstructions && g >> 12 == page {
+            var w = FetchWindow()
+            fillWindow(&w, rip: r, gpa: g)
+            var ins = Instr()
+            do throws(Fault) { try decode(w, into: &ins) } catch { endedByUnsupported = true; break }
+            if Int(g & 0xFFF) + Int(ins.length) > 0x1000 { endedByUnsupported = true; break }
+            guard let plan = TranslationPlan.make(ins, rip: r) else { endedByUnsupported = true; break }
+            let u = used | plan.used
+            if u.nonzeroBitCount > BlockTranslator.cacheRegisters.count { break }
+            used = u
+            plans.append((ins, plan, r))
+            r &+= UInt64(ins.length)
+            g &+= UInt64(ins.length)
+            if plan.endsBlock { endedByBranch = true; break }
+        }
+        if plans.isEmpty { return nil }
+
+        // Host flags must be loaded if the first instruction touching them reads them.
+        let firstFlags = plans.first { $0.1.readsFlags || $0.1.writesFlags }
+        var e = BlockEmitter(translator: t, used: used, count: plans.count)
+        e.prologue(rip: rip, page: page, gen: gen, restoreFlags: firstFlags?.1.readsFlags ?? false)
+        for (k, (ins, plan, at)) in plans.enumerated() { e.emit(ins, plan, index: k, rip: at) }
+        if !endedByBranch {
+            if endedByUnsupported { e.leaveToInterpreter(at: r) } else { e.leave(to: r) }
+        }
+        e.finish()
+        let entry = t.place(e.a)
+        let block = BlockTranslator.Block(rip: rip, gen: gen, entry: entry)
+        t.blocks[gpa] = block
+        return block
+    }
+
+    /// Empties the translator's TLB and jump cache (after TLB flushes, CPL changes, and when
+    /// a page becomes a code page).
+    func flushTranslatorCaches() {
+        let tlb = context + Int(TranslatorContext.tlb)
+        for k in 0..<TranslatorContext.tlbEntries {
+            let e = tlb + k * TranslatorContext.tlbEntrySize
+            e.storeBytes(of: TranslatorContext.emptyTag, as: UInt64.self)
+            e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
+        }
+        let jc = context + Int(TranslatorContext.jumpCache)
+        for k in 0..<TranslatorContext.jumpCacheEntries {
+            jc.storeBytes(of: TranslatorContext.emptyJumpKey, toByteOffset: k * 16, as: UInt64.self)
+        }
+        translatorFlushPending = false
+    }
+
+    /// The miss helper's work (see `translatorMissHelper`).
+    func translatorMiss(linear: UInt64, kind: UInt64) -> UInt64 {
+        let size = kind & 0xFF
+        let write = kind & 0x100 != 0
+        guard (linear & 0xFFF) + size <= 0x1000 else { return 0 }
+        let hostOffset: UInt64
+        do throws(Fault) { hostOffset = try translate(linear, write: write, user: cs.dpl == 3) } catch { return 0 }
+        guard hostOffset < ramSize else { return 0 }
+        let frame = hostOffset & ~0xFFF
+        if write && codeGens[Int(frame >> 12)] & CodePages.hasCode != 0 { return 0 }
+        let vpn = linear >> 12
+        let e = context + Int(TranslatorContext.tlb) + Int(vpn & UInt64(TranslatorContext.tlbEntries - 1)) * TranslatorContext.tlbEntrySize
+        let readTag = e.load(as: UInt64.self), writeTag = e.load(fromByteOffset: 8, as: UInt64.self)
+        if readTag != vpn && writeTag != vpn {
+            e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
+        }
+        let base = UInt64(UInt(bitPattern: ram))
+        e.storeBytes(of: base &+ frame &- (vpn << 12), toByteOffset: 16, as: UInt64.self)
+        e.storeBytes(of: vpn, as: UInt64.self)
+        if write { e.storeBytes(of: vpn, toByteOffset: 8, as: UInt64.self) }
+        return base &+ hostOffset
+    }
+}

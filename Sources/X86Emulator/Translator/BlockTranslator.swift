@@ -1,0 +1,167 @@
+import Glibc
+
+/// The block shared by the interpreter and translated code: the guest GPRs (the
+/// interpreter's `gpr` points here), the flags and budget of the translated code, the TLB
+/// it looks up inline and the jump cache it dispatches through. Offsets from RBX.
+enum TranslatorContext {
+    static let flags: Int32 = 128          // UInt16: OF byte, LAHF byte
+    static let budget: Int32 = 136         // Int64: instructions translated code may still run
+    static let rip: Int32 = 144
+    static let fsBase: Int32 = 152
+    static let gsBase: Int32 = 160
+    static let missHelper: Int32 = 168     // C function: (context, linear, kind) -> host address or 0
+    static let codeGens: Int32 = 176       // CodePages.gens
+    static let owner: Int32 = 184          // the CPU, unretained
+    static let tlbIndexMask: Int32 = 192   // PEXT mask: linear page number bits that index the TLB
+    static let pageNumberMask: Int32 = 200 // PEXT mask: the linear page number
+    /// Direct-mapped TLB: (read tag, write tag, host address - linear address); tags are
+    /// linear page numbers, ~0 when empty.
+    static let tlb: Int32 = 256
+    static let tlbEntries = 1024
+    static let tlbEntrySize = 24
+    /// Jump cache: (guest RIP, host entry), keyed by a hash of the RIP.
+    static let jumpCache: Int32 = tlb + Int32(tlbEntries * tlbEntrySize)
+    static let jumpCacheEntries = 4096
+    static let size = Int(jumpCache) + 16 * jumpCacheEntries
+    /// Non-canonical, so no guest RIP matches an empty slot.
+    static let emptyJumpKey: UInt64 = 0x8000_0000_0000_0000
+    static let emptyTag: UInt64 = ~0
+}
+
+/// Why translated code returned to the dispatcher (in EAX).
+enum TranslatorExit: UInt32 {
+    /// The jump cache had no block for the RIP now in the context.
+    case lookup = 0
+    /// The instruction at RIP must be interpreted (unsupported, or its memory access
+    /// missed the inline TLB and needs the full path: a fault, MMIO, a page crossing, a
+    /// write to a code page).
+    case interpret = 1
+    /// The block at RIP has more instructions than the budget allows.
+    case budget = 2
+    /// The block at RIP was translated from code that has since been overwritten.
+    case invalid = 3
+}
+
+/// Handles a translated memory access that missed the inline TLB: walks, fills the entry
+/// when the access may be cached, and returns the host address (0: let the interpreter
+/// run the instruction).
+private let translatorMissHelper: @convention(c) (UnsafeMutableRawPointer, UInt64, UInt64) -> UInt64 = { context, linear, kind in
+    let owner = context.load(fromByteOffset: Int(TranslatorContext.owner), as: UnsafeRawPointer.self)
+    return Unmanaged<CPU>.fromOpaque(owner).takeUnretainedValue().translatorMiss(linear: linear, kind: kind)
+}
+
+/// A dynamic binary translator from guest x86-64 to host x86-64 (the software engine's
+/// fast path; the interpreter remains the reference and runs everything it cannot).
+///
+/// Blocks are straight-line runs within one guest page, keyed by guest-physical address
+/// and guarded by the page's generation in `CodePages`, so writes to code invalidate them
+/// exactly as they invalidate decoded instructions. Each block: checks its generation,
+/// takes its instruction count from the budget (leaving the rest to the interpreter when
+/// too few remain, so the preemption timer stays exact), loads the guest registers it uses
+/// into host registers, runs, stores the registers it wrote and leaves through the jump
+/// cache. Memory operands go through an inline, flag-preserving lookup of a small TLB
+/// (PEXT, LEA, NOT, JRCXZ) filled from the interpreter's page walk.
+final class BlockTranslator {
+    typealias EnterFunction = @convention(c) (UnsafeMutableRawPointer, UnsafeRawPointer) -> UInt32
+
+    /// Host registers that cache guest registers within a block (callee-saved ones survive
+    /// the miss helper; the others are reloaded after it).
+    static let cacheRegisters = [HostReg.rdx, HostReg.rbp, HostReg.r8, HostReg.r9, HostReg.r10, HostReg.r11,
+                                 HostReg.r12, HostReg.r13, HostReg.r14, HostReg.r15]
+    static let maxBlockInstructions = 128
+    static let capacity = 32 << 20
+
+    /// Whether this host can run translated code (BMI2 for PEXT/SARX, and executable memory).
+    static let hostSupported: Bool = {
+        guard let f = fopen("/proc/cpuinfo", "r") else { return false }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 8192)
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = String(cString: line)
+            if text.hasPrefix("flags") { return text.split(separator: " ").contains { $0 == "bmi2" || $0 == "bmi2\n" } }
+        }
+        return false
+    }()
+
+    let code: UnsafeMutableRawPointer
+    private(set) var used = 0
+    private var sharedEnd = 0
+    private(set) var epilogue = 0
+    private(set) var lookup = 0
+    private var enterOffset = 0
+    let enter: EnterFunction
+
+    struct Block { var rip: UInt64; var gen: UInt32; var entry: Int }
+    var blocks: [UInt64: Block] = [:]
+
+    /// Statistics.
+    private(set) var blocksTranslated: UInt64 = 0
+    private(set) var resets: UInt64 = 0
+
+    init?() {
+        guard Self.hostSupported else { return nil }
+        guard let p = mmap(nil, Self.capacity, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+              p != MAP_FAILED else { return nil }
+        code = p
+        var a = HostAssembler(origin: 0)
+        // enter(context, entry): save callee-saved registers, align the stack for calls, go.
+        a.bytes(0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57)  // push rbx rbp r12 r13 r14 r15
+        a.bytes(0x48, 0x83, 0xEC, 0x08)                                    // sub rsp, 8
+        a.bytes(0x48, 0x89, 0xFB)                                          // mov rbx, rdi
+        a.bytes(0xFF, 0xE6)                                                // jmp rsi
+        let epilogueAt = a.position
+        a.bytes(0x48, 0x83, 0xC4, 0x08)                                    // add rsp, 8
+        a.bytes(0x41, 0x5F, 0x41, 0x5E, 0x41, 0x5D, 0x41, 0x5C, 0x5D, 0x5B, 0xC3)
+        // lookup: RAX = guest RIP; registers stored, flags saved.
+        let lookupAt = a.position
+        a.store64(.at(HostReg.rbx, TranslatorContext.rip), HostReg.rax)
+        a.bytes(0x48, 0x89, 0xC1)                                          // mov rcx, rax
+        a.bytes(0x48, 0x89, 0xC2)                                          // mov rdx, rax
+        a.bytes(0x48, 0xC1, 0xEA, 0x0C)                                    // shr rdx, 12
+        a.bytes(0x48, 0x31, 0xD1)                                          // xor rcx, rdx
+        a.bytes(0x81, 0xE1); a.imm32(Int32(TranslatorContext.jumpCacheEntries - 1))  // and ecx, entries-1
+        a.bytes(0xC1, 0xE1, 0x04)                                          // shl ecx, 4
+        a.instruction([0x39], w: true, reg: HostReg.rax,
+                      rm: .mem(base: HostReg.rbx, index: HostReg.rcx, scale: 0, disp: TranslatorContext.jumpCache))
+        let miss = a.jccForward(0x5)                                       // jne miss
+        a.instruction([0xFF], w: false, reg: 4,
+                      rm: .mem(base: HostReg.rbx, index: HostReg.rcx, scale: 0, disp: TranslatorContext.jumpCache + 8))
+        a.bind(miss)
+        a.bytes(0x31, 0xC0)                                                // xor eax, eax (.lookup)
+        a.jmp(to: epilogueAt)
+        a.bytes.withUnsafeBytes { p.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        enterOffset = 0
+        epilogue = epilogueAt
+        lookup = lookupAt
+        sharedEnd = (a.position + 63) & ~63
+        used = sharedEnd
+        enter = unsafeBitCast(p, to: EnterFunction.self)
+    }
+
+    deinit { munmap(code, Self.capacity) }
+
+    static var missHelperAddress: UInt64 { UInt64(UInt(bitPattern: unsafeBitCast(translatorMissHelper, to: UnsafeRawPointer.self))) }
+
+    /// Room for one more block, or nil when the buffer must be reset first.
+    var hasRoom: Bool { Self.capacity - used >= 256 << 10 }
+
+    /// Forgets every block (the buffer is full).
+    func reset() {
+        blocks.removeAll(keepingCapacity: true)
+        used = sharedEnd
+        resets &+= 1
+    }
+
+    /// Copies assembled code into the buffer; returns its offset.
+    func place(_ a: HostAssembler) -> Int {
+        let at = a.origin
+        precondition(at == used && at + a.bytes.count <= Self.capacity)
+        a.bytes.withUnsafeBytes { (code + at).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        used = (at + a.bytes.count + 15) & ~15
+        blocksTranslated &+= 1
+        if let path = getenv("SWIFTVISOR_TRANSLATOR_DUMP"), let f = fopen(path, "w") {
+            fwrite(code, 1, used, f); fclose(f)
+        }
+        return at
+    }
+}

@@ -1,0 +1,92 @@
+extension CPU {
+    /// As `runBlock`, with translated code where there is some: runs up to `limit`
+    /// instruction attempts, stopping early when an interpreted instruction sets
+    /// `attention`. Returns the attempts made.
+    func runTranslated(_ t: BlockTranslator, limit: Int) -> Int {
+        typealias C = TranslatorContext
+        let budgetAt = Int(C.budget)
+        context.storeBytes(of: Int64(limit), toByteOffset: budgetAt, as: Int64.self)
+        storeTranslatorFlags()
+        var key = translatorKey
+        if translatorFlushPending || key != lastTranslatorKey {
+            flushTranslatorCaches()
+            lastTranslatorKey = key
+        }
+        while true {
+            let budget = Int(context.load(fromByteOffset: budgetAt, as: Int64.self))
+            if budget <= 0 { break }
+            var interpretCount = 1
+            if let entry = translatedEntry(t) {
+                let reason = t.enter(context, t.code + entry)
+                let left = Int(context.load(fromByteOffset: budgetAt, as: Int64.self))
+                instructions &+= UInt64(budget - left)
+                rip = context.load(fromByteOffset: Int(C.rip), as: UInt64.self)
+                switch TranslatorExit(rawValue: reason) {
+                case .lookup: continue
+                case .invalid:
+                    dropJumpCacheEntry(rip)
+                    continue
+                case .budget: interpretCount = left
+                default: break
+                }
+                if interpretCount == 0 { break }
+            }
+            // The interpreter takes over for a few instructions, on the real RFLAGS.
+            loadTranslatorFlags()
+            let attempts = runBlock(interpretCount)
+            let left = Int(context.load(fromByteOffset: budgetAt, as: Int64.self)) - attempts
+            context.storeBytes(of: Int64(left), toByteOffset: budgetAt, as: Int64.self)
+            storeTranslatorFlags()
+            if attention { break }
+            key = translatorKey
+            if translatorFlushPending || key != lastTranslatorKey {
+                flushTranslatorCaches()
+                lastTranslatorKey = key
+            }
+        }
+        loadTranslatorFlags()
+        return limit - Int(context.load(fromByteOffset: budgetAt, as: Int64.self))
+    }
+
+    /// What the translator's TLB entries depend on beyond the page tables: the CPL and,
+    /// through SMAP, RFLAGS.AC.
+    var translatorKey: UInt64 { UInt64(cs.dpl) | (rflags & Flag.ac) }
+
+    /// The host entry of the block at RIP (found in the jump cache, the block table, or
+    /// translated now); nil when the instruction at RIP must be interpreted.
+    private func translatedEntry(_ t: BlockTranslator) -> Int? {
+        let r = rip
+        let slot = context + Int(TranslatorContext.jumpCache) + Int((r ^ (r >> 12)) & UInt64(TranslatorContext.jumpCacheEntries - 1)) * 16
+        if slot.load(as: UInt64.self) == r {
+            return Int(slot.load(fromByteOffset: 8, as: UInt64.self) &- UInt64(UInt(bitPattern: t.code)))
+        }
+        let gpa: UInt64
+        do throws(Fault) { gpa = try translate(r, write: false, execute: true, user: cs.dpl == 3) } catch { return nil }
+        guard gpa < ramSize else { return nil }
+        var block = t.blocks[gpa]
+        if let b = block, b.rip != r || b.gen != codeGens[Int(gpa >> 12)] & ~CodePages.hasCode { block = nil }
+        if block == nil { block = translateBlock(t, rip: r, gpa: gpa) }
+        guard let b = block else { return nil }
+        slot.storeBytes(of: r, as: UInt64.self)
+        slot.storeBytes(of: UInt64(UInt(bitPattern: t.code + b.entry)), toByteOffset: 8, as: UInt64.self)
+        return b.entry
+    }
+
+    private func dropJumpCacheEntry(_ r: UInt64) {
+        let slot = context + Int(TranslatorContext.jumpCache) + Int((r ^ (r >> 12)) & UInt64(TranslatorContext.jumpCacheEntries - 1)) * 16
+        slot.storeBytes(of: TranslatorContext.emptyJumpKey, as: UInt64.self)
+    }
+
+    /// RFLAGS' arithmetic flags into the context (OF byte, LAHF byte), and FS/GS bases.
+    private func storeTranslatorFlags() {
+        let f = UInt16(rflags >> 11 & 1) | UInt16(truncatingIfNeeded: (rflags & 0xD5) | 2) << 8
+        context.storeBytes(of: f, toByteOffset: Int(TranslatorContext.flags), as: UInt16.self)
+        context.storeBytes(of: fs.base, toByteOffset: Int(TranslatorContext.fsBase), as: UInt64.self)
+        context.storeBytes(of: gs.base, toByteOffset: Int(TranslatorContext.gsBase), as: UInt64.self)
+    }
+
+    private func loadTranslatorFlags() {
+        let f = context.load(fromByteOffset: Int(TranslatorContext.flags), as: UInt16.self)
+        rflags = (rflags & ~Flag.arithmetic) | UInt64(f >> 8) & 0xD5 | (UInt64(f & 1) << 11)
+    }
+}
