@@ -43,7 +43,9 @@ enum SequenceGenerator {
         let o16: [UInt8] = !w && g.next() % 4 == 0 ? [0x66] : []
         let rexRB = Asm.rex(w: w, r: src, b: dst)
         let rexB = Asm.rex(w: w, b: dst)
-        switch g.next() % (flagsDefined ? 15 : 11) {
+        switch g.next() % (flagsDefined ? 17 : 13) {
+        case 11, 12:  // memory operands on the stack page below RSP (the translator's inline TLB path)
+            return memoryInstruction(&g, reg: src, w: w, o16: o16)
         case 0, 1:  // ALU r/m, r
             let ops: [UInt8] = [0x01, 0x09, 0x21, 0x29, 0x31, 0x39, 0x85]
             return GeneratedInstruction(bytes: o16 + Asm.rr(ops[Int(g.next() % 7)], dst: dst, src: src, w: w), definesFlags: true)
@@ -88,18 +90,46 @@ enum SequenceGenerator {
                                         definesFlags: op == 0xB8 ? true : false)
         case 10:  // MUL/IMUL one-operand (RDX:RAX; SF/ZF/PF undefined)
             return GeneratedInstruction(bytes: [rexB, 0xF7, (g.next() & 1 == 0 ? 0xE0 : 0xE8) | UInt8(dst & 7)], definesFlags: false)
-        case 11:  // SETcc / CMOVcc on CF and ZF conditions (B, AE, E, NE, BE, A)
+        case 13:  // SETcc / CMOVcc on CF and ZF conditions (B, AE, E, NE, BE, A)
             let cc = UInt8([2, 3, 4, 5, 6, 7][Int(g.next() % 6)])
             if g.next() & 1 == 0 {
                 return GeneratedInstruction(bytes: [Asm.rex(w: false, b: dst), 0x0F, 0x90 | cc, Asm.modrm(0, dst)], definesFlags: nil, consumesFlags: true)
             }
             return GeneratedInstruction(bytes: [Asm.rex(w: w, r: dst, b: src), 0x0F, 0x40 | cc, Asm.modrm(dst, src)], definesFlags: nil, consumesFlags: true)
-        case 12:  // RCL/RCR by 1 (CF and OF defined; reads CF)
+        case 14:  // RCL/RCR by 1 (CF and OF defined; reads CF)
             return GeneratedInstruction(bytes: [rexB, 0xD1, (g.next() & 1 == 0 ? 0xD0 : 0xD8) | UInt8(dst & 7)], definesFlags: false, consumesFlags: true)
         default:  // ADC/SBB
             return GeneratedInstruction(bytes: o16 + Asm.rr(g.next() & 1 == 0 ? 0x11 : 0x19, dst: dst, src: src, w: w), definesFlags: true, consumesFlags: true)
         }
     }
+
+    /// `op [rsp-disp], reg`, `op reg, [rsp-disp]`, MOV either way, or PUSH then POP, at
+    /// byte offsets that are not always aligned.
+    static func memoryInstruction(_ g: inout SplitMix64, reg: Int, w: Bool, o16: [UInt8]) -> GeneratedInstruction {
+        let disp = UInt8(bitPattern: -Int8(1 + Int(g.next() % 100)))
+        let mem: [UInt8] = [0x44 | UInt8((reg & 7) << 3), 0x24, disp]  // [rsp + disp8]
+        let rex = rex(w: w, r: reg)
+        switch g.next() % 5 {
+        case 0:  // ALU r/m, r (stores unless CMP)
+            let op: UInt8 = [0x01, 0x09, 0x21, 0x29, 0x31, 0x39][Int(g.next() % 6)]
+            return GeneratedInstruction(bytes: o16 + [rex, op] + mem, definesFlags: true)
+        case 1:  // ALU r, r/m
+            let op: UInt8 = [0x03, 0x0B, 0x23, 0x2B, 0x33, 0x3B, 0x85][Int(g.next() % 7)]
+            return GeneratedInstruction(bytes: o16 + [rex, op] + mem, definesFlags: true)
+        case 2:  // MOV store (byte or full size)
+            let byte = g.next() & 1 == 0
+            return GeneratedInstruction(bytes: (byte ? [] : o16) + [byte ? rex | 0x40 : rex, byte ? 0x88 : 0x89] + mem, definesFlags: nil)
+        case 3:  // MOV load / MOVZX byte load
+            if g.next() & 1 == 0 { return GeneratedInstruction(bytes: o16 + [rex, 0x8B] + mem, definesFlags: nil) }
+            return GeneratedInstruction(bytes: [rex, 0x0F, 0xB6] + mem, definesFlags: nil)
+        default:  // PUSH reg; POP another
+            let other = registers[Int(g.next() % UInt64(registers.count))]
+            return GeneratedInstruction(bytes: [reg >= 8 ? 0x41 : 0x40, 0x50 + UInt8(reg & 7),
+                                                other >= 8 ? 0x41 : 0x40, 0x58 + UInt8(other & 7)], definesFlags: nil)
+        }
+    }
+
+    private static func rex(w: Bool, r: Int) -> UInt8 { 0x40 | (w ? 8 : 0) | UInt8((r >> 3) << 2) }
 
     static func sequence(seed: UInt64, length: Int) -> (initial: [UInt64], flags: UInt64, code: [GeneratedInstruction]) {
         var g = SplitMix64(state: seed)
@@ -133,7 +163,8 @@ func runSequence(_ code: [GeneratedInstruction], initial: [UInt64], flags: UInt6
 
 @Suite(.enabled(if: kvmUsable, "needs /dev/kvm: CPL3 code runs natively there, so it is the reference CPU"))
 struct RandomSequenceTests {
-    @Test func interpreterMatchesTheRealCPU() throws {
+    /// Both ways the software engine runs code: interpreted, and translated.
+    @Test func softwareEngineMatchesTheRealCPU() throws {
         let kvm = try KVMEngine()
         var mismatches: [String] = []
         for seed in UInt64(1)...300 {
@@ -152,7 +183,8 @@ struct RandomSequenceTests {
     }
 
     func agrees(_ code: [GeneratedInstruction], _ initial: [UInt64], _ flags: UInt64, _ kvm: KVMEngine) throws -> Bool {
-        try RegressionCase.record(code, initial, flags, reference: kvm).holds(on: SoftwareEngine())
+        let expected = try RegressionCase.record(code, initial, flags, reference: kvm)
+        return try expected.holds(on: SoftwareEngine(translation: false)) && expected.holds(on: SoftwareEngine(translation: true))
     }
 
     /// Drops instructions while the disagreement persists; returns the case left, with the
@@ -263,7 +295,8 @@ enum RegressionCorpus {
         let cases = try RegressionCorpus.load()
         #expect(!cases.isEmpty)
         for c in cases {
-            #expect(try c.holds(on: SoftwareEngine()), "\(c)")
+            #expect(try c.holds(on: SoftwareEngine(translation: false)), "interpreted: \(c)")
+            #expect(try c.holds(on: SoftwareEngine(translation: true)), "translated: \(c)")
         }
     }
 

@@ -91,7 +91,13 @@ final class BlockTranslator {
     private var enterOffset = 0
     let enter: EnterFunction
 
-    struct Block { var rip: UInt64; var gen: UInt32; var entry: Int }
+    struct Block {
+        var rip: UInt64
+        var gen: UInt32
+        /// Offset in the code buffer, or `interpreted`: the first instruction is not translatable.
+        var entry: Int
+        static let interpreted = -1
+    }
     var blocks: [UInt64: Block] = [:]
 
     /// Statistics.

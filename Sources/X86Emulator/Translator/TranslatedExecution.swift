@@ -65,8 +65,16 @@ extension CPU {
         guard gpa < ramSize else { return nil }
         var block = t.blocks[gpa]
         if let b = block, b.rip != r || b.gen != codeGens[Int(gpa >> 12)] & ~CodePages.hasCode { block = nil }
-        if block == nil { block = translateBlock(t, rip: r, gpa: gpa) }
-        guard let b = block else { return nil }
+        if block == nil {
+            block = translateBlock(t, rip: r, gpa: gpa)
+            if block == nil {
+                // Remember that this instruction is the interpreter's, until its page changes.
+                let gen = codeGens[Int(gpa >> 12)] & ~CodePages.hasCode
+                t.blocks[gpa] = BlockTranslator.Block(rip: r, gen: gen, entry: BlockTranslator.Block.interpreted)
+                return nil
+            }
+        }
+        guard let b = block, b.entry != BlockTranslator.Block.interpreted else { return nil }
         slot.storeBytes(of: r, as: UInt64.self)
         slot.storeBytes(of: UInt64(UInt(bitPattern: t.code + b.entry)), toByteOffset: 8, as: UInt64.self)
         return b.entry
