@@ -12,25 +12,39 @@ public struct CPUBenchmark: Sendable {
         public var seconds: Double
         /// Guest instructions retired (software engine only).
         public var instructions: UInt64?
+        /// Share of the instructions that ran as translated code (translated software engine).
+        public var translatedShare: Double?
         public var mips: Double? { instructions.map { Double($0) / seconds / 1e6 } }
     }
 
     public var scale: Int
     public var kvmPath: String
+    /// Also run the software engine with translation off.
+    public var interpreted: Bool
 
-    public init(scale: Int = 1, kvmPath: String = "/dev/kvm") {
+    public init(scale: Int = 1, kvmPath: String = "/dev/kvm", interpreted: Bool = true) {
         self.scale = scale
         self.kvmPath = kvmPath
+        self.interpreted = interpreted
     }
 
     public func run(progress: (String) -> Void = { _ in }) throws -> [Row] {
         guard let guest = BundledGuests.named("compute") else { throw GuestProgramError.notFound("compute") }
         let image = try ELFImage(bytes: guest.elf)
         var rows: [Row] = []
-        progress("software engine: compute scale=\(scale)")
-        let (softwareSeconds, machine) = try time(image, SoftwareEngine())
-        let instructions = (machine.vcpu(0) as? SoftwareVirtualCPU)?.instructionsRetired
-        rows.append(Row(engine: "software", seconds: softwareSeconds, instructions: instructions))
+        progress("software engine (translated): compute scale=\(scale)")
+        let (softwareSeconds, machine) = try time(image, SoftwareEngine(translation: true))
+        let vcpu = machine.vcpu(0) as? SoftwareVirtualCPU
+        var row = Row(engine: "software", seconds: softwareSeconds, instructions: vcpu?.instructionsRetired)
+        if let v = vcpu, v.usesTranslation, v.instructionsRetired > 0 {
+            row.translatedShare = 1 - Double(v.instructionsInterpreted) / Double(v.instructionsRetired)
+        }
+        rows.append(row)
+        if interpreted {
+            progress("software engine (interpreted): compute scale=\(scale)")
+            let (seconds, m) = try time(image, SoftwareEngine(translation: false))
+            rows.append(Row(engine: "software-interpreted", seconds: seconds, instructions: (m.vcpu(0) as? SoftwareVirtualCPU)?.instructionsRetired))
+        }
         if let kvm = try? KVMEngine(devicePath: kvmPath) {
             progress("kvm engine: compute scale=\(scale)")
             rows.append(Row(engine: "kvm", seconds: try time(image, kvm).0, instructions: nil))

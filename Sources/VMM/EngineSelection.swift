@@ -9,21 +9,22 @@ public enum EngineChoice: String, CaseIterable, Sendable {
 }
 
 public enum EngineSelection {
-    /// Creates the chosen engine. `kvmPath` lets tests point KVM at a missing device.
-    public static func make(_ choice: EngineChoice, kvmPath: String = "/dev/kvm") throws -> any Engine {
+    /// Creates the chosen engine. `kvmPath` lets tests point KVM at a missing device;
+    /// `translation: false` makes the software engine interpret every instruction.
+    public static func make(_ choice: EngineChoice, kvmPath: String = "/dev/kvm", translation: Bool = true) throws -> any Engine {
         switch choice {
         case .kvm: return try KVMEngine(devicePath: kvmPath)
-        case .software: return SoftwareEngine()
+        case .software: return SoftwareEngine(translation: translation)
         }
     }
 
     /// KVM when it is usable, otherwise the software engine; `notice` says why it fell back.
-    public static func makeDefault(kvmPath: String = "/dev/kvm", notice: (String) -> Void) -> any Engine {
+    public static func makeDefault(kvmPath: String = "/dev/kvm", translation: Bool = true, notice: (String) -> Void) -> any Engine {
         do {
             return try KVMEngine(devicePath: kvmPath)
         } catch {
             notice("KVM unavailable (\(error)); using the software engine")
-            return SoftwareEngine()
+            return SoftwareEngine(translation: translation)
         }
     }
 }

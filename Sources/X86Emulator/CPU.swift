@@ -74,6 +74,8 @@ final class CPU {
     /// The translator's TLB and jump cache must be emptied before translated code runs again.
     var translatorFlushPending = true
     var lastTranslatorKey: UInt64 = ~0
+    /// Instruction attempts handed to the interpreter while translation is on.
+    var interpretedUnderTranslation: UInt64 = 0
     var rip: UInt64 = 0
     var rflags: UInt64 = 0x2
     var cs = SegmentRegister(), ss = SegmentRegister(), ds = SegmentRegister(), es = SegmentRegister()

@@ -88,6 +88,8 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
     public var usesTranslation: Bool { cpu.translator != nil }
     /// Blocks translated so far.
     public var blocksTranslated: UInt64 { cpu.translator?.blocksTranslated ?? 0 }
+    /// Instruction attempts the interpreter made (all of them without translation).
+    public var instructionsInterpreted: UInt64 { cpu.translator == nil ? cpu.instructions : cpu.interpretedUnderTranslation }
 
     /// Arms the preemption timer: `run()` returns `.preemptionTimer` after `instructions`
     /// more instruction attempts.
@@ -178,7 +180,16 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
             }
             cpu.attention = false
             let used: Int
-            if let t = cpu.translator, limit >= 16 { used = cpu.runTranslated(t, limit: limit) } else { used = cpu.runBlock(limit) }
+            if let t = cpu.translator {
+                if limit >= 16 {
+                    used = cpu.runTranslated(t, limit: limit)
+                } else {
+                    used = cpu.runBlock(limit)  // a shadowed instruction or the timer's last few
+                    cpu.interpretedUnderTranslation &+= UInt64(used)
+                }
+            } else {
+                used = cpu.runBlock(limit)
+            }
             if shadowed { cpu.interruptShadow = false }
             if let budget = preemptionBudget { preemptionBudget = budget &- UInt64(used) }
         }

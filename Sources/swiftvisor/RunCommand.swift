@@ -42,8 +42,11 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Number of vCPUs.", valueName: "n"))
     var vcpus = 1
 
-    @Option(name: .long, help: "Execution engine: kvm (hardware) or software (interpreter). Default: kvm when /dev/kvm is usable, otherwise software.")
+    @Option(name: .long, help: "Execution engine: kvm (hardware) or software (binary translator + interpreter, runs anywhere). Default: kvm when /dev/kvm is usable, otherwise software.")
     var engine: EngineChoice?
+
+    @Flag(name: .long, help: "Software engine: interpret every instruction instead of translating blocks to host code (the reference path; much slower).")
+    var noTranslation = false
 
     @Option(name: .long, help: ArgumentHelp("Stop the guest after this many seconds.", valueName: "seconds"))
     var timeout: Double?
@@ -85,6 +88,7 @@ struct Run: ParsableCommand {
             throw ValidationError("--vcpus must be between 1 and \(BootLayout.maxVCPUs)")
         }
         if let t = timeout, !(t > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        if noTranslation && engine == .kvm { throw ValidationError("--no-translation applies to the software engine, not kvm") }
         if control != nil && guests.count > 1 { throw ValidationError("--control serves one VM; run one guest") }
         for d in disk where try DiskArgument(d).vm >= guests.count {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
@@ -105,8 +109,10 @@ struct Run: ParsableCommand {
             for (index, spec) in guests.enumerated() {
                 let (name, guestCmdline) = Self.split(spec)
                 let image = try GuestProgram.load(name)
-                let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath) }
-                    ?? EngineSelection.makeDefault(kvmPath: kvmPath) { message in if index == 0 { printError("swiftvisor: \(message)") } }
+                let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
+                    ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { message in
+                        if index == 0 { printError("swiftvisor: \(message)") }
+                    }
                 let config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout)
                 let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write

@@ -84,10 +84,11 @@ func observe(_ c: GuestCase, on engine: any Engine) throws -> Observation {
 
 @Suite(.enabled(if: kvmUsable, "needs a usable /dev/kvm to compare the software engine with"))
 struct EngineDifferentialTests {
-    @Test(arguments: cases)
-    func sameGuestSameBehaviour(_ c: GuestCase) throws {
+    /// Each guest on KVM and on the software engine, translated and interpreted.
+    @Test(arguments: cases, [true, false])
+    func sameGuestSameBehaviour(_ c: GuestCase, translation: Bool) throws {
         let hardware = try observe(c, on: try KVMEngine())
-        let software = try observe(c, on: SoftwareEngine())
+        let software = try observe(c, on: SoftwareEngine(translation: translation))
         #expect(software.output == hardware.output)
         // The shutdown state is compared below through the registers.
         if case .shutdown = hardware.stop, case .shutdown = software.stop {} else {

@@ -34,6 +34,7 @@ extension CPU {
             // The interpreter takes over for a few instructions, on the real RFLAGS.
             loadTranslatorFlags()
             let attempts = runBlock(interpretCount)
+            interpretedUnderTranslation &+= UInt64(attempts)
             let left = Int(context.load(fromByteOffset: budgetAt, as: Int64.self)) - attempts
             context.storeBytes(of: Int64(left), toByteOffset: budgetAt, as: Int64.self)
             storeTranslatorFlags()
