@@ -16,8 +16,12 @@ struct BlockEmitter {
 
     struct PendingMiss { var jump: HostLabel; var back: Int; var index: Int; var rip: UInt64; var kind: UInt64; var flagsLive: Bool; var dirty: UInt16 }
     struct PendingFail { var jump: HostLabel; var index: Int; var rip: UInt64; var dirty: UInt16 }
+    struct PendingChain { var jump: HostLabel; var target: UInt64 }
     var misses: [PendingMiss] = []
     var fails: [PendingFail] = []
+    var chains: [PendingChain] = []
+    /// The block's guest page: direct branches within it are chained.
+    var page: UInt64 = 0
 
     init(translator: BlockTranslator, used: UInt16, count: Int) {
         self.translator = translator
@@ -34,6 +38,7 @@ struct BlockEmitter {
     // MARK: Prologue and exits
 
     mutating func prologue(rip: UInt64, page: UInt64, gen: UInt32, restoreFlags: Bool) {
+        self.page = rip >> 12
         a.mov64(rax, .at(rbx, C.codeGens))
         a.mov32(rax, .at(rax, Int32(truncatingIfNeeded: page * 4)))
         a.byte(0x25); a.imm32(0x7FFF_FFFF)                       // and eax, ~hasCode
@@ -70,12 +75,22 @@ struct BlockEmitter {
         for g in 0..<16 where mask & (1 << g) != 0 { a.store64(.at(rbx, Int32(g * 8)), host[g]) }
     }
 
-    /// Leaves for `target` through the jump cache (flags saved, registers stored).
+    /// Leaves for `target` (flags saved, registers stored).
     mutating func leave(to target: UInt64) {
         saveFlagsIfLive()
         storeDirty(dirty)
-        a.movImm(rax, target)
-        a.jmp(bufferOffset: translator.lookup)
+        jump(to: target)
+    }
+
+    /// A direct branch out of the block: a patchable JMP when `target` is on the block's
+    /// page, otherwise through the jump cache.
+    mutating func jump(to target: UInt64) {
+        if target >> 12 == page {
+            chains.append(PendingChain(jump: a.jmpForward(), target: target))
+        } else {
+            a.movImm(rax, target)
+            a.jmp(bufferOffset: translator.lookup)
+        }
     }
 
     /// Leaves so that the interpreter runs the instruction at `rip`.
@@ -166,6 +181,14 @@ struct BlockEmitter {
         for f in fails {
             a.bind(f.jump)
             interpreterExit(index: f.index, rip: f.rip, dirty: f.dirty)
+        }
+        // First use of a chainable branch: ask the dispatcher to patch the JMP.
+        let base = UInt64(UInt(bitPattern: translator.code)) &+ UInt64(a.origin)
+        for c in chains {
+            a.bind(c.jump)
+            a.movImm(rcx, base &+ UInt64(c.jump.offset - 1))
+            a.store64(.at(rbx, C.chainSite), rcx)
+            exitWith(.chain, rip: c.target)
         }
     }
 
@@ -267,11 +290,9 @@ struct BlockEmitter {
             if flagsLive { a.saveFlags(at: C.flags) }
             storeDirty(dirty | p.written)
             let taken = a.jccForward(cc)
-            a.movImm(rax, next)
-            a.jmp(bufferOffset: translator.lookup)
+            jump(to: next)
             a.bind(taken)
-            a.movImm(rax, target)
-            a.jmp(bufferOffset: translator.lookup)
+            jump(to: target)
         case let .jmp(target):
             leave(to: target)
         case let .call(target):
@@ -363,10 +384,8 @@ extension CPU {
         }
         if plans.isEmpty { return nil }
 
-        // Host flags must be loaded if the first instruction touching them reads them.
-        let firstFlags = plans.first { $0.1.readsFlags || $0.1.writesFlags }
         var e = BlockEmitter(translator: t, used: used, count: plans.count)
-        e.prologue(rip: rip, page: page, gen: gen, restoreFlags: firstFlags?.1.readsFlags ?? false)
+        e.prologue(rip: rip, page: page, gen: gen, restoreFlags: Self.flagsLiveOnEntry(plans.map(\.1)))
         for (k, (ins, plan, at)) in plans.enumerated() { e.emit(ins, plan, index: k, rip: at) }
         if !endedByBranch {
             if endedByUnsupported { e.leaveToInterpreter(at: r) } else { e.leave(to: r) }
@@ -376,6 +395,26 @@ extension CPU {
         let block = BlockTranslator.Block(rip: rip, gen: gen, entry: entry)
         t.blocks[gpa] = block
         return block
+    }
+
+    /// Whether the guest flags must be in host RFLAGS when the block starts: the first
+    /// instruction touching them reads them, or writes only some of them while the result
+    /// is still needed. All flags are needed exactly at the block's end (by its successors)
+    /// and before any instruction that may leave the block early (an exception or exit
+    /// there shows the guest its RFLAGS).
+    static func flagsLiveOnEntry(_ plans: [TranslationPlan]) -> Bool {
+        var live = true
+        var liveBeforeFirstToucher = false
+        for p in plans.reversed() {
+            if p.readsFlags {
+                live = true
+            } else if p.writesFlags && !p.partialFlags {
+                live = false
+            }
+            if p.mayLeaveEarly { live = true }
+            if p.readsFlags || p.writesFlags { liveBeforeFirstToucher = live }
+        }
+        return liveBeforeFirstToucher
     }
 
     /// Empties the translator's TLB and jump cache (after TLB flushes, CPL changes, and when

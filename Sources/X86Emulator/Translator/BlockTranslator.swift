@@ -14,6 +14,7 @@ enum TranslatorContext {
     static let owner: Int32 = 184          // the CPU, unretained
     static let tlbIndexMask: Int32 = 192   // PEXT mask: linear page number bits that index the TLB
     static let pageNumberMask: Int32 = 200 // PEXT mask: the linear page number
+    static let chainSite: Int32 = 208      // host address of the JMP a `.chain` exit wants patched
     /// Direct-mapped TLB: (read tag, write tag, host address - linear address); tags are
     /// linear page numbers, ~0 when empty.
     static let tlb: Int32 = 256
@@ -40,6 +41,9 @@ enum TranslatorExit: UInt32 {
     case budget = 2
     /// The block at RIP was translated from code that has since been overwritten.
     case invalid = 3
+    /// A direct branch to RIP, on the same guest page, taken for the first time: the JMP
+    /// at `chainSite` should go straight to the block at RIP from now on.
+    case chain = 4
 }
 
 /// Handles a translated memory access that missed the inline TLB: walks, fills the entry
@@ -58,7 +62,10 @@ private let translatorMissHelper: @convention(c) (UnsafeMutableRawPointer, UInt6
 /// exactly as they invalidate decoded instructions. Each block: checks its generation,
 /// takes its instruction count from the budget (leaving the rest to the interpreter when
 /// too few remain, so the preemption timer stays exact), loads the guest registers it uses
-/// into host registers, runs, stores the registers it wrote and leaves through the jump
+/// into host registers, runs, stores the registers it wrote and leaves: directly into the
+/// next block when a direct branch stays on the page (chained on first use; chains need no
+/// undoing, because a page's blocks share its generation and TLB changes happen outside
+/// translated code, which is re-entered through a full lookup), otherwise through the jump
 /// cache. Memory operands go through an inline, flag-preserving lookup of a small TLB
 /// (PEXT, LEA, NOT, JRCXZ) filled from the interpreter's page walk.
 final class BlockTranslator {
@@ -103,6 +110,7 @@ final class BlockTranslator {
     /// Statistics.
     private(set) var blocksTranslated: UInt64 = 0
     private(set) var resets: UInt64 = 0
+    private(set) var chainsMade: UInt64 = 0
 
     init?() {
         guard Self.hostSupported else { return nil }
@@ -156,6 +164,15 @@ final class BlockTranslator {
         blocks.removeAll(keepingCapacity: true)
         used = sharedEnd
         resets &+= 1
+    }
+
+    /// Points the `jmp rel32` at host address `site` to `entry` (an offset).
+    func chain(site: UInt64, to entry: Int) {
+        let siteOffset = Int(site &- UInt64(UInt(bitPattern: code)))
+        guard siteOffset >= sharedEnd && siteOffset + 5 <= used, code.load(fromByteOffset: siteOffset, as: UInt8.self) == 0xE9 else { return }
+        let rel = Int32(entry - (siteOffset + 5))
+        (code + siteOffset + 1).storeBytes(of: rel.littleEndian, as: Int32.self)
+        chainsMade &+= 1
     }
 
     /// Copies assembled code into the buffer; returns its offset.

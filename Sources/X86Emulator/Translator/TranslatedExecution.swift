@@ -23,6 +23,11 @@ extension CPU {
                 rip = context.load(fromByteOffset: Int(C.rip), as: UInt64.self)
                 switch TranslatorExit(rawValue: reason) {
                 case .lookup: continue
+                case .chain:
+                    let site = context.load(fromByteOffset: Int(C.chainSite), as: UInt64.self)
+                    let resets = t.resets
+                    if let next = translatedEntry(t), t.resets == resets { t.chain(site: site, to: next) }
+                    continue
                 case .invalid:
                     dropJumpCacheEntry(rip)
                     continue

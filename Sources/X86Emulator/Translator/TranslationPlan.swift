@@ -45,10 +45,21 @@ struct TranslationPlan {
     /// Guest registers read or written (bit per register), and written.
     var used: UInt16 = 0
     var written: UInt16 = 0
-    /// Reads RFLAGS (or writes only some of the arithmetic flags, which is the same for
-    /// the translator: the old values must be in host RFLAGS).
+    /// Uses the arithmetic flags as an input (Jcc, SETcc, CMOVcc, ADC, SBB, RCL, RCR).
     var readsFlags = false
+    /// Changes arithmetic flags; `partialFlags`: only some of them, or none for some
+    /// operands (INC/DEC keep CF, shifts by 0 keep all), so the old values pass through.
     var writesFlags = false
+    var partialFlags = false
+
+    /// The instruction may hand itself to the interpreter (a memory access missing the
+    /// inline TLB, a non-canonical branch target).
+    var mayLeaveEarly: Bool {
+        switch kind {
+        case .push, .pushImmediate, .pop, .call, .ret, .jmpIndirect, .callIndirect: return true
+        default: return memorySize != 0
+        }
+    }
 
     var endsBlock: Bool {
         switch kind {
@@ -73,13 +84,15 @@ extension TranslationPlan {
 
         var p = TranslationPlan(kind: .native)
         func native(_ opcode: [UInt8], reg: Field, byte: Bool, imm: Int = 0, access: Int = 0, write: Bool = false,
-                    writesReg: Bool = false, writesRM: Bool = false, reads: Bool = false, writes: Bool = false) -> TranslationPlan? {
+                    writesReg: Bool = false, writesRM: Bool = false, reads: Bool = false, writes: Bool = false,
+                    partial: Bool = false) -> TranslationPlan? {
             p.opcode = opcode
             p.regField = reg
             p.byteRegisters = byte
             p.immediateSize = imm
             p.readsFlags = reads
-            p.writesFlags = writes
+            p.writesFlags = writes || partial
+            p.partialFlags = partial
             if case let .guest(g) = reg {
                 if byte && !i.hasREX && g >= 4 { return nil }  // AH/CH/DH/BH
                 p.used |= 1 << g
@@ -126,7 +139,7 @@ extension TranslationPlan {
         case 0x63:
             return native([0x63], reg: .guest(Int(i.reg)), byte: false, access: 4, writesReg: true)
         case 0x69, 0x6B:
-            return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: false, imm: op == 0x6B ? 1 : zSize, writesReg: true, reads: true, writes: true)
+            return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: false, imm: op == 0x6B ? 1 : zSize, writesReg: true, partial: true)
         case 0x80, 0x81, 0x83:
             let ext = i.ext
             return native([UInt8(op)], reg: .ext(ext), byte: op == 0x80, imm: op == 0x81 ? zSize : 1, write: ext != 7,
@@ -176,8 +189,9 @@ extension TranslationPlan {
             let ext = i.ext
             if ext == 6 { return nil }
             let byCL = op == 0xD2 || op == 0xD3
+            let throughCarry = ext == 2 || ext == 3  // RCL, RCR
             guard var q = native([UInt8(op)], reg: .ext(ext), byte: op & 1 == 0, imm: op <= 0xC1 ? 1 : 0, write: true,
-                                 writesRM: true, reads: true, writes: true) else { return nil }
+                                 writesRM: true, reads: throughCarry, partial: true) else { return nil }
             if byCL { q.usesCL = true; q.used |= 1 << 1 }
             return q
         case 0xC6, 0xC7:
@@ -195,7 +209,7 @@ extension TranslationPlan {
         case 0xFE, 0xFF:
             let ext = i.ext
             if ext <= 1 {
-                return native([UInt8(op)], reg: .ext(ext), byte: op == 0xFE, write: true, writesRM: true, reads: true, writes: true)
+                return native([UInt8(op)], reg: .ext(ext), byte: op == 0xFE, write: true, writesRM: true, partial: true)
             }
             guard op == 0xFF, !i.opsize16 else { return nil }
             switch ext {
@@ -262,25 +276,25 @@ extension TranslationPlan {
         case 0x1A3, 0x1AB, 0x1B3, 0x1BB:
             // The register bit offset reaches outside the operand for memory: interpret those.
             guard mod3 else { return nil }
-            return native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, writesRM: op != 0x1A3, reads: true, writes: true)
+            return native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, writesRM: op != 0x1A3, partial: true)
         case 0x1BA:
             let ext = i.ext
             guard ext >= 4 else { return nil }
-            return native([0x0F, 0xBA], reg: .ext(ext), byte: false, imm: 1, write: ext != 4, writesRM: ext != 4, reads: true, writes: true)
+            return native([0x0F, 0xBA], reg: .ext(ext), byte: false, imm: 1, write: ext != 4, writesRM: ext != 4, partial: true)
         case 0x1A4, 0x1A5, 0x1AC, 0x1AD:
             guard var q = native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, imm: op & 1 == 0 ? 1 : 0,
-                                 write: true, writesRM: true, reads: true, writes: true) else { return nil }
+                                 write: true, writesRM: true, partial: true) else { return nil }
             if op & 1 == 1 { q.usesCL = true; q.used |= 1 << 1 }
             return q
         case 0x1AF:
-            return native([0x0F, 0xAF], reg: .guest(Int(i.reg)), byte: false, writesReg: true, reads: true, writes: true)
+            return native([0x0F, 0xAF], reg: .guest(Int(i.reg)), byte: false, writesReg: true, partial: true)
         case 0x1B6, 0x1B7, 0x1BE, 0x1BF:
             let byteSource = op & 1 == 0
             if byteSource && mod3 && !i.hasREX && i.rm >= 4 { return nil }
             return native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, access: byteSource ? 1 : 2, writesReg: true)
                 .map { var q = $0; q.byteRegisters = byteSource; return q }
         case 0x1B8, 0x1BC, 0x1BD:
-            guard var q = native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, writesReg: true, reads: true, writes: true)
+            guard var q = native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, writesReg: true, partial: true)
             else { return nil }
             q.prefixF3 = i.rep == 0xF3
             return q
