@@ -56,6 +56,22 @@ struct TranslatorTests {
         #expect(translated == interpreted)
     }
 
+    /// A code buffer too small for the guest's blocks is emptied and refilled as often as
+    /// needed, without changing what the guest computes.
+    @Test func fullCodeBufferStartsOver() throws {
+        let image = try #require(BundledGuests.named("compute"))
+        let out = Output()
+        let machine = try Machine(image: try ELFImage(bytes: image.elf),
+                                  configuration: MachineConfiguration(memorySize: 16 << 20, commandLine: "scale=1", timeoutSeconds: 120),
+                                  engine: SoftwareEngine(translation: true), serialOutput: out.append)
+        let v = try #require(machine.allVCPUs[0] as? SoftwareVirtualCPU)
+        v.cpu.translator = try #require(BlockTranslator(capacity: 2 * BlockTranslator.blockReserve))
+        _ = try machine.run()
+        let (reference, _) = try run("compute", "scale=1", translation: false)
+        #expect(out.text == reference.output)
+        #expect(try #require(v.cpu.translator).resets > 0)
+    }
+
     func snippet(_ code: [UInt8], translation: Bool, state: (inout VCPUState) -> Void = { _ in }) throws -> (Snippet, SoftwareVirtualCPU) {
         let s = try Snippet(code, engine: SoftwareEngine(translation: translation), state: state)
         return (s, try #require(s.vcpu as? SoftwareVirtualCPU))

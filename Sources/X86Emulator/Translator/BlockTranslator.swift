@@ -76,7 +76,10 @@ final class BlockTranslator {
     static let cacheRegisters = [HostReg.rdx, HostReg.rbp, HostReg.r8, HostReg.r9, HostReg.r10, HostReg.r11,
                                  HostReg.r12, HostReg.r13, HostReg.r14, HostReg.r15]
     static let maxBlockInstructions = 128
-    static let capacity = 32 << 20
+    /// Code buffer size; when full, every block is dropped and translation starts over.
+    let capacity: Int
+    /// Room a block may need (128 instructions with their out-of-line stubs).
+    static let blockReserve = 256 << 10
 
     /// Whether this host can run translated code (BMI2 for PEXT/SARX, and executable memory).
     static let hostSupported: Bool = {
@@ -112,9 +115,10 @@ final class BlockTranslator {
     private(set) var resets: UInt64 = 0
     private(set) var chainsMade: UInt64 = 0
 
-    init?() {
-        guard Self.hostSupported else { return nil }
-        guard let p = mmap(nil, Self.capacity, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+    init?(capacity: Int = 32 << 20) {
+        guard Self.hostSupported, capacity >= 2 * Self.blockReserve else { return nil }
+        self.capacity = capacity
+        guard let p = mmap(nil, capacity, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
               p != MAP_FAILED else { return nil }
         code = p
         var a = HostAssembler(origin: 0)
@@ -152,12 +156,12 @@ final class BlockTranslator {
         enter = unsafeBitCast(p, to: EnterFunction.self)
     }
 
-    deinit { munmap(code, Self.capacity) }
+    deinit { munmap(code, capacity) }
 
     static var missHelperAddress: UInt64 { UInt64(UInt(bitPattern: unsafeBitCast(translatorMissHelper, to: UnsafeRawPointer.self))) }
 
     /// Room for one more block, or nil when the buffer must be reset first.
-    var hasRoom: Bool { Self.capacity - used >= 256 << 10 }
+    var hasRoom: Bool { capacity - used >= Self.blockReserve }
 
     /// Forgets every block (the buffer is full).
     func reset() {
@@ -178,7 +182,7 @@ final class BlockTranslator {
     /// Copies assembled code into the buffer; returns its offset.
     func place(_ a: HostAssembler) -> Int {
         let at = a.origin
-        precondition(at == used && at + a.bytes.count <= Self.capacity)
+        precondition(at == used && at + a.bytes.count <= capacity)
         a.bytes.withUnsafeBytes { (code + at).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         used = (at + a.bytes.count + 15) & ~15
         blocksTranslated &+= 1
