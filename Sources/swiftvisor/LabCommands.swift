@@ -11,7 +11,8 @@ struct LabCommand: ParsableCommand {
             Each lab prints a table that explains its numbers, and writes <name>.json and
             <name>.svg (a chart) into --output (default: lab-results/).
             """,
-        subcommands: [PioVsMmio.self, ParavirtVsEmulated.self, CowSnapshot.self, Dedup.self, BalloonLabCommand.self])
+        subcommands: [PioVsMmio.self, ParavirtVsEmulated.self, CowSnapshot.self, Dedup.self, BalloonLabCommand.self,
+                      UniversalMachine.self])
 }
 
 /// Options every lab takes.
@@ -191,5 +192,49 @@ struct Dedup: ParsableCommand {
         FileHandle.standardError.write(Data("lab dedup: \(lab.engine.rawValue) engine, \(pages) pages…\n".utf8))
         let result = try lab.run()
         try options.emit(result, name: "dedup-\(lab.engine.rawValue)", table: DedupLab.table(result), chart: DedupLab.chart(result))
+    }
+}
+
+struct UniversalMachine: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "universal-machine",
+        abstract: "S13: the same guests on KVM, the block translator and the interpreter: identical results, and the speed ratios.",
+        discussion: """
+            Runs compute (CPL3 integer workloads), coverage (instruction groups with edge cases),
+            user-mode (privilege changes, exceptions) and pio-loop (an exit per access) on the
+            software engine's interpreter, on its block translator and on KVM (when usable).
+            Output, registers and RAM are compared with the interpreter's; wall time and guest
+            instructions per second are reported per engine.
+            """)
+
+    @Option(name: .long, help: "Work multiplier for the compute guest (scale=N).")
+    var scale = 2
+
+    @Flag(name: .long, help: "Skip KVM even when /dev/kvm is usable.")
+    var noKvm = false
+
+    @Flag(name: .long, help: "Print the result as JSON instead of the table.")
+    var json = false
+
+    @Option(name: .long, help: ArgumentHelp("Directory for the JSON result and the SVG chart.", valueName: "dir"))
+    var output = "lab-results"
+
+    func validate() throws {
+        guard (1...100).contains(scale) else { throw ValidationError("--scale must be 1–100") }
+    }
+
+    func run() throws {
+        var lab = UniversalMachineLab(scale: scale)
+        lab.useKVM = !noKvm
+        let result = try lab.run { FileHandle.standardError.write(Data("lab universal-machine: \($0)…\n".utf8)) }
+        let files = try writeLabOutputs(name: "universal-machine", directory: output, result: result, chart: UniversalMachineLab.chart(result))
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(result), as: UTF8.self))
+        } else {
+            print(UniversalMachineLab.table(result).text, terminator: "")
+            print("wrote \(files.json) and \(files.svg)")
+        }
     }
 }

@@ -119,3 +119,25 @@ let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
         #expect(r.predictedBreakEven > 0 && r.predictedBreakEven < 0.5)
     }
 }
+
+@Suite struct UniversalMachineLabTests {
+    /// Every guest agrees with the interpreter on the translator (and KVM where usable), and
+    /// the table reports the compute speed-up; the chart has one bar per guest and engine.
+    @Test func sameResultsOnEveryEngine() throws {
+        var lab = UniversalMachineLab(scale: 1)
+        lab.workloads = lab.workloads.filter { $0.guest != "pio-loop" }
+        let r = try lab.run()
+        let translated = r.rows.contains { $0.engine == "software (translated)" }
+        #expect(r.rows.count >= lab.workloads.count * (translated ? 2 : 1))
+        for row in r.rows {
+            #expect(row.sameOutput, "\(row.guest) on \(row.engine)")
+            #expect(row.sameRegisters, "\(row.guest) on \(row.engine)")
+            #expect(row.ramWordsDiffering == row.ramWordsDifferingOnlyInIOPL, "\(row.guest) on \(row.engine)")
+            if row.engine.hasPrefix("software") { #expect(row.ramWordsDiffering == 0) }
+        }
+        if translated { #expect(try #require(r.translationSpeedup) > 1) }
+        let table = UniversalMachineLab.table(r).text
+        #expect(table.contains("compute scale=1"))
+        #expect(UniversalMachineLab.chart(r).series.count == Set(r.rows.map(\.engine)).count)
+    }
+}
