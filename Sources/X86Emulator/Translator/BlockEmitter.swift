@@ -22,6 +22,8 @@ struct BlockEmitter {
     var chains: [PendingChain] = []
     /// The block's guest page: direct branches within it are chained.
     var page: UInt64 = 0
+    /// Offset (in the block) where chained branches enter, past the generation check.
+    var chainedEntry = 0
 
     init(translator: BlockTranslator, used: UInt16, count: Int) {
         self.translator = translator
@@ -44,6 +46,9 @@ struct BlockEmitter {
         a.byte(0x25); a.imm32(0x7FFF_FFFF)                       // and eax, ~hasCode
         a.byte(0x3D); a.imm32(Int32(bitPattern: gen))            // cmp eax, gen
         let stale = a.jccForward(0x5)
+        // Chained branches enter here: their source block passed the check on this page, and
+        // pages change only outside translated code (which is re-entered through the check).
+        chainedEntry = a.position
         a.instruction([0x81], w: true, reg: 5, rm: .at(rbx, C.budget)); a.imm32(Int32(count))  // sub [budget], n
         let short = a.jccForward(0xC)                            // jl
         for g in 0..<16 where host[g] >= 0 { a.mov64(host[g], .at(rbx, Int32(g * 8))) }
@@ -392,7 +397,7 @@ extension CPU {
         }
         e.finish()
         let entry = t.place(e.a)
-        let block = BlockTranslator.Block(rip: rip, gen: gen, entry: entry)
+        let block = BlockTranslator.Block(rip: rip, gen: gen, entry: entry, chainedEntry: entry + e.chainedEntry)
         t.blocks[gpa] = block
         return block
     }

@@ -106,6 +106,8 @@ final class BlockTranslator {
         var gen: UInt32
         /// Offset in the code buffer, or `interpreted`: the first instruction is not translatable.
         var entry: Int
+        /// Where chained branches from the same page enter (past the generation check).
+        var chainedEntry: Int
         static let interpreted = -1
     }
     var blocks: [UInt64: Block] = [:]

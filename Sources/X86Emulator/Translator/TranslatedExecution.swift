@@ -26,7 +26,9 @@ extension CPU {
                 case .chain:
                     let site = context.load(fromByteOffset: Int(C.chainSite), as: UInt64.self)
                     let resets = t.resets
-                    if let next = translatedEntry(t), t.resets == resets { t.chain(site: site, to: next) }
+                    if translatedEntry(t) != nil, t.resets == resets, let b = translatedBlock(t, at: rip) {
+                        t.chain(site: site, to: b.chainedEntry)
+                    }
                     continue
                 case .invalid:
                     dropJumpCacheEntry(rip)
@@ -76,7 +78,7 @@ extension CPU {
             if block == nil {
                 // Remember that this instruction is the interpreter's, until its page changes.
                 let gen = codeGens[Int(gpa >> 12)] & ~CodePages.hasCode
-                t.blocks[gpa] = BlockTranslator.Block(rip: r, gen: gen, entry: BlockTranslator.Block.interpreted)
+                t.blocks[gpa] = BlockTranslator.Block(rip: r, gen: gen, entry: BlockTranslator.Block.interpreted, chainedEntry: 0)
                 return nil
             }
         }
@@ -84,6 +86,15 @@ extension CPU {
         slot.storeBytes(of: r, as: UInt64.self)
         slot.storeBytes(of: UInt64(UInt(bitPattern: t.code + b.entry)), toByteOffset: 8, as: UInt64.self)
         return b.entry
+    }
+
+    /// The translated block for `r` (nil when none is current).
+    private func translatedBlock(_ t: BlockTranslator, at r: UInt64) -> BlockTranslator.Block? {
+        let gpa: UInt64
+        do throws(Fault) { gpa = try translate(r, write: false, execute: true, user: cs.dpl == 3) } catch { return nil }
+        guard let b = t.blocks[gpa], b.rip == r, b.entry != BlockTranslator.Block.interpreted,
+              b.gen == codeGens[Int(gpa >> 12)] & ~CodePages.hasCode else { return nil }
+        return b
     }
 
     private func dropJumpCacheEntry(_ r: UInt64) {
