@@ -29,7 +29,7 @@ public struct ParavirtVsEmulatedLab: Sendable {
         /// nil when the protocol needs no exits (the model sets no bound).
         public var modelPacketsPerSecond: Double?
         public var hostNanosecondsPerPacket: Double
-        /// Software engine only: guest instructions interpreted per packet (nil on KVM).
+        /// Software engine only: guest instructions retired per packet (nil on KVM).
         public var guestInstructionsPerPacket: Double?
         public var framesSeen: UInt64
     }

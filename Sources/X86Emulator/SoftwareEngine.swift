@@ -1,8 +1,9 @@
 import Synchronization
 import VirtCore
 
-/// The software x86-64 engine: an interpreter that runs the same guests as KVM and
-/// returns the same exits. Works without /dev/kvm.
+/// The software x86-64 engine: runs the same guests as KVM and returns the same exits,
+/// without /dev/kvm — guest blocks translated to host code where possible, the rest (and
+/// everything, with `translation: false`) interpreted. See docs/software-engine.md.
 public struct SoftwareEngine: Engine {
     /// Run guest code through the block translator where it can (single-vCPU VMs on hosts
     /// with BMI2); otherwise, and always when false, interpret every instruction.
@@ -57,7 +58,7 @@ public final class SoftwareVirtualMachine: VM, @unchecked Sendable {
     public func invalidateDecodedCode(gpa: UInt64, length: UInt64) { codePages.invalidate(gpa: gpa, length: length) }
 }
 
-/// One interpreted vCPU. `run`, state and completions belong to its thread;
+/// One software vCPU. `run`, state and completions belong to its thread;
 /// `requestExit` and `injectInterrupt` may come from any thread.
 public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
     public let id: Int

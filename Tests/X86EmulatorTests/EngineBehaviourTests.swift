@@ -156,12 +156,15 @@ func withIDT(_ st: inout VCPUState) { st.idt = DescriptorTableRegister(base: 0x5
     }
 
     /// Random bytes must end in an exit or a guest exception, never a host crash.
-    @Test func decoderFuzzNeverCrashesTheHost() throws {
+    /// Random bytes, interpreted and translated (translated code runs natively on the
+    /// host: whatever it decodes to must stay inside the guest).
+    @Test(arguments: [false, true])
+    func decoderFuzzNeverCrashesTheHost(translation: Bool) throws {
         var g = SplitMix64(state: 0x5EED)
         var undefined = 0
         for _ in 0..<3000 {
             let bytes = (0..<16).map { _ in UInt8(truncatingIfNeeded: g.next()) }
-            let s = try Snippet(bytes, engine: SoftwareEngine(), state: withIDT)
+            let s = try Snippet(bytes, engine: SoftwareEngine(translation: translation), state: withIDT)
             try installHaltingIDT(s)
             let v = try #require(s.vcpu as? SoftwareVirtualCPU)
             v.preemptionBudget = 200

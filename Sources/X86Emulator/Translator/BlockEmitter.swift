@@ -206,6 +206,23 @@ struct BlockEmitter {
 
     // MARK: Instructions
 
+    enum PushedValue { case register(Int), constant(UInt64, via: Int) }
+
+    /// Stores `value` at RSP-8 (through the inline TLB), then moves RSP.
+    mutating func push(_ value: PushedValue, index: Int, rip: UInt64) {
+        let sp = host[4]
+        a.lea(rsi, .at(sp, -8))
+        translate(size: 8, write: true, index: index, rip: rip)
+        switch value {
+        case let .register(h):
+            a.store64(.at(rsi), h)
+        case let .constant(v, scratch):
+            a.movImm(scratch, v)
+            a.store64(.at(rsi), scratch)
+        }
+        a.lea(sp, .at(sp, -8))
+    }
+
     /// Emits instruction `index` (at `rip`, `i`, planned as `p`).
     mutating func emit(_ i: Instr, _ p: TranslationPlan, index: Int, rip: UInt64) {
         let next = rip &+ UInt64(i.length)
@@ -273,17 +290,11 @@ struct BlockEmitter {
                 a.sarx(rax, .reg(rax), count: rcx, w: false)
                 a.byte(0x66); a.instruction([0x89], w: false, reg: rax, rm: .reg(hd))       // mov dx', ax
             }
-        case .push, .pushImmediate:
-            let sp = host[4]
-            a.lea(rsi, .at(sp, -8))
-            translate(size: 8, write: true, index: index, rip: rip)
-            if case let .guest(g) = p.regField, case .push = p.kind {
-                a.store64(.at(rsi), host[g])
-            } else {
-                a.movImm(rax, i.imm)
-                a.store64(.at(rsi), rax)
-            }
-            a.lea(sp, .at(sp, -8))
+        case .push:
+            guard case let .guest(g) = p.regField else { return }
+            push(.register(host[g]), index: index, rip: rip)
+        case .pushImmediate:
+            push(.constant(i.imm, via: rax), index: index, rip: rip)
         case .pop:
             guard case let .guest(g) = p.regField else { return }
             let sp = host[4]
@@ -301,12 +312,7 @@ struct BlockEmitter {
         case let .jmp(target):
             leave(to: target)
         case let .call(target):
-            let sp = host[4]
-            a.lea(rsi, .at(sp, -8))
-            translate(size: 8, write: true, index: index, rip: rip)
-            a.movImm(rax, next)
-            a.store64(.at(rsi), rax)
-            a.lea(sp, .at(sp, -8))
+            push(.constant(next, via: rax), index: index, rip: rip)
             dirty |= 1 << 4
             leave(to: target)
         case .ret:
@@ -333,12 +339,7 @@ struct BlockEmitter {
             checkCanonical(index: index, rip: rip)
             if case .callIndirect = p.kind {
                 a.store64(.at(rbx, C.rip), rax)  // the push's TLB lookup needs RAX
-                let sp = host[4]
-                a.lea(rsi, .at(sp, -8))
-                translate(size: 8, write: true, index: index, rip: rip)
-                a.movImm(rcx, next)
-                a.store64(.at(rsi), rcx)
-                a.lea(sp, .at(sp, -8))
+                push(.constant(next, via: rcx), index: index, rip: rip)
                 dirty |= 1 << 4
                 a.mov64(rax, .at(rbx, C.rip))
             }
