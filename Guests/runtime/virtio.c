@@ -165,12 +165,21 @@ static int blk_request(struct virtio_dev *d, uint32_t type, uint64_t sector, voi
     if (bytes == 0) { bufs[1] = bufs[2]; n = 2; }
     int head = virtq_add(d->q[0], bufs, n, (void *)&req);
     if (head < 0) return -1;
+    uint64_t interrupts_before = d->interrupts;
     virtio_notify(d, 0);
     void *done;
     do {
         virtio_wait_used(d, 0);
         done = virtq_get_used(d->q[0], 0);
     } while (done != (void *)&req);
+    /* The device interrupts once per completed request. Whether the completion was seen
+     * before or after it is a matter of device timing (a VMM that completes inside the
+     * notify, one with an I/O thread), so wait for it too: the request then ends the same
+     * way on every engine. */
+    if (d->use_interrupts) {
+        sv_irq_disable();
+        while (d->interrupts == interrupts_before) sv_wait_for_interrupt();
+    }
     return status;
 }
 
