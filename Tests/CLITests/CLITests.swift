@@ -53,6 +53,12 @@ func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = []) t
         #expect(!r.stderr.contains("Fatal error"))
     }
 
+    @Test func noTranslationWithKVMIsAUsageError() throws {
+        let r = try swiftvisor(["run", "hello", "--engine", "kvm", "--no-translation"])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("--no-translation applies to the software engine"))
+    }
+
     @Test func badVCPUCountIsAUsageError() throws {
         let r = try swiftvisor(["run", "hello", "--vcpus", "0"])
         #expect(r.status == 64)
@@ -177,6 +183,21 @@ struct CLIRunTests {
         #expect(r.stdout.contains("disk: sector 0: an image made by the CLI test"))
         let data = try Data(contentsOf: URL(fileURLWithPath: image))
         #expect(String(decoding: data[512..<556], as: UTF8.self) == "written by the disk guest through virtio-blk")
+        // One interrupt per request, however the engine times the completion.
+        #expect(r.stdout.contains("(5 notifies, 5 interrupts)"), "\(r.stdout)")
+    }
+
+    /// Exactly the same output on the software engine, translated and interpreted.
+    @Test func diskGuestPrintsTheSameWithAndWithoutTranslation() throws {
+        var outputs: [String] = []
+        for extra in [[], ["--no-translation"]] {
+            let image = try temporaryImage("same on both paths\n")
+            defer { unlink(image) }
+            let r = try swiftvisor(["run", "disk", "--disk", image, "--engine", "software"] + extra)
+            #expect(r.status == 0, "\(r.stderr)")
+            outputs.append(r.stdout)
+        }
+        #expect(outputs[0] == outputs[1])
     }
 
     @Test(arguments: engines)
