@@ -43,9 +43,18 @@ enum SequenceGenerator {
         let o16: [UInt8] = !w && g.next() % 4 == 0 ? [0x66] : []
         let rexRB = Asm.rex(w: w, r: src, b: dst)
         let rexB = Asm.rex(w: w, b: dst)
-        switch g.next() % (flagsDefined ? 17 : 13) {
+        switch g.next() % (flagsDefined ? 18 : 14) {
         case 11, 12:  // memory operands on the stack page below RSP (the translator's inline TLB path)
             return memoryInstruction(&g, reg: src, w: w, o16: o16)
+        case 13:  // DIV/IDIV: often prepared (XOR EDX / CQO first), sometimes not, so #DE happens too
+            let ext: UInt8 = g.next() & 1 == 0 ? 6 : 7
+            let prepare: [UInt8]
+            switch g.next() % 3 {
+            case 0: prepare = ext == 6 ? [0x31, 0xD2] : (w ? [0x48, 0x99] : o16 + [0x99])  // xor edx,edx / cqo, cdq, cwd
+            case 1: prepare = []
+            default: prepare = ext == 6 ? [0x31, 0xD2] : (w ? [0x48, 0x99] : o16 + [0x99])
+            }
+            return GeneratedInstruction(bytes: prepare + o16 + [rexB, 0xF7, 0xC0 | ext << 3 | UInt8(dst & 7)], definesFlags: false)
         case 0, 1:  // ALU r/m, r
             let ops: [UInt8] = [0x01, 0x09, 0x21, 0x29, 0x31, 0x39, 0x85]
             return GeneratedInstruction(bytes: o16 + Asm.rr(ops[Int(g.next() % 7)], dst: dst, src: src, w: w), definesFlags: true)
@@ -90,13 +99,13 @@ enum SequenceGenerator {
                                         definesFlags: op == 0xB8 ? true : false)
         case 10:  // MUL/IMUL one-operand (RDX:RAX; SF/ZF/PF undefined)
             return GeneratedInstruction(bytes: [rexB, 0xF7, (g.next() & 1 == 0 ? 0xE0 : 0xE8) | UInt8(dst & 7)], definesFlags: false)
-        case 13:  // SETcc / CMOVcc on CF and ZF conditions (B, AE, E, NE, BE, A)
+        case 14:  // SETcc / CMOVcc on CF and ZF conditions (B, AE, E, NE, BE, A)
             let cc = UInt8([2, 3, 4, 5, 6, 7][Int(g.next() % 6)])
             if g.next() & 1 == 0 {
                 return GeneratedInstruction(bytes: [Asm.rex(w: false, b: dst), 0x0F, 0x90 | cc, Asm.modrm(0, dst)], definesFlags: nil, consumesFlags: true)
             }
             return GeneratedInstruction(bytes: [Asm.rex(w: w, r: dst, b: src), 0x0F, 0x40 | cc, Asm.modrm(dst, src)], definesFlags: nil, consumesFlags: true)
-        case 14:  // RCL/RCR by 1 (CF and OF defined; reads CF)
+        case 15:  // RCL/RCR by 1 (CF and OF defined; reads CF)
             return GeneratedInstruction(bytes: [rexB, 0xD1, (g.next() & 1 == 0 ? 0xD0 : 0xD8) | UInt8(dst & 7)], definesFlags: false, consumesFlags: true)
         default:  // ADC/SBB
             return GeneratedInstruction(bytes: o16 + Asm.rr(g.next() & 1 == 0 ? 0x11 : 0x19, dst: dst, src: src, w: w), definesFlags: true, consumesFlags: true)
@@ -216,8 +225,15 @@ struct RegressionCase: CustomStringConvertible {
 
     static func record(_ code: [GeneratedInstruction], _ initial: [UInt64], _ flags: UInt64, reference: any Engine) throws -> RegressionCase {
         let (gprs, rip, rflags) = try runSequence(code, initial: initial, flags: flags, on: reference)
+        // Only instructions that ran define the flags: an exception (#DE) stops the sequence
+        // at the faulting instruction.
         var defined = true
-        for i in code { if let d = i.definesFlags { defined = d } }
+        var end = Snippet.codeAddress
+        for i in code {
+            end += UInt64(i.bytes.count)
+            if end > rip { break }
+            if let d = i.definesFlags { defined = d }
+        }
         return RegressionCase(code: code.map(\.bytes), initial: initial, flags: flags, gprs: gprs, rip: rip,
                               rflags: rflags, flagMask: defined ? CF | ZF | SF | PF : 0)
     }

@@ -206,6 +206,72 @@ struct BlockEmitter {
 
     // MARK: Instructions
 
+    /// MUL/IMUL/DIV/IDIV r/m (16/32/64-bit) on host RDX:RAX loaded from the guest's.
+    /// DIV and IDIV first rule out #DE — a zero divisor, a quotient too large — leaving
+    /// such cases (and IDIV of a dividend that is not RAX sign-extended) to the
+    /// interpreter; they keep RFLAGS as they were, as the interpreter does.
+    mutating func multiplyDivide(_ i: Instr, _ p: TranslationPlan, index: Int, rip: UInt64) {
+        let rdx = HostReg.rdx
+        let size = Int(i.osize), w = i.rexW
+        let ext: Int
+        guard case let .ext(e) = p.regField else { return }
+        ext = e
+        if p.memorySize != 0 {
+            address(i, next: rip &+ UInt64(i.length), segment: true)
+            translate(size: size, write: false, index: index, rip: rip)
+        }
+        var operand: HostOperand = p.rmGuest.map { .reg(host[$0]) } ?? .at(rsi)
+        let divide = ext >= 6
+        var restore = false
+        if divide {
+            if flagsLive { a.saveFlags(at: C.flags); flagsLive = false; restore = true }
+            if case .mem = operand {
+                // The divisor into RCX (zero-extended), so the checks and DIV read it once.
+                switch size {
+                case 8: a.mov64(rcx, operand)
+                case 4: a.mov32(rcx, operand)
+                default: a.instruction([0x0F, 0xB7], w: false, reg: rcx, rm: operand)  // movzx ecx, word
+                }
+                operand = .reg(rcx)
+            }
+        }
+        a.mov64(rax, .reg(host[0]))
+        a.mov64(rdx, .reg(host[2]))
+        if divide {
+            guard case let .reg(d) = operand else { return }
+            func sized(_ opcode: [UInt8], reg: Int, rm: HostOperand) {
+                if size == 2 { a.byte(0x66) }
+                a.instruction(opcode, w: w, reg: reg, rm: rm)
+            }
+            sized([0x85], reg: d, rm: .reg(d))                          // test divisor, divisor
+            fails.append(PendingFail(jump: a.jccForward(0x4), index: index, rip: rip, dirty: dirty))  // jz
+            if ext == 6 {
+                sized([0x39], reg: d, rm: .reg(rdx))                    // cmp rdx, divisor
+                fails.append(PendingFail(jump: a.jccForward(0x3), index: index, rip: rip, dirty: dirty))  // jae: quotient too large
+            } else {
+                // RDX must be RAX's sign (the usual CQO; IDIV), and MIN / -1 overflows.
+                switch size {
+                case 8: a.mov64(rdi, .reg(rax)); a.bytes(0x48, 0xC1, 0xFF, 0x3F)      // sar rdi, 63
+                case 4: a.mov32(rdi, .reg(rax)); a.bytes(0xC1, 0xFF, 0x1F)            // sar edi, 31
+                default: a.instruction([0x0F, 0xBF], w: false, reg: rdi, rm: .reg(rax)); a.bytes(0xC1, 0xFF, 0x0F)  // movsx edi, ax; sar edi, 15
+                }
+                sized([0x39], reg: rdi, rm: .reg(rdx))                  // cmp rdx, sign
+                fails.append(PendingFail(jump: a.jccForward(0x5), index: index, rip: rip, dirty: dirty))  // jne
+                sized([0x83], reg: 7, rm: .reg(d)); a.byte(0xFF)        // cmp divisor, -1
+                let notMinusOne = a.jccForward(0x5)
+                a.movImm(rdi, size == 8 ? 1 << 63 : size == 4 ? 0x8000_0000 : 0x8000)
+                sized([0x39], reg: rdi, rm: .reg(rax))                  // cmp rax, MIN
+                fails.append(PendingFail(jump: a.jccForward(0x4), index: index, rip: rip, dirty: dirty))  // je
+                a.bind(notMinusOne)
+            }
+        }
+        if size == 2 { a.byte(0x66) }
+        a.instruction([0xF7], w: w, reg: ext, rm: operand)
+        a.mov64(host[0], .reg(rax))
+        a.mov64(host[2], .reg(rdx))
+        if restore { a.restoreFlags(from: C.flags); flagsLive = true }
+    }
+
     enum PushedValue { case register(Int), constant(UInt64, via: Int) }
 
     /// Stores `value` at RSP-8 (through the inline TLB), then moves RSP.
@@ -272,6 +338,8 @@ struct BlockEmitter {
             a.bytes(0x0F, 0xC8 + UInt8(h & 7))
         case .nop:
             break
+        case .multiplyDivide:
+            multiplyDivide(i, p, index: index, rip: rip)
         case .extendAccumulator:
             let h = host[0]
             switch i.osize {

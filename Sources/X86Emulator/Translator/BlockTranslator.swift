@@ -72,8 +72,9 @@ final class BlockTranslator {
     typealias EnterFunction = @convention(c) (UnsafeMutableRawPointer, UnsafeRawPointer) -> UInt32
 
     /// Host registers that cache guest registers within a block (callee-saved ones survive
-    /// the miss helper; the others are reloaded after it).
-    static let cacheRegisters = [HostReg.rdx, HostReg.rbp, HostReg.r8, HostReg.r9, HostReg.r10, HostReg.r11,
+    /// the miss helper; the others are reloaded after it). RAX and RDX stay free for
+    /// MUL/DIV's implicit operands.
+    static let cacheRegisters = [HostReg.rbp, HostReg.r8, HostReg.r9, HostReg.r10, HostReg.r11,
                                  HostReg.r12, HostReg.r13, HostReg.r14, HostReg.r15]
     static let maxBlockInstructions = 128
     /// Code buffer size; when full, every block is dropped and translation starts over.

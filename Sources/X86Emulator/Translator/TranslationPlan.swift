@@ -12,6 +12,8 @@ struct TranslationPlan {
         case movImmediate
         case bswap
         case nop
+        /// MUL/IMUL/DIV/IDIV with RDX:RAX (DIV and IDIV guarded against #DE).
+        case multiplyDivide
         /// CBW/CWDE/CDQE (0x98) and CWD/CDQ/CQO (0x99).
         case extendAccumulator
         case signExtendIntoDX
@@ -47,6 +49,8 @@ struct TranslationPlan {
     var written: UInt16 = 0
     /// Uses the arithmetic flags as an input (Jcc, SETcc, CMOVcc, ADC, SBB, RCL, RCR).
     var readsFlags = false
+    /// May raise an exception the translated code checks for (DIV/IDIV: #DE).
+    var mayFault = false
     /// Changes arithmetic flags; `partialFlags`: only some of them, or none for some
     /// operands (INC/DEC keep CF, shifts by 0 keep all), so the old values pass through.
     var writesFlags = false
@@ -57,7 +61,7 @@ struct TranslationPlan {
     var mayLeaveEarly: Bool {
         switch kind {
         case .push, .pushImmediate, .pop, .call, .ret, .jmpIndirect, .callIndirect: return true
-        default: return memorySize != 0
+        default: return memorySize != 0 || mayFault
         }
     }
 
@@ -204,7 +208,14 @@ extension TranslationPlan {
             case 0, 1: return native([UInt8(op)], reg: .ext(ext), byte: byte, imm: byte ? 1 : zSize, writes: true)
             case 2: return native([UInt8(op)], reg: .ext(2), byte: byte, write: true, writesRM: true)
             case 3: return native([UInt8(op)], reg: .ext(3), byte: byte, write: true, writesRM: true, writes: true)
-            default: return nil
+            default:
+                // MUL/IMUL/DIV/IDIV on RDX:RAX; the byte forms (AH:AL) stay interpreted.
+                guard !byte, var q = native([0xF7], reg: .ext(ext), byte: false, partial: ext <= 5) else { return nil }
+                q.kind = .multiplyDivide
+                q.used |= 0b101
+                q.written |= 0b101
+                q.mayFault = ext >= 6
+                return q
             }
         case 0xFE, 0xFF:
             let ext = i.ext
