@@ -26,7 +26,7 @@ extension Machine {
     @discardableResult
     public func addVirtioBalloon(target: UInt32 = 0, onChange: @escaping @Sendable () -> Void = {}) throws -> VirtioBalloon {
         let balloon = VirtioBalloon(target: target, onChange: onChange)
-        try addVirtioDevice(balloon, name: "virtio-balloon", recipe: .virtioBalloon)
+        _ = try addVirtioDevice(balloon, name: "virtio-balloon", recipe: .virtioBalloon)
         self.balloon = balloon
         return balloon
     }

@@ -197,6 +197,7 @@ final class CPU {
         context.storeBytes(of: UInt64(UInt(bitPattern: codePages.gens)), toByteOffset: Int(TranslatorContext.codeGens), as: UInt64.self)
         context.storeBytes(of: 0x3FF000, toByteOffset: Int(TranslatorContext.tlbIndexMask), as: UInt64.self)
         context.storeBytes(of: ~0xFFF, toByteOffset: Int(TranslatorContext.pageNumberMask), as: UInt64.self)
+        context.storeBytes(of: UInt64(CodePages.hasCode), toByteOffset: Int(TranslatorContext.hasCodeMask), as: UInt64.self)
         context.storeBytes(of: BlockTranslator.missHelperAddress, toByteOffset: Int(TranslatorContext.missHelper), as: UInt64.self)
         context.storeBytes(of: UInt64(UInt(bitPattern: Unmanaged.passUnretained(self).toOpaque())),
                            toByteOffset: Int(TranslatorContext.owner), as: UInt64.self)

@@ -80,9 +80,7 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
         self.vm = vm
         self.id = id
         cpu = CPU(memory: vm.memory, codePages: vm.codePages, secondLevel: vm.secondLevel, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil)
-        // Translated code keeps write permissions in its own TLB, which another vCPU's code
-        // writes would not invalidate: with several vCPUs everything is interpreted.
-        if vm.translation && vm.config.vcpuCount == 1 { cpu.translator = BlockTranslator() }
+        if vm.translation { cpu.translator = BlockTranslator(sharedMemory: vm.config.vcpuCount > 1) }
     }
 
     /// Whether this vCPU runs translated code.

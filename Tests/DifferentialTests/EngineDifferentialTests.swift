@@ -61,6 +61,8 @@ let cases: [GuestCase] = [
     GuestCase(guest: "echo", input: "differential\n"),
     GuestCase(guest: "hypercall"),
     GuestCase(guest: "user-mode"),
+    GuestCase(guest: "xmodify", commandLine: "rounds=50"),
+    GuestCase(guest: "xmodify", vcpus: 2, commandLine: "rounds=50"),
 ]
 
 func observe(_ c: GuestCase, on engine: any Engine) throws -> Observation {

@@ -43,7 +43,28 @@ struct TranslatorTests {
     static let guests: [(String, String)] = [
         ("hello", ""), ("compute", "scale=1"), ("coverage", ""), ("fault", ""), ("triple-fault", ""), ("user-mode", ""),
         ("hypercall", ""), ("mmio-touch", ""), ("pio-loop", "count=2000 ring=3"), ("irq-test", ""), ("echo", ""),
+        ("xmodify", "rounds=50"),
     ]
+
+    /// Several vCPUs run translated code too: a function rewritten by CPU 1 after CPU 1
+    /// cached a write permission for its page (before CPU 0 made it a code page) runs as
+    /// rewritten on CPU 0; and locked counters stay exact.
+    @Test(arguments: ["xmodify rounds=100", "smp count=3000"])
+    func sharedMemoryGuestsRunTranslated(_ spec: String) throws {
+        let (guest, commandLine) = (String(spec.prefix { $0 != " " }), String(spec.drop { $0 != " " }.dropFirst()))
+        let image = try #require(BundledGuests.named(guest))
+        let out = Output()
+        let machine = try Machine(image: try ELFImage(bytes: image.elf),
+                                  configuration: MachineConfiguration(memorySize: 16 << 20, vcpuCount: 2, commandLine: commandLine,
+                                                                      timeoutSeconds: 120),
+                                  engine: SoftwareEngine(translation: true), serialOutput: out.append)
+        let result = try machine.run()
+        #expect(result.stopReason == .exitPort(status: 0), "\(out.text)")
+        let vcpus = machine.allVCPUs.compactMap { $0 as? SoftwareVirtualCPU }
+        #expect(vcpus.count == 2 && vcpus.allSatisfy { $0.usesTranslation && $0.blocksTranslated > 0 })
+        if guest == "xmodify" { #expect(out.text.contains("xmodify: 100 rewrites by cpu 1, each run as rewritten by cpu 0")) }
+        if guest == "smp" { #expect(out.text.contains("smp: 2 cpus, counter=6000")) }
+    }
 
     /// Output, registers, RFLAGS, RAM and the instruction count (so the TSC and the
     /// preemption timer see the same guest) agree for every guest.

@@ -132,7 +132,7 @@ struct BlockEmitter {
     mutating func translate(size: Int, write: Bool, index: Int, rip: UInt64) {
         let tag: Int32 = write ? 8 : 0
         a.pext(rdi, rsi, mask: .at(rbx, C.tlbIndexMask))
-        a.lea(rdi, .mem(base: rdi, index: rdi, scale: 1, disp: 0))           // ×3: 24-byte entries
+        a.lea(rdi, .mem(base: nil, index: rdi, scale: 2, disp: 0))           // ×4: 32-byte entries
         if size > 1 {
             a.lea(rcx, .at(rsi, Int32(size - 1)))
             a.pext(rcx, rcx, mask: .at(rbx, C.pageNumberMask))               // page of the last byte
@@ -144,10 +144,21 @@ struct BlockEmitter {
         a.lea(rcx, .mem(base: rax, index: rcx, scale: 0, disp: 1))           // tag - page
         a.bytes(0xE3, 0x05)                                                  // jrcxz hit
         let miss = a.jmpForward()
+        var codeMiss: HostLabel?
+        if write && translator.sharedMemory {
+            // Another vCPU may have made the page a code page since the entry was filled.
+            a.mov64(rax, .mem(base: rbx, index: rdi, scale: 3, disp: C.tlb + 24))
+            a.mov32(rax, .at(rax))
+            a.pext32(rcx, rax, mask: .at(rbx, C.hasCodeMask))
+            a.bytes(0xE3, 0x05)                                              // jrcxz ok
+            codeMiss = a.jmpForward()
+        }
         a.mov64(rax, .mem(base: rbx, index: rdi, scale: 3, disp: C.tlb + 16))
         a.lea(rsi, .mem(base: rsi, index: rax, scale: 0, disp: 0))
-        misses.append(PendingMiss(jump: miss, back: a.position, index: index, rip: rip,
-                                  kind: UInt64(size) | (write ? 0x100 : 0), flagsLive: flagsLive, dirty: dirty))
+        for jump in [miss] + (codeMiss.map { [$0] } ?? []) {
+            misses.append(PendingMiss(jump: jump, back: a.position, index: index, rip: rip,
+                                      kind: UInt64(size) | (write ? 0x100 : 0), flagsLive: flagsLive, dirty: dirty))
+        }
     }
 
     /// A jump to the stub that hands instruction `index` to the interpreter.
@@ -447,7 +458,7 @@ extension CPU {
             var ins = Instr()
             do throws(Fault) { try decode(w, into: &ins) } catch { endedByUnsupported = true; break }
             if Int(g & 0xFFF) + Int(ins.length) > 0x1000 { endedByUnsupported = true; break }
-            guard let plan = TranslationPlan.make(ins, rip: r) else { endedByUnsupported = true; break }
+            guard let plan = TranslationPlan.make(ins, rip: r, sharedMemory: t.sharedMemory) else { endedByUnsupported = true; break }
             let u = used | plan.used
             if u.nonzeroBitCount > BlockTranslator.cacheRegisters.count { break }
             used = u
@@ -525,6 +536,7 @@ extension CPU {
         }
         let base = UInt64(UInt(bitPattern: ram))
         e.storeBytes(of: base &+ frame &- (vpn << 12), toByteOffset: 16, as: UInt64.self)
+        e.storeBytes(of: UInt64(UInt(bitPattern: codeGens + Int(frame >> 12))), toByteOffset: 24, as: UInt64.self)
         e.storeBytes(of: vpn, as: UInt64.self)
         if write { e.storeBytes(of: vpn, toByteOffset: 8, as: UInt64.self) }
         return base &+ hostOffset

@@ -15,11 +15,12 @@ enum TranslatorContext {
     static let tlbIndexMask: Int32 = 192   // PEXT mask: linear page number bits that index the TLB
     static let pageNumberMask: Int32 = 200 // PEXT mask: the linear page number
     static let chainSite: Int32 = 208      // host address of the JMP a `.chain` exit wants patched
-    /// Direct-mapped TLB: (read tag, write tag, host address - linear address); tags are
-    /// linear page numbers, ~0 when empty.
+    static let hasCodeMask: Int32 = 216    // PEXT mask: CodePages.hasCode
+    /// Direct-mapped TLB: (read tag, write tag, host address - linear address, address of
+    /// the page's CodePages word); tags are linear page numbers, ~0 when empty.
     static let tlb: Int32 = 256
     static let tlbEntries = 1024
-    static let tlbEntrySize = 24
+    static let tlbEntrySize = 32
     /// Jump cache: (guest RIP, host entry), keyed by a hash of the RIP.
     static let jumpCache: Int32 = tlb + Int32(tlbEntries * tlbEntrySize)
     static let jumpCacheEntries = 4096
@@ -88,7 +89,7 @@ final class BlockTranslator {
         defer { fclose(f) }
         var line = [CChar](repeating: 0, count: 8192)
         while fgets(&line, Int32(line.count), f) != nil {
-            let text = String(cString: line)
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             if text.hasPrefix("flags") { return text.split(separator: " ").contains { $0 == "bmi2" || $0 == "bmi2\n" } }
         }
         return false
@@ -118,9 +119,15 @@ final class BlockTranslator {
     private(set) var resets: UInt64 = 0
     private(set) var chainsMade: UInt64 = 0
 
-    init?(capacity: Int = 32 << 20) {
+    /// Several vCPUs share the VM's RAM: translated stores check the page's has-code bit
+    /// themselves (another vCPU may have made it a code page since the TLB entry was
+    /// filled), and XCHG with memory stays interpreted (serialised with LOCK instructions).
+    let sharedMemory: Bool
+
+    init?(capacity: Int = 32 << 20, sharedMemory: Bool = false) {
         guard Self.hostSupported, capacity >= 2 * Self.blockReserve else { return nil }
         self.capacity = capacity
+        self.sharedMemory = sharedMemory
         guard let p = mmap(nil, capacity, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
               p != MAP_FAILED else { return nil }
         code = p

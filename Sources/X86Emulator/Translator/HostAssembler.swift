@@ -122,6 +122,9 @@ struct HostAssembler {
         modrm(reg: reg, rm: rm)
     }
 
+    /// `pext dst32, src32, [mask]` (flag-free).
+    mutating func pext32(_ dst: Int, _ src: Int, mask: HostOperand) { vex0F38(0xF5, pp: 2, w: false, reg: dst, vvvv: src, rm: mask) }
+
     /// `sarx dst, src, count` (BMI2, flag-free): VEX.LZ.F3.0F38 F7 /r.
     mutating func sarx(_ dst: Int, _ src: HostOperand, count: Int, w: Bool) { vex0F38(0xF7, pp: 2, w: w, reg: dst, vvvv: count, rm: src) }
 

@@ -75,7 +75,7 @@ struct TranslationPlan {
 
 extension TranslationPlan {
     /// The plan for `i` at `rip`, or nil when the interpreter must run it.
-    static func make(_ i: Instr, rip: UInt64) -> TranslationPlan? {
+    static func make(_ i: Instr, rip: UInt64, sharedMemory: Bool = false) -> TranslationPlan? {
         let op = Int(i.op)
         if i.pfx & Instr.P.lock != 0 { return nil }
         let next = rip &+ UInt64(i.length)
@@ -151,6 +151,7 @@ extension TranslationPlan {
         case 0x84, 0x85:
             return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: op == 0x84, writes: true)
         case 0x86, 0x87:
+            if isMem && sharedMemory { return nil }  // atomic: serialised with LOCK instructions
             return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: op == 0x86, write: true, writesReg: true, writesRM: true)
         case 0x88, 0x89:
             return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: op == 0x88, write: true, writesRM: true)
