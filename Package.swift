@@ -39,7 +39,7 @@ let package = Package(
                     exclude: ["RandomSequenceRegressions.txt"]),  // read from the source tree, appended to by the tests
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "VirtCore"]),
         // Every bundled guest on both engines: output, exits, registers, RAM.
-        .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages"]),
+        .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages", "Devices"]),
         // Runs the built `swiftvisor` executable as a user would.
         .testTarget(name: "CLITests"),
         .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore"]),

@@ -141,7 +141,8 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
 
     /// Queues an external interrupt, delivered through the IDT once RFLAGS.IF is set and no
     /// STI/MOV SS interrupt shadow is in force (as KVM_INTERRUPT); the highest vector
-    /// first. A `hlt` with IF set wakes for it. A running vCPU sees it within one block.
+    /// first. `hlt` exits to the VMM (which resumes the vCPU once one is pending, as with KVM).
+    /// A running vCPU sees it within one block.
     public func injectInterrupt(vector: UInt8) { pending.post(vector) }
 
     public var hasPendingInterrupt: Bool { !pending.isEmpty }
@@ -205,9 +206,8 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
         cpu.attention = false
         guard let e = cpu.pendingExit else { return nil }
         cpu.pendingExit = nil
-        if case .halt = e, cpu.rflags & Flag.if != 0, !pending.isEmpty {
-            return nil  // an interrupt is waiting: HLT wakes at once
-        }
+        // HLT exits even when an interrupt is already waiting, as on KVM with the interrupt
+        // controller in the VMM: the VMM sees it pending and the next run() delivers it.
         return e
     }
 }

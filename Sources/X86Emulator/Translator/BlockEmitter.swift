@@ -20,7 +20,7 @@ struct BlockEmitter {
     var misses: [PendingMiss] = []
     var fails: [PendingFail] = []
     var chains: [PendingChain] = []
-    /// The block's guest page: direct branches within it are chained.
+    /// The block's linear page: direct branches within it are chained.
     var page: UInt64 = 0
     /// Offset (in the block) where chained branches enter, past the generation check.
     var chainedEntry = 0
@@ -39,10 +39,11 @@ struct BlockEmitter {
 
     // MARK: Prologue and exits
 
-    mutating func prologue(rip: UInt64, page: UInt64, gen: UInt32, restoreFlags: Bool) {
-        self.page = rip >> 12
+    /// `frame`: the guest-physical page the block's code is on (whose generation guards it).
+    mutating func prologue(rip: UInt64, frame: UInt64, gen: UInt32, restoreFlags: Bool) {
+        page = rip >> 12
         a.mov64(rax, .at(rbx, C.codeGens))
-        a.mov32(rax, .at(rax, Int32(truncatingIfNeeded: page * 4)))
+        a.mov32(rax, .at(rax, Int32(truncatingIfNeeded: frame * 4)))
         a.byte(0x25); a.imm32(0x7FFF_FFFF)                       // and eax, ~hasCode
         a.byte(0x3D); a.imm32(Int32(bitPattern: gen))            // cmp eax, gen
         let stale = a.jccForward(0x5)
@@ -470,7 +471,7 @@ extension CPU {
         if plans.isEmpty { return nil }
 
         var e = BlockEmitter(translator: t, used: used, count: plans.count)
-        e.prologue(rip: rip, page: page, gen: gen, restoreFlags: Self.flagsLiveOnEntry(plans.map(\.1)))
+        e.prologue(rip: rip, frame: page, gen: gen, restoreFlags: Self.flagsLiveOnEntry(plans.map(\.1)))
         for (k, (ins, plan, at)) in plans.enumerated() { e.emit(ins, plan, index: k, rip: at) }
         if !endedByBranch {
             if endedByUnsupported { e.leaveToInterpreter(at: r) } else { e.leave(to: r) }
