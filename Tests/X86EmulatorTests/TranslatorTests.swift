@@ -154,6 +154,40 @@ struct TranslatorTests {
         #expect(states[0].rip == states[1].rip)
     }
 
+    /// Memory operands with FS/GS bases, a 32-bit address size and RIP-relative addressing.
+    @Test func segmentOverridesAddressSizeAndRIPRelative() throws {
+        let code: [UInt8] = [
+            0x64, 0x48, 0x8B, 0x04, 0x25, 0x08, 0x00, 0x00, 0x00,  // mov rax, fs:[8]
+            0x65, 0x48, 0x8B, 0x1C, 0x25, 0x10, 0x00, 0x00, 0x00,  // mov rbx, gs:[16]
+            0x48, 0xB9, 0x10, 0x00, 0x20, 0x00, 0xFF, 0xFF, 0xFF, 0xFF,  // mov rcx, 0xffffffff00200010
+            0x67, 0x8B, 0x11,                                      // mov edx, [ecx]   (address 0x200010)
+            0x64, 0x67, 0x89, 0x01,                                // mov fs:[ecx], eax
+            0x48, 0x8D, 0x35, 0x00, 0x01, 0x00, 0x00,              // lea rsi, [rip+0x100]
+            0x48, 0x8B, 0x3D, 0xCF, 0x0F, 0x00, 0x00,              // mov rdi, [rip+0xfcf] (= code + 0x1000)
+            0xF4,
+        ]
+        var states: [VCPUState] = []
+        for translation in [false, true] {
+            let (s, v) = try snippet(code, translation: translation) { st in
+                st.fs.base = 0x30_0000
+                st.gs.base = 0x30_0100
+            }
+            try s.memory.store(UInt64(0xF5F5), at: 0x30_0008)
+            try s.memory.store(UInt64(0x6565), at: 0x30_0110)
+            try s.memory.store(UInt32(0xADD32), at: 0x20_0010)
+            try s.memory.store(UInt64(0x4119), at: Snippet.codeAddress + 0x1000)
+            #expect(try s.run() == .halt)
+            let st = try s.state
+            #expect(st.rax == 0xF5F5 && st.rbx == 0x6565 && st.rdx == 0xADD32)
+            #expect(st.rsi == Snippet.codeAddress + 42 + 0x100)
+            #expect(st.rdi == 0x4119)
+            #expect(try s.memory.load(UInt32.self, at: 0x30_0000 + 0x20_0010) == 0xF5F5)
+            if translation { #expect(v.blocksTranslated > 0 && v.instructionsInterpreted < 4) }
+            states.append(st)
+        }
+        #expect(states[0].gprs == states[1].gprs)
+    }
+
     /// A loop that overwrites an instruction of its own (already translated) block.
     @Test func selfModifyingLoopRunsTheNewCode() throws {
         // mov ecx,3; L: mov edx,0x11111111; add esi,edx; mov dword [L+1],0x22222222; dec ecx; jnz L; hlt
