@@ -24,12 +24,21 @@ struct BlockEmitter {
     var page: UInt64 = 0
     /// Offset (in the block) where chained branches enter, past the generation check.
     var chainedEntry = 0
+    /// The block's first guest instruction, and where its body starts (registers loaded,
+    /// flags restored): a branch back to the block's start loops to `body` directly.
+    var blockRip: UInt64 = 0
+    var body = 0
+    var restoresFlags = false
+    let budget = BlockTranslator.budgetRegister
 
-    init(translator: BlockTranslator, used: UInt16, count: Int) {
+    /// `loopsWriting`: the block branches back to its own start, and these are the guest
+    /// registers it writes — a later iteration's early exit must store them all.
+    init(translator: BlockTranslator, used: UInt16, count: Int, loopsWriting: UInt16?) {
         self.translator = translator
         a = HostAssembler(origin: translator.used)
         self.used = used
         self.count = count
+        dirty = loopsWriting ?? 0
         var next = 0
         for g in 0..<16 where used & (1 << g) != 0 {
             host[g] = BlockTranslator.cacheRegisters[next]
@@ -50,20 +59,38 @@ struct BlockEmitter {
         // Chained branches enter here: their source block passed the check on this page, and
         // pages change only outside translated code (which is re-entered through the check).
         chainedEntry = a.position
-        a.instruction([0x81], w: true, reg: 5, rm: .at(rbx, C.budget)); a.imm32(Int32(count))  // sub [budget], n
+        a.subImm(budget, Int32(count))
         let short = a.jccForward(0xC)                            // jl
         for g in 0..<16 where host[g] >= 0 { a.mov64(host[g], .at(rbx, Int32(g * 8))) }
         if restoreFlags {
             a.restoreFlags(from: C.flags)
             flagsLive = true
         }
-        let body = a.jmpForward()
+        blockRip = rip
+        restoresFlags = restoreFlags
+        let bodyJump = a.jmpForward()
         a.bind(stale)
         exitWith(.invalid, rip: rip)
         a.bind(short)
-        a.instruction([0x81], w: true, reg: 0, rm: .at(rbx, C.budget)); a.imm32(Int32(count))  // add [budget], n
+        a.addImm(budget, Int32(count))
         exitWith(.budget, rip: rip)
-        a.bind(body)
+        a.bind(bodyJump)
+        body = a.position
+    }
+
+    /// The branch back to the block's start: registers stay in host registers. Flags go to
+    /// the context (an early exit in the next iteration needs them there), the budget is
+    /// taken again, and the flags come back only if the body needs them.
+    mutating func loopBack() {
+        if flagsLive { a.saveFlags(at: C.flags) }
+        a.subImm(budget, Int32(count))
+        let short = a.jccForward(0xC)
+        if restoresFlags { a.restoreFlags(from: C.flags) }
+        a.jmp(to: body)
+        a.bind(short)
+        a.addImm(budget, Int32(count))
+        storeDirty(dirty)
+        exitWith(.budget, rip: blockRip)
     }
 
     mutating func exitWith(_ reason: TranslatorExit, rip: UInt64) {
@@ -83,6 +110,7 @@ struct BlockEmitter {
 
     /// Leaves for `target` (flags saved, registers stored).
     mutating func leave(to target: UInt64) {
+        if target == blockRip { loopBack(); return }
         saveFlagsIfLive()
         storeDirty(dirty)
         jump(to: target)
@@ -212,7 +240,7 @@ struct BlockEmitter {
     /// Instruction `index` onwards did not run: give their budget back, interpret at `rip`.
     private mutating func interpreterExit(index: Int, rip: UInt64, dirty: UInt16) {
         storeDirty(dirty)
-        a.instruction([0x81], w: true, reg: 0, rm: .at(rbx, C.budget)); a.imm32(Int32(count - index))
+        a.addImm(budget, Int32(count - index))
         exitWith(.interpret, rip: rip)
     }
 
@@ -383,6 +411,16 @@ struct BlockEmitter {
             a.lea(sp, .at(sp, 8))
             a.mov64(host[g], .at(rsi))
         case let .jcc(cc, target):
+            if target == blockRip || next == blockRip {
+                // A loop: its back edge stays in host registers; the other edge leaves.
+                let looping = a.jccForward(target == blockRip ? cc : cc ^ 1)
+                let live = flagsLive
+                leave(to: target == blockRip ? next : target)
+                a.bind(looping)
+                flagsLive = live
+                loopBack()
+                break
+            }
             if flagsLive { a.saveFlags(at: C.flags) }
             storeDirty(dirty | p.written)
             let taken = a.jccForward(cc)
@@ -470,7 +508,15 @@ extension CPU {
         }
         if plans.isEmpty { return nil }
 
-        var e = BlockEmitter(translator: t, used: used, count: plans.count)
+        let loops = plans.last.map { last -> Bool in
+            switch last.1.kind {
+            case let .jcc(_, target): return target == rip || last.2 &+ UInt64(last.0.length) == rip
+            case let .jmp(target): return target == rip
+            default: return false
+            }
+        } ?? false
+        let written = plans.reduce(UInt16(0)) { $0 | $1.1.written }
+        var e = BlockEmitter(translator: t, used: used, count: plans.count, loopsWriting: loops ? written : nil)
         e.prologue(rip: rip, frame: page, gen: gen, restoreFlags: Self.flagsLiveOnEntry(plans.map(\.1)))
         for (k, (ins, plan, at)) in plans.enumerated() { e.emit(ins, plan, index: k, rip: at) }
         if !endedByBranch {
@@ -485,22 +531,23 @@ extension CPU {
 
     /// Whether the guest flags must be in host RFLAGS when the block starts: the first
     /// instruction touching them reads them, or writes only some of them while the result
-    /// is still needed. All flags are needed exactly at the block's end (by its successors)
-    /// and before any instruction that may leave the block early (an exception or exit
-    /// there shows the guest its RFLAGS).
+    /// is still needed — by a later reader, at the block's end (its successors), or at an
+    /// instruction that may leave the block early (an exception there shows the guest its
+    /// RFLAGS). Before the first flag writer, an early exit finds the flags in the context.
     static func flagsLiveOnEntry(_ plans: [TranslationPlan]) -> Bool {
         var live = true
-        var liveBeforeFirstToucher = false
+        var needed = false
         for p in plans.reversed() {
+            let liveAfter = live
             if p.readsFlags {
                 live = true
             } else if p.writesFlags && !p.partialFlags {
                 live = false
             }
+            if p.readsFlags || p.writesFlags { needed = p.readsFlags || (p.partialFlags && liveAfter) }
             if p.mayLeaveEarly { live = true }
-            if p.readsFlags || p.writesFlags { liveBeforeFirstToucher = live }
         }
-        return liveBeforeFirstToucher
+        return needed
     }
 
     /// Empties the translator's TLB and jump cache (after TLB flushes, CPL changes, and when

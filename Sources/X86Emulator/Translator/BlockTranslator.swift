@@ -76,7 +76,10 @@ final class BlockTranslator {
     /// the miss helper; the others are reloaded after it). RAX and RDX stay free for
     /// MUL/DIV's implicit operands.
     static let cacheRegisters = [HostReg.rbp, HostReg.r8, HostReg.r9, HostReg.r10, HostReg.r11,
-                                 HostReg.r12, HostReg.r13, HostReg.r14, HostReg.r15]
+                                 HostReg.r12, HostReg.r13, HostReg.r14]
+    /// Holds the instruction budget while translated code runs (loaded on entry, stored by
+    /// the epilogue), so the per-block check touches no memory.
+    static let budgetRegister = HostReg.r15
     static let maxBlockInstructions = 128
     /// Code buffer size; when full, every block is dropped and translation starts over.
     let capacity: Int
@@ -136,8 +139,10 @@ final class BlockTranslator {
         a.bytes(0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57)  // push rbx rbp r12 r13 r14 r15
         a.bytes(0x48, 0x83, 0xEC, 0x08)                                    // sub rsp, 8
         a.bytes(0x48, 0x89, 0xFB)                                          // mov rbx, rdi
+        a.mov64(Self.budgetRegister, .at(HostReg.rbx, TranslatorContext.budget))
         a.bytes(0xFF, 0xE6)                                                // jmp rsi
         let epilogueAt = a.position
+        a.store64(.at(HostReg.rbx, TranslatorContext.budget), Self.budgetRegister)
         a.bytes(0x48, 0x83, 0xC4, 0x08)                                    // add rsp, 8
         a.bytes(0x41, 0x5F, 0x41, 0x5E, 0x41, 0x5D, 0x41, 0x5C, 0x5D, 0x5B, 0xC3)
         // lookup: RAX = guest RIP; registers stored, flags saved.

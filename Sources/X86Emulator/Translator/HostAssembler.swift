@@ -100,6 +100,10 @@ struct HostAssembler {
         }
     }
 
+    /// `sub r64, imm32` / `add r64, imm32` (these do set RFLAGS).
+    mutating func subImm(_ r: Int, _ v: Int32) { instruction([0x81], w: true, reg: 5, rm: .reg(r)); imm32(v) }
+    mutating func addImm(_ r: Int, _ v: Int32) { instruction([0x81], w: true, reg: 0, rm: .reg(r)); imm32(v) }
+
     /// `not r64` (flag-free).
     mutating func not64(_ r: Int) { instruction([0xF7], w: true, reg: 2, rm: .reg(r)) }
 
