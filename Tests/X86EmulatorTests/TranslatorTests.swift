@@ -188,6 +188,33 @@ struct TranslatorTests {
         #expect(states[0].gprs == states[1].gprs)
     }
 
+    /// A block that loops on itself keeps registers in host registers between iterations;
+    /// an exit in a later iteration (a store that has walked past RAM into MMIO) must still
+    /// leave every register the earlier iterations wrote.
+    @Test func exitInALaterLoopIterationKeepsEarlierIterations() throws {
+        // mov edi,0x7fe000; mov ecx,4; xor eax,eax; L: mov [rdi],eax; add rdi,0x1000; inc eax; dec ecx; jnz L; hlt
+        let code: [UInt8] = [0xBF, 0x00, 0xE0, 0x7F, 0x00, 0xB9, 0x04, 0x00, 0x00, 0x00, 0x31, 0xC0,
+                             0x89, 0x07, 0x48, 0x81, 0xC7, 0x00, 0x10, 0x00, 0x00, 0xFF, 0xC0, 0xFF, 0xC9, 0x75, 0xF1, 0xF4]
+        var runs: [([VMExit], VCPUState)] = []
+        for translation in [false, true] {
+            let (s, _) = try snippet(code, translation: translation)
+            var exits: [VMExit] = []
+            while true {
+                let e = try s.run()
+                exits.append(e)
+                if case .mmio = e { continue }
+                break
+            }
+            #expect(try s.memory.load(UInt32.self, at: 0x7F_F000) == 1)
+            runs.append((exits, try s.state))
+        }
+        #expect(runs[1].0 == [.mmio(MMIOAccess(address: 0x80_0000, size: 4, direction: .write, value: 2)),
+                              .mmio(MMIOAccess(address: 0x80_1000, size: 4, direction: .write, value: 3)), .halt])
+        #expect(runs[0].0 == runs[1].0)
+        #expect(runs[1].1.rax == 4 && runs[1].1.rdi == 0x80_2000 && runs[1].1.rcx == 0)
+        #expect(runs[0].1.gprs == runs[1].1.gprs && runs[0].1.rflags == runs[1].1.rflags)
+    }
+
     /// A loop that overwrites an instruction of its own (already translated) block.
     @Test func selfModifyingLoopRunsTheNewCode() throws {
         // mov ecx,3; L: mov edx,0x11111111; add esi,edx; mov dword [L+1],0x22222222; dec ecx; jnz L; hlt
