@@ -192,9 +192,12 @@ struct TranslatorTests {
     /// an exit in a later iteration (a store that has walked past RAM into MMIO) must still
     /// leave every register the earlier iterations wrote.
     @Test func exitInALaterLoopIterationKeepsEarlierIterations() throws {
-        // mov edi,0x7fe000; mov ecx,4; xor eax,eax; L: mov [rdi],eax; add rdi,0x1000; inc eax; dec ecx; jnz L; hlt
+        // mov edi,0x7fe000; mov ecx,4; xor eax,eax
+        // L: add dword [0x200000],1; mov [rdi],eax; add rdi,0x1000; inc eax; dec ecx; jnz L; hlt
+        // (the counter makes a replayed iteration visible)
         let code: [UInt8] = [0xBF, 0x00, 0xE0, 0x7F, 0x00, 0xB9, 0x04, 0x00, 0x00, 0x00, 0x31, 0xC0,
-                             0x89, 0x07, 0x48, 0x81, 0xC7, 0x00, 0x10, 0x00, 0x00, 0xFF, 0xC0, 0xFF, 0xC9, 0x75, 0xF1, 0xF4]
+                             0x83, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, 0x01,
+                             0x89, 0x07, 0x48, 0x81, 0xC7, 0x00, 0x10, 0x00, 0x00, 0xFF, 0xC0, 0xFF, 0xC9, 0x75, 0xE9, 0xF4]
         var runs: [([VMExit], VCPUState)] = []
         for translation in [false, true] {
             let (s, _) = try snippet(code, translation: translation)
@@ -206,6 +209,7 @@ struct TranslatorTests {
                 break
             }
             #expect(try s.memory.load(UInt32.self, at: 0x7F_F000) == 1)
+            #expect(try s.memory.load(UInt32.self, at: 0x20_0000) == 4, "iterations counted")
             runs.append((exits, try s.state))
         }
         #expect(runs[1].0 == [.mmio(MMIOAccess(address: 0x80_0000, size: 4, direction: .write, value: 2)),
