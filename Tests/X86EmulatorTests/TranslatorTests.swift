@@ -24,13 +24,17 @@ struct TranslatorTests {
         var instructions: UInt64
     }
 
-    func run(_ guest: String, _ commandLine: String, translation: Bool, input: String = "") throws -> (Run, blocks: UInt64) {
+    func machine(_ guest: String, _ commandLine: String, vcpus: Int = 1, translation: Bool, output: Output) throws -> Machine {
         let image = try #require(BundledGuests.named(guest))
+        return try Machine(image: try ELFImage(bytes: image.elf),
+                           configuration: MachineConfiguration(memorySize: 16 << 20, vcpuCount: vcpus, commandLine: commandLine,
+                                                               timeoutSeconds: 120),
+                           engine: SoftwareEngine(translation: translation), serialOutput: output.append)
+    }
+
+    func run(_ guest: String, _ commandLine: String, translation: Bool, input: String = "") throws -> (Run, blocks: UInt64) {
         let out = Output()
-        let machine = try Machine(image: try ELFImage(bytes: image.elf),
-                                  configuration: MachineConfiguration(memorySize: 16 << 20, vcpuCount: 1, commandLine: commandLine,
-                                                                      timeoutSeconds: 120),
-                                  engine: SoftwareEngine(translation: translation), serialOutput: out.append)
+        let machine = try machine(guest, commandLine, translation: translation, output: out)
         machine.uart.enqueueInput(Array(input.utf8))
         _ = try machine.run()
         let s = try machine.vcpuState(0)
@@ -52,12 +56,8 @@ struct TranslatorTests {
     @Test(arguments: ["xmodify rounds=100", "smp count=3000"])
     func sharedMemoryGuestsRunTranslated(_ spec: String) throws {
         let (guest, commandLine) = (String(spec.prefix { $0 != " " }), String(spec.drop { $0 != " " }.dropFirst()))
-        let image = try #require(BundledGuests.named(guest))
         let out = Output()
-        let machine = try Machine(image: try ELFImage(bytes: image.elf),
-                                  configuration: MachineConfiguration(memorySize: 16 << 20, vcpuCount: 2, commandLine: commandLine,
-                                                                      timeoutSeconds: 120),
-                                  engine: SoftwareEngine(translation: true), serialOutput: out.append)
+        let machine = try machine(guest, commandLine, vcpus: 2, translation: true, output: out)
         let result = try machine.run()
         #expect(result.stopReason == .exitPort(status: 0), "\(out.text)")
         let vcpus = machine.allVCPUs.compactMap { $0 as? SoftwareVirtualCPU }
@@ -80,11 +80,8 @@ struct TranslatorTests {
     /// A code buffer too small for the guest's blocks is emptied and refilled as often as
     /// needed, without changing what the guest computes.
     @Test func fullCodeBufferStartsOver() throws {
-        let image = try #require(BundledGuests.named("compute"))
         let out = Output()
-        let machine = try Machine(image: try ELFImage(bytes: image.elf),
-                                  configuration: MachineConfiguration(memorySize: 16 << 20, commandLine: "scale=1", timeoutSeconds: 120),
-                                  engine: SoftwareEngine(translation: true), serialOutput: out.append)
+        let machine = try machine("compute", "scale=1", translation: true, output: out)
         let v = try #require(machine.allVCPUs[0] as? SoftwareVirtualCPU)
         v.cpu.translator = try #require(BlockTranslator(capacity: 2 * BlockTranslator.blockReserve))
         _ = try machine.run()
