@@ -18,6 +18,10 @@ public enum EngineSelection {
         }
     }
 
+    /// Whether the software engine can run translated code on this host (it needs BMI2);
+    /// otherwise it interprets every instruction.
+    public static var softwareEngineTranslates: Bool { SoftwareEngine.translationSupported }
+
     /// KVM when it is usable, otherwise the software engine; `notice` says why it fell back.
     public static func makeDefault(kvmPath: String = "/dev/kvm", translation: Bool = true, notice: (String) -> Void) -> any Engine {
         do {

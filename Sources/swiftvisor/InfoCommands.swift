@@ -22,12 +22,15 @@ struct Guests: ParsableCommand {
 
 struct Host: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Report this host's KVM: device, API version, capabilities, vCPU limits.")
+        abstract: "Report this host's KVM (device, API version, capabilities, vCPU limits) and how the software engine runs here.")
 
     @Option(name: .long, help: ArgumentHelp("KVM device to examine.", valueName: "path"))
     var kvmPath = "/dev/kvm"
 
     func run() throws {
+        print("software engine:  " + (EngineSelection.softwareEngineTranslates
+            ? "block translator to host code (BMI2 present), interpreter for the rest"
+            : "interpreter only (this CPU lacks BMI2, which translated code needs)"))
         let system: KVMSystem
         do {
             system = try KVMSystem(path: kvmPath)
