@@ -53,6 +53,14 @@ func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = []) t
         #expect(!r.stderr.contains("Fatal error"))
     }
 
+    @Test func hostSaysHowTheSoftwareEngineRunsEvenWithoutKVM() throws {
+        let r = try swiftvisor(["host", "--kvm-path", "/nonexistent/kvm"])
+        #expect(r.status == 1)
+        #expect(r.stdout.hasPrefix("software engine:  "))
+        #expect(r.stdout.contains("block translator") || r.stdout.contains("interpreter only"))
+        #expect(r.stdout.contains("kvm: unavailable"))
+    }
+
     @Test func noTranslationWithKVMIsAUsageError() throws {
         let r = try swiftvisor(["run", "hello", "--engine", "kvm", "--no-translation"])
         #expect(r.status == 64)
