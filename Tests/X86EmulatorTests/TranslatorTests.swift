@@ -1,3 +1,4 @@
+import Foundation
 import GuestImages
 import Synchronization
 import Testing
@@ -88,6 +89,21 @@ struct TranslatorTests {
         let (reference, _) = try run("compute", "scale=1", translation: false)
         #expect(out.text == reference.output)
         #expect(try #require(v.cpu.translator).resets > 0)
+    }
+
+    /// Translated code runs from a read+execute view of its buffer and is written through a
+    /// separate read+write view: no mapping of the process is writable and executable.
+    @Test func noMappingIsWritableAndExecutable() throws {
+        let (s, v) = try snippet([0xB9, 0x10, 0x00, 0x00, 0x00, 0xFF, 0xC9, 0x75, 0xFC, 0xF4], translation: true)  // loop; hlt
+        #expect(try s.run() == .halt)
+        #expect(v.blocksTranslated > 0)
+        let maps = try String(contentsOfFile: "/proc/self/maps", encoding: .utf8)
+        let writableAndExecutable = maps.split(separator: "\n").filter { line in
+            let perms = line.split(separator: " ").dropFirst().first ?? ""
+            return perms.hasPrefix("rwx")
+        }
+        #expect(writableAndExecutable.isEmpty, "\(writableAndExecutable)")
+        #expect(maps.contains("swiftvisor-translated-code"))
     }
 
     func snippet(_ code: [UInt8], translation: Bool, state: (inout VCPUState) -> Void = { _ in }) throws -> (Snippet, SoftwareVirtualCPU) {

@@ -1,3 +1,4 @@
+import CKVM
 import Glibc
 
 /// The block shared by the interpreter and translated code: the guest GPRs (the
@@ -98,12 +99,15 @@ final class BlockTranslator {
         return false
     }()
 
+    /// The code buffer, mapped twice from one memfd: `code` read+execute (where blocks
+    /// run, and what their addresses refer to) and `writable` read+write (where they are
+    /// emitted and chained). No page of the process is writable and executable at once.
     let code: UnsafeMutableRawPointer
+    private let writable: UnsafeMutableRawPointer
     private(set) var used = 0
     private var sharedEnd = 0
     private(set) var epilogue = 0
     private(set) var lookup = 0
-    private var enterOffset = 0
     let enter: EnterFunction
 
     struct Block {
@@ -131,9 +135,17 @@ final class BlockTranslator {
         guard Self.hostSupported, capacity >= 2 * Self.blockReserve else { return nil }
         self.capacity = capacity
         self.sharedMemory = sharedMemory
-        guard let p = mmap(nil, capacity, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
-              p != MAP_FAILED else { return nil }
-        code = p
+        let fd = ckvm_memfd_create("swiftvisor-translated-code")
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }  // the mappings keep the memory
+        guard ftruncate(fd, off_t(capacity)) == 0,
+              let rw = mmap(nil, capacity, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), rw != MAP_FAILED else { return nil }
+        guard let rx = mmap(nil, capacity, PROT_READ | PROT_EXEC, MAP_SHARED, fd, 0), rx != MAP_FAILED else {
+            munmap(rw, capacity)
+            return nil
+        }
+        code = rx
+        writable = rw
         var a = HostAssembler(origin: 0)
         // enter(context, entry): save callee-saved registers, align the stack for calls, go.
         a.bytes(0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57)  // push rbx rbp r12 r13 r14 r15
@@ -162,16 +174,18 @@ final class BlockTranslator {
         a.bind(miss)
         a.bytes(0x31, 0xC0)                                                // xor eax, eax (.lookup)
         a.jmp(to: epilogueAt)
-        a.bytes.withUnsafeBytes { p.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        enterOffset = 0
+        a.bytes.withUnsafeBytes { rw.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         epilogue = epilogueAt
         lookup = lookupAt
         sharedEnd = (a.position + 63) & ~63
         used = sharedEnd
-        enter = unsafeBitCast(p, to: EnterFunction.self)
+        enter = unsafeBitCast(rx, to: EnterFunction.self)
     }
 
-    deinit { munmap(code, capacity) }
+    deinit {
+        munmap(code, capacity)
+        munmap(writable, capacity)
+    }
 
     static var missHelperAddress: UInt64 { UInt64(UInt(bitPattern: unsafeBitCast(translatorMissHelper, to: UnsafeRawPointer.self))) }
 
@@ -188,9 +202,9 @@ final class BlockTranslator {
     /// Points the `jmp rel32` at host address `site` to `entry` (an offset).
     func chain(site: UInt64, to entry: Int) {
         let siteOffset = Int(site &- UInt64(UInt(bitPattern: code)))
-        guard siteOffset >= sharedEnd && siteOffset + 5 <= used, code.load(fromByteOffset: siteOffset, as: UInt8.self) == 0xE9 else { return }
+        guard siteOffset >= sharedEnd && siteOffset + 5 <= used, writable.load(fromByteOffset: siteOffset, as: UInt8.self) == 0xE9 else { return }
         let rel = Int32(entry - (siteOffset + 5))
-        (code + siteOffset + 1).storeBytes(of: rel.littleEndian, as: Int32.self)
+        (writable + siteOffset + 1).storeBytes(of: rel.littleEndian, as: Int32.self)
         chainsMade &+= 1
     }
 
@@ -198,7 +212,7 @@ final class BlockTranslator {
     func place(_ a: HostAssembler) -> Int {
         let at = a.origin
         precondition(at == used && at + a.bytes.count <= capacity)
-        a.bytes.withUnsafeBytes { (code + at).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        a.bytes.withUnsafeBytes { (writable + at).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         used = (at + a.bytes.count + 15) & ~15
         blocksTranslated &+= 1
         if let path = getenv("SWIFTVISOR_TRANSLATOR_DUMP"), let f = fopen(path, "w") {
