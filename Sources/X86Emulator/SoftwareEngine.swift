@@ -5,8 +5,8 @@ import VirtCore
 /// without /dev/kvm — guest blocks translated to host code where possible, the rest (and
 /// everything, with `translation: false`) interpreted. See docs/software-engine.md.
 public struct SoftwareEngine: Engine {
-    /// Run guest code through the block translator where it can (single-vCPU VMs on hosts
-    /// with BMI2); otherwise, and always when false, interpret every instruction.
+    /// Run guest code through the block translator where it can (on hosts with BMI2);
+    /// otherwise, and always when false, interpret every instruction.
     public var translation: Bool
 
     public init(translation: Bool = true) { self.translation = translation }

@@ -64,7 +64,7 @@ extension CPU {
     /// translated now); nil when the instruction at RIP must be interpreted.
     private func translatedEntry(_ t: BlockTranslator) -> Int? {
         let r = rip
-        let slot = context + Int(TranslatorContext.jumpCache) + Int((r ^ (r >> 12)) & UInt64(TranslatorContext.jumpCacheEntries - 1)) * 16
+        let slot = jumpCacheSlot(r)
         if slot.load(as: UInt64.self) == r {
             return Int(slot.load(fromByteOffset: 8, as: UInt64.self) &- UInt64(UInt(bitPattern: t.code)))
         }
@@ -98,8 +98,12 @@ extension CPU {
     }
 
     private func dropJumpCacheEntry(_ r: UInt64) {
-        let slot = context + Int(TranslatorContext.jumpCache) + Int((r ^ (r >> 12)) & UInt64(TranslatorContext.jumpCacheEntries - 1)) * 16
-        slot.storeBytes(of: TranslatorContext.emptyJumpKey, as: UInt64.self)
+        jumpCacheSlot(r).storeBytes(of: TranslatorContext.emptyJumpKey, as: UInt64.self)
+    }
+
+    /// The jump-cache slot of guest RIP `r` (the hash the shared lookup stub computes too).
+    private func jumpCacheSlot(_ r: UInt64) -> UnsafeMutableRawPointer {
+        context + Int(TranslatorContext.jumpCache) + Int((r ^ (r >> 12)) & UInt64(TranslatorContext.jumpCacheEntries - 1)) * 16
     }
 
     /// RFLAGS' arithmetic flags into the context (OF byte, LAHF byte), and FS/GS bases.
