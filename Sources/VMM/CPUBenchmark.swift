@@ -34,16 +34,13 @@ public struct CPUBenchmark: Sendable {
         var rows: [Row] = []
         progress("software engine (translated): compute scale=\(scale)")
         let (softwareSeconds, machine) = try time(image, SoftwareEngine(translation: true))
-        let vcpu = machine.vcpu(0) as? SoftwareVirtualCPU
-        var row = Row(engine: "software", seconds: softwareSeconds, instructions: vcpu?.instructionsRetired)
-        if let v = vcpu, v.usesTranslation, v.instructionsRetired > 0 {
-            row.translatedShare = 1 - Double(v.instructionsInterpreted) / Double(v.instructionsRetired)
-        }
-        rows.append(row)
+        let summary = machine.softwareExecutionSummary
+        rows.append(Row(engine: "software", seconds: softwareSeconds, instructions: summary?.instructions,
+                        translatedShare: summary.flatMap { $0.translating && $0.instructions > 0 ? $0.translatedShare : nil }))
         if interpreted {
             progress("software engine (interpreted): compute scale=\(scale)")
             let (seconds, m) = try time(image, SoftwareEngine(translation: false))
-            rows.append(Row(engine: "software-interpreted", seconds: seconds, instructions: (m.vcpu(0) as? SoftwareVirtualCPU)?.instructionsRetired))
+            rows.append(Row(engine: "software-interpreted", seconds: seconds, instructions: m.softwareExecutionSummary?.instructions))
         }
         if let kvm = try? KVMEngine(devicePath: kvmPath) {
             progress("kvm engine: compute scale=\(scale)")

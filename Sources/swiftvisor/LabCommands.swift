@@ -15,11 +15,26 @@ struct LabCommand: ParsableCommand {
                       UniversalMachine.self])
 }
 
-/// Options every lab takes.
+/// Options every lab that runs on one engine takes.
 struct LabOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Engine: kvm or software (default: kvm when usable).", valueName: "engine"))
     var engine: EngineChoice?
 
+    @OptionGroup var report: LabReportOptions
+
+    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: BarChart) throws {
+        try report.emit(result, name: name, table: table, chart: chart)
+    }
+
+    func resolvedEngine() -> EngineChoice {
+        if let engine { return engine }
+        let e = EngineSelection.makeDefault { FileHandle.standardError.write(Data(("swiftvisor: " + $0 + "\n").utf8)) }
+        return EngineChoice(rawValue: e.name) ?? .software
+    }
+}
+
+/// Where and how every lab reports its result.
+struct LabReportOptions: ParsableArguments {
     @Flag(name: .long, help: "Print the result as JSON instead of the table.")
     var json = false
 
@@ -37,12 +52,6 @@ struct LabOptions: ParsableArguments {
             print(table.text, terminator: "")
             print("wrote \(files.json) and \(files.svg)")
         }
-    }
-
-    func resolvedEngine() -> EngineChoice {
-        if let engine { return engine }
-        let e = EngineSelection.makeDefault { FileHandle.standardError.write(Data(("swiftvisor: " + $0 + "\n").utf8)) }
-        return EngineChoice(rawValue: e.name) ?? .software
     }
 }
 
@@ -213,11 +222,7 @@ struct UniversalMachine: ParsableCommand {
     @Flag(name: .long, help: "Skip KVM even when /dev/kvm is usable.")
     var noKvm = false
 
-    @Flag(name: .long, help: "Print the result as JSON instead of the table.")
-    var json = false
-
-    @Option(name: .long, help: ArgumentHelp("Directory for the JSON result and the SVG chart.", valueName: "dir"))
-    var output = "lab-results"
+    @OptionGroup var report: LabReportOptions
 
     func validate() throws {
         guard (1...100).contains(scale) else { throw ValidationError("--scale must be 1–100") }
@@ -227,14 +232,6 @@ struct UniversalMachine: ParsableCommand {
         var lab = UniversalMachineLab(scale: scale)
         lab.useKVM = !noKvm
         let result = try lab.run { FileHandle.standardError.write(Data("lab universal-machine: \($0)…\n".utf8)) }
-        let files = try writeLabOutputs(name: "universal-machine", directory: output, result: result, chart: UniversalMachineLab.chart(result))
-        if json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try encoder.encode(result), as: UTF8.self))
-        } else {
-            print(UniversalMachineLab.table(result).text, terminator: "")
-            print("wrote \(files.json) and \(files.svg)")
-        }
+        try report.emit(result, name: "universal-machine", table: UniversalMachineLab.table(result), chart: UniversalMachineLab.chart(result))
     }
 }

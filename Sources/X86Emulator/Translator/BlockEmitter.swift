@@ -7,7 +7,6 @@ struct BlockEmitter {
     let translator: BlockTranslator
     /// Host register caching each guest register (-1: not used by the block).
     var host = [Int](repeating: -1, count: 16)
-    var used: UInt16 = 0
     /// Guest registers written so far (stored back at every exit).
     var dirty: UInt16 = 0
     /// Host RFLAGS hold the guest's arithmetic flags, newer than the context's copy.
@@ -36,7 +35,6 @@ struct BlockEmitter {
     init(translator: BlockTranslator, used: UInt16, count: Int, loopsWriting: UInt16?) {
         self.translator = translator
         a = HostAssembler(origin: translator.used)
-        self.used = used
         self.count = count
         dirty = loopsWriting ?? 0
         var next = 0
@@ -548,45 +546,5 @@ extension CPU {
             if p.mayLeaveEarly { live = true }
         }
         return needed
-    }
-
-    /// Empties the translator's TLB and jump cache (after TLB flushes, CPL changes, and when
-    /// a page becomes a code page).
-    func flushTranslatorCaches() {
-        let tlb = context + Int(TranslatorContext.tlb)
-        for k in 0..<TranslatorContext.tlbEntries {
-            let e = tlb + k * TranslatorContext.tlbEntrySize
-            e.storeBytes(of: TranslatorContext.emptyTag, as: UInt64.self)
-            e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
-        }
-        let jc = context + Int(TranslatorContext.jumpCache)
-        for k in 0..<TranslatorContext.jumpCacheEntries {
-            jc.storeBytes(of: TranslatorContext.emptyJumpKey, toByteOffset: k * 16, as: UInt64.self)
-        }
-        translatorFlushPending = false
-    }
-
-    /// The miss helper's work (see `translatorMissHelper`).
-    func translatorMiss(linear: UInt64, kind: UInt64) -> UInt64 {
-        let size = kind & 0xFF
-        let write = kind & 0x100 != 0
-        guard (linear & 0xFFF) + size <= 0x1000 else { return 0 }
-        let hostOffset: UInt64
-        do throws(Fault) { hostOffset = try translate(linear, write: write, user: cs.dpl == 3) } catch { return 0 }
-        guard hostOffset < ramSize else { return 0 }
-        let frame = hostOffset & ~0xFFF
-        if write && codeGens[Int(frame >> 12)] & CodePages.hasCode != 0 { return 0 }
-        let vpn = linear >> 12
-        let e = context + Int(TranslatorContext.tlb) + Int(vpn & UInt64(TranslatorContext.tlbEntries - 1)) * TranslatorContext.tlbEntrySize
-        let readTag = e.load(as: UInt64.self), writeTag = e.load(fromByteOffset: 8, as: UInt64.self)
-        if readTag != vpn && writeTag != vpn {
-            e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
-        }
-        let base = UInt64(UInt(bitPattern: ram))
-        e.storeBytes(of: base &+ frame &- (vpn << 12), toByteOffset: 16, as: UInt64.self)
-        e.storeBytes(of: UInt64(UInt(bitPattern: codeGens + Int(frame >> 12))), toByteOffset: 24, as: UInt64.self)
-        e.storeBytes(of: vpn, as: UInt64.self)
-        if write { e.storeBytes(of: vpn, toByteOffset: 8, as: UInt64.self) }
-        return base &+ hostOffset
     }
 }

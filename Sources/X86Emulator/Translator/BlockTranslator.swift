@@ -208,6 +208,9 @@ final class BlockTranslator {
         chainsMade &+= 1
     }
 
+    /// SWIFTVISOR_TRANSLATOR_DUMP: a file to rewrite with the code buffer after each block.
+    private static let dumpPath: String? = getenv("SWIFTVISOR_TRANSLATOR_DUMP").map { String(cString: $0) }
+
     /// Copies assembled code into the buffer; returns its offset.
     func place(_ a: HostAssembler) -> Int {
         let at = a.origin
@@ -215,7 +218,7 @@ final class BlockTranslator {
         a.bytes.withUnsafeBytes { (writable + at).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         used = (at + a.bytes.count + 15) & ~15
         blocksTranslated &+= 1
-        if let path = getenv("SWIFTVISOR_TRANSLATOR_DUMP"), let f = fopen(path, "w") {
+        if let path = Self.dumpPath, let f = fopen(path, "w") {
             fwrite(code, 1, used, f); fclose(f)
         }
         return at

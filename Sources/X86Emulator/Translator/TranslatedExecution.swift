@@ -6,12 +6,8 @@ extension CPU {
         typealias C = TranslatorContext
         let budgetAt = Int(C.budget)
         context.storeBytes(of: Int64(limit), toByteOffset: budgetAt, as: Int64.self)
-        storeTranslatorFlags()
-        var key = translatorKey
-        if translatorFlushPending || key != lastTranslatorKey {
-            flushTranslatorCaches()
-            lastTranslatorKey = key
-        }
+        storeTranslatorState()
+        flushTranslatorCachesIfStale()
         while true {
             let budget = Int(context.load(fromByteOffset: budgetAt, as: Int64.self))
             if budget <= 0 { break }
@@ -44,13 +40,9 @@ extension CPU {
             interpretedUnderTranslation &+= UInt64(attempts)
             let left = Int(context.load(fromByteOffset: budgetAt, as: Int64.self)) - attempts
             context.storeBytes(of: Int64(left), toByteOffset: budgetAt, as: Int64.self)
-            storeTranslatorFlags()
+            storeTranslatorState()
             if attention { break }
-            key = translatorKey
-            if translatorFlushPending || key != lastTranslatorKey {
-                flushTranslatorCaches()
-                lastTranslatorKey = key
-            }
+            flushTranslatorCachesIfStale()
         }
         loadTranslatorFlags()
         return limit - Int(context.load(fromByteOffset: budgetAt, as: Int64.self))
@@ -59,6 +51,16 @@ extension CPU {
     /// What the translator's TLB entries depend on beyond the page tables: the CPL and,
     /// through SMAP, RFLAGS.AC.
     var translatorKey: UInt64 { UInt64(cs.dpl) | (rflags & Flag.ac) }
+
+    /// Empties the translator's TLB and jump cache after a TLB flush or a new code page
+    /// (`translatorFlushPending`) or a change of `translatorKey`.
+    private func flushTranslatorCachesIfStale() {
+        let key = translatorKey
+        if translatorFlushPending || key != lastTranslatorKey {
+            flushTranslatorCaches()
+            lastTranslatorKey = key
+        }
+    }
 
     /// The host entry of the block at RIP (found in the jump cache, the block table, or
     /// translated now); nil when the instruction at RIP must be interpreted.
@@ -71,8 +73,7 @@ extension CPU {
         let gpa: UInt64
         do throws(Fault) { gpa = try translate(r, write: false, execute: true, user: cs.dpl == 3) } catch { return nil }
         guard gpa < ramSize else { return nil }
-        var block = t.blocks[gpa]
-        if let b = block, b.rip != r || b.gen != codeGens[Int(gpa >> 12)] & ~CodePages.hasCode { block = nil }
+        var block = currentBlock(t, gpa: gpa, rip: r)
         if block == nil {
             block = translateBlock(t, rip: r, gpa: gpa)
             if block == nil {
@@ -92,8 +93,13 @@ extension CPU {
     private func translatedBlock(_ t: BlockTranslator, at r: UInt64) -> BlockTranslator.Block? {
         let gpa: UInt64
         do throws(Fault) { gpa = try translate(r, write: false, execute: true, user: cs.dpl == 3) } catch { return nil }
-        guard let b = t.blocks[gpa], b.rip == r, b.entry != BlockTranslator.Block.interpreted,
-              b.gen == codeGens[Int(gpa >> 12)] & ~CodePages.hasCode else { return nil }
+        guard let b = currentBlock(t, gpa: gpa, rip: r), b.entry != BlockTranslator.Block.interpreted else { return nil }
+        return b
+    }
+
+    /// The block table's entry for `gpa` if it was made for `rip` from the page's current code.
+    private func currentBlock(_ t: BlockTranslator, gpa: UInt64, rip r: UInt64) -> BlockTranslator.Block? {
+        guard let b = t.blocks[gpa], b.rip == r, b.gen == codeGens[Int(gpa >> 12)] & ~CodePages.hasCode else { return nil }
         return b
     }
 
@@ -107,7 +113,7 @@ extension CPU {
     }
 
     /// RFLAGS' arithmetic flags into the context (OF byte, LAHF byte), and FS/GS bases.
-    private func storeTranslatorFlags() {
+    private func storeTranslatorState() {
         let f = UInt16(rflags >> 11 & 1) | UInt16(truncatingIfNeeded: (rflags & 0xD5) | 2) << 8
         context.storeBytes(of: f, toByteOffset: Int(TranslatorContext.flags), as: UInt16.self)
         context.storeBytes(of: fs.base, toByteOffset: Int(TranslatorContext.fsBase), as: UInt64.self)
@@ -117,5 +123,45 @@ extension CPU {
     private func loadTranslatorFlags() {
         let f = context.load(fromByteOffset: Int(TranslatorContext.flags), as: UInt16.self)
         rflags = (rflags & ~Flag.arithmetic) | UInt64(f >> 8) & 0xD5 | (UInt64(f & 1) << 11)
+    }
+
+    /// Empties the translator's TLB and jump cache (after TLB flushes, CPL changes, and when
+    /// a page becomes a code page).
+    func flushTranslatorCaches() {
+        let tlb = context + Int(TranslatorContext.tlb)
+        for k in 0..<TranslatorContext.tlbEntries {
+            let e = tlb + k * TranslatorContext.tlbEntrySize
+            e.storeBytes(of: TranslatorContext.emptyTag, as: UInt64.self)
+            e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
+        }
+        let jc = context + Int(TranslatorContext.jumpCache)
+        for k in 0..<TranslatorContext.jumpCacheEntries {
+            jc.storeBytes(of: TranslatorContext.emptyJumpKey, toByteOffset: k * 16, as: UInt64.self)
+        }
+        translatorFlushPending = false
+    }
+
+    /// The miss helper's work (see `translatorMissHelper`).
+    func translatorMiss(linear: UInt64, kind: UInt64) -> UInt64 {
+        let size = kind & 0xFF
+        let write = kind & 0x100 != 0
+        guard (linear & 0xFFF) + size <= 0x1000 else { return 0 }
+        let hostOffset: UInt64
+        do throws(Fault) { hostOffset = try translate(linear, write: write, user: cs.dpl == 3) } catch { return 0 }
+        guard hostOffset < ramSize else { return 0 }
+        let frame = hostOffset & ~0xFFF
+        if write && codeGens[Int(frame >> 12)] & CodePages.hasCode != 0 { return 0 }
+        let vpn = linear >> 12
+        let e = context + Int(TranslatorContext.tlb) + Int(vpn & UInt64(TranslatorContext.tlbEntries - 1)) * TranslatorContext.tlbEntrySize
+        let readTag = e.load(as: UInt64.self), writeTag = e.load(fromByteOffset: 8, as: UInt64.self)
+        if readTag != vpn && writeTag != vpn {
+            e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
+        }
+        let base = UInt64(UInt(bitPattern: ram))
+        e.storeBytes(of: base &+ frame &- (vpn << 12), toByteOffset: 16, as: UInt64.self)
+        e.storeBytes(of: UInt64(UInt(bitPattern: codeGens + Int(frame >> 12))), toByteOffset: 24, as: UInt64.self)
+        e.storeBytes(of: vpn, as: UInt64.self)
+        if write { e.storeBytes(of: vpn, toByteOffset: 8, as: UInt64.self) }
+        return base &+ hostOffset
     }
 }

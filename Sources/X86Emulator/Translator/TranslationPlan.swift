@@ -105,7 +105,7 @@ extension TranslationPlan {
             if isMem {
                 p.memorySize = access == 0 ? (byte ? 1 : Int(w)) : access
                 p.memoryWrite = write
-                if !p.addAddressRegisters(i) { return nil }
+                p.addAddressRegisters(i)
             } else {
                 let g = Int(i.rm)
                 if byte && !i.hasREX && g >= 4 { return nil }
@@ -163,7 +163,8 @@ extension TranslationPlan {
             p.regField = .guest(Int(i.reg))
             p.used |= 1 << Int(i.reg)
             p.written |= 1 << Int(i.reg)
-            return p.addAddressRegisters(i) ? p : nil
+            p.addAddressRegisters(i)
+            return p
         case 0x90 where i.reg == 0:
             p.kind = .nop
             return p
@@ -231,7 +232,8 @@ extension TranslationPlan {
                 p.written = p.used
                 if isMem {
                     p.memorySize = 8
-                    return p.addAddressRegisters(i) ? p : nil
+                    p.addAddressRegisters(i)
+                    return p
                 }
                 p.rmGuest = Int(i.rm)
                 p.used |= 1 << Int(i.rm)
@@ -325,11 +327,9 @@ extension TranslationPlan {
         }
     }
 
-    /// Adds the memory operand's base and index registers; false for forms the
-    /// translator leaves to the interpreter.
-    mutating func addAddressRegisters(_ i: Instr) -> Bool {
+    /// Adds the memory operand's base and index registers.
+    mutating func addAddressRegisters(_ i: Instr) {
         if i.base < 16 { used |= 1 << Int(i.base) }
         if i.index < 16 { used |= 1 << Int(i.index) }
-        return true
     }
 }
