@@ -31,7 +31,9 @@ public struct KVMEngine: Engine {
 }
 
 /// A KVM VM: the VM fd plus guest RAM in memory slot 0.
-public final class KVMVirtualMachine: VM, @unchecked Sendable {
+// SAFETY: the fd and tables are immutable after init; `dirtyLogging` changes only through
+// setDirtyLogging, which the VMM calls from one thread at a time (the kernel serialises the ioctl).
+public final class KVMVirtualMachine: DirtyPageLogging, NotificationOffload, @unchecked Sendable {
     public let system: KVMSystem
     public let memory: GuestMemory
     public let config: VMConfig
@@ -61,6 +63,7 @@ public final class KVMVirtualMachine: VM, @unchecked Sendable {
                                "KVM_SET_USER_MEMORY_REGION")
     }
 
+    public var engineName: String { "kvm" }
     public func makeVCPU(id: Int) throws -> any VCPU { try makeKVMVCPU(id: id) }
 
     public func makeKVMVCPU(id: Int) throws(KVMError) -> KVMVirtualCPU {
@@ -75,15 +78,15 @@ public final class KVMVirtualMachine: VM, @unchecked Sendable {
     }
 
     /// Whether the host can signal eventfds for guest MMIO writes (KVM_CAP_IOEVENTFD).
-    public var supportsIOEventFD: Bool { system.capability(KVM_CAP_IOEVENTFD) > 0 }
+    public var notificationOffloadAvailable: Bool { system.capability(KVM_CAP_IOEVENTFD) > 0 }
 
     /// KVM_IOEVENTFD: a guest write of `value` (`length` bytes) to MMIO `address` signals
     /// `eventFD` inside the kernel; the vCPU carries on without an exit to userspace.
-    public func assignIOEventFD(address: UInt64, length: UInt32, value: UInt64, eventFD: Int32) throws(KVMError) {
+    public func assignNotification(address: UInt64, length: UInt32, value: UInt64, eventFD: Int32) throws(KVMError) {
         _ = try KVMError.check(ckvm_ioeventfd(fd, address, length, eventFD, value, 0), "KVM_IOEVENTFD")
     }
 
-    public func deassignIOEventFD(address: UInt64, length: UInt32, value: UInt64, eventFD: Int32) throws(KVMError) {
+    public func deassignNotification(address: UInt64, length: UInt32, value: UInt64, eventFD: Int32) throws(KVMError) {
         _ = try KVMError.check(ckvm_ioeventfd(fd, address, length, eventFD, value, 1), "KVM_IOEVENTFD (deassign)")
     }
 

@@ -6,7 +6,9 @@ import Glibc
 #endif
 
 /// One KVM vCPU: its fd and the shared `kvm_run` page.
-public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
+// SAFETY: the run page and pending-read state belong to the thread calling run(); kicks from
+// other threads go through the atomic thread handle under `kickLock` and immediate_exit.
+public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
     /// Signal used to knock a vCPU thread out of KVM_RUN.
     static let kickSignal = SIGUSR1
     private static let kickHandlerInstalled: Bool = { ckvm_install_kick_handler(KVMVirtualCPU.kickSignal) == 0 }()
@@ -222,7 +224,7 @@ public final class KVMVirtualCPU: VCPU, @unchecked Sendable {
 
     /// Runs the guest in the shim's plain C KVM_RUN loop (no Swift between exits) until it
     /// writes `exitPort`: the reference the exit benchmark compares the Swift loop with.
-    public func runReferenceIOLoop(exitPort: UInt16) throws(KVMError) -> (ioExits: UInt64, exitValue: UInt32) {
+    public func runReferenceLoop(exitPort: UInt16) throws(KVMError) -> (ioExits: UInt64, exitValue: UInt32) {
         var exits: UInt64 = 0
         var value: UInt32 = 0
         let rc = ckvm_reference_io_loop(fd, runPage, exitPort, &exits, &value)

@@ -87,12 +87,12 @@ public struct DedupLab: Sendable {
                     let first = Int(value) / 4096
                     area = first..<(first + pages)
                     dirtyRounds = [Int](repeating: 0, count: pages)
-                    try machine.vm.setDirtyLogging(true)
+                    try machine.vm.require(DirtyPageLogging.self, .dirtyLogging, neededBy: "the dedup policy").setDirtyLogging(true)
                     return
                 }
                 let round = Int(value)
                 if round <= warm {
-                    let log = try machine.vm.fetchDirtyLog()
+                    let log = try machine.vm.require(DirtyPageLogging.self, .dirtyLogging).fetchDirtyLog()
                     for (i, page) in area.enumerated() where log[page] { dirtyRounds[i] += 1 }
                     if round == warm {
                         let groups = dedup.findDuplicates(in: area)

@@ -3,7 +3,6 @@ import Foundation
 import GuestImages
 import VirtCore
 import VMM
-import X86Emulator
 
 /// Scenario S2: the same guest packet workload (`net-bench`, at CPL3, polling) over the
 /// emulated register-interface NIC and over virtio-net, with the exit-cost model that
@@ -87,7 +86,8 @@ public struct ParavirtVsEmulatedLab: Sendable {
             try m.addVirtioNet(backend: sink)
         }
         rangeBase = BootLayout.mmioWindowBase  // the first (only) device slot
-        let start = (m.vcpu(0) as? SoftwareVirtualCPU)?.instructionsRetired
+        let counter = m.vcpu(0) as? any InstructionCounting
+        let start = counter?.executionCounts.instructions
         let r = try m.run()
         let name = emulated ? "emulated NIC" : ioeventfd ? "virtio-net+ioeventfd" : "virtio-net"
         guard r.stopReason == .exitPort(status: 0) else { throw LabError.guestFailed(what: name, reason: r.stopReason.summary, output: out.text) }
@@ -97,8 +97,8 @@ public struct ParavirtVsEmulatedLab: Sendable {
         // With ioeventfd the notify is a kernel-handled exit: none reach userspace.
         let modelExits = emulated ? 5.0 : ioeventfd ? 0 : 1.0 / Double(batch)
         var instructions: Double?
-        if let start, let sw = m.vcpu(0) as? SoftwareVirtualCPU {
-            instructions = Double(sw.instructionsRetired - start) / Double(packets)
+        if let start, let counter {
+            instructions = Double(counter.executionCounts.instructions - start) / Double(packets)
         }
         return Form(device: name, packets: packets, seconds: seconds, packetsPerSecond: Double(packets) / seconds,
                     exitsPerPacket: deviceExits / Double(packets), modelExitsPerPacket: modelExits,

@@ -65,8 +65,8 @@ public struct PioVsMmioLab: Sendable {
         if page {
             let sp = try StatusPage(memory: machine.memory, address: BootLayout.statusPageAddress)
             try machine.listDevice(type: .statusPage, base: sp.address, size: 4096)
-            try machine.vm.setDirtyLogging(true)
-            let vm = machine.vm
+            let vm = try machine.vm.require(DirtyPageLogging.self, .dirtyLogging, neededBy: "the shared-page device")
+            try vm.setDirtyLogging(true)
             machine.onTick = {
                 // The vCPU is stopped at this timer exit: fetch the log, then serve the page.
                 let written = (try? vm.fetchDirtyLog()[sp.pageNumber]) ?? false

@@ -2,7 +2,6 @@ import Foundation
 import GuestImages
 import VirtCore
 import VMM
-import X86Emulator
 
 /// Scenario S13: an emulator is a universal machine — the same guest binary computes the
 /// same thing on hardware virtualization (KVM), on the software engine's block translator
@@ -77,12 +76,14 @@ public struct UniversalMachineLab: Sendable {
         try m.memory.store(UInt32(0), at: BootLayout.bootInfoAddress + 20)
         try m.memory.store(UInt16(0), at: BootLayout.bootInfoAddress + 24)
         return Observation(output: out.text, registers: s.gprs + [s.rip], ram: try m.memory.read(at: 0, count: Int(m.memory.size)),
-                           seconds: Double(r.wallNanoseconds) / 1e9, instructions: m.softwareExecutionSummary?.instructions)
+                           seconds: Double(r.wallNanoseconds) / 1e9, instructions: m.executionCounts?.instructions)
     }
 
     public func run(progress: (String) -> Void = { _ in }) throws -> Result {
-        var engines: [(String, any Engine)] = [("software (interpreted)", SoftwareEngine(translation: false))]
-        if SoftwareEngine.translationSupported { engines.append(("software (translated)", SoftwareEngine(translation: true))) }
+        var engines: [(String, any Engine)] = [("software (interpreted)", try EngineSelection.make(.software, translation: false))]
+        if EngineSelection.softwareEngineTranslates {
+            engines.append(("software (translated)", try EngineSelection.make(.software, translation: true)))
+        }
         if useKVM, let kvm = try? EngineSelection.make(.kvm) { engines.append(("kvm", kvm)) }
         var rows: [Row] = []
         for w in workloads {

@@ -1,7 +1,5 @@
 import GuestImages
-import KVMEngine
 import VirtCore
-import X86Emulator
 
 /// `swiftvisor bench cpu`: the `compute` guest's integer workloads on the software engine
 /// (guest instructions per second), and on KVM when it is usable (wall time only: its
@@ -33,16 +31,16 @@ public struct CPUBenchmark: Sendable {
         let image = try ELFImage(bytes: guest.elf)
         var rows: [Row] = []
         progress("software engine (translated): compute scale=\(scale)")
-        let (softwareSeconds, machine) = try time(image, SoftwareEngine(translation: true))
-        let summary = machine.softwareExecutionSummary
+        let (softwareSeconds, machine) = try time(image, EngineSelection.make(.software, translation: true))
+        let summary = machine.executionCounts
         rows.append(Row(engine: "software", seconds: softwareSeconds, instructions: summary?.instructions,
                         translatedShare: summary.flatMap { $0.translating && $0.instructions > 0 ? $0.translatedShare : nil }))
         if interpreted {
             progress("software engine (interpreted): compute scale=\(scale)")
-            let (seconds, m) = try time(image, SoftwareEngine(translation: false))
-            rows.append(Row(engine: "software-interpreted", seconds: seconds, instructions: m.softwareExecutionSummary?.instructions))
+            let (seconds, m) = try time(image, EngineSelection.make(.software, translation: false))
+            rows.append(Row(engine: "software-interpreted", seconds: seconds, instructions: m.executionCounts?.instructions))
         }
-        if let kvm = try? KVMEngine(devicePath: kvmPath) {
+        if let kvm = try? EngineSelection.make(.kvm, kvmPath: kvmPath) {
             progress("kvm engine: compute scale=\(scale)")
             rows.append(Row(engine: "kvm", seconds: try time(image, kvm).0, instructions: nil))
         }

@@ -1,7 +1,6 @@
 import CKVM
 import Synchronization
 import VirtCore
-import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -100,14 +99,14 @@ final class UserfaultWriteProtection: WriteProtection, @unchecked Sendable {
 /// second-level page table; a guest write is an EPT violation (a `.memoryFault` exit),
 /// handled on the vCPU's thread by saving the page and restoring the permission.
 final class SecondLevelWriteProtection: WriteProtection, @unchecked Sendable {
-    let table: SecondLevelPageTable
+    let table: any SecondLevelTranslation
     var mechanism: String { "second-level page table write protection (EPT violations)" }
 
-    init(table: SecondLevelPageTable) { self.table = table }
+    init(table: any SecondLevelTranslation) { self.table = table }
 
-    func protectAll() throws { table.setPermissions([.read, .execute], pages: 0..<table.pageCount) }
+    func protectAll() throws { table.setPermissions([.read, .execute], pages: 0..<table.secondLevelPageCount) }
     func unprotect(page: Int) { table.setPermissions(.all, pages: page..<(page + 1)) }
-    func finish() { table.setPermissions(.all, pages: 0..<table.pageCount) }
+    func finish() { table.setPermissions(.all, pages: 0..<table.secondLevelPageCount) }
 }
 
 /// One copy-on-write snapshot in progress: every page is saved exactly once, as it was at

@@ -1,7 +1,6 @@
 import CKVM
 import Synchronization
 import VirtCore
-import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -107,12 +106,12 @@ public final class PageDeduplicator: @unchecked Sendable {
     public init(machines: [Machine]) throws {
         precondition(!machines.isEmpty, "deduplicate at least one machine")
         self.machines = machines
-        if machines.count == 1, let sw = machines[0].vm as? SoftwareVirtualMachine {
+        if machines.count == 1, let table = machines[0].vm as? any FrameRemapping {
             guard machines[0].bus.mmioDeviceNames.isEmpty else { throw DeduplicationError.devicesAttached }
             machines[0].memoryFaultHandler.withLock {
                 $0 = { [weak self] gpa, access in
                     guard access.contains(.write), let self else { return false }
-                    return self.breakSharing(page: Int(gpa >> 12), table: sw.secondLevel, vm: sw)
+                    return self.breakSharing(page: Int(gpa >> 12), table: table)
                 }
             }
         } else {
@@ -167,8 +166,8 @@ public final class PageDeduplicator: @unchecked Sendable {
         for g in groups {
             let members = g.filter(shouldMerge)
             guard members.count >= 2 else { continue }
-            if storeFD < 0, let sw = machine.vm as? SoftwareVirtualMachine {
-                mergeSecondLevel(members.map(\.page), table: sw.secondLevel)
+            if storeFD < 0, let table = machine.vm as? any FrameRemapping {
+                mergeSecondLevel(members.map(\.page), table: table)
             } else {
                 try mergeHostMapping(members)
             }
@@ -178,7 +177,7 @@ public final class PageDeduplicator: @unchecked Sendable {
         return total
     }
 
-    private func mergeSecondLevel(_ members: [Int], table: SecondLevelPageTable) {
+    private func mergeSecondLevel(_ members: [Int], table: any FrameRemapping) {
         let frame = members[0]
         for page in members { table.map(page: page, toFrame: frame, permissions: [.read, .execute]) }
         // The other members' own frames are unused now: give them back to the host.
@@ -197,16 +196,14 @@ public final class PageDeduplicator: @unchecked Sendable {
             let rc = ckvm_map_private_page(address(p), storeFD, offset)
             guard rc == 0 else { throw DeduplicationError.mapFailed(page: p.page, errno: -rc) }
             _ = ckvm_punch_hole(machines[p.machine].memory.fileDescriptor, UInt64(p.page) * 4096, 4096)
-            if let sw = machines[p.machine].vm as? SoftwareVirtualMachine {
-                sw.invalidateDecodedCode(gpa: UInt64(p.page) * 4096, length: 4096)
-            }
+            machines[p.machine].vm.noteHostWrite(gpa: UInt64(p.page) * 4096, length: 4096)
         }
         lock.withLock { s in for p in members { s.storeMerged.insert(p) } }
     }
 
     /// Software engine: the EPT violation of a write to a shared page. Copies the shared
     /// frame into the page's own frame and maps it back, writable.
-    private func breakSharing(page: Int, table: SecondLevelPageTable, vm: SoftwareVirtualMachine) -> Bool {
+    private func breakSharing(page: Int, table: any FrameRemapping) -> Bool {
         let base = machine.memory.base
         return lock.withLock { s -> Bool in
             let frame = table.frame(of: page)
@@ -216,7 +213,7 @@ public final class PageDeduplicator: @unchecked Sendable {
             if page != frame {
                 memcpy(base + page * 4096, base + frame * 4096, 4096)
                 table.map(page: page, toFrame: page, permissions: .all)
-                vm.invalidateDecodedCode(gpa: UInt64(page) * 4096, length: 4096)
+                table.noteHostWrite(gpa: UInt64(page) * 4096, length: 4096)
                 s.groups[frame] = members.count >= 1 ? members : nil
                 if members == [frame] { table.setPermissions(.all, pages: frame..<(frame + 1)); s.groups[frame] = nil }
             } else {
@@ -224,7 +221,7 @@ public final class PageDeduplicator: @unchecked Sendable {
                 s.groups[frame] = nil
                 if let newFrame = members.first {
                     memcpy(base + newFrame * 4096, base + frame * 4096, 4096)
-                    vm.invalidateDecodedCode(gpa: UInt64(newFrame) * 4096, length: 4096)
+                    table.noteHostWrite(gpa: UInt64(newFrame) * 4096, length: 4096)
                     for m in members { table.map(page: m, toFrame: newFrame, permissions: members.count >= 2 ? [.read, .execute] : .all) }
                     if members.count >= 2 { s.groups[newFrame] = members }
                 }

@@ -1,6 +1,6 @@
 import CKVM
 import Devices
-import KVMEngine
+import VirtCore
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -11,7 +11,7 @@ import Glibc
 /// the queue — the vCPU never waits for the device. One thread per machine.
 final class DoorbellThread: @unchecked Sendable {
     private struct Doorbell { let fd: Int32; let address: UInt64; let queue: Int; let transport: VirtioMMIOTransport }
-    private let vm: KVMVirtualMachine
+    private let vm: any NotificationOffload
     private var doorbells: [Doorbell] = []
     /// Signalled to stop the thread.
     private let stopFD: Int32
@@ -20,17 +20,17 @@ final class DoorbellThread: @unchecked Sendable {
     let notifications = Atomic<UInt64>(0)
 
 
-    init(vm: KVMVirtualMachine) throws {
+    init(vm: any NotificationOffload) throws {
         self.vm = vm
         let fd = ckvm_eventfd()
-        guard fd >= 0 else { throw KVMError.ioctlFailed(operation: "eventfd", errno: -fd) }
+        guard fd >= 0 else { throw DoorbellError.eventfdFailed(errno: -fd) }
         stopFD = fd
     }
 
     deinit {
         stop()
         for d in doorbells {
-            try? vm.deassignIOEventFD(address: d.address, length: 4, value: UInt64(d.queue), eventFD: d.fd)
+            try? vm.deassignNotification(address: d.address, length: 4, value: UInt64(d.queue), eventFD: d.fd)
             close(d.fd)
         }
         close(stopFD)
@@ -42,9 +42,9 @@ final class DoorbellThread: @unchecked Sendable {
         let address = base + VirtioMMIOTransport.queueNotifyOffset
         for queue in transport.device.queueMaxSizes.indices {
             let fd = ckvm_eventfd()
-            guard fd >= 0 else { throw KVMError.ioctlFailed(operation: "eventfd", errno: -fd) }
+            guard fd >= 0 else { throw DoorbellError.eventfdFailed(errno: -fd) }
             do {
-                try vm.assignIOEventFD(address: address, length: 4, value: UInt64(queue), eventFD: fd)
+                try vm.assignNotification(address: address, length: 4, value: UInt64(queue), eventFD: fd)
             } catch {
                 close(fd)
                 throw error
@@ -79,5 +79,12 @@ final class DoorbellThread: @unchecked Sendable {
         _ = ckvm_eventfd_signal(stopFD)
         t.join()
         thread = nil
+    }
+}
+
+public enum DoorbellError: Error, Equatable, CustomStringConvertible {
+    case eventfdFailed(errno: Int32)
+    public var description: String {
+        switch self { case let .eventfdFailed(e): return "eventfd failed: \(String(cString: strerror(e)))" }
     }
 }

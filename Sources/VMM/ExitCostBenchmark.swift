@@ -1,6 +1,5 @@
 import Devices
 import GuestImages
-import KVMEngine
 import Synchronization
 import VirtCore
 
@@ -30,7 +29,7 @@ public struct ExitCostBenchmark: Sendable {
     }
 
     public func run(progress: (String) -> Void = { _ in }) throws -> [Row] {
-        let engine = try KVMEngine(devicePath: kvmPath)
+        let engine = try EngineSelection.make(.kvm, kvmPath: kvmPath)
         guard let guest = BundledGuests.named("pio-loop") else { throw GuestProgramError.notFound("pio-loop") }
         let image = try ELFImage(bytes: guest.elf)
         var rows: [Row] = []
@@ -53,13 +52,13 @@ public struct ExitCostBenchmark: Sendable {
         return rows
     }
 
-    private func machine(_ image: ELFImage, _ engine: KVMEngine, count: UInt64, ring: Int) throws -> Machine {
+    private func machine(_ image: ELFImage, _ engine: any Engine, count: UInt64, ring: Int) throws -> Machine {
         try Machine(image: image, configuration: MachineConfiguration(memorySize: 16 << 20, commandLine: "count=\(count) ring=\(ring)"),
                     engine: engine, serialOutput: { _ in })
     }
 
     /// Nanoseconds for the whole guest run through `Machine.run()`.
-    private func swiftLoop(_ image: ELFImage, _ engine: KVMEngine, count: UInt64, ring: Int) throws -> UInt64 {
+    private func swiftLoop(_ image: ELFImage, _ engine: any Engine, count: UInt64, ring: Int) throws -> UInt64 {
         let m = try machine(image, engine, count: count, ring: ring)
         let result = try m.run()
         guard result.stopReason == .exitPort(status: 0), m.benchPort.writes == count else {
@@ -69,14 +68,14 @@ public struct ExitCostBenchmark: Sendable {
     }
 
     /// Nanoseconds for the whole guest run through the C loop.
-    private func cLoop(_ image: ELFImage, _ engine: KVMEngine, count: UInt64, ring: Int) throws -> UInt64 {
+    private func cLoop(_ image: ELFImage, _ engine: any Engine, count: UInt64, ring: Int) throws -> UInt64 {
         let m = try machine(image, engine, count: count, ring: ring)
-        guard let vcpu = m.vcpu(0) as? KVMVirtualCPU else { throw BenchmarkError.guestMisbehaved("not a KVM vCPU") }
+        let vcpu = try m.vcpu(0).require(ReferenceRunLoop.self, .referenceRunLoop, engine: engine.name, neededBy: "the exit-cost benchmark")
         // On its own thread, as the Swift path's vCPU is, so both start equal.
-        let outcome = Mutex<(UInt64, Result<(ioExits: UInt64, exitValue: UInt32), KVMError>)?>(nil)
+        let outcome = Mutex<(UInt64, Result<(ioExits: UInt64, exitValue: UInt32), any Error>)?>(nil)
         let thread = HostThread(name: "vcpu0-c") {
             let start = monotonicNanoseconds()
-            let r = Result { () throws(KVMError) in try vcpu.runReferenceIOLoop(exitPort: ExitPort.port) }
+            let r = Result { try vcpu.runReferenceLoop(exitPort: ExitPort.port) }
             outcome.withLock { $0 = (monotonicNanoseconds() - start, r) }
         }
         thread.join()

@@ -2,7 +2,6 @@ import Devices
 import Dispatch
 import Synchronization
 import VirtCore
-import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -332,8 +331,8 @@ public final class Machine: @unchecked Sendable {
         _ = HostClock.nanosecondsPerTick  // calibrate before the vCPUs start
         var tickTimer: DispatchSourceTimer?
         if let period = configuration.tickSeconds {
-            if let sw = vcpus[0] as? SoftwareVirtualCPU {
-                sw.armPreemptionTimer(instructions: configuration.tickInstructions)
+            if let timer = vcpus[0] as? any PreemptionTimer {
+                timer.armPreemptionTimer(instructions: configuration.tickInstructions)
             } else {
                 let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "swiftvisor.tick"))
                 let first = vcpus[0]
@@ -372,6 +371,7 @@ public final class Machine: @unchecked Sendable {
         var trace: [VMExit] = []
         let record = configuration.recordExits
         var t0 = HostClock.ticks()
+        let preemptionTimer = vcpu as? any PreemptionTimer
         defer {
             vcpu.runThreadWillExit()
             finishedCount.add(1, ordering: .acquiringAndReleasing)
@@ -452,8 +452,8 @@ public final class Machine: @unchecked Sendable {
                 if vcpu.id == 0, configuration.tickSeconds != nil, let tick = onTick {
                     tickCount.add(1, ordering: .relaxed)
                     tick()
-                    if case .preemptionTimer = exit, let sw = vcpu as? SoftwareVirtualCPU {
-                        sw.armPreemptionTimer(instructions: configuration.tickInstructions)
+                    if case .preemptionTimer = exit, let preemptionTimer {
+                        preemptionTimer.armPreemptionTimer(instructions: configuration.tickInstructions)
                     }
                 }
             case let .exception(vector, code):

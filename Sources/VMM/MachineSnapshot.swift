@@ -1,10 +1,8 @@
 import CKVM
 import Devices
 import Foundation
-import KVMEngine
 import Synchronization
 import VirtCore
-import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -72,8 +70,8 @@ extension Machine {
         let protection: any WriteProtection
         // The second-level table sees vCPU writes only; with devices that write guest
         // memory (DMA), the host mapping is protected instead, which catches both.
-        if let sw = vm as? SoftwareVirtualMachine, transports.isEmpty {
-            protection = SecondLevelWriteProtection(table: sw.secondLevel)
+        if let table = vm as? any SecondLevelTranslation, transports.isEmpty {
+            protection = SecondLevelWriteProtection(table: table)
             memoryFaultHandler.withLock {
                 $0 = { gpa, access in
                     guard access.contains(.write) else { return false }

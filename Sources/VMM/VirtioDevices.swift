@@ -1,6 +1,5 @@
 import Devices
 import Foundation
-import KVMEngine
 import VirtCore
 
 /// The virtio-mmio devices a machine can be given; each takes the next MMIO slot and
@@ -43,8 +42,8 @@ extension Machine {
             base = slot.base
             return VirtioMMIOTransport(device: device, memory: memory, interrupt: slot.interrupt, name: "\(name)@\(slot.index)")
         }
-        if configuration.ioeventfd, let kvm = vm as? KVMVirtualMachine, kvm.supportsIOEventFD {
-            if doorbells == nil { doorbells = try DoorbellThread(vm: kvm) }
+        if configuration.ioeventfd, let offload = vm as? any NotificationOffload, offload.notificationOffloadAvailable {
+            if doorbells == nil { doorbells = try DoorbellThread(vm: offload) }
             try doorbells?.add(transport, base: base)
         }
         return transport

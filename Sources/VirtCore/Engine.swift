@@ -30,18 +30,13 @@ public protocol Engine: Sendable {
 }
 
 /// A virtual machine: RAM plus vCPUs.
+/// What else a VM can do is a capability protocol (Capabilities.swift) it may adopt.
 public protocol VM: AnyObject, Sendable {
     var memory: GuestMemory { get }
+    /// The engine's `name`, for messages.
+    var engineName: String { get }
     /// Creates vCPU `id` (0-based, below `config.vcpuCount`).
     func makeVCPU(id: Int) throws -> any VCPU
-    /// Starts or stops logging which guest pages are written (KVM: the slot's dirty log;
-    /// software engine: the dirty flags of its second-level page table). Starting clears
-    /// the log.
-    func setDirtyLogging(_ enabled: Bool) throws
-    /// The pages written since logging started or since the last fetch, which clears it.
-    /// Callable while vCPUs run on KVM; on the software engine the vCPUs must be out of
-    /// `run()` for the clearing to be exact (see `SecondLevelPageTable`).
-    func fetchDirtyLog() throws -> DirtyBitmap
 }
 
 /// One virtual CPU. `run`, `state` and the completion calls belong to the vCPU's own

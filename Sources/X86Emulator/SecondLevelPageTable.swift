@@ -38,14 +38,7 @@ public final class SecondLevelPageTable: @unchecked Sendable {
     private let changeLock = Mutex(())
     @inline(__always) var restrictedPages: Int { restrictedCount.load(ordering: .relaxed) }
 
-    public struct Permissions: OptionSet, Sendable {
-        public let rawValue: UInt8
-        public init(rawValue: UInt8) { self.rawValue = rawValue }
-        public static let read = Permissions(rawValue: 1)
-        public static let write = Permissions(rawValue: 2)
-        public static let execute = Permissions(rawValue: 4)
-        public static let all: Permissions = [.read, .write, .execute]
-    }
+    public typealias Permissions = PagePermissions
 
     init(ramSize: UInt64) {
         pageCount = Int((ramSize + Self.pageSize - 1) / Self.pageSize)

@@ -21,7 +21,8 @@ public struct SoftwareEngine: Engine {
     }
 }
 
-public final class SoftwareVirtualMachine: VM, @unchecked Sendable {
+// SAFETY: every stored property is immutable; the shared tables inside synchronise themselves.
+public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, CodeCacheCoherence, @unchecked Sendable {
     public let memory: GuestMemory
     public let config: VMConfig
     let atomicLock = AtomicInstructionLock()
@@ -40,6 +41,7 @@ public final class SoftwareVirtualMachine: VM, @unchecked Sendable {
         secondLevel = SecondLevelPageTable(ramSize: memory.size)
     }
 
+    public var engineName: String { "software" }
     public func makeVCPU(id: Int) throws -> any VCPU { SoftwareVirtualCPU(vm: self, id: id) }
 
     /// The second-level dirty flags are always kept; enabling only clears them.
@@ -52,15 +54,25 @@ public final class SoftwareVirtualMachine: VM, @unchecked Sendable {
     /// Forgets decoded instructions after the VMM wrote guest memory behind the vCPUs'
     /// backs (loading code, restoring a snapshot, DMA into code pages). Guest writes,
     /// from any vCPU, are tracked by the engine itself. Call while no vCPU runs.
-    public func invalidateDecodedCode() { codePages.invalidateAll() }
+    public func hostDidWriteAll() { codePages.invalidateAll() }
 
-    /// As `invalidateDecodedCode()`, for `[gpa, gpa+length)` only.
-    public func invalidateDecodedCode(gpa: UInt64, length: UInt64) { codePages.invalidate(gpa: gpa, length: length) }
+    /// As `hostDidWriteAll()`, for `[gpa, gpa+length)` only.
+    public func hostDidWrite(gpa: UInt64, length: UInt64) { codePages.invalidate(gpa: gpa, length: length) }
+
+    public var secondLevelPageCount: Int { secondLevel.pageCount }
+    public func permissions(page: Int) -> PagePermissions { secondLevel.permissions(page: page) }
+    public func setPermissions(_ permissions: PagePermissions, pages: Range<Int>) { secondLevel.setPermissions(permissions, pages: pages) }
+    public func frame(of page: Int) -> Int { secondLevel.frame(of: page) }
+    public func map(page: Int, toFrame frame: Int, permissions: PagePermissions) {
+        secondLevel.map(page: page, toFrame: frame, permissions: permissions)
+    }
 }
 
 /// One software vCPU. `run`, state and completions belong to its thread;
 /// `requestExit` and `injectInterrupt` may come from any thread.
-public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
+// SAFETY: the CPU and the timer budget belong to the thread calling run(); the flags other
+// threads touch (exit request, pending interrupts) are atomic.
+public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @unchecked Sendable {
     public let id: Int
     let vm: SoftwareVirtualMachine
     let cpu: CPU
@@ -97,6 +109,10 @@ public final class SoftwareVirtualCPU: VCPU, @unchecked Sendable {
 
     /// Instructions retired so far.
     public var instructionsRetired: UInt64 { cpu.instructions }
+    public var executionCounts: ExecutionCounts {
+        ExecutionCounts(instructions: cpu.instructions, interpreted: instructionsInterpreted,
+                        blocksTranslated: blocksTranslated, translating: usesTranslation)
+    }
     /// Guest exceptions raised (including #UD for unsupported encodings) and software interrupts.
     public var exceptionCount: UInt64 { cpu.exceptionCount }
     /// #UD raised: undefined or unimplemented encodings.

@@ -1,6 +1,5 @@
 import ArgumentParser
 import GuestImages
-import KVMEngine
 import Foundation
 import VMM
 
@@ -31,20 +30,26 @@ struct Host: ParsableCommand {
         print("software engine:  " + (EngineSelection.softwareEngineTranslates
             ? "block translator to host code (BMI2 present), interpreter for the rest"
             : "interpreter only (this CPU lacks BMI2, which translated code needs)"))
-        let system: KVMSystem
+        if let caps = try? EngineSelection.capabilities(of: .software) {
+            print("software caps:    " + caps.map(\.rawValue).joined(separator: ", "))
+        }
+        let r: HostKVMReport
         do {
-            system = try KVMSystem(path: kvmPath)
+            r = try EngineSelection.kvmHostReport(kvmPath: kvmPath)
         } catch {
             print("kvm: unavailable — \(error)")
             throw ExitCode(1)
         }
-        let r = system.report()
+        if let caps = try? EngineSelection.capabilities(of: .kvm, kvmPath: kvmPath) {
+            print("kvm caps:         " + caps.map(\.rawValue).joined(separator: ", "))
+        }
         print("kvm device:       \(r.path)")
         print("api version:      \(r.apiVersion)")
         print("vCPUs:            \(r.recommendedVCPUs) recommended, \(r.maxVCPUs) maximum (swiftvisor: \(BootLayout.maxVCPUs))")
         print("capabilities:")
-        let width = r.capabilities.map(\.capability.name.count).max() ?? 0
-        for (cap, value) in r.capabilities {
+        let width = r.capabilities.map(\.name.count).max() ?? 0
+        for cap in r.capabilities {
+            let value = cap.value
             let state = value > 0 ? (value == 1 ? "yes" : "yes (\(value))") : "no"
             print("  " + cap.name.padding(toLength: width + 2, withPad: " ", startingAt: 0) + state + (cap.required ? "  [required]" : ""))
         }

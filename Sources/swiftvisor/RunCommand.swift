@@ -189,10 +189,10 @@ struct Run: ParsableCommand {
             printError(label + result.statistics.table(portName: { machine.bus.deviceName(port: $0) ?? "" },
                                                        rangeName: { machine.bus.deviceName(mmioBase: $0) ?? "unassigned" }))
             printError("\(label)wall time: \(ExitStatistics.formatNanoseconds(Double(result.wallNanoseconds))), engine: \(machine.engine.name)")
-            if let s = machine.softwareExecutionSummary { printError(label + s.text) }
+            if let s = machine.executionCounts { printError(label + s.text) }
         }
         if let path = jsonPath {
-            let software = machine.softwareExecutionSummary.map {
+            let software = machine.executionCounts.map {
                 ",\"instructions\":\($0.instructions),\"interpreted\":\($0.interpreted),\"blocks_translated\":\($0.blocksTranslated)"
             } ?? ""
             let json = "{\"engine\":\"\(machine.engine.name)\",\"wall_ns\":\(result.wallNanoseconds),\"stop\":\"\(result.stopReason.summary)\"\(software),\"exits\":\(result.statistics.json)}\n"

@@ -95,7 +95,7 @@ func withIDT(_ st: inout VCPUState) { st.idt = DescriptorTableRegister(base: 0x5
         try vcpu.setState(GuestABI.entryState(rip: Snippet.codeAddress))
         #expect(try vcpu.run() == .halt)
         try memory.write([0x33, 0x33, 0x33, 0x33], at: Snippet.codeAddress + 1)
-        vm.invalidateDecodedCode(gpa: Snippet.codeAddress, length: 4096)
+        vm.hostDidWrite(gpa: Snippet.codeAddress, length: 4096)
         try vcpu.setState(GuestABI.entryState(rip: Snippet.codeAddress))
         #expect(try vcpu.run() == .halt)
         #expect(try vcpu.getState().rdx == 0x3333_3333)
