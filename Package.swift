@@ -19,8 +19,7 @@ let package = Package(
         .target(name: "CKVM"),
         .target(name: "VirtCore", dependencies: ["CKVM"]),
         .target(name: "KVMEngine", dependencies: ["VirtCore", "CKVM"]),
-        // Optimised even in debug builds: the interpreter runs whole guests in the tests.
-        .target(name: "X86Emulator", dependencies: ["VirtCore", "CKVM"], swiftSettings: [.unsafeFlags(["-O", "-enforce-exclusivity=unchecked"])]),
+        .target(name: "X86Emulator", dependencies: ["VirtCore", "CKVM"]),
         .target(name: "Devices", dependencies: ["VirtCore"]),
         // Freestanding C guests under Guests/, compiled by the build-tool plugin and embedded.
         .executableTarget(name: "GuestBuilder", path: "Sources/GuestBuilder"),
