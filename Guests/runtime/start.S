@@ -3,6 +3,7 @@
     .section .text.start, "ax"
     .globl _start
 _start:
+    outb %al, $0xF5        /* first act: the boot marker (docs/guest-abi.md) */
     and $-16, %rsp
     call sv_runtime_start
 1:  cli

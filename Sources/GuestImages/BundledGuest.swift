@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 
 /// A guest program shipped inside the `swiftvisor` binary: a static ELF64 built from
 /// `Guests/` by the GuestBuildPlugin at build time.

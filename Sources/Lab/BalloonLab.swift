@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestImages
 import VirtCore
 import VMM
@@ -26,7 +30,7 @@ public struct BalloonLab: Sendable {
     /// End with the balloon deflated to 0 (the cache gets its frames back, empty).
     public var deflateAtEnd = true
     public var seed: UInt64 = 1
-    public var directory = NSTemporaryDirectory()
+    public var directory = HostPaths.temporaryDirectory
 
     public init(engine: EngineChoice) { self.engine = engine }
 
@@ -101,7 +105,7 @@ public struct BalloonLab: Sendable {
         let memory: GuestMemory
         let schedule: @Sendable (UInt32) -> [UInt32]
         var balloon: VirtioBalloon?
-        private let lock = NSLock()
+        private let lock = HostLock()
         private var _targets: [UInt32] = []
         private var _poolPages: UInt32?
         private var _ready: Mark?
@@ -236,7 +240,7 @@ public struct BalloonLab: Sendable {
         }
         let banner = lines.first { $0.hasPrefix("zipf-cache: ") && $0.contains(" ppm") } ?? ""
         let ppm = banner.split(separator: ",").compactMap { part -> Int? in
-            let t = part.trimmingCharacters(in: .whitespaces)
+            let t = part.trimmed
             guard t.hasPrefix("top page "), t.hasSuffix(" ppm") else { return nil }
             return Int(t.dropFirst("top page ".count).dropLast(" ppm".count))
         }.first ?? 0
@@ -258,19 +262,19 @@ public struct BalloonLab: Sendable {
         return d
     }
 
-    static func mib(_ b: UInt64) -> String { String(format: "%.1f", Double(b) / 1_048_576) }
+    static func mib(_ b: UInt64) -> String { (Double(b) / 1_048_576).fixed(1) }
 
-    static func pct(_ x: Double) -> String { String(format: "%.2f%%", 100 * x) }
+    static func pct(_ x: Double) -> String { "\((100 * x).fixed(2))%" }
 
     public static func table(_ r: Result) -> LabTable {
         let w = Double(r.datasetPages)
         let rows = r.phases.map { p in
-            [String(p.phase), p.step, String(p.balloonPages), String(format: "%u (%.0f%%)", p.cachePages, 100 * Double(p.cachePages) / w),
+            [String(p.phase), p.step, String(p.balloonPages), "\(p.cachePages) (\((100 * Double(p.cachePages) / w).fixed(0))%)",
              String(p.misses), pct(p.missRate), pct(p.simulatedMissRateLRU), pct(p.predictedMissRateLRU), pct(p.predictedMissRateTopC),
-             String(p.evictedForBalloon), mib(p.hostAllocatedBytes), mib(p.returnedBytes), String(format: "%.2f", p.seconds)]
+             String(p.evictedForBalloon), mib(p.hostAllocatedBytes), mib(p.returnedBytes), p.seconds.fixed(2)]
         }
         var notes: [String] = []
-        notes.append("workload: \(r.datasetPages) pages (\(mib(UInt64(r.datasetPages) * 4096)) MiB) on a virtio-blk disk, Zipf(s=\(String(format: "%.3g", r.zipfExponent))) page ids, "
+        notes.append("workload: \(r.datasetPages) pages (\(mib(UInt64(r.datasetPages) * 4096)) MiB) on a virtio-blk disk, Zipf(s=\(r.zipfExponent.significant(3))) page ids, "
             + "\(r.accessesPerPhase) counted accesses per phase after \(r.warmupAccessesPerPhase) uncounted ones; a CLOCK cache whose frames are the balloon driver's page pool "
             + "(\(r.cacheFrames) frames to start, \(r.poolPages - r.cacheFrames) pool pages left free, in \(mib(r.ramBytes)) MiB of RAM; warmed with the most popular pages, reference bits clear). Guest at CPL\(r.cpl), \(r.drivers).")
         notes.append("references: \"LRU sim\" — an exact LRU cache of the same size fed the same access stream on the host; \"Che\" — Che's approximation for LRU under independent references "
@@ -283,12 +287,9 @@ public struct BalloonLab: Sendable {
             let dChe = steady.map { abs($0.missRate - $0.predictedMissRateLRU) }
             let dSim = steady.map { $0.missRate - $0.simulatedMissRateLRU }
             let cheErr = steady.map { abs($0.simulatedMissRateLRU - $0.predictedMissRateLRU) }
-            notes.append(String(format: "agreement while the balloon grows: measured CLOCK is within %.2f points of Che (mean %.2f); CLOCK minus the LRU simulation is %+.2f…%+.2f points "
-                                + "(CLOCK's one reference bit only approximates recency), and Che's formula is within %.2f points of the LRU simulation (one sample of the stream: its noise included). Sampling alone moves a phase by up to ±%.2f points (2σ).",
-                                100 * dChe.max()!, 100 * dChe.reduce(0, +) / Double(dChe.count), 100 * dSim.min()!, 100 * dSim.max()!,
-                                100 * cheErr.max()!, 100 * steady.map(\.samplingError2Sigma).max()!))
-            notes.append(String(format: "top-C is the floor: the measured rate is %.2f points above it with a %u-page cache and %.2f with %u pages — recency is a noisy proxy for popularity, so LRU and CLOCK keep recently touched unpopular pages in frames the top-C cache gives to popular ones.",
-                                100 * (big.missRate - big.predictedMissRateTopC), big.cachePages, 100 * (small.missRate - small.predictedMissRateTopC), small.cachePages))
+            notes.append("agreement while the balloon grows: measured CLOCK is within \((100 * dChe.max()!).fixed(2)) points of Che (mean \((100 * dChe.reduce(0, +) / Double(dChe.count)).fixed(2))); CLOCK minus the LRU simulation is \((100 * dSim.min()!).fixed(2, sign: true))…\((100 * dSim.max()!).fixed(2, sign: true)) points "
+                                + "(CLOCK's one reference bit only approximates recency), and Che's formula is within \((100 * cheErr.max()!).fixed(2)) points of the LRU simulation (one sample of the stream: its noise included). Sampling alone moves a phase by up to ±\((100 * steady.map(\.samplingError2Sigma).max()!).fixed(2)) points (2σ).")
+            notes.append("top-C is the floor: the measured rate is \((100 * (big.missRate - big.predictedMissRateTopC)).fixed(2)) points above it with a \(big.cachePages)-page cache and \((100 * (small.missRate - small.predictedMissRateTopC)).fixed(2)) with \(small.cachePages) pages — recency is a noisy proxy for popularity, so LRU and CLOCK keep recently touched unpopular pages in frames the top-C cache gives to popular ones.")
         }
         if let deepest = r.phases.max(by: { $0.balloonPages < $1.balloonPages }) {
             let evicted = r.phases.reduce(0) { $0 + $1.evictedForBalloon }
@@ -303,8 +304,7 @@ public struct BalloonLab: Sendable {
                 + "above the steady-state models; host memory grows back (\(mib(before.hostAllocatedBytes)) → \(mib(last.hostAllocatedBytes)) MiB) only as misses fill the frames again.")
         }
         notes.append("phase s: wall time since the previous phase ended — the balloon adjustment, the warm-up and the counted accesses; it grows with the misses, each a polled virtio-blk read of 4 KiB (a queue notify to the VMM, then the guest spins on the used ring).")
-        notes.append(String(format: "no floating point in guests: the guest builds the Zipf CDF in fixed point; its top page has %d ppm, 1/H(W,s) = %.0f ppm. Every access checks the page's stamp in its frame: %llu bad (a frame ballooned while still cached would read zeros).",
-                            r.guestTopPagePpm, r.modelTopPagePpm, r.badStamps))
+        notes.append("no floating point in guests: the guest builds the Zipf CDF in fixed point; its top page has \(r.guestTopPagePpm) ppm, 1/H(W,s) = \(r.modelTopPagePpm.fixed(0)) ppm. Every access checks the page's stamp in its frame: \(r.badStamps) bad (a frame ballooned while still cached would read zeros).")
         return LabTable(
             title: "S7 balloon vs page cache: Zipf miss rate as the balloon grows (\(r.engine) engine, guest at CPL\(r.cpl))",
             columns: ["phase", "step", "balloon pages", "cache pages (of W)", "misses", "miss rate", "LRU sim", "Che (LRU)", "top-C",

@@ -1,4 +1,8 @@
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestImages
 import VirtCore
 import VMM
@@ -10,7 +14,7 @@ public struct CowSnapshotLab: Sendable {
     public var engine: EngineChoice
     public var memory: UInt64 = 64 << 20
     public var touch: UInt64 = 256
-    public var directory = NSTemporaryDirectory()
+    public var directory = HostPaths.temporaryDirectory
 
     public init(engine: EngineChoice) { self.engine = engine }
 
@@ -98,12 +102,12 @@ public struct CowSnapshotLab: Sendable {
 
     public static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { x in
-            [x.workload, String(format: "%.2f", x.pauseMilliseconds), String(format: "%.1f", x.totalMilliseconds), String(x.cowFaults),
-             String(format: "%.1f", Double(x.bytesCopied) / 1024), String(format: "%.1f", Double(x.bytesWrittenByGuest) / 1024),
-             String(format: "%.1f", Double(x.bytesWrittenToProtectedPages) / 1024),
-             x.writeAmplification.map { String(format: "%.1f×", $0) } ?? "-",
-             String(format: "%.1f / %.1f", x.eagerRestoreToFirstInstructionMs, x.eagerRestoreToOutputMs),
-             String(format: "%.1f / %.1f", x.lazyRestoreToFirstInstructionMs, x.lazyRestoreToOutputMs)]
+            [x.workload, x.pauseMilliseconds.fixed(2), x.totalMilliseconds.fixed(1), String(x.cowFaults),
+             (Double(x.bytesCopied) / 1024).fixed(1), (Double(x.bytesWrittenByGuest) / 1024).fixed(1),
+             (Double(x.bytesWrittenToProtectedPages) / 1024).fixed(1),
+             x.writeAmplification.map { "\($0.fixed(1))×" } ?? "-",
+             "\(x.eagerRestoreToFirstInstructionMs.fixed(1)) / \(x.eagerRestoreToOutputMs.fixed(1))",
+             "\(x.lazyRestoreToFirstInstructionMs.fixed(1)) / \(x.lazyRestoreToOutputMs.fixed(1))"]
         }
         let mechanism = r.rows.first?.mechanism ?? ""
         return LabTable(

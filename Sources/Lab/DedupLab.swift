@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestImages
 import Synchronization
 import VirtCore
@@ -136,15 +140,15 @@ public struct DedupLab: Sendable {
 
     public static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { x in
-            [String(format: "%.2f", x.writeProbability), x.strategy, String(x.pagesMerged), String(x.breaks),
-             String(format: "%.0f", x.savedPageRounds), x.netBenefitPerPage.map { String(format: "%+.2f", $0) } ?? "-",
-             String(format: "%+.2f", x.predictedNetBenefitPerPage),
-             x.netBenefitPerPage.map { String(format: "%+.0f", $0 * Double(x.pagesMerged)) } ?? "0", String(x.hostPagesSavedAtEnd)]
+            [x.writeProbability.fixed(2), x.strategy, String(x.pagesMerged), String(x.breaks),
+             x.savedPageRounds.fixed(0), x.netBenefitPerPage.map { $0.fixed(2, sign: true) } ?? "-",
+             x.predictedNetBenefitPerPage.fixed(2, sign: true),
+             x.netBenefitPerPage.map { ($0 * Double(x.pagesMerged)).fixed(0, sign: true) } ?? "0", String(x.hostPagesSavedAtEnd)]
         }
         var notes = [
             "benefit per merged page = page-rounds saved − \(r.policy.breakCostPageRounds) × breaks, over \(r.policy.rounds) rounds; the model: Σ(1−p)^t − cost × (1 − (1−p)^R).",
-            String(format: "predicted break-even write probability: %.3f", r.predictedBreakEven)
-                + (r.measuredBreakEven.map { String(format: "; measured (merge all, interpolated): %.3f", $0) } ?? "; measured: no crossing in the probabilities tried"),
+            "predicted break-even write probability: \(r.predictedBreakEven.fixed(3))"
+                + (r.measuredBreakEven.map { "; measured (merge all, interpolated): \($0.fixed(3))" } ?? "; measured: no crossing in the probabilities tried"),
             "the policy estimates each page's write probability from the warm-up rounds' dirty logs and merges only pages estimated below the break-even. Few rounds make a noisy estimate (a page written with p = 0.1 shows no write in 8 rounds 43 % of the time), so above the break-even it still merges some losers — but its net total stays far above merging everything, and near zero where merging loses.",
             "sharing: \(r.mechanism).",
         ]
@@ -157,7 +161,7 @@ public struct DedupLab: Sendable {
     public static func chart(_ r: Result) -> BarChart {
         let all = r.rows.filter { $0.strategy == "merge all" }
         return BarChart(title: "S8 on the \(r.engine) engine: net benefit per merged page vs write probability",
-                        categories: all.map { String(format: "p=%.2f", $0.writeProbability) },
+                        categories: all.map { "p=\(($0.writeProbability).fixed(2))" },
                         series: [("measured (merge all)", all.map { max($0.netBenefitPerPage ?? 0, 0) }),
                                  ("model", all.map { max($0.predictedNetBenefitPerPage, 0) }),
                                  ("COW breaks / 100", all.map { Double($0.breaks) / 100 })],

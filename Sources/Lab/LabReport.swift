@@ -1,4 +1,8 @@
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import VirtCore
 
 /// A lab's result as a user sees it: a titled table, notes that explain the numbers, a
@@ -99,15 +103,15 @@ public struct BarChart: Sendable {
 
     static func short(_ v: Double) -> String {
         let a = abs(v)
-        if a >= 1e9 { return String(format: "%.1fG", v / 1e9) }
-        if a >= 1e6 { return String(format: "%.1fM", v / 1e6) }
-        if a >= 1e4 { return String(format: "%.0fk", v / 1e3) }
-        if a >= 100 || v == v.rounded() { return String(format: "%.0f", v) }
-        return String(format: "%.3g", v)
+        if a >= 1e9 { return "\((v / 1e9).fixed(1))G" }
+        if a >= 1e6 { return "\((v / 1e6).fixed(1))M" }
+        if a >= 1e4 { return "\((v / 1e3).fixed(0))k" }
+        if a >= 100 || v == v.rounded() { return v.fixed(0) }
+        return v.significant(3)
     }
 
     static func escape(_ s: String) -> String {
-        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+        s.replacing("&", with: "&amp;").replacing("<", with: "&lt;").replacing(">", with: "&gt;")
     }
 }
 
@@ -134,7 +138,7 @@ public enum LabError: Error, CustomStringConvertible {
 /// A guest's serial output as a lab collects it (from the vCPU thread): the text, how many
 /// lines, and when the first line completed.
 final class GuestOutput: @unchecked Sendable {
-    private let lock = NSLock()
+    private let lock = HostLock()
     private var bytes: [UInt8] = []
     private var count = 0
     private var first: UInt64?
@@ -185,14 +189,14 @@ public func writeLabOutputs<R: Encodable>(name: String, directory: String, resul
     do {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
     } catch {
-        throw LabOutputError.cannotWrite(path: directory, reason: "\(error.localizedDescription)")
+        throw LabOutputError.cannotWrite(path: directory, reason: "\(error)")
     }
     let jsonURL = dir.appendingPathComponent(name + ".json"), svgURL = dir.appendingPathComponent(name + ".svg")
     do {
         try json.write(to: jsonURL, options: .atomic)
         try Data(chart.svg.utf8).write(to: svgURL, options: .atomic)
     } catch {
-        throw LabOutputError.cannotWrite(path: jsonURL.path, reason: "\(error.localizedDescription)")
+        throw LabOutputError.cannotWrite(path: jsonURL.path, reason: "\(error)")
     }
     return (jsonURL.path, svgURL.path)
 }

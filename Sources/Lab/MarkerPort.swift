@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import VirtCore
 
 /// Port 0x81: the guest writes a marker at the start and end of the phase a lab measures;
@@ -7,7 +11,7 @@ import VirtCore
 final class MarkerPort: PortIODevice, @unchecked Sendable {
     static let port: UInt16 = 0x81
     var name: String { "marker-port" }
-    private let lock = NSLock()
+    private let lock = HostLock()
     private var marks: [(value: UInt32, nanoseconds: UInt64)] = []
 
     func portRead(offset: UInt16, size: UInt8) -> UInt32 { 0 }

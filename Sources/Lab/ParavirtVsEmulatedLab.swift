@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestImages
 import VirtCore
 import VMM
@@ -108,23 +112,23 @@ public struct ParavirtVsEmulatedLab: Sendable {
 
     public static func table(_ r: Result) -> LabTable {
         let rows = r.forms.map { f in
-            [f.device, String(format: "%.0f", f.packetsPerSecond), f.modelPacketsPerSecond.map { String(format: "%.0f", $0) } ?? "no bound",
-             String(format: "%.3f", f.exitsPerPacket), String(format: "%.3f", f.modelExitsPerPacket),
-             String(format: "%.0f", f.hostNanosecondsPerPacket), f.guestInstructionsPerPacket.map { String(format: "%.0f", $0) } ?? "n/a"]
+            [f.device, f.packetsPerSecond.fixed(0), f.modelPacketsPerSecond.map { $0.fixed(0) } ?? "no bound",
+             f.exitsPerPacket.fixed(3), f.modelExitsPerPacket.fixed(3),
+             f.hostNanosecondsPerPacket.fixed(0), f.guestInstructionsPerPacket.map { $0.fixed(0) } ?? "n/a"]
         }
         var notes = [
-            String(format: "model: packets/s = 1 / (exits per packet × %.0f ns per exit); the exit cost was measured in this run (port I/O round trip, %@ engine).", r.exitNanoseconds, r.engine),
+            "model: packets/s = 1 / (exits per packet × \(r.exitNanoseconds.fixed(0)) ns per exit); the exit cost was measured in this run (port I/O round trip, \(r.engine) engine).",
             "host instructions per packet: \(r.hostInstructionsPerPacket).",
         ]
         if r.forms.count >= 3 {
             let (v, e) = (r.forms[1], r.forms[2])
-            notes.append(String(format: "with ioeventfd the notify is handled in the host kernel and a doorbell thread: exits to userspace per packet fall from %.3f to %.3f (setup only) and packets/s rise %.2f×.", v.exitsPerPacket, e.exitsPerPacket, e.packetsPerSecond / max(v.packetsPerSecond, 1)))
+            notes.append("with ioeventfd the notify is handled in the host kernel and a doorbell thread: exits to userspace per packet fall from \(v.exitsPerPacket.fixed(3)) to \(e.exitsPerPacket.fixed(3)) (setup only) and packets/s rise \((e.packetsPerSecond / max(v.packetsPerSecond, 1)).fixed(2))×.")
         }
         if r.forms.count >= 2, r.forms[1].packetsPerSecond > 0 {
             let (n, v) = (r.forms[0], r.forms[1])
             let exitShare = n.exitsPerPacket * r.exitNanoseconds / max(n.hostNanosecondsPerPacket, 1)
-            notes.append(String(format: "virtio-net moved %.1f× the packets/s of the emulated NIC with %.0f× fewer exits per packet.", v.packetsPerSecond / n.packetsPerSecond, n.exitsPerPacket / max(v.exitsPerPacket, 1e-9)))
-            notes.append(String(format: "exits are %.0f%% of the emulated NIC's time per packet; ", min(exitShare, 1) * 100)
+            notes.append("virtio-net moved \((v.packetsPerSecond / n.packetsPerSecond).fixed(1))× the packets/s of the emulated NIC with \((n.exitsPerPacket / max(v.exitsPerPacket, 1e-9)).fixed(0))× fewer exits per packet.")
+            notes.append("exits are \((min(exitShare, 1) * 100).fixed(0))% of the emulated NIC's time per packet; "
                 + (exitShare > 0.5
                     ? "saving them is what paravirtualization buys, and the model predicts the NIC closely. Where it overshoots for virtio-net, the time goes to guest work (building frames, copies) that no exit count sees."
                     : "here an exit is cheap, so guest work (building frames, driver code) dominates and removing exits gains little — the paravirtual advantage is the cost of a trap."))
@@ -144,7 +148,7 @@ public struct ParavirtVsEmulatedLab: Sendable {
 
 /// A network backend that counts the frames a guest sends and drops them.
 final class CountingBackend: NetworkBackend, @unchecked Sendable {
-    private let lock = NSLock()
+    private let lock = HostLock()
     private var count: UInt64 = 0
     func send(_ frame: [UInt8]) { lock.withLock { count += 1 } }
     func setReceiver(_ receiver: (any NetworkFrameReceiver)?) {}

@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestImages
 import VirtCore
 import VMM
@@ -91,16 +95,16 @@ public struct PioVsMmioLab: Sendable {
     public static func table(_ r: Result) -> LabTable {
         let rows = r.forms.map { f in
             [f.form, String(f.statusReads), String(f.controlWritesIssued), String(f.exits),
-             String(format: "%.3f", f.wallSeconds), String(f.handledControlWrites), String(f.ticks)]
+             f.wallSeconds.fixed(3), String(f.handledControlWrites), String(f.ticks)]
         }
         var notes: [String] = []
         if r.forms.count == 2 {
             let (p, s) = (r.forms[0], r.forms[1])
             notes.append("port form: every status read and control write is an exit (\(p.exits) exits for \(p.statusReads + p.controlWritesIssued) accesses), "
-                + String(format: "%.2f µs of wall time per access.", p.wallSeconds * 1e6 / Double(max(p.statusReads + p.controlWritesIssued, 1))))
+                + "\((p.wallSeconds * 1e6 / Double(max(p.statusReads + p.controlWritesIssued, 1))).fixed(2)) µs of wall time per access.")
             notes.append("page form: accesses are plain memory operations; the \(s.exits) exits are the timer's (\(s.ticks) ticks, \(s.dirtyScans) found the page dirty) plus the guest's console and exit. "
                 + "Control writes between two scans are handled together, so the page form trades exits for latency: up to one tick (\(r.tick)).")
-            if s.wallSeconds > 0 { notes.append(String(format: "wall-time ratio port/page: %.1f×", p.wallSeconds / s.wallSeconds)) }
+            if s.wallSeconds > 0 { notes.append("wall-time ratio port/page: \((p.wallSeconds / s.wallSeconds).fixed(1))×") }
         }
         return LabTable(title: "S1 status device: trapped port I/O vs shared page (\(r.engine) engine, guest at CPL3)",
                         columns: ["form", "status reads", "control writes", "exits", "wall s", "handled writes", "timer ticks"],

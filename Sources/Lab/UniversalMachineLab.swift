@@ -1,4 +1,8 @@
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestImages
 import VirtCore
 import VMM
@@ -125,8 +129,8 @@ public struct UniversalMachineLab: Sendable {
 
     public static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { x in
-            [x.guest, x.ring, x.engine, String(format: "%.1f", x.seconds * 1000),
-             x.instructions.map(String.init) ?? "(native)", x.mips.map { String(format: "%.0f", $0) } ?? "-",
+            [x.guest, x.ring, x.engine, (x.seconds * 1000).fixed(1),
+             x.instructions.map(String.init) ?? "(native)", x.mips.map { $0.fixed(0) } ?? "-",
              x.sameOutput ? "same" : "DIFFERS", x.sameRegisters ? "same" : "DIFFERS",
              x.ramWordsDiffering == 0 ? "same"
                 : x.ramWordsDiffering == x.ramWordsDifferingOnlyInIOPL ? "IOPL only (\(x.ramWordsDiffering) words)"
@@ -137,10 +141,10 @@ public struct UniversalMachineLab: Sendable {
             "RAM may differ from KVM only in IOPL bits of RFLAGS images the guest saved: this nested KVM runs CPL3 code with IOPL=0 whatever RFLAGS says (docs/guest-abi.md).",
         ]
         if let s = r.translationSpeedup {
-            notes.append(String(format: "compute: the block translator is %.1f× faster than the interpreter (guest code runs as host code; the interpreter decodes once but dispatches every instruction).", s))
+            notes.append("compute: the block translator is \(s.fixed(1))× faster than the interpreter (guest code runs as host code; the interpreter decodes once but dispatches every instruction).")
         }
         if let k = r.kvmSpeedupOverTranslation {
-            notes.append(String(format: "compute at CPL3: hardware virtualization is %.1f× faster than translation; on this nested host only CPL3 runs natively — CPL0 code is emulated by the host kernel, and every exit costs ~20 µs, so exit-heavy guests (pio-loop) run faster on the software engine, where an exit is a function return.", k))
+            notes.append("compute at CPL3: hardware virtualization is \(k.fixed(1))× faster than translation; on this nested host only CPL3 runs natively — CPL0 code is emulated by the host kernel, and every exit costs ~20 µs, so exit-heavy guests (pio-loop) run faster on the software engine, where an exit is a function return.")
         }
         notes.append("Benchmarks/qemu-compare.sh sets the translator beside QEMU TCG on the same compute guest.")
         return LabTable(title: "S13 one guest, three machines: KVM, block translator, interpreter",

@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -100,16 +100,17 @@ public final class ControlServer: @unchecked Sendable {
 
     func respond(to command: String) -> String {
         let words = command.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
-        func ok(_ fields: [String: Any] = [:]) -> String { Self.json(["ok": true].merging(fields) { a, _ in a }) }
-        func fail(_ message: String) -> String { Self.json(["ok": false, "error": message]) }
+        func fail(_ message: String) -> String { ControlReply(ok: false, error: message).json }
         switch words.first {
         case "snapshot":
             guard words.count >= 2 else { return fail("usage: snapshot PATH [NOTE]") }
             do {
                 let r = try machine.snapshot(to: words[1], note: words.dropFirst(2).joined(separator: " "))
-                return ok(["path": r.path, "pause_seconds": r.pauseSeconds, "total_seconds": r.totalSeconds,
-                           "cow_faults": r.copyOnWriteFaults, "bytes_copied": r.bytesCopied, "file_bytes": r.fileBytes,
-                           "mechanism": r.mechanism])
+                var reply = ControlReply(ok: true)
+                reply.snapshot = .init(path: r.path, pauseSeconds: r.pauseSeconds, totalSeconds: r.totalSeconds,
+                                       cowFaults: r.copyOnWriteFaults, bytesCopied: r.bytesCopied, fileBytes: r.fileBytes,
+                                       mechanism: r.mechanism)
+                return reply.json
             } catch {
                 return fail("\(error)")
             }
@@ -119,25 +120,23 @@ public final class ControlServer: @unchecked Sendable {
                 guard let pages = UInt32(words[1]) else { return fail("usage: balloon PAGES (4 KiB pages, a whole number)") }
                 balloon.setTarget(pages: pages)
             }
-            return ok(["target_pages": balloon.targetPages, "actual_pages": balloon.actualPages,
-                       "host_bytes": machine.memory.allocatedBytes])
-        case "pause": machine.pause(); return ok()
-        case "resume": machine.resume(); return ok()
+            var reply = ControlReply(ok: true)
+            reply.balloon = .init(targetPages: balloon.targetPages, actualPages: balloon.actualPages, hostBytes: machine.memory.allocatedBytes)
+            return reply.json
+        case "pause": machine.pause(); return ControlReply(ok: true).json
+        case "resume": machine.resume(); return ControlReply(ok: true).json
         case "status":
-            return ok(["engine": machine.engine.name, "paused": machine.isPaused, "memory": machine.memory.size,
-                       "vcpus": machine.configuration.vcpuCount])
-        case "stop": machine.stop(); return ok()
+            var reply = ControlReply(ok: true)
+            reply.status = .init(engine: machine.engine.name, paused: machine.isPaused, memory: machine.memory.size,
+                                 vcpus: machine.configuration.vcpuCount)
+            return reply.json
+        case "stop": machine.stop(); return ControlReply(ok: true).json
         default: return fail("unknown command '\(words.first ?? "")' (snapshot PATH [NOTE], balloon [PAGES], pause, resume, status, stop)")
         }
     }
 
-    static func json(_ object: [String: Any]) -> String {
-        guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return "{\"ok\":false}" }
-        return String(decoding: data, as: UTF8.self)
-    }
-
     /// Sends one command to the control socket at `path` and returns the decoded reply.
-    public static func send(_ command: String, to path: String) throws -> [String: Any] {
+    public static func send(_ command: String, to path: String) throws -> ControlReply {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw ControlError.socketFailed(path: path, operation: "socket", errno: errno) }
         defer { Glibc.close(fd) }
@@ -156,9 +155,50 @@ public final class ControlServer: @unchecked Sendable {
             if n <= 0 { break }
             reply += buffer[0..<n]
         }
-        guard let object = try? JSONSerialization.jsonObject(with: Data(reply)) as? [String: Any] else {
+        let decoder = JSONDecoder()
+        decoder.keyDecodingStrategy = .convertFromSnakeCase
+        guard let decoded = try? decoder.decode(ControlReply.self, from: Data(reply)) else {
             throw ControlError.badReply(String(decoding: reply, as: UTF8.self))
         }
-        return object
+        return decoded
+    }
+}
+
+/// One reply of the control socket, as JSON on one line.
+public struct ControlReply: Codable, Sendable, Equatable {
+    public struct Snapshot: Codable, Sendable, Equatable {
+        public var path: String
+        public var pauseSeconds: Double
+        public var totalSeconds: Double
+        public var cowFaults: UInt64
+        public var bytesCopied: UInt64
+        public var fileBytes: UInt64
+        public var mechanism: String
+    }
+    public struct Balloon: Codable, Sendable, Equatable {
+        public var targetPages: UInt32
+        public var actualPages: UInt32
+        public var hostBytes: UInt64
+    }
+    public struct Status: Codable, Sendable, Equatable {
+        public var engine: String
+        public var paused: Bool
+        public var memory: UInt64
+        public var vcpus: Int
+    }
+    public var ok: Bool
+    public var error: String?
+    public var snapshot: Snapshot?
+    public var balloon: Balloon?
+    public var status: Status?
+
+    public init(ok: Bool, error: String? = nil) { self.ok = ok; self.error = error }
+
+    var json: String {
+        let encoder = JSONEncoder()
+        encoder.keyEncodingStrategy = .convertToSnakeCase
+        encoder.outputFormatting = .sortedKeys
+        guard let data = try? encoder.encode(self) else { return #"{"ok":false,"error":"reply could not be encoded"}"# }
+        return String(decoding: data, as: UTF8.self)
     }
 }

@@ -8,7 +8,7 @@ extension ExecutionCounts {
                 + (EngineSelection.softwareEngineTranslates ? "" : " (this host lacks BMI2, which translated code needs)")
         }
         return "software engine: \(instructions) guest instructions, "
-            + String(format: "%.2f %%", translatedShare * 100) + " as translated code (\(blocksTranslated) blocks), \(interpreted) interpreted"
+            + "\((translatedShare * 100).fixed(2)) %" + " as translated code (\(blocksTranslated) blocks), \(interpreted) interpreted"
     }
 }
 

@@ -23,4 +23,7 @@ public final class HostThread: @unchecked Sendable {
     }
 
     public func join() { pthread_join(thread, nil) }
+
+    /// Lets the thread end on its own (it is never joined).
+    public func detach() { pthread_detach(thread) }
 }

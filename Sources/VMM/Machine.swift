@@ -102,6 +102,8 @@ public final class Machine: @unchecked Sendable {
     public let bus = IOBus()
     public let uart: UART16550
     public let benchPort = BenchPort()
+    /// Written by the guest runtime's first instruction (start-up measurement).
+    public let bootMarker = BootMarkerPort()
     /// The image the machine booted (nil when restored from a snapshot).
     public let image: ELFImage?
     /// What the guest is (a bundled guest's name or a path), kept in snapshots.
@@ -197,6 +199,7 @@ public final class Machine: @unchecked Sendable {
         uart = UART16550(output: serialOutput)
         try bus.attach(uart, firstPort: UART16550.com1, count: UART16550.registerCount)
         try bus.attach(benchPort, firstPort: BenchPort.port, count: 1)
+        try bus.attach(bootMarker, firstPort: BootMarkerPort.port, count: 1)
         try bus.attach(ExitPort { [weak self] status in self?.requestStop(.exitPort(status: status)) },
                        firstPort: ExitPort.port, count: 1)
     }

@@ -1,6 +1,6 @@
 import CKVM
 import Devices
-import Foundation
+import FoundationEssentials
 import Synchronization
 import VirtCore
 #if canImport(Glibc)

@@ -40,7 +40,7 @@
 // as `path.tmp-<pid>`, fsynced, renamed over `path`, and the directory fsynced, so a failed
 // or interrupted write leaves any previous snapshot at `path` untouched.
 
-import Foundation
+import FoundationEssentials
 import Synchronization
 import VirtCore
 #if canImport(Glibc)
@@ -429,7 +429,7 @@ public final class SnapshotFile: Sendable {
         for d in s.devices { lines.append("    \(d.name): \(d.state.count) bytes") }
         lines.append("  command line: \(m.commandLine.isEmpty ? "(none)" : m.commandLine)")
         lines.append("  image:        \(m.imageIdentity.isEmpty ? "(none)" : m.imageIdentity)")
-        lines.append("  created:      \(ISO8601DateFormatter().string(from: m.created))")
+        lines.append("  created:      \(m.created.formatted(.iso8601))")
         if !m.note.isEmpty { lines.append("  note:         \(m.note)") }
         let bad = try s.corruptMemoryChunks()
         if bad.isEmpty {

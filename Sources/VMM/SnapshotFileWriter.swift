@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 import VirtCore
 #if canImport(Glibc)
 import Glibc

@@ -1,5 +1,5 @@
 import Devices
-import Foundation
+import FoundationEssentials
 import VirtCore
 
 /// The virtio-mmio devices a machine can be given; each takes the next MMIO slot and

@@ -118,10 +118,10 @@ public struct ExitStatistics: Sendable, Equatable {
     }
 
     public static func formatNanoseconds(_ ns: Double) -> String {
-        if ns >= 1e9 { return String(format2: ns / 1e9) + " s" }
-        if ns >= 1e6 { return String(format2: ns / 1e6) + " ms" }
-        if ns >= 1e3 { return String(format2: ns / 1e3) + " µs" }
-        return String(format2: ns) + " ns"
+        if ns >= 1e9 { return (ns / 1e9).fixed(2) + " s" }
+        if ns >= 1e6 { return (ns / 1e6).fixed(2) + " ms" }
+        if ns >= 1e3 { return (ns / 1e3).fixed(2) + " µs" }
+        return ns.fixed(2) + " ns"
     }
 }
 
@@ -130,6 +130,13 @@ public struct ExitStatistics: Sendable, Equatable {
 public func monotonicNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}
+
+/// CPU time this process has used so far, all threads (CLOCK_PROCESS_CPUTIME_ID).
+public func processCPUNanoseconds() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts)
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }
 
@@ -151,16 +158,6 @@ public enum HostClock {
 
     @inline(__always)
     public static func nanoseconds(ticks: UInt64) -> UInt64 { UInt64(Double(ticks) * nanosecondsPerTick) }
-}
-
-extension String {
-    /// Fixed two decimals without Foundation.
-    init(format2 value: Double) {
-        let scaled = (value * 100).rounded()
-        let whole = Int(scaled / 100)
-        let frac = Int(abs(scaled.truncatingRemainder(dividingBy: 100)))
-        self = "\(whole)." + (frac < 10 ? "0" : "") + "\(frac)"
-    }
 }
 
 extension String {

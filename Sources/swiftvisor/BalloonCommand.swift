@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import VMM
 
 struct BalloonCommand: ParsableCommand {
@@ -28,20 +28,18 @@ struct BalloonCommand: ParsableCommand {
 
     func run() throws {
         let target = pages ?? mib.map { $0 * 256 }
-        let reply: [String: Any]
+        let reply: ControlReply
         do {
             reply = try ControlServer.send(target.map { "balloon \($0)" } ?? "balloon", to: socket)
         } catch {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        guard reply["ok"] as? Bool == true else {
-            printError("swiftvisor: error: \(reply["error"] as? String ?? "balloon request failed")")
+        guard reply.ok, let b = reply.balloon else {
+            printError("swiftvisor: error: \(reply.error ?? "balloon request failed")")
             throw ExitCode(ToolStatus.failure)
         }
-        let t = (reply["target_pages"] as? NSNumber)?.intValue ?? 0, a = (reply["actual_pages"] as? NSNumber)?.intValue ?? 0
-        let host = (reply["host_bytes"] as? NSNumber)?.doubleValue ?? 0
-        print("balloon: target \(t) pages (\(t / 256) MiB), guest has given \(a) pages; host holds "
-              + String(format: "%.1f MiB", host / 1048576) + " of the VM's RAM")
+        print("balloon: target \(b.targetPages) pages (\(b.targetPages / 256) MiB), guest has given \(b.actualPages) pages; host holds "
+              + "\((Double(b.hostBytes) / 1048576).fixed(1)) MiB of the VM's RAM")
     }
 }

@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import Lab
 import VMM
 
@@ -41,7 +41,7 @@ struct BalloonLabCommand: ParsableCommand {
     var seed: UInt64 = 1
 
     func parsedFractions() throws -> [Double] {
-        let list = fractions.split(separator: ",").map { Double($0.trimmingCharacters(in: .whitespaces)) }
+        let list = fractions.split(separator: ",").map { Double($0.trimmed) }
         guard !list.isEmpty, list.allSatisfy({ $0 != nil && $0! > 0 && $0! <= 1 }) else {
             throw ValidationError("--fractions must be comma-separated numbers in (0, 1]")
         }
@@ -64,7 +64,7 @@ struct BalloonLabCommand: ParsableCommand {
         lab.cacheFractions = try parsedFractions()
         lab.deflateAtEnd = !noDeflate
         lab.seed = seed
-        FileHandle.standardError.write(Data("lab balloon: \(lab.engine.rawValue) engine, \(pages) pages, Zipf s=\(zipf), \(accesses) accesses per phase…\n".utf8))
+        printError("lab balloon: \(lab.engine.rawValue) engine, \(pages) pages, Zipf s=\(zipf), \(accesses) accesses per phase…")
         let result = try lab.run()
         try options.emit(result, name: "balloon-\(lab.engine.rawValue)", table: BalloonLab.table(result), chart: BalloonLab.chart(result))
     }

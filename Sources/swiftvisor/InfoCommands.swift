@@ -1,6 +1,6 @@
 import ArgumentParser
 import GuestImages
-import Foundation
+import FoundationEssentials
 import VMM
 
 struct Guests: ParsableCommand {
@@ -14,7 +14,7 @@ struct Guests: ParsableCommand {
         let guests = BundledGuests.all.filter { all || !$0.isTestGuest }
         let width = guests.map(\.name.count).max() ?? 0
         for g in guests {
-            print(g.name.padding(toLength: width + 2, withPad: " ", startingAt: 0) + g.summary + (g.isTestGuest ? " [test]" : ""))
+            print(g.name.padded(to: width + 2) + g.summary + (g.isTestGuest ? " [test]" : ""))
         }
     }
 }
@@ -51,7 +51,7 @@ struct Host: ParsableCommand {
         for cap in r.capabilities {
             let value = cap.value
             let state = value > 0 ? (value == 1 ? "yes" : "yes (\(value))") : "no"
-            print("  " + cap.name.padding(toLength: width + 2, withPad: " ", startingAt: 0) + state + (cap.required ? "  [required]" : ""))
+            print("  " + cap.name.padded(to: width + 2) + state + (cap.required ? "  [required]" : ""))
         }
     }
 }
@@ -59,7 +59,7 @@ struct Host: ParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks (printed table; --json for machine-readable results).",
-        subcommands: [BenchExits.self, BenchCPU.self])
+        subcommands: [BenchExits.self, BenchCPU.self, BenchStartup.self])
 }
 
 struct BenchExits: ParsableCommand {
@@ -108,19 +108,19 @@ struct BenchExits: ParsableCommand {
         print("port-I/O exit round trip on KVM (\(count) exits, best of \(repetitions))")
         print("ring   Swift run loop   C KVM_RUN loop   ratio (Swift/C)")
         for r in rows {
-            print("CPL\(r.ring)   " + fmt(r.swiftNanosecondsPerExit).padding(toLength: 17, withPad: " ", startingAt: 0)
-                  + fmt(r.cNanosecondsPerExit).padding(toLength: 17, withPad: " ", startingAt: 0)
-                  + String(format: "%.3f×", r.ratio))
+            print("CPL\(r.ring)   " + fmt(r.swiftNanosecondsPerExit).padded(to: 17)
+                  + fmt(r.cNanosecondsPerExit).padded(to: 17)
+                  + "\(r.ratio.fixed(3))×")
         }
         if let path = json {
             let items = rows.map {
-                "{\"ring\":\($0.ring),\"exits\":\($0.exits),\"swift_ns_per_exit\":\(String(format: "%.1f", $0.swiftNanosecondsPerExit)),\"c_ns_per_exit\":\(String(format: "%.1f", $0.cNanosecondsPerExit)),\"ratio\":\(String(format: "%.4f", $0.ratio))}"
+                "{\"ring\":\($0.ring),\"exits\":\($0.exits),\"swift_ns_per_exit\":\(($0.swiftNanosecondsPerExit).fixed(1)),\"c_ns_per_exit\":\(($0.cNanosecondsPerExit).fixed(1)),\"ratio\":\(($0.ratio).fixed(4))}"
             }
             try writeFile(path, "{\"benchmark\":\"exits\",\"engine\":\"kvm\",\"results\":[\(items.joined(separator: ","))]}\n")
         }
     }
 
-    private func fmt(_ ns: Double) -> String { String(format: "%.2f µs", ns / 1000) }
+    private func fmt(_ ns: Double) -> String { "\((ns / 1000).fixed(2)) µs" }
 }
 
 struct BenchCPU: ParsableCommand {
@@ -162,21 +162,21 @@ struct BenchCPU: ParsableCommand {
         print("compute workloads, scale \(scale) (guest at CPL3)")
         print("engine                 wall time    guest instructions   MIPS      translated")
         for r in rows {
-            print(r.engine.padding(toLength: 23, withPad: " ", startingAt: 0)
-                  + String(format: "%.3f s", r.seconds).padding(toLength: 13, withPad: " ", startingAt: 0)
-                  + (r.instructions.map { String($0) } ?? "(native)").padding(toLength: 21, withPad: " ", startingAt: 0)
-                  + (r.mips.map { String(format: "%.1f", $0) } ?? "-").padding(toLength: 10, withPad: " ", startingAt: 0)
-                  + (r.translatedShare.map { String(format: "%.2f %%", $0 * 100) } ?? "-"))
+            print(r.engine.padded(to: 23)
+                  + "\(r.seconds.fixed(3)) s".padded(to: 13)
+                  + (r.instructions.map { String($0) } ?? "(native)").padded(to: 21)
+                  + (r.mips.map { $0.fixed(1) } ?? "-").padded(to: 10)
+                  + (r.translatedShare.map { "\(($0 * 100).fixed(2)) %" } ?? "-"))
         }
         if let kvm = rows.first(where: { $0.engine == "kvm" }) {
-            print(String(format: "software (translated) / kvm wall time: %.1f×", rows[0].seconds / kvm.seconds))
+            print("software (translated) / kvm wall time: \((rows[0].seconds / kvm.seconds).fixed(1))×")
         }
         if let interpreted = rows.first(where: { $0.engine == "software-interpreted" }) {
-            print(String(format: "translation speed-up over the interpreter: %.1f×", interpreted.seconds / rows[0].seconds))
+            print("translation speed-up over the interpreter: \((interpreted.seconds / rows[0].seconds).fixed(1))×")
         }
         if let path = json {
             let items = rows.map { r in
-                "{\"engine\":\"\(r.engine)\",\"seconds\":\(String(format: "%.4f", r.seconds)),\"instructions\":\(r.instructions.map { String($0) } ?? "null"),\"mips\":\(r.mips.map { String(format: "%.2f", $0) } ?? "null"),\"translated_share\":\(r.translatedShare.map { String(format: "%.5f", $0) } ?? "null")}"
+                "{\"engine\":\"\(r.engine)\",\"seconds\":\(r.seconds.fixed(4)),\"instructions\":\(r.instructions.map { String($0) } ?? "null"),\"mips\":\(r.mips.map { $0.fixed(2) } ?? "null"),\"translated_share\":\(r.translatedShare.map { $0.fixed(5) } ?? "null")}"
             }
             try writeFile(path, "{\"benchmark\":\"cpu\",\"scale\":\(scale),\"results\":[\(items.joined(separator: ","))]}\n")
         }

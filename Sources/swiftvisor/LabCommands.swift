@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import Lab
 import VMM
 
@@ -28,7 +28,7 @@ struct LabOptions: ParsableArguments {
 
     func resolvedEngine() -> EngineChoice {
         if let engine { return engine }
-        let e = EngineSelection.makeDefault { FileHandle.standardError.write(Data(("swiftvisor: " + $0 + "\n").utf8)) }
+        let e = EngineSelection.makeDefault { printError("swiftvisor: " + $0) }
         return EngineChoice(rawValue: e.name) ?? .software
     }
 }
@@ -94,7 +94,7 @@ struct PioVsMmio: ParsableCommand {
         lab.writes = writes
         lab.tickSeconds = tickMs / 1000
         lab.tickInstructions = tickInstructions
-        FileHandle.standardError.write(Data("lab pio-vs-mmio: \(lab.engine.rawValue) engine, \(reads) reads + \(writes) writes per form…\n".utf8))
+        printError("lab pio-vs-mmio: \(lab.engine.rawValue) engine, \(reads) reads + \(writes) writes per form…")
         let result = try lab.run()
         try options.emit(result, name: "pio-vs-mmio-\(lab.engine.rawValue)", table: PioVsMmioLab.table(result), chart: PioVsMmioLab.chart(result))
     }
@@ -134,7 +134,7 @@ struct ParavirtVsEmulated: ParsableCommand {
         lab.packets = packets
         lab.size = size
         lab.batch = batch
-        FileHandle.standardError.write(Data("lab paravirt-vs-emulated: \(lab.engine.rawValue) engine, \(packets) frames per device…\n".utf8))
+        printError("lab paravirt-vs-emulated: \(lab.engine.rawValue) engine, \(packets) frames per device…")
         let result = try lab.run()
         try options.emit(result, name: "paravirt-vs-emulated-\(lab.engine.rawValue)", table: ParavirtVsEmulatedLab.table(result), chart: ParavirtVsEmulatedLab.chart(result))
     }
@@ -164,7 +164,7 @@ struct CowSnapshot: ParsableCommand {
         var lab = CowSnapshotLab(engine: options.resolvedEngine())
         lab.memory = memory.bytes
         lab.touch = touch
-        FileHandle.standardError.write(Data("lab cow-snapshot: \(lab.engine.rawValue) engine…\n".utf8))
+        printError("lab cow-snapshot: \(lab.engine.rawValue) engine…")
         let result = try lab.run()
         try options.emit(result, name: "cow-snapshot-\(lab.engine.rawValue)", table: CowSnapshotLab.table(result), chart: CowSnapshotLab.chart(result))
     }
@@ -198,7 +198,7 @@ struct Dedup: ParsableCommand {
         var lab = DedupLab(engine: options.resolvedEngine())
         lab.pages = pages
         lab.policy.breakCostPageRounds = breakCost
-        FileHandle.standardError.write(Data("lab dedup: \(lab.engine.rawValue) engine, \(pages) pages…\n".utf8))
+        printError("lab dedup: \(lab.engine.rawValue) engine, \(pages) pages…")
         let result = try lab.run()
         try options.emit(result, name: "dedup-\(lab.engine.rawValue)", table: DedupLab.table(result), chart: DedupLab.chart(result))
     }
@@ -231,7 +231,7 @@ struct UniversalMachine: ParsableCommand {
     func run() throws {
         var lab = UniversalMachineLab(scale: scale)
         lab.useKVM = !noKvm
-        let result = try lab.run { FileHandle.standardError.write(Data("lab universal-machine: \($0)…\n".utf8)) }
+        let result = try lab.run { printError("lab universal-machine: \($0)…") }
         try report.emit(result, name: "universal-machine", table: UniversalMachineLab.table(result), chart: UniversalMachineLab.chart(result))
     }
 }

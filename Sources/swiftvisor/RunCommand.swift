@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import Devices
 import GuestImages
 import VMM
@@ -80,6 +80,10 @@ struct Run: ParsableCommand {
 
     @Option(name: .long, help: .hidden)
     var kvmPath = "/dev/kvm"
+
+    /// Written by `bench startup`'s child runs (StartupBenchmark.swift).
+    @Option(name: .long, help: .hidden)
+    var startupReport: String?
 
     func validate() throws {
         guard !guests.isEmpty else { throw ValidationError("name at least one guest") }
@@ -162,13 +166,24 @@ struct Run: ParsableCommand {
             let s = exitStatus(result.stopReason, label: label)
             if status == nil || status == 0 { status = s }
         }
+        if let path = startupReport { try writeStartupReport(path, machines[0]) }
         if let status, status != 0 { throw ExitCode(status) }
+    }
+
+    private func writeStartupReport(_ path: String, _ machine: Machine) throws {
+        guard let first = machine.bootMarker.firstWriteNanoseconds, let cpu = machine.bootMarker.cpuNanosecondsBeforeFirstWrite else {
+            printError("swiftvisor: error: the guest never wrote the boot marker (port 0xF5)")
+            throw ExitCode(ToolStatus.failure)
+        }
+        let report = StartupReport(firstInstructionMonotonicNanoseconds: first, cpuNanosecondsBeforeFirstInstruction: cpu,
+                                   peakRSSBytes: StartupReport.peakRSS(), guestRAMBytes: machine.memory.allocatedBytes)
+        try writeFile(path, String(decoding: try JSONEncoder().encode(report), as: UTF8.self))
     }
 
     /// "name rest of line" → (name, command line); no space → (name, nil).
     static func split(_ spec: String) -> (String, String?) {
         guard let space = spec.firstIndex(of: " ") else { return (spec, nil) }
-        return (String(spec[..<space]), String(spec[spec.index(after: space)...]).trimmingCharacters(in: .whitespaces))
+        return (String(spec[..<space]), String(spec[spec.index(after: space)...]).trimmed)
     }
 
     /// Adds the devices the options ask for; returns the virtio console, if any.
@@ -251,7 +266,7 @@ struct DiskArgument {
 final class PrefixedOutput: @unchecked Sendable {
     private let prefix: [UInt8]
     private var line: [UInt8] = []
-    private let lock = NSLock()
+    private let lock = HostLock()
     init(prefix: String) { self.prefix = Array(prefix.utf8) }
 
     @Sendable func write(_ byte: UInt8) {
@@ -266,7 +281,7 @@ final class PrefixedOutput: @unchecked Sendable {
 }
 
 /// Serialises whole-line writes of several VMs to standard output.
-enum OutputLock { static let shared = NSLock() }
+enum OutputLock { static let shared = HostLock() }
 
 func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) {
     var off = 0
@@ -288,8 +303,7 @@ enum ConsoleOutput {
 /// Standard input → the guest's consoles, on a background thread that ends at end of input.
 enum ConsoleInput {
     static func start(feeding deliver: @escaping @Sendable ([UInt8]) -> Void) {
-        let thread = Thread { readLoop(deliver) }
-        thread.start()
+        HostThread(name: "stdin") { readLoop(deliver) }.detach()
     }
 
     private static func readLoop(_ deliver: @Sendable ([UInt8]) -> Void) {

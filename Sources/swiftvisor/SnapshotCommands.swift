@@ -1,5 +1,5 @@
 import ArgumentParser
-import Foundation
+import FoundationEssentials
 import VMM
 
 struct SnapshotCommand: ParsableCommand {
@@ -29,22 +29,20 @@ struct SnapshotCommand: ParsableCommand {
 
         func run() throws {
             let absolute = file.hasPrefix("/") ? file : FileManager.default.currentDirectoryPath + "/" + file
-            let reply: [String: Any]
+            let reply: ControlReply
             do {
                 reply = try ControlServer.send("snapshot \(absolute) \(note)", to: socket)
             } catch {
                 printError("swiftvisor: error: \(error)")
                 throw ExitCode(ToolStatus.failure)
             }
-            guard reply["ok"] as? Bool == true else {
-                printError("swiftvisor: error: \(reply["error"] as? String ?? "snapshot failed")")
+            guard reply.ok, let r = reply.snapshot else {
+                printError("swiftvisor: error: \(reply.error ?? "snapshot failed")")
                 throw ExitCode(ToolStatus.failure)
             }
-            let pause = (reply["pause_seconds"] as? Double ?? 0) * 1000, total = (reply["total_seconds"] as? Double ?? 0) * 1000
-            let bytes = (reply["file_bytes"] as? NSNumber)?.doubleValue ?? 0
-            print("snapshot \(file): " + String(format: "%.1f MiB, ", bytes / 1048576)
-                + String(format: "guest paused %.2f ms, total %.1f ms, ", pause, total)
-                + "\(reply["cow_faults"] ?? 0) copy-on-write faults (\(reply["mechanism"] ?? ""))")
+            print("snapshot \(file): " + "\((Double(r.fileBytes) / 1048576).fixed(1)) MiB, "
+                + "guest paused \((r.pauseSeconds * 1000).fixed(2)) ms, total \((r.totalSeconds * 1000).fixed(1)) ms, "
+                + "\(r.cowFaults) copy-on-write faults (\(r.mechanism))")
         }
     }
 

@@ -40,10 +40,15 @@ struct MemoryArgument: ExpressibleByArgument {
 
 extension EngineChoice: ExpressibleByArgument {}
 
-/// Prints one line to standard error.
-func printError(_ message: String) {
+/// Prints one line to standard error. `newline: false` is a progress line: on a terminal it
+/// is overwritten by the next one; elsewhere it is not printed.
+func printError(_ message: String, newline: Bool = true) {
     var stderr = StandardError()
-    print(message, to: &stderr)
+    if newline {
+        print(message, to: &stderr)
+    } else if isatty(2) != 0 {
+        print("\r\u{1B}[K" + message, terminator: "", to: &stderr)
+    }
 }
 
 struct StandardError: TextOutputStream {
