@@ -301,3 +301,4 @@ int ckvm_pagemap_entries(const void *address, uint64_t count, uint64_t *entries)
     close(fd);
     return got == want ? 0 : -EIO;
 }
+

@@ -64,7 +64,7 @@ public enum BootLayout {
                                hypercall: HypercallMechanism, devices: [DeviceEntry] = []) throws {
         precondition(vcpuCount >= 1 && vcpuCount <= maxVCPUs, "vCPU count checked by the caller")
         precondition(devices.count <= maxDevices, "device count checked by the caller")
-        try memory.fill(0, at: 0, count: Int(imageBase))
+        try memory.zero(at: 0, count: Int(imageBase))
 
         // GDT: null, 64-bit code DPL0, data DPL0.
         try memory.store(UInt64(0), at: gdtAddress)

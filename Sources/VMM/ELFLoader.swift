@@ -110,7 +110,7 @@ public struct ELFImage: Sendable {
         for s in segments {
             try memory.write(bytes[s.fileOffset..<(s.fileOffset + s.fileSize)], at: s.physicalAddress)
             let bss = s.memorySize - UInt64(s.fileSize)
-            if bss > 0 { try memory.fill(0, at: s.physicalAddress + UInt64(s.fileSize), count: Int(bss)) }
+            if bss > 0 { try memory.zero(at: s.physicalAddress + UInt64(s.fileSize), count: Int(bss)) }
         }
     }
 }

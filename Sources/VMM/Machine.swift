@@ -331,7 +331,7 @@ public final class Machine: @unchecked Sendable {
             DispatchQueue.global().asyncAfter(deadline: .now() + t, execute: item)
             timer = item
         }
-        _ = HostClock.nanosecondsPerTick  // calibrate before the vCPUs start
+        let ruler = HostClock.Ruler()  // the run loops record ticks; converted below
         var tickTimer: DispatchSourceTimer?
         if let period = configuration.tickSeconds {
             if let timer = vcpus[0] as? any PreemptionTimer {
@@ -359,7 +359,12 @@ public final class Machine: @unchecked Sendable {
         timer?.cancel()
         tickTimer?.cancel()
 
-        let perVCPU = results.withLock { $0 }
+        let nanosecondsPerTick = ruler.nanosecondsPerTick
+        let perVCPU = results.withLock { $0 }.map { stats, trace in
+            var scaled = stats
+            scaled.scaleTimes(by: nanosecondsPerTick)
+            return (scaled, trace)
+        }
         var merged = ExitStatistics()
         for (s, _) in perVCPU { merged.merge(s) }
         let reason = stopState.withLock { $0 } ?? .stopped
@@ -390,7 +395,8 @@ public final class Machine: @unchecked Sendable {
                 break
             }
             let t1 = HostClock.ticks()
-            stats.guestNanoseconds &+= HostClock.nanoseconds(ticks: t1 &- t0)
+            // Times are recorded in TSC ticks and scaled to nanoseconds after the run.
+            stats.guestNanoseconds &+= t1 &- t0
             if record { trace.append(exit) }
             var done = false
             switch exit {
@@ -401,16 +407,16 @@ public final class Machine: @unchecked Sendable {
                     vcpu.completeRead(value: UInt64(bus.portRead(a.port, size: a.size)))
                 }
                 t0 = HostClock.ticks()
-                let ns = HostClock.nanoseconds(ticks: t0 &- t1)
-                stats.record(.portIO, nanoseconds: ns)
-                stats.recordPort(a.port, nanoseconds: ns)
+                let ticks = t0 &- t1
+                stats.record(.portIO, nanoseconds: ticks)
+                stats.recordPort(a.port, nanoseconds: ticks)
                 continue
             case let .stringPortIO(port, size, direction, count, data):
                 handleStringIO(vcpu, port: port, size: size, direction: direction, count: count, data: data)
                 t0 = HostClock.ticks()
-                let ns = HostClock.nanoseconds(ticks: t0 &- t1)
-                stats.record(.portIO, nanoseconds: ns)
-                stats.recordPort(port, nanoseconds: ns)
+                let ticks = t0 &- t1
+                stats.record(.portIO, nanoseconds: ticks)
+                stats.recordPort(port, nanoseconds: ticks)
                 continue
             case let .mmio(a):
                 let range: RangeBase?
@@ -422,9 +428,9 @@ public final class Machine: @unchecked Sendable {
                     range = r.range
                 }
                 t0 = HostClock.ticks()
-                let ns = HostClock.nanoseconds(ticks: t0 &- t1)
-                stats.record(.mmio, nanoseconds: ns)
-                stats.recordMMIO(rangeBase: range ?? (a.address & ~0xFFF), nanoseconds: ns)
+                let ticks = t0 &- t1
+                stats.record(.mmio, nanoseconds: ticks)
+                stats.recordMMIO(rangeBase: range ?? (a.address & ~0xFFF), nanoseconds: ticks)
                 continue
             case let .hypercall(call):
                 vcpu.completeHypercall(result: hypercalls.handle(call, vcpu: vcpu.id))
@@ -474,7 +480,7 @@ public final class Machine: @unchecked Sendable {
                 done = true
             }
             t0 = HostClock.ticks()
-            stats.record(exit.reason, nanoseconds: HostClock.nanoseconds(ticks: t0 &- t1))
+            stats.record(exit.reason, nanoseconds: t0 &- t1)
             if done { break }
         }
         return (stats, trace)

@@ -69,6 +69,17 @@ public struct ExitStatistics: Sendable, Equatable {
 
     public subscript(reason: ExitReason) -> ExitCounter { reasons[reason.rawValue] }
 
+    /// Multiplies every recorded time by `factor`: a run loop records TSC ticks and converts
+    /// them once at the end, with the tick rate measured over the run itself.
+    public mutating func scaleTimes(by factor: Double) {
+        func scaled(_ c: ExitCounter) -> ExitCounter { ExitCounter(count: c.count, nanoseconds: UInt64(Double(c.nanoseconds) * factor)) }
+        reasons = reasons.map(scaled)
+        portCounters = portCounters.mapValues(scaled)
+        cachedPortCounter = scaled(cachedPortCounter)
+        mmioRanges = mmioRanges.mapValues(scaled)
+        guestNanoseconds = UInt64(Double(guestNanoseconds) * factor)
+    }
+
     public var totalExits: UInt64 { reasons.reduce(0) { $0 + $1.count } }
 
     public mutating func merge(_ other: ExitStatistics) {
@@ -158,6 +169,21 @@ public enum HostClock {
 
     @inline(__always)
     public static func nanoseconds(ticks: UInt64) -> UInt64 { UInt64(Double(ticks) * nanosecondsPerTick) }
+
+    /// Measures the tick rate over an interval the program spends anyway (a VM's run), so
+    /// start-up pays no calibration: `start()` at the beginning, `nanosecondsPerTick` at the end.
+    public struct Ruler: Sendable {
+        private let ticks0: UInt64, nanoseconds0: UInt64
+        public init() { nanoseconds0 = monotonicNanoseconds(); ticks0 = ckvm_rdtsc() }
+
+        /// Nanoseconds per tick between `init` and now; the 2 ms calibration when the interval
+        /// was too short to measure (under 100 µs).
+        public var nanosecondsPerTick: Double {
+            let ns = monotonicNanoseconds(), t = ckvm_rdtsc()
+            guard ns &- nanoseconds0 >= 100_000, t > ticks0 else { return HostClock.nanosecondsPerTick }
+            return Double(ns &- nanoseconds0) / Double(t &- ticks0)
+        }
+    }
 }
 
 extension String {

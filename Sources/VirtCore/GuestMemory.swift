@@ -120,6 +120,19 @@ public final class GuestMemory: @unchecked Sendable {
         memset(base + Int(gpa), Int32(byte), count)
     }
 
+    /// Zeroes `[gpa, gpa+count)`: whole pages are discarded (they read as zeros and use no
+    /// host memory, so zeroing untouched RAM costs nothing), partial pages are cleared.
+    public func zero(at gpa: UInt64, count: Int) throws(GuestMemoryError) {
+        try check(gpa, count)
+        let page = UInt64(Self.pageSize)
+        let end = gpa + UInt64(count)
+        let firstWhole = (gpa + page - 1) / page * page, lastWhole = end / page * page
+        guard firstWhole < lastWhole else { return try fill(0, at: gpa, count: count) }
+        if gpa < firstWhole { try fill(0, at: gpa, count: Int(firstWhole - gpa)) }
+        try discard(gpa: firstWhole, length: lastWhole - firstWhole)
+        if lastWhole < end { try fill(0, at: lastWhole, count: Int(end - lastWhole)) }
+    }
+
     /// Calls `body` with a read-only view of `[gpa, gpa+count)`.
     public func withBytes<R>(at gpa: UInt64, count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
         try check(gpa, count)

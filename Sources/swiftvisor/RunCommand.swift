@@ -146,17 +146,20 @@ struct Run: ParsableCommand {
         }
         let results = Mutex([RunResult?](repeating: nil, count: machines.count))
         let failures = Mutex([String]())
-        let threads = machines.enumerated().map { index, machine in
-            HostThread(name: "vm\(index)") {
-                do {
-                    let r = try machine.run()
-                    results.withLock { $0[index] = r }
-                } catch {
-                    failures.withLock { $0.append("vm\(index): \(error)") }
-                }
+        let runMachine = { @Sendable (index: Int, machine: Machine) in
+            do {
+                let r = try machine.run()
+                results.withLock { $0[index] = r }
+            } catch {
+                failures.withLock { $0.append("vm\(index): \(error)") }
             }
         }
-        threads.forEach { $0.join() }
+        if machines.count == 1 {
+            runMachine(0, machines[0])  // no extra thread for the common case
+        } else {
+            let threads = machines.enumerated().map { index, machine in HostThread(name: "vm\(index)") { runMachine(index, machine) } }
+            threads.forEach { $0.join() }
+        }
         for f in failures.withLock({ $0 }) { printError("swiftvisor: error: \(f)") }
         var status: Int32? = failures.withLock { $0.isEmpty } ? nil : ToolStatus.failure
         for (index, machine) in machines.enumerated() {

@@ -25,16 +25,16 @@ import Glibc
         #expect(waitUntil { m.memory.allocatedBytes >= 60 << 20 })
         let before = m.memory.allocatedBytes
         let reply = try ControlServer.send("balloon 4096", to: socket)
-        #expect(reply["ok"] as? Bool == true)
-        #expect((reply["target_pages"] as? NSNumber)?.intValue == 4096)
+        #expect(reply.ok)
+        #expect(reply.balloon?.targetPages == 4096)
         #expect(waitUntil { balloon.actualPages == 4096 })
         #expect(m.memory.allocatedBytes <= m.memory.size - (16 << 20))  // 16 MiB went back to the host
         #expect(m.memory.allocatedBytes < before)
         let status = try ControlServer.send("status", to: socket)
-        #expect(status["engine"] as? String == engine)
+        #expect(status.status?.engine == engine)
         let bad = try ControlServer.send("balloon lots", to: socket)
-        #expect(bad["ok"] as? Bool == false)
-        #expect(try ControlServer.send("frobnicate", to: socket)["ok"] as? Bool == false)
+        #expect(!bad.ok && bad.error?.contains("usage") == true)
+        #expect(try !ControlServer.send("frobnicate", to: socket).ok)
         _ = try ControlServer.send("balloon \(VirtioBalloon.quitTarget)", to: socket)
     }
 }
