@@ -27,6 +27,7 @@ public enum IOBusError: Error, Equatable, CustomStringConvertible {
     case portRangeOverlaps(first: UInt16, count: Int, existing: String)
     case mmioRangeOverlaps(base: UInt64, size: UInt64, existing: String)
     case emptyRange
+    case tooManyPortDevices
 
     public var description: String {
         switch self {
@@ -36,6 +37,8 @@ public enum IOBusError: Error, Equatable, CustomStringConvertible {
             return "MMIO 0x\(String(base, radix: 16))+0x\(String(size, radix: 16)) overlaps device \(existing)"
         case .emptyRange:
             return "an I/O range must not be empty"
+        case .tooManyPortDevices:
+            return "a bus holds at most 255 port devices"
         }
     }
 }
@@ -44,39 +47,58 @@ public enum IOBusError: Error, Equatable, CustomStringConvertible {
 /// when nothing is attached there.
 public typealias RangeBase = UInt64
 
-/// Dispatches port and MMIO accesses to devices. Devices are attached before the vCPUs
-/// start; lookups afterwards are lock-free (a 64 Ki-entry port table; a short sorted list
-/// of MMIO ranges).
-public final class IOBus: @unchecked Sendable {
-    private struct PortRange { let first: UInt16; let count: Int; let device: any PortIODevice }
-    private struct MMIORange { let base: UInt64; let size: UInt64; let device: any MMIODevice }
+/// Collects a machine's devices before it starts. `freeze()` makes the `IOBus` the vCPUs
+/// use: what is attached where cannot change once guest code runs.
+public struct IOBusBuilder: Sendable {
+    fileprivate struct PortRange: Sendable { let first: UInt16; let count: Int; let device: any PortIODevice }
+    fileprivate struct MMIORange: Sendable { let base: UInt64; let size: UInt64; let device: any MMIODevice }
 
-    private var portRanges: [PortRange] = []
+    fileprivate private(set) var portRanges: [PortRange] = []
     /// Port → index+1 into `portRanges` (0 = no device).
-    private var portTable = [UInt8](repeating: 0, count: 65536)
-    private var mmioRanges: [MMIORange] = []
-    /// Accesses nobody handled (reads return all ones; writes are dropped).
-    private let unhandledCount = Atomic<UInt64>(0)
+    fileprivate private(set) var portTable = [UInt8](repeating: 0, count: 65536)
+    fileprivate private(set) var mmioRanges: [MMIORange] = []
 
     public init() {}
 
-    public func attach(_ device: any PortIODevice, firstPort: UInt16, count: Int) throws(IOBusError) {
+    public mutating func attach(_ device: any PortIODevice, firstPort: UInt16, count: Int) throws(IOBusError) {
         guard count > 0, Int(firstPort) + count <= 65536 else { throw .emptyRange }
         for p in Int(firstPort)..<(Int(firstPort) + count) where portTable[p] != 0 {
             throw .portRangeOverlaps(first: firstPort, count: count, existing: portRanges[Int(portTable[p]) - 1].device.name)
         }
-        precondition(portRanges.count < 255, "too many port devices")
+        guard portRanges.count < 255 else { throw .tooManyPortDevices }
         portRanges.append(PortRange(first: firstPort, count: count, device: device))
         for p in Int(firstPort)..<(Int(firstPort) + count) { portTable[p] = UInt8(portRanges.count) }
     }
 
-    public func attach(_ device: any MMIODevice, base: UInt64, size: UInt64) throws(IOBusError) {
+    public mutating func attach(_ device: any MMIODevice, base: UInt64, size: UInt64) throws(IOBusError) {
         guard size > 0, base &+ size > base else { throw .emptyRange }
         if let other = mmioRanges.first(where: { base < $0.base + $0.size && $0.base < base + size }) {
             throw .mmioRangeOverlaps(base: base, size: size, existing: other.device.name)
         }
         mmioRanges.append(MMIORange(base: base, size: size, device: device))
         mmioRanges.sort { $0.base < $1.base }
+    }
+
+    /// Names of the MMIO devices attached so far.
+    public var mmioDeviceNames: [String] { mmioRanges.map(\.device.name) }
+
+    /// The bus as assembled; the builder can go on to make another.
+    public func freeze() -> IOBus { IOBus(self) }
+}
+
+/// Dispatches port and MMIO accesses to devices. Immutable (made by `IOBusBuilder.freeze()`),
+/// so lookups need no locks: a 64 Ki-entry port table and a short sorted list of MMIO ranges.
+public final class IOBus: Sendable {
+    private let portRanges: [IOBusBuilder.PortRange]
+    private let portTable: [UInt8]
+    private let mmioRanges: [IOBusBuilder.MMIORange]
+    /// Accesses nobody handled (reads return all ones; writes are dropped).
+    private let unhandledCount = Atomic<UInt64>(0)
+
+    fileprivate init(_ builder: IOBusBuilder) {
+        portRanges = builder.portRanges
+        portTable = builder.portTable
+        mmioRanges = builder.mmioRanges
     }
 
     public var unhandledAccesses: UInt64 { unhandledCount.load(ordering: .relaxed) }
@@ -117,7 +139,7 @@ public final class IOBus: @unchecked Sendable {
     }
 
     @inline(__always)
-    private func mmioRange(_ address: UInt64) -> MMIORange? {
+    private func mmioRange(_ address: UInt64) -> IOBusBuilder.MMIORange? {
         for r in mmioRanges where address >= r.base && address - r.base < r.size { return r }
         return nil
     }

@@ -62,7 +62,7 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
 
     // MARK: Running
 
-    public func run() throws -> VMExit {
+    public func run() throws(VCPUError) -> VMExit {
         let me = UInt(pthread_self())
         if runningThread.load(ordering: .relaxed) != me {
             // First run on this thread: let the kick signal interrupt KVM_RUN here.
@@ -73,7 +73,7 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
             if !pending.isEmpty { try offerInterrupt() }
             let rc = ckvm_run(fd)
             if rc < 0 {
-                guard -rc == EINTR || -rc == EAGAIN else { throw KVMError.ioctlFailed(operation: "KVM_RUN", errno: -rc) }
+                guard -rc == EINTR || -rc == EAGAIN else { throw .hostCallFailed(operation: "KVM_RUN", errno: -rc) }
                 ckvm_run_set_immediate_exit(runPage, 0)
                 // A kick only to deliver an interrupt is not an exit for the VMM.
                 if exitRequested.exchange(false, ordering: .acquiring) { return .interrupted }
@@ -86,12 +86,12 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
 
     /// Without an in-kernel irqchip the VMM is the interrupt controller: inject when the
     /// guest can take an interrupt now, else ask KVM to exit as soon as it can.
-    private func offerInterrupt() throws(KVMError) {
+    private func offerInterrupt() throws(VCPUError) {
         if ckvm_run_ready_for_interrupt(runPage) != 0, let vector = pending.takeHighest() {
             let rc = ckvm_interrupt(fd, UInt32(vector))
             if rc < 0 {
                 pending.post(vector)
-                throw .ioctlFailed(operation: "KVM_INTERRUPT", errno: -rc)
+                throw .hostCallFailed(operation: "KVM_INTERRUPT", errno: -rc)
             }
         }
         ckvm_run_request_interrupt_window(runPage, pending.isEmpty ? 0 : 1)
@@ -106,7 +106,7 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
 
     public var interruptsEnabled: Bool { ckvm_run_if_flag(runPage) != 0 }
 
-    private func decodeExit() throws -> VMExit {
+    private func decodeExit() throws(VCPUError) -> VMExit {
         let r = runPage
         switch Int32(ckvm_run_exit_reason(r)) {
         case KVM_EXIT_IO:
@@ -160,8 +160,9 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
         }
     }
 
-    private func hypercallExit() throws(KVMError) -> VMExit {
-        _ = try KVMError.check(ckvm_get_regs(fd, &hypercallRegs), "KVM_GET_REGS")
+    private func hypercallExit() throws(VCPUError) -> VMExit {
+        let rc = ckvm_get_regs(fd, &hypercallRegs)
+        if rc < 0 { throw .hostCallFailed(operation: "KVM_GET_REGS", errno: -rc) }
         let g = hypercallRegs
         return .hypercall(Hypercall(number: g.rax & 0xFFFF_FFFF, arg0: g.rdi, arg1: g.rsi, arg2: g.rdx, arg3: g.r10))
     }

@@ -190,14 +190,14 @@ public struct BalloonLab: Sendable {
             commandLine: "pages=\(datasetPages) accesses=\(accesses) warm=\(warm) smilli=\(smilli) seed=\(seed)",
             timeoutSeconds: 1200)
         config.recordExits = false
+        config.guestName = "zipf-cache"
         let m = try Machine(image: try GuestProgram.load("zipf-cache"), configuration: config,
                             engine: try EngineSelection.make(engine), serialOutput: out.append)
-        m.guestName = "zipf-cache"
         try m.addVirtioBlock(path: path)
         let lab = self
         let controller = Controller(memory: m.memory, schedule: { lab.targets(poolPages: $0) })
         controller.balloon = try m.addVirtioBalloon(target: 0)
-        try m.bus.attach(controller, firstPort: MarkerPort.port, count: 1)
+        try m.attach(controller, firstPort: MarkerPort.port, count: 1)
         let r = try m.run()
         let text = out.text
         guard r.stopReason == .exitPort(status: 0) else { throw LabError.guestFailed(what: "zipf-cache guest", reason: r.stopReason.summary, output: text) }

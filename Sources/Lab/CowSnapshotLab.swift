@@ -63,9 +63,9 @@ public struct CowSnapshotLab: Sendable {
         var config = MachineConfiguration(memorySize: memory, commandLine: "work=\(work) touch=\(touch) fill=\(fill ? 1 : 0)",
                                           timeoutSeconds: 600)
         config.recordExits = false
+        config.guestName = "counter"
         let m = try Machine(image: try GuestProgram.load("counter"), configuration: config,
                             engine: try EngineSelection.make(engine), serialOutput: out.append)
-        m.guestName = "counter"
         let runner = HostThread(name: "lab-counter") { _ = try? m.run() }
         defer { m.stop(); runner.join() }
         guard out.waitForLines(20) else { throw LabError.guestStalled(what: "the counter guest", output: out.text) }

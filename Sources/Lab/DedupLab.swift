@@ -124,7 +124,7 @@ public struct DedupLab: Sendable {
         let dedup = try PageDeduplicator(machine: m)
         let controller = Controller(machine: m, dedup: dedup, pages: Int(pages), warm: warmRounds, usePolicy: usePolicy,
                                     breakEven: policy.breakEvenWriteProbability)
-        try m.bus.attach(controller, firstPort: 0x81, count: 1)
+        try m.attach(controller, firstPort: 0x81, count: 1)
         let r = try m.run()
         guard r.stopReason == .exitPort(status: 0), controller.error == nil else {
             throw LabError.guestFailed(what: "dedup-workload at p=\(p)", reason: controller.error ?? r.stopReason.summary, output: out.text)

@@ -61,7 +61,7 @@ public struct ParavirtVsEmulatedLab: Sendable {
     func calibrateExitCost() throws -> Double {
         let reads: UInt64 = engine == .kvm ? 20_000 : 200_000
         let (m, marks, out) = try machine("status-device", "reads=\(reads) writes=1 page=0")
-        try m.bus.attach(StatusDevice(), firstPort: StatusDevice.firstPort, count: StatusDevice.portCount)
+        try m.attach(StatusDevice(), firstPort: StatusDevice.firstPort, count: StatusDevice.portCount)
         let r = try m.run()
         guard r.stopReason == .exitPort(status: 0) else { throw LabError.guestFailed(what: "exit-cost calibration", reason: r.stopReason.summary, output: out.text) }
         guard let ns = marks.interval(from: 1, to: 2) else { throw LabError.noMarkers("exit-cost calibration") }
@@ -75,7 +75,7 @@ public struct ParavirtVsEmulatedLab: Sendable {
         let m = try Machine(image: try GuestProgram.load(guest), configuration: config,
                             engine: try EngineSelection.make(engine), serialOutput: out.append)
         let marks = MarkerPort()
-        try m.bus.attach(marks, firstPort: MarkerPort.port, count: 1)
+        try m.attach(marks, firstPort: MarkerPort.port, count: 1)
         return (m, marks, out)
     }
 

@@ -64,21 +64,22 @@ public struct PioVsMmioLab: Sendable {
         }
         let machine = try Machine(image: guest, configuration: config, engine: engine, serialOutput: output.append)
         let device = StatusDevice()
-        try machine.bus.attach(device, firstPort: StatusDevice.firstPort, count: StatusDevice.portCount)
+        try machine.attach(device, firstPort: StatusDevice.firstPort, count: StatusDevice.portCount)
         var statusPage: StatusPage?
+        var onTick: (@Sendable () -> Void)?
         if page {
             let sp = try StatusPage(memory: machine.memory, address: BootLayout.statusPageAddress)
             try machine.listDevice(type: .statusPage, base: sp.address, size: 4096)
             let vm = try machine.vm.require(DirtyPageLogging.self, .dirtyLogging, neededBy: "the shared-page device")
             try vm.setDirtyLogging(true)
-            machine.onTick = {
+            onTick = {
                 // The vCPU is stopped at this timer exit: fetch the log, then serve the page.
                 let written = (try? vm.fetchDirtyLog()[sp.pageNumber]) ?? false
                 _ = try? sp.scan(pageWasWritten: written)
             }
             statusPage = sp
         }
-        let result = try machine.run()
+        let result = try machine.run(onTick: onTick)
         let text = output.text
         guard result.stopReason == .exitPort(status: 0) else {
             throw LabError.guestFailed(what: "\(page ? "page" : "port") form", reason: result.stopReason.summary, output: text)

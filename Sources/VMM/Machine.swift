@@ -23,11 +23,15 @@ public struct MachineConfiguration: Sendable {
     /// KVM: deliver virtio queue notifications through ioeventfds (handled in the kernel
     /// and a doorbell thread, no exit to userspace) when the host supports them.
     public var ioeventfd = true
+    /// What the guest is (a bundled guest's name or a path), kept in snapshots.
+    public var guestName = ""
+    /// The VMM's answers to the guest's hypercalls.
+    public var hypercalls = HypercallTable()
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
-                timeoutSeconds: Double? = nil, recordExits: Bool = false) {
+                timeoutSeconds: Double? = nil, recordExits: Bool = false, guestName: String = "") {
         self.memorySize = memorySize; self.vcpuCount = vcpuCount; self.commandLine = commandLine
-        self.timeoutSeconds = timeoutSeconds; self.recordExits = recordExits
+        self.timeoutSeconds = timeoutSeconds; self.recordExits = recordExits; self.guestName = guestName
     }
 }
 
@@ -36,6 +40,7 @@ public enum MachineError: Error, Equatable, CustomStringConvertible {
     case invalidVCPUCount(Int)
     case commandLineTooLong(Int)
     case alreadyRan
+    case alreadyStarted
     case tooManyDevices
 
     public var description: String {
@@ -48,6 +53,8 @@ public enum MachineError: Error, Equatable, CustomStringConvertible {
             return "guest command line of \(n) bytes exceeds \(BootLayout.commandLineCapacity)"
         case .alreadyRan:
             return "a machine runs once; build a new one"
+        case .alreadyStarted:
+            return "devices are attached before the machine runs"
         case .tooManyDevices:
             return "a machine has at most \(BootLayout.maxDevices) devices"
         }
@@ -66,7 +73,7 @@ public enum StopReason: Sendable, Equatable {
     /// `Machine.stop()` was called.
     case stopped
     /// The engine could not run the guest: KVM internal error, failed entry, ioctl error.
-    case engineFailure(vcpu: Int, message: String)
+    case engineFailure(vcpu: Int, failure: EngineFailure)
 
     /// One line for the user.
     public var summary: String {
@@ -76,7 +83,7 @@ public enum StopReason: Sendable, Equatable {
         case let .shutdown(vcpu, _): return "vCPU \(vcpu) shut down (triple fault)"
         case .timeout: return "timed out"
         case .stopped: return "stopped by the host"
-        case let .engineFailure(vcpu, message): return "vCPU \(vcpu): \(message)"
+        case let .engineFailure(vcpu, failure): return "vCPU \(vcpu): \(failure)"
         }
     }
 }
@@ -94,24 +101,23 @@ public struct RunResult: Sendable {
 /// One running VM: guest RAM, an engine VM with its vCPUs, and the I/O bus with the
 /// standard devices (COM1, exit port, bench port). `run()` starts one thread per vCPU
 /// and returns when the guest exits, fails, times out or is stopped.
+// SAFETY: what changes after init is either behind a lock or an atomic (bus assembly, stop and
+// pause state, fault handler) or set only before `run()` starts the vCPU threads (device list,
+// balloon, lazy loader, doorbells), which publishes it to them.
 public final class Machine: @unchecked Sendable {
     public let configuration: MachineConfiguration
     public let memory: GuestMemory
     public let engine: any Engine
     public let vm: any VM
-    public let bus = IOBus()
+    /// Devices are attached while the machine is assembled; `run()` freezes the bus.
+    private enum BusState { case assembling(IOBusBuilder), frozen(IOBus) }
+    private let busState: Mutex<BusState>
     public let uart: UART16550
     public let benchPort = BenchPort()
     /// Written by the guest runtime's first instruction (start-up measurement).
     public let bootMarker = BootMarkerPort()
     /// The image the machine booted (nil when restored from a snapshot).
     public let image: ELFImage?
-    /// What the guest is (a bundled guest's name or a path), kept in snapshots.
-    public var guestName = ""
-    public var hypercalls = HypercallTable()
-    /// Runs on vCPU 0's thread at each timer exit when `configuration.tickSeconds` is set
-    /// (the vCPU is stopped meanwhile). Set before `run()`.
-    public var onTick: (@Sendable () -> Void)?
     /// Timer exits taken for `onTick`.
     public var ticks: UInt64 { tickCount.load(ordering: .relaxed) }
     private let tickCount = Atomic<UInt64>(0)
@@ -197,11 +203,48 @@ public final class Machine: @unchecked Sendable {
         wakeups = vcpus.map { _ in DispatchSemaphore(value: 0) }
         resumeSignals = vcpus.map { _ in DispatchSemaphore(value: 0) }
         uart = UART16550(output: serialOutput)
-        try bus.attach(uart, firstPort: UART16550.com1, count: UART16550.registerCount)
-        try bus.attach(benchPort, firstPort: BenchPort.port, count: 1)
-        try bus.attach(bootMarker, firstPort: BootMarkerPort.port, count: 1)
-        try bus.attach(ExitPort { [weak self] status in self?.requestStop(.exitPort(status: status)) },
-                       firstPort: ExitPort.port, count: 1)
+        var builder = IOBusBuilder()
+        try builder.attach(uart, firstPort: UART16550.com1, count: UART16550.registerCount)
+        try builder.attach(benchPort, firstPort: BenchPort.port, count: 1)
+        try builder.attach(bootMarker, firstPort: BootMarkerPort.port, count: 1)
+        busState = Mutex(.assembling(builder))
+        try attach(ExitPort { [weak self] status in self?.requestStop(.exitPort(status: status)) }, firstPort: ExitPort.port, count: 1)
+    }
+
+    /// Attaches a port-I/O device. Before `run()` only: the bus is frozen once guest code runs.
+    public func attach(_ device: any PortIODevice, firstPort: UInt16, count: Int) throws {
+        try assemble { builder in try builder.attach(device, firstPort: firstPort, count: count) }
+    }
+
+    private func assemble(_ change: (inout IOBusBuilder) throws -> Void) throws {
+        try busState.withLock { state in
+            guard case var .assembling(builder) = state else { throw MachineError.alreadyStarted }
+            try change(&builder)
+            state = .assembling(builder)
+        }
+    }
+
+    /// The I/O bus: once the machine runs, the one its vCPUs use; before, the devices so far.
+    public var bus: IOBus {
+        busState.withLock { state in
+            switch state {
+            case let .assembling(builder): return builder.freeze()
+            case let .frozen(bus): return bus
+            }
+        }
+    }
+
+    /// Freezes the bus for the run (idempotent).
+    private func freezeBus() -> IOBus {
+        busState.withLock { state in
+            switch state {
+            case let .assembling(builder):
+                let bus = builder.freeze()
+                state = .frozen(bus)
+                return bus
+            case let .frozen(bus): return bus
+            }
+        }
     }
 
     /// Asks every vCPU to stop; the first reason given wins. Safe from any thread.
@@ -271,7 +314,7 @@ public final class Machine: @unchecked Sendable {
 
     /// As `addMMIODevice(type:_:)`, recording how to make the device again (for snapshots).
     func addMMIODevice<D: MMIODevice>(type: BootLayout.DeviceType, recipe: DeviceRecipe?, _ make: (DeviceSlot) throws -> D) throws -> D {
-        precondition(!started.load(ordering: .relaxed), "devices are added before the machine runs")
+        guard !started.load(ordering: .relaxed) else { throw MachineError.alreadyStarted }
         guard deviceCount < BootLayout.maxDevices else { throw MachineError.tooManyDevices }
         let index = deviceCount
         let base = BootLayout.mmioWindowBase + UInt64(index) * BootLayout.deviceSlotSize
@@ -279,7 +322,7 @@ public final class Machine: @unchecked Sendable {
         let slot = DeviceSlot(index: index, base: base, size: BootLayout.deviceSlotSize, irq: irq,
                               interrupt: interruptLine(irq: irq))
         let device = try make(slot)
-        try bus.attach(device, base: base, size: slot.size)
+        try assemble { builder in try builder.attach(device, base: base, size: slot.size) }
         try BootLayout.writeDevice(BootLayout.DeviceEntry(type: type.rawValue, irq: UInt32(irq), base: base, size: slot.size),
                                    index: index, memory: memory)
         deviceCount += 1
@@ -320,9 +363,11 @@ public final class Machine: @unchecked Sendable {
     /// The state of vCPU `id` (call after `run` returns, or before it starts).
     public func vcpuState(_ id: Int) throws -> VCPUState { try vcpus[id].getState() }
 
-    /// Runs the guest to completion on one thread per vCPU.
-    public func run() throws -> RunResult {
+    /// Runs the guest to completion on one thread per vCPU. `onTick` runs on vCPU 0's thread
+    /// at each timer exit when `configuration.tickSeconds` is set (the vCPU is stopped meanwhile).
+    public func run(onTick: (@Sendable () -> Void)? = nil) throws -> RunResult {
         guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw MachineError.alreadyRan }
+        let bus = freezeBus()
         let count = vcpus.count
         let results = Mutex([(ExitStatistics, [VMExit])](repeating: (ExitStatistics(), []), count: count))
         var timer: DispatchWorkItem?
@@ -349,7 +394,7 @@ public final class Machine: @unchecked Sendable {
         let start = monotonicNanoseconds()
         let threads = vcpus.enumerated().map { id, vcpu in
             HostThread(name: "vcpu\(id)") { [self] in
-                let outcome = runLoop(vcpu)
+                let outcome = runLoop(vcpu, bus: bus, onTick: onTick)
                 results.withLock { $0[id] = outcome }
             }
         }
@@ -374,7 +419,7 @@ public final class Machine: @unchecked Sendable {
 
     /// The vCPU loop: run, dispatch the exit, account for it. Generic so the engine's
     /// concrete vCPU type is used directly (no existential call per exit).
-    private func runLoop<V: VCPU>(_ vcpu: V) -> (ExitStatistics, [VMExit]) {
+    private func runLoop<V: VCPU>(_ vcpu: V, bus: IOBus, onTick: (@Sendable () -> Void)?) -> (ExitStatistics, [VMExit]) {
         var stats = ExitStatistics()
         var trace: [VMExit] = []
         let record = configuration.recordExits
@@ -391,7 +436,7 @@ public final class Machine: @unchecked Sendable {
             do {
                 exit = try vcpu.run()
             } catch {
-                requestStop(.engineFailure(vcpu: vcpu.id, message: "\(error)"))
+                requestStop(.engineFailure(vcpu: vcpu.id, failure: .run(error)))
                 break
             }
             let t1 = HostClock.ticks()
@@ -412,7 +457,7 @@ public final class Machine: @unchecked Sendable {
                 stats.recordPort(a.port, nanoseconds: ticks)
                 continue
             case let .stringPortIO(port, size, direction, count, data):
-                handleStringIO(vcpu, port: port, size: size, direction: direction, count: count, data: data)
+                handleStringIO(vcpu, bus: bus, port: port, size: size, direction: direction, count: count, data: data)
                 t0 = HostClock.ticks()
                 let ticks = t0 &- t1
                 stats.record(.portIO, nanoseconds: ticks)
@@ -433,7 +478,7 @@ public final class Machine: @unchecked Sendable {
                 stats.recordMMIO(rangeBase: range ?? (a.address & ~0xFFF), nanoseconds: ticks)
                 continue
             case let .hypercall(call):
-                vcpu.completeHypercall(result: hypercalls.handle(call, vcpu: vcpu.id))
+                vcpu.completeHypercall(result: configuration.hypercalls.handle(call, vcpu: vcpu.id))
             case .halt:
                 if vcpu.interruptsEnabled && interruptSources > 0 {
                     // Waits for an interrupt, as `hlt` does; the next run() delivers it.
@@ -452,10 +497,11 @@ public final class Machine: @unchecked Sendable {
                 requestStop(.shutdown(vcpu: vcpu.id, state: try? vcpu.getState()))
                 done = true
             case let .failEntry(code):
-                requestStop(.engineFailure(vcpu: vcpu.id, message: "entry failed, hardware reason 0x\(String(code, radix: 16))"))
+                requestStop(.engineFailure(vcpu: vcpu.id, failure: .entryFailed(hardwareReason: code)))
                 done = true
             case let .internalError(suberror, data, bytes):
-                requestStop(.engineFailure(vcpu: vcpu.id, message: Self.describeInternalError(suberror, data, bytes, try? vcpu.getState())))
+                requestStop(.engineFailure(vcpu: vcpu.id, failure: .internalError(suberror: suberror, data: data, instructionBytes: bytes,
+                                                                                 rip: (try? vcpu.getState())?.rip)))
                 done = true
             case .interrupted, .preemptionTimer:
                 if vcpu.id == 0, configuration.tickSeconds != nil, let tick = onTick {
@@ -466,17 +512,17 @@ public final class Machine: @unchecked Sendable {
                     }
                 }
             case let .exception(vector, code):
-                requestStop(.engineFailure(vcpu: vcpu.id, message: "unhandled exception \(vector) error \(code.map { String($0) } ?? "none")"))
+                requestStop(.engineFailure(vcpu: vcpu.id, failure: .unhandledException(vector: vector, errorCode: code)))
                 done = true
             case let .memoryFault(gpa, access):
                 if let handler = memoryFaultHandler.withLock({ $0 }), handler(gpa, access) { break }
-                requestStop(.engineFailure(vcpu: vcpu.id, message: "memory fault at 0x\(String(gpa, radix: 16))"))
+                requestStop(.engineFailure(vcpu: vcpu.id, failure: .unhandledMemoryFault(gpa: gpa, access: access)))
                 done = true
             case let .systemEvent(type):
-                requestStop(.engineFailure(vcpu: vcpu.id, message: "system event \(type)"))
+                requestStop(.engineFailure(vcpu: vcpu.id, failure: .systemEvent(type: type)))
                 done = true
             case let .unknown(reason):
-                requestStop(.engineFailure(vcpu: vcpu.id, message: "unknown exit reason \(reason)"))
+                requestStop(.engineFailure(vcpu: vcpu.id, failure: .unknownExit(reason: reason)))
                 done = true
             }
             t0 = HostClock.ticks()
@@ -486,7 +532,7 @@ public final class Machine: @unchecked Sendable {
         return (stats, trace)
     }
 
-    private func handleStringIO<V: VCPU>(_ vcpu: V, port: UInt16, size: UInt8, direction: AccessDirection, count: UInt32, data: [UInt8]) {
+    private func handleStringIO<V: VCPU>(_ vcpu: V, bus: IOBus, port: UInt16, size: UInt8, direction: AccessDirection, count: UInt32, data: [UInt8]) {
         let n = Int(size)
         if direction == .write {
             for i in 0..<Int(count) {
@@ -503,15 +549,5 @@ public final class Machine: @unchecked Sendable {
             }
             vcpu.completeStringRead(bytes)
         }
-    }
-
-    static func describeInternalError(_ suberror: UInt32, _ data: [UInt64], _ bytes: [UInt8], _ state: VCPUState?) -> String {
-        var s = "internal error (suberror \(suberror)"
-        if suberror == 1 { s += ": instruction emulation failed" }
-        s += ")"
-        if let rip = state?.rip { s += " at rip 0x\(String(rip, radix: 16))" }
-        if !bytes.isEmpty { s += ", instruction bytes: " + bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: " ") }
-        if !data.isEmpty { s += ", data: " + data.map { "0x" + String($0, radix: 16) }.joined(separator: " ") }
-        return s
     }
 }

@@ -90,7 +90,7 @@ extension Machine {
         try protection.protectAll()
         whilePaused?()
         let metadata = SnapshotMetadata(engine: engine.name, memorySize: memory.size, vcpuCount: allVCPUs.count,
-                                        commandLine: configuration.commandLine, imageIdentity: guestName,
+                                        commandLine: configuration.commandLine, imageIdentity: configuration.guestName,
                                         created: Date(), note: note)
         var devices: [(name: String, state: [UInt8])] = [("com1", uart.savedState)]
         let encoder = JSONEncoder()
@@ -124,7 +124,7 @@ extension Machine {
         let m = snapshot.metadata
         guard m.engine == engine.name else { throw MachineSnapshotError.engineMismatch(snapshot: m.engine, requested: engine.name) }
         let config = MachineConfiguration(memorySize: m.memorySize, vcpuCount: m.vcpuCount, commandLine: m.commandLine,
-                                          timeoutSeconds: timeoutSeconds)
+                                          timeoutSeconds: timeoutSeconds, guestName: m.imageIdentity)
         var loader: LazyMemoryLoader?
         try self.init(configuration: config, engine: engine, serialOutput: serialOutput) { memory in
             if lazy {
@@ -137,9 +137,8 @@ extension Machine {
         lazyLoader = loader
         // RAM the snapshot cannot supply stops the VM with the reason, never runs on as zeros.
         loader?.counters.onFailure.withLock {
-            $0 = { [weak self] message in self?.requestStop(.engineFailure(vcpu: 0, message: "lazy restore: \(message)")) }
+            $0 = { [weak self] page, reason in self?.requestStop(.engineFailure(vcpu: 0, failure: .lazyRestore(page: page, reason: reason))) }
         }
-        guestName = m.imageIdentity
         if let com1 = snapshot.devices.first(where: { $0.name == "com1" }) { uart.restore(state: com1.state) }
         try restoreDevices(from: snapshot, console: serialOutput)
     }
@@ -194,7 +193,7 @@ final class LazyMemoryLoader: @unchecked Sendable {
         let faults = Atomic<UInt64>(0)
         /// Told when the file cannot supply a page (a corrupt chunk): the page is filled with
         /// zeros only so the faulting thread can go on to be stopped.
-        let onFailure = Mutex<(@Sendable (String) -> Void)?>(nil)
+        let onFailure = Mutex<(@Sendable (_ page: Int, _ reason: String) -> Void)?>(nil)
     }
     let counters = Counters()
 
@@ -226,7 +225,7 @@ final class LazyMemoryLoader: @unchecked Sendable {
                     try snapshot.readPage(page, into: buffer)
                 } catch {
                     buffer.initializeMemory(as: UInt8.self, repeating: 0)
-                    counters.onFailure.withLock { $0 }?("page \(page): \(error)")
+                    counters.onFailure.withLock { $0 }?(page, "\(error)")
                 }
                 _ = ckvm_uffd_copy(uffd, UnsafeMutableRawPointer(bitPattern: base + UInt(page) * 4096), buffer.baseAddress, 4096)
             }

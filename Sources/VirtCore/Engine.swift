@@ -44,7 +44,7 @@ public protocol VM: AnyObject, Sendable {
 public protocol VCPU: AnyObject, Sendable {
     var id: Int { get }
     /// Runs the guest until the next exit.
-    func run() throws -> VMExit
+    func run() throws(VCPUError) -> VMExit
     func getState() throws -> VCPUState
     func setState(_ state: VCPUState) throws
     /// Supplies the value of the port or MMIO read that caused the last exit.

@@ -165,7 +165,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
 
     public var interruptsEnabled: Bool { cpu.rflags & Flag.if != 0 }
 
-    public func run() throws -> VMExit {
+    public func run() throws(VCPUError) -> VMExit {
         let cpu = self.cpu
         let epoch = vm.secondLevel.epoch
         if cpu.secondLevelEpoch != epoch {  // INVEPT since the last run

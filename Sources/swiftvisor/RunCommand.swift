@@ -118,10 +118,9 @@ struct Run: ParsableCommand {
                         if index == 0 { printError("swiftvisor: \(message)") }
                     }
                 let config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
-                                                  timeoutSeconds: timeout)
+                                                  timeoutSeconds: timeout, guestName: name)
                 let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
                 let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
-                machine.guestName = name
                 let console = try addDevices(to: machine, index: index, output: output)
                 if index == 0 { firstVirtioConsole = console }
                 machines.append(machine)

@@ -17,10 +17,11 @@ final class RecordingMMIO: MMIODevice {
 
 @Suite struct IOBusTests {
     @Test func dispatchesPortsByRangeWithOffsets() throws {
-        let bus = IOBus()
+        var builder = IOBusBuilder()
         let sink = ByteSink()
         let uart = UART16550(output: sink.append)
-        try bus.attach(uart, firstPort: 0x3F8, count: 8)
+        try builder.attach(uart, firstPort: 0x3F8, count: 8)
+        let bus = builder.freeze()
         bus.portWrite(0x3F8, size: 1, value: 0x41)
         #expect(sink.text == "A")
         #expect(bus.portRead(0x3FD, size: 1) & 0x20 != 0)  // LSR.THRE
@@ -29,7 +30,7 @@ final class RecordingMMIO: MMIODevice {
     }
 
     @Test func unhandledAccessesReadAllOnesAndAreCounted() {
-        let bus = IOBus()
+        let bus = IOBusBuilder().freeze()
         #expect(bus.portRead(0x1234, size: 1) == 0xFF)
         #expect(bus.portRead(0x1234, size: 2) == 0xFFFF)
         #expect(bus.portRead(0x1234, size: 4) == 0xFFFF_FFFF)
@@ -40,7 +41,7 @@ final class RecordingMMIO: MMIODevice {
     }
 
     @Test func rejectsOverlaps() throws {
-        let bus = IOBus()
+        var bus = IOBusBuilder()
         try bus.attach(BenchPort(), firstPort: 0x80, count: 1)
         #expect(throws: IOBusError.portRangeOverlaps(first: 0x7F, count: 2, existing: "bench-port")) {
             try bus.attach(BenchPort(), firstPort: 0x7F, count: 2)
@@ -51,10 +52,21 @@ final class RecordingMMIO: MMIODevice {
         #expect(throws: IOBusError.emptyRange) { try bus.attach(BenchPort(), firstPort: 0xFFFF, count: 2) }
     }
 
+    @Test func aFrozenBusKeepsWhatWasAttachedThen() throws {
+        var builder = IOBusBuilder()
+        try builder.attach(BenchPort(), firstPort: 0x80, count: 1)
+        let bus = builder.freeze()
+        try builder.attach(RecordingMMIO(), base: 0xD000_0000, size: 0x1000)
+        #expect(bus.deviceName(port: 0x80) == "bench-port")
+        #expect(bus.mmioDeviceNames.isEmpty)
+        #expect(builder.mmioDeviceNames.count == 1)
+    }
+
     @Test func dispatchesMMIOWithOffsets() throws {
-        let bus = IOBus()
+        var builder = IOBusBuilder()
         let dev = RecordingMMIO()
-        try bus.attach(dev, base: 0xD000_0000, size: 0x1000)
+        try builder.attach(dev, base: 0xD000_0000, size: 0x1000)
+        let bus = builder.freeze()
         let r = bus.mmioRead(0xD000_0010, size: 4)
         #expect(r.value == 0x1010)
         #expect(r.range == 0xD000_0000)

@@ -165,10 +165,9 @@ struct KVMGuestTests {
 
 @Suite struct StopReasonTests {
     @Test func internalErrorDescriptionShowsRIPAndBytes() {
-        var state = VCPUState()
-        state.rip = 0x10_0000
-        let text = Machine.describeInternalError(1, [0x1, 0xcc0f], [0x0F, 0xC7, 0x0E], state)
-        #expect(text == "internal error (suberror 1: instruction emulation failed) at rip 0x100000, instruction bytes: 0f c7 0e, data: 0x1 0xcc0f")
+        let failure = EngineFailure.internalError(suberror: 1, data: [0x1, 0xcc0f], instructionBytes: [0x0F, 0xC7, 0x0E], rip: 0x10_0000)
+        #expect(StopReason.engineFailure(vcpu: 0, failure: failure).summary == "vCPU 0: " + failure.description)
+        #expect(failure.description == "internal error (suberror 1: instruction emulation failed) at rip 0x100000, instruction bytes: 0f c7 0e, data: 0x1 0xcc0f")
     }
 }
 
