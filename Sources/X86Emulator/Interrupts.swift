@@ -266,11 +266,24 @@ extension CPU {
     /// Contributory exceptions (#DE, #TS, #NP, #SS, #GP) for the double-fault rules.
     static func isContributory(_ v: UInt8) -> Bool { v == 0 || (v >= 10 && v <= 13) }
 
+    /// Whether exception `second`, raised while delivering `first`, makes a #DF.
+    static func isDoubleFault(first: UInt8, second: UInt8) -> Bool {
+        let firstClass = isContributory(first) ? 1 : (first == 14 ? 2 : 0)
+        let secondClass = isContributory(second) ? 1 : (second == 14 ? 2 : 0)
+        return (firstClass == 1 && secondClass == 1) || (firstClass == 2 && secondClass != 0)
+    }
+
     /// Raises `vector` in the guest, applying the double-fault rules when delivery itself
     /// faults (Intel SDM Vol. 3 Table 6-5). Returns false on a triple fault.
-    func raise(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool, external: Bool = true) -> Bool {
+    /// `after`: the exception whose delivery raised this one, outside this call.
+    func raise(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool, external: Bool = true, after: UInt8? = nil) -> Bool {
         var v = vector, code = errorCode, sw = software, isFault = fault
         var first = vector
+        if let prior = after {
+            if prior == 8 { return false }
+            if Self.isDoubleFault(first: prior, second: vector) { v = 8; code = 0 }
+            first = v
+        }
         var attempts = 0
         while attempts < 4 {
             attempts += 1
@@ -278,6 +291,13 @@ extension CPU {
                 try deliver(vector: v, errorCode: code, software: sw, fault: isFault, external: external)
                 return true
             } catch {
+                if case let .shadowFault(linear, shadowCode) = error {
+                    // As an EPT violation: the VMM fills the shadow table (or finds a guest
+                    // #PF, which it injects after this event), then delivery is retried.
+                    pendingEvent = PendingEvent(vector: v, errorCode: code, software: sw, fault: isFault, external: external)
+                    exit(.shadowPaging(.pageFault(linear: linear, errorCode: shadowCode)))
+                    return true
+                }
                 if case let .secondLevelViolation(gpa, access) = error {
                     // The VMM resolves the EPT violation; the event is delivered again on
                     // the next run() (as VMX re-injects an event whose delivery exited).
@@ -287,10 +307,7 @@ extension CPU {
                 }
                 guard case let .exception(second, secondCode) = error else { return false }
                 if v == 8 { return false }  // fault while delivering #DF: triple fault
-                let firstClass = Self.isContributory(first) ? 1 : (first == 14 ? 2 : 0)
-                let secondClass = Self.isContributory(second) ? 1 : (second == 14 ? 2 : 0)
-                let double = (firstClass == 1 && secondClass == 1) || (firstClass == 2 && secondClass != 0)
-                if double {
+                if Self.isDoubleFault(first: first, second: second) {
                     v = 8; code = 0
                 } else {
                     v = second; code = secondCode
