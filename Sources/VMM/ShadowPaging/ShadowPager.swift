@@ -293,6 +293,8 @@ public final class ShadowPager: @unchecked Sendable {
         if !access.isEmpty {
             if protected || !dirty || !slWritable { leaf |= P.writeTrap }
             if !slExecutable { leaf |= P.noExecute }
+        } else if !dirty {
+            leaf |= P.writeTrap  // MMIO: the first write must still set the guest's dirty bit
         }
         var slot = install(linear, root: roots[vcpu.id], levels: levels, leafLevel: leafLevel, leaf: leaf, nxe: nxe)
         if slot == nil {
