@@ -16,12 +16,18 @@ public enum ShadowPagingEvent: Sendable, Equatable {
     /// The shadow tables lack a translation for `linear`, or forbid the access. `errorCode`
     /// is the #PF error code of the access (bits W, U, I tell what was tried). Fault-like:
     /// the instruction (or event delivery) is retried on the next `run()`.
+    /// Bit 31 of `errorCode` (not architectural) marks an implicit supervisor-mode access
+    /// (`implicitAccess`), which SMAP forbids whatever RFLAGS.AC says.
     case pageFault(linear: UInt64, errorCode: UInt32)
     /// The guest wrote CR3 (or CR0/CR4/EFER, which change how its tables read). Trap-like:
     /// the write has happened; the vCPU has no shadow root until the VMM sets one.
     case contextSwitch(cr3: UInt64)
     /// The guest executed INVLPG (trap-like; the vCPU's own TLB entry is already gone).
     case invalidatePage(linear: UInt64)
+}
+
+extension ShadowPagingEvent {
+    public static let implicitAccess: UInt32 = 1 << 31
 }
 
 /// The paging state of a vCPU that the VMM's walk of the guest tables needs.

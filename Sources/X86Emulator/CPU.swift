@@ -153,6 +153,8 @@ final class CPU {
     var pageWalks: UInt64 = 0
     var pageWalkReferences: UInt64 = 0
     var tlbLookups: UInt64 = 0
+    /// Set while the CPU makes an implicit supervisor-mode access (SMAP ignores RFLAGS.AC).
+    var implicitSupervisorAccess = false
 
     /// Shadow mode (nil: nested): the VMM's shadow tables, the root this vCPU walks (a pool
     /// page, 0 for none), and the host frame one emulated write may reach despite its trap.
@@ -279,10 +281,24 @@ final class CPU {
         return try walk(linear, write: write, execute: execute, user: user)
     }
 
-    /// SMEP and SMAP, for a supervisor access to a user page.
+    /// SMEP and SMAP, for a supervisor access to a user page. RFLAGS.AC lifts SMAP for
+    /// explicit accesses only, not for the CPU's own descriptor-table and TSS accesses.
     @inline(__always)
     func supervisorMayUseUserPage(execute: Bool) -> Bool {
-        execute ? cr4 & CR.smep == 0 : (cr4 & CR.smap == 0 || rflags & Flag.ac != 0)
+        execute ? cr4 & CR.smep == 0 : (cr4 & CR.smap == 0 || (rflags & Flag.ac != 0 && !implicitSupervisorAccess))
+    }
+
+    /// An implicit supervisor-mode access (GDT, LDT, IDT, TSS), whatever the CPL.
+    func readSystem(_ linear: UInt64, size: Int) throws(Fault) -> UInt64 {
+        implicitSupervisorAccess = true
+        defer { implicitSupervisorAccess = false }
+        return try read(linear, size: size, user: false)
+    }
+
+    func writeSystem(_ linear: UInt64, _ value: UInt64, size: Int) throws(Fault) {
+        implicitSupervisorAccess = true
+        defer { implicitSupervisorAccess = false }
+        try write(linear, value, size: size, user: false)
     }
 
     /// The page walk behind `translate`; fills the TLB on success.
@@ -323,7 +339,7 @@ final class CPU {
                 if !user && userOK && execute && cr4 & CR.smep != 0 {
                     throw pageFault(linear, present: true, write: write, execute: execute, user: user)
                 }
-                if !user && userOK && !execute && cr4 & CR.smap != 0 && rflags & Flag.ac == 0 {
+                if !user && userOK && !execute && !supervisorMayUseUserPage(execute: false) {
                     throw pageFault(linear, present: true, write: write, execute: execute, user: user)
                 }
                 let newEntry = entry | 0x20 | (write ? 0x40 : 0)

@@ -7,7 +7,7 @@ extension CPU {
         let table = selector & 4 == 0 ? (gdt.base, UInt64(gdt.limit)) : (ldtr.base, UInt64(ldtr.limit))
         guard selector & 4 == 0 || (ldtr.present && !ldtr.unusable) else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         guard offset + 7 <= table.1 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
-        return try read(table.0 &+ offset, size: 8, user: false)
+        return try readSystem(table.0 &+ offset, size: 8)
     }
 
     static func segment(_ selector: UInt16, _ desc: UInt64) -> SegmentRegister {
@@ -75,13 +75,13 @@ extension CPU {
     func loadTaskRegister(_ selector: UInt16) throws(Fault) {
         guard selector & 4 == 0 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         let low = try descriptor(selector)
-        let high = try read(gdt.base &+ UInt64(selector & 0xFFF8) &+ 8, size: 8, user: false)
+        let high = try readSystem(gdt.base &+ UInt64(selector & 0xFFF8) &+ 8, size: 8)
         var seg = Self.segment(selector, low)
         guard !seg.s, seg.type == 0x9 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         guard seg.present else { throw Fault.exception(vector: 11, errorCode: UInt32(selector & 0xFFFC)) }
         seg.base |= (high & 0xFFFF_FFFF) << 32
         seg.type = 0xB  // busy
-        try write(gdt.base &+ UInt64(selector & 0xFFF8), low | (UInt64(2) << 40), size: 8, user: false)
+        try writeSystem(gdt.base &+ UInt64(selector & 0xFFF8), low | (UInt64(2) << 40), size: 8)
         tr = seg
     }
 
@@ -89,7 +89,7 @@ extension CPU {
         if selector & 0xFFFC == 0 { ldtr = SegmentRegister(selector: selector, unusable: true); return }
         guard selector & 4 == 0 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         let low = try descriptor(selector)
-        let high = try read(gdt.base &+ UInt64(selector & 0xFFF8) &+ 8, size: 8, user: false)
+        let high = try readSystem(gdt.base &+ UInt64(selector & 0xFFF8) &+ 8, size: 8)
         var seg = Self.segment(selector, low)
         guard !seg.s, seg.type == 0x2 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         guard seg.present else { throw Fault.exception(vector: 11, errorCode: UInt32(selector & 0xFFFC)) }
@@ -214,8 +214,8 @@ extension CPU {
         let idtCode = UInt32(vector) * 8 + 2 + ext
         let offset = UInt64(vector) * 16
         guard offset + 15 <= UInt64(idt.limit) else { throw Fault.gp(idtCode) }
-        let low = try read(idt.base &+ offset, size: 8, user: false)
-        let high = try read(idt.base &+ offset &+ 8, size: 8, user: false)
+        let low = try readSystem(idt.base &+ offset, size: 8)
+        let high = try readSystem(idt.base &+ offset &+ 8, size: 8)
         let type = (low >> 40) & 0x1F  // S bit and type: 0x0E interrupt gate, 0x0F trap gate
         guard type == 0xE || type == 0xF else { throw Fault.gp(idtCode) }
         let gateDPL = UInt8((low >> 45) & 3)
@@ -233,9 +233,9 @@ extension CPU {
         let ist = Int((low >> 32) & 7)
         var rsp = gpr[4]
         if ist != 0 {
-            rsp = try read(tr.base &+ 0x24 &+ UInt64(ist - 1) * 8, size: 8, user: false)
+            rsp = try readSystem(tr.base &+ 0x24 &+ UInt64(ist - 1) * 8, size: 8)
         } else if newCPL < oldCPL {
-            rsp = try read(tr.base &+ 4 &+ UInt64(newCPL) * 8, size: 8, user: false)
+            rsp = try readSystem(tr.base &+ 4 &+ UInt64(newCPL) * 8, size: 8)
         }
         guard Self.isCanonical(rsp) else { throw Fault.ss(ext) }
         rsp &= ~0xF

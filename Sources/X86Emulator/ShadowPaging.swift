@@ -53,6 +53,7 @@ extension CPU {
         if write { code |= 2 }
         if user { code |= 4 }
         if execute { code |= 0x10 }
+        if implicitSupervisorAccess { code |= ShadowPagingEvent.implicitAccess }
         return .shadowFault(linear: linear, errorCode: code)
     }
 

@@ -86,6 +86,10 @@ public final class ShadowPager: @unchecked Sendable {
     private var builtGeneration: UInt64
     private var builtNoExecute: Bool?
     private var stats = ShadowPagingStatistics()
+    /// Per vCPU: the last fault filled and how often it came straight back.
+    private var lastFault: [(UInt64, UInt32)?]
+    private var repeats: [Int]
+    static let repeatLimit = 3
 
     public init(vm: any ShadowPagingVM, vcpuCount: Int, poolPages: Int = 8192) {
         self.vm = vm
@@ -94,6 +98,8 @@ public final class ShadowPager: @unchecked Sendable {
         info = Array(repeating: nil, count: poolPages)
         free = Array((1..<poolPages).reversed())
         roots = Array(repeating: 0, count: vcpuCount)
+        lastFault = Array(repeating: nil, count: vcpuCount)
+        repeats = Array(repeating: 0, count: vcpuCount)
         builtGeneration = vm.secondLevelGeneration
     }
 
@@ -221,6 +227,12 @@ public final class ShadowPager: @unchecked Sendable {
     private func fault(_ linear: UInt64, errorCode: UInt32, ctx: GuestPagingContext, vcpu: any ShadowPagingVCPU)
         -> (WritableKeyPath<ShadowPagingStatistics, ExitCounter>, Outcome) {
         let write = errorCode & 2 != 0, user = errorCode & 4 != 0, execute = errorCode & 0x10 != 0
+        let implicit = errorCode & ShadowPagingEvent.implicitAccess != 0
+        // The same fault again right after a fill: the engine saw something this walk did
+        // not (a model mismatch must not spin the vCPU forever) — the guest gets the #PF.
+        let repeated = lastFault[vcpu.id].map { $0.0 == linear && $0.1 == errorCode } ?? false
+        repeats[vcpu.id] = repeated ? repeats[vcpu.id] + 1 : 0
+        lastFault[vcpu.id] = (linear, errorCode)
         var access: MemoryAccessKind = write ? .write : execute ? .execute : .read
         // The guest walk, as the CPU makes it (A bits on the way down, A/D on the leaf).
         var table = ctx.cr3 & Self.physicalMask
@@ -234,9 +246,11 @@ public final class ShadowPager: @unchecked Sendable {
             var code = errorCode & (2 | 4 | 0x10)
             if present { code |= 1 }
             if rsvd { code |= 8 }
+            lastFault[vcpu.id] = nil
             vcpu.injectPageFault(address: linear, errorCode: code)
             return (\.guestPageFaults, .resume)
         }
+        if repeats[vcpu.id] >= Self.repeatLimit { return guestFault(present: true) }
         var level = 3
         var gpa: UInt64 = 0
         var leafLevel = 0
@@ -260,7 +274,7 @@ public final class ShadowPager: @unchecked Sendable {
                 if write && !writable && (user || ctx.writeProtect) { return guestFault(present: true) }
                 if execute && noExecute { return guestFault(present: true) }
                 if !user && userOK && execute && ctx.smep { return guestFault(present: true) }
-                if !user && userOK && !execute && ctx.smap && !ctx.alignmentCheck { return guestFault(present: true) }
+                if !user && userOK && !execute && ctx.smap && (!ctx.alignmentCheck || implicit) { return guestFault(present: true) }
                 let newEntry = entry | 0x20 | (write ? 0x40 : 0)
                 if newEntry != entry, let o = setGuestEntry(entryGPA, newEntry) { return (\.fills, o) }
                 levels.append(GuestLevel(level: level, entry: newEntry))
@@ -306,6 +320,7 @@ public final class ShadowPager: @unchecked Sendable {
         guard write && protected else { return (\.fills, .resume) }
         // A write to a guest page table: the engine executes it for us, then the shadows
         // of that table are emptied (refilled from its new contents on demand).
+        lastFault[vcpu.id] = nil  // progress: the write is done
         vcpu.emulateTrappedWrite(frame: hostFrame)
         tableWritten(gfn)
         return (\.pageTableWrites, .resume)
