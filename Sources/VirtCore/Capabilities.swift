@@ -25,6 +25,10 @@ public enum EngineCapability: String, CaseIterable, Sendable, Codable, CustomStr
     /// `ShadowPagingVM`/`ShadowPagingVCPU`: the engine walks VMM-built shadow page tables
     /// instead of the guest's tables and the second level (scenario S5).
     case shadowPaging = "shadow-paging"
+    /// `ModeBasedExecuteControl`: separate second-level execute permissions for user-mode
+    /// and supervisor-mode guest mappings (Intel MBEC), violations qualified through
+    /// `SecondLevelViolationReporting` (scenario S10).
+    case modeBasedExecute = "mode-based-execute"
 
     public var description: String { rawValue }
 
@@ -40,6 +44,7 @@ public enum EngineCapability: String, CaseIterable, Sendable, Codable, CustomStr
         case .notificationOffload: return "deliver queue notifications without exits (ioeventfd)"
         case .referenceRunLoop: return "run a vCPU through the reference C loop"
         case .shadowPaging: return "translate through VMM-built shadow page tables"
+        case .modeBasedExecute: return "control user and supervisor execution separately in the second level (MBEC)"
         }
     }
 }
@@ -176,6 +181,7 @@ extension VM {
         if self is any FrameRemapping { c.append(.frameRemapping) }
         if self is any CodeCacheCoherence { c.append(.codeCacheCoherence) }
         if self is any ShadowPagingVM { c.append(.shadowPaging) }
+        if self is any ModeBasedExecuteControl { c.append(.modeBasedExecute) }
         if let n = self as? any NotificationOffload, n.notificationOffloadAvailable { c.append(.notificationOffload) }
         return c
     }
