@@ -33,3 +33,32 @@ struct ShadowVsEpt: ParsableCommand {
         try report.emit(result, name: "shadow-vs-ept", table: ShadowVsEptLab.table(result), chart: ShadowVsEptLab.chart(result))
     }
 }
+
+struct SmepSmapAlias: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "smep-smap-alias",
+        abstract: "S10: SMEP/SMAP/WP, a page aliased user-executable and kernel-writable, and MBEC — expected vs observed for every cell.",
+        discussion: """
+            Runs the 'smep-smap' guest, which builds a supervisor-only kernel mapping and three
+            mappings of one physical page (user read-only+executable, kernel writable+NX, kernel
+            executable) and probes each access under every SMEP/SMAP/RFLAGS.AC setting and
+            CR0.WP: on the software engine with nested and with shadow paging, and on KVM when
+            usable (reported when the host does not expose SMEP or SMAP). Then, on the software
+            engine, mode-based execute control: the VMM denies user or supervisor execution of
+            the page in the second-level table, and logs each violation's qualification.
+            Every observation is held against the architectural rule; ✗ marks a mismatch.
+            """)
+
+    @Flag(name: .long, help: "Skip KVM even when /dev/kvm is usable.")
+    var noKvm = false
+
+    @OptionGroup var report: LabReportOptions
+
+    func run() throws {
+        var lab = SmepSmapAliasLab()
+        lab.useKVM = !noKvm
+        let result = try lab.run { FileHandle.standardError.write(Data("lab smep-smap-alias: \($0)…\n".utf8)) }
+        try report.emit(result, name: "smep-smap-alias", table: SmepSmapAliasLab.table(result), chart: SmepSmapAliasLab.chart(result))
+        if result.unexpectedCells > 0 { throw ExitCode(1) }
+    }
+}
