@@ -9,6 +9,7 @@ import X86Emulator
 let pagingCases: [GuestCase] = [
     GuestCase(guest: "pt-churn", commandLine: "rounds=6 procs=3 pages=40 switches=3", memory: 32 << 20),
     GuestCase(guest: "working-set", commandLine: "pages=2048 passes=2", memory: 32 << 20),
+    GuestCase(guest: "smep-smap", memory: 32 << 20),
 ]
 
 /// Scenario S5: every bundled guest gives the same results with shadow paging as with
