@@ -75,6 +75,9 @@ public final class ShadowPager: @unchecked Sendable {
     }
     private var info: [PageInfo?]
     private var free: [Int]
+    /// Pages dropped since the last TLB shootdown: a vCPU may still be walking through
+    /// them, so they are reused only after every vCPU has flushed (`shootdown`).
+    private var retired: [Int] = []
     /// Non-direct shadow pages by (gfn << 2 | level), and the shadow pages of each protected gfn.
     private var byKey: [UInt64: Int] = [:]
     private var shadowsOf: [UInt64: [Int]] = [:]
@@ -170,14 +173,21 @@ public final class ShadowPager: @unchecked Sendable {
                 info[page]!.parents = []
             } else {
                 info[page] = nil
-                free.append(page)
+                retired.append(page)
             }
         }
         byKey = byKey.filter { inUse.contains($0.value) }
         shadowsOf = shadowsOf.mapValues { $0.filter(inUse.contains) }.filter { !$0.value.isEmpty }
         leavesOf = [:]
         stats.fullResets += 1
+        shootdown()
+    }
+
+    /// Every vCPU drops its cached translations; then retired pages may be reused.
+    private func shootdown() {
         vm.flushShadowTranslations()
+        free.append(contentsOf: retired)
+        retired.removeAll(keepingCapacity: true)
     }
 
     private static func key(_ gfn: UInt64, level: Int) -> UInt64 { gfn | UInt64(level) }
@@ -202,18 +212,28 @@ public final class ShadowPager: @unchecked Sendable {
         return p
     }
 
-    /// Sets `writeTrap` on every shadow leaf that maps `gfn`, and shoots down the TLBs.
+    /// Sets `writeTrap` on every shadow leaf that maps `gfn`, and shoots down the TLBs
+    /// (one may still hold a writable translation from a leaf since dropped).
     private func protect(_ gfn: UInt64) {
         guard let leaves = leavesOf[gfn] else { return }
-        var changed = false
         for (slot, host) in leaves {
             let e = pool.entries[slot]
             if e & P.present != 0 && e & P.frameMask == host && e & P.writeTrap == 0 {
                 pool.entries[slot] = e | P.writeTrap
-                changed = true
             }
         }
-        if changed { vm.flushShadowTranslations() }
+        leavesOf[gfn] = nil
+        shootdown()
+    }
+
+    /// Remembers that shadow leaf `slot` maps `gfn` (pruning stale records now and then).
+    private func noteLeaf(_ slot: Int, gfn: UInt64, host: UInt64) {
+        var list = leavesOf[gfn] ?? []
+        if list.count >= 16 && list.count.nonzeroBitCount == 1 {
+            list.removeAll { pool.entries[$0.slot] & P.present == 0 || pool.entries[$0.slot] & P.frameMask != $0.host }
+        }
+        list.append((slot, host))
+        leavesOf[gfn] = list
     }
 
     // MARK: Guest walk and fill
@@ -316,7 +336,7 @@ public final class ShadowPager: @unchecked Sendable {
             useRoot(for: ctx, vcpu: vcpu)
             slot = install(linear, root: roots[vcpu.id], levels: levels, leafLevel: leafLevel, leaf: leaf, nxe: nxe)
         }
-        if let s = slot, !access.isEmpty { leavesOf[gfn, default: []].append((s, hostFrame)) }
+        if let s = slot, !access.isEmpty, !protected { noteLeaf(s, gfn: gfn, host: hostFrame) }
         guard write && protected else { return (\.fills, .resume) }
         // A write to a guest page table: the engine executes it for us, then the shadows
         // of that table are emptied (refilled from its new contents on demand).
@@ -405,7 +425,7 @@ public final class ShadowPager: @unchecked Sendable {
         }
         pool.clear(page: page)
         info[page] = nil
-        free.append(page)
+        retired.append(page)
     }
 
     /// Empties every shadow page of `gfn` after the guest wrote that table; a table written
@@ -420,7 +440,7 @@ public final class ShadowPager: @unchecked Sendable {
             if info[p]!.writesSinceUse >= Self.floodThreshold && !roots.contains(p) { flooded = true }
         }
         if flooded { unshadow(gfn) }
-        vm.flushShadowTranslations()
+        shootdown()
     }
 
     private func empty(_ page: Int) {
@@ -442,8 +462,9 @@ public final class ShadowPager: @unchecked Sendable {
                 pool.entries[slot] = 0
             }
             byKey[Self.key(gfn, level: info[p]!.level)] = nil
+            empty(p)
             info[p] = nil
-            free.append(p)
+            retired.append(p)
             stats.shadowPagesUnshadowed += 1
         }
         shadowsOf[gfn] = kept.isEmpty ? nil : kept
