@@ -13,7 +13,6 @@ extension CPU {
     /// U/W/NX bits), and a TLB fill. No guest-table access, no A/D update, no CR2 write.
     func shadowWalk(_ linear: UInt64, write: Bool, execute: Bool, user: Bool, _ entries: UnsafeMutablePointer<UInt64>) throws(Fault) -> UInt64 {
         typealias P = ShadowPageTablePool
-        pageWalks &+= 1
         var table = shadowRoot
         guard table != 0 else { throw shadowFault(linear, present: false, write: write, execute: execute, user: user) }
         var writable = true, userOK = true, noExecute = false
@@ -21,7 +20,6 @@ extension CPU {
         var entry: UInt64
         while true {
             entry = entries[table &* 512 &+ Int((linear >> UInt64(12 + 9 * level)) & 0x1FF)]
-            pageWalkReferences &+= 1
             guard entry & P.present != 0 else { throw shadowFault(linear, present: false, write: write, execute: execute, user: user) }
             writable = writable && entry & P.writable != 0
             userOK = userOK && entry & P.user != 0
@@ -38,6 +36,10 @@ extension CPU {
             || (!user && userOK && !supervisorMayUseUserPage(execute: execute))
             || (write && trapped && host != trapBypassFrame)
         if denied { throw shadowFault(linear, present: true, write: write, execute: execute, user: user) }
+        // Counted when complete: a walk that faults is the VMM's (a shadow fill or a guest
+        // #PF), and the engine's own retries of it are not the hardware's.
+        pageWalks &+= 1
+        pageWalkReferences &+= 4
         // The emulated write is never cached, nor is MMIO (the leaf holds the guest-physical address).
         if (write && trapped) || host >= ramSize { return host | (linear & 0xFFF) }
         let page = linear >> 12

@@ -10,7 +10,7 @@ import VirtCore
         lab.memory = 48 << 20
         lab.workloads = [
             .init(guest: "pt-churn", commandLine: "rounds=3 procs=3 pages=32 switches=2", what: "churn"),
-            .init(guest: "working-set", commandLine: "pages=4096 passes=2", what: "working set"),
+            .init(guest: "working-set", commandLine: "pages=4096 passes=3", what: "working set", phaseStart: 3),
         ]
         let r = try lab.run()
         #expect(r.rows.count == 8)
@@ -23,7 +23,9 @@ import VirtCore
         for w in ["churn", "working set"] {
             let shadow = try row(w, "shadow")
             let n4 = try row(w, "nested, 4K EPT pages"), n2 = try row(w, "nested, 2M EPT pages"), n1 = try row(w, "nested, 1G EPT pages")
-            #expect(shadow.pagingExits > 0)
+            // Churn exits all along; the warm working set walks its shadow without exits.
+            if w == "churn" { #expect(shadow.pagingExits > 0) } else { #expect(shadow.pagingExits == 0) }
+            #expect(shadow.referencesPerWalk == 4)
             for n in [n4, n2, n1] {
                 #expect(n.pagingExits == 0)
                 #expect(n.guestOutput == shadow.guestOutput)
@@ -33,9 +35,8 @@ import VirtCore
             #expect(n4.referencesPerWalk > n2.referencesPerWalk && n2.referencesPerWalk > n1.referencesPerWalk)
             #expect(n1.referencesPerWalk > shadow.referencesPerWalk)
         }
-        // The working set changes its tables little: far fewer table-change exits than the churn.
-        let ws = try row("working set", "shadow")
-        #expect(ws.pageTableWriteExits + ws.cr3LoadExits + ws.invlpgExits < churnShadow.pageTableWriteExits + churnShadow.cr3LoadExits + churnShadow.invlpgExits)
+        // The warm working set misses the TLB on nearly every access: nested walks read ~24 entries.
+        #expect(try row("working set", "nested, 4K EPT pages").referencesPerWalk > 23)
         let t = ShadowVsEptLab.table(r).text
         #expect(t.contains("refs/walk") && t.contains("nested, 2M EPT pages"))
         #expect(ShadowVsEptLab.chart(r).svg.hasPrefix("<svg"))

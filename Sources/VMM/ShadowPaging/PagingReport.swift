@@ -10,6 +10,10 @@ public struct PagingReport: Sendable, Codable, Equatable {
     public var counts: PageWalkCounts
     public var shadow: ShadowPagingStatistics?
 
+    public init(mode: PagingMode, secondLevelPage: SecondLevelPageSize?, counts: PageWalkCounts, shadow: ShadowPagingStatistics?) {
+        self.mode = mode; self.secondLevelPage = secondLevelPage; self.counts = counts; self.shadow = shadow
+    }
+
     public var text: String {
         var s = "paging: \(mode)"
         if mode == .nested, let p = secondLevelPage { s += " (second level in \(p) pages)" }
