@@ -95,8 +95,9 @@ public protocol ShadowPagingVM: VM {
     /// accessed (and for writes dirty) flag set, as the engine's own walk would.
     /// `userAddress`: the guest mapping is a user-mode one (MBEC picks the execute bit by it).
     func lookUpSecondLevel(_ gpa: UInt64, access: MemoryAccessKind, userAddress: Bool) -> SecondLevelLookup
-    /// Bumped whenever the second level changes (INVEPT): shadow entries made under an
-    /// older generation may grant what the second level no longer does.
+    /// Bumped whenever the second level takes something away (a permission, a frame, a
+    /// dirty flag): shadow entries made under an older generation may grant what the second
+    /// level no longer does. Lifting restrictions leaves it alone.
     var secondLevelGeneration: UInt64 { get }
     /// Where `gpa` lives in the VM's RAM (the second level's frame), without a permission
     /// check — how a walk reads a guest page-table entry. nil outside RAM.

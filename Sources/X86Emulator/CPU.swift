@@ -161,8 +161,10 @@ final class CPU {
     var shadowEntries: UnsafeMutablePointer<UInt64>?
     var shadowRoot = 0
     var trapBypassFrame: UInt64 = ~0
-    /// The VM's shadow-flush generation this vCPU's TLB is current with.
+    /// The VM's shadow-flush generation this vCPU's TLB is current with, and the second
+    /// level's restriction epoch its shadow root was checked against.
     var shadowFlushSeen: UInt64 = 0
+    var secondLevelRestrictionSeen: UInt64 = 0
 
     enum TLBBits {
         /// Writable, and the leaf's dirty bit is already set (so a write needs no walk).

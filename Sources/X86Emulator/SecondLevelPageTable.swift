@@ -32,6 +32,11 @@ public final class SecondLevelPageTable: @unchecked Sendable {
     /// Pages mapped to a frame other than their own (0: identity everywhere, fast path).
     private let remappedCount = Atomic<Int>(0)
     private let epochCounter = Atomic<UInt64>(0)
+    /// Bumped by changes that take something away (a permission, a frame, a dirty flag):
+    /// what shadow tables built from this table must be rebuilt after. Lifting a
+    /// restriction leaves shadow entries merely stricter than needed.
+    private let restrictionCounter = Atomic<UInt64>(0)
+    var restrictionEpoch: UInt64 { restrictionCounter.load(ordering: .acquiring) }
     /// Pages that lack a permission, so fills can skip the permission check when zero.
     private let restrictedCount = Atomic<Int>(0)
     /// Serialises permission changes (a snapshot writer and vCPU threads make them).
@@ -46,6 +51,12 @@ public final class SecondLevelPageTable: @unchecked Sendable {
     var modeBasedExecute = false
 
     /// The permission bit an instruction fetch needs.
+    /// Call after changing `modeBasedExecute` (it can take execution away).
+    func modeChanged() {
+        restrictionCounter.add(1, ordering: .releasing)
+        invalidate()
+    }
+
     @inline(__always) func executeBit(userAddress: Bool) -> UInt8 {
         modeBasedExecute && userAddress ? PagePermissions.userExecute.rawValue : PagePermissions.execute.rawValue
     }
@@ -118,6 +129,7 @@ public final class SecondLevelPageTable: @unchecked Sendable {
             let was = Int(frames[page]) != page, now = frame != page
             remappedCount.add((now ? 1 : 0) - (was ? 1 : 0), ordering: .releasing)
             let wasSplit = isSplit(page: page)
+            if Int(frames[page]) != frame { restrictionCounter.add(1, ordering: .releasing) }
             frames[page] = UInt32(frame)
             noteSplit(page: page, (isSplit(page: page) ? 1 : 0) - (wasSplit ? 1 : 0))
         }
@@ -142,7 +154,9 @@ public final class SecondLevelPageTable: @unchecked Sendable {
         precondition(pages.lowerBound >= 0 && pages.upperBound <= pageCount, "pages outside guest RAM")
         changeLock.withLock { _ in
             var delta = 0
+            var restricts = false
             for i in pages {
+                if permissions[i] & ~p.rawValue != 0 { restricts = true }
                 let was = permissions[i] != Permissions.all.rawValue
                 let now = p != .all
                 delta += (now ? 1 : 0) - (was ? 1 : 0)
@@ -151,6 +165,7 @@ public final class SecondLevelPageTable: @unchecked Sendable {
                 noteSplit(page: i, (isSplit(page: i) ? 1 : 0) - (wasSplit ? 1 : 0))
             }
             restrictedCount.add(delta, ordering: .releasing)
+            if restricts { restrictionCounter.add(1, ordering: .releasing) }
         }
         invalidate()
     }
@@ -172,6 +187,7 @@ public final class SecondLevelPageTable: @unchecked Sendable {
             }
             if clearAccessed { accessed[i] = 0 }
         }
+        restrictionCounter.add(1, ordering: .releasing)
         invalidate()
         return bitmap
     }

@@ -113,7 +113,7 @@ extension SoftwareVirtualMachine: ShadowPagingVM, SecondLevelPageSizing {
                      executable: p & executeBit != 0)
     }
 
-    public var secondLevelGeneration: UInt64 { secondLevel.epoch }
+    public var secondLevelGeneration: UInt64 { secondLevel.restrictionEpoch }
 
     public func hostOffset(of gpa: UInt64) -> UInt64? { gpa < memory.size ? secondLevel.hostAddress(gpa) : nil }
 
@@ -159,10 +159,18 @@ extension SoftwareVirtualCPU: ShadowPagingVCPU {
     public func emulateTrappedWrite(frame: UInt64) {
         let c = cpu
         c.trapBypassFrame = frame
+        defer { c.trapBypassFrame = ~0 }
+        if let e = c.pendingEvent {
+            // The trapped write was an event delivery's (its frame pushed onto a page table).
+            c.pendingEvent = nil
+            if !c.raise(vector: e.vector, errorCode: e.errorCode, software: e.software, fault: e.fault, external: e.external, after: e.after) {
+                c.exit(.shutdown)
+            }
+            return
+        }
         c.attention = false
         let attempts = c.runBlock(1)
         if c.translator != nil { c.interpretedUnderTranslation &+= UInt64(attempts) }
-        c.trapBypassFrame = ~0
     }
 }
 
@@ -172,7 +180,7 @@ extension SoftwareVirtualMachine: ModeBasedExecuteControl {
         get { secondLevel.modeBasedExecute }
         set {
             secondLevel.modeBasedExecute = newValue
-            secondLevel.invalidate()
+            secondLevel.modeChanged()
         }
     }
 }

@@ -178,7 +178,11 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
         let epoch = vm.secondLevel.epoch
         if cpu.secondLevelEpoch != epoch {  // INVEPT since the last run
             cpu.flushTLB()
-            cpu.shadowRoot = 0  // shadow mode: the shadow tables must be rebuilt under the new second level
+            // Shadow mode: after a restricting change the shadow tables must be rebuilt; the
+            // VMM learns of it at the shadow fault that a root of 0 causes.
+            let restriction = vm.secondLevel.restrictionEpoch
+            if cpu.shadowEntries != nil && restriction != cpu.secondLevelRestrictionSeen { cpu.shadowRoot = 0 }
+            cpu.secondLevelRestrictionSeen = restriction
             cpu.secondLevelEpoch = epoch
         }
         let shadowSync = vm.shadowSync

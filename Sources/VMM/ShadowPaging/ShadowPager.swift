@@ -90,9 +90,11 @@ public final class ShadowPager: @unchecked Sendable {
     private var builtNoExecute: Bool?
     private var stats = ShadowPagingStatistics()
     /// Per vCPU: the last fault filled and how often it came straight back.
-    private var lastFault: [(UInt64, UInt32)?]
+    /// (linear, error code, shadow epoch) of the last fill; the epoch counts full resets,
+    /// after which the same fault is expected again.
+    private var lastFault: [(UInt64, UInt32, UInt64)?]
     private var repeats: [Int]
-    static let repeatLimit = 3
+    static let repeatLimit = 8
 
     public init(vm: any ShadowPagingVM, vcpuCount: Int, poolPages: Int = 8192) {
         self.vm = vm
@@ -250,9 +252,10 @@ public final class ShadowPager: @unchecked Sendable {
         let implicit = errorCode & ShadowPagingEvent.implicitAccess != 0
         // The same fault again right after a fill: the engine saw something this walk did
         // not (a model mismatch must not spin the vCPU forever) — the guest gets the #PF.
-        let repeated = lastFault[vcpu.id].map { $0.0 == linear && $0.1 == errorCode } ?? false
+        let epoch = stats.fullResets
+        let repeated = lastFault[vcpu.id].map { $0.0 == linear && $0.1 == errorCode && $0.2 == epoch } ?? false
         repeats[vcpu.id] = repeated ? repeats[vcpu.id] + 1 : 0
-        lastFault[vcpu.id] = (linear, errorCode)
+        lastFault[vcpu.id] = (linear, errorCode, epoch)
         var access: MemoryAccessKind = write ? .write : execute ? .execute : .read
         // The guest walk, as the CPU makes it (A bits on the way down, A/D on the leaf).
         var table = ctx.cr3 & Self.physicalMask
