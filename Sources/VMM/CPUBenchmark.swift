@@ -19,6 +19,8 @@ public struct CPUBenchmark: Sendable {
     public var kvmPath: String
     /// Also run the software engine with translation off.
     public var interpreted: Bool
+    /// Also run the translated software engine with shadow paging (scenario S5).
+    public var shadowPaging = true
 
     public init(scale: Int = 1, kvmPath: String = "/dev/kvm", interpreted: Bool = true) {
         self.scale = scale
@@ -35,6 +37,13 @@ public struct CPUBenchmark: Sendable {
         let summary = machine.executionCounts
         rows.append(Row(engine: "software", seconds: softwareSeconds, instructions: summary?.instructions,
                         translatedShare: summary.flatMap { $0.translating && $0.instructions > 0 ? $0.translatedShare : nil }))
+        if shadowPaging {
+            progress("software engine (translated, shadow paging): compute scale=\(scale)")
+            let (seconds, m) = try time(image, EngineSelection.make(.software, translation: true), paging: .shadow)
+            let counts = m.executionCounts
+            rows.append(Row(engine: "software-shadow", seconds: seconds, instructions: counts?.instructions,
+                            translatedShare: counts.flatMap { $0.translating && $0.instructions > 0 ? $0.translatedShare : nil }))
+        }
         if interpreted {
             progress("software engine (interpreted): compute scale=\(scale)")
             let (seconds, m) = try time(image, EngineSelection.make(.software, translation: false))
@@ -47,9 +56,10 @@ public struct CPUBenchmark: Sendable {
         return rows
     }
 
-    private func time(_ image: ELFImage, _ engine: any Engine) throws -> (Double, Machine) {
-        let m = try Machine(image: image, configuration: MachineConfiguration(memorySize: 64 << 20, commandLine: "scale=\(scale)"),
-                            engine: engine, serialOutput: { _ in })
+    private func time(_ image: ELFImage, _ engine: any Engine, paging: PagingMode = .nested) throws -> (Double, Machine) {
+        var config = MachineConfiguration(memorySize: 64 << 20, commandLine: "scale=\(scale)")
+        config.paging = paging
+        let m = try Machine(image: image, configuration: config, engine: engine, serialOutput: { _ in })
         let r = try m.run()
         guard r.stopReason == .exitPort(status: 0) else {
             throw BenchmarkError.guestMisbehaved("compute on \(engine.name): \(r.stopReason.summary)")

@@ -27,6 +27,9 @@ public struct MachineConfiguration: Sendable {
     public var guestName = ""
     /// The VMM's answers to the guest's hypercalls.
     public var hypercalls = HypercallTable()
+    /// Second-level translation: nested (the engine walks guest tables and the second
+    /// level) or shadow (the VMM's `ShadowPager` keeps shadow tables; software engine).
+    public var paging: PagingMode = .nested
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
                 timeoutSeconds: Double? = nil, recordExits: Bool = false, guestName: String = "") {
@@ -123,6 +126,8 @@ public final class Machine: @unchecked Sendable {
     private let tickCount = Atomic<UInt64>(0)
 
     private let vcpus: [any VCPU]
+    /// Shadow mode's page-table keeper (nil in nested mode).
+    public let shadowPager: ShadowPager?
     private let stopRequested = Atomic<Bool>(false)
     private let stopState = Mutex<StopReason?>(nil)
     private let haltedCount = Atomic<Int>(0)
@@ -200,6 +205,7 @@ public final class Machine: @unchecked Sendable {
             vcpus.append(vcpu)
         }
         self.vcpus = vcpus
+        shadowPager = try configuration.paging == .shadow ? ShadowPager.attach(to: vm, vcpus: vcpus) : nil
         wakeups = vcpus.map { _ in DispatchSemaphore(value: 0) }
         resumeSignals = vcpus.map { _ in DispatchSemaphore(value: 0) }
         uart = UART16550(output: serialOutput)
@@ -425,6 +431,7 @@ public final class Machine: @unchecked Sendable {
         let record = configuration.recordExits
         var t0 = HostClock.ticks()
         let preemptionTimer = vcpu as? any PreemptionTimer
+        let shadowVCPU = vcpu as? any ShadowPagingVCPU
         defer {
             vcpu.runThreadWillExit()
             finishedCount.add(1, ordering: .acquiringAndReleasing)
@@ -518,6 +525,17 @@ public final class Machine: @unchecked Sendable {
                 if let handler = memoryFaultHandler.withLock({ $0 }), handler(gpa, access) { break }
                 requestStop(.engineFailure(vcpu: vcpu.id, failure: .unhandledMemoryFault(gpa: gpa, access: access)))
                 done = true
+            case let .shadowPaging(event):
+                guard let pager = shadowPager, let shadowVCPU else {
+                    requestStop(.engineFailure(vcpu: vcpu.id, failure: .shadowPagingExitOutsideShadowMode))
+                    done = true
+                    break
+                }
+                if case let .secondLevelViolation(gpa, access) = pager.handle(event, vcpu: shadowVCPU) {
+                    if let handler = memoryFaultHandler.withLock({ $0 }), handler(gpa, access) { break }
+                    requestStop(.engineFailure(vcpu: vcpu.id, failure: .unhandledMemoryFault(gpa: gpa, access: access)))
+                    done = true
+                }
             case let .systemEvent(type):
                 requestStop(.engineFailure(vcpu: vcpu.id, failure: .systemEvent(type: type)))
                 done = true

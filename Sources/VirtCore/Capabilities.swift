@@ -22,6 +22,13 @@ public enum EngineCapability: String, CaseIterable, Sendable, Codable, CustomStr
     /// `ReferenceRunLoop`: the engine can run a vCPU through a plain C loop, the baseline
     /// of the exit-cost benchmark.
     case referenceRunLoop = "reference-run-loop"
+    /// `ShadowPagingVM`/`ShadowPagingVCPU`: the engine walks VMM-built shadow page tables
+    /// instead of the guest's tables and the second level (scenario S5).
+    case shadowPaging = "shadow-paging"
+    /// `ModeBasedExecuteControl`: separate second-level execute permissions for user-mode
+    /// and supervisor-mode guest mappings (Intel MBEC), violations qualified through
+    /// `SecondLevelViolationReporting` (scenario S10).
+    case modeBasedExecute = "mode-based-execute"
 
     public var description: String { rawValue }
 
@@ -36,6 +43,8 @@ public enum EngineCapability: String, CaseIterable, Sendable, Codable, CustomStr
         case .instructionCounting: return "count guest instructions"
         case .notificationOffload: return "deliver queue notifications without exits (ioeventfd)"
         case .referenceRunLoop: return "run a vCPU through the reference C loop"
+        case .shadowPaging: return "translate through VMM-built shadow page tables"
+        case .modeBasedExecute: return "control user and supervisor execution separately in the second level (MBEC)"
         }
     }
 }
@@ -62,8 +71,12 @@ public struct PagePermissions: OptionSet, Sendable, Hashable, Codable {
     public init(rawValue: UInt8) { self.rawValue = rawValue }
     public static let read = PagePermissions(rawValue: 1)
     public static let write = PagePermissions(rawValue: 2)
+    /// Execute; with mode-based execute control (MBEC) on, only for supervisor-mode
+    /// guest mappings (Intel's XS bit).
     public static let execute = PagePermissions(rawValue: 4)
-    public static let all: PagePermissions = [.read, .write, .execute]
+    /// With MBEC on: execute for user-mode guest mappings (Intel's XU bit); ignored otherwise.
+    public static let userExecute = PagePermissions(rawValue: 8)
+    public static let all: PagePermissions = [.read, .write, .execute, .userExecute]
 }
 
 /// Logs which guest pages are written (KVM: the slot's dirty log; software engine: the
@@ -167,6 +180,8 @@ extension VM {
         if self is any SecondLevelTranslation { c.append(.secondLevelTranslation) }
         if self is any FrameRemapping { c.append(.frameRemapping) }
         if self is any CodeCacheCoherence { c.append(.codeCacheCoherence) }
+        if self is any ShadowPagingVM { c.append(.shadowPaging) }
+        if self is any ModeBasedExecuteControl { c.append(.modeBasedExecute) }
         if let n = self as? any NotificationOffload, n.notificationOffloadAvailable { c.append(.notificationOffload) }
         return c
     }

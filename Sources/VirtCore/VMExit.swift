@@ -79,6 +79,9 @@ public enum VMExit: Sendable, Equatable {
     case interrupted
     case systemEvent(type: UInt32)
     case unknown(reason: UInt32)
+    /// Shadow paging (software engine, `PagingMode.shadow`): a shadow miss or write trap,
+    /// a CR3 load or an INVLPG for the VMM's shadow-table code.
+    case shadowPaging(ShadowPagingEvent)
 
     public var reason: ExitReason {
         switch self {
@@ -95,6 +98,7 @@ public enum VMExit: Sendable, Equatable {
         case .interrupted: return .interrupted
         case .systemEvent: return .systemEvent
         case .unknown: return .unknown
+        case .shadowPaging: return .shadowPaging
         }
     }
 }
@@ -102,7 +106,7 @@ public enum VMExit: Sendable, Equatable {
 /// The payload-free kind of a `VMExit`, for accounting.
 public enum ExitReason: Int, CaseIterable, Sendable, Codable {
     case portIO, mmio, hypercall, halt, shutdown, failEntry, internalError, memoryFault
-    case preemptionTimer, exception, interrupted, systemEvent, unknown
+    case preemptionTimer, exception, interrupted, systemEvent, unknown, shadowPaging
 
     public var name: String {
         switch self {
@@ -119,6 +123,7 @@ public enum ExitReason: Int, CaseIterable, Sendable, Codable {
         case .interrupted: return "interrupted"
         case .systemEvent: return "system-event"
         case .unknown: return "unknown"
+        case .shadowPaging: return "shadow-paging"
         }
     }
 }

@@ -112,6 +112,9 @@ final class CPU {
     let secondLevel: SecondLevelPageTable
     var secondLevelEpoch: UInt64 = 0
 
+    /// The last second-level violation's qualification (read by the VMM after the exit).
+    var lastViolation: SecondLevelViolation?
+
     /// Value for the MMIO read that stopped the last attempt at the current instruction.
     var pendingMMIORead: (address: UInt64, size: UInt8, value: UInt64)?
     /// The MMIO read reported by the last exit (so `completeRead` can answer it).
@@ -127,7 +130,11 @@ final class CPU {
 
     /// An event whose delivery was stopped by an EPT violation, delivered again first
     /// thing in the next `run()`.
-    struct PendingEvent { var vector: UInt8; var errorCode: UInt32?; var software, fault, external: Bool }
+    /// `after`: the vector whose delivery raised this one (shadow mode: a #PF the VMM
+    /// found while an event was being delivered), for the double-fault rules.
+    struct PendingEvent {
+        var vector: UInt8; var errorCode: UInt32?; var software, fault, external: Bool; var after: UInt8? = nil
+    }
     var pendingEvent: PendingEvent?
 
     /// nil with one vCPU: nothing to serialise against.
@@ -141,9 +148,23 @@ final class CPU {
     let tlbBits: UnsafeMutablePointer<UInt8>
     /// Some entry came from a 2 MiB or 1 GiB page (INVLPG must then drop them all).
     var tlbHasLargePages = false
-    /// Counters of page walks and their memory references (for the lab's reports).
+    /// Counters of page walks and their memory references (for the lab's reports); TLB
+    /// lookups made by `translate` (the interpreter's accesses and the translator's misses).
     var pageWalks: UInt64 = 0
     var pageWalkReferences: UInt64 = 0
+    var tlbLookups: UInt64 = 0
+    /// Set while the CPU makes an implicit supervisor-mode access (SMAP ignores RFLAGS.AC).
+    var implicitSupervisorAccess = false
+
+    /// Shadow mode (nil: nested): the VMM's shadow tables, the root this vCPU walks (a pool
+    /// page, 0 for none), and the host frame one emulated write may reach despite its trap.
+    var shadowEntries: UnsafeMutablePointer<UInt64>?
+    var shadowRoot = 0
+    var trapBypassFrame: UInt64 = ~0
+    /// The VM's shadow-flush generation this vCPU's TLB is current with, and the second
+    /// level's restriction epoch its shadow root was checked against.
+    var shadowFlushSeen: UInt64 = 0
+    var secondLevelRestrictionSeen: UInt64 = 0
 
     enum TLBBits {
         /// Writable, and the leaf's dirty bit is already set (so a write needs no walk).
@@ -154,13 +175,20 @@ final class CPU {
 
     /// Second-level check of a translation being cached: the EPT violation if `gpa`'s
     /// page forbids the access; otherwise sets its accessed (and for a write, dirty) flag.
+    /// `userAddress`: the guest maps the page user-accessible (MBEC's execute bit choice);
+    /// `linear`: the guest-linear address of the access, for the violation's qualification.
     @inline(__always)
-    func secondLevelAccess(_ gpa: UInt64, write: Bool, execute: Bool) throws(Fault) {
+    func secondLevelAccess(_ gpa: UInt64, write: Bool, execute: Bool, userAddress: Bool = false, linear: UInt64? = nil) throws(Fault) {
         let page = Int(gpa >> 12)
         let sl = secondLevel
         if sl.restrictedPages != 0 {
-            let need: UInt8 = write ? 2 : execute ? 4 : 1
-            if sl.permissions[page] & need == 0 { throw .secondLevelViolation(gpa: gpa, access: need) }
+            let need: UInt8 = write ? 2 : execute ? sl.executeBit(userAddress: userAddress) : 1
+            if sl.permissions[page] & need == 0 {
+                lastViolation = SecondLevelViolation(gpa: gpa, linear: linear, access: MemoryAccessKind(rawValue: write ? 2 : execute ? 4 : 1),
+                                                     allowed: PagePermissions(rawValue: sl.permissions[page]),
+                                                     userAddress: userAddress, modeBasedExecute: sl.modeBasedExecute)
+                throw .secondLevelViolation(gpa: gpa, access: write ? 2 : execute ? 4 : 1)
+            }
         }
         if sl.accessed[page] == 0 { sl.accessed[page] = 1 }
         if write && sl.dirty[page] == 0 { sl.dirty[page] = 1 }
@@ -243,6 +271,7 @@ final class CPU {
     func translate(_ linear: UInt64, write: Bool, execute: Bool = false, user: Bool) throws(Fault) -> UInt64 {
         let page = linear >> 12
         let slot = Int(page & UInt64(Self.tlbSize - 1))
+        tlbLookups &+= 1
         if tlbTags[slot] == page &+ 1 {
             let bits = tlbBits[slot]
             let userPage = bits & TLBBits.user != 0
@@ -254,16 +283,31 @@ final class CPU {
         return try walk(linear, write: write, execute: execute, user: user)
     }
 
-    /// SMEP and SMAP, for a supervisor access to a user page.
+    /// SMEP and SMAP, for a supervisor access to a user page. RFLAGS.AC lifts SMAP for
+    /// explicit accesses only, not for the CPU's own descriptor-table and TSS accesses.
     @inline(__always)
     func supervisorMayUseUserPage(execute: Bool) -> Bool {
-        execute ? cr4 & CR.smep == 0 : (cr4 & CR.smap == 0 || rflags & Flag.ac != 0)
+        execute ? cr4 & CR.smep == 0 : (cr4 & CR.smap == 0 || (rflags & Flag.ac != 0 && !implicitSupervisorAccess))
+    }
+
+    /// An implicit supervisor-mode access (GDT, LDT, IDT, TSS), whatever the CPL.
+    func readSystem(_ linear: UInt64, size: Int) throws(Fault) -> UInt64 {
+        implicitSupervisorAccess = true
+        defer { implicitSupervisorAccess = false }
+        return try read(linear, size: size, user: false)
+    }
+
+    func writeSystem(_ linear: UInt64, _ value: UInt64, size: Int) throws(Fault) {
+        implicitSupervisorAccess = true
+        defer { implicitSupervisorAccess = false }
+        try write(linear, value, size: size, user: false)
     }
 
     /// The page walk behind `translate`; fills the TLB on success.
     func walk(_ linear: UInt64, write: Bool, execute: Bool, user: Bool) throws(Fault) -> UInt64 {
         guard Self.isCanonical(linear) else { throw Fault.gp() }
         if cr0 & CR.pg == 0 { return linear }
+        if let shadow = shadowEntries { return try shadowWalk(linear, write: write, execute: execute, user: user, shadow) }
         pageWalks &+= 1
         var table = cr3 & Self.physicalAddressMask
         var writable = true, userOK = true, noExecute = false
@@ -274,8 +318,9 @@ final class CPU {
         while true {
             let index = (linear >> UInt64(12 + 9 * level)) & 0x1FF
             let entryAddress = table + index * 8
-            pageWalkReferences &+= 1
             guard entryAddress + 8 <= ramSize else { throw pageFault(linear, present: false, write: write, execute: execute, user: user) }
+            // The entry, after the second-level walk that finds it.
+            pageWalkReferences &+= 1 &+ secondLevel.walkLevels(entryAddress)
             let p = (ram + Int(secondLevel.hostAddress(entryAddress))).assumingMemoryBound(to: UInt64.self)
             var entry = p.pointee
             guard entry & 1 != 0 else { throw pageFault(linear, present: false, write: write, execute: execute, user: user) }
@@ -296,7 +341,7 @@ final class CPU {
                 if !user && userOK && execute && cr4 & CR.smep != 0 {
                     throw pageFault(linear, present: true, write: write, execute: execute, user: user)
                 }
-                if !user && userOK && !execute && cr4 & CR.smap != 0 && rflags & Flag.ac == 0 {
+                if !user && userOK && !execute && !supervisorMayUseUserPage(execute: false) {
                     throw pageFault(linear, present: true, write: write, execute: execute, user: user)
                 }
                 let newEntry = entry | 0x20 | (write ? 0x40 : 0)
@@ -309,7 +354,8 @@ final class CPU {
                 let mask: UInt64 = (1 << shift) - 1
                 let gpa = (entry & Self.physicalAddressMask & ~mask) | (linear & mask)
                 if gpa < ramSize {
-                    try secondLevelAccess(gpa, write: write, execute: execute)
+                    pageWalkReferences &+= secondLevel.walkLevels(gpa)
+                    try secondLevelAccess(gpa, write: write, execute: execute, userAddress: userOK, linear: linear)
                     let sl = secondLevel.permissions[Int(gpa >> 12)]
                     // Cache writes only once the second-level dirty flag is set, and only
                     // what both stages allow (so a cached entry never skips a check).
@@ -322,7 +368,7 @@ final class CPU {
                         tlbTags[slot] = page &+ 1
                         tlbFrames[slot] = host & ~0xFFF
                         tlbBits[slot] = (writeOK ? TLBBits.writeOK : 0) | (userOK ? TLBBits.user : 0)
-                            | (noExecute || sl & 4 == 0 ? TLBBits.noExecute : 0)
+                            | (noExecute || sl & secondLevel.executeBit(userAddress: userOK) == 0 ? TLBBits.noExecute : 0)
                         if large { tlbHasLargePages = true }
                     }
                     return host

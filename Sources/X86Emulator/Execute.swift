@@ -532,10 +532,10 @@ extension CPU {
     func checkIOPermission(_ port: UInt16, _ size: Int) throws(Fault) {
         if cpl <= UInt8((rflags >> 12) & 3) { return }
         guard tr.present, tr.limit >= 0x67 else { throw Fault.gp() }
-        let mapBase = try read(tr.base &+ 0x66, size: 2, user: false)
+        let mapBase = try readSystem(tr.base &+ 0x66, size: 2)
         let byteOffset = mapBase &+ UInt64(port >> 3)
         guard byteOffset &+ 1 <= UInt64(tr.limit) else { throw Fault.gp() }
-        let bits = try read(tr.base &+ byteOffset, size: 2, user: false)
+        let bits = try readSystem(tr.base &+ byteOffset, size: 2)
         let maskBits = ((UInt64(1) << UInt64(size)) - 1) << UInt64(port & 7)
         if bits & maskBits != 0 { throw Fault.gp() }
     }

@@ -14,6 +14,9 @@ enum Fault: Error {
     case fetchOutsideRAM(gpa: UInt64)
     /// EPT violation: the second-level page table forbids this access to `gpa`.
     case secondLevelViolation(gpa: UInt64, access: UInt8)
+    /// Shadow mode: the shadow tables lack the translation or forbid the access; the VMM
+    /// decides (`ShadowPagingEvent.pageFault`). CR2 is untouched.
+    case shadowFault(linear: UInt64, errorCode: UInt32)
 
     static let de = Fault.exception(vector: 0, errorCode: nil)
     static let ud = Fault.exception(vector: 6, errorCode: nil)

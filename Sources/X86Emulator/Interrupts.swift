@@ -7,7 +7,7 @@ extension CPU {
         let table = selector & 4 == 0 ? (gdt.base, UInt64(gdt.limit)) : (ldtr.base, UInt64(ldtr.limit))
         guard selector & 4 == 0 || (ldtr.present && !ldtr.unusable) else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         guard offset + 7 <= table.1 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
-        return try read(table.0 &+ offset, size: 8, user: false)
+        return try readSystem(table.0 &+ offset, size: 8)
     }
 
     static func segment(_ selector: UInt16, _ desc: UInt64) -> SegmentRegister {
@@ -75,13 +75,13 @@ extension CPU {
     func loadTaskRegister(_ selector: UInt16) throws(Fault) {
         guard selector & 4 == 0 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         let low = try descriptor(selector)
-        let high = try read(gdt.base &+ UInt64(selector & 0xFFF8) &+ 8, size: 8, user: false)
+        let high = try readSystem(gdt.base &+ UInt64(selector & 0xFFF8) &+ 8, size: 8)
         var seg = Self.segment(selector, low)
         guard !seg.s, seg.type == 0x9 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         guard seg.present else { throw Fault.exception(vector: 11, errorCode: UInt32(selector & 0xFFFC)) }
         seg.base |= (high & 0xFFFF_FFFF) << 32
         seg.type = 0xB  // busy
-        try write(gdt.base &+ UInt64(selector & 0xFFF8), low | (UInt64(2) << 40), size: 8, user: false)
+        try writeSystem(gdt.base &+ UInt64(selector & 0xFFF8), low | (UInt64(2) << 40), size: 8)
         tr = seg
     }
 
@@ -89,7 +89,7 @@ extension CPU {
         if selector & 0xFFFC == 0 { ldtr = SegmentRegister(selector: selector, unusable: true); return }
         guard selector & 4 == 0 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         let low = try descriptor(selector)
-        let high = try read(gdt.base &+ UInt64(selector & 0xFFF8) &+ 8, size: 8, user: false)
+        let high = try readSystem(gdt.base &+ UInt64(selector & 0xFFF8) &+ 8, size: 8)
         var seg = Self.segment(selector, low)
         guard !seg.s, seg.type == 0x2 else { throw Fault.gp(UInt32(selector & 0xFFFC)) }
         guard seg.present else { throw Fault.exception(vector: 11, errorCode: UInt32(selector & 0xFFFC)) }
@@ -214,8 +214,8 @@ extension CPU {
         let idtCode = UInt32(vector) * 8 + 2 + ext
         let offset = UInt64(vector) * 16
         guard offset + 15 <= UInt64(idt.limit) else { throw Fault.gp(idtCode) }
-        let low = try read(idt.base &+ offset, size: 8, user: false)
-        let high = try read(idt.base &+ offset &+ 8, size: 8, user: false)
+        let low = try readSystem(idt.base &+ offset, size: 8)
+        let high = try readSystem(idt.base &+ offset &+ 8, size: 8)
         let type = (low >> 40) & 0x1F  // S bit and type: 0x0E interrupt gate, 0x0F trap gate
         guard type == 0xE || type == 0xF else { throw Fault.gp(idtCode) }
         let gateDPL = UInt8((low >> 45) & 3)
@@ -233,9 +233,9 @@ extension CPU {
         let ist = Int((low >> 32) & 7)
         var rsp = gpr[4]
         if ist != 0 {
-            rsp = try read(tr.base &+ 0x24 &+ UInt64(ist - 1) * 8, size: 8, user: false)
+            rsp = try readSystem(tr.base &+ 0x24 &+ UInt64(ist - 1) * 8, size: 8)
         } else if newCPL < oldCPL {
-            rsp = try read(tr.base &+ 4 &+ UInt64(newCPL) * 8, size: 8, user: false)
+            rsp = try readSystem(tr.base &+ 4 &+ UInt64(newCPL) * 8, size: 8)
         }
         guard Self.isCanonical(rsp) else { throw Fault.ss(ext) }
         rsp &= ~0xF
@@ -266,11 +266,24 @@ extension CPU {
     /// Contributory exceptions (#DE, #TS, #NP, #SS, #GP) for the double-fault rules.
     static func isContributory(_ v: UInt8) -> Bool { v == 0 || (v >= 10 && v <= 13) }
 
+    /// Whether exception `second`, raised while delivering `first`, makes a #DF.
+    static func isDoubleFault(first: UInt8, second: UInt8) -> Bool {
+        let firstClass = isContributory(first) ? 1 : (first == 14 ? 2 : 0)
+        let secondClass = isContributory(second) ? 1 : (second == 14 ? 2 : 0)
+        return (firstClass == 1 && secondClass == 1) || (firstClass == 2 && secondClass != 0)
+    }
+
     /// Raises `vector` in the guest, applying the double-fault rules when delivery itself
     /// faults (Intel SDM Vol. 3 Table 6-5). Returns false on a triple fault.
-    func raise(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool, external: Bool = true) -> Bool {
+    /// `after`: the exception whose delivery raised this one, outside this call.
+    func raise(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool, external: Bool = true, after: UInt8? = nil) -> Bool {
         var v = vector, code = errorCode, sw = software, isFault = fault
         var first = vector
+        if let prior = after {
+            if prior == 8 { return false }
+            if Self.isDoubleFault(first: prior, second: vector) { v = 8; code = 0 }
+            first = v
+        }
         var attempts = 0
         while attempts < 4 {
             attempts += 1
@@ -278,6 +291,13 @@ extension CPU {
                 try deliver(vector: v, errorCode: code, software: sw, fault: isFault, external: external)
                 return true
             } catch {
+                if case let .shadowFault(linear, shadowCode) = error {
+                    // As an EPT violation: the VMM fills the shadow table (or finds a guest
+                    // #PF, which it injects after this event), then delivery is retried.
+                    pendingEvent = PendingEvent(vector: v, errorCode: code, software: sw, fault: isFault, external: external)
+                    exit(.shadowPaging(.pageFault(linear: linear, errorCode: shadowCode)))
+                    return true
+                }
                 if case let .secondLevelViolation(gpa, access) = error {
                     // The VMM resolves the EPT violation; the event is delivered again on
                     // the next run() (as VMX re-injects an event whose delivery exited).
@@ -287,10 +307,7 @@ extension CPU {
                 }
                 guard case let .exception(second, secondCode) = error else { return false }
                 if v == 8 { return false }  // fault while delivering #DF: triple fault
-                let firstClass = Self.isContributory(first) ? 1 : (first == 14 ? 2 : 0)
-                let secondClass = Self.isContributory(second) ? 1 : (second == 14 ? 2 : 0)
-                let double = (firstClass == 1 && secondClass == 1) || (firstClass == 2 && secondClass != 0)
-                if double {
+                if Self.isDoubleFault(first: first, second: second) {
                     v = 8; code = 0
                 } else {
                     v = second; code = secondCode

@@ -32,11 +32,36 @@ public final class SecondLevelPageTable: @unchecked Sendable {
     /// Pages mapped to a frame other than their own (0: identity everywhere, fast path).
     private let remappedCount = Atomic<Int>(0)
     private let epochCounter = Atomic<UInt64>(0)
+    /// Bumped by changes that take something away (a permission, a frame, a dirty flag):
+    /// what shadow tables built from this table must be rebuilt after. Lifting a
+    /// restriction leaves shadow entries merely stricter than needed.
+    private let restrictionCounter = Atomic<UInt64>(0)
+    var restrictionEpoch: UInt64 { restrictionCounter.load(ordering: .acquiring) }
     /// Pages that lack a permission, so fills can skip the permission check when zero.
     private let restrictedCount = Atomic<Int>(0)
     /// Serialises permission changes (a snapshot writer and vCPU threads make them).
     private let changeLock = Mutex(())
     @inline(__always) var restrictedPages: Int { restrictedCount.load(ordering: .relaxed) }
+    /// The largest page the table maps with (a walk of it reads 4, 3 or 2 levels) and, per
+    /// 2 MiB and 1 GiB region, the pages whose permissions or frame differ from the identity
+    /// RWX default — a region with any cannot be one large page and is split.
+    var largestPage: SecondLevelPageSize = .size4K
+    /// Mode-based execute control: execution through a user-mode guest mapping needs
+    /// `.userExecute`, through a supervisor-mode one `.execute`. Off: `.execute` for both.
+    var modeBasedExecute = false
+
+    /// The permission bit an instruction fetch needs.
+    /// Call after changing `modeBasedExecute` (it can take execution away).
+    func modeChanged() {
+        restrictionCounter.add(1, ordering: .releasing)
+        invalidate()
+    }
+
+    @inline(__always) func executeBit(userAddress: Bool) -> UInt8 {
+        modeBasedExecute && userAddress ? PagePermissions.userExecute.rawValue : PagePermissions.execute.rawValue
+    }
+    private let split2M: UnsafeMutablePointer<UInt16>
+    private let split1G: UnsafeMutablePointer<UInt32>
 
     public typealias Permissions = PagePermissions
 
@@ -51,13 +76,39 @@ public final class SecondLevelPageTable: @unchecked Sendable {
         dirty.initialize(repeating: 0, count: n)
         frames = .allocate(capacity: n)
         for i in 0..<n { (frames + i).initialize(to: UInt32(i)) }
+        split2M = .allocate(capacity: (n + 511) / 512)
+        split2M.initialize(repeating: 0, count: (n + 511) / 512)
+        split1G = .allocate(capacity: (n + 262_143) / 262_144)
+        split1G.initialize(repeating: 0, count: (n + 262_143) / 262_144)
     }
+
+    /// Entries a walk of this table reads to translate `gpa` (EPT: 4 levels, fewer where a
+    /// large page maps it).
+    @inline(__always)
+    func walkLevels(_ gpa: UInt64) -> UInt64 {
+        switch largestPage {
+        case .size4K: return 4
+        case .size2M: return split2M[Int(gpa >> 21)] == 0 ? 3 : 4
+        case .size1G: return split1G[Int(gpa >> 30)] == 0 ? 2 : (split2M[Int(gpa >> 21)] == 0 ? 3 : 4)
+        }
+    }
+
+    /// Counts page `page` into (or out of) its regions' split counts. Under `changeLock`.
+    private func noteSplit(page: Int, _ delta: Int) {
+        guard delta != 0 else { return }
+        split2M[page >> 9] = UInt16(Int(split2M[page >> 9]) + delta)
+        split1G[page >> 18] = UInt32(Int(split1G[page >> 18]) + delta)
+    }
+
+    private func isSplit(page: Int) -> Bool { permissions[page] != Permissions.all.rawValue || Int(frames[page]) != page }
 
     deinit {
         permissions.deallocate()
         accessed.deallocate()
         dirty.deallocate()
         frames.deallocate()
+        split2M.deallocate()
+        split1G.deallocate()
     }
 
     /// The host address (offset in the VM's RAM) of guest-physical `gpa` (inside RAM).
@@ -77,7 +128,10 @@ public final class SecondLevelPageTable: @unchecked Sendable {
         changeLock.withLock { _ in
             let was = Int(frames[page]) != page, now = frame != page
             remappedCount.add((now ? 1 : 0) - (was ? 1 : 0), ordering: .releasing)
+            let wasSplit = isSplit(page: page)
+            if Int(frames[page]) != frame { restrictionCounter.add(1, ordering: .releasing) }
             frames[page] = UInt32(frame)
+            noteSplit(page: page, (isSplit(page: page) ? 1 : 0) - (wasSplit ? 1 : 0))
         }
         setPermissions(p, pages: page..<(page + 1))
     }
@@ -100,13 +154,18 @@ public final class SecondLevelPageTable: @unchecked Sendable {
         precondition(pages.lowerBound >= 0 && pages.upperBound <= pageCount, "pages outside guest RAM")
         changeLock.withLock { _ in
             var delta = 0
+            var restricts = false
             for i in pages {
+                if permissions[i] & ~p.rawValue != 0 { restricts = true }
                 let was = permissions[i] != Permissions.all.rawValue
                 let now = p != .all
                 delta += (now ? 1 : 0) - (was ? 1 : 0)
+                let wasSplit = isSplit(page: i)
                 permissions[i] = p.rawValue
+                noteSplit(page: i, (isSplit(page: i) ? 1 : 0) - (wasSplit ? 1 : 0))
             }
             restrictedCount.add(delta, ordering: .releasing)
+            if restricts { restrictionCounter.add(1, ordering: .releasing) }
         }
         invalidate()
     }
@@ -128,6 +187,7 @@ public final class SecondLevelPageTable: @unchecked Sendable {
             }
             if clearAccessed { accessed[i] = 0 }
         }
+        restrictionCounter.add(1, ordering: .releasing)
         invalidate()
         return bitmap
     }

@@ -32,6 +32,10 @@ public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, Cod
 
     /// Translated execution requested (see `SoftwareEngine.translation`).
     let translation: Bool
+    /// Shadow mode: the VM-wide TLB shootdown, and the shadow pools the vCPUs walk (kept
+    /// alive here).
+    let shadowSync: ShadowFlushSync
+    let shadowPools = Mutex<[ShadowPageTablePool]>([])
 
     init(memory: GuestMemory, config: VMConfig, translation: Bool) {
         self.memory = memory
@@ -39,6 +43,7 @@ public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, Cod
         self.translation = translation
         codePages = CodePages(ramSize: memory.size)
         secondLevel = SecondLevelPageTable(ramSize: memory.size)
+        shadowSync = ShadowFlushSync(vcpuCount: config.vcpuCount)
     }
 
     public var engineName: String { "software" }
@@ -121,6 +126,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
     public var instructionsDecoded: UInt64 { cpu.decodes }
     /// Page walks done on TLB misses, and the page-table entries they read.
     public var pageWalks: (walks: UInt64, references: UInt64) { (cpu.pageWalks, cpu.pageWalkReferences) }
+    /// TLB lookups (interpreted accesses and translator TLB misses); `pageWalks` of them missed.
+    public var tlbLookups: UInt64 { cpu.tlbLookups }
 
     public func getState() throws -> VCPUState { cpu.save() }
 
@@ -128,6 +135,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
     /// restore, a new image), so decoded instructions are dropped too.
     public func setState(_ state: VCPUState) throws {
         cpu.load(state)
+        cpu.shadowRoot = 0  // shadow mode: the VMM picks the root for the new CR3
         cpu.pendingEvent = nil
         vm.codePages.invalidateAll()
     }
@@ -170,11 +178,22 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
         let epoch = vm.secondLevel.epoch
         if cpu.secondLevelEpoch != epoch {  // INVEPT since the last run
             cpu.flushTLB()
+            // Shadow mode: after a restricting change the shadow tables must be rebuilt; the
+            // VMM learns of it at the shadow fault that a root of 0 causes.
+            let restriction = vm.secondLevel.restrictionEpoch
+            if cpu.shadowEntries != nil && restriction != cpu.secondLevelRestrictionSeen { cpu.shadowRoot = 0 }
+            cpu.secondLevelRestrictionSeen = restriction
             cpu.secondLevelEpoch = epoch
         }
+        let shadowSync = vm.shadowSync
+        if cpu.shadowEntries != nil {
+            shadowSync.slots[id].running.store(true, ordering: .sequentiallyConsistent)
+            syncShadowFlush()
+        }
+        defer { if cpu.shadowEntries != nil { shadowSync.slots[id].running.store(false, ordering: .sequentiallyConsistent) } }
         if let e = cpu.pendingEvent {
             cpu.pendingEvent = nil
-            if !cpu.raise(vector: e.vector, errorCode: e.errorCode, software: e.software, fault: e.fault, external: e.external) {
+            if !cpu.raise(vector: e.vector, errorCode: e.errorCode, software: e.software, fault: e.fault, external: e.external, after: e.after) {
                 return .shutdown
             }
         }
@@ -183,6 +202,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
             if exitRequested.load(ordering: .relaxed) && exitRequested.exchange(false, ordering: .acquiring) {
                 return .interrupted
             }
+            if cpu.shadowEntries != nil { syncShadowFlush() }
             if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = pending.takeHighest() {
                 if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }  // delivery stopped at an EPT violation
@@ -208,6 +228,18 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
             }
             if shadowed { cpu.interruptShadow = false }
             if let budget = preemptionBudget { preemptionBudget = budget &- UInt64(used) }
+        }
+    }
+
+    /// Shadow mode: honours a VM-wide TLB flush (`ShadowFlushSync`) at a block boundary.
+    @inline(__always)
+    private func syncShadowFlush() {
+        let sync = vm.shadowSync
+        let g = sync.generation.load(ordering: .sequentiallyConsistent)
+        if g != cpu.shadowFlushSeen {
+            cpu.flushTLB()
+            cpu.shadowFlushSeen = g
+            sync.slots[id].seen.store(g, ordering: .releasing)
         }
     }
 
@@ -268,6 +300,8 @@ extension CPU {
             if !raise(vector: vector, errorCode: nil, software: checkDPL, fault: false, external: false) { exit(.shutdown) }
         case let .secondLevelViolation(gpa, access):
             exit(.memoryFault(gpa: gpa, access: MemoryAccessKind(rawValue: access)))
+        case let .shadowFault(linear, code):
+            exit(.shadowPaging(.pageFault(linear: linear, errorCode: code)))
         case let .fetchOutsideRAM(gpa):
             // KVM_INTERNAL_ERROR_EMULATION, as KVM reports code fetched from MMIO.
             exit(.internalError(suberror: 1, data: [gpa, rip], instructionBytes: []))

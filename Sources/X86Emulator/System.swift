@@ -337,6 +337,7 @@ extension CPU {
         case 7:  // INVLPG
             try requireCPL0()
             invalidatePage(a)
+            shadowPageInvalidated(a)
         default:
             throw Fault.ud
         }
@@ -355,16 +356,19 @@ extension CPU {
             guard v & (1 << 29) == 0 || v & (1 << 30) != 0 else { throw Fault.gp() }  // NW without CD
             cr0 = v | CR.et
             flushTLB()
+            shadowContextChanged()
         case 2: cr2 = v
         case 3:
             guard v & ~(Self.physicalAddressMask | 0x18) == 0 else { throw Fault.gp() }
             cr3 = v
             flushTLB()
+            shadowContextChanged()
         case 4:
             guard v & ~CR.cr4Valid == 0 else { throw Fault.gp() }
             guard v & CR.pae != 0 || efer & CR.eferLMA == 0 else { throw Fault.gp() }
             cr4 = v
             flushTLB()
+            shadowContextChanged()
         case 8:
             guard v & ~0xF == 0 else { throw Fault.gp() }
             cr8 = v
@@ -444,6 +448,7 @@ extension CPU {
             guard (v & CR.eferLME != 0) == (efer & CR.eferLME != 0) || cr0 & CR.pg == 0 else { throw Fault.gp() }
             efer = (v & ~CR.eferLMA) | (efer & CR.eferLMA)  // LMA is read-only
             flushTLB()
+            shadowContextChanged()
         case MSR.fsBase: try canonical(); fs.base = v
         case MSR.gsBase: try canonical(); gs.base = v
         case MSR.kernelGSBase: try canonical(); kernelGSBase = v

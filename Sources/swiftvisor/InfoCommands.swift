@@ -130,13 +130,16 @@ struct BenchCPU: ParsableCommand {
         discussion: """
             Runs the bundled 'compute' guest (sieve, CRC-32, heapsort, SHA-256-style mixing,
             at CPL3) on the software engine, counting retired guest instructions: with its
-            block translator (the default), and interpreting every instruction (unless
-            --no-interpreted); and on KVM when /dev/kvm is usable, where the same workloads run
+            block translator (the default) with nested paging, and again with shadow paging
+            (unless --no-shadow), and interpreting every instruction (unless --no-interpreted); and on KVM when /dev/kvm is usable, where the same workloads run
             natively. Benchmarks/qemu-compare.sh sets the translated figure beside QEMU TCG.
             """)
 
     @Flag(name: .long, help: "Skip the interpreted run (it takes about 15× longer than the translated one).")
     var noInterpreted = false
+
+    @Flag(name: .long, help: "Skip the translated run with shadow paging (the 'software-shadow' row).")
+    var noShadow = false
 
     @Option(name: .long, help: "Work multiplier passed to the guest (scale=N).")
     var scale = 1
@@ -154,7 +157,9 @@ struct BenchCPU: ParsableCommand {
     func run() throws {
         let rows: [CPUBenchmark.Row]
         do {
-            rows = try CPUBenchmark(scale: scale, kvmPath: kvmPath, interpreted: !noInterpreted).run { printError("bench: \($0)") }
+            var bench = CPUBenchmark(scale: scale, kvmPath: kvmPath, interpreted: !noInterpreted)
+            bench.shadowPaging = !noShadow
+            rows = try bench.run { printError("bench: \($0)") }
         } catch {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)

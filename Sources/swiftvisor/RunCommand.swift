@@ -48,6 +48,9 @@ struct Run: ParsableCommand {
     @Flag(name: .long, help: "Software engine: interpret every instruction instead of translating blocks to host code (the reference path; much slower).")
     var noTranslation = false
 
+    @Option(name: .long, help: ArgumentHelp("Software engine: second-level translation, nested (the engine walks guest tables and the EPT model) or shadow (the VMM keeps shadow page tables; guest table writes, CR3 loads, INVLPG and shadow misses exit).", valueName: "nested|shadow"))
+    var paging: PagingMode = .nested
+
     @Option(name: .long, help: ArgumentHelp("Stop the guest after this many seconds.", valueName: "seconds"))
     var timeout: Double?
 
@@ -93,6 +96,7 @@ struct Run: ParsableCommand {
         }
         if let t = timeout, !(t > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
         if noTranslation && engine == .kvm { throw ValidationError("--no-translation applies to the software engine, not kvm") }
+        if paging == .shadow && engine != .software { throw ValidationError("--paging shadow needs --engine software (KVM always uses the host's nested paging)") }
         if control != nil && guests.count > 1 { throw ValidationError("--control serves one VM; run one guest") }
         for d in disk where try DiskArgument(d).vm >= guests.count {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
@@ -117,8 +121,9 @@ struct Run: ParsableCommand {
                     ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { message in
                         if index == 0 { printError("swiftvisor: \(message)") }
                     }
-                let config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
+                var config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout, guestName: name)
+                config.paging = paging
                 let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
                 let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
                 let console = try addDevices(to: machine, index: index, output: output)
@@ -207,6 +212,7 @@ struct Run: ParsableCommand {
                                                        rangeName: { machine.bus.deviceName(mmioBase: $0) ?? "unassigned" }))
             printError("\(label)wall time: \(ExitStatistics.formatNanoseconds(Double(result.wallNanoseconds))), engine: \(machine.engine.name)")
             if let s = machine.executionCounts { printError(label + s.text) }
+            if let p = machine.pagingReport { printError(label + p.text) }
         }
         if let path = jsonPath {
             let software = machine.executionCounts.map {

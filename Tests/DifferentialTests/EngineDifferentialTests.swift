@@ -89,11 +89,12 @@ let cases: [GuestCase] = [
     GuestCase(guest: "vconsole", input: "over the virtio console\n", virtioConsole: true),
 ]
 
-func observe(_ c: GuestCase, on engine: any Engine) throws -> Observation {
+func observe(_ c: GuestCase, on engine: any Engine, paging: PagingMode = .nested) throws -> Observation {
     let guest = try #require(BundledGuests.named(c.guest))
     let capture = SerialCapture()
     var config = MachineConfiguration(memorySize: c.memory, vcpuCount: c.vcpus, commandLine: c.commandLine,
                                       timeoutSeconds: 120, recordExits: true)
+    config.paging = paging
     config.ioeventfd = false  // queue notifications exit on both engines, so exit sequences compare
     let machine = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: engine, serialOutput: capture.append)
     var diskPath: String?

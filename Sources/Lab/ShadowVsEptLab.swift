@@ -1,0 +1,207 @@
+import Devices
+import Foundation
+import VirtCore
+import VMM
+
+/// Scenario S5: shadow paging against nested paging (EPT) on the software engine, which
+/// models both. Two workloads — page-table churn (`pt-churn`: address spaces made, switched
+/// between, unmapped and torn down) and a large stable working set (`working-set`: few
+/// table changes, a TLB miss on nearly every access) — each in shadow mode and in nested
+/// mode with 4 KiB, 2 MiB and 1 GiB second-level pages.
+///
+/// The trade the text describes: shadow mode pays a VMM exit for every guest table change,
+/// CR3 load, INVLPG and shadow miss, but its walks read only the 4-level shadow table;
+/// nested mode takes no exits, but a walk reads the second level for every guest level
+/// (up to 24 references), fewer with large second-level pages.
+public struct ShadowVsEptLab: Sendable {
+    public struct Workload: Sendable, Codable {
+        public var guest: String
+        public var commandLine: String
+        public var what: String
+        /// The guest's marker values (port 0x81) around the measured phase.
+        public var phaseStart: UInt32
+        public var phaseEnd: UInt32
+        public var phase: String
+        public init(guest: String, commandLine: String, what: String, phaseStart: UInt32 = 1, phaseEnd: UInt32 = 2, phase: String = "all") {
+            self.guest = guest; self.commandLine = commandLine; self.what = what
+            self.phaseStart = phaseStart; self.phaseEnd = phaseEnd; self.phase = phase
+        }
+    }
+
+    /// A paging configuration the lab measures.
+    public struct Configuration: Sendable, Codable, Equatable {
+        public var mode: PagingMode
+        /// Nested mode: the second level's largest page.
+        public var secondLevelPage: SecondLevelPageSize?
+        public var name: String { mode == .shadow ? "shadow" : "nested, \(secondLevelPage?.rawValue ?? "4K") EPT pages" }
+    }
+
+    public var workloads: [Workload]
+    public var configurations: [Configuration] = [
+        Configuration(mode: .shadow),
+        Configuration(mode: .nested, secondLevelPage: .size4K),
+        Configuration(mode: .nested, secondLevelPage: .size2M),
+        Configuration(mode: .nested, secondLevelPage: .size1G),
+    ]
+    public var memory: UInt64 = 128 << 20
+
+    public init(scale: Int = 1) {
+        workloads = [
+            Workload(guest: "pt-churn", commandLine: "rounds=\(20 * scale) procs=4 pages=64 switches=4",
+                     what: "page-table churn", phase: "all rounds"),
+            Workload(guest: "working-set", commandLine: "pages=16384 passes=\(4 * scale)",
+                     what: "large stable working set (64 MiB)", phaseStart: 3, phase: "after the first pass"),
+        ]
+    }
+
+    public struct Row: Codable, Sendable {
+        public var workload: String
+        /// What the counters cover (the guest marks it).
+        public var phase: String
+        public var configuration: String
+        public var mode: PagingMode
+        public var secondLevelPage: SecondLevelPageSize?
+        /// The whole run, and the measured phase.
+        public var wallMilliseconds: Double
+        public var phaseMilliseconds: Double
+        public var instructions: UInt64
+        /// Shadow-paging exits by reason (zero in nested mode), and the VMM's time on them.
+        public var pageTableWriteExits: UInt64
+        public var cr3LoadExits: UInt64
+        public var invlpgExits: UInt64
+        public var shadowFillExits: UInt64
+        public var guestPageFaults: UInt64
+        public var pagingExits: UInt64
+        public var vmmMilliseconds: Double
+        public var pageWalks: UInt64
+        public var referencesPerWalk: Double
+        public var walkReferences: UInt64
+        public var tlbHitRate: Double?
+        public var guestOutput: String
+    }
+
+    public struct Result: Codable, Sendable {
+        public var engine: String
+        public var rows: [Row]
+    }
+
+    public func run(progress: (String) -> Void = { _ in }) throws -> Result {
+        var rows: [Row] = []
+        for w in workloads {
+            var reference: String?
+            for c in configurations {
+                progress("\(w.guest) (\(w.what)), \(c.name)")
+                let row = try measure(w, c)
+                // Every configuration must compute the same thing.
+                if let r = reference, r != row.guestOutput {
+                    throw LabError.guestFailed(what: "\(w.guest) in \(c.name)", reason: "output differs from \(configurations[0].name)", output: row.guestOutput)
+                }
+                reference = row.guestOutput
+                rows.append(row)
+            }
+        }
+        return Result(engine: "software", rows: rows)
+    }
+
+    func measure(_ w: Workload, _ c: Configuration) throws -> Row {
+        let out = GuestOutput()
+        var config = MachineConfiguration(memorySize: memory, commandLine: w.commandLine, timeoutSeconds: 600)
+        config.paging = c.mode
+        let m = try Machine(image: try GuestProgram.load(w.guest), configuration: config,
+                            engine: try EngineSelection.make(.software), serialOutput: out.append)
+        let phases = PagingPhasePort { [weak m] in m?.pagingReport }
+        try m.attach(phases, firstPort: PagingPhasePort.port, count: 1)
+        if let size = c.secondLevelPage {
+            var sizing = try m.vm.require((any SecondLevelPageSizing).self, .secondLevelTranslation, neededBy: "lab shadow-vs-ept")
+            sizing.secondLevelLargestPage = size
+        }
+        let r = try m.run()
+        guard r.stopReason == .exitPort(status: 0) else {
+            throw LabError.guestFailed(what: "\(w.guest) in \(c.name)", reason: r.stopReason.summary, output: out.text)
+        }
+        guard let (ns, before, after) = phases.phase(from: w.phaseStart, to: w.phaseEnd) else { throw LabError.noMarkers(w.guest) }
+        let s = Self.difference(after.shadow ?? ShadowPagingStatistics(), before.shadow ?? ShadowPagingStatistics())
+        let counts = PageWalkCounts(tlbLookups: after.counts.tlbLookups - before.counts.tlbLookups, walks: after.counts.walks - before.counts.walks,
+                                    references: after.counts.references - before.counts.references)
+        let report = PagingReport(mode: after.mode, secondLevelPage: after.secondLevelPage, counts: counts, shadow: s)
+        return Row(workload: w.what, phase: w.phase, configuration: c.name, mode: c.mode, secondLevelPage: c.secondLevelPage,
+                   wallMilliseconds: Double(r.wallNanoseconds) / 1e6, phaseMilliseconds: Double(ns) / 1e6,
+                   instructions: m.executionCounts?.instructions ?? 0,
+                   pageTableWriteExits: s.pageTableWrites.count, cr3LoadExits: s.contextSwitches.count,
+                   invlpgExits: s.invalidations.count, shadowFillExits: s.fills.count, guestPageFaults: s.guestPageFaults.count,
+                   pagingExits: s.exits, vmmMilliseconds: Double(s.nanoseconds) / 1e6,
+                   pageWalks: report.counts.walks, referencesPerWalk: report.counts.referencesPerWalk,
+                   walkReferences: report.counts.references, tlbHitRate: report.counts.tlbHitRate, guestOutput: out.text)
+    }
+
+    static func difference(_ a: ShadowPagingStatistics, _ b: ShadowPagingStatistics) -> ShadowPagingStatistics {
+        func d(_ x: ExitCounter, _ y: ExitCounter) -> ExitCounter { ExitCounter(count: x.count - y.count, nanoseconds: x.nanoseconds - y.nanoseconds) }
+        var s = ShadowPagingStatistics()
+        s.pageTableWrites = d(a.pageTableWrites, b.pageTableWrites)
+        s.contextSwitches = d(a.contextSwitches, b.contextSwitches)
+        s.invalidations = d(a.invalidations, b.invalidations)
+        s.fills = d(a.fills, b.fills)
+        s.guestPageFaults = d(a.guestPageFaults, b.guestPageFaults)
+        s.secondLevelViolations = a.secondLevelViolations - b.secondLevelViolations
+        s.shadowPagesCreated = a.shadowPagesCreated - b.shadowPagesCreated
+        s.shadowPagesZapped = a.shadowPagesZapped - b.shadowPagesZapped
+        s.shadowPagesUnshadowed = a.shadowPagesUnshadowed - b.shadowPagesUnshadowed
+        s.fullResets = a.fullResets - b.fullResets
+        s.guestTableReads = a.guestTableReads - b.guestTableReads
+        return s
+    }
+
+    public static func table(_ r: Result) -> LabTable {
+        let rows = r.rows.map { x in
+            [x.workload + " (" + x.phase + ")", x.configuration, String(x.pageTableWriteExits), String(x.cr3LoadExits), String(x.invlpgExits),
+             String(x.shadowFillExits), String(format: "%.1f", x.vmmMilliseconds), String(x.pageWalks),
+             String(format: "%.1f", x.referencesPerWalk), String(x.walkReferences),
+             x.tlbHitRate.map { String(format: "%.1f %%", $0 * 100) } ?? "-", String(format: "%.1f", x.phaseMilliseconds)]
+        }
+        return LabTable(
+            title: "S5 shadow paging vs nested paging (\(r.engine) engine; guest tables built at CPL0, pages touched at CPL3)",
+            columns: ["workload", "paging", "PTE-write exits", "CR3 exits", "INVLPG exits", "fill exits", "VMM ms",
+                      "walks", "refs/walk", "walk refs", "TLB hits", "phase ms"],
+            rows: rows,
+            notes: ["shadow: every guest page-table write (to a table that has a shadow), CR3 load, INVLPG and shadow miss exits to the VMM, which emulates the write or walks the guest tables and fills the shadow; the CPU's walk then reads only the 4-level shadow table (4 references).",
+                    "nested: no exits; a TLB miss walks the guest tables and, for every guest entry and for the data, the second-level table: (g+1)(s+1)−1 references for g guest and s second-level levels — 24 for 4 × 4, 19 with 2 MiB and 14 with 1 GiB second-level pages (the boot identity map's 2 MiB guest pages make g = 3 for kernel accesses).",
+                    "page-table churn makes shadow mode pay exits; the large working set, once warm, makes every TLB miss a long nested walk and costs shadow mode nothing but its short walks (its first pass, not shown, pays one or two fills per page). Counters cover the phase the guest marks; walks are those that completed (a faulting shadow walk is the VMM's fill). TLB hits: lookups reaching the CPU's TLB (interpreted accesses and the translator's misses) that did not walk.",
+                    "wall time is this software model's, in which a walk costs little next to a VMM exit; on hardware the exit costs ~1 µs and each walk reference a cache or memory access."])
+    }
+
+    public static func chart(_ r: Result) -> BarChart {
+        BarChart(title: "S5: exits vs walk references", categories: r.rows.map { "\($0.workload.split(separator: " ").prefix(2).joined(separator: " ")) / \($0.configuration.split(separator: ",").first ?? "")\($0.secondLevelPage.map { " " + $0.rawValue } ?? "")" },
+                 series: [("paging exits", r.rows.map { Double($0.pagingExits) }),
+                          ("walk references", r.rows.map { Double($0.walkReferences) }),
+                          ("refs per walk", r.rows.map(\.referencesPerWalk))],
+                 yLabel: "count", logarithmic: true)
+    }
+}
+
+/// Port 0x81 for the paging lab: at each marker the guest writes, the machine's paging
+/// counters as they stand (taken on the vCPU thread, at the exit).
+final class PagingPhasePort: PortIODevice, @unchecked Sendable {
+    // SAFETY: `marks` is touched only under `lock`.
+    static let port: UInt16 = 0x81
+    var name: String { "paging-phase-port" }
+    private let lock = NSLock()
+    private var marks: [UInt32: (nanoseconds: UInt64, report: PagingReport)] = [:]
+    private let snapshot: @Sendable () -> PagingReport?
+
+    init(snapshot: @escaping @Sendable () -> PagingReport?) { self.snapshot = snapshot }
+
+    func portRead(offset: UInt16, size: UInt8) -> UInt32 { 0 }
+    func portWrite(offset: UInt16, size: UInt8, value: UInt32) {
+        let now = monotonicNanoseconds()
+        guard let report = snapshot() else { return }
+        lock.withLock { if marks[value] == nil { marks[value] = (now, report) } }
+    }
+
+    /// Nanoseconds from marker `from` to marker `to`, and the counters at each.
+    func phase(from: UInt32, to: UInt32) -> (UInt64, PagingReport, PagingReport)? {
+        lock.withLock {
+            guard let a = marks[from], let b = marks[to], b.nanoseconds >= a.nanoseconds else { return nil }
+            return (b.nanoseconds - a.nanoseconds, a.report, b.report)
+        }
+    }
+}

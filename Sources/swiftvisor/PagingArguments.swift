@@ -1,0 +1,5 @@
+import ArgumentParser
+import VirtCore
+
+extension PagingMode: ExpressibleByArgument {}
+extension SecondLevelPageSize: ExpressibleByArgument {}
