@@ -198,3 +198,57 @@ import VirtCore
         #expect(try dma.guestBuffers(iova: 8 << 30, length: 16, access: .read, in: vmm) == [GuestBuffer(address: 0, length: 16)])
     }
 }
+
+/// virtio's own path through the IOMMU: the queue translates every buffer.
+@Suite struct VirtioThroughIOMMUTests {
+    static let function = RequesterID(bus: 0, device: 3, function: 0)
+
+    /// The fixture's 1 MiB at host-physical 0; the domain maps only its first 512 KiB.
+    private func fixture() throws -> (VirtioQueueFixture, IOMMU) {
+        var f = try VirtioQueueFixture()
+        let iommu = IOMMU()
+        let space = HostPhysicalSpace()
+        try space.add(f.memory, at: 0, owner: .virtualMachine("guest"))
+        try iommu.createDomain(7)
+        try iommu.updateDomain(7) { t throws(IOPageTableError) in
+            try t.mapRange(iova: 0, to: 0, length: 512 << 10, page: .size4K, permissions: .readWrite)
+        }
+        try iommu.attach(Self.function, to: 7)
+        f.queue.dma = DeviceDMA(requester: Self.function, iommu: iommu, space: space)
+        try f.queue.enable(in: f.memory)
+        return (f, iommu)
+    }
+
+    @Test func buffersInsideTheDomainPass() throws {
+        var (f, iommu) = try fixture()
+        try f.descriptor(0, 0x7_E800, 0x1000, VirtioQueueTests.N, next: 1)
+        try f.descriptor(1, 0x8000, 64, VirtioQueueTests.W)
+        try f.offer([0])
+        let chain = try #require(try f.queue.popAvailable(from: f.memory))
+        #expect(chain.readable == [GuestBuffer(address: 0x7_E800, length: 0x1000)])
+        #expect(chain.writable == [GuestBuffer(address: 0x8000, length: 64)])
+        #expect(iommu.faultLog.faults.isEmpty && iommu.counters.translations >= 2)
+    }
+
+    @Test func aBufferInRAMButOutsideTheDomainFailsTheRequestAndIsLogged() throws {
+        var (f, iommu) = try fixture()
+        try f.descriptor(0, 0x9_0000, 512, VirtioQueueTests.W)
+        try f.offer([0])
+        #expect(throws: VirtqueueError.badRequest(head: 0, .bufferOutsideMemory(GuestBuffer(address: 0x9_0000, length: 512)), lastWritable: nil)) {
+            _ = try f.queue.popAvailable(from: f.memory)
+        }
+        #expect(iommu.faultLog.faults.map(\.iova) == [0x9_0000])
+        #expect(iommu.faultLog.faults.first?.access == .write)
+    }
+
+    @Test func ringsOutsideTheDomainCannotBeEnabled() throws {
+        var (f, _) = try fixture()
+        f.queue.reset()
+        f.queue.descriptorTable = 0x9_0000
+        f.queue.availableRing = VirtioQueueFixture.avail
+        f.queue.usedRing = VirtioQueueFixture.used
+        #expect(throws: VirtqueueError.ringOutsideMemory(.descriptorTable, address: 0x9_0000, length: 128)) {
+            try f.queue.enable(in: f.memory)
+        }
+    }
+}

@@ -204,6 +204,10 @@ public struct VirtioQueue: Sendable {
     public private(set) var isReady = false
     /// Requests describing more bytes than this are refused.
     public var maxChainBytes: Int
+    /// When set, the device's accesses go through the IOMMU as this function: buffer
+    /// addresses are IOVAs, translated (and confined to the VM's RAM) when a chain is
+    /// taken; the rings must translate to themselves. Kept across device reset.
+    public var dma: DeviceDMA?
 
     /// The next available-ring entry the device will consume (free-running, wraps).
     public private(set) var lastAvailIndex: UInt16 = 0
@@ -252,7 +256,21 @@ public struct VirtioQueue: Sendable {
             guard memory.contains(address, length: length) else {
                 throw .ringOutsideMemory(ring, address: address, length: length)
             }
+            if let dma {
+                let access: DMAAccess = ring == .usedRing ? .write : .read
+                let translated = try? dma.guestBuffers(iova: address, length: length, access: access, in: memory)
+                guard translated == [GuestBuffer(address: address, length: length)] else {
+                    throw .ringOutsideMemory(ring, address: address, length: length)
+                }
+            }
         }
+    }
+
+    /// Where `buffer` is in RAM: itself, or through the IOMMU its guest-physical pieces;
+    /// nil when the device may not reach all of it.
+    private func reachable(_ buffer: GuestBuffer, _ access: DMAAccess, in memory: GuestMemory) -> [GuestBuffer]? {
+        guard let dma else { return memory.contains(buffer.address, length: buffer.length) ? [buffer] : nil }
+        return try? dma.guestBuffers(iova: buffer.address, length: buffer.length, access: access, in: memory)
     }
 
     /// QueueReady ← 1: validates the layout, then starts both counters at 0.
@@ -355,8 +373,9 @@ public struct VirtioQueue: Sendable {
             }
             let buffer = GuestBuffer(address: address, length: Int(length))
             let isWritable = flags & VirtqDescriptorFlag.write != 0
-            let inRAM = memory.contains(address, length: buffer.length)
-            lastWritable = isWritable && inRAM && length > 0 ? buffer : nil
+            let pieces = reachable(buffer, isWritable ? .write : .read, in: memory)
+            let inRAM = pieces != nil
+            lastWritable = isWritable && length > 0 ? pieces?.last : nil
             // After the first fault keep walking (to find the end of the chain and check
             // its structure) but stop collecting buffers.
             if fault == nil {
@@ -366,11 +385,11 @@ public struct VirtioQueue: Sendable {
                 } else if total > UInt64(maxChainBytes) {
                     fault = .tooLarge(bytes: total, limit: maxChainBytes)
                 } else if isWritable {
-                    writable.append(buffer)
+                    writable += pieces ?? []
                 } else if !writable.isEmpty {
                     fault = .writableBeforeReadable(index: index)
                 } else {
-                    readable.append(buffer)
+                    readable += pieces ?? []
                 }
             }
             guard flags & VirtqDescriptorFlag.next != 0 else { break }
