@@ -83,6 +83,7 @@ static inline void sv_wait_for_interrupt(void) { __asm__ volatile("sti; hlt; cli
 #define SV_DEV_VIRTIO_MMIO 1
 #define SV_DEV_STATUS_PAGE 2
 #define SV_DEV_EMULATED_NIC 3
+#define SV_DEV_SRIOV_VF 4
 /* The n-th device of `type` in boot info, or NULL. */
 const struct sv_device *sv_find_device(uint32_t type, unsigned n);
 

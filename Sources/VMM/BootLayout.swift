@@ -11,6 +11,8 @@ public enum BootLayout {
     public static let pageTablesEnd: UInt64 = 0x50000
     /// The S1 status device's shared page (in the VMM's area, below the stacks).
     public static let statusPageAddress: UInt64 = 0x5F000
+    /// An SR-IOV virtual function's register page (S4), mapped like the status page.
+    public static let vfRegisterPageAddress: UInt64 = 0x5E000
     public static let stackRegionStart: UInt64 = 0x60000
     public static let stackTop: UInt64 = 0xA0000
     public static let stackSize: UInt64 = 0x4000
@@ -43,6 +45,8 @@ public enum BootLayout {
         case statusPage = 2
         /// The emulated NIC with a classic register interface.
         case emulatedNIC = 3
+        /// An SR-IOV virtual function's register page (`base` in RAM).
+        case sriovVF = 4
     }
 
     /// A device entry for boot info.
