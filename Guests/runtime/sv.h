@@ -84,6 +84,9 @@ static inline void sv_wait_for_interrupt(void) { __asm__ volatile("sti; hlt; cli
 #define SV_DEV_STATUS_PAGE 2
 #define SV_DEV_EMULATED_NIC 3
 #define SV_DEV_SRIOV_VF 4
+#define SV_DEV_PERIODIC_TIMER 5
+/* S12's shared virtual I/O queue: `out` of a request's work (µs of backend time). */
+#define SV_SHARED_QUEUE_PORT 0x520
 /* The n-th device of `type` in boot info, or NULL. */
 const struct sv_device *sv_find_device(uint32_t type, unsigned n);
 

@@ -47,6 +47,8 @@ public enum BootLayout {
         case emulatedNIC = 3
         /// An SR-IOV virtual function's register page (`base` in RAM).
         case sriovVF = 4
+        /// A periodic timer interrupt (S12's partition timer): only `irq` is meaningful.
+        case periodicTimer = 5
     }
 
     /// A device entry for boot info.

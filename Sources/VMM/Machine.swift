@@ -23,6 +23,9 @@ public struct MachineConfiguration: Sendable {
     /// KVM: deliver virtio queue notifications through ioeventfds (handled in the kernel
     /// and a doorbell thread, no exit to userspace) when the host supports them.
     public var ioeventfd = true
+    /// Runs first on each vCPU's thread (with the vCPU index): pinning, scheduling policy
+    /// (see `Partitioning.threadSetup`). An error stops the machine before that vCPU runs.
+    public var vcpuThreadSetup: (@Sendable (Int) throws -> Void)?
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
                 timeoutSeconds: Double? = nil, recordExits: Bool = false) {
@@ -346,6 +349,9 @@ public final class Machine: @unchecked Sendable {
         let start = monotonicNanoseconds()
         let threads = vcpus.enumerated().map { id, vcpu in
             HostThread(name: "vcpu\(id)") { [self] in
+                do { try configuration.vcpuThreadSetup?(id) } catch {
+                    requestStop(.engineFailure(vcpu: id, message: "vCPU thread setup: \(error)"))
+                }
                 let outcome = runLoop(vcpu)
                 results.withLock { $0[id] = outcome }
             }
