@@ -102,6 +102,9 @@ public struct MixedCriticalityLab: Sendable {
         guard jobs >= 10, periodMicroseconds >= 100, burstMicroseconds < loadPeriodMicroseconds else {
             throw LabError.badParameters("need at least 10 jobs, a period of at least 100 µs, and a load burst shorter than its period")
         }
+        if configurations.contains(where: { !$0.pinned && $0.lockProtocol == .ceiling }) {
+            throw LabError.badParameters("a priority-ceiling lock needs real-time holders: run it pinned (glibc cannot raise a SCHED_OTHER thread to the ceiling)")
+        }
         if configurations.contains(where: \.pinned) {
             try Partitioning.check(PartitionPolicy(cpus: [criticalCPU, bestEffortCPU], fifoPriority: timerPriority, lockMemory: true),
                                    memoryBytes: 64 << 20)
