@@ -88,18 +88,19 @@ public enum Partitioning {
         return result.rc
     }
 
-    /// Applies `policy` to the calling thread.
+    /// Applies `policy` to the calling thread: the priority first, so a thread moving onto
+    /// a CPU where a real-time thread spins is not left there unscheduled.
     public static func apply(_ policy: PartitionPolicy) throws(PartitionError) {
-        if !policy.cpus.isEmpty {
-            let cpus = policy.cpus.map { Int32(clamping: $0) }
-            let rc = ckvm_set_thread_affinity(cpus, Int32(cpus.count))
-            guard rc == 0 else { throw .affinityRefused(errno: -rc) }
-        }
         if let p = policy.fifoPriority {
             var param = sched_param()
             param.sched_priority = p
             let rc = pthread_setschedparam(pthread_self(), SCHED_FIFO, &param)
             guard rc == 0 else { throw .realtimeRefused(priority: p, errno: rc) }
+        }
+        if !policy.cpus.isEmpty {
+            let cpus = policy.cpus.map { Int32(clamping: $0) }
+            let rc = ckvm_set_thread_affinity(cpus, Int32(cpus.count))
+            guard rc == 0 else { throw .affinityRefused(errno: -rc) }
         }
     }
 

@@ -32,9 +32,11 @@ import VMM
             #expect(row.response.medianMicroseconds <= row.response.p99Microseconds && row.response.p99Microseconds <= row.response.worstMicroseconds)
         }
         let (plain, pi, pcp) = (r.rows[0].response, r.rows[1].response, r.rows[2].response)
-        // The load's 2 ms bursts show in the plain mutex's worst case, not in the others'.
-        #expect(plain.worstMicroseconds > 1000, "\(r.rows)")
-        #expect(pi.worstMicroseconds < plain.worstMicroseconds && pcp.worstMicroseconds < plain.worstMicroseconds, "\(r.rows)")
+        // The load's 2 ms bursts show in the plain mutex's p99 (many jobs meet a preempted
+        // holder), not in the others'. p99 rather than the worst case: one job may meet
+        // an unrelated host hiccup in any configuration.
+        #expect(plain.p99Microseconds > 1000, "\(r.rows)")
+        #expect(pi.p99Microseconds < plain.p99Microseconds && pcp.p99Microseconds < plain.p99Microseconds, "\(r.rows)")
         #expect(MixedCriticalityLab.chart(r).svg.hasPrefix("<svg"))
     }
 
