@@ -109,8 +109,21 @@ public struct MixedCriticalityLab: Sendable {
             try Partitioning.check(PartitionPolicy(cpus: [criticalCPU, bestEffortCPU], fifoPriority: timerPriority, lockMemory: true),
                                    memoryBytes: 64 << 20)
         }
+        // The pinned best-effort vCPU spins at SCHED_FIFO: past the kernel's real-time budget
+        // (sched_rt_runtime_us per sched_rt_period_us) every real-time thread on its CPU is
+        // throttled, which would stop the lock holder whatever the protocol. So each such
+        // run stays well inside one budget, and a full period passes between them.
+        let rt = Self.realtimeBandwidth()
+        let seconds = Double(jobs) * Double(periodMicroseconds) / 1e6
+        if configurations.contains(where: { $0.pinned && $0.load }), let runtime = rt.runtime, seconds > runtime * 0.6 {
+            throw LabError.badParameters(String(format: "%d jobs × %llu µs = %.2f s is too long for the host's real-time budget (%.2f s per %.2f s, /proc/sys/kernel/sched_rt_runtime_us): use fewer jobs or a shorter period",
+                                                jobs, periodMicroseconds, seconds, runtime, rt.period))
+        }
         var rows: [Row] = []
-        for c in configurations { rows.append(try run(c)) }
+        for (i, c) in configurations.enumerated() {
+            if i > 0, configurations[i - 1].pinned, configurations[i - 1].load { usleep(UInt32(rt.period * 1e6)) }
+            rows.append(try run(c))
+        }
         return Result(engine: engine.rawValue, hostCPUs: Partitioning.availableCPUs(), periodMicroseconds: periodMicroseconds, jobs: jobs,
                       holdMicroseconds: holdMicroseconds, loadBurstMicroseconds: burstMicroseconds,
                       loadPeriodMicroseconds: loadPeriodMicroseconds,
@@ -187,6 +200,18 @@ public struct MixedCriticalityLab: Sendable {
         return Row(configuration: c.name, pinned: c.pinned, lockProtocol: c.lockProtocol.rawValue, load: c.load,
                    response: try Self.parse("response", text), jitter: try Self.parse("jitter", text),
                    sharedQueueRequests: queue.requests, lockErrors: queue.lockErrors, timerInterrupts: timer.fired)
+    }
+
+    /// The kernel's real-time bandwidth: runtime (nil: unlimited) per period, in seconds.
+    static func realtimeBandwidth() -> (runtime: Double?, period: Double) {
+        func read(_ name: String) -> Double? {
+            guard let text = try? String(contentsOfFile: "/proc/sys/kernel/" + name, encoding: .utf8),
+                  let v = Double(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return nil }
+            return v / 1e6
+        }
+        let period = read("sched_rt_period_us") ?? 1
+        let runtime = read("sched_rt_runtime_us")
+        return (runtime.flatMap { $0 < 0 ? nil : $0 }, period)
     }
 
     /// Reads `rt: <what>_ns median=… p99=… worst=… hist=a,b,…` from the guest's output.
