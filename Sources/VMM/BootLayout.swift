@@ -24,6 +24,8 @@ public enum BootLayout {
     public static let minRAM: UInt64 = 2 << 20
     /// Devices' MMIO window.
     public static let mmioWindowBase: UInt64 = 0xD000_0000
+    /// The PCI host bridge's ECAM (then its BAR window), above the device slots.
+    public static let pciECAMBase: UInt64 = 0xE000_0000
 
     public static let bootInfoMagic: UInt32 = 0x4942_5653  // "SVBI"
     public static let bootInfoVersion: UInt32 = 1
@@ -49,6 +51,8 @@ public enum BootLayout {
         case sriovVF = 4
         /// A periodic timer interrupt (S12's partition timer): only `irq` is meaningful.
         case periodicTimer = 5
+        /// The PCI host bridge: `base` is ECAM, followed by the window BARs are placed in.
+        case pciHostBridge = 6
     }
 
     /// A device entry for boot info.
