@@ -30,3 +30,31 @@ import Testing
         #expect(r.status != 0 && r.stderr.contains("shorter than --load-period-us"))
     }
 }
+
+/// `swiftvisor run --partition`: a partitioned VM runs; what the host refuses is one line.
+@Suite struct PartitionCLITests {
+    @Test func aPinnedVMRuns() throws {
+        let r = try swiftvisor(["run", "hello", "--engine", "software", "--partition", "0:0"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("Hello from Swiftvisor!"))
+    }
+
+    @Test func hostRefusalsAreOneClearLine() throws {
+        let cpu = try swiftvisor(["run", "hello", "--engine", "software", "--partition", "0:4000"])
+        #expect(cpu.status == 125)
+        #expect(cpu.stderr.hasPrefix("swiftvisor: error: host CPU 4000 is not available to this process"))
+        let prio = try swiftvisor(["run", "hello", "--engine", "software", "--partition", "0:0,fifo=500"])
+        #expect(prio.status == 125 && prio.stderr.contains("SCHED_FIFO priority 500 is outside"))
+        let vm = try swiftvisor(["run", "hello", "--partition", "2:0"])
+        #expect(vm.status != 0 && vm.stderr.contains("there is no VM 2"))
+    }
+
+    /// As an unprivileged user SCHED_FIFO is refused up front (needs root and setpriv to test).
+    @Test(.enabled(if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"), "needs root and setpriv"))
+    func realtimeWithoutPermissionIsRefusedWithTheReason() throws {
+        let r = try swiftvisor(["run", "hello", "--engine", "software", "--partition", "0:0,fifo=50"],
+                               launcher: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        #expect(r.status == 125)
+        #expect(r.stderr.contains("SCHED_FIFO priority 50 refused") && r.stderr.contains("needs root or CAP_SYS_NICE"), "\(r.stderr)")
+    }
+}
