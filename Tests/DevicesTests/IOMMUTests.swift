@@ -165,6 +165,15 @@ import VirtCore
         try dma.write([8], at: 0x5000)
         #expect(iommu.invalidate(.pages(domain: 1, iova: 0x5000, length: 1)) == 1)
         #expect(throws: DMAError.self) { try dma.write([9], at: 0x5000) }
+        // Detaching the function clears its context entry: every DMA faults, cached or not.
+        try dma.write([1], at: 0x6000)
+        #expect(iommu.domain(of: Self.nic) == 1 && iommu.iotlbCount == 1)
+        iommu.detach(Self.nic)
+        #expect(iommu.domain(of: Self.nic) == nil)
+        #expect(throws: DMAError.translationFault(DMAFault(requester: Self.nic, domain: nil, iova: 0x6000, access: .write, reason: .contextNotPresent))) {
+            try dma.write([1], at: 0x6000)
+        }
+        #expect(iommu.invalidate(.domain(1)) > 0 && iommu.iotlbCount == 0)
     }
 
     @Test func largePagesCutMissesForTheSameTraffic() throws {
@@ -194,7 +203,9 @@ import VirtCore
         let dma = DeviceDMA(requester: Self.nic, iommu: iommu, space: space)
         #expect(try dma.guestBuffers(iova: 0x1800, length: 0x1000, access: .read, in: vm) == [GuestBuffer(address: 0x1800, length: 0x1000)])
         iommu.isEnabled = false
-        #expect(throws: DMAError.self) { _ = try dma.guestBuffers(iova: 8 << 30, length: 16, access: .read, in: vm) }
+        #expect(throws: DMAError.outsideOwnVM(hostAddress: 8 << 30, owner: .vmm)) {
+            _ = try dma.guestBuffers(iova: 8 << 30, length: 16, access: .read, in: vm)
+        }
         #expect(try dma.guestBuffers(iova: 8 << 30, length: 16, access: .read, in: vmm) == [GuestBuffer(address: 0, length: 16)])
     }
 }

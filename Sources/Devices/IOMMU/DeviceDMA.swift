@@ -8,14 +8,14 @@ public enum DMAError: Error, Equatable, Sendable, CustomStringConvertible {
     case unbackedAddress(hostAddress: UInt64, length: Int)
     /// The address is host memory, but not the RAM of the VM the device serves (virtio's
     /// path, which reaches only its own VM's RAM).
-    case outsideOwnVM(hostAddress: UInt64, owner: HostMemoryOwner?)
+    case outsideOwnVM(hostAddress: UInt64, owner: HostMemoryOwner)
 
     public var description: String {
         switch self {
         case let .translationFault(f): return "IOMMU fault: \(f)"
         case let .unbackedAddress(hpa, n): return "DMA of \(n) bytes at host-physical 0x\(String(hpa, radix: 16)) hits no memory"
         case let .outsideOwnVM(hpa, owner):
-            return "DMA at host-physical 0x\(String(hpa, radix: 16)) reaches \(owner.map { "\($0)" } ?? "no memory"), not the device's VM"
+            return "DMA at host-physical 0x\(String(hpa, radix: 16)) reaches \(owner), not the device's VM"
         }
     }
 }
@@ -37,6 +37,7 @@ public struct DeviceDMA: Sendable {
         public let offset: UInt64
         public let length: Int
         public let owner: HostMemoryOwner
+        public let hostAddress: UInt64
     }
 
     /// Translates all of `[iova, iova+length)` into backed host memory, page by page.
@@ -54,7 +55,8 @@ public struct DeviceDMA: Sendable {
             guard let region = space.region(containing: piece.hostAddress, length: piece.length) else {
                 throw .unbackedAddress(hostAddress: piece.hostAddress, length: piece.length)
             }
-            result.append(Segment(memory: region.memory, offset: piece.hostAddress - region.base, length: piece.length, owner: region.owner))
+            result.append(Segment(memory: region.memory, offset: piece.hostAddress - region.base, length: piece.length,
+                                  owner: region.owner, hostAddress: piece.hostAddress))
             done += piece.length
         }
         return result
@@ -94,7 +96,7 @@ public struct DeviceDMA: Sendable {
         var buffers: [GuestBuffer] = []
         for s in try segments(iova: iova, length: length, access: access) {
             guard s.memory === vm else {
-                throw .outsideOwnVM(hostAddress: s.offset, owner: s.owner)
+                throw .outsideOwnVM(hostAddress: s.hostAddress, owner: s.owner)
             }
             if let last = buffers.last, last.address + UInt64(last.length) == s.offset {
                 buffers[buffers.count - 1].length += s.length

@@ -71,6 +71,4 @@ public final class HostPhysicalSpace: Sendable {
             list.first { hpa >= $0.base && $0.memory.contains(hpa - $0.base, length: length) }
         }
     }
-
-    public var allRegions: [HostPhysicalRegion] { regions.withLock { $0 } }
 }

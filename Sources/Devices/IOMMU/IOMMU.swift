@@ -170,8 +170,6 @@ public final class IOMMU: Sendable {
         }
     }
 
-    public func pageTable(of id: UInt16) -> IOPageTable? { state.withLock { $0.domains[id] } }
-
     /// Context entry: `requester`'s DMA goes through `domain` from now on.
     public func attach(_ requester: RequesterID, to domain: UInt16) throws(IOMMUError) {
         try state.withLock { (s: inout State) throws(IOMMUError) in
@@ -257,5 +255,6 @@ public final class IOMMU: Sendable {
 
     public var counters: IOMMUCounters { state.withLock { $0.counters } }
     public func resetCounters() { state.withLock { $0.counters = IOMMUCounters() } }
+    /// Translations the IOTLB holds now.
     public var iotlbCount: Int { state.withLock { $0.iotlb.count } }
 }

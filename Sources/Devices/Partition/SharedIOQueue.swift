@@ -28,8 +28,8 @@ public enum ProtocolMutexError: Error, Equatable, Sendable, CustomStringConverti
 
 /// A pthread mutex with a priority protocol. Swift's `Mutex` has no protocol attribute,
 /// and the protocol is the point here.
+// SAFETY: the pthread mutex is itself the synchronisation; its storage never moves.
 public final class ProtocolMutex: @unchecked Sendable {
-    // SAFETY: the pthread mutex is itself the synchronisation; its storage never moves.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     public let lockProtocol: LockProtocol
     public let ceiling: Int32
