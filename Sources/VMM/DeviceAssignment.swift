@@ -18,7 +18,8 @@ public final class DeviceAssignmentPlatform: Sendable {
     public let nic: SRIOVNIC
     /// The VMM's private memory, reachable by no domain (holds a secret for the attack tests).
     public let vmmMemory: GuestMemory
-    private let assigned = Mutex<[String]>([])
+    /// VMs placed in host-physical memory, in order: their RAM (by identity) and name.
+    private let placed = Mutex<[(memory: ObjectIdentifier, name: String)]>([])
     private let poller = Mutex<HostThread?>(nil)
     private final class RunFlag: Sendable { let value = Atomic<Bool>(false) }
     private let running = RunFlag()
@@ -46,23 +47,48 @@ public final class DeviceAssignmentPlatform: Sendable {
     @discardableResult
     public func assign(vf: Int, to machine: Machine, name: String, page: IOPageSize = .size4K) throws -> UInt64 {
         guard let requester = nic.requester(ofVF: vf) else { throw SRIOVError.noSuchVirtualFunction(vf) }
-        let k = assigned.withLock { list in list.append(name); return list.count - 1 }
+        let base = try place(machine, name: name)
+        try makeDomain(UInt16(vf + 1), for: machine, at: base, page: page, attaching: requester)
+        try nic.assign(vf: vf, registers: machine.memory, at: BootLayout.vfRegisterPageAddress,
+                       dmaBase: iommu.isEnabled ? 0 : base)
+        try machine.listDevice(type: .sriovVF, base: BootLayout.vfRegisterPageAddress, size: 4096)
+        return base
+    }
+
+    /// Puts `machine`'s RAM in host-physical memory (once; later calls return the same base).
+    private func place(_ machine: Machine, name: String) throws -> UInt64 {
+        let id = ObjectIdentifier(machine.memory)
+        let (k, isNew) = placed.withLock { list in
+            if let k = list.firstIndex(where: { $0.memory == id }) { return (k, false) }
+            list.append((id, name))
+            return (list.count - 1, true)
+        }
         let base = Self.hostBase(ofVM: k)
-        try space.add(machine.memory, at: base, owner: .virtualMachine(name))
-        let domain = UInt16(vf + 1)
+        if isNew { try space.add(machine.memory, at: base, owner: .virtualMachine(name)) }
+        return base
+    }
+
+    /// A domain mapping `machine`'s guest-physical addresses onto its host-physical RAM,
+    /// with `requester` attached. It covers RAM rounded up to whole pages; past RAM nothing
+    /// backs it and a DMA there fails as unbacked.
+    private func makeDomain(_ domain: UInt16, for machine: Machine, at base: UInt64, page: IOPageSize, attaching requester: RequesterID) throws {
         try iommu.createDomain(domain)
-        // The domain covers RAM rounded up to whole pages of the chosen size; the part past
-        // RAM is backed by nothing and a DMA there fails as unbacked.
         let size = machine.memory.size
         let length = (size + page.bytes - 1) / page.bytes * page.bytes
         try iommu.updateDomain(domain) { t throws(IOPageTableError) in
             try t.mapRange(iova: 0, to: base, length: length, page: page, permissions: .readWrite)
         }
         try iommu.attach(requester, to: domain)
-        try nic.assign(vf: vf, registers: machine.memory, at: BootLayout.vfRegisterPageAddress,
-                       dmaBase: iommu.isEnabled ? 0 : base)
-        try machine.listDevice(type: .sriovVF, base: BootLayout.vfRegisterPageAddress, size: 4096)
-        return base
+    }
+
+    /// Confines a virtio device of `machine` behind the IOMMU as PCI function `function`,
+    /// in its own `domain`: every buffer it takes is translated and checked, so it can
+    /// reach its VM's RAM and nothing else. Call before the machine runs.
+    public func confine(_ transport: VirtioMMIOTransport, of machine: Machine, name: String, as function: RequesterID,
+                        domain: UInt16, page: IOPageSize = .size4K) throws {
+        let base = try place(machine, name: name)
+        try makeDomain(domain, for: machine, at: base, page: page, attaching: function)
+        transport.routeDMA(through: DeviceDMA(requester: function, iommu: iommu, space: space))
     }
 
     /// Starts the device: a host thread stands for the NIC's own engine, polling the VFs'
