@@ -24,6 +24,8 @@ public struct SriovIommuLab: Sendable {
     public var pageSizes: [IOPageSize] = [.size4K, .size2M]
     public var iotlbSizes = [64, 512, 2048]
     public var replacement: IOTLBReplacement = .lru
+    /// Round trips of the two-VM frame exchange (0: skip it).
+    public var roundTrips = 200
 
     public init(engine: EngineChoice) { self.engine = engine }
 
@@ -65,6 +67,17 @@ public struct SriovIommuLab: Sendable {
         public var faults: [String]
     }
 
+    /// Two VMs exchanging frames through their VFs (the real device path), by I/O page size.
+    public struct ExchangePoint: Codable, Sendable {
+        public var page: String
+        public var iotlbEntries: Int
+        public var roundTrips: Int
+        public var roundTripsPerSecond: Double
+        public var translations: UInt64
+        public var missRate: Double
+        public var faults: Int
+    }
+
     public struct Result: Codable, Sendable {
         public var engine: String
         public var cpl: Int = 3
@@ -74,6 +87,7 @@ public struct SriovIommuLab: Sendable {
         public var poolBytes: Int
         public var replacement: String
         public var throughput: [ThroughputPoint]
+        public var exchange: [ExchangePoint]
         public var isolation: [IsolationCase]
     }
 
@@ -86,13 +100,17 @@ public struct SriovIommuLab: Sendable {
         for page in pageSizes {
             for entries in iotlbSizes { points.append(try throughput(page: page, iotlbEntries: entries)) }
         }
+        var exchange: [ExchangePoint] = []
+        if roundTrips > 0 {
+            for page in pageSizes { exchange.append(try self.exchange(page: page, iotlbEntries: iotlbSizes[0])) }
+        }
         var isolation: [IsolationCase] = []
         for iommu in [true, false] {
             for victim in ["other VM", "VMM"] { isolation.append(try attack(iommu: iommu, victim: victim)) }
         }
         return Result(engine: engine.rawValue, linkGbps: linkBytesPerSecond * 8 / 1e9, budget: budget,
                       transferBytes: transferBytes, poolBytes: poolBytes, replacement: replacement.rawValue,
-                      throughput: points, isolation: isolation)
+                      throughput: points, exchange: exchange, isolation: isolation)
     }
 
     func throughput(page: IOPageSize, iotlbEntries: Int) throws -> ThroughputPoint {
@@ -141,6 +159,38 @@ public struct SriovIommuLab: Sendable {
                                simulatedTranslationsPerSecond: wall > 0 ? Double(c.translations) / wall : 0)
     }
 
+    func exchange(page: IOPageSize, iotlbEntries: Int) throws -> ExchangePoint {
+        var config = IOMMUConfiguration()
+        config.iotlbEntries = iotlbEntries
+        config.replacement = replacement
+        let platform = try DeviceAssignmentPlatform(virtualFunctions: 2, iommu: config)
+        let guest = try GuestProgram.load("sriov-vf")
+        let pingOutput = GuestOutput(), pongOutput = GuestOutput()
+        let ping = try Machine(image: guest, configuration: MachineConfiguration(memorySize: 32 << 20, commandLine: "mode=0 peer=1 count=\(roundTrips)", timeoutSeconds: 120),
+                               engine: try EngineSelection.make(engine), serialOutput: pingOutput.append)
+        let pong = try Machine(image: guest, configuration: MachineConfiguration(memorySize: 32 << 20, commandLine: "mode=1 count=\(roundTrips)", timeoutSeconds: 120),
+                               engine: try EngineSelection.make(engine), serialOutput: pongOutput.append)
+        try platform.assign(vf: 0, to: ping, name: "a", page: page)
+        try platform.assign(vf: 1, to: pong, name: "b", page: page)
+        // Both guests spin on their rings; the NIC's engine gets the CPU when it needs it
+        // (real-time where permitted), as the device's own hardware would.
+        let realtime = PartitionPolicy(fifoPriority: 20)
+        platform.start(policy: (try? Partitioning.check(realtime)) != nil ? realtime : PartitionPolicy())
+        defer { platform.stop() }
+        let pongThread = HostThread(name: "pong-vm") { _ = try? pong.run() }
+        let r = try ping.run()
+        pong.stop()
+        pongThread.join()
+        guard r.stopReason == .exitPort(status: 0) else {
+            throw LabError.guestFailed(what: "VF exchange (\(page) pages)", reason: r.stopReason.summary, output: pingOutput.text)
+        }
+        let c = platform.iommu.counters
+        let seconds = Double(r.wallNanoseconds) / 1e9
+        return ExchangePoint(page: page.description, iotlbEntries: iotlbEntries, roundTrips: roundTrips,
+                             roundTripsPerSecond: seconds > 0 ? Double(roundTrips) / seconds : 0,
+                             translations: c.translations, missRate: c.missRate, faults: platform.iommu.faultLog.faults.count)
+    }
+
     func attack(iommu: Bool, victim: String) throws -> IsolationCase {
         let platform = try DeviceAssignmentPlatform(virtualFunctions: 2, iommuEnabled: iommu)
         let guest = try GuestProgram.load("sriov-vf")
@@ -187,6 +237,10 @@ public struct SriovIommuLab: Sendable {
              String(format: "%.2f", p.modelGbps), p.bound]
         }
         rows.append(["", "", "", "", "", "", "", ""])
+        for e in r.exchange {
+            rows.append(["VM↔VM \(e.page)", String(e.iotlbEntries), String(e.translations), String(format: "%.1f%%", e.missRate * 100),
+                         "\(e.roundTrips) echoes", String(format: "%.0f/s", e.roundTripsPerSecond), "faults \(e.faults)", ""])
+        }
         for c in r.isolation {
             rows.append(["IOMMU \(c.iommu ? "on" : "off")", "→ \(c.victim)", "rx: \(c.receiveInto)", "tx: \(c.transmitFrom)",
                          "faults \(c.faultsLogged)", "changed \(c.victimBytesChanged) B", "", ""])
@@ -196,6 +250,7 @@ public struct SriovIommuLab: Sendable {
                    r.budget.translationsPerSecond / 1e6, r.budget.missNanoseconds, r.linkGbps, r.transferBytes >> 10, r.poolBytes >> 20)
                 + "IOTLB replacement \(r.replacement).",
             "measured: real DMA through the IOMMU model, its counted translations and misses charged to the budget; model: min(link, translations/s × bytes per translation), miss rate 100% when the pool's pages exceed the IOTLB, else 0.",
+            "VM↔VM: two sriov-vf guests (\(r.engine) engine, CPL3) ping-pong frames through their VFs' switch: every descriptor and frame DMA goes through the IOMMU (the echo rate is the guests' and this host's, not the model's).",
             "isolation (\(r.engine) engine, guest at CPL3): the guest posts a receive buffer at, and transmits from, the victim's host-physical address. With the IOMMU the VF's domain has no such IOVA: both DMAs fault and are logged; without it they land.",
         ]
         return LabTable(title: "S4 SR-IOV behind an IOMMU: DMA throughput vs I/O page size and IOTLB size, and isolation",

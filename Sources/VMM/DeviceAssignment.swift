@@ -92,12 +92,15 @@ public final class DeviceAssignmentPlatform: Sendable {
     }
 
     /// Starts the device: a host thread stands for the NIC's own engine, polling the VFs'
-    /// doorbells as hardware would (briefly sleeping when idle).
-    public func start() {
+    /// doorbells as hardware would (briefly sleeping when idle). `policy` lets it run above
+    /// the vCPUs it serves (hardware does not wait for a time slice); if the host refuses
+    /// the policy, the engine runs without it.
+    public func start(policy: PartitionPolicy = PartitionPolicy()) {
         guard !running.value.exchange(true, ordering: .acquiringAndReleasing) else { return }
         let nic = self.nic
         let running = self.running
         poller.withLock { $0 = HostThread(name: "sriov-nic") {
+            try? Partitioning.apply(policy)
             var idle = 0
             while running.value.load(ordering: .acquiring) {
                 if nic.service() > 0 { idle = 0; continue }

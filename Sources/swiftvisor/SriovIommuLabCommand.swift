@@ -11,7 +11,8 @@ struct SriovIommu: ParsableCommand {
             model (its page tables and IOTLB), for 4 KiB and 2 MiB I/O pages and several IOTLB
             sizes; the IOMMU's budget (translations per second, cost of an IOTLB miss) and the
             link give the throughput, shown beside the model min(link, translations/s × bytes per
-            translation). Isolation: the 'sriov-vf' guest programs its VF to DMA into and out of
+            translation); and two guests exchanging frames through their VFs, every DMA
+            translated (the real device path). Isolation: the 'sriov-vf' guest programs its VF to DMA into and out of
             another VM's memory and the VMM's, with the IOMMU on (blocked, logged) and off (lands).
             """)
 
@@ -35,6 +36,9 @@ struct SriovIommu: ParsableCommand {
     @Option(name: .long, parsing: .upToNextOption, help: "IOTLB sizes (entries).")
     var iotlb: [Int] = [64, 512, 2048]
 
+    @Option(name: .long, help: "Round trips of the two-VM frame exchange through the VFs (0: skip it).")
+    var roundTrips = 200
+
     @Option(name: .long, help: "IOTLB replacement: lru, fifo or random.")
     var replacement = "lru"
 
@@ -42,6 +46,7 @@ struct SriovIommu: ParsableCommand {
         guard linkGbps > 0, translationsMillions > 0, missNs >= 0 else { throw ValidationError("link, translations and miss cost must be positive") }
         guard transferKiB > 0, poolMiB > 0, poolMiB << 10 >= transferKiB else { throw ValidationError("need 0 < --transfer-ki-b ≤ --pool-mi-b × 1024") }
         guard !iotlb.isEmpty, iotlb.allSatisfy({ $0 > 0 && $0 <= 1 << 16 }) else { throw ValidationError("IOTLB sizes must be 1–65536") }
+        guard roundTrips >= 0, roundTrips <= 100_000 else { throw ValidationError("--round-trips: 0–100000") }
         guard ["lru", "fifo", "random"].contains(replacement) else { throw ValidationError("--replacement: lru, fifo or random") }
     }
 
@@ -52,6 +57,7 @@ struct SriovIommu: ParsableCommand {
         lab.transferBytes = transferKiB << 10
         lab.poolBytes = poolMiB << 20
         lab.iotlbSizes = iotlb
+        lab.roundTrips = roundTrips
         FileHandle.standardError.write(Data("lab sriov-iommu: \(lab.engine.rawValue) engine for the isolation runs…\n".utf8))
         let result = try lab.run()
         try options.emit(result, name: "sriov-iommu", table: SriovIommuLab.table(result), chart: SriovIommuLab.chart(result))

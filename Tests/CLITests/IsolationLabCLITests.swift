@@ -6,11 +6,11 @@ import Testing
     @Test func sriovIommuPrintsItsTableAndJSON() throws {
         let dir = NSTemporaryDirectory() + "swiftvisor-sriov-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let table = try swiftvisor(["lab", "sriov-iommu", "--engine", "software", "--iotlb", "64", "--output", dir])
+        let table = try swiftvisor(["lab", "sriov-iommu", "--engine", "software", "--iotlb", "64", "--round-trips", "10", "--output", dir])
         #expect(table.status == 0, "\(table.stderr)")
         #expect(table.stdout.contains("S4 SR-IOV behind an IOMMU"))
         #expect(table.stdout.contains("rx: blocked"))
-        let json = try swiftvisor(["lab", "sriov-iommu", "--engine", "software", "--iotlb", "64", "--json", "--output", dir])
+        let json = try swiftvisor(["lab", "sriov-iommu", "--engine", "software", "--iotlb", "64", "--round-trips", "0", "--json", "--output", dir])
         let obj = try #require(try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any])
         let points = try #require(obj["throughput"] as? [[String: Any]])
         #expect(points.count == 2)  // 4K and 2M at one IOTLB size
