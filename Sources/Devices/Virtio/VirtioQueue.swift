@@ -266,13 +266,6 @@ public struct VirtioQueue: Sendable {
         }
     }
 
-    /// Where `buffer` is in RAM: itself, or through the IOMMU its guest-physical pieces;
-    /// nil when the device may not reach all of it.
-    private func reachable(_ buffer: GuestBuffer, _ access: DMAAccess, in memory: GuestMemory) -> [GuestBuffer]? {
-        guard let dma else { return memory.contains(buffer.address, length: buffer.length) ? [buffer] : nil }
-        return try? dma.guestBuffers(iova: buffer.address, length: buffer.length, access: access, in: memory)
-    }
-
     /// QueueReady ← 1: validates the layout, then starts both counters at 0.
     public mutating func enable(in memory: GuestMemory) throws(VirtqueueError) {
         try validateLayout(in: memory)
@@ -373,9 +366,10 @@ public struct VirtioQueue: Sendable {
             }
             let buffer = GuestBuffer(address: address, length: Int(length))
             let isWritable = flags & VirtqDescriptorFlag.write != 0
-            let pieces = reachable(buffer, isWritable ? .write : .read, in: memory)
-            let inRAM = pieces != nil
-            lastWritable = isWritable && length > 0 ? pieces?.last : nil
+            // Behind the IOMMU: the buffer's guest-physical pieces, nil when unreachable.
+            let translated = dma.flatMap { try? $0.guestBuffers(iova: address, length: buffer.length, access: isWritable ? .write : .read, in: memory) }
+            let inRAM = dma == nil ? memory.contains(address, length: buffer.length) : translated != nil
+            lastWritable = isWritable && inRAM && length > 0 ? translated?.last ?? buffer : nil
             // After the first fault keep walking (to find the end of the chain and check
             // its structure) but stop collecting buffers.
             if fault == nil {
@@ -385,11 +379,13 @@ public struct VirtioQueue: Sendable {
                 } else if total > UInt64(maxChainBytes) {
                     fault = .tooLarge(bytes: total, limit: maxChainBytes)
                 } else if isWritable {
-                    writable += pieces ?? []
+                    if let translated { writable += translated } else { writable.append(buffer) }
                 } else if !writable.isEmpty {
                     fault = .writableBeforeReadable(index: index)
+                } else if let translated {
+                    readable += translated
                 } else {
-                    readable += pieces ?? []
+                    readable.append(buffer)
                 }
             }
             guard flags & VirtqDescriptorFlag.next != 0 else { break }
