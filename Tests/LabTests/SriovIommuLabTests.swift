@@ -27,6 +27,7 @@ import VMM
         for c in r.isolation {
             if c.iommu {
                 #expect(c.receiveInto == "blocked" && c.transmitFrom == "blocked" && c.faultsLogged == 2 && c.victimBytesChanged == 0)
+                #expect(c.faultsReported == 2)
             } else {
                 #expect(c.receiveInto == "written" && c.transmitFrom == "read" && c.faultsLogged == 0 && c.victimBytesChanged > 0)
             }
