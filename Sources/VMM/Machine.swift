@@ -308,6 +308,10 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
+    /// Counts a device that interrupts by message (MSI-X through the PCI bridge), not by a
+    /// line: with one, `hlt` with IF set waits for an interrupt. Call before `run()`.
+    public func addMessageSignalledInterruptSource() { interruptSources += 1 }
+
     /// Injects `vector` into vCPU `id` and wakes it if it waits in `hlt`. Any thread.
     public func raiseInterrupt(vector: UInt8, vcpu id: Int) {
         vcpus[id].injectInterrupt(vector: vector)

@@ -11,6 +11,7 @@ extension Machine {
         try bus.attach(bridge, firstPort: PCIHostBridge.configAddressPort, count: PCIHostBridge.portCount)
         try bus.attach(bridge, base: bridge.mmioBase, size: bridge.mmioSize)
         try listDevice(type: .pciHostBridge, base: bridge.mmioBase, size: bridge.mmioSize)
+        addMessageSignalledInterruptSource()
         return bridge
     }
 

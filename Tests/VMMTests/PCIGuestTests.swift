@@ -8,7 +8,7 @@ import VirtCore
     @Test(arguments: bothEngines)
     func guestDiscoversTheNICSizesItsBARAndEnablesVirtualFunctions(engine: String) throws {
         let capture = SerialCapture()
-        let m = try machine("pci-scan", engine: engine, commandLine: "vfs=3", capture: capture)
+        let m = try machine("pci-scan", engine: engine, commandLine: "vfs=3 msix=1", capture: capture)
         let bridge = try m.addPCIHostBridge()
         let iommu = IOMMU(), space = HostPhysicalSpace()
         let nic = SRIOVNIC(physicalFunction: RequesterID(bus: 1, device: 0, function: 0), totalVirtualFunctions: 4) { r in
@@ -24,6 +24,7 @@ import VirtCore
         #expect(text.contains("pci: MSI-X at 0x40, 8 vectors"))
         #expect(text.contains("TotalVFs 4, first VF offset 1, stride 1"))
         #expect(text.contains("pci: 3 of 3 VFs answer (enable reads 1)"), "\(text)")
+        #expect(text.contains("pci: MSI-X vector 0 pending while masked: 1; interrupts taken: 2"), "\(text)")
         #expect(nic.virtualFunctionCount == 3)
         #expect(bridge.functions.count == 4)
     }

@@ -6,6 +6,9 @@ import Synchronization
 public final class SRIOVNICFunction: PCIDevice {
     public static let vendorID: UInt16 = 0x1234, deviceID: UInt16 = 0x10F0, vfDeviceID: UInt16 = 0x10F1
     public static let ethernetClass: UInt32 = 0x02_0000
+    /// BAR0 offset of the interrupt cause set register: writing vector N raises it (as a
+    /// NIC's ICS register does; drivers use it to test their interrupt path).
+    public static let interruptCauseSet: UInt64 = 0x1000
 
     public var name: String { "sriov-nic" }
     public let nic: SRIOVNIC
@@ -62,6 +65,10 @@ public final class SRIOVNICFunction: PCIDevice {
 
     public func barWrite(function: RequesterID, bar: Int, offset: UInt64, size: UInt8, value: UInt64, config: PCIConfigSpace) {
         guard function == nic.physicalFunction, bar == 0 else { return }
+        if offset == Self.interruptCauseSet {
+            signal(Int(truncatingIfNeeded: value & 0xFFFF), config: config)
+            return
+        }
         let released = msix.withLock { m in
             m.write(offset: offset, size: size, value: value)
             return m.releasePending(config: config)
