@@ -7,13 +7,14 @@ struct SriovIommu: ParsableCommand {
         commandName: "sriov-iommu",
         abstract: "S4: an SR-IOV VF's DMA through an IOMMU: throughput vs I/O page size and IOTLB size, and isolation.",
         discussion: """
-            Throughput: the VF's DMA engine fills receive buffers in a VM's RAM through the IOMMU
-            model (its page tables and IOTLB), for 4 KiB and 2 MiB I/O pages and several IOTLB
-            sizes; the IOMMU's budget (translations per second, cost of an IOTLB miss) and the
-            link give the throughput, shown beside the model min(link, translations/s × bytes per
-            translation); and two guests exchanging frames through their VFs, every DMA
-            translated (the real device path). Isolation: the 'sriov-vf' guest programs its VF to DMA into and out of
-            another VM's memory and the VMM's, with the IOMMU on (blocked, logged) and off (lands).
+            Throughput: the VF's DMA engine fills receive buffers in a VM's RAM through the
+            IOMMU model (its page tables and IOTLB), for 4 KiB and 2 MiB I/O pages and several
+            IOTLB sizes. The IOMMU's budget (translations per second, cost of an IOTLB miss) and
+            the link give the throughput, shown beside the model min(link, translations/s ×
+            bytes per translation). Two guests then exchange frames through their VFs, every
+            DMA translated (the real device path). Isolation: the 'sriov-vf' guest programs its
+            VF to DMA into and out of another VM's memory and the VMM's, with the IOMMU on
+            (blocked, logged) and off (lands).
             """)
 
     @OptionGroup var options: LabOptions
@@ -27,10 +28,10 @@ struct SriovIommu: ParsableCommand {
     @Option(name: .long, help: "Extra cost of an IOTLB miss (page walk), in ns.")
     var missNs = 1000.0
 
-    @Option(name: .long, help: "Bytes per DMA transfer (KiB).")
+    @Option(name: .customLong("transfer-kib"), help: "Bytes per DMA transfer (KiB).")
     var transferKiB = 64
 
-    @Option(name: .long, help: "Size of the receive-buffer pool (MiB).")
+    @Option(name: .customLong("pool-mib"), help: "Size of the receive-buffer pool (MiB).")
     var poolMiB = 4
 
     @Option(name: .long, parsing: .upToNextOption, help: "IOTLB sizes (entries).")
@@ -44,7 +45,7 @@ struct SriovIommu: ParsableCommand {
 
     func validate() throws {
         guard linkGbps > 0, translationsMillions > 0, missNs >= 0 else { throw ValidationError("link, translations and miss cost must be positive") }
-        guard transferKiB > 0, poolMiB > 0, poolMiB << 10 >= transferKiB else { throw ValidationError("need 0 < --transfer-ki-b ≤ --pool-mi-b × 1024") }
+        guard transferKiB > 0, poolMiB > 0, poolMiB << 10 >= transferKiB else { throw ValidationError("need 0 < --transfer-kib ≤ --pool-mib × 1024") }
         guard !iotlb.isEmpty, iotlb.allSatisfy({ $0 > 0 && $0 <= 1 << 16 }) else { throw ValidationError("IOTLB sizes must be 1–65536") }
         guard roundTrips >= 0, roundTrips <= 100_000 else { throw ValidationError("--round-trips: 0–100000") }
         guard ["lru", "fifo", "random"].contains(replacement) else { throw ValidationError("--replacement: lru, fifo or random") }
