@@ -86,7 +86,8 @@ public final class SRIOVNIC: Sendable {
 
     /// - Parameter dma: the DMA path of a function (normally `DeviceDMA` through the platform's IOMMU).
     public init(physicalFunction: RequesterID, totalVirtualFunctions: Int, dma: @escaping @Sendable (RequesterID) -> DeviceDMA) {
-        precondition(totalVirtualFunctions >= 1 && totalVirtualFunctions <= 7, "VFs are functions 1-7 of the device")
+        precondition(totalVirtualFunctions >= 1 && Int(physicalFunction.function) + totalVirtualFunctions <= 7,
+                     "VFs are the functions after the PF's, up to 7")
         self.physicalFunction = physicalFunction
         self.totalVirtualFunctions = totalVirtualFunctions
         self.dma = dma
