@@ -251,8 +251,11 @@ public struct MixedCriticalityLab: Sendable {
 
     public static func chart(_ r: Result) -> BarChart {
         let labels = histogramEdges.enumerated().map { i, e in e == Int.max ? "≥\(histogramEdges[i - 1]) µs" : "<\(e) µs" }
-        return BarChart(title: "S12: histogram of the critical task's response time", categories: labels,
-                        series: r.rows.map { ($0.configuration, $0.response.histogram.map(Double.init)) },
+        // Only the buckets some configuration used, so the bars stay readable.
+        let used = labels.indices.filter { b in r.rows.contains { $0.response.histogram[b] > 0 } }
+        let span = (used.first ?? 0)...(used.last ?? labels.count - 1)
+        return BarChart(title: "S12: histogram of the critical task's response time", categories: Array(labels[span]),
+                        series: r.rows.map { ($0.configuration, $0.response.histogram[span].map(Double.init)) },
                         yLabel: "jobs", logarithmic: true)
     }
 }
