@@ -83,6 +83,11 @@ static inline void sv_wait_for_interrupt(void) { __asm__ volatile("sti; hlt; cli
 #define SV_DEV_VIRTIO_MMIO 1
 #define SV_DEV_STATUS_PAGE 2
 #define SV_DEV_EMULATED_NIC 3
+#define SV_DEV_SRIOV_VF 4
+#define SV_DEV_PERIODIC_TIMER 5
+#define SV_DEV_PCI_HOST_BRIDGE 6   /* base: ECAM (1 MiB per bus), then the BAR window */
+/* S12's shared virtual I/O queue: `out` of a request's work (µs of backend time). */
+#define SV_SHARED_QUEUE_PORT 0x520
 /* The n-th device of `type` in boot info, or NULL. */
 const struct sv_device *sv_find_device(uint32_t type, unsigned n);
 

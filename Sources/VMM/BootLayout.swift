@@ -11,6 +11,8 @@ public enum BootLayout {
     public static let pageTablesEnd: UInt64 = 0x50000
     /// The S1 status device's shared page (in the VMM's area, below the stacks).
     public static let statusPageAddress: UInt64 = 0x5F000
+    /// An SR-IOV virtual function's register page (S4), mapped like the status page.
+    public static let vfRegisterPageAddress: UInt64 = 0x5E000
     public static let stackRegionStart: UInt64 = 0x60000
     public static let stackTop: UInt64 = 0xA0000
     public static let stackSize: UInt64 = 0x4000
@@ -22,6 +24,8 @@ public enum BootLayout {
     public static let minRAM: UInt64 = 2 << 20
     /// Devices' MMIO window.
     public static let mmioWindowBase: UInt64 = 0xD000_0000
+    /// The PCI host bridge's ECAM (then its BAR window), above the device slots.
+    public static let pciECAMBase: UInt64 = 0xE000_0000
 
     public static let bootInfoMagic: UInt32 = 0x4942_5653  // "SVBI"
     public static let bootInfoVersion: UInt32 = 1
@@ -43,6 +47,12 @@ public enum BootLayout {
         case statusPage = 2
         /// The emulated NIC with a classic register interface.
         case emulatedNIC = 3
+        /// An SR-IOV virtual function's register page (`base` in RAM).
+        case sriovVF = 4
+        /// A periodic timer interrupt (S12's partition timer): only `irq` is meaningful.
+        case periodicTimer = 5
+        /// The PCI host bridge: `base` is ECAM, followed by the window BARs are placed in.
+        case pciHostBridge = 6
     }
 
     /// A device entry for boot info.

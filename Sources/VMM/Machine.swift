@@ -30,6 +30,9 @@ public struct MachineConfiguration: Sendable {
     /// Second-level translation: nested (the engine walks guest tables and the second
     /// level) or shadow (the VMM's `ShadowPager` keeps shadow tables; software engine).
     public var paging: PagingMode = .nested
+    /// Runs first on each vCPU's thread (with the vCPU index): pinning, scheduling policy
+    /// (see `Partitioning.threadSetup`). An error stops the machine before that vCPU runs.
+    public var vcpuThreadSetup: (@Sendable (Int) throws -> Void)?
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
                 timeoutSeconds: Double? = nil, recordExits: Bool = false, guestName: String = "") {
@@ -222,6 +225,12 @@ public final class Machine: @unchecked Sendable {
         try assemble { builder in try builder.attach(device, firstPort: firstPort, count: count) }
     }
 
+    /// Attaches an MMIO device at a fixed address (outside the device-slot window). Before
+    /// `run()` only.
+    public func attach(_ device: any MMIODevice, base: UInt64, size: UInt64) throws {
+        try assemble { builder in try builder.attach(device, base: base, size: size) }
+    }
+
     private func assemble(_ change: (inout IOBusBuilder) throws -> Void) throws {
         try busState.withLock { state in
             guard case var .assembling(builder) = state else { throw MachineError.alreadyStarted }
@@ -357,6 +366,10 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
+    /// Counts a device that interrupts by message (MSI-X through the PCI bridge), not by a
+    /// line: with one, `hlt` with IF set waits for an interrupt. Call before `run()`.
+    public func addMessageSignalledInterruptSource() { interruptSources += 1 }
+
     /// Injects `vector` into vCPU `id` and wakes it if it waits in `hlt`. Any thread.
     public func raiseInterrupt(vector: UInt8, vcpu id: Int) {
         vcpus[id].injectInterrupt(vector: vector)
@@ -400,6 +413,9 @@ public final class Machine: @unchecked Sendable {
         let start = monotonicNanoseconds()
         let threads = vcpus.enumerated().map { id, vcpu in
             HostThread(name: "vcpu\(id)") { [self] in
+                do { try configuration.vcpuThreadSetup?(id) } catch {
+                    requestStop(.engineFailure(vcpu: id, failure: .threadSetup("\(error)")))
+                }
                 let outcome = runLoop(vcpu, bus: bus, onTick: onTick)
                 results.withLock { $0[id] = outcome }
             }

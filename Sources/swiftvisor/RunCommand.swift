@@ -72,6 +72,9 @@ struct Run: ParsableCommand {
     @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor balloon', through --control).")
     var balloon = false
 
+    @Option(name: .long, help: ArgumentHelp("Partition VM N: pin its vCPU threads to host CPUs (joined by '+'), optionally at SCHED_FIFO priority P, its RAM locked. Repeatable.", valueName: "N:cpus[,fifo=P][,mlock]"))
+    var partition: [String] = []
+
     @Flag(name: .long, help: "Add a virtio console connected to standard output.")
     var virtioConsole = false
 
@@ -101,6 +104,9 @@ struct Run: ParsableCommand {
         for d in disk where try DiskArgument(d).vm >= guests.count {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
         }
+        for p in partition where try PartitionArgument(p).vm >= guests.count {
+            throw ValidationError("--partition \(p): there is no VM \(try PartitionArgument(p).vm) (VMs are numbered from 0)")
+        }
         for n in net + nic where NetworkAttachment(n) == nil {
             throw ValidationError("network attachment '\(n)' is not switch:NAME or tap:IFNAME")
         }
@@ -124,8 +130,14 @@ struct Run: ParsableCommand {
                 var config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout, guestName: name)
                 config.paging = paging
+                let policy = try partition.map(PartitionArgument.init).last { $0.vm == index }?.policy
+                if let policy {
+                    try Partitioning.check(policy, memoryBytes: memory.bytes)
+                    config.vcpuThreadSetup = Partitioning.threadSetup(policy)
+                }
                 let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
                 let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
+                if policy?.lockMemory == true { try Partitioning.lock(machine.memory) }
                 let console = try addDevices(to: machine, index: index, output: output)
                 if index == 0 { firstVirtioConsole = console }
                 machines.append(machine)

@@ -134,4 +134,10 @@ int ckvm_unblock_signal(int signo);
 /// Names the calling thread (shown by top -H and gdb); truncated to 15 bytes.
 void ckvm_set_thread_name(const char *name);
 
+/* Partitions (S12; partition.c): pin the calling thread to `cpus`; the CPUs this
+ * process may use (count, or -errno); RLIMIT_MEMLOCK in bytes (-1: unlimited). */
+int ckvm_set_thread_affinity(const int *cpus, int count);
+int ckvm_get_affinity(int *cpus, int max);
+long long ckvm_memlock_limit(void);
+
 #endif

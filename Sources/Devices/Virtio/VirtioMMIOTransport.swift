@@ -204,6 +204,11 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
         state.withLock { s in s.queues.indices.contains(index) ? s.queues[index] : nil }
     }
 
+    /// Routes the device's DMA through the IOMMU as `dma`'s function (nil: straight to RAM).
+    public func routeDMA(through dma: DeviceDMA?) {
+        state.withLock { s in for i in s.queues.indices { s.queues[i].dma = dma } }
+    }
+
     // MARK: VirtioTransportHandle
 
     public func processQueue(_ index: Int) {

@@ -204,6 +204,10 @@ public struct VirtioQueue: Sendable {
     public private(set) var isReady = false
     /// Requests describing more bytes than this are refused.
     public var maxChainBytes: Int
+    /// When set, the device's accesses go through the IOMMU as this function: buffer
+    /// addresses are IOVAs, translated (and confined to the VM's RAM) when a chain is
+    /// taken; the rings must translate to themselves. Kept across device reset.
+    public var dma: DeviceDMA?
 
     /// The next available-ring entry the device will consume (free-running, wraps).
     public private(set) var lastAvailIndex: UInt16 = 0
@@ -251,6 +255,13 @@ public struct VirtioQueue: Sendable {
             guard address % alignment == 0 else { throw .misaligned(ring, address: address) }
             guard memory.contains(address, length: length) else {
                 throw .ringOutsideMemory(ring, address: address, length: length)
+            }
+            if let dma {
+                let access: DMAAccess = ring == .usedRing ? .write : .read
+                let translated = try? dma.guestBuffers(iova: address, length: length, access: access, in: memory)
+                guard translated == [GuestBuffer(address: address, length: length)] else {
+                    throw .ringOutsideMemory(ring, address: address, length: length)
+                }
             }
         }
     }
@@ -355,8 +366,10 @@ public struct VirtioQueue: Sendable {
             }
             let buffer = GuestBuffer(address: address, length: Int(length))
             let isWritable = flags & VirtqDescriptorFlag.write != 0
-            let inRAM = memory.contains(address, length: buffer.length)
-            lastWritable = isWritable && inRAM && length > 0 ? buffer : nil
+            // Behind the IOMMU: the buffer's guest-physical pieces, nil when unreachable.
+            let translated = dma.flatMap { try? $0.guestBuffers(iova: address, length: buffer.length, access: isWritable ? .write : .read, in: memory) }
+            let inRAM = dma == nil ? memory.contains(address, length: buffer.length) : translated != nil
+            lastWritable = isWritable && inRAM && length > 0 ? translated?.last ?? buffer : nil
             // After the first fault keep walking (to find the end of the chain and check
             // its structure) but stop collecting buffers.
             if fault == nil {
@@ -366,9 +379,11 @@ public struct VirtioQueue: Sendable {
                 } else if total > UInt64(maxChainBytes) {
                     fault = .tooLarge(bytes: total, limit: maxChainBytes)
                 } else if isWritable {
-                    writable.append(buffer)
+                    if let translated { writable += translated } else { writable.append(buffer) }
                 } else if !writable.isEmpty {
                     fault = .writableBeforeReadable(index: index)
+                } else if let translated {
+                    readable += translated
                 } else {
                     readable.append(buffer)
                 }
