@@ -6,10 +6,10 @@ import PackageDescription
 // Devices never import an engine; engines never import devices.
 let package = Package(
     name: "Swiftvisor",
-    platforms: [.macOS(.v13)],
+    platforms: [.macOS(.v15)],  // Synchronization (Mutex, Atomic); the engines themselves need Linux
     products: [
         .executable(name: "swiftvisor", targets: ["swiftvisor"]),
-        .library(name: "VMM", targets: ["VMM"]),
+        .library(name: "SwiftvisorKit", targets: ["SwiftvisorKit"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -26,6 +26,7 @@ let package = Package(
         .plugin(name: "GuestBuildPlugin", capability: .buildTool(), dependencies: ["GuestBuilder"]),
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
         .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
+        .target(name: "SwiftvisorKit", dependencies: ["VMM", "VirtCore", "Devices", "GuestImages"]),
         // Experiments reproducing the source text's scenarios; tables, JSON and SVG charts.
         .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages", "X86Emulator"]),
         .executableTarget(name: "swiftvisor", dependencies: [

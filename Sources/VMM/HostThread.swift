@@ -24,6 +24,9 @@ public final class HostThread: @unchecked Sendable {
 
     public func join() { pthread_join(thread, nil) }
 
+    /// Sleeps the calling thread.
+    public static func sleep(milliseconds: Int) { usleep(useconds_t(max(0, milliseconds)) * 1000) }
+
     /// Lets the thread end on its own (it is never joined).
     public func detach() { pthread_detach(thread) }
 }

@@ -93,7 +93,7 @@ func observe(_ c: GuestCase, on engine: any Engine, paging: PagingMode = .nested
     let guest = try #require(BundledGuests.named(c.guest))
     let capture = SerialCapture()
     var config = MachineConfiguration(memorySize: c.memory, vcpuCount: c.vcpus, commandLine: c.commandLine,
-                                      timeoutSeconds: 120, recordExits: true)
+                                      timeoutSeconds: 600, recordExits: true)  // a hang guard: debug builds interpret slowly
     config.paging = paging
     config.ioeventfd = false  // queue notifications exit on both engines, so exit sequences compare
     let machine = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: engine, serialOutput: capture.append)
