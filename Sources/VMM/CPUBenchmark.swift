@@ -5,7 +5,7 @@ import VirtCore
 /// (guest instructions per second), and on KVM when it is usable (wall time only: its
 /// guest runs those workloads natively at CPL3).
 public struct CPUBenchmark: Sendable {
-    public struct Row: Sendable {
+    public struct Row: Sendable, Codable {
         public var engine: String
         public var seconds: Double
         /// Guest instructions retired (software engine only).

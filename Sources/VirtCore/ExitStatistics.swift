@@ -118,14 +118,23 @@ public struct ExitStatistics: Sendable, Equatable {
         }.joined(separator: "\n")
     }
 
-    /// JSON object: `{"total":…, "guest_ns":…, "reasons":{name:{count,ns}}, "ports":{…}, "mmio":{…}}`.
-    public var json: String {
-        func obj(_ c: ExitCounter) -> String { "{\"count\":\(c.count),\"ns\":\(c.nanoseconds)}" }
-        let r = ExitReason.allCases.filter { reasons[$0.rawValue].count > 0 }
-            .map { "\"\($0.name)\":\(obj(reasons[$0.rawValue]))" }.joined(separator: ",")
-        let p = ports.sorted { $0.key < $1.key }.map { "\"0x\(String($0.key, radix: 16))\":\(obj($0.value))" }.joined(separator: ",")
-        let m = mmioRanges.sorted { $0.key < $1.key }.map { "\"0x\(String($0.key, radix: 16))\":\(obj($0.value))" }.joined(separator: ",")
-        return "{\"total\":\(totalExits),\"guest_ns\":\(guestNanoseconds),\"reasons\":{\(r)},\"ports\":{\(p)},\"mmio\":{\(m)}}"
+    /// The statistics as a `Codable` value: totals, and count and host time per exit reason,
+    /// per port and per MMIO range (keys "0x3f8").
+    public struct Report: Codable, Sendable, Equatable {
+        public var total: UInt64
+        public var guestNanoseconds: UInt64
+        public var reasons: [String: ExitCounter]
+        public var ports: [String: ExitCounter]
+        public var mmio: [String: ExitCounter]
+    }
+
+    public var report: Report {
+        func hex(_ v: some BinaryInteger) -> String { "0x" + String(v, radix: 16) }
+        var byReason: [String: ExitCounter] = [:]
+        for r in ExitReason.allCases where reasons[r.rawValue].count > 0 { byReason[r.name] = reasons[r.rawValue] }
+        return Report(total: totalExits, guestNanoseconds: guestNanoseconds, reasons: byReason,
+                      ports: Dictionary(uniqueKeysWithValues: ports.map { (hex($0.key), $0.value) }),
+                      mmio: Dictionary(uniqueKeysWithValues: mmioRanges.map { (hex($0.key), $0.value) }))
     }
 
     public static func formatNanoseconds(_ ns: Double) -> String {

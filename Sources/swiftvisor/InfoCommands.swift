@@ -113,10 +113,8 @@ struct BenchExits: ParsableCommand {
                   + "\(r.ratio.fixed(3))×")
         }
         if let path = json {
-            let items = rows.map {
-                "{\"ring\":\($0.ring),\"exits\":\($0.exits),\"swift_ns_per_exit\":\(($0.swiftNanosecondsPerExit).fixed(1)),\"c_ns_per_exit\":\(($0.cNanosecondsPerExit).fixed(1)),\"ratio\":\(($0.ratio).fixed(4))}"
-            }
-            try writeFile(path, "{\"benchmark\":\"exits\",\"engine\":\"kvm\",\"results\":[\(items.joined(separator: ","))]}\n")
+            struct Output: Encodable { var benchmark = "exits"; var engine = "kvm"; var results: [ExitCostBenchmark.Row] }
+            try writeJSON(path, Output(results: rows))
         }
     }
 
@@ -180,10 +178,8 @@ struct BenchCPU: ParsableCommand {
             print("translation speed-up over the interpreter: \((interpreted.seconds / rows[0].seconds).fixed(1))×")
         }
         if let path = json {
-            let items = rows.map { r in
-                "{\"engine\":\"\(r.engine)\",\"seconds\":\(r.seconds.fixed(4)),\"instructions\":\(r.instructions.map { String($0) } ?? "null"),\"mips\":\(r.mips.map { $0.fixed(2) } ?? "null"),\"translated_share\":\(r.translatedShare.map { $0.fixed(5) } ?? "null")}"
-            }
-            try writeFile(path, "{\"benchmark\":\"cpu\",\"scale\":\(scale),\"results\":[\(items.joined(separator: ","))]}\n")
+            struct Output: Encodable { var benchmark = "cpu"; var scale: Int; var results: [CPUBenchmark.Row] }
+            try writeJSON(path, Output(scale: scale, results: rows))
         }
     }
 }

@@ -227,11 +227,16 @@ struct Run: ParsableCommand {
             if let p = machine.pagingReport { printError(label + p.text) }
         }
         if let path = jsonPath {
-            let software = machine.executionCounts.map {
-                ",\"instructions\":\($0.instructions),\"interpreted\":\($0.interpreted),\"blocks_translated\":\($0.blocksTranslated)"
-            } ?? ""
-            let json = "{\"engine\":\"\(machine.engine.name)\",\"wall_ns\":\(result.wallNanoseconds),\"stop\":\"\(result.stopReason.summary)\"\(software),\"exits\":\(result.statistics.json)}\n"
-            do { try writeFile(path, json) } catch { printError("swiftvisor: error: cannot write \(path): \(error)") }
+            struct Output: Encodable {
+                var engine: String
+                var wallNanoseconds: UInt64
+                var stop: String
+                var execution: ExecutionCounts?
+                var exits: ExitStatistics.Report
+            }
+            let output = Output(engine: machine.engine.name, wallNanoseconds: result.wallNanoseconds, stop: result.stopReason.summary,
+                                execution: machine.executionCounts, exits: result.statistics.report)
+            do { try writeJSON(path, output) } catch { printError("swiftvisor: error: cannot write \(path): \(error)") }
         }
     }
 
@@ -335,6 +340,14 @@ enum ConsoleInput {
             deliver(Array(buffer[0..<n]))
         }
     }
+}
+
+/// Writes `value` as JSON (snake_case keys, sorted, indented) to `path`.
+func writeJSON(_ path: String, _ value: some Encodable) throws {
+    let encoder = JSONEncoder()
+    encoder.keyEncodingStrategy = .convertToSnakeCase
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    try writeFile(path, String(decoding: try encoder.encode(value), as: UTF8.self) + "\n")
 }
 
 func writeFile(_ path: String, _ text: String) throws {

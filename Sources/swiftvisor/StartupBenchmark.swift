@@ -140,12 +140,7 @@ struct BenchStartup: ParsableCommand {
                   + "\(r.medianPeakRSSOverheadMiB.fixed(1)) MiB (\(r.maxPeakRSSOverheadMiB.fixed(1)))")
         }
         print("reference  Firecracker spec: VMM ready within 8 CPU ms, ≤ 5 MiB overhead; targets here: ≤ 5 ms, ≤ 8 MiB")
-        if let json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            encoder.keyEncodingStrategy = .convertToSnakeCase
-            try writeFile(json, String(decoding: try encoder.encode(Output(rows: rows)), as: UTF8.self) + "\n")
-        }
+        if let json { try writeJSON(json, Output(rows: rows)) }
     }
 
     private func median(_ xs: [Double]) -> Double {
