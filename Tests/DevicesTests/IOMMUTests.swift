@@ -255,9 +255,9 @@ import VirtCore
     @Test func ringsOutsideTheDomainCannotBeEnabled() throws {
         var (f, _) = try fixture()
         f.queue.reset()
-        f.queue.descriptorTable = 0x9_0000
-        f.queue.availableRing = VirtioQueueFixture.avail
-        f.queue.usedRing = VirtioQueueFixture.used
+        try f.queue.trySetAddress(.descriptorTable, 0x9_0000, checkAlignment: false)
+        try f.queue.trySetAddress(.availableRing, VirtioQueueFixture.avail, checkAlignment: false)
+        try f.queue.trySetAddress(.usedRing, VirtioQueueFixture.used, checkAlignment: false)
         #expect(throws: VirtqueueError.ringOutsideMemory(.descriptorTable, address: 0x9_0000, length: 128)) {
             try f.queue.enable(in: f.memory)
         }

@@ -11,9 +11,9 @@ struct VirtioQueueFixture {
     init() throws {
         memory = try GuestMemory(size: 1 << 20)
         queue = VirtioQueue(maxSize: 8)
-        queue.descriptorTable = Self.desc
-        queue.availableRing = Self.avail
-        queue.usedRing = Self.used
+        try queue.trySetAddress(.descriptorTable, Self.desc, checkAlignment: false)
+        try queue.trySetAddress(.availableRing, Self.avail, checkAlignment: false)
+        try queue.trySetAddress(.usedRing, Self.used, checkAlignment: false)
         try queue.enable(in: memory)
     }
 
@@ -189,24 +189,31 @@ struct VirtioQueueFixture {
     @Test func layoutIsValidatedBeforeTheQueueIsReady() throws {
         let f = try VirtioQueueFixture()
         var q = VirtioQueue(maxSize: 256)
-        q.descriptorTable = 0x1008
+        try q.trySetAddress(.descriptorTable, 0x1008, checkAlignment: false)
         #expect(throws: VirtqueueError.misaligned(.descriptorTable, address: 0x1008)) { try q.enable(in: f.memory) }
-        q.descriptorTable = (1 << 20) - 0x800
+        try q.trySetAddress(.descriptorTable, (1 << 20) - 0x800, checkAlignment: false)
         #expect(throws: VirtqueueError.ringOutsideMemory(.descriptorTable, address: (1 << 20) - 0x800, length: 4096)) {
             try q.enable(in: f.memory)
         }
-        q.descriptorTable = 0
-        q.availableRing = 0x1001
+        try q.trySetAddress(.descriptorTable, 0, checkAlignment: false)
+        try q.trySetAddress(.availableRing, 0x1001, checkAlignment: false)
         #expect(throws: VirtqueueError.misaligned(.availableRing, address: 0x1001)) { try q.enable(in: f.memory) }
-        q.availableRing = 0x2000
-        q.usedRing = UInt64.max - 3
+        try q.trySetAddress(.availableRing, 0x2000, checkAlignment: false)
+        try q.trySetAddress(.usedRing, UInt64.max - 3, checkAlignment: false)
         #expect(throws: VirtqueueError.self) { try q.enable(in: f.memory) }
-        q.usedRing = 0x3000
-        q.size = 100
-        #expect(throws: VirtqueueError.invalidSize(100, max: 256)) { try q.enable(in: f.memory) }
-        q.size = 128
+        try q.trySetAddress(.usedRing, 0x3000, checkAlignment: false)
+        #expect(throws: VirtqueueError.invalidSize(100, max: 256)) { try q.trySetSize(100) }
+        #expect(throws: VirtqueueError.invalidSize(512, max: 256)) { try q.trySetSize(512) }
+        #expect(q.size == 256)  // a refused size leaves the queue as it was
+        try q.trySetSize(128)
         try q.enable(in: f.memory)
         #expect(q.isReady)
+        // A ready queue's geometry is fixed; alignment is checked when asked for.
+        #expect(throws: VirtqueueError.changedWhileReady) { try q.trySetSize(64) }
+        #expect(throws: VirtqueueError.changedWhileReady) { try q.trySetAddress(.usedRing, 0x4000) }
+        q.disable()
+        #expect(throws: VirtqueueError.misaligned(.usedRing, address: 0x4002)) { try q.trySetAddress(.usedRing, 0x4002) }
+        #expect(q.usedRing == 0x3000)
     }
 
     @Test func noInterruptFlagSuppressesTheInterruptRequest() throws {
@@ -233,10 +240,10 @@ struct VirtioQueueFixture {
         for iteration in 0..<6000 {
             let size = UInt16(1) << UInt16.random(in: 0...7, using: &rng)
             var q = VirtioQueue(maxSize: 128, maxChainBytes: [64 << 20, 4096, 100][iteration % 3])
-            q.size = size
-            q.descriptorTable = 0
-            q.availableRing = 0x1000
-            q.usedRing = 0x2000
+            try q.trySetSize(size)
+            try q.trySetAddress(.descriptorTable, 0, checkAlignment: false)
+            try q.trySetAddress(.availableRing, 0x1000, checkAlignment: false)
+            try q.trySetAddress(.usedRing, 0x2000, checkAlignment: false)
             try q.enable(in: memory)
 
             // Half the iterations are raw noise; the rest are "plausible" descriptors with

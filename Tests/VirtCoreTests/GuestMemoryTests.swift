@@ -90,8 +90,9 @@ import Testing
         let table = s.table(portName: { $0 == 0x80 ? "bench-port" : "" })
         #expect(table.contains("port 0x80 (bench-port)"))
         #expect(table.contains("mmio 0xd0000000"))
-        #expect(s.json.contains("\"io\":{\"count\":3,\"ns\":401}"))
-        #expect(s.json.hasPrefix("{\"total\":4,"))
+        #expect(s.report.reasons["io"] == ExitCounter(count: 3, nanoseconds: 401))
+        #expect(s.report.total == 4)
+        #expect(s.report.ports["0x80"] == ExitCounter(count: 2, nanoseconds: 301))
     }
 
     @Test func portCountsSurviveAlternatingPorts() {

@@ -357,14 +357,14 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
                     guard v > 0, v <= UInt32(q.maxSize), v & (v - 1) == 0 else {
                         throw .invalidQueueSize(queue: sel, size: UInt64(v), max: q.maxSize)
                     }
-                    q.size = UInt16(v)
+                    try Self.queueChange(q.index) { () throws(VirtqueueError) in try q.trySetSize(UInt16(v)) }
                 }
-            case Register.queueDescLow: configureQueue(&s) { $0.descriptorTable = Self.low(v, $0.descriptorTable) }
-            case Register.queueDescHigh: configureQueue(&s) { $0.descriptorTable = Self.high(v, $0.descriptorTable) }
-            case Register.queueDriverLow: configureQueue(&s) { $0.availableRing = Self.low(v, $0.availableRing) }
-            case Register.queueDriverHigh: configureQueue(&s) { $0.availableRing = Self.high(v, $0.availableRing) }
-            case Register.queueDeviceLow: configureQueue(&s) { $0.usedRing = Self.low(v, $0.usedRing) }
-            case Register.queueDeviceHigh: configureQueue(&s) { $0.usedRing = Self.high(v, $0.usedRing) }
+            case Register.queueDescLow: setRing(.descriptorTable, &s) { Self.low(v, $0) }
+            case Register.queueDescHigh: setRing(.descriptorTable, &s) { Self.high(v, $0) }
+            case Register.queueDriverLow: setRing(.availableRing, &s) { Self.low(v, $0) }
+            case Register.queueDriverHigh: setRing(.availableRing, &s) { Self.high(v, $0) }
+            case Register.queueDeviceLow: setRing(.usedRing, &s) { Self.low(v, $0) }
+            case Register.queueDeviceHigh: setRing(.usedRing, &s) { Self.high(v, $0) }
             case Register.queueReady: writeQueueReady(v, &s)
             case Register.queueNotify:
                 // Without VIRTIO_F_NOTIFICATION_DATA the value is just the queue index.
@@ -502,6 +502,26 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
     // MARK: Queues
 
     /// Applies `change` to the selected queue if the protocol allows configuring it now.
+    /// One half of a ring address: the queue takes the whole address through its validating
+    /// setter (alignment is the driver's to get right once both halves are written, so it is
+    /// checked when the queue is enabled).
+    private func setRing(_ ring: VirtqueueRing, _ s: inout State, _ combine: (UInt64) -> UInt64) {
+        configureQueue(&s) { q throws(VirtioDriverError) in
+            let current: UInt64
+            switch ring {
+            case .descriptorTable: current = q.descriptorTable
+            case .availableRing: current = q.availableRing
+            case .usedRing: current = q.usedRing
+            }
+            try Self.queueChange(q.index) { () throws(VirtqueueError) in try q.trySetAddress(ring, combine(current), checkAlignment: false) }
+        }
+    }
+
+    /// Runs a queue setter; its error becomes the driver error the diagnostics record.
+    private static func queueChange(_ queue: Int, _ body: () throws(VirtqueueError) -> Void) throws(VirtioDriverError) {
+        do { try body() } catch { throw .invalidQueueLayout(queue: UInt32(queue), error) }
+    }
+
     private func configureQueue(_ s: inout State, _ change: (inout VirtioQueue) throws(VirtioDriverError) -> Void) {
         let sel = Int(s.queueSel)
         guard s.queues.indices.contains(sel) else {

@@ -86,6 +86,15 @@ public enum VirtqueueRing: String, Sendable {
     case descriptorTable = "descriptor table"
     case availableRing = "available ring"
     case usedRing = "used ring"
+
+    /// The alignment the spec requires (2.7): 16, 2 and 4 bytes.
+    public var alignment: UInt64 {
+        switch self {
+        case .descriptorTable: return 16
+        case .availableRing: return 2
+        case .usedRing: return 4
+        }
+    }
 }
 
 /// Why a chain the driver offered could not be used although the chain itself is
@@ -105,6 +114,8 @@ public enum ChainFault: Equatable, Sendable {
 /// transport then sets DEVICE_NEEDS_RESET.
 public enum VirtqueueError: VirtioFault, Equatable {
     case notReady
+    /// The driver changed a ready queue's size or addresses.
+    case changedWhileReady
     case invalidSize(UInt16, max: UInt16)
     case misaligned(VirtqueueRing, address: UInt64)
     case ringOutsideMemory(VirtqueueRing, address: UInt64, length: Int)
@@ -126,6 +137,7 @@ public enum VirtqueueError: VirtioFault, Equatable {
     public var kind: String {
         switch self {
         case .notReady: return "queueNotReady"
+        case .changedWhileReady: return "queueChangedWhileReady"
         case .invalidSize: return "invalidQueueSize"
         case .misaligned: return "misalignedRing"
         case .ringOutsideMemory: return "ringOutsideMemory"
@@ -151,6 +163,8 @@ public enum VirtqueueError: VirtioFault, Equatable {
         switch self {
         case .notReady:
             return "queue used before it was made ready"
+        case .changedWhileReady:
+            return "queue size or address written while the queue is ready"
         case let .invalidSize(n, max):
             return "queue size \(n) is not a power of two in 1...\(max)"
         case let .misaligned(ring, address):
@@ -195,11 +209,12 @@ public struct VirtioQueue: Sendable {
     public let index: Int
     /// QueueNumMax: the largest size this device accepts.
     public let maxSize: UInt16
-    /// QueueNum: the size the driver chose (defaults to `maxSize`).
-    public var size: UInt16
-    public var descriptorTable: UInt64 = 0
-    public var availableRing: UInt64 = 0
-    public var usedRing: UInt64 = 0
+    /// QueueNum: the size the driver chose (defaults to `maxSize`); set with `trySetSize`.
+    public private(set) var size: UInt16
+    /// Ring addresses, set with `trySetAddress` (validated against RAM when enabled).
+    public private(set) var descriptorTable: UInt64 = 0
+    public private(set) var availableRing: UInt64 = 0
+    public private(set) var usedRing: UInt64 = 0
     /// QueueReady. Set through `enable(in:)` so the layout is validated first.
     public private(set) var isReady = false
     /// Requests describing more bytes than this are refused.
@@ -263,6 +278,26 @@ public struct VirtioQueue: Sendable {
                     throw .ringOutsideMemory(ring, address: address, length: length)
                 }
             }
+        }
+    }
+
+    /// QueueNum ← `newSize`: a power of two up to `maxSize`, while the queue is not ready.
+    public mutating func trySetSize(_ newSize: UInt16) throws(VirtqueueError) {
+        guard !isReady else { throw .changedWhileReady }
+        guard newSize > 0, newSize <= maxSize, newSize & (newSize - 1) == 0 else { throw .invalidSize(newSize, max: maxSize) }
+        size = newSize
+    }
+
+    /// Sets one ring's guest-physical address, while the queue is not ready; the alignment
+    /// the spec requires is checked now, the placement in RAM when the queue is enabled.
+    /// (`checkAlignment: false` for a register interface that writes an address in halves.)
+    public mutating func trySetAddress(_ ring: VirtqueueRing, _ address: UInt64, checkAlignment: Bool = true) throws(VirtqueueError) {
+        guard !isReady else { throw .changedWhileReady }
+        guard !checkAlignment || address % ring.alignment == 0 else { throw .misaligned(ring, address: address) }
+        switch ring {
+        case .descriptorTable: descriptorTable = address
+        case .availableRing: availableRing = address
+        case .usedRing: usedRing = address
         }
     }
 
