@@ -10,22 +10,31 @@ final class AtomicInstructionLock: Sendable {
 /// One generation counter per 4 KiB page of guest RAM, shared by a VM's vCPUs. Bit 31 says
 /// "some vCPU has decoded instructions on this page": a write to such a page bumps the
 /// generation (and clears the bit), which invalidates every cached decode of the page.
+///
+/// Several vCPU threads read and update the counters, so each is an `Atomic` (relaxed: on
+/// x86 a plain load or store, plus a compare-exchange on the rare update). Translated code
+/// reads them through the raw address, which has the layout of `UInt32`.
+// SAFETY: the buffer is allocated once and freed in deinit; every Swift access is atomic.
 final class CodePages: @unchecked Sendable {
+    typealias Generations = UnsafeMutablePointer<Atomic<UInt32>>
     static let hasCode: UInt32 = 0x8000_0000
-    let gens: UnsafeMutablePointer<UInt32>
+    let gens: Generations
     let count: Int
 
     init(ramSize: UInt64) {
         count = Int((ramSize + 0xFFF) >> 12)
         gens = .allocate(capacity: max(count, 1))
-        gens.initialize(repeating: 0, count: max(count, 1))
+        for p in 0..<max(count, 1) { (gens + p).initialize(to: Atomic(0)) }
     }
 
-    deinit { gens.deallocate() }
+    deinit {
+        gens.deinitialize(count: max(count, 1))
+        gens.deallocate()
+    }
 
     /// Forgets every decoded instruction (after the VMM rewrote guest memory).
     func invalidateAll() {
-        for p in 0..<count { gens[p] = (gens[p] &+ 1) & ~Self.hasCode }
+        for p in 0..<count { Self.bump(gens, p) }
     }
 
     func invalidate(gpa: UInt64, length: UInt64) {
@@ -33,7 +42,45 @@ final class CodePages: @unchecked Sendable {
         let first = Int(min(gpa >> 12, UInt64(count)))
         let last = Int(min((gpa &+ length &- 1) >> 12, UInt64(count &- 1)))
         guard first <= last else { return }
-        for p in first...last { gens[p] = (gens[p] &+ 1) & ~Self.hasCode }
+        for p in first...last { Self.bump(gens, p) }
+    }
+
+    /// The page's generation (without the has-code bit).
+    @inline(__always)
+    static func generation(_ gens: Generations, _ page: Int) -> UInt32 { gens[page].load(ordering: .relaxed) & ~hasCode }
+
+    @inline(__always)
+    static func hasCode(_ gens: Generations, _ page: Int) -> Bool { gens[page].load(ordering: .relaxed) & hasCode != 0 }
+
+    /// A guest store to `page`: if code was decoded from it, a new generation invalidates that.
+    @inline(__always)
+    static func noteWrite(_ gens: Generations, _ page: Int) {
+        let g = gens[page].load(ordering: .relaxed)
+        // A failed exchange means another thread bumped it (or marked and bumped) first.
+        if g & hasCode != 0 { _ = gens[page].compareExchange(expected: g, desired: (g &+ 1) & ~hasCode, ordering: .relaxed) }
+    }
+
+    /// Code is being cached from `page`: sets the has-code bit. Returns the generation the
+    /// cache entry must carry and whether the bit was newly set (cached write permissions
+    /// for the page must then be dropped).
+    @inline(__always)
+    static func markCode(_ gens: Generations, _ page: Int) -> (generation: UInt32, newlyMarked: Bool) {
+        var g = gens[page].load(ordering: .relaxed)
+        while g & hasCode == 0 {
+            let (exchanged, original) = gens[page].compareExchange(expected: g, desired: g | hasCode, ordering: .relaxed)
+            if exchanged { return (g, true) }
+            g = original
+        }
+        return (g & ~hasCode, false)
+    }
+
+    private static func bump(_ gens: Generations, _ page: Int) {
+        var g = gens[page].load(ordering: .relaxed)
+        while true {
+            let (exchanged, original) = gens[page].compareExchange(expected: g, desired: (g &+ 1) & ~hasCode, ordering: .relaxed)
+            if exchanged { return }
+            g = original
+        }
     }
 }
 
@@ -106,7 +153,7 @@ final class CPU {
     let ram: UnsafeMutableRawPointer
     let ramSize: UInt64
     let codePages: CodePages
-    let codeGens: UnsafeMutablePointer<UInt32>
+    let codeGens: CodePages.Generations
     /// The VM's second-level page table (EPT model) and the INVEPT epoch this vCPU's TLB
     /// was filled under.
     let secondLevel: SecondLevelPageTable
@@ -463,8 +510,7 @@ final class CPU {
     func writePhysical(_ gpa: UInt64, _ value: UInt64, size: Int) {
         if gpa < ramSize && UInt64(size) <= ramSize - gpa {
             let page = Int(gpa >> 12)
-            let g = codeGens[page]
-            if g & CodePages.hasCode != 0 { codeGens[page] = (g &+ 1) & ~CodePages.hasCode }
+            CodePages.noteWrite(codeGens, page)
             let p = ram + Int(gpa)
             switch size {
             case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
@@ -512,7 +558,7 @@ final class CPU {
             gpa = g
         }
         let slot = icache + Int(truncatingIfNeeded: (gpa &* 0x9E37_79B9_7F4A_7C15) >> UInt64(64 - Self.icacheBits))
-        if slot.pointee.tag == gpa && slot.pointee.gen == codeGens[Int(gpa >> 12)] & ~CodePages.hasCode { return slot }
+        if slot.pointee.tag == gpa && slot.pointee.gen == CodePages.generation(codeGens, Int(gpa >> 12)) { return slot }
         return try decodeInto(slot, rip: r, gpa: gpa)
     }
 
@@ -526,11 +572,9 @@ final class CPU {
         // page whose generation guards the entry).
         if Int(gpa & 0xFFF) + Int(slot.pointee.length) <= 0x1000 {
             let page = Int(gpa >> 12)
-            if codeGens[page] & CodePages.hasCode == 0 {
-                codeGens[page] |= CodePages.hasCode
-                translatorFlushPending = true  // its cached write permissions must go
-            }
-            slot.pointee.gen = codeGens[page] & ~CodePages.hasCode
+            let mark = CodePages.markCode(codeGens, page)
+            if mark.newlyMarked { translatorFlushPending = true }  // its cached write permissions must go
+            slot.pointee.gen = mark.generation
             slot.pointee.tag = gpa
         }
         return slot

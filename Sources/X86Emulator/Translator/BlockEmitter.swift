@@ -476,13 +476,10 @@ extension CPU {
             flushTranslatorCaches()
         }
         let page = gpa >> 12
-        let mark = codeGens[Int(page)]
-        if mark & CodePages.hasCode == 0 {
-            // Cached write permissions to this page would bypass the code-write check.
-            codeGens[Int(page)] = mark | CodePages.hasCode
-            flushTranslatorCaches()
-        }
-        let gen = codeGens[Int(page)] & ~CodePages.hasCode
+        let mark = CodePages.markCode(codeGens, Int(page))
+        // Cached write permissions to this page would bypass the code-write check.
+        if mark.newlyMarked { flushTranslatorCaches() }
+        let gen = mark.generation
 
         var plans: [(Instr, TranslationPlan, UInt64)] = []
         var used: UInt16 = 0

@@ -78,7 +78,7 @@ extension CPU {
             block = translateBlock(t, rip: r, gpa: gpa)
             if block == nil {
                 // Remember that this instruction is the interpreter's, until its page changes.
-                let gen = codeGens[Int(gpa >> 12)] & ~CodePages.hasCode
+                let gen = CodePages.generation(codeGens, Int(gpa >> 12))
                 t.blocks[gpa] = BlockTranslator.Block(rip: r, gen: gen, entry: BlockTranslator.Block.interpreted, chainedEntry: 0)
                 return nil
             }
@@ -99,7 +99,7 @@ extension CPU {
 
     /// The block table's entry for `gpa` if it was made for `rip` from the page's current code.
     private func currentBlock(_ t: BlockTranslator, gpa: UInt64, rip r: UInt64) -> BlockTranslator.Block? {
-        guard let b = t.blocks[gpa], b.rip == r, b.gen == codeGens[Int(gpa >> 12)] & ~CodePages.hasCode else { return nil }
+        guard let b = t.blocks[gpa], b.rip == r, b.gen == CodePages.generation(codeGens, Int(gpa >> 12)) else { return nil }
         return b
     }
 
@@ -150,7 +150,7 @@ extension CPU {
         do throws(Fault) { hostOffset = try translate(linear, write: write, user: cs.dpl == 3) } catch { return 0 }
         guard hostOffset < ramSize else { return 0 }
         let frame = hostOffset & ~0xFFF
-        if write && codeGens[Int(frame >> 12)] & CodePages.hasCode != 0 { return 0 }
+        if write && CodePages.hasCode(codeGens, Int(frame >> 12)) { return 0 }
         let vpn = linear >> 12
         let e = context + Int(TranslatorContext.tlb) + Int(vpn & UInt64(TranslatorContext.tlbEntries - 1)) * TranslatorContext.tlbEntrySize
         let readTag = e.load(as: UInt64.self), writeTag = e.load(fromByteOffset: 8, as: UInt64.self)
