@@ -1,7 +1,7 @@
 import Devices
 import GuestImages
-import KVMEngine
 import Synchronization
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
@@ -15,11 +15,11 @@ import Glibc
     static let ram: UInt64 = 128 << 20
     static let mib: UInt64 = 1 << 20
 
-    func balloonMachine(engine: String, commandLine: String, capture: SerialCapture) throws -> Machine {
+    func balloonMachine(engine: EngineChoice, commandLine: String, capture: SerialCapture) throws -> Machine {
         let guest = try #require(BundledGuests.named("balloon"))
         return try Machine(image: try ELFImage(bytes: guest.elf),
                            configuration: MachineConfiguration(memorySize: Self.ram, commandLine: commandLine, timeoutSeconds: 120),
-                           engine: try makeEngine(engine), serialOutput: capture.append)
+                           engine: try TestEngines.make(engine), serialOutput: capture.append)
     }
 
     /// Waits until the guest printed `text` (or gave up after a minute).
@@ -32,8 +32,8 @@ import Glibc
         return true
     }
 
-    @Test(arguments: bothEngines, [true, false])
-    func hostInflatesAndDeflatesARunningGuest(engine: String, interrupts: Bool) throws {
+    @Test(arguments: TestEngines.available, [true, false])
+    func hostInflatesAndDeflatesARunningGuest(engine: EngineChoice, interrupts: Bool) throws {
         let capture = SerialCapture()
         let m = try balloonMachine(engine: engine, commandLine: "irq=\(interrupts ? 1 : 0) check=1", capture: capture)
         let changes = Atomic<Int>(0)
@@ -103,8 +103,8 @@ import Glibc
         #expect(changes.load(ordering: .relaxed) > 0)
     }
 
-    @Test(arguments: bothEngines)
-    func guestActsOnTheTargetItBootsWith(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func guestActsOnTheTargetItBootsWith(engine: EngineChoice) throws {
         let capture = SerialCapture()
         let m = try balloonMachine(engine: engine, commandLine: "rounds=1", capture: capture)
         let balloon = VirtioBalloon(target: 2560)  // 10 MiB
@@ -120,8 +120,8 @@ import Glibc
     /// A host policy in `onChange`: deflate once the guest reached the target, then quit.
     /// With every page refused (`protectedBelow` = all of RAM) nothing is discarded, so the
     /// guest's read-back check must see its old data: it shows the check is not vacuous.
-    @Test(arguments: bothEngines, [false, true])
-    func hostPolicyInOnChangeAndTheReadBackCheck(engine: String, refuseAll: Bool) throws {
+    @Test(arguments: TestEngines.available, [false, true])
+    func hostPolicyInOnChangeAndTheReadBackCheck(engine: EngineChoice, refuseAll: Bool) throws {
         let capture = SerialCapture()
         let m = try balloonMachine(engine: engine, commandLine: "check=1", capture: capture)
         let box = Mutex<VirtioBalloon?>(nil)
@@ -146,7 +146,7 @@ import Glibc
 
     @Test func targetBeyondThePoolStopsWhenThePoolIsEmpty() throws {
         let capture = SerialCapture()
-        let m = try balloonMachine(engine: "software", commandLine: "rounds=1 touch=0", capture: capture)
+        let m = try balloonMachine(engine: .software, commandLine: "rounds=1 touch=0", capture: capture)
         let balloon = VirtioBalloon(target: UInt32(Self.ram / 4096))  // all of RAM: more than the guest can give
         try m.addVirtioDevice(balloon, name: "virtio-balloon")
         let r = try m.run()
@@ -159,7 +159,7 @@ import Glibc
 
     @Test func withoutADeviceTheGuestSaysSo() throws {
         let capture = SerialCapture()
-        let m = try balloonMachine(engine: "software", commandLine: "", capture: capture)
+        let m = try balloonMachine(engine: .software, commandLine: "", capture: capture)
         let r = try m.run()
         #expect(r.stopReason == .exitPort(status: 3))
         #expect(capture.text == "balloon: no usable virtio-balloon device (-1)\n")
