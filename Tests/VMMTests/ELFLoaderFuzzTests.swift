@@ -2,9 +2,6 @@ import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// Seeded fuzzing of the ELF loader: valid images with header and program-header fields
 /// overwritten by boundary values, bits flipped, bytes randomised or the file cut short.
@@ -91,9 +88,7 @@ import Glibc
                 #expect(error is ELFLoadError, "untyped \(error), \(context)")
             }
             // RAM holds exactly the segments (or, after an error, nothing at all).
-            let ram = try memory.read(at: 0, count: Int(Self.ramSize))
-            let same = ram.withUnsafeBytes { a in expected.withUnsafeBytes { b in memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0 } }
-            #expect(same, "RAM differs from the segments, \(context)")
+            #expect(sameBytes(try memory.read(at: 0, count: Int(Self.ramSize)), expected), "RAM differs from the segments, \(context)")
         }
         #expect(parsed > 0 && loaded > 0 && rejected > 0, "parsed \(parsed), loaded \(loaded), rejected \(rejected)")
     }

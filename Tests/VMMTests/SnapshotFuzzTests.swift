@@ -46,7 +46,7 @@ import VirtCore
                 let region = regions[Int(g.next() % UInt64(regions.count))].clamped(to: 0..<bytes.count)
                 Mutation.random(&g).apply(to: &bytes, in: region, &g)
             }
-            if bytes == good { continue }
+            if sameBytes(bytes, good) { continue }
             damaged += 1
             setFileBytes(path, bytes)
             do {
@@ -55,7 +55,7 @@ import VirtCore
             } catch {
                 #expect(error is SnapshotError, "\(error), seed \(seed) iteration \(iteration)")
             }
-            #expect(fileBytes(path) == bytes, "restoring changed the file, seed \(seed) iteration \(iteration)")
+            #expect(sameBytes(fileBytes(path), bytes), "restoring changed the file, seed \(seed) iteration \(iteration)")
         }
         #expect(damaged > 0)
     }
@@ -94,7 +94,7 @@ import VirtCore
                 rejected += 1
                 #expect(error is SnapshotError || error is MachineSnapshotError || error is MachineError, "\(error), \(context)")
             }
-            #expect(fileBytes(path) == bytes, "restoring changed the file, \(context)")
+            #expect(sameBytes(fileBytes(path), bytes), "restoring changed the file, \(context)")
         }
         #expect(restored + rejected > 0 && rejected > 0, "restored \(restored), rejected \(rejected)")
     }
