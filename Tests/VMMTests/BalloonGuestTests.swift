@@ -24,12 +24,8 @@ import Glibc
 
     /// Waits until the guest printed `text` (or gave up after a minute).
     func waitFor(_ text: String, _ capture: SerialCapture, _ finished: () -> Bool) -> Bool {
-        let deadline = monotonicNanoseconds() + 60_000_000_000
-        while !capture.text.contains(text) {
-            if finished() || monotonicNanoseconds() > deadline { return capture.text.contains(text) }
-            usleep(1000)
-        }
-        return true
+        _ = waitUntil { capture.text.contains(text) || finished() }
+        return capture.text.contains(text)
     }
 
     @Test(arguments: TestEngines.available, [true, false])
@@ -77,7 +73,7 @@ import Glibc
 
         // The guest reports what it has left.
         balloon.requestGuestStatistics()
-        #expect(waitForCondition { balloon.statistics.statisticsUpdates >= 2 })
+        #expect(waitUntil(seconds: 30) { balloon.statistics.statisticsUpdates >= 2 })
         let free = try #require(balloon.guestStatistics?.freeMemory)
         #expect(free < Self.ram - 64 * Self.mib)
         #expect(balloon.guestStatistics?.totalMemory == Self.ram)
@@ -163,14 +159,5 @@ import Glibc
         let r = try m.run()
         #expect(r.stopReason == .exitPort(status: 3))
         #expect(capture.text == "balloon: no usable virtio-balloon device (-1)\n")
-    }
-
-    func waitForCondition(_ condition: () -> Bool) -> Bool {
-        let deadline = monotonicNanoseconds() + 30_000_000_000
-        while !condition() {
-            if monotonicNanoseconds() > deadline { return false }
-            usleep(1000)
-        }
-        return true
     }
 }

@@ -87,11 +87,7 @@ final class FrameCounter: NetworkBackend, @unchecked Sendable {
         // The pong VM must be listening before pings arrive; frames for a guest whose
         // driver is not ready are dropped, so ping starts once pong printed its banner.
         let pongThread = HostThread(name: "pong") { _ = try? pong.run() }
-        let deadline = monotonicNanoseconds() + 60_000_000_000
-        while !pongOut.text.contains("net: pong") {
-            try #require(monotonicNanoseconds() < deadline, "pong VM never became ready: \(pongOut.text)")
-            usleep(500)
-        }
+        try #require(waitUntil { pongOut.text.contains("net: pong") }, "pong VM never became ready: \(pongOut.text)")
         let r = try ping.run()
         pongThread.join()
         #expect(r.stopReason == .exitPort(status: 0), "\(pingOut.text)")
