@@ -1,5 +1,4 @@
 import Foundation
-import GuestImages
 import TestSupport
 import Testing
 import VirtCore
@@ -12,10 +11,7 @@ import Glibc
 @Suite struct ControlServerTests {
     @Test(arguments: TestEngines.available)
     func balloonOnCommandGivesMemoryBackAndStatusReports(engine: EngineChoice) throws {
-        let guest = try #require(BundledGuests.named("balloon"))
-        let m = try Machine(image: try ELFImage(bytes: guest.elf),
-                            configuration: MachineConfiguration(memorySize: 64 << 20, timeoutSeconds: 120),
-                            engine: try TestEngines.make(engine), serialOutput: { _ in })
+        let m = try bundledMachine("balloon", engine: engine, memory: 64 << 20, capture: SerialCapture())
         let balloon = try m.addVirtioBalloon()
         let socket = temporaryPath("ctl") + ".sock"
         let server = try ControlServer(machine: m, path: socket)

@@ -118,9 +118,7 @@ import Glibc
 
     @Test(arguments: TestEngines.available)
     func stopFromAnotherThread(engine: EngineChoice) throws {
-        let guest = try #require(BundledGuests.named("echo"))
-        let machine = try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 16 << 20),
-                                  engine: try TestEngines.make(engine), serialOutput: { _ in })
+        let machine = try bundledMachine("echo", engine: engine, memory: 16 << 20, capture: SerialCapture())
         let stopper = HostThread(name: "stopper") { usleep(100_000); machine.stop() }
         let r = try machine.run()
         stopper.join()
