@@ -658,9 +658,10 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
         let sections = try SnapshotFile(path: path).sections
         let tableOffset = Int(sections.map(\.end).max()!)
         let targets = sections.filter { $0.kind != .memory && $0.length > 0 }
-        var rng = SplitMix64(seed: 0xF00D)
+        var rng = SplitMix64(seed: FuzzBudget.seed(0xF00D))
         var opened = 0, rejected = 0
-        for _ in 0..<400 {
+        let iterations = FuzzBudget.iterations(standard: 400)
+        for _ in 0..<iterations {
             var bytes = good
             let e = targets.randomElement(using: &rng)!
             for _ in 0..<Int.random(in: 1...3, using: &rng) {
@@ -677,7 +678,7 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
                 rejected += 1
             }
         }
-        #expect(opened + rejected == 400 && rejected > 0)
+        #expect(opened + rejected == iterations && rejected > 0)
     }
 
     // MARK: Throughput
