@@ -33,16 +33,18 @@ let package = Package(
             "VMM", "Lab", "GuestImages",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        // Helpers the test targets share: host engines, serial capture, running a guest, seeded generators.
+        .target(name: "TestSupport", dependencies: ["VMM", "VirtCore", "Devices", "GuestImages"], path: "Tests/TestSupport"),
         .testTarget(name: "VirtCoreTests", dependencies: ["VirtCore"]),
-        .testTarget(name: "KVMEngineTests", dependencies: ["KVMEngine", "VirtCore", "GuestImages", "VMM"]),
-        .testTarget(name: "X86EmulatorTests", dependencies: ["X86Emulator", "VirtCore", "VMM", "KVMEngine"],
+        .testTarget(name: "KVMEngineTests", dependencies: ["KVMEngine", "VirtCore", "GuestImages", "VMM", "TestSupport"]),
+        .testTarget(name: "X86EmulatorTests", dependencies: ["X86Emulator", "VirtCore", "VMM", "KVMEngine", "TestSupport"],
                     exclude: ["RandomSequenceRegressions.txt"]),  // read from the source tree, appended to by the tests
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "VirtCore"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "VirtCore", "TestSupport"]),
         // Every bundled guest on both engines: output, exits, registers, RAM.
-        .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages", "Devices"]),
+        .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages", "Devices", "TestSupport"]),
         // Runs the built `swiftvisor` executable as a user would.
-        .testTarget(name: "CLITests"),
-        .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+        .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore", "TestSupport"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
     ]
 )

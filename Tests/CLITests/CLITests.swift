@@ -1,5 +1,6 @@
 import Foundation
 import Synchronization
+import TestSupport
 import Testing
 
 /// The `swiftvisor` executable built next to this test bundle.
@@ -7,9 +8,6 @@ let swiftvisorPath: String = {
     let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
     return URL(fileURLWithPath: exe).deletingLastPathComponent().appendingPathComponent("swiftvisor").path
 }()
-
-let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
-let noKVM = "needs a usable /dev/kvm (absent or not accessible on this host)"
 
 struct CLIResult {
     var status: Int32
@@ -121,50 +119,56 @@ func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = []) t
     }
 }
 
-@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
-struct CLIRunTests {
-    @Test func runHelloStreamsTheGreeting() throws {
-        let r = try swiftvisor(["run", "hello"])
+/// `swiftvisor run` on every engine this host has.
+@Suite struct CLIRunTests {
+    @Test(arguments: CLIDeviceTests.engines)
+    func runHelloStreamsTheGreeting(engine: String) throws {
+        let r = try swiftvisor(["run", "hello", "--engine", engine])
         #expect(r.status == 0)
         #expect(r.stdout == "Hello from Swiftvisor! 64 MiB RAM, 1 vCPU\n")
         #expect(r.stderr.isEmpty)
     }
 
-    @Test func guestExitStatusPassesThrough() throws {
-        let r = try swiftvisor(["run", "fault"])
+    @Test(arguments: CLIDeviceTests.engines)
+    func guestExitStatusPassesThrough(engine: String) throws {
+        let r = try swiftvisor(["run", "fault", "--engine", engine])
         #expect(r.status == 0x86)
     }
 
-    @Test func tripleFaultPrintsTheStateAndFails() throws {
-        let r = try swiftvisor(["run", "triple-fault"])
+    @Test(arguments: CLIDeviceTests.engines)
+    func tripleFaultPrintsTheStateAndFails(engine: String) throws {
+        let r = try swiftvisor(["run", "triple-fault", "--engine", engine])
         #expect(r.status == 125)
         #expect(r.stderr.contains("vCPU 0 shut down (triple fault)"))
         #expect(r.stderr.contains("rip="))
     }
 
-    @Test func statsTableAndJSON() throws {
-        let json = NSTemporaryDirectory() + "swiftvisor-stats-\(getpid()).json"
+    @Test(arguments: CLIDeviceTests.engines)
+    func statsTableAndJSON(engine: String) throws {
+        let json = NSTemporaryDirectory() + "swiftvisor-stats-\(getpid())-\(engine).json"
         defer { unlink(json) }
-        let r = try swiftvisor(["run", "pio-loop", "--cmdline", "count=500", "--stats", "--stats-json", json])
+        let r = try swiftvisor(["run", "pio-loop", "--cmdline", "count=500", "--stats", "--stats-json", json, "--engine", engine])
         #expect(r.status == 0)
         #expect(r.stderr.contains("port 0x80 (bench-port)"))
         let data = try Data(contentsOf: URL(fileURLWithPath: json))
         let obj = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
-        #expect(obj["engine"] as? String == "kvm")
+        #expect(obj["engine"] as? String == engine)
         let exits = try #require(obj["exits"] as? [String: Any])
         let ports = try #require(exits["ports"] as? [String: Any])
         let bench = try #require(ports["0x80"] as? [String: Any])
         #expect(bench["count"] as? Int == 500)
     }
 
-    @Test func standardInputReachesTheSerialPort() throws {
-        let r = try swiftvisor(["run", "echo"], stdin: "typed by a user\n")
+    @Test(arguments: CLIDeviceTests.engines)
+    func standardInputReachesTheSerialPort(engine: String) throws {
+        let r = try swiftvisor(["run", "echo", "--engine", engine], stdin: "typed by a user\n")
         #expect(r.stdout == "echo: typed by a user\n")
         #expect(r.status == 0)
     }
 
-    @Test func timeoutExitsWith124() throws {
-        let r = try swiftvisor(["run", "echo", "--timeout", "0.3"], stdin: "")
+    @Test(arguments: CLIDeviceTests.engines)
+    func timeoutExitsWith124(engine: String) throws {
+        let r = try swiftvisor(["run", "echo", "--timeout", "0.3", "--engine", engine], stdin: "")
         #expect(r.status == 124)
         #expect(r.stderr.contains("timed out"))
     }
@@ -172,7 +176,7 @@ struct CLIRunTests {
 
 /// Devices from the command line, on the software engine (runs anywhere) and KVM.
 @Suite struct CLIDeviceTests {
-    static var engines: [String] { kvmUsable ? ["kvm", "software"] : ["software"] }
+    static var engines: [String] { TestEngines.available.map(\.rawValue) }
 
     func temporaryImage(_ sector0: String, sectors: Int = 16) throws -> String {
         let path = NSTemporaryDirectory() + "swiftvisor-cli-disk-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).img"

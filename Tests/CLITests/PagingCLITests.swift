@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Scenarios S5 and S10 as a new user meets them on the command line.
 @Suite struct PagingCLITests {

@@ -1,12 +1,7 @@
 import Synchronization
+import TestSupport
 import Testing
 @testable import Devices
-
-final class ByteSink: Sendable {
-    let bytes = Mutex<[UInt8]>([])
-    var text: String { String(decoding: bytes.withLock { $0 }, as: UTF8.self) }
-    func append(_ b: UInt8) { bytes.withLock { $0.append(b) } }
-}
 
 final class RecordingMMIO: MMIODevice {
     let name = "recorder"
@@ -18,7 +13,7 @@ final class RecordingMMIO: MMIODevice {
 @Suite struct IOBusTests {
     @Test func dispatchesPortsByRangeWithOffsets() throws {
         var builder = IOBusBuilder()
-        let sink = ByteSink()
+        let sink = SerialCapture()
         let uart = UART16550(output: sink.append)
         try builder.attach(uart, firstPort: 0x3F8, count: 8)
         let bus = builder.freeze()
@@ -89,7 +84,7 @@ final class RecordingMMIO: MMIODevice {
     }
 
     @Test func divisorLatchAndScratchBehaveLikeA16550() {
-        let sink = ByteSink()
+        let sink = SerialCapture()
         let uart = UART16550(output: sink.append)
         uart.portWrite(offset: 3, size: 1, value: 0x80)  // DLAB
         uart.portWrite(offset: 0, size: 1, value: 0x01)  // DLL, not output
@@ -104,7 +99,7 @@ final class RecordingMMIO: MMIODevice {
     }
 
     @Test func loopbackReturnsWrittenBytesAndRaisesInterrupts() {
-        let sink = ByteSink()
+        let sink = SerialCapture()
         let irq = Mutex<[Bool]>([])
         let uart = UART16550(output: sink.append, irqLine: { v in irq.withLock { $0.append(v) } })
         uart.portWrite(offset: 4, size: 1, value: 0x10)  // loopback

@@ -1,4 +1,5 @@
 import Synchronization
+import TestSupport
 import Testing
 import VirtCore
 @testable import Devices
@@ -141,7 +142,7 @@ enum VirtioBadInput: String, CaseIterable, Sendable, CustomStringConvertible {
     /// Random register traffic and random ring contents against each device: the host must
     /// never crash, and a proper initialisation afterwards must give a working device.
     @Test func randomRegisterAndRingTrafficNeverCrashes() throws {
-        var rng = VirtioSeededGenerator(seed: 0xC0FF_EE15_600D)
+        var rng = SplitMix64(seed: FuzzBudget.seed(0xC0FF_EE15_600D))
         let file = VirtioTempFile(size: 64 * 512)
         let recorder = VirtioRecorder()
         let lan = NetworkSwitch(name: "fuzz")
@@ -160,7 +161,7 @@ enum VirtioBadInput: String, CaseIterable, Sendable, CustomStringConvertible {
         for make in makers {
             let device = try make()
             let g = try VirtioTestGuest(device, recorder: VirtioRecorder())
-            for round in 0..<400 {
+            for round in 0..<FuzzBudget.iterations(standard: 400) {
                 if round % 4 == 0 {
                     // A plausible start, so later traffic reaches the queues.
                     g.reset()

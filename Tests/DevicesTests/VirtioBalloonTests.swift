@@ -1,4 +1,5 @@
 import Synchronization
+import TestSupport
 import Testing
 import VirtCore
 @testable import Devices
@@ -65,7 +66,7 @@ import Glibc
         try dirty(g, pfns: pfns)
         // Out of order: the device sorts and coalesces them into runs.
         var shuffled = pfns
-        var rng = VirtioSeededGenerator(seed: 5)
+        var rng = SplitMix64(seed: 5)
         shuffled.shuffle(using: &rng)
         send(g, VirtioBalloon.inflateQueue, shuffled, notify: false)
         let before = g.memory.allocatedBytes  // the PFN buffers themselves are written by now

@@ -1,4 +1,5 @@
 import Synchronization
+import TestSupport
 import Testing
 import VirtCore
 @testable import Devices
@@ -66,7 +67,7 @@ struct VirtioUnchecked<T>: @unchecked Sendable {
         #expect(MACAddress("52:54:00:12:34:5g") == nil)
         #expect(MACAddress([1, 2, 3]) == nil)
         #expect(MACAddress.broadcast.isMulticast)
-        var rng = VirtioSeededGenerator(seed: 1)
+        var rng = SplitMix64(seed: 1)
         let random = MACAddress.random(using: &rng)
         #expect(!random.isMulticast && random.bytes[0] & 2 == 2)
     }
@@ -309,7 +310,7 @@ private func interfaceFlags(_ socket: Int32, _ interface: String, set flags: Int
                 let peer = MACAddress("02:00:00:00:00:0b")!
                 let toGuest = virtioTestFrame(to: vm.mac, from: peer, toGuestPayload)
                 _ = toGuest.withUnsafeBytes { send(packet, $0.baseAddress, $0.count, 0) }
-                _ = virtioEventually {
+                _ = waitUntil(seconds: 3) {
                     out.guestGot += vm.receivedFrames(buffers).filter { $0.count >= 14 && $0[12] == 0x88 && $0[13] == 0xB5 }
                     return !out.guestGot.isEmpty
                 }

@@ -1,3 +1,4 @@
+import TestSupport
 import Testing
 import VirtCore
 @testable import Devices
@@ -235,9 +236,9 @@ struct VirtioQueueFixture {
     @Test func randomRingsYieldValidChainsOrTypedErrors() throws {
         let ram: UInt64 = 64 << 10
         let memory = try GuestMemory(size: ram)
-        var rng = VirtioSeededGenerator(seed: 0x5EED_0F_F1CE)
+        var rng = SplitMix64(seed: FuzzBudget.seed(0x5EED_0F_F1CE))
         var outcomes: [String: Int] = [:]
-        for iteration in 0..<6000 {
+        for iteration in 0..<FuzzBudget.iterations(standard: 6000) {
             let size = UInt16(1) << UInt16.random(in: 0...7, using: &rng)
             var q = VirtioQueue(maxSize: 128, maxChainBytes: [64 << 20, 4096, 100][iteration % 3])
             try q.trySetSize(size)

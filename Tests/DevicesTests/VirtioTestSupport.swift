@@ -8,19 +8,6 @@ import Glibc
 
 typealias Reg = VirtioMMIOTransport.Register
 
-/// A deterministic generator for the fuzz tests (SplitMix64).
-struct VirtioSeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// Collects what the host side sees: output bytes, log lines, interrupt line changes.
 final class VirtioRecorder: Sendable {
     let bytes = Mutex<[UInt8]>([])
@@ -237,15 +224,4 @@ final class VirtioTempFile {
     }
 
     deinit { unlink(path) }
-}
-
-/// Waits (briefly) until `condition` holds; for work done by other threads.
-func virtioEventually(timeout: Double = 3, _ condition: () -> Bool) -> Bool {
-    var waited = 0.0
-    while !condition() {
-        if waited >= timeout { return false }
-        usleep(2000)
-        waited += 0.002
-    }
-    return true
 }

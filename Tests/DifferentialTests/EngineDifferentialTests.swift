@@ -2,6 +2,7 @@ import Devices
 import GuestImages
 import KVMEngine
 import Synchronization
+import TestSupport
 import Testing
 import VMM
 import VirtCore
@@ -9,14 +10,6 @@ import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
-
-let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
-
-final class SerialCapture: Sendable {
-    private let bytes = Mutex<[UInt8]>([])
-    var text: String { String(decoding: bytes.withLock { $0 }, as: UTF8.self) }
-    func append(_ b: UInt8) { bytes.withLock { $0.append(b) } }
-}
 
 enum DifferentialError: Error { case cannotCreateDisk(String) }
 
@@ -124,7 +117,7 @@ func observe(_ c: GuestCase, on engine: any Engine, paging: PagingMode = .nested
                        ram: try machine.memory.read(at: 0, count: Int(machine.memory.size)))
 }
 
-@Suite(.enabled(if: kvmUsable, "needs a usable /dev/kvm to compare the software engine with"))
+@Suite(.requiresKVM("needs a usable /dev/kvm to compare the software engine with"))
 struct EngineDifferentialTests {
     /// Each guest on KVM and on the software engine, translated and interpreted.
     @Test(arguments: cases, [true, false])

@@ -1,5 +1,6 @@
 import GuestImages
 import Testing
+import TestSupport
 import VMM
 import VirtCore
 import X86Emulator

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import VirtCore
 import VMM
@@ -6,10 +7,6 @@ import VMM
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// Whether this machine can run the KVM tests; the reason is shown when they skip.
-let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
-let noKVM = "needs a usable /dev/kvm (absent or not accessible on this host)"
 
 /// Runs the vCPU once and checks the exit (showing the actual exit on mismatch).
 func expectExit(_ vcpu: KVMVirtualCPU, _ expected: VMExit, sourceLocation: SourceLocation = #_sourceLocation) throws {
@@ -53,7 +50,7 @@ struct RawVM {
     }
 }
 
-@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
+@Suite(.requiresKVM())
 struct KVMExitTests {
     @Test func hostReportListsRequiredCapabilities() throws {
         let r = try KVMSystem().report()

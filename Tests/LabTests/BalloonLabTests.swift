@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 @testable import Lab
 import VMM
@@ -9,8 +10,6 @@ import Glibc
 /// S7 at a reduced size: as the balloon grows the guest's cache shrinks, its miss rate rises
 /// the way the Zipf models say, and the host holds less memory.
 @Suite struct BalloonLabTests {
-    static var engines: [EngineChoice] { access("/dev/kvm", R_OK | W_OK) == 0 ? [.kvm, .software] : [.software] }
-
     static func smallLab(_ engine: EngineChoice) -> BalloonLab {
         var lab = BalloonLab(engine: engine)
         lab.datasetPages = 512
@@ -19,7 +18,7 @@ import Glibc
         return lab
     }
 
-    @Test(arguments: engines)
+    @Test(arguments: TestEngines.available)
     func missRateRisesAsPredictedAndTheHostGetsMemoryBack(engine: EngineChoice) throws {
         let r = try Self.smallLab(engine).run()
         #expect(r.cpl == 3)

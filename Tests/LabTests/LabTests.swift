@@ -1,12 +1,11 @@
 import Foundation
+import TestSupport
 import Testing
 @testable import Lab
 import VMM
 #if canImport(Glibc)
 import Glibc
 #endif
-
-let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
 
 @Suite struct LabReportTests {
     @Test func tableAlignsColumnsAndKeepsNotes() {
@@ -39,9 +38,7 @@ let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
 
 /// S1 at a reduced size: the shapes the lab exists to show must hold on each engine.
 @Suite struct PioVsMmioLabTests {
-    static var engines: [EngineChoice] { kvmUsable ? [.kvm, .software] : [.software] }
-
-    @Test(arguments: engines)
+    @Test(arguments: TestEngines.available)
     func portFormExitsPerAccessAndPageFormDoesNot(engine: EngineChoice) throws {
         var lab = PioVsMmioLab(engine: engine)
         lab.reads = 20_000
@@ -62,7 +59,7 @@ let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
 
 /// S2 at a reduced size: exits per packet follow the device protocols on each engine.
 @Suite struct ParavirtVsEmulatedLabTests {
-    @Test(arguments: PioVsMmioLabTests.engines)
+    @Test(arguments: TestEngines.available)
     func emulatedNICCostsFiveExitsPerPacketAndVirtioFarFewer(engine: EngineChoice) throws {
         var lab = ParavirtVsEmulatedLab(engine: engine)
         lab.packets = 640
@@ -83,7 +80,7 @@ let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
 
 /// S6 at a reduced size: the snapshot's accounting is consistent on each engine.
 @Suite struct CowSnapshotLabTests {
-    @Test(arguments: PioVsMmioLabTests.engines)
+    @Test(arguments: TestEngines.available)
     func copiesAreWholePagesAndClonesRestoreBothWays(engine: EngineChoice) throws {
         var lab = CowSnapshotLab(engine: engine)
         lab.memory = 32 << 20  // the guest's write area is 16 MiB
@@ -103,7 +100,7 @@ let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
 /// S8 at a reduced size: with no writes everything stays merged; with many, sharing breaks
 /// and the policy declines to merge.
 @Suite struct DedupLabTests {
-    @Test(arguments: PioVsMmioLabTests.engines)
+    @Test(arguments: TestEngines.available)
     func breaksFollowTheWriteProbabilityAndThePolicyAvoidsLosses(engine: EngineChoice) throws {
         var lab = DedupLab(engine: engine)
         lab.pages = 128

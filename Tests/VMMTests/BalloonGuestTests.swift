@@ -1,7 +1,7 @@
 import Devices
 import GuestImages
-import KVMEngine
 import Synchronization
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
@@ -15,25 +15,21 @@ import Glibc
     static let ram: UInt64 = 128 << 20
     static let mib: UInt64 = 1 << 20
 
-    func balloonMachine(engine: String, commandLine: String, capture: SerialCapture) throws -> Machine {
+    func balloonMachine(engine: EngineChoice, commandLine: String, capture: SerialCapture) throws -> Machine {
         let guest = try #require(BundledGuests.named("balloon"))
         return try Machine(image: try ELFImage(bytes: guest.elf),
                            configuration: MachineConfiguration(memorySize: Self.ram, commandLine: commandLine, timeoutSeconds: 120),
-                           engine: try makeEngine(engine), serialOutput: capture.append)
+                           engine: try TestEngines.make(engine), serialOutput: capture.append)
     }
 
     /// Waits until the guest printed `text` (or gave up after a minute).
     func waitFor(_ text: String, _ capture: SerialCapture, _ finished: () -> Bool) -> Bool {
-        let deadline = monotonicNanoseconds() + 60_000_000_000
-        while !capture.text.contains(text) {
-            if finished() || monotonicNanoseconds() > deadline { return capture.text.contains(text) }
-            usleep(1000)
-        }
-        return true
+        _ = waitUntil { capture.text.contains(text) || finished() }
+        return capture.text.contains(text)
     }
 
-    @Test(arguments: bothEngines, [true, false])
-    func hostInflatesAndDeflatesARunningGuest(engine: String, interrupts: Bool) throws {
+    @Test(arguments: TestEngines.available, [true, false])
+    func hostInflatesAndDeflatesARunningGuest(engine: EngineChoice, interrupts: Bool) throws {
         let capture = SerialCapture()
         let m = try balloonMachine(engine: engine, commandLine: "irq=\(interrupts ? 1 : 0) check=1", capture: capture)
         let changes = Atomic<Int>(0)
@@ -77,7 +73,7 @@ import Glibc
 
         // The guest reports what it has left.
         balloon.requestGuestStatistics()
-        #expect(waitForCondition { balloon.statistics.statisticsUpdates >= 2 })
+        #expect(waitUntil(seconds: 30) { balloon.statistics.statisticsUpdates >= 2 })
         let free = try #require(balloon.guestStatistics?.freeMemory)
         #expect(free < Self.ram - 64 * Self.mib)
         #expect(balloon.guestStatistics?.totalMemory == Self.ram)
@@ -103,8 +99,8 @@ import Glibc
         #expect(changes.load(ordering: .relaxed) > 0)
     }
 
-    @Test(arguments: bothEngines)
-    func guestActsOnTheTargetItBootsWith(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func guestActsOnTheTargetItBootsWith(engine: EngineChoice) throws {
         let capture = SerialCapture()
         let m = try balloonMachine(engine: engine, commandLine: "rounds=1", capture: capture)
         let balloon = VirtioBalloon(target: 2560)  // 10 MiB
@@ -120,8 +116,8 @@ import Glibc
     /// A host policy in `onChange`: deflate once the guest reached the target, then quit.
     /// With every page refused (`protectedBelow` = all of RAM) nothing is discarded, so the
     /// guest's read-back check must see its old data: it shows the check is not vacuous.
-    @Test(arguments: bothEngines, [false, true])
-    func hostPolicyInOnChangeAndTheReadBackCheck(engine: String, refuseAll: Bool) throws {
+    @Test(arguments: TestEngines.available, [false, true])
+    func hostPolicyInOnChangeAndTheReadBackCheck(engine: EngineChoice, refuseAll: Bool) throws {
         let capture = SerialCapture()
         let m = try balloonMachine(engine: engine, commandLine: "check=1", capture: capture)
         let box = Mutex<VirtioBalloon?>(nil)
@@ -146,7 +142,7 @@ import Glibc
 
     @Test func targetBeyondThePoolStopsWhenThePoolIsEmpty() throws {
         let capture = SerialCapture()
-        let m = try balloonMachine(engine: "software", commandLine: "rounds=1 touch=0", capture: capture)
+        let m = try balloonMachine(engine: .software, commandLine: "rounds=1 touch=0", capture: capture)
         let balloon = VirtioBalloon(target: UInt32(Self.ram / 4096))  // all of RAM: more than the guest can give
         try m.addVirtioDevice(balloon, name: "virtio-balloon")
         let r = try m.run()
@@ -159,18 +155,9 @@ import Glibc
 
     @Test func withoutADeviceTheGuestSaysSo() throws {
         let capture = SerialCapture()
-        let m = try balloonMachine(engine: "software", commandLine: "", capture: capture)
+        let m = try balloonMachine(engine: .software, commandLine: "", capture: capture)
         let r = try m.run()
         #expect(r.stopReason == .exitPort(status: 3))
         #expect(capture.text == "balloon: no usable virtio-balloon device (-1)\n")
-    }
-
-    func waitForCondition(_ condition: () -> Bool) -> Bool {
-        let deadline = monotonicNanoseconds() + 30_000_000_000
-        while !condition() {
-            if monotonicNanoseconds() > deadline { return false }
-            usleep(1000)
-        }
-        return true
     }
 }

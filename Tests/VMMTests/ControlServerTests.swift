@@ -1,5 +1,5 @@
 import Foundation
-import GuestImages
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
@@ -9,12 +9,9 @@ import Glibc
 #endif
 
 @Suite struct ControlServerTests {
-    @Test(arguments: bothEngines)
-    func balloonOnCommandGivesMemoryBackAndStatusReports(engine: String) throws {
-        let guest = try #require(BundledGuests.named("balloon"))
-        let m = try Machine(image: try ELFImage(bytes: guest.elf),
-                            configuration: MachineConfiguration(memorySize: 64 << 20, timeoutSeconds: 120),
-                            engine: try makeEngine(engine), serialOutput: { _ in })
+    @Test(arguments: TestEngines.available)
+    func balloonOnCommandGivesMemoryBackAndStatusReports(engine: EngineChoice) throws {
+        let m = try bundledMachine("balloon", engine: engine, memory: 64 << 20, capture: SerialCapture())
         let balloon = try m.addVirtioBalloon()
         let socket = temporaryPath("ctl") + ".sock"
         let server = try ControlServer(machine: m, path: socket)
@@ -31,7 +28,7 @@ import Glibc
         #expect(m.memory.allocatedBytes <= m.memory.size - (16 << 20))  // 16 MiB went back to the host
         #expect(m.memory.allocatedBytes < before)
         let status = try ControlServer.send("status", to: socket)
-        #expect(status.status?.engine == engine)
+        #expect(status.status?.engine == engine.rawValue)
         let bad = try ControlServer.send("balloon lots", to: socket)
         #expect(!bad.ok && bad.error?.contains("usage") == true)
         #expect(try !ControlServer.send("frobnicate", to: socket).ok)

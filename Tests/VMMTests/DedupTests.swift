@@ -1,20 +1,19 @@
 import Foundation
 import GuestImages
-import KVMEngine
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
-import X86Emulator
 
 @Suite struct DeduplicationTests {
-    func idleMachine(_ engine: String) throws -> Machine {
+    func idleMachine(_ engine: EngineChoice) throws -> Machine {
         let guest = try #require(BundledGuests.named("hello"))
         return try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 16 << 20),
-                           engine: try makeEngine(engine), serialOutput: { _ in })
+                           engine: try TestEngines.make(engine), serialOutput: { _ in })
     }
 
-    @Test(arguments: bothEngines)
-    func identicalPagesAcrossVMsShareOneHostPageUntilWritten(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func identicalPagesAcrossVMsShareOneHostPageUntilWritten(engine: EngineChoice) throws {
         let a = try idleMachine(engine), b = try idleMachine(engine)
         let pages = 0x800..<0x840  // 64 pages at 8 MiB, identical in both VMs
         for m in [a, b] { for p in pages { try m.memory.fill(0xC3, at: UInt64(p) * 4096, count: 4096) } }

@@ -1,6 +1,7 @@
 import Devices
 import Dispatch
 import Testing
+import TestSupport
 import VirtCore
 @testable import VMM
 
@@ -10,11 +11,11 @@ import VirtCore
 
     /// Runs the attack guest on VF 0 against `victim`'s memory; returns the guest's
     /// output, the platform and the victim's memory with where the target lies in it.
-    private func attack(engine: String, victim: Victim, iommu: Bool) throws -> (String, DeviceAssignmentPlatform, GuestMemory, UInt64) {
+    private func attack(engine: EngineChoice, victim: Victim, iommu: Bool) throws -> (String, DeviceAssignmentPlatform, GuestMemory, UInt64) {
         let platform = try DeviceAssignmentPlatform(virtualFunctions: 2, iommuEnabled: iommu)
         let capture = SerialCapture()
         // The victim VM is placed (and given VF 1) but need not run: its RAM is what matters.
-        let other = try machine("sriov-vf", engine: "software", capture: SerialCapture())
+        let other = try bundledMachine("sriov-vf", engine: .software, capture: SerialCapture())
         let target: UInt64, memory: GuestMemory, offset: UInt64
         switch victim {
         case .otherVM:
@@ -27,7 +28,7 @@ import VirtCore
             offset = 0x1000
             target = DeviceAssignmentPlatform.vmmBase + offset
         }
-        let m = try machine("sriov-vf", engine: engine, commandLine: "mode=2 target=0x\(String(target, radix: 16))", capture: capture)
+        let m = try bundledMachine("sriov-vf", engine: engine, commandLine: "mode=2 target=0x\(String(target, radix: 16))", capture: capture)
         try platform.assign(vf: 0, to: m, name: "attacker")
         try platform.assign(vf: 1, to: other, name: "victim")
         try memory.fill(0x5A, at: offset, count: 4096)
@@ -38,8 +39,8 @@ import VirtCore
         return (capture.text, platform, memory, offset)
     }
 
-    @Test(arguments: bothEngines, Victim.allCases)
-    func outOfDomainDMAIsBlockedAndLogged(engine: String, victim: Victim) throws {
+    @Test(arguments: TestEngines.available, Victim.allCases)
+    func outOfDomainDMAIsBlockedAndLogged(engine: EngineChoice, victim: Victim) throws {
         let (text, platform, memory, offset) = try attack(engine: engine, victim: victim, iommu: true)
         #expect(text.contains("loopback=ok rx-attack=blocked tx-attack=blocked"), "\(text)")
         #expect(text.contains("tx_errors=1 rx_errors=1"), "\(text)")
@@ -55,18 +56,18 @@ import VirtCore
 
     @Test(arguments: Victim.allCases)
     func withTheIOMMUOffTheSameAttackSucceeds(victim: Victim) throws {
-        let (text, platform, memory, offset) = try attack(engine: "software", victim: victim, iommu: false)
+        let (text, platform, memory, offset) = try attack(engine: .software, victim: victim, iommu: false)
         #expect(text.contains("loopback=ok rx-attack=written tx-attack=read"), "\(text)")
         #expect(try memory.read(at: offset + 18, count: 8) == Array("PWNED!!!".utf8))
         #expect(platform.iommu.faultLog.faults.isEmpty)
     }
 
-    @Test(arguments: bothEngines)
-    func virtualFunctionsSwitchFramesBetweenVMs(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func virtualFunctionsSwitchFramesBetweenVMs(engine: EngineChoice) throws {
         let platform = try DeviceAssignmentPlatform(virtualFunctions: 2)
         let pingOut = SerialCapture(), pongOut = SerialCapture()
-        let ping = try machine("sriov-vf", engine: engine, commandLine: "mode=0 peer=1 count=40", capture: pingOut)
-        let pong = try machine("sriov-vf", engine: engine, commandLine: "mode=1 count=40", capture: pongOut)
+        let ping = try bundledMachine("sriov-vf", engine: engine, commandLine: "mode=0 peer=1 count=40", capture: pingOut)
+        let pong = try bundledMachine("sriov-vf", engine: engine, commandLine: "mode=1 count=40", capture: pongOut)
         try platform.assign(vf: 0, to: ping, name: "a", page: .size2M)
         try platform.assign(vf: 1, to: pong, name: "b", page: .size2M)
         platform.start()
@@ -92,11 +93,11 @@ import VirtCore
 /// virtio's real device path behind the IOMMU: the disk guest runs unchanged while every
 /// buffer the device touches is translated in its own domain.
 @Suite struct ConfinedVirtioTests {
-    @Test(arguments: bothEngines)
-    func diskGuestRunsWithItsDeviceConfinedToItsDomain(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func diskGuestRunsWithItsDeviceConfinedToItsDomain(engine: EngineChoice) throws {
         let disk = try TemporaryDisk(sectors: 64, sector0: "boot sector of a test image\n")
         let capture = SerialCapture()
-        let m = try machine("disk", engine: engine, commandLine: "irq=1", capture: capture)
+        let m = try bundledMachine("disk", engine: engine, commandLine: "irq=1", capture: capture)
         let transport = try m.addVirtioBlock(path: disk.path)
         let platform = try DeviceAssignmentPlatform(virtualFunctions: 0)
         let function = RequesterID(bus: 0, device: 4, function: 0)

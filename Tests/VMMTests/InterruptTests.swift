@@ -1,11 +1,10 @@
 import Devices
 import GuestImages
-import KVMEngine
 import Synchronization
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
-import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,11 +12,9 @@ import Glibc
 /// Device interrupts reach a guest waiting in `hlt`, on both engines: a host thread raises
 /// irq 5 again each time the guest reports (on the bench port) that it handled the last one.
 @Suite struct InterruptDeliveryTests {
-    static var engines: [String] { kvmUsable ? ["kvm", "software"] : ["software"] }
-
-    @Test(arguments: engines)
-    func guestWaitingInHaltTakesEachInterrupt(engine name: String) throws {
-        let engine: any Engine = name == "kvm" ? try KVMEngine() : SoftwareEngine()
+    @Test(arguments: TestEngines.available)
+    func guestWaitingInHaltTakesEachInterrupt(engine choice: EngineChoice) throws {
+        let engine = try TestEngines.make(choice)
         let guest = try #require(BundledGuests.named("irq-test"))
         let capture = SerialCapture()
         let machine = try Machine(image: try ELFImage(bytes: guest.elf),
@@ -46,14 +43,14 @@ import Glibc
     }
 }
 
-@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
-struct KickAfterRunTests {
+@Suite struct KickAfterRunTests {
     /// Kicks after the vCPU threads ended (a late timer, a device interrupt, `stop()` after
     /// the guest exited) must not signal the dead threads: that is undefined and crashed
     /// the process now and then.
-    @Test func stopAndInterruptsAfterTheRunEndedAreHarmless() throws {
+    @Test(arguments: TestEngines.available)
+    func stopAndInterruptsAfterTheRunEndedAreHarmless(engine: EngineChoice) throws {
         for _ in 0..<20 {
-            let r = try runGuest("hello")
+            let r = try runGuest("hello", engine: engine)
             #expect(r.result.stopReason == .exitPort(status: 0))
             for _ in 0..<50 {
                 r.machine.stop()

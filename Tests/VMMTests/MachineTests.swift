@@ -1,7 +1,7 @@
 import Devices
 import GuestImages
 import KVMEngine
-import Synchronization
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
@@ -9,39 +9,11 @@ import VirtCore
 import Glibc
 #endif
 
-let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
-let noKVM = "needs a usable /dev/kvm (absent or not accessible on this host)"
-
-/// Collects a guest's serial output.
-final class SerialCapture: Sendable {
-    private let bytes = Mutex<[UInt8]>([])
-    var text: String { String(decoding: bytes.withLock { $0 }, as: UTF8.self) }
-    func append(_ b: UInt8) { bytes.withLock { $0.append(b) } }
-}
-
-struct GuestRun {
-    var machine: Machine
-    var result: RunResult
-    var output: String
-}
-
-func runGuest(_ name: String, vcpus: Int = 1, memory: UInt64 = 32 << 20, commandLine: String = "",
-              input: String? = nil, timeout: Double = 60, recordExits: Bool = false) throws -> GuestRun {
-    let guest = try #require(BundledGuests.named(name), "bundled guest \(name)")
-    let capture = SerialCapture()
-    let machine = try Machine(image: try ELFImage(bytes: guest.elf),
-                              configuration: MachineConfiguration(memorySize: memory, vcpuCount: vcpus, commandLine: commandLine,
-                                                                  timeoutSeconds: timeout, recordExits: recordExits),
-                              engine: try KVMEngine(), serialOutput: capture.append)
-    if let input { machine.uart.enqueueInput(Array(input.utf8)) }
-    let result = try machine.run()
-    return GuestRun(machine: machine, result: result, output: capture.text)
-}
-
-@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
-struct KVMGuestTests {
-    @Test func helloPrintsItsGreetingAndExitsZero() throws {
-        let r = try runGuest("hello")
+/// The bundled guests on every engine this host has.
+@Suite struct MachineGuestTests {
+    @Test(arguments: TestEngines.available)
+    func helloPrintsItsGreetingAndExitsZero(engine: EngineChoice) throws {
+        let r = try runGuest("hello", engine: engine)
         #expect(r.output == "Hello from Swiftvisor! 32 MiB RAM, 1 vCPU\n")
         #expect(r.result.stopReason == .exitPort(status: 0))
         // Every console byte is a THR write plus an LSR poll, each one exit.
@@ -49,8 +21,9 @@ struct KVMGuestTests {
         #expect(r.result.statistics.ports[0xF4]?.count == 1)
     }
 
-    @Test func computeWorkloadsGiveTheirKnownChecksums() throws {
-        let r = try runGuest("compute")
+    @Test(arguments: TestEngines.available)
+    func computeWorkloadsGiveTheirKnownChecksums(engine: EngineChoice) throws {
+        let r = try runGuest("compute", engine: engine)
         #expect(r.output == """
             sieve: primes below 1000000 = 78498
             crc32: checksum=bb52c326
@@ -62,18 +35,18 @@ struct KVMGuestTests {
         #expect(r.result.stopReason == .exitPort(status: 0))
     }
 
-    @Test(arguments: [0, 3])
-    func pioLoopTrapsEveryWrite(ring: Int) throws {
-        let r = try runGuest("pio-loop", commandLine: "count=2000 ring=\(ring)")
+    @Test(arguments: TestEngines.available, [0, 3])
+    func pioLoopTrapsEveryWrite(engine: EngineChoice, ring: Int) throws {
+        let r = try runGuest("pio-loop", engine: engine, commandLine: "count=2000 ring=\(ring)")
         #expect(r.output == "pio-loop: 2000 writes at CPL\(ring)\n")
         #expect(r.machine.benchPort.writes == 2000)
         #expect(r.result.statistics.ports[0x80]?.count == 2000)
         #expect(r.result.stopReason == .exitPort(status: 0))
     }
 
-    @Test(arguments: [2, 4])
-    func smpVCPUsAgreeOnTheSharedCounter(vcpus: Int) throws {
-        let r = try runGuest("smp", vcpus: vcpus, commandLine: "count=5000")
+    @Test(arguments: TestEngines.available, [2, 4])
+    func smpVCPUsAgreeOnTheSharedCounter(engine: EngineChoice, vcpus: Int) throws {
+        let r = try runGuest("smp", engine: engine, vcpus: vcpus, commandLine: "count=5000")
         let lines = (0..<vcpus).map { "cpu \($0) reported\n" }.joined()
         #expect(r.output == lines + "smp: \(vcpus) cpus, counter=\(vcpus * 5000)\n")
         #expect(r.result.stopReason == .exitPort(status: 0))
@@ -82,8 +55,9 @@ struct KVMGuestTests {
         #expect(r.result.statistics[.halt].count == UInt64(vcpus - 1))
     }
 
-    @Test func unmappedAddressIsAnMMIOExitReadingAllOnes() throws {
-        let r = try runGuest("mmio-touch", recordExits: true)
+    @Test(arguments: TestEngines.available)
+    func unmappedAddressIsAnMMIOExitReadingAllOnes(engine: EngineChoice) throws {
+        let r = try runGuest("mmio-touch", engine: engine, recordExits: true)
         #expect(r.output == "mmio-touch: read 0xffffffff\n")
         let mmio = r.result.exitTrace[0].compactMap { e -> MMIOAccess? in if case let .mmio(a) = e { return a } else { return nil } }
         #expect(mmio == [MMIOAccess(address: 0xD000_0000, size: 4, direction: .read),
@@ -92,8 +66,9 @@ struct KVMGuestTests {
         #expect(r.machine.bus.unhandledAccesses == 2)
     }
 
-    @Test func tripleFaultIsAShutdownWithState() throws {
-        let r = try runGuest("triple-fault")
+    @Test(arguments: TestEngines.available)
+    func tripleFaultIsAShutdownWithState(engine: EngineChoice) throws {
+        let r = try runGuest("triple-fault", engine: engine)
         #expect(r.output == "triple-fault: loading an empty IDT\n")
         guard case let .shutdown(vcpu, state) = r.result.stopReason else {
             Issue.record("expected a shutdown, got \(r.result.stopReason)")
@@ -106,40 +81,44 @@ struct KVMGuestTests {
         #expect(s.dump.contains("rip="))
     }
 
-    @Test func guestExceptionHandlerReportsVectorAndExitStatus() throws {
-        let r = try runGuest("fault")
+    @Test(arguments: TestEngines.available)
+    func guestExceptionHandlerReportsVectorAndExitStatus(engine: EngineChoice) throws {
+        let r = try runGuest("fault", engine: engine)
         #expect(r.output.hasPrefix("fault: executing ud2\nexception 6 error=0x0 rip=0x"))
         #expect(r.result.stopReason == .exitPort(status: 0x86))
     }
 
-    @Test func hypercallsCarryArgumentsAndResults() throws {
-        let r = try runGuest("hypercall")
+    @Test(arguments: TestEngines.available)
+    func hypercallsCarryArgumentsAndResults(engine: EngineChoice) throws {
+        let r = try runGuest("hypercall", engine: engine)
         #expect(r.output == "hypercall: result=10\nhypercall: unknown=0xffffffffffffffff\n")
         #expect(r.result.statistics[.hypercall].count == 2)
         #expect(r.result.stopReason == .exitPort(status: 0))
     }
 
-    @Test func userModeRoundTrip() throws {
-        let r = try runGuest("user-mode")
+    @Test(arguments: TestEngines.available)
+    func userModeRoundTrip(engine: EngineChoice) throws {
+        let r = try runGuest("user-mode", engine: engine)
         #expect(r.output == "cpl=3\ncpl=0\n")
         #expect(r.result.stopReason == .exitPort(status: 0))
     }
 
-    @Test func serialInputReachesTheGuest() throws {
-        let r = try runGuest("echo", input: "ping from host\n")
+    @Test(arguments: TestEngines.available)
+    func serialInputReachesTheGuest(engine: EngineChoice) throws {
+        let r = try runGuest("echo", engine: engine, input: "ping from host\n")
         #expect(r.output == "echo: ping from host\n")
     }
 
-    @Test func timeoutStopsAGuestWaitingForever() throws {
+    @Test(arguments: TestEngines.available)
+    func timeoutStopsAGuestWaitingForever(engine: EngineChoice) throws {
         // echo waits for a line that never comes.
-        let r = try runGuest("echo", timeout: 0.5)
+        let r = try runGuest("echo", engine: engine, timeout: 0.5)
         #expect(r.result.stopReason == .timeout)
     }
 
-    @Test func stopFromAnotherThread() throws {
-        let guest = try #require(BundledGuests.named("echo"))
-        let machine = try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 16 << 20),
-                                  engine: try KVMEngine(), serialOutput: { _ in })
+    @Test(arguments: TestEngines.available)
+    func stopFromAnotherThread(engine: EngineChoice) throws {
+        let machine = try bundledMachine("echo", engine: engine, memory: 16 << 20, capture: SerialCapture())
         let stopper = HostThread(name: "stopper") { usleep(100_000); machine.stop() }
         let r = try machine.run()
         stopper.join()
@@ -147,18 +126,19 @@ struct KVMGuestTests {
         #expect(throws: MachineError.alreadyRan) { _ = try machine.run() }
     }
 
-    @Test func configurationIsValidated() throws {
+    @Test(arguments: TestEngines.available)
+    func configurationIsValidated(engine: EngineChoice) throws {
         let image = try ELFImage(bytes: try #require(BundledGuests.named("hello")).elf)
-        let engine = try KVMEngine()
+        let vmEngine = try TestEngines.make(engine)
         #expect(throws: MachineError.invalidMemorySize(1 << 20)) {
-            _ = try Machine(image: image, configuration: MachineConfiguration(memorySize: 1 << 20), engine: engine, serialOutput: { _ in })
+            _ = try Machine(image: image, configuration: MachineConfiguration(memorySize: 1 << 20), engine: vmEngine, serialOutput: { _ in })
         }
         #expect(throws: MachineError.invalidVCPUCount(17)) {
-            _ = try Machine(image: image, configuration: MachineConfiguration(vcpuCount: 17), engine: engine, serialOutput: { _ in })
+            _ = try Machine(image: image, configuration: MachineConfiguration(vcpuCount: 17), engine: vmEngine, serialOutput: { _ in })
         }
         let long = String(repeating: "x", count: 5000)
         #expect(throws: MachineError.commandLineTooLong(5000)) {
-            _ = try Machine(image: image, configuration: MachineConfiguration(commandLine: long), engine: engine, serialOutput: { _ in })
+            _ = try Machine(image: image, configuration: MachineConfiguration(commandLine: long), engine: vmEngine, serialOutput: { _ in })
         }
     }
 }

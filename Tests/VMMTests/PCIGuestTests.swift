@@ -1,14 +1,15 @@
 import Devices
 import Testing
+import TestSupport
 import VirtCore
 @testable import VMM
 
 /// A guest finds the SR-IOV NIC on the PCI bus and enables its VFs, on both engines.
 @Suite struct PCIGuestTests {
-    @Test(arguments: bothEngines)
-    func guestDiscoversTheNICSizesItsBARAndEnablesVirtualFunctions(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func guestDiscoversTheNICSizesItsBARAndEnablesVirtualFunctions(engine: EngineChoice) throws {
         let capture = SerialCapture()
-        let m = try machine("pci-scan", engine: engine, commandLine: "vfs=3 msix=1", capture: capture)
+        let m = try bundledMachine("pci-scan", engine: engine, commandLine: "vfs=3 msix=1", capture: capture)
         let bridge = try m.addPCIHostBridge()
         let iommu = IOMMU(), space = HostPhysicalSpace()
         let nic = SRIOVNIC(physicalFunction: RequesterID(bus: 1, device: 0, function: 0), totalVirtualFunctions: 4) { r in

@@ -2,6 +2,7 @@ import Devices
 import GuestImages
 import Synchronization
 import Testing
+import TestSupport
 import VirtCore
 @testable import VMM
 #if canImport(Glibc)
@@ -62,8 +63,8 @@ import Glibc
         #expect(memory.allocatedBytes == 4 << 20)
     }
 
-    @Test(arguments: bothEngines)
-    func vcpuThreadSetupRunsOnEachVCPUThreadAndItsErrorStopsTheMachine(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func vcpuThreadSetupRunsOnEachVCPUThreadAndItsErrorStopsTheMachine(engine: EngineChoice) throws {
         let ids = Mutex<[Int]>([])
         let capture = SerialCapture()
         let guest = try #require(BundledGuests.named("hello"))
@@ -72,7 +73,7 @@ import Glibc
             ids.withLock { $0.append(id) }
             if id == 0 { throw PartitionError.cpuUnavailable(cpu: 7, available: [0, 1]) }
         }
-        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: try makeEngine(engine),
+        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: try TestEngines.make(engine),
                             serialOutput: capture.append)
         let r = try m.run()
         // vCPU 1 may not have started before the stop: only vCPU 0's setup is certain.
@@ -86,7 +87,7 @@ import Glibc
 
     @Test func periodicTimerIsListedAndFires() throws {
         let capture = SerialCapture()
-        let m = try machine("irq-test", engine: "software", commandLine: "count=5", capture: capture)
+        let m = try bundledMachine("irq-test", engine: .software, commandLine: "count=5", capture: capture)
         let timer = try PeriodicTimer(machine: m, periodNanoseconds: 200_000)
         timer.start()
         let r = try m.run()

@@ -1,6 +1,7 @@
 import Foundation
 import GuestImages
 import Testing
+import TestSupport
 import VirtCore
 @testable import VMM
 import X86Emulator
@@ -17,7 +18,7 @@ import X86Emulator
         var config = MachineConfiguration(memorySize: 32 << 20, commandLine: "limit=60 work=20000 touch=64", timeoutSeconds: 120)
         config.paging = .shadow
         config.guestName = "counter"
-        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: SoftwareEngine(), serialOutput: out.append)
+        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: try TestEngines.make(.software), serialOutput: out.append)
         let runner = HostThread(name: "counter") { _ = try? m.run() }
         defer { m.stop(); runner.join() }
         #expect(waitUntil { out.text.contains("count 10\n") })
@@ -37,7 +38,7 @@ import X86Emulator
         #expect(stats.secondLevelViolations > 0 && stats.fullResets > 0)
         // The clone, nested-paged, prints what the original printed after the snapshot point.
         let cloneOut = SerialCapture()
-        let clone = try Machine(restoring: file, engine: SoftwareEngine(), lazy: false, timeoutSeconds: 120, serialOutput: cloneOut.append)
+        let clone = try Machine(restoring: file, engine: try TestEngines.make(.software), lazy: false, timeoutSeconds: 120, serialOutput: cloneOut.append)
         #expect(try clone.run().stopReason == .exitPort(status: 0))
         #expect(atSnapshot + cloneOut.text == out.text)
     }
@@ -46,7 +47,7 @@ import X86Emulator
     @Test func pagerOnlyInShadowMode() throws {
         let guest = try #require(BundledGuests.named("hello"))
         let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 16 << 20),
-                            engine: SoftwareEngine(), serialOutput: { _ in })
+                            engine: try TestEngines.make(.software), serialOutput: { _ in })
         #expect(m.shadowPager == nil)
         #expect(m.vm.capabilities.contains(.shadowPaging) && m.vm.capabilities.contains(.modeBasedExecute))
     }

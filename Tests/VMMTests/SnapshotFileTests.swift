@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
@@ -7,7 +8,7 @@ import Glibc
 #endif
 
 /// A fresh directory under /tmp, removed when the value goes away.
-private final class ScratchDirectory {
+final class ScratchDirectory {
     let path: String
 
     init() {
@@ -21,18 +22,6 @@ private final class ScratchDirectory {
     func file(_ name: String) -> String { path + "/" + name }
 
     var contents: [String] { (try? FileManager.default.contentsOfDirectory(atPath: path))?.sorted() ?? [] }
-}
-
-/// Deterministic generator for the fuzz tests.
-private struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }
 
 private struct PageSourceFailed: Error, Equatable {}
@@ -111,11 +100,11 @@ private enum Fixture {
 
 // MARK: - File byte helpers
 
-private func fileBytes(_ path: String) -> [UInt8] {
+func fileBytes(_ path: String) -> [UInt8] {
     (try? [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))) ?? []
 }
 
-private func setFileBytes(_ path: String, _ bytes: [UInt8]) {
+func setFileBytes(_ path: String, _ bytes: [UInt8]) {
     precondition(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
 }
 
@@ -130,13 +119,13 @@ private func flip(_ path: String, at offset: Int, mask: UInt8 = 0x40) {
     precondition(pwrite(fd, &b, 1, off_t(offset)) == 1)
 }
 
-private func storeLE32(_ v: UInt32, into bytes: inout [UInt8], at offset: Int) {
+func storeLE32(_ v: UInt32, into bytes: inout [UInt8], at offset: Int) {
     for i in 0..<4 { bytes[offset + i] = UInt8(truncatingIfNeeded: v >> (8 * i)) }
 }
 
 /// Recomputes every section checksum, the table checksum and the header checksum, so that
 /// the decoders behind them see whatever bytes a test put there.
-private func reseal(_ bytes: inout [UInt8], sections: [SnapshotSectionEntry], tableOffset: Int) {
+func reseal(_ bytes: inout [UInt8], sections: [SnapshotSectionEntry], tableOffset: Int) {
     for (i, e) in sections.enumerated() where e.kind != .memory {
         let crc = SnapshotCRC32C.checksum(Array(bytes[Int(e.offset)..<Int(e.end)]))
         storeLE32(crc, into: &bytes, at: tableOffset + i * 32 + 24)
@@ -213,7 +202,7 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
     }
 
     @Test func decodersSurviveRandomMutations() {
-        var rng = SplitMix64(state: 0x5EED)
+        var rng = SplitMix64(seed: 0x5EED)
         let vcpu = SnapshotVCPUCodec.encode(Fixture.vcpus)
         let devices = SnapshotDeviceCodec.encode(Fixture.devices)
         for round in 0..<3000 {
@@ -624,7 +613,7 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
         try Fixture.write(path, pages: 20, vcpus: Array(Fixture.vcpus.prefix(2)))
         let good = fileBytes(path)
         let memory = try SnapshotFile(path: path).sections.first { $0.kind == .memory }!
-        var rng = SplitMix64(state: 42)
+        var rng = SplitMix64(seed: 42)
         // Every byte outside guest memory, plus random bytes inside it.
         var offsets = Array(0..<Int(memory.offset)) + Array(Int(memory.end)..<good.count)
         offsets += (0..<300).map { _ in Int.random(in: Int(memory.offset)..<Int(memory.end), using: &rng) }
@@ -651,7 +640,7 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
         let path = dir.file("vm.snap")
         try Fixture.write(path, pages: 20, vcpus: [Fixture.vcpu(0)])
         let good = fileBytes(path)
-        var rng = SplitMix64(state: 7)
+        var rng = SplitMix64(seed: 7)
         let lengths = Array(0..<200) + (0..<300).map { _ in Int.random(in: 0..<good.count, using: &rng) } + [good.count - 1]
         for length in lengths {
             setFileBytes(path, Array(good[0..<length]))
@@ -669,9 +658,10 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
         let sections = try SnapshotFile(path: path).sections
         let tableOffset = Int(sections.map(\.end).max()!)
         let targets = sections.filter { $0.kind != .memory && $0.length > 0 }
-        var rng = SplitMix64(state: 0xF00D)
+        var rng = SplitMix64(seed: FuzzBudget.seed(0xF00D))
         var opened = 0, rejected = 0
-        for _ in 0..<400 {
+        let iterations = FuzzBudget.iterations(standard: 400)
+        for _ in 0..<iterations {
             var bytes = good
             let e = targets.randomElement(using: &rng)!
             for _ in 0..<Int.random(in: 1...3, using: &rng) {
@@ -688,7 +678,7 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
                 rejected += 1
             }
         }
-        #expect(opened + rejected == 400 && rejected > 0)
+        #expect(opened + rejected == iterations && rejected > 0)
     }
 
     // MARK: Throughput

@@ -1,12 +1,10 @@
 import Foundation
 import Devices
 import GuestImages
-import KVMEngine
-import Synchronization
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
-import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,27 +13,17 @@ func temporaryPath(_ name: String) -> String {
     NSTemporaryDirectory() + "swiftvisor-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
 }
 
-/// Waits (bounded) until `condition` holds; false on timeout.
-func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
-    let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
-    while !condition() {
-        if monotonicNanoseconds() > deadline { return false }
-        usleep(1000)
-    }
-    return true
-}
-
 @Suite struct SnapshotTests {
     /// Runs `counter` until it printed `after` lines, snapshots it, lets it finish; returns
     /// the machine's whole output, the output at the snapshot point, the report, and the RAM
     /// as it was at the snapshot point.
-    func snapshotCounter(engine: String, path: String, touch: Int) throws -> (full: String, atSnapshot: String, report: SnapshotReport, ram: [UInt8]) {
+    func snapshotCounter(engine: EngineChoice, path: String, touch: Int) throws -> (full: String, atSnapshot: String, report: SnapshotReport, ram: [UInt8]) {
         let out = SerialCapture()
         let guest = try #require(BundledGuests.named("counter"))
         let m = try Machine(image: try ELFImage(bytes: guest.elf),
                             configuration: MachineConfiguration(memorySize: 32 << 20, commandLine: "limit=60 work=20000 touch=\(touch)", timeoutSeconds: 120,
                                                                 guestName: "counter"),
-                            engine: try makeEngine(engine), serialOutput: out.append)
+                            engine: try TestEngines.make(engine), serialOutput: out.append)
         let runner = HostThread(name: "counter") { _ = try? m.run() }
         defer { m.stop(); runner.join() }
         #expect(waitUntil { out.text.contains("count 10\n") })
@@ -49,8 +37,8 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
         return (out.text, atSnapshot, report, ram)
     }
 
-    @Test(arguments: bothEngines)
-    func snapshotHoldsTheRAMOfTheSnapshotPointWhileTheGuestKeepsWriting(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func snapshotHoldsTheRAMOfTheSnapshotPointWhileTheGuestKeepsWriting(engine: EngineChoice) throws {
         let path = temporaryPath("snap")
         defer { unlink(path) }
         let (full, atSnapshot, report, ram) = try snapshotCounter(engine: engine, path: path, touch: 64)
@@ -58,21 +46,21 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
         #expect(report.copyOnWriteFaults > 0, "the guest wrote while the snapshot was written")
         #expect(report.pauseSeconds < report.totalSeconds)
         let file = try SnapshotFile(path: path)
-        #expect(file.metadata.engine == engine)
+        #expect(file.metadata.engine == engine.rawValue)
         #expect(file.metadata.note == "test")
         var restored = [UInt8](repeating: 0, count: ram.count)
         try restored.withUnsafeMutableBytes { try file.restoreMemory(into: $0.baseAddress!, size: UInt64($0.count)) }
         #expect(restored == ram)  // pre-write contents, not what the guest wrote afterwards
     }
 
-    @Test(arguments: bothEngines, [false, true])
-    func twoClonesContinueFromTheSnapshotCount(engine: String, lazy: Bool) throws {
+    @Test(arguments: TestEngines.available, [false, true])
+    func twoClonesContinueFromTheSnapshotCount(engine: EngineChoice, lazy: Bool) throws {
         let path = temporaryPath("snap")
         defer { unlink(path) }
         let (full, atSnapshot, _, _) = try snapshotCounter(engine: engine, path: path, touch: 1)
         for _ in 0..<2 {
             let out = SerialCapture()
-            let clone = try Machine(restoring: try SnapshotFile(path: path), engine: try makeEngine(engine), lazy: lazy,
+            let clone = try Machine(restoring: try SnapshotFile(path: path), engine: try TestEngines.make(engine), lazy: lazy,
                                     timeoutSeconds: 120, serialOutput: out.append)
             let r = try clone.run()
             #expect(r.stopReason == .exitPort(status: 0))
@@ -82,13 +70,13 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
         }
     }
 
-    @Test func restoreOnAnotherEngineIsAClearError() throws {
+    @Test(.requiresKVM("restores a software-engine snapshot on the kvm engine: \(noKVM)"))
+    func restoreOnAnotherEngineIsAClearError() throws {
         let path = temporaryPath("snap")
         defer { unlink(path) }
-        _ = try snapshotCounter(engine: "software", path: path, touch: 1)
-        guard kvmUsable else { return }
+        _ = try snapshotCounter(engine: .software, path: path, touch: 1)
         #expect(throws: MachineSnapshotError.self) {
-            _ = try Machine(restoring: try SnapshotFile(path: path), engine: try KVMEngine(), serialOutput: { _ in })
+            _ = try Machine(restoring: try SnapshotFile(path: path), engine: try TestEngines.make(.kvm), serialOutput: { _ in })
         }
     }
 }
@@ -96,14 +84,14 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
 @Suite struct SnapshotWithDevicesTests {
     /// vconsole waits for a line on its virtio console; the snapshot taken while it waits
     /// restores into a clone whose console (queues, posted buffers, interrupt) still works.
-    @Test(arguments: bothEngines)
-    func cloneOfAVMWaitingOnVirtioConsoleStillTakesInput(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func cloneOfAVMWaitingOnVirtioConsoleStillTakesInput(engine: EngineChoice) throws {
         let path = temporaryPath("snap-dev")
         defer { unlink(path) }
         let out = SerialCapture()
         let guest = try #require(BundledGuests.named("vconsole"))
         let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 32 << 20, timeoutSeconds: 60),
-                            engine: try makeEngine(engine), serialOutput: { _ in })
+                            engine: try TestEngines.make(engine), serialOutput: { _ in })
         let console = try m.addVirtioConsole { bytes in bytes.forEach(out.append) }.device as! VirtioConsole
         let runner = HostThread(name: "vconsole") { _ = try? m.run() }
         #expect(waitUntil { out.text == "Hello through virtio-console!\n" })
@@ -115,7 +103,7 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
         let file = try SnapshotFile(path: path)
         #expect(file.devices.contains { $0.name == "virtio0" })
         let cloneOut = SerialCapture()
-        let clone = try Machine(restoring: file, engine: try makeEngine(engine), timeoutSeconds: 60, serialOutput: cloneOut.append)
+        let clone = try Machine(restoring: file, engine: try TestEngines.make(engine), timeoutSeconds: 60, serialOutput: cloneOut.append)
         let cloneConsole = try #require(clone.virtioTransports.first?.device as? VirtioConsole)
         cloneConsole.receive(Array("to the clone\n".utf8))
         let r = try clone.run()
@@ -126,7 +114,7 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
     @Test func machinesWithUnsupportedDevicesAreRefusedClearly() throws {
         let guest = try #require(BundledGuests.named("hello"))
         let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: MachineConfiguration(memorySize: 16 << 20),
-                            engine: SoftwareEngine(), serialOutput: { _ in })
+                            engine: try TestEngines.make(.software), serialOutput: { _ in })
         try m.addEmulatedNIC(backend: NetworkSwitch(name: "x").makePort())
         #expect {
             _ = try m.snapshot(to: temporaryPath("never"))
@@ -137,8 +125,8 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
 @Suite struct LazyRestoreFailureTests {
     /// A memory chunk corrupted after the snapshot was written: the lazy restore stops the
     /// VM with the reason when the guest first touches it, rather than running on zeros.
-    @Test(arguments: bothEngines)
-    func corruptChunkStopsTheVMWithTheReason(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func corruptChunkStopsTheVMWithTheReason(engine: EngineChoice) throws {
         let path = temporaryPath("snap-corrupt")
         defer { unlink(path) }
         _ = try SnapshotTests().snapshotCounter(engine: engine, path: path, touch: 1)
@@ -150,7 +138,7 @@ func waitUntil(seconds: Double = 60, _ condition: () -> Bool) -> Bool {
         #expect(pread(fd, &byte, 1, at) == 1)
         byte ^= 0xFF
         #expect(pwrite(fd, &byte, 1, at) == 1)
-        let clone = try Machine(restoring: try SnapshotFile(path: path), engine: try makeEngine(engine), lazy: true,
+        let clone = try Machine(restoring: try SnapshotFile(path: path), engine: try TestEngines.make(engine), lazy: true,
                                 timeoutSeconds: 60, serialOutput: { _ in })
         let r = try clone.run()
         guard case let .engineFailure(_, .lazyRestore(page, reason)) = r.stopReason else {

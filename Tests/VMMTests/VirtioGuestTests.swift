@@ -1,11 +1,10 @@
 import Devices
 import Foundation
 import GuestImages
-import KVMEngine
+import TestSupport
 import Testing
 import VirtCore
 @testable import VMM
-import X86Emulator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -26,22 +25,12 @@ final class TemporaryDisk {
     }
 }
 
-func makeEngine(_ name: String) throws -> any Engine { name == "kvm" ? try KVMEngine() : SoftwareEngine() }
-let bothEngines = kvmUsable ? ["kvm", "software"] : ["software"]
-
-func machine(_ guestName: String, engine: String, commandLine: String = "", capture: SerialCapture) throws -> Machine {
-    let guest = try #require(BundledGuests.named(guestName))
-    return try Machine(image: try ELFImage(bytes: guest.elf),
-                       configuration: MachineConfiguration(memorySize: 32 << 20, commandLine: commandLine, timeoutSeconds: 120),
-                       engine: try makeEngine(engine), serialOutput: capture.append)
-}
-
 @Suite struct VirtioBlockGuestTests {
-    @Test(arguments: bothEngines, [true, false])
-    func guestReadsAndWritesTheImageFile(engine: String, interrupts: Bool) throws {
+    @Test(arguments: TestEngines.available, [true, false])
+    func guestReadsAndWritesTheImageFile(engine: EngineChoice, interrupts: Bool) throws {
         let disk = try TemporaryDisk(sectors: 64, sector0: "boot sector of a test image\n")
         let capture = SerialCapture()
-        let m = try machine("disk", engine: engine, commandLine: "irq=\(interrupts ? 1 : 0)", capture: capture)
+        let m = try bundledMachine("disk", engine: engine, commandLine: "irq=\(interrupts ? 1 : 0)", capture: capture)
         let transport = try m.addVirtioBlock(path: disk.path)
         let r = try m.run()
         #expect(r.stopReason == .exitPort(status: 0), "\(capture.text)")
@@ -54,12 +43,12 @@ func machine(_ guestName: String, engine: String, commandLine: String = "", capt
         #expect(!transport.needsReset)
     }
 
-    @Test(arguments: bothEngines)
-    func readOnlyImageRefusesWritesAndStaysUnchanged(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func readOnlyImageRefusesWritesAndStaysUnchanged(engine: EngineChoice) throws {
         let disk = try TemporaryDisk(sectors: 8, sector0: "read-only\n")
         let before = try disk.sector(1)
         let capture = SerialCapture()
-        let m = try machine("disk", engine: engine, capture: capture)
+        let m = try bundledMachine("disk", engine: engine, capture: capture)
         try m.addVirtioBlock(path: disk.path, readOnly: true)
         let r = try m.run()
         #expect(r.stopReason == .exitPort(status: 0), "\(capture.text)")
@@ -70,7 +59,7 @@ func machine(_ guestName: String, engine: String, commandLine: String = "", capt
 
     @Test func missingImageIsAClearError() throws {
         let capture = SerialCapture()
-        let m = try machine("disk", engine: "software", capture: capture)
+        let m = try bundledMachine("disk", engine: .software, capture: capture)
         #expect {
             try m.addVirtioBlock(path: "/nonexistent/disk.img")
         } throws: { "\($0)".contains("does not exist") }
@@ -87,22 +76,18 @@ final class FrameCounter: NetworkBackend, @unchecked Sendable {
 }
 
 @Suite struct VirtioNetGuestTests {
-    @Test(arguments: bothEngines, [true, false])
-    func twoVMsExchangeFramesOverASwitch(engine: String, interrupts: Bool) throws {
+    @Test(arguments: TestEngines.available, [true, false])
+    func twoVMsExchangeFramesOverASwitch(engine: EngineChoice, interrupts: Bool) throws {
         let lan = "test-lan-\(engine)-\(interrupts)-\(UInt32.random(in: 0...UInt32.max))"
         let pingOut = SerialCapture(), pongOut = SerialCapture()
-        let ping = try machine("net-ping", engine: engine, commandLine: "count=5 irq=\(interrupts ? 1 : 0)", capture: pingOut)
-        let pong = try machine("net-ping", engine: engine, commandLine: "pong=1 count=5 irq=\(interrupts ? 1 : 0)", capture: pongOut)
+        let ping = try bundledMachine("net-ping", engine: engine, commandLine: "count=5 irq=\(interrupts ? 1 : 0)", capture: pingOut)
+        let pong = try bundledMachine("net-ping", engine: engine, commandLine: "pong=1 count=5 irq=\(interrupts ? 1 : 0)", capture: pongOut)
         try pong.addVirtioNet(backend: NetworkAttachment.networkSwitch(lan).makeBackend())
         try ping.addVirtioNet(backend: NetworkAttachment.networkSwitch(lan).makeBackend())
         // The pong VM must be listening before pings arrive; frames for a guest whose
         // driver is not ready are dropped, so ping starts once pong printed its banner.
         let pongThread = HostThread(name: "pong") { _ = try? pong.run() }
-        let deadline = monotonicNanoseconds() + 60_000_000_000
-        while !pongOut.text.contains("net: pong") {
-            try #require(monotonicNanoseconds() < deadline, "pong VM never became ready: \(pongOut.text)")
-            usleep(500)
-        }
+        try #require(waitUntil { pongOut.text.contains("net: pong") }, "pong VM never became ready: \(pongOut.text)")
         let r = try ping.run()
         pongThread.join()
         #expect(r.stopReason == .exitPort(status: 0), "\(pingOut.text)")
@@ -110,10 +95,10 @@ final class FrameCounter: NetworkBackend, @unchecked Sendable {
         #expect(pongOut.text.hasSuffix("net: answered 5 of 5 frames\n"))
     }
 
-    @Test(arguments: bothEngines)
-    func emulatedNICTransmitsEveryFrame(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func emulatedNICTransmitsEveryFrame(engine: EngineChoice) throws {
         let out = SerialCapture()
-        let m = try machine("net-bench", engine: engine, commandLine: "nic=1 count=20 size=100", capture: out)
+        let m = try bundledMachine("net-bench", engine: engine, commandLine: "nic=1 count=20 size=100", capture: out)
         let sink = FrameCounter()
         let nic = try m.addEmulatedNIC(backend: sink)
         let r = try m.run()
@@ -123,10 +108,10 @@ final class FrameCounter: NetworkBackend, @unchecked Sendable {
         #expect(r.statistics[.mmio].count >= 20 * 5)  // 4 register writes + a status read per frame
     }
 
-    @Test(arguments: bothEngines)
-    func virtioNetBatchesFramesPerNotify(engine: String) throws {
+    @Test(arguments: TestEngines.available)
+    func virtioNetBatchesFramesPerNotify(engine: EngineChoice) throws {
         let out = SerialCapture()
-        let m = try machine("net-bench", engine: engine, commandLine: "count=64 size=100 batch=32", capture: out)
+        let m = try bundledMachine("net-bench", engine: engine, commandLine: "count=64 size=100 batch=32", capture: out)
         let sink = FrameCounter()
         try m.addVirtioNet(backend: sink)
         let r = try m.run()
@@ -137,7 +122,7 @@ final class FrameCounter: NetworkBackend, @unchecked Sendable {
     }
 }
 
-@Suite(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
+@Suite(.requiresKVM("ioeventfd is the kvm engine's notification offload: \(noKVM)"))
 struct IOEventFDTests {
     /// Runs the disk guest; returns its QueueNotify exits to userspace and the doorbell count.
     func run(ioeventfd: Bool) throws -> (notifyExits: Int, doorbells: UInt64) {
@@ -146,7 +131,7 @@ struct IOEventFDTests {
         let guest = try #require(BundledGuests.named("disk"))
         var config = MachineConfiguration(memorySize: 32 << 20, timeoutSeconds: 60, recordExits: true)
         config.ioeventfd = ioeventfd
-        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: try KVMEngine(),
+        let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: try TestEngines.make(.kvm),
                             serialOutput: capture.append)
         try m.addVirtioBlock(path: disk.path)
         let r = try m.run()

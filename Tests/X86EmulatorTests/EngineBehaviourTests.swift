@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 import Testing
 import VirtCore
 @testable import X86Emulator
@@ -160,9 +161,9 @@ func withIDT(_ st: inout VCPUState) { st.idt = DescriptorTableRegister(base: 0x5
     /// host: whatever it decodes to must stay inside the guest).
     @Test(arguments: [false, true])
     func decoderFuzzNeverCrashesTheHost(translation: Bool) throws {
-        var g = SplitMix64(state: 0x5EED)
+        var g = SplitMix64(seed: FuzzBudget.seed(0x5EED))
         var undefined = 0
-        for _ in 0..<3000 {
+        for _ in 0..<FuzzBudget.iterations(standard: 3000) {
             let bytes = (0..<16).map { _ in UInt8(truncatingIfNeeded: g.next()) }
             let s = try Snippet(bytes, engine: SoftwareEngine(translation: translation), state: withIDT)
             try installHaltingIDT(s)

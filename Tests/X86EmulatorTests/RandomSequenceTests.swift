@@ -1,20 +1,9 @@
 import Foundation
 import KVMEngine
+import TestSupport
 import Testing
 import VirtCore
 @testable import X86Emulator
-
-/// SplitMix64: a seeded generator, so every run tests the same sequences.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 /// One generated instruction and what it does to the flags the comparison can rely on.
 struct GeneratedInstruction {
@@ -141,7 +130,7 @@ enum SequenceGenerator {
     private static func rex(w: Bool, r: Int) -> UInt8 { 0x40 | (w ? 8 : 0) | UInt8((r >> 3) << 2) }
 
     static func sequence(seed: UInt64, length: Int) -> (initial: [UInt64], flags: UInt64, code: [GeneratedInstruction]) {
-        var g = SplitMix64(state: seed)
+        var g = SplitMix64(seed: seed)
         let initial = (0..<16).map { _ in value(&g) }
         let flags = g.next() & (CF | PF | ZF | SF | OF)
         var defined = true
@@ -170,7 +159,7 @@ func runSequence(_ code: [GeneratedInstruction], initial: [UInt64], flags: UInt6
     return (st.gprs, st.rip, st.rflags)
 }
 
-@Suite(.enabled(if: kvmUsable, "needs /dev/kvm: CPL3 code runs natively there, so it is the reference CPU"))
+@Suite(.requiresKVM("needs /dev/kvm: CPL3 code runs natively there, so it is the reference CPU"))
 struct RandomSequenceTests {
     /// Both ways the software engine runs code: interpreted, and translated.
     @Test func softwareEngineMatchesTheRealCPU() throws {

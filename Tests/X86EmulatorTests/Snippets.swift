@@ -5,8 +5,6 @@ import VirtCore
 import Glibc
 #endif
 
-let kvmUsable = access("/dev/kvm", R_OK | W_OK) == 0
-
 /// A tiny machine for running hand-assembled code at 1 MiB: the ABI's page tables and
 /// GDT, plus user segments (0x18 data, 0x20 code) for CPL3 runs.
 struct Snippet {

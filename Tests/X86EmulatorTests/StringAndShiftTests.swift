@@ -1,4 +1,5 @@
 import KVMEngine
+import TestSupport
 import Testing
 import VirtCore
 @testable import X86Emulator
@@ -12,7 +13,7 @@ func runUser(_ code: [UInt8], on engine: any Engine, setup: (inout VCPUState) ->
     return (st.gprs, st.rflags & (CF | ZF | SF | PF | OF), try s.memory.read(at: 0x30_0000, count: 64))
 }
 
-@Suite(.enabled(if: kvmUsable, "needs /dev/kvm: CPL3 code runs natively there, so it is the reference CPU"))
+@Suite(.requiresKVM("needs /dev/kvm: CPL3 code runs natively there, so it is the reference CPU"))
 struct StringAndShiftTests {
     func compare(_ code: [UInt8], flagMask: UInt64 = CF | ZF | SF | PF | OF, _ setup: @escaping (inout VCPUState) -> Void,
                  sourceLocation: SourceLocation = #_sourceLocation) throws {

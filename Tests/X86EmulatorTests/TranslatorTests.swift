@@ -1,6 +1,6 @@
 import Foundation
 import GuestImages
-import Synchronization
+import TestSupport
 import Testing
 import VMM
 import VirtCore
@@ -10,12 +10,6 @@ import VirtCore
 /// must give the same results whichever way the software engine runs them.
 @Suite(.enabled(if: SoftwareEngine.translationSupported, "the block translator needs a host with BMI2"))
 struct TranslatorTests {
-    final class Output: Sendable {
-        private let bytes = Mutex<[UInt8]>([])
-        var text: String { String(decoding: bytes.withLock { $0 }, as: UTF8.self) }
-        func append(_ b: UInt8) { bytes.withLock { $0.append(b) } }
-    }
-
     struct Run: Equatable {
         var output: String
         var registers: [UInt64]
@@ -25,7 +19,7 @@ struct TranslatorTests {
         var instructions: UInt64
     }
 
-    func machine(_ guest: String, _ commandLine: String, vcpus: Int = 1, translation: Bool, output: Output) throws -> Machine {
+    func machine(_ guest: String, _ commandLine: String, vcpus: Int = 1, translation: Bool, output: SerialCapture) throws -> Machine {
         let image = try #require(BundledGuests.named(guest))
         return try Machine(image: try ELFImage(bytes: image.elf),
                            configuration: MachineConfiguration(memorySize: 16 << 20, vcpuCount: vcpus, commandLine: commandLine,
@@ -34,7 +28,7 @@ struct TranslatorTests {
     }
 
     func run(_ guest: String, _ commandLine: String, translation: Bool, input: String = "") throws -> (Run, blocks: UInt64) {
-        let out = Output()
+        let out = SerialCapture()
         let machine = try machine(guest, commandLine, translation: translation, output: out)
         machine.uart.enqueueInput(Array(input.utf8))
         _ = try machine.run()
@@ -57,7 +51,7 @@ struct TranslatorTests {
     @Test(arguments: ["xmodify rounds=100", "smp count=3000"])
     func sharedMemoryGuestsRunTranslated(_ spec: String) throws {
         let (guest, commandLine) = (String(spec.prefix { $0 != " " }), String(spec.drop { $0 != " " }.dropFirst()))
-        let out = Output()
+        let out = SerialCapture()
         let machine = try machine(guest, commandLine, vcpus: 2, translation: true, output: out)
         let result = try machine.run()
         #expect(result.stopReason == .exitPort(status: 0), "\(out.text)")
@@ -81,7 +75,7 @@ struct TranslatorTests {
     /// A code buffer too small for the guest's blocks is emptied and refilled as often as
     /// needed, without changing what the guest computes.
     @Test func fullCodeBufferStartsOver() throws {
-        let out = Output()
+        let out = SerialCapture()
         let machine = try machine("compute", "scale=1", translation: true, output: out)
         let v = try #require(machine.allVCPUs[0] as? SoftwareVirtualCPU)
         v.cpu.translator = try #require(BlockTranslator(capacity: 2 * BlockTranslator.blockReserve))
