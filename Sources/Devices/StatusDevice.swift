@@ -41,6 +41,7 @@ public final class StatusDevice: PortIODevice, Sendable {
 
 /// The page form of the status device: `status` (device → guest) at offset 0, `handled`
 /// (device → guest) at 4, `control` (guest → device: commands issued so far) at 8.
+// SAFETY: its counters change only in scan(), which the VMM calls from one thread (vCPU 0 at its timer exits).
 public final class StatusPage: @unchecked Sendable {
     public static let statusOffset: UInt64 = 0, handledOffset: UInt64 = 4, controlOffset: UInt64 = 8
 

@@ -41,6 +41,7 @@ public struct KVMHostReport: Sendable {
 }
 
 /// An open /dev/kvm handle, validated: right API version and every required capability.
+// SAFETY: immutable after init (an open fd and the values read from it).
 public final class KVMSystem: @unchecked Sendable {
     public static let expectedAPIVersion: Int32 = 12
 

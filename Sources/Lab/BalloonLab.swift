@@ -99,6 +99,7 @@ public struct BalloonLab: Sendable {
 
     /// Drives the phases from the guest's writes to port 0x81, on the vCPU thread: records
     /// host memory and the balloon's counters, then sets the next target.
+    // SAFETY: its recorded marks are behind `lock`; `balloon` is set before the machine runs.
     final class Controller: PortIODevice, @unchecked Sendable {
         var name: String { "balloon-lab-controller" }
         struct Mark { var allocated: UInt64; var stats: VirtioBalloonStatistics; var nanoseconds: UInt64 }

@@ -68,6 +68,7 @@ public struct DedupLab: Sendable {
     }
 
     /// Drives the experiment from the guest's round markers (port 0x81), on the vCPU thread.
+    // SAFETY: driven only by the guest's port writes from its single vCPU thread; the lab reads the results after run() returned.
     final class Controller: PortIODevice, @unchecked Sendable {
         var name: String { "dedup-controller" }
         let machine: Machine

@@ -137,6 +137,7 @@ public enum LabError: Error, CustomStringConvertible {
 
 /// A guest's serial output as a lab collects it (from the vCPU thread): the text, how many
 /// lines, and when the first line completed.
+// SAFETY: the bytes and counters are touched only under `lock`.
 final class GuestOutput: @unchecked Sendable {
     private let lock = HostLock()
     private var bytes: [UInt8] = []

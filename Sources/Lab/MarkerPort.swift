@@ -8,6 +8,7 @@ import VirtCore
 
 /// Port 0x81: the guest writes a marker at the start and end of the phase a lab measures;
 /// the host takes the time of each write (in the vCPU thread, at the exit).
+// SAFETY: `marks` is touched only under `lock`.
 final class MarkerPort: PortIODevice, @unchecked Sendable {
     static let port: UInt16 = 0x81
     var name: String { "marker-port" }

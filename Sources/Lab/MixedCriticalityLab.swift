@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 import VirtCore
 import VMM
@@ -116,8 +120,7 @@ public struct MixedCriticalityLab: Sendable {
         let rt = Self.realtimeBandwidth()
         let seconds = Double(jobs) * Double(periodMicroseconds) / 1e6
         if configurations.contains(where: { $0.pinned && $0.load }), let runtime = rt.runtime, seconds > runtime * 0.6 {
-            throw LabError.badParameters(String(format: "%d jobs × %llu µs = %.2f s is too long for the host's real-time budget (%.2f s per %.2f s, /proc/sys/kernel/sched_rt_runtime_us): use fewer jobs or a shorter period",
-                                                jobs, periodMicroseconds, seconds, runtime, rt.period))
+            throw LabError.badParameters("\(jobs) jobs × \(periodMicroseconds) µs = \(seconds.fixed(2)) s is too long for the host's real-time budget (\(runtime.fixed(2)) s per \(rt.period.fixed(2)) s, /proc/sys/kernel/sched_rt_runtime_us): use fewer jobs or a shorter period")
         }
         var rows: [Row] = []
         for (i, c) in configurations.enumerated() {
@@ -206,7 +209,7 @@ public struct MixedCriticalityLab: Sendable {
     static func realtimeBandwidth() -> (runtime: Double?, period: Double) {
         func read(_ name: String) -> Double? {
             guard let text = try? String(contentsOfFile: "/proc/sys/kernel/" + name, encoding: .utf8),
-                  let v = Double(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return nil }
+                  let v = Double(text.trimmed) else { return nil }
             return v / 1e6
         }
         let period = read("sched_rt_period_us") ?? 1
@@ -234,9 +237,9 @@ public struct MixedCriticalityLab: Sendable {
 
     public static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { row in
-            [row.configuration, String(format: "%.0f", row.response.medianMicroseconds), String(format: "%.0f", row.response.p99Microseconds),
-             String(format: "%.0f", row.response.worstMicroseconds), String(format: "%.0f", row.jitter.p99Microseconds),
-             String(format: "%.0f", row.jitter.worstMicroseconds), String(row.sharedQueueRequests), String(row.lockErrors)]
+            [row.configuration, row.response.medianMicroseconds.fixed(0), row.response.p99Microseconds.fixed(0),
+             row.response.worstMicroseconds.fixed(0), row.jitter.p99Microseconds.fixed(0),
+             row.jitter.worstMicroseconds.fixed(0), String(row.sharedQueueRequests), String(row.lockErrors)]
         }
         return LabTable(
             title: "S12 mixed criticality: the critical task's response time (µs) per configuration (\(r.engine) engine, task at CPL3)",

@@ -147,6 +147,7 @@ public struct ParavirtVsEmulatedLab: Sendable {
 }
 
 /// A network backend that counts the frames a guest sends and drops them.
+// SAFETY: `count` is touched only under `lock`.
 final class CountingBackend: NetworkBackend, @unchecked Sendable {
     private let lock = HostLock()
     private var count: UInt64 = 0

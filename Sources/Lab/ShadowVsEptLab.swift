@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import VirtCore
 import VMM
 
@@ -154,9 +158,9 @@ public struct ShadowVsEptLab: Sendable {
     public static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { x in
             [x.workload + " (" + x.phase + ")", x.configuration, String(x.pageTableWriteExits), String(x.cr3LoadExits), String(x.invlpgExits),
-             String(x.shadowFillExits), String(format: "%.1f", x.vmmMilliseconds), String(x.pageWalks),
-             String(format: "%.1f", x.referencesPerWalk), String(x.walkReferences),
-             x.tlbHitRate.map { String(format: "%.1f %%", $0 * 100) } ?? "-", String(format: "%.1f", x.phaseMilliseconds)]
+             String(x.shadowFillExits), x.vmmMilliseconds.fixed(1), String(x.pageWalks),
+             x.referencesPerWalk.fixed(1), String(x.walkReferences),
+             x.tlbHitRate.map { "\(($0 * 100).fixed(1)) %" } ?? "-", x.phaseMilliseconds.fixed(1)]
         }
         return LabTable(
             title: "S5 shadow paging vs nested paging (\(r.engine) engine; guest tables built at CPL0, pages touched at CPL3)",
@@ -184,7 +188,7 @@ final class PagingPhasePort: PortIODevice, @unchecked Sendable {
     // SAFETY: `marks` is touched only under `lock`.
     static let port: UInt16 = 0x81
     var name: String { "paging-phase-port" }
-    private let lock = NSLock()
+    private let lock = HostLock()
     private var marks: [UInt32: (nanoseconds: UInt64, report: PagingReport)] = [:]
     private let snapshot: @Sendable () -> PagingReport?
 

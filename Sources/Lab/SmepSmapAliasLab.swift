@@ -1,4 +1,8 @@
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import VirtCore
 import VMM
 
@@ -284,7 +288,7 @@ public struct SmepSmapAliasLab: Sendable {
 /// Violations the lab's handler saw (from the vCPU thread).
 final class ViolationLog: @unchecked Sendable {
     // SAFETY: every access holds `lock`.
-    private let lock = NSLock()
+    private let lock = HostLock()
     private var items: [SecondLevelViolation] = []
     func append(_ v: SecondLevelViolation) { lock.withLock { items.append(v) } }
     var entries: [SecondLevelViolation] { lock.withLock { items } }

@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 import VirtCore
 import VMM
@@ -226,7 +230,7 @@ public struct SriovIommuLab: Sendable {
             throw LabError.guestFailed(what: "attack (IOMMU \(iommu ? "on" : "off"), \(victim))", reason: r.stopReason.summary, output: text)
         }
         func result(_ key: String) -> String {
-            guard let range = text.range(of: key + "=") else { return "?" }
+            guard let range = text.firstRange(of: key + "=") else { return "?" }
             return String(text[range.upperBound...].prefix { $0.isLetter })
         }
         let changed = try memory.read(at: offset, count: 4096).filter { $0 != 0x5A }.count
@@ -237,22 +241,21 @@ public struct SriovIommuLab: Sendable {
 
     public static func table(_ r: Result) -> LabTable {
         var rows = r.throughput.map { p in
-            [p.page, String(p.iotlbEntries), String(p.translations), String(format: "%.1f%%", p.missRate * 100),
-             String(format: "%.0f", p.bytesPerTranslation), String(format: "%.2f", p.measuredGbps),
-             String(format: "%.2f", p.modelGbps), p.bound]
+            [p.page, String(p.iotlbEntries), String(p.translations), "\((p.missRate * 100).fixed(1))%",
+             p.bytesPerTranslation.fixed(0), p.measuredGbps.fixed(2),
+             p.modelGbps.fixed(2), p.bound]
         }
         rows.append(["", "", "", "", "", "", "", ""])
         for e in r.exchange {
-            rows.append(["VM↔VM \(e.page)", String(e.iotlbEntries), String(e.translations), String(format: "%.1f%%", e.missRate * 100),
-                         "\(e.roundTrips) echoes", String(format: "%.0f/s", e.roundTripsPerSecond), "faults \(e.faults)", ""])
+            rows.append(["VM↔VM \(e.page)", String(e.iotlbEntries), String(e.translations), "\((e.missRate * 100).fixed(1))%",
+                         "\(e.roundTrips) echoes", "\(e.roundTripsPerSecond.fixed(0))/s", "faults \(e.faults)", ""])
         }
         for c in r.isolation {
             rows.append(["IOMMU \(c.iommu ? "on" : "off")", "→ \(c.victim)", "rx: \(c.receiveInto)", "tx: \(c.transmitFrom)",
                          "faults \(c.faultsLogged) (reported \(c.faultsReported))", "changed \(c.victimBytesChanged) B", "", ""])
         }
         let notes = [
-            String(format: "budget: %.0f M translations/s, %.0f ns per IOTLB miss; link %.0f Gb/s; %d KiB transfers over a %d MiB pool; ",
-                   r.budget.translationsPerSecond / 1e6, r.budget.missNanoseconds, r.linkGbps, r.transferBytes >> 10, r.poolBytes >> 20)
+            "budget: \((r.budget.translationsPerSecond / 1e6).fixed(0)) M translations/s, \(r.budget.missNanoseconds.fixed(0)) ns per IOTLB miss; link \(r.linkGbps.fixed(0)) Gb/s; \(r.transferBytes >> 10) KiB transfers over a \(r.poolBytes >> 20) MiB pool; "
                 + "IOTLB replacement \(r.replacement).",
             "measured: real DMA through the IOMMU model, its counted translations and misses charged to the budget; model: min(link, translations/s × bytes per translation), miss rate 100% when the pool's pages exceed the IOTLB, else 0.",
             "VM↔VM: two sriov-vf guests (\(r.engine) engine, CPL3) ping-pong frames through their VFs' switch: every descriptor and frame DMA goes through the IOMMU (the echo rate is the guests' and this host's, not the model's).",

@@ -24,6 +24,7 @@ public enum ControlError: Error, CustomStringConvertible {
 /// Commands: `snapshot PATH [NOTE…]` (copy-on-write snapshot while the guest runs),
 /// `balloon PAGES` (set the balloon's target; `balloon` alone reports it), `pause`,
 /// `resume`, `status`, `stop`.
+// SAFETY: `thread` is set in init and joined in close() on the owner's thread; `stopping` is atomic.
 public final class ControlServer: @unchecked Sendable {
     public let path: String
     private let machine: Machine

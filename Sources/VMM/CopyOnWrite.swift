@@ -37,6 +37,7 @@ protocol WriteProtection: AnyObject, Sendable {
 /// the memfd mapping. A guest write — by the vCPU through KVM's page tables, or by a device
 /// thread — faults in the host kernel; a handler thread saves the page and lifts the
 /// protection, which wakes the writer.
+// SAFETY: `thread` is set in protectAll() and joined in finish(), both on the snapshot's thread; the fds are immutable.
 final class UserfaultWriteProtection: WriteProtection, @unchecked Sendable {
     let memory: GuestMemory
     private let uffd: Int32
@@ -98,6 +99,7 @@ final class UserfaultWriteProtection: WriteProtection, @unchecked Sendable {
 /// The software engine, as the text describes it: write permission is cleared in the
 /// second-level page table; a guest write is an EPT violation (a `.memoryFault` exit),
 /// handled on the vCPU's thread by saving the page and restoring the permission.
+// SAFETY: holds only the table, which synchronises its own changes.
 final class SecondLevelWriteProtection: WriteProtection, @unchecked Sendable {
     let table: any SecondLevelTranslation
     var mechanism: String { "second-level page table write protection (EPT violations)" }
@@ -112,6 +114,7 @@ final class SecondLevelWriteProtection: WriteProtection, @unchecked Sendable {
 /// One copy-on-write snapshot in progress: every page is saved exactly once, as it was at
 /// the snapshot point — by the writer as it streams pages in order, or earlier, by the
 /// first guest write to it (the original goes to a side store the writer drains).
+// SAFETY: `protection` is set once before write protection is armed; all other state is in a Mutex.
 final class CopyOnWriteSession: @unchecked Sendable {
     let memory: GuestMemory
     var protection: (any WriteProtection)!

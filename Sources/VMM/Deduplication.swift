@@ -75,6 +75,7 @@ public struct GuestPage: Hashable, Sendable, Comparable {
 /// guest pages are pointed at one host frame in its second-level page table, read-only; a
 /// write is an EPT violation whose handler copies and remaps. Merge while the vCPUs are
 /// stopped (at an exit, or paused).
+// SAFETY: merge state is in `lock`; the store fd and page count change only in merge(), called from one thread at a time while the guest is stopped or at its own exits.
 public final class PageDeduplicator: @unchecked Sendable {
     public let machines: [Machine]
     public var machine: Machine { machines[0] }

@@ -9,6 +9,7 @@ import Glibc
 /// virtio queue notifications through KVM ioeventfds: each queue's QueueNotify write
 /// signals an eventfd inside the kernel (no exit to userspace), and this thread processes
 /// the queue — the vCPU never waits for the device. One thread per machine.
+// SAFETY: doorbells are added before start() (asserted) and the thread gets its own copy; `notifications` is atomic.
 final class DoorbellThread: @unchecked Sendable {
     private struct Doorbell { let fd: Int32; let address: UInt64; let queue: Int; let transport: VirtioMMIOTransport }
     private let vm: any NotificationOffload

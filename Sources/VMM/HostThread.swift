@@ -5,6 +5,7 @@ import Glibc
 
 /// A joinable OS thread (one per vCPU). Foundation's Thread cannot be joined, and the
 /// run loop wants a plain thread with nothing else scheduled on it.
+// SAFETY: the pthread handle is written once in init, before any other thread can see the object.
 public final class HostThread: @unchecked Sendable {
     private var thread = pthread_t()
     private final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }

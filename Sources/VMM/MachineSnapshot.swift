@@ -184,6 +184,7 @@ extension Machine {
 /// Lazy restore: guest RAM registered with userfaultfd in missing-page mode; the first
 /// touch of a page (by a vCPU through KVM, by the interpreter, or by a device) faults, and
 /// a handler thread copies the page in from the snapshot file.
+// SAFETY: the fault thread is started and joined by the owner; shared counters are atomic and the failure hook is behind a Mutex.
 final class LazyMemoryLoader: @unchecked Sendable {
     private let uffd: Int32
     private let stopFD: Int32

@@ -44,6 +44,7 @@ enum SnapshotSectionKind: UInt32, CaseIterable, Sendable {
 /// debug build.
 enum SnapshotCRC32C {
     /// 16 tables of 256 entries; table k advances a byte k positions further.
+    // SAFETY: filled once by the lazy initialiser (which Swift runs exactly once) and only read after.
     nonisolated(unsafe) static let table: UnsafePointer<UInt32> = {
         let t = UnsafeMutablePointer<UInt32>.allocate(capacity: 16 * 256)
         for i in 0..<256 {

@@ -27,6 +27,7 @@ public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertibl
 /// deduplication, userfaultfd and migration — share or remap the same pages. All public
 /// access is bounds-checked; engines in this package reach the raw pointer through
 /// `package` API so the unsafe part stays inside the package.
+// SAFETY: the mapping and fd are immutable; guest RAM is shared memory by design (vCPUs and devices access it concurrently, as hardware does).
 public final class GuestMemory: @unchecked Sendable {
     public static let pageSize = 4096
 

@@ -17,6 +17,7 @@ import VirtCore
 /// A guest access the permissions forbid is an EPT violation: the instruction is not
 /// executed and `run()` returns `.memoryFault(gpa:access:)`; it restarts on the next
 /// `run()`, after the VMM has changed the permissions (copy-on-write, say).
+// SAFETY: permissions and frames change under `changeLock` (vCPUs see them after the epoch bump forces a TLB flush at their next run); accessed/dirty flags are byte stores any vCPU may make, collected by the VMM while vCPUs are out of run().
 public final class SecondLevelPageTable: @unchecked Sendable {
     public static let pageSize: UInt64 = 4096
     public let pageCount: Int

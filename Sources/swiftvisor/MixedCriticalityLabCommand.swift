@@ -1,5 +1,9 @@
 import ArgumentParser
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Lab
 
 struct MixedCriticality: ParsableCommand {
@@ -47,7 +51,7 @@ struct MixedCriticality: ParsableCommand {
         lab.holdMicroseconds = holdUs
         lab.burstMicroseconds = burstUs
         lab.loadPeriodMicroseconds = loadPeriodUs
-        FileHandle.standardError.write(Data("lab mixed-criticality: \(lab.configurations.count) configurations × \(jobs) jobs…\n".utf8))
+        printError("lab mixed-criticality: \(lab.configurations.count) configurations × \(jobs) jobs…")
         let result = try lab.run()
         try report.emit(result, name: "mixed-criticality", table: MixedCriticalityLab.table(result), chart: MixedCriticalityLab.chart(result))
     }

@@ -1,5 +1,9 @@
 import ArgumentParser
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Lab
 
 struct ShadowVsEpt: ParsableCommand {
@@ -29,7 +33,7 @@ struct ShadowVsEpt: ParsableCommand {
 
     func run() throws {
         let lab = ShadowVsEptLab(scale: scale)
-        let result = try lab.run { FileHandle.standardError.write(Data("lab shadow-vs-ept: \($0)…\n".utf8)) }
+        let result = try lab.run { printError("lab shadow-vs-ept: \($0)…\n") }
         try report.emit(result, name: "shadow-vs-ept", table: ShadowVsEptLab.table(result), chart: ShadowVsEptLab.chart(result))
     }
 }
@@ -57,7 +61,7 @@ struct SmepSmapAlias: ParsableCommand {
     func run() throws {
         var lab = SmepSmapAliasLab()
         lab.useKVM = !noKvm
-        let result = try lab.run { FileHandle.standardError.write(Data("lab smep-smap-alias: \($0)…\n".utf8)) }
+        let result = try lab.run { printError("lab smep-smap-alias: \($0)…\n") }
         try report.emit(result, name: "smep-smap-alias", table: SmepSmapAliasLab.table(result), chart: SmepSmapAliasLab.chart(result))
         if result.unexpectedCells > 0 { throw ExitCode(1) }
     }

@@ -288,6 +288,7 @@ struct DiskArgument {
 }
 
 /// One VM's console when several run: whole lines, each prefixed with the VM's name.
+// SAFETY: the partial line is touched only under `lock`.
 final class PrefixedOutput: @unchecked Sendable {
     private let prefix: [UInt8]
     private var line: [UInt8] = []

@@ -1,5 +1,9 @@
 import ArgumentParser
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Lab
 
 struct SriovIommu: ParsableCommand {
@@ -59,7 +63,7 @@ struct SriovIommu: ParsableCommand {
         lab.poolBytes = poolMiB << 20
         lab.iotlbSizes = iotlb
         lab.roundTrips = roundTrips
-        FileHandle.standardError.write(Data("lab sriov-iommu: \(lab.engine.rawValue) engine for the isolation runs…\n".utf8))
+        printError("lab sriov-iommu: \(lab.engine.rawValue) engine for the isolation runs…")
         let result = try lab.run()
         try options.emit(result, name: "sriov-iommu", table: SriovIommuLab.table(result), chart: SriovIommuLab.chart(result))
     }

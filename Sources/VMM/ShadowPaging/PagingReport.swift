@@ -1,4 +1,8 @@
-import Foundation
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import VirtCore
 
 /// How a machine's guest addresses were translated (scenario S5 accounting): the mode,
@@ -17,15 +21,15 @@ public struct PagingReport: Sendable, Codable, Equatable {
     public var text: String {
         var s = "paging: \(mode)"
         if mode == .nested, let p = secondLevelPage { s += " (second level in \(p) pages)" }
-        s += String(format: ", %llu page walks, %.1f references per walk", counts.walks, counts.referencesPerWalk)
-        if let h = counts.tlbHitRate { s += String(format: ", TLB hit rate %.4f %% of %llu lookups", h * 100, counts.tlbLookups) }
+        s += ", \(counts.walks) page walks, \(counts.referencesPerWalk.fixed(1)) references per walk"
+        if let h = counts.tlbHitRate { s += ", TLB hit rate \((h * 100).fixed(4)) % of \(counts.tlbLookups) lookups" }
         if let sh = shadow {
             func c(_ name: String, _ e: ExitCounter) -> String {
-                "\(name) \(e.count)" + (e.count > 0 ? String(format: " (%.1f µs avg)", Double(e.nanoseconds) / Double(e.count) / 1000) : "")
+                "\(name) \(e.count)" + (e.count > 0 ? " (\((Double(e.nanoseconds) / Double(e.count) / 1000).fixed(1)) µs avg)" : "")
             }
             s += "\nshadow exits: " + [c("pte-write", sh.pageTableWrites), c("cr3-load", sh.contextSwitches), c("invlpg", sh.invalidations),
                                        c("fill", sh.fills), c("guest #PF", sh.guestPageFaults)].joined(separator: ", ")
-            s += String(format: "; VMM time %.3f ms", Double(sh.nanoseconds) / 1e6)
+            s += "; VMM time \((Double(sh.nanoseconds) / 1e6).fixed(3)) ms"
             s += "\nshadow pages: \(sh.shadowPagesCreated) made, \(sh.shadowPagesZapped) emptied, \(sh.shadowPagesUnshadowed) unshadowed, \(sh.fullResets) full resets"
         }
         return s
