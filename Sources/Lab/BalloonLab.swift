@@ -14,83 +14,83 @@ import VMM
 /// asks for is paid for by evicting cache pages. Per balloon size the lab sets the
 /// guest's measured miss rate under a Zipf(s) access stream beside two models, and the
 /// host memory the VM holds beside what the balloon gave back.
-public struct BalloonLab: Sendable {
-    public var engine: EngineChoice
+package struct BalloonLab: Sendable {
+    package var engine: EngineChoice
     /// W: dataset pages on the disk (2…16384).
-    public var datasetPages = 4096
+    package var datasetPages = 4096
     /// Counted accesses per phase.
-    public var accesses: UInt64 = 50_000
+    package var accesses: UInt64 = 50_000
     /// Uncounted accesses before them (nil: a quarter of `accesses`), so each phase is
     /// measured with the cache settled at its new size.
-    public var warmupAccesses: UInt64?
+    package var warmupAccesses: UInt64?
     /// Zipf exponent s (the guest takes it in thousandths).
-    public var zipfExponent = 1.0
+    package var zipfExponent = 1.0
     /// Cache sizes to shrink to, as fractions of W, after a first phase with no balloon.
-    public var cacheFractions: [Double] = [0.75, 0.5, 0.25, 0.1, 0.05]
+    package var cacheFractions: [Double] = [0.75, 0.5, 0.25, 0.1, 0.05]
     /// End with the balloon deflated to 0 (the cache gets its frames back, empty).
-    public var deflateAtEnd = true
-    public var seed: UInt64 = 1
-    public var directory = HostPaths.temporaryDirectory
+    package var deflateAtEnd = true
+    package var seed: UInt64 = 1
+    package var directory = HostPaths.temporaryDirectory
 
-    public init(engine: EngineChoice) { self.engine = engine }
+    package init(engine: EngineChoice) { self.engine = engine }
 
-    public struct Phase: Codable, Sendable {
-        public var phase: Int
+    package struct Phase: Codable, Sendable {
+        package var phase: Int
         /// "no balloon", "inflate" or "deflate".
-        public var step: String
-        public var targetPages: UInt32
+        package var step: String
+        package var targetPages: UInt32
         /// Pages in the balloon as the guest reported them.
-        public var balloonPages: UInt32
+        package var balloonPages: UInt32
         /// C: cache frames, and the pages in them.
-        public var cachePages: UInt32
-        public var residentPages: UInt32
-        public var accesses: UInt64
-        public var misses: UInt64
-        public var missRate: Double
+        package var cachePages: UInt32
+        package var residentPages: UInt32
+        package var accesses: UInt64
+        package var misses: UInt64
+        package var missRate: Double
         /// The host's replay of the guest's CLOCK cache over the same access stream.
-        public var replayedClockMisses: UInt64
+        package var replayedClockMisses: UInt64
         /// An exact LRU cache of C pages fed the same stream.
-        public var simulatedLRUMisses: UInt64
-        public var simulatedMissRateLRU: Double
+        package var simulatedLRUMisses: UInt64
+        package var simulatedMissRateLRU: Double
         /// Che's approximation for an LRU cache of C pages.
-        public var predictedMissRateLRU: Double
+        package var predictedMissRateLRU: Double
         /// The cache holding exactly the C most popular pages: 1 − H(C,s)/H(W,s).
-        public var predictedMissRateTopC: Double
+        package var predictedMissRateTopC: Double
         /// 2σ of the measured miss rate from sampling alone (binomial, at the LRU prediction).
-        public var samplingError2Sigma: Double
+        package var samplingError2Sigma: Double
         /// Cache pages the guest evicted this phase to hand their frames to the balloon.
-        public var evictedForBalloon: UInt64
+        package var evictedForBalloon: UInt64
         /// `GuestMemory.allocatedBytes` at the end of the phase.
-        public var hostAllocatedBytes: UInt64
+        package var hostAllocatedBytes: UInt64
         /// The balloon device's count of host memory its discards gave back (cumulative).
-        public var returnedBytes: UInt64
-        public var discardedBytes: UInt64
-        public var seconds: Double
+        package var returnedBytes: UInt64
+        package var discardedBytes: UInt64
+        package var seconds: Double
     }
 
-    public struct Result: Codable, Sendable {
-        public var engine: String
-        public var cpl: Int
-        public var drivers: String
-        public var datasetPages: Int
-        public var zipfExponent: Double
-        public var accessesPerPhase: UInt64
-        public var warmupAccessesPerPhase: UInt64
-        public var ramBytes: UInt64
+    package struct Result: Codable, Sendable {
+        package var engine: String
+        package var cpl: Int
+        package var drivers: String
+        package var datasetPages: Int
+        package var zipfExponent: Double
+        package var accessesPerPhase: UInt64
+        package var warmupAccessesPerPhase: UInt64
+        package var ramBytes: UInt64
         /// Cache frames the guest started with (every page of its pool, up to its limit).
-        public var cacheFrames: UInt32
+        package var cacheFrames: UInt32
         /// Cache frames plus the pool's free pages: what a balloon can take before the cache is empty.
-        public var poolPages: UInt32
+        package var poolPages: UInt32
         /// Host memory after the guest warmed its cache, before the first phase.
-        public var hostAllocatedBytesAtStart: UInt64
+        package var hostAllocatedBytesAtStart: UInt64
         /// Probability of the most popular page: the guest's fixed-point CDF vs 1/H(W,s).
-        public var guestTopPagePpm: Int
-        public var modelTopPagePpm: Double
-        public var badStamps: UInt64
+        package var guestTopPagePpm: Int
+        package var modelTopPagePpm: Double
+        package var badStamps: UInt64
         /// Whether the host's replay of the guest's CLOCK cache counted the same misses in every phase.
-        public var replayMatchesGuest: Bool
-        public var phases: [Phase]
-        public var guestOutput: String
+        package var replayMatchesGuest: Bool
+        package var phases: [Phase]
+        package var guestOutput: String
     }
 
     /// Stamps page i of a raw image: first word i, last word i ^ "ZIPFCACH".
@@ -143,7 +143,7 @@ public struct BalloonLab: Sendable {
     /// Balloon targets for a guest whose cache frames and free pool pages add up to
     /// `poolPages`: none, then a cache of each fraction of W (at least one frame left), then
     /// none again; consecutive repeats dropped (the guest waits for the target to change).
-    public func targets(poolPages frames: UInt32) -> [UInt32] {
+    package func targets(poolPages frames: UInt32) -> [UInt32] {
         var list: [UInt32] = [0]
         for f in cacheFractions {
             let cache = max(1, Int((f * Double(datasetPages)).rounded()))
@@ -162,7 +162,7 @@ public struct BalloonLab: Sendable {
         return (want + (2 << 20) - 1) / (2 << 20) * (2 << 20)
     }
 
-    public func run() throws -> Result {
+    package func run() throws -> Result {
         guard (2...16384).contains(datasetPages) else { throw LabError.badParameters("dataset pages must be 2–16384") }
         guard zipfExponent > 0, zipfExponent <= 4 else { throw LabError.badParameters("the Zipf exponent must be in (0, 4]") }
         guard accesses > 0 else { throw LabError.badParameters("accesses must be positive") }
@@ -267,7 +267,7 @@ public struct BalloonLab: Sendable {
 
     static func pct(_ x: Double) -> String { "\((100 * x).fixed(2))%" }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let w = Double(r.datasetPages)
         let rows = r.phases.map { p in
             [String(p.phase), p.step, String(p.balloonPages), "\(p.cachePages) (\((100 * Double(p.cachePages) / w).fixed(0))%)",
@@ -313,7 +313,7 @@ public struct BalloonLab: Sendable {
             rows: rows, notes: notes)
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         BarChart(title: "S7 on the \(r.engine) engine: miss rate and host memory by balloon size",
                  categories: r.phases.map { "B=\($0.balloonPages)" },
                  series: [("measured miss %", r.phases.map { 100 * $0.missRate }),
@@ -325,13 +325,13 @@ public struct BalloonLab: Sendable {
 }
 
 /// Independent-reference model of a cache of C pages under Zipf(s) over W pages.
-public struct ZipfModel: Sendable {
-    public let pages: Int
-    public let exponent: Double
+package struct ZipfModel: Sendable {
+    package let pages: Int
+    package let exponent: Double
     /// p_k for k = 1…W.
-    public let probabilities: [Double]
+    package let probabilities: [Double]
 
-    public init(pages: Int, exponent: Double) {
+    package init(pages: Int, exponent: Double) {
         self.pages = pages
         self.exponent = exponent
         let weights = (1...max(pages, 1)).map { pow(Double($0), -exponent) }
@@ -340,20 +340,20 @@ public struct ZipfModel: Sendable {
     }
 
     /// H(n, s) = Σ_{k=1…n} k^−s.
-    public func harmonic(_ n: Int) -> Double {
+    package func harmonic(_ n: Int) -> Double {
         guard n > 0 else { return 0 }
         return (1...n).reduce(0.0) { $0 + pow(Double($1), -exponent) }
     }
 
     /// The cache holds the C most popular pages: miss = 1 − H(C,s)/H(W,s).
-    public func topCMissRate(cache: Int) -> Double {
+    package func topCMissRate(cache: Int) -> Double {
         if cache >= pages { return 0 }
         if cache <= 0 { return 1 }
         return max(0, 1 - harmonic(cache) / harmonic(pages))
     }
 
     /// Che's approximation for LRU: T with Σ(1 − e^(−p_i T)) = C; miss = Σ p_i e^(−p_i T).
-    public func lruMissRate(cache: Int) -> Double {
+    package func lruMissRate(cache: Int) -> Double {
         if cache >= pages { return 0 }
         if cache <= 0 { return 1 }
         let c = Double(cache)
@@ -374,7 +374,7 @@ public struct ZipfModel: Sendable {
 /// reported them), and beside it an exact LRU cache of the same size fed the same stream.
 /// The CLOCK replay must count the guest's misses exactly; the LRU one separates "CLOCK is
 /// not LRU" from "Che's formula is an approximation".
-public struct ZipfCacheReplay: Sendable {
+package struct ZipfCacheReplay: Sendable {
     /// 2^(-2^-i) for i = 1…32 in Q0.64 (the guest's table).
     static let pow2NegFrac: [UInt64] = [
         0xb504f333f9de6484, 0xd744fccad69d6af4, 0xeac0c6e7dd24392f, 0xf5257d152486cc2c,
@@ -411,7 +411,7 @@ public struct ZipfCacheReplay: Sendable {
     }
 
     /// The guest's CDF: cdf[k] = Σ_{j ≤ k} weight(j + 1).
-    public static func cdf(pages: Int, smilli: UInt64) -> [UInt64] {
+    package static func cdf(pages: Int, smilli: UInt64) -> [UInt64] {
         var total: UInt64 = 0
         return (0..<pages).map { k in
             total &+= pow2NegQ48(log2Q32(UInt64(k + 1)) &* smilli / 1000)
@@ -431,7 +431,7 @@ public struct ZipfCacheReplay: Sendable {
     var prev: [Int32], next: [Int32], inLRU: [Bool]
     var head: Int32 = -1, tail: Int32 = -1, lruCount = 0, lruCapacity = 0
 
-    public init(pages: Int, smilli: UInt64, seed: UInt64) {
+    package init(pages: Int, smilli: UInt64, seed: UInt64) {
         self.pages = pages
         cdf = Self.cdf(pages: pages, smilli: smilli)
         rng = seed
@@ -442,7 +442,7 @@ public struct ZipfCacheReplay: Sendable {
     }
 
     /// Probability of the most popular page in the guest's CDF, in ppm (as the guest prints it).
-    public var topPagePpm: UInt64 { (cdf[0] >> 16) * 1_000_000 / (cdf[pages - 1] >> 16) }
+    package var topPagePpm: UInt64 { (cdf[0] >> 16) * 1_000_000 / (cdf[pages - 1] >> 16) }
 
     mutating func next64() -> UInt64 {
         rng &+= 0x9E37_79B9_7F4A_7C15
@@ -545,7 +545,7 @@ public struct ZipfCacheReplay: Sendable {
 
     /// Misses per phase (CLOCK, LRU), for a guest that started with `frames` frames and had
     /// `cacheSizes[i]` frames in phase i.
-    public mutating func run(frames: Int, cacheSizes: [Int], warmup: UInt64, accesses: UInt64) -> [(clock: UInt64, lru: UInt64)] {
+    package mutating func run(frames: Int, cacheSizes: [Int], warmup: UInt64, accesses: UInt64) -> [(clock: UInt64, lru: UInt64)] {
         setClockFrames(frames)
         setLRUCapacity(frames)
         while resident < frameCount, resident < pages {  // the guest's warm start

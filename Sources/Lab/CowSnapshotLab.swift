@@ -10,46 +10,46 @@ import VMM
 /// Scenario S6: copy-on-write snapshots of a running guest. The `counter` guest prints a
 /// line per step and writes `touch` pages per step — 8 bytes each (small writes) or whole
 /// pages (large writes); a snapshot is taken while it runs, then restored eagerly and lazily.
-public struct CowSnapshotLab: Sendable {
-    public var engine: EngineChoice
-    public var memory: UInt64 = 64 << 20
-    public var touch: UInt64 = 256
-    public var directory = HostPaths.temporaryDirectory
+package struct CowSnapshotLab: Sendable {
+    package var engine: EngineChoice
+    package var memory: UInt64 = 64 << 20
+    package var touch: UInt64 = 256
+    package var directory = HostPaths.temporaryDirectory
 
-    public init(engine: EngineChoice) { self.engine = engine }
+    package init(engine: EngineChoice) { self.engine = engine }
 
-    public struct Row: Codable, Sendable {
-        public var workload: String
-        public var pauseMilliseconds: Double
-        public var totalMilliseconds: Double
-        public var cowFaults: UInt64
-        public var bytesCopied: UInt64
+    package struct Row: Codable, Sendable {
+        package var workload: String
+        package var pauseMilliseconds: Double
+        package var totalMilliseconds: Double
+        package var cowFaults: UInt64
+        package var bytesCopied: UInt64
         /// Bytes the guest wrote while the snapshot was being written (all writes).
-        public var bytesWrittenByGuest: UInt64
+        package var bytesWrittenByGuest: UInt64
         /// Bytes the guest's faulting writes changed: one page-write (8 B or 4 KiB) per page a
         /// fault copied (a fault racing the writer on a page it had just saved copies nothing).
-        public var bytesWrittenToProtectedPages: UInt64
+        package var bytesWrittenToProtectedPages: UInt64
         /// Bytes copied per byte the guest changed in protected pages.
-        public var writeAmplification: Double?
-        public var fileBytes: UInt64
-        public var mechanism: String
+        package var writeAmplification: Double?
+        package var fileBytes: UInt64
+        package var mechanism: String
         /// Restore: from opening the file to the vCPU's first instruction (the VM built and
         /// RAM read, or armed for lazy loading), and to the guest's next output line.
-        public var eagerRestoreToFirstInstructionMs: Double
-        public var eagerRestoreToOutputMs: Double
-        public var lazyRestoreToFirstInstructionMs: Double
-        public var lazyRestoreToOutputMs: Double
-        public var lazyPagesFaultedIn: UInt64
+        package var eagerRestoreToFirstInstructionMs: Double
+        package var eagerRestoreToOutputMs: Double
+        package var lazyRestoreToFirstInstructionMs: Double
+        package var lazyRestoreToOutputMs: Double
+        package var lazyPagesFaultedIn: UInt64
     }
 
-    public struct Result: Codable, Sendable {
-        public var engine: String
-        public var memoryBytes: UInt64
-        public var pagesTouchedPerStep: UInt64
-        public var rows: [Row]
+    package struct Result: Codable, Sendable {
+        package var engine: String
+        package var memoryBytes: UInt64
+        package var pagesTouchedPerStep: UInt64
+        package var rows: [Row]
     }
 
-    public func run() throws -> Result {
+    package func run() throws -> Result {
         var rows: [Row] = []
         for fill in [false, true] { rows.append(try measure(fill: fill)) }
         return Result(engine: engine.rawValue, memoryBytes: memory, pagesTouchedPerStep: touch, rows: rows)
@@ -100,7 +100,7 @@ public struct CowSnapshotLab: Sendable {
                    lazyRestoreToFirstInstructionMs: lazy.0, lazyRestoreToOutputMs: lazy.1, lazyPagesFaultedIn: lazy.2)
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { x in
             [x.workload, x.pauseMilliseconds.fixed(2), x.totalMilliseconds.fixed(1), String(x.cowFaults),
              (Double(x.bytesCopied) / 1024).fixed(1), (Double(x.bytesWrittenByGuest) / 1024).fixed(1),
@@ -119,7 +119,7 @@ public struct CowSnapshotLab: Sendable {
                     "lazy restore starts the guest before RAM is read (pages come in on first touch, each 64 KiB chunk verified); eager restore reads and verifies all of RAM first."])
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         BarChart(title: "S6 on the \(r.engine) engine", categories: r.rows.map(\.workload),
                  series: [("KiB copied", r.rows.map { Double($0.bytesCopied) / 1024 }),
                           ("KiB written by guest", r.rows.map { Double($0.bytesWrittenByGuest) / 1024 }),

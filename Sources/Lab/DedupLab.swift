@@ -15,38 +15,38 @@ import VMM
 /// the VMM estimates each page's write probability from the dirty log, merges, and counts
 /// copy-on-write breaks round by round — once merging everything, once with the policy
 /// that merges only pages whose predicted benefit is positive.
-public struct DedupLab: Sendable {
-    public var engine: EngineChoice
-    public var pages: UInt64 = 1024
-    public var warmRounds = 8
-    public var policy = DeduplicationPolicy()
-    public var writeProbabilities: [Double] = [0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+package struct DedupLab: Sendable {
+    package var engine: EngineChoice
+    package var pages: UInt64 = 1024
+    package var warmRounds = 8
+    package var policy = DeduplicationPolicy()
+    package var writeProbabilities: [Double] = [0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 
-    public init(engine: EngineChoice) { self.engine = engine }
+    package init(engine: EngineChoice) { self.engine = engine }
 
-    public struct Row: Codable, Sendable {
-        public var writeProbability: Double
-        public var strategy: String
-        public var pagesMerged: Int
-        public var breaks: UInt64
+    package struct Row: Codable, Sendable {
+        package var writeProbability: Double
+        package var strategy: String
+        package var pagesMerged: Int
+        package var breaks: UInt64
         /// Page-rounds of memory saved over the horizon (merged pages not yet broken, per round).
-        public var savedPageRounds: Double
-        public var netBenefitPerPage: Double?
-        public var predictedNetBenefitPerPage: Double
-        public var hostPagesSavedAtEnd: Int
+        package var savedPageRounds: Double
+        package var netBenefitPerPage: Double?
+        package var predictedNetBenefitPerPage: Double
+        package var hostPagesSavedAtEnd: Int
     }
 
-    public struct Result: Codable, Sendable {
-        public var engine: String
-        public var pages: UInt64
-        public var policy: DeduplicationPolicy
-        public var predictedBreakEven: Double
-        public var measuredBreakEven: Double?
-        public var mechanism: String
-        public var rows: [Row]
+    package struct Result: Codable, Sendable {
+        package var engine: String
+        package var pages: UInt64
+        package var policy: DeduplicationPolicy
+        package var predictedBreakEven: Double
+        package var measuredBreakEven: Double?
+        package var mechanism: String
+        package var rows: [Row]
     }
 
-    public func run() throws -> Result {
+    package func run() throws -> Result {
         var rows: [Row] = []
         for p in writeProbabilities {
             rows.append(try runOnce(p: p, usePolicy: false))
@@ -139,7 +139,7 @@ public struct DedupLab: Sendable {
                    hostPagesSavedAtEnd: s.pagesSavedNow)
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { x in
             [x.writeProbability.fixed(2), x.strategy, String(x.pagesMerged), String(x.breaks),
              x.savedPageRounds.fixed(0), x.netBenefitPerPage.map { $0.fixed(2, sign: true) } ?? "-",
@@ -159,7 +159,7 @@ public struct DedupLab: Sendable {
                         rows: rows, notes: notes)
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         let all = r.rows.filter { $0.strategy == "merge all" }
         return BarChart(title: "S8 on the \(r.engine) engine: net benefit per merged page vs write probability",
                         categories: all.map { "p=\(($0.writeProbability).fixed(2))" },

@@ -7,18 +7,18 @@ import VirtCore
 
 /// A lab's result as a user sees it: a titled table, notes that explain the numbers, a
 /// JSON document and an SVG chart written side by side.
-public struct LabTable: Sendable {
-    public var title: String
-    public var columns: [String]
-    public var rows: [[String]]
-    public var notes: [String] = []
+package struct LabTable: Sendable {
+    package var title: String
+    package var columns: [String]
+    package var rows: [[String]]
+    package var notes: [String] = []
 
-    public init(title: String, columns: [String], rows: [[String]], notes: [String] = []) {
+    package init(title: String, columns: [String], rows: [[String]], notes: [String] = []) {
         self.title = title; self.columns = columns; self.rows = rows; self.notes = notes
     }
 
     /// Fixed-width text: the first column left-aligned, numbers right-aligned.
-    public var text: String {
+    package var text: String {
         var widths = columns.map(\.count)
         for r in rows { for (i, c) in r.enumerated() where i < widths.count { widths[i] = max(widths[i], c.count) } }
         func line(_ cells: [String]) -> String {
@@ -34,22 +34,22 @@ public struct LabTable: Sendable {
 }
 
 /// A grouped bar chart as a standalone SVG document (no dependencies; opens in a browser).
-public struct BarChart: Sendable {
-    public var title: String
-    public var categories: [String]
+package struct BarChart: Sendable {
+    package var title: String
+    package var categories: [String]
     /// One series per bar colour: name and one value per category.
-    public var series: [(name: String, values: [Double])]
-    public var yLabel: String
+    package var series: [(name: String, values: [Double])]
+    package var yLabel: String
     /// Logarithmic y axis (for values that span orders of magnitude, like exit counts).
-    public var logarithmic = false
+    package var logarithmic = false
 
-    public init(title: String, categories: [String], series: [(name: String, values: [Double])], yLabel: String, logarithmic: Bool = false) {
+    package init(title: String, categories: [String], series: [(name: String, values: [Double])], yLabel: String, logarithmic: Bool = false) {
         self.title = title; self.categories = categories; self.series = series; self.yLabel = yLabel; self.logarithmic = logarithmic
     }
 
     static let palette = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948"]
 
-    public var svg: String {
+    package var svg: String {
         let width = 720.0, height = 420.0, left = 80.0, right = 20.0, top = 50.0, bottom = 70.0
         let plotW = width - left - right, plotH = height - top - bottom
         let all = series.flatMap(\.values).filter { $0.isFinite }
@@ -116,7 +116,7 @@ public struct BarChart: Sendable {
 }
 
 /// Why a lab could not produce its numbers.
-public enum LabError: Error, CustomStringConvertible {
+package enum LabError: Error, CustomStringConvertible {
     /// A guest run ended other than by its own exit (or reported a failure).
     case guestFailed(what: String, reason: String, output: String)
     /// A guest did not reach the point the lab waits for.
@@ -125,7 +125,7 @@ public enum LabError: Error, CustomStringConvertible {
     case noMarkers(String)
     case badParameters(String)
 
-    public var description: String {
+    package var description: String {
         switch self {
         case let .guestFailed(what, reason, output): return "\(what): \(reason); guest output:\n\(output)"
         case let .guestStalled(what, output): return "\(what) did not get going; guest output:\n\(output)"
@@ -171,9 +171,9 @@ final class GuestOutput: @unchecked Sendable {
     }
 }
 
-public enum LabOutputError: Error, CustomStringConvertible {
+package enum LabOutputError: Error, CustomStringConvertible {
     case cannotWrite(path: String, reason: String)
-    public var description: String {
+    package var description: String {
         switch self {
         case let .cannotWrite(path, reason): return "cannot write \(path): \(reason)"
         }
@@ -182,7 +182,7 @@ public enum LabOutputError: Error, CustomStringConvertible {
 
 /// Writes `<directory>/<name>.json` and `<name>.svg`, atomically (temporary file, then
 /// rename), and returns their paths.
-public func writeLabOutputs<R: Encodable>(name: String, directory: String, result: R, chart: BarChart) throws -> (json: String, svg: String) {
+package func writeLabOutputs<R: Encodable>(name: String, directory: String, result: R, chart: BarChart) throws -> (json: String, svg: String) {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
     let json = try encoder.encode(result)

@@ -22,38 +22,38 @@ import Glibc
 /// share CPU 0 (load above the best-effort vCPU) — so without a priority protocol the
 /// load preempts the lock holder while the critical task waits (inversion). Shared: no
 /// pinning, no real-time priorities.
-public struct MixedCriticalityLab: Sendable {
-    public var engine: EngineChoice
-    public var periodMicroseconds: UInt64 = 1000
-    public var jobs = 400
+package struct MixedCriticalityLab: Sendable {
+    package var engine: EngineChoice
+    package var periodMicroseconds: UInt64 = 1000
+    package var jobs = 400
     /// Loop iterations of the critical task's own work per job.
-    public var work: UInt64 = 2000
+    package var work: UInt64 = 2000
     /// How long a best-effort request holds the queue's lock (µs of CPU time).
-    public var holdMicroseconds: UInt64 = 300
+    package var holdMicroseconds: UInt64 = 300
     /// Host load: bursts of `burstMicroseconds` every `loadPeriodMicroseconds`.
-    public var burstMicroseconds: UInt64 = 2000
-    public var loadPeriodMicroseconds: UInt64 = 5000
-    public var criticalCPU = 1, bestEffortCPU = 0
+    package var burstMicroseconds: UInt64 = 2000
+    package var loadPeriodMicroseconds: UInt64 = 5000
+    package var criticalCPU = 1, bestEffortCPU = 0
     /// SCHED_FIFO priorities when pinned. The best-effort vCPU is real-time too, at the
     /// bottom: glibc can raise only a real-time thread to a PTHREAD_PRIO_PROTECT ceiling
     /// (for a SCHED_OTHER holder the first boost fails and later ones silently do nothing).
-    public var criticalPriority: Int32 = 80, timerPriority: Int32 = 90, loadPriority: Int32 = 50, bestEffortPriority: Int32 = 10
+    package var criticalPriority: Int32 = 80, timerPriority: Int32 = 90, loadPriority: Int32 = 50, bestEffortPriority: Int32 = 10
 
-    public init(engine: EngineChoice) { self.engine = engine }
+    package init(engine: EngineChoice) { self.engine = engine }
 
-    public struct Configuration: Codable, Sendable, Hashable {
-        public var pinned: Bool
-        public var lockProtocol: LockProtocol
-        public var load: Bool
-        public var name: String {
+    package struct Configuration: Codable, Sendable, Hashable {
+        package var pinned: Bool
+        package var lockProtocol: LockProtocol
+        package var load: Bool
+        package var name: String {
             "\(pinned ? "pinned" : "shared"), \(lockProtocol == .plain ? "mutex" : lockProtocol == .inheritance ? "PI" : "PCP"), \(load ? "load" : "no load")"
         }
-        public init(pinned: Bool, lockProtocol: LockProtocol, load: Bool) {
+        package init(pinned: Bool, lockProtocol: LockProtocol, load: Bool) {
             self.pinned = pinned; self.lockProtocol = lockProtocol; self.load = load
         }
     }
 
-    public static let standardConfigurations: [Configuration] = [
+    package static let standardConfigurations: [Configuration] = [
         Configuration(pinned: false, lockProtocol: .plain, load: false),
         Configuration(pinned: false, lockProtocol: .plain, load: true),
         Configuration(pinned: true, lockProtocol: .plain, load: false),
@@ -61,45 +61,45 @@ public struct MixedCriticalityLab: Sendable {
         Configuration(pinned: true, lockProtocol: .inheritance, load: true),
         Configuration(pinned: true, lockProtocol: .ceiling, load: true),
     ]
-    public var configurations = MixedCriticalityLab.standardConfigurations
+    package var configurations = MixedCriticalityLab.standardConfigurations
 
-    public struct Latency: Codable, Sendable {
-        public var medianMicroseconds: Double
-        public var p99Microseconds: Double
-        public var worstMicroseconds: Double
+    package struct Latency: Codable, Sendable {
+        package var medianMicroseconds: Double
+        package var p99Microseconds: Double
+        package var worstMicroseconds: Double
         /// Counts per bucket of `histogramEdgesMicroseconds`.
-        public var histogram: [Int]
+        package var histogram: [Int]
     }
 
-    public struct Row: Codable, Sendable {
-        public var configuration: String
-        public var pinned: Bool
-        public var lockProtocol: String
-        public var load: Bool
-        public var response: Latency
-        public var jitter: Latency
-        public var sharedQueueRequests: UInt64
+    package struct Row: Codable, Sendable {
+        package var configuration: String
+        package var pinned: Bool
+        package var lockProtocol: String
+        package var load: Bool
+        package var response: Latency
+        package var jitter: Latency
+        package var sharedQueueRequests: UInt64
         /// Requests refused because the lock could not be taken (should be 0).
-        public var lockErrors: UInt64
-        public var timerInterrupts: UInt64
+        package var lockErrors: UInt64
+        package var timerInterrupts: UInt64
     }
 
-    public struct Result: Codable, Sendable {
-        public var engine: String
-        public var hostCPUs: [Int]
-        public var periodMicroseconds: UInt64
-        public var jobs: Int
-        public var holdMicroseconds: UInt64
-        public var loadBurstMicroseconds: UInt64
-        public var loadPeriodMicroseconds: UInt64
+    package struct Result: Codable, Sendable {
+        package var engine: String
+        package var hostCPUs: [Int]
+        package var periodMicroseconds: UInt64
+        package var jobs: Int
+        package var holdMicroseconds: UInt64
+        package var loadBurstMicroseconds: UInt64
+        package var loadPeriodMicroseconds: UInt64
         /// Upper edges of the guest's histogram buckets (the last is open).
-        public var histogramEdgesMicroseconds: [Int]
-        public var rows: [Row]
+        package var histogramEdgesMicroseconds: [Int]
+        package var rows: [Row]
     }
 
-    public static let histogramEdges = [25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, Int.max]
+    package static let histogramEdges = [25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, Int.max]
 
-    public func run() throws -> Result {
+    package func run() throws -> Result {
         guard engine == .kvm else {
             throw LabError.badParameters("mixed-criticality needs the kvm engine: the critical task measures time with the TSC, which the software engine counts in instructions")
         }
@@ -235,7 +235,7 @@ public struct MixedCriticalityLab: Sendable {
         return Latency(medianMicroseconds: median / 1000, p99Microseconds: p99 / 1000, worstMicroseconds: worst / 1000, histogram: hist)
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { row in
             [row.configuration, row.response.medianMicroseconds.fixed(0), row.response.p99Microseconds.fixed(0),
              row.response.worstMicroseconds.fixed(0), row.jitter.p99Microseconds.fixed(0),
@@ -252,7 +252,7 @@ public struct MixedCriticalityLab: Sendable {
             ])
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         let labels = histogramEdges.enumerated().map { i, e in e == Int.max ? "≥\(histogramEdges[i - 1]) µs" : "<\(e) µs" }
         // Only the buckets some configuration used, so the bars stay readable.
         let used = labels.indices.filter { b in r.rows.contains { $0.response.histogram[b] > 0 } }

@@ -11,44 +11,44 @@ import VMM
 /// Scenario S2: the same guest packet workload (`net-bench`, at CPL3, polling) over the
 /// emulated register-interface NIC and over virtio-net, with the exit-cost model that
 /// predicts the difference.
-public struct ParavirtVsEmulatedLab: Sendable {
-    public var engine: EngineChoice
-    public var packets: UInt64 = 20_000
-    public var size: UInt64 = 256
-    public var batch: UInt64 = 32
+package struct ParavirtVsEmulatedLab: Sendable {
+    package var engine: EngineChoice
+    package var packets: UInt64 = 20_000
+    package var size: UInt64 = 256
+    package var batch: UInt64 = 32
 
-    public init(engine: EngineChoice) { self.engine = engine }
+    package init(engine: EngineChoice) { self.engine = engine }
 
-    public struct Form: Codable, Sendable {
-        public var device: String
-        public var packets: UInt64
-        public var seconds: Double
-        public var packetsPerSecond: Double
-        public var exitsPerPacket: Double
+    package struct Form: Codable, Sendable {
+        package var device: String
+        package var packets: UInt64
+        package var seconds: Double
+        package var packetsPerSecond: Double
+        package var exitsPerPacket: Double
         /// Exits per packet the device protocol implies (NIC: 4 register writes + a status
         /// read; virtio-net: one notify per batch).
-        public var modelExitsPerPacket: Double
+        package var modelExitsPerPacket: Double
         /// Packets/s the exit-cost model predicts: 1 / (model exits per packet × exit cost);
         /// nil when the protocol needs no exits (the model sets no bound).
-        public var modelPacketsPerSecond: Double?
-        public var hostNanosecondsPerPacket: Double
+        package var modelPacketsPerSecond: Double?
+        package var hostNanosecondsPerPacket: Double
         /// Software engine only: guest instructions retired per packet (nil on KVM).
-        public var guestInstructionsPerPacket: Double?
-        public var framesSeen: UInt64
+        package var guestInstructionsPerPacket: Double?
+        package var framesSeen: UInt64
     }
 
-    public struct Result: Codable, Sendable {
-        public var engine: String
-        public var cpl: Int = 3
-        public var frameBytes: UInt64
-        public var batch: UInt64
+    package struct Result: Codable, Sendable {
+        package var engine: String
+        package var cpl: Int = 3
+        package var frameBytes: UInt64
+        package var batch: UInt64
         /// Measured cost of one exit round trip (port I/O, same engine, same run).
-        public var exitNanoseconds: Double
-        public var hostInstructionsPerPacket: String
-        public var forms: [Form]
+        package var exitNanoseconds: Double
+        package var hostInstructionsPerPacket: String
+        package var forms: [Form]
     }
 
-    public func run() throws -> Result {
+    package func run() throws -> Result {
         let exitNs = try calibrateExitCost()
         var forms = [try runForm(emulated: true, exitNs: exitNs), try runForm(emulated: false, exitNs: exitNs)]
         if engine == .kvm { forms.append(try runForm(emulated: false, ioeventfd: true, exitNs: exitNs)) }
@@ -110,7 +110,7 @@ public struct ParavirtVsEmulatedLab: Sendable {
                     guestInstructionsPerPacket: instructions, framesSeen: sink.frames)
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let rows = r.forms.map { f in
             [f.device, f.packetsPerSecond.fixed(0), f.modelPacketsPerSecond.map { $0.fixed(0) } ?? "no bound",
              f.exitsPerPacket.fixed(3), f.modelExitsPerPacket.fixed(3),
@@ -138,7 +138,7 @@ public struct ParavirtVsEmulatedLab: Sendable {
                         rows: rows, notes: notes)
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         BarChart(title: "S2 on the \(r.engine) engine: measured vs model", categories: r.forms.map(\.device),
                  series: [("packets/s", r.forms.map(\.packetsPerSecond)), ("model packets/s", r.forms.map { $0.modelPacketsPerSecond ?? 0 }),
                           ("exits per 1000 packets", r.forms.map { $0.exitsPerPacket * 1000 })],

@@ -11,41 +11,41 @@ import VMM
 /// Scenario S1: the same status device as trapped port-I/O registers and as registers on
 /// a shared guest page that the VMM scans on a timer. The `status-device` guest makes
 /// `reads` status reads and `writes` control writes at CPL3 in each form.
-public struct PioVsMmioLab: Sendable {
-    public var engine: EngineChoice
-    public var reads: UInt64 = 1_000_000
-    public var writes: UInt64 = 10_000
+package struct PioVsMmioLab: Sendable {
+    package var engine: EngineChoice
+    package var reads: UInt64 = 1_000_000
+    package var writes: UInt64 = 10_000
     /// KVM: how often the host timer kicks the vCPU to scan the page.
-    public var tickSeconds = 0.001
+    package var tickSeconds = 0.001
     /// Software engine: preemption-timer period in guest instructions.
-    public var tickInstructions: UInt64 = 100_000
+    package var tickInstructions: UInt64 = 100_000
 
-    public init(engine: EngineChoice) { self.engine = engine }
+    package init(engine: EngineChoice) { self.engine = engine }
 
-    public struct Form: Codable, Sendable {
-        public var form: String
-        public var exits: UInt64
+    package struct Form: Codable, Sendable {
+        package var form: String
+        package var exits: UInt64
         /// Exits by reason name.
-        public var exitsByReason: [String: UInt64]
-        public var wallSeconds: Double
-        public var handledControlWrites: UInt64
-        public var controlWritesIssued: UInt64
-        public var statusReads: UInt64
+        package var exitsByReason: [String: UInt64]
+        package var wallSeconds: Double
+        package var handledControlWrites: UInt64
+        package var controlWritesIssued: UInt64
+        package var statusReads: UInt64
         /// Timer ticks (page form: scans of the dirty state).
-        public var ticks: UInt64
+        package var ticks: UInt64
         /// Scans that found the page written.
-        public var dirtyScans: UInt64
-        public var guestOutput: String
+        package var dirtyScans: UInt64
+        package var guestOutput: String
     }
 
-    public struct Result: Codable, Sendable {
-        public var engine: String
-        public var cpl: Int = 3
-        public var tick: String
-        public var forms: [Form]
+    package struct Result: Codable, Sendable {
+        package var engine: String
+        package var cpl: Int = 3
+        package var tick: String
+        package var forms: [Form]
     }
 
-    public func run() throws -> Result {
+    package func run() throws -> Result {
         let port = try runForm(page: false)
         let page = try runForm(page: true)
         let tick = engine == .kvm ? "host timer every \(tickSeconds * 1000) ms" : "preemption timer every \(tickInstructions) instructions"
@@ -93,7 +93,7 @@ public struct PioVsMmioLab: Sendable {
                     dirtyScans: statusPage?.dirtyScans ?? 0, guestOutput: text)
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let rows = r.forms.map { f in
             [f.form, String(f.statusReads), String(f.controlWritesIssued), String(f.exits),
              f.wallSeconds.fixed(3), String(f.handledControlWrites), String(f.ticks)]
@@ -112,7 +112,7 @@ public struct PioVsMmioLab: Sendable {
                         rows: rows, notes: notes)
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         BarChart(title: "S1 on the \(r.engine) engine: exits and wall time", categories: r.forms.map(\.form),
                  series: [("exits", r.forms.map { Double($0.exits) }), ("wall time (µs)", r.forms.map { $0.wallSeconds * 1e6 })],
                  yLabel: "count / µs", logarithmic: true)

@@ -17,39 +17,39 @@ import VMM
 /// CR3 load, INVLPG and shadow miss, but its walks read only the 4-level shadow table;
 /// nested mode takes no exits, but a walk reads the second level for every guest level
 /// (up to 24 references), fewer with large second-level pages.
-public struct ShadowVsEptLab: Sendable {
-    public struct Workload: Sendable, Codable {
-        public var guest: String
-        public var commandLine: String
-        public var what: String
+package struct ShadowVsEptLab: Sendable {
+    package struct Workload: Sendable, Codable {
+        package var guest: String
+        package var commandLine: String
+        package var what: String
         /// The guest's marker values (port 0x81) around the measured phase.
-        public var phaseStart: UInt32
-        public var phaseEnd: UInt32
-        public var phase: String
-        public init(guest: String, commandLine: String, what: String, phaseStart: UInt32 = 1, phaseEnd: UInt32 = 2, phase: String = "all") {
+        package var phaseStart: UInt32
+        package var phaseEnd: UInt32
+        package var phase: String
+        package init(guest: String, commandLine: String, what: String, phaseStart: UInt32 = 1, phaseEnd: UInt32 = 2, phase: String = "all") {
             self.guest = guest; self.commandLine = commandLine; self.what = what
             self.phaseStart = phaseStart; self.phaseEnd = phaseEnd; self.phase = phase
         }
     }
 
     /// A paging configuration the lab measures.
-    public struct Configuration: Sendable, Codable, Equatable {
-        public var mode: PagingMode
+    package struct Configuration: Sendable, Codable, Equatable {
+        package var mode: PagingMode
         /// Nested mode: the second level's largest page.
-        public var secondLevelPage: SecondLevelPageSize?
-        public var name: String { mode == .shadow ? "shadow" : "nested, \(secondLevelPage?.rawValue ?? "4K") EPT pages" }
+        package var secondLevelPage: SecondLevelPageSize?
+        package var name: String { mode == .shadow ? "shadow" : "nested, \(secondLevelPage?.rawValue ?? "4K") EPT pages" }
     }
 
-    public var workloads: [Workload]
-    public var configurations: [Configuration] = [
+    package var workloads: [Workload]
+    package var configurations: [Configuration] = [
         Configuration(mode: .shadow),
         Configuration(mode: .nested, secondLevelPage: .size4K),
         Configuration(mode: .nested, secondLevelPage: .size2M),
         Configuration(mode: .nested, secondLevelPage: .size1G),
     ]
-    public var memory: UInt64 = 128 << 20
+    package var memory: UInt64 = 128 << 20
 
-    public init(scale: Int = 1) {
+    package init(scale: Int = 1) {
         workloads = [
             Workload(guest: "pt-churn", commandLine: "rounds=\(20 * scale) procs=4 pages=64 switches=4",
                      what: "page-table churn", phase: "all rounds"),
@@ -58,38 +58,38 @@ public struct ShadowVsEptLab: Sendable {
         ]
     }
 
-    public struct Row: Codable, Sendable {
-        public var workload: String
+    package struct Row: Codable, Sendable {
+        package var workload: String
         /// What the counters cover (the guest marks it).
-        public var phase: String
-        public var configuration: String
-        public var mode: PagingMode
-        public var secondLevelPage: SecondLevelPageSize?
+        package var phase: String
+        package var configuration: String
+        package var mode: PagingMode
+        package var secondLevelPage: SecondLevelPageSize?
         /// The whole run, and the measured phase.
-        public var wallMilliseconds: Double
-        public var phaseMilliseconds: Double
-        public var instructions: UInt64
+        package var wallMilliseconds: Double
+        package var phaseMilliseconds: Double
+        package var instructions: UInt64
         /// Shadow-paging exits by reason (zero in nested mode), and the VMM's time on them.
-        public var pageTableWriteExits: UInt64
-        public var cr3LoadExits: UInt64
-        public var invlpgExits: UInt64
-        public var shadowFillExits: UInt64
-        public var guestPageFaults: UInt64
-        public var pagingExits: UInt64
-        public var vmmMilliseconds: Double
-        public var pageWalks: UInt64
-        public var referencesPerWalk: Double
-        public var walkReferences: UInt64
-        public var tlbHitRate: Double?
-        public var guestOutput: String
+        package var pageTableWriteExits: UInt64
+        package var cr3LoadExits: UInt64
+        package var invlpgExits: UInt64
+        package var shadowFillExits: UInt64
+        package var guestPageFaults: UInt64
+        package var pagingExits: UInt64
+        package var vmmMilliseconds: Double
+        package var pageWalks: UInt64
+        package var referencesPerWalk: Double
+        package var walkReferences: UInt64
+        package var tlbHitRate: Double?
+        package var guestOutput: String
     }
 
-    public struct Result: Codable, Sendable {
-        public var engine: String
-        public var rows: [Row]
+    package struct Result: Codable, Sendable {
+        package var engine: String
+        package var rows: [Row]
     }
 
-    public func run(progress: (String) -> Void = { _ in }) throws -> Result {
+    package func run(progress: (String) -> Void = { _ in }) throws -> Result {
         var rows: [Row] = []
         for w in workloads {
             var reference: String?
@@ -155,7 +155,7 @@ public struct ShadowVsEptLab: Sendable {
         return s
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { x in
             [x.workload + " (" + x.phase + ")", x.configuration, String(x.pageTableWriteExits), String(x.cr3LoadExits), String(x.invlpgExits),
              String(x.shadowFillExits), x.vmmMilliseconds.fixed(1), String(x.pageWalks),
@@ -173,7 +173,7 @@ public struct ShadowVsEptLab: Sendable {
                     "wall time is this software model's, in which a walk costs little next to a VMM exit; on hardware the exit costs ~1 µs and each walk reference a cache or memory access."])
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         BarChart(title: "S5: exits vs walk references", categories: r.rows.map { "\($0.workload.split(separator: " ").prefix(2).joined(separator: " ")) / \($0.configuration.split(separator: ",").first ?? "")\($0.secondLevelPage.map { " " + $0.rawValue } ?? "")" },
                  series: [("paging exits", r.rows.map { Double($0.pagingExits) }),
                           ("walk references", r.rows.map { Double($0.walkReferences) }),

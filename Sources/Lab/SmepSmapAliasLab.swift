@@ -15,25 +15,25 @@ import VMM
 /// modes and on KVM when usable. A second matrix sets mode-based execute control (MBEC) in
 /// the second-level table: the VMM denies user or supervisor execution of the page directly,
 /// and the violation reaches it as an exit whose qualification says which.
-public struct SmepSmapAliasLab: Sendable {
+package struct SmepSmapAliasLab: Sendable {
     /// Guest addresses and physical page (Guests/smep-smap/main.c).
     static let userSpace: UInt64 = 0x80_0000_0000
     static let aliasPage = 0x7FF
 
     /// One probe of the guest: who accesses what, how, through which mapping.
-    public struct Probe: Sendable, Codable {
-        public var name: String
-        public var mode: String       // "kernel" (CPL0) or "user" (CPL3)
-        public var access: String     // read, write, execute, implicit read
-        public var mapping: String
-        public var address: UInt64
+    package struct Probe: Sendable, Codable {
+        package var name: String
+        package var mode: String       // "kernel" (CPL0) or "user" (CPL3)
+        package var access: String     // read, write, execute, implicit read
+        package var mapping: String
+        package var address: UInt64
         /// The guest mapping's U/S bit.
-        public var userMapping: Bool
-        public var writable: Bool
-        public var executable: Bool
+        package var userMapping: Bool
+        package var writable: Bool
+        package var executable: Bool
     }
 
-    public static let probes: [Probe] = [
+    package static let probes: [Probe] = [
         Probe(name: "k-read-user", mode: "kernel", access: "read", mapping: "user data (RW, NX)", address: userSpace + 0x2000, userMapping: true, writable: true, executable: false),
         Probe(name: "k-write-user", mode: "kernel", access: "write", mapping: "user data (RW, NX)", address: userSpace + 0x2000, userMapping: true, writable: true, executable: false),
         Probe(name: "k-exec-user-alias", mode: "kernel", access: "execute", mapping: "user alias (RO, X)", address: userSpace + 0x20, userMapping: true, writable: false, executable: true),
@@ -49,14 +49,14 @@ public struct SmepSmapAliasLab: Sendable {
     ]
 
     /// What an access did.
-    public enum Outcome: Codable, Sendable, Equatable, CustomStringConvertible {
+    package enum Outcome: Codable, Sendable, Equatable, CustomStringConvertible {
         case completed
         case pageFault(errorCode: UInt32, cr2: UInt64)
         /// A second-level violation: the VMM saw an exit with this qualification.
         case secondLevelViolation(access: String, allowed: String, userAddress: Bool)
         case notRun(String)
 
-        public var description: String {
+        package var description: String {
             switch self {
             case .completed: return "ok"
             case let .pageFault(code, cr2): return "#PF \(String(code, radix: 16)) @\(String(cr2, radix: 16))"
@@ -67,7 +67,7 @@ public struct SmepSmapAliasLab: Sendable {
     }
 
     /// The architectural rules (Intel SDM Vol. 3 §4.6): the outcome of `p` under the settings.
-    public static func expected(_ p: Probe, smep: Bool, smap: Bool, wp: Bool, ac: Bool) -> Outcome {
+    package static func expected(_ p: Probe, smep: Bool, smap: Bool, wp: Bool, ac: Bool) -> Outcome {
         let user = p.mode == "user"
         let write = p.access == "write", execute = p.access == "execute", implicit = p.access.hasPrefix("implicit")
         let code: UInt32 = 1 | (write ? 2 : 0) | (user ? 4 : 0) | (execute ? 0x10 : 0)
@@ -81,13 +81,13 @@ public struct SmepSmapAliasLab: Sendable {
     }
 
     /// A second-level configuration of the alias page for the MBEC matrix.
-    public struct SecondLevelSetting: Sendable, Codable {
-        public var mbec: Bool
-        public var permissions: PagePermissions
-        public var name: String
+    package struct SecondLevelSetting: Sendable, Codable {
+        package var mbec: Bool
+        package var permissions: PagePermissions
+        package var name: String
     }
 
-    public static let secondLevelSettings: [SecondLevelSetting] = [
+    package static let secondLevelSettings: [SecondLevelSetting] = [
         SecondLevelSetting(mbec: false, permissions: [.read, .write, .execute], name: "MBEC off, EPT RWX"),
         SecondLevelSetting(mbec: false, permissions: [.read, .write], name: "MBEC off, EPT RW"),
         SecondLevelSetting(mbec: true, permissions: [.read, .write, .userExecute], name: "MBEC on, EPT RW + user X (no supervisor X)"),
@@ -97,7 +97,7 @@ public struct SmepSmapAliasLab: Sendable {
 
     /// MBEC rules: the guest allows each of these (SMEP off); the second level decides by
     /// the mapping's U/S bit, not the CPL.
-    public static func expected(_ p: Probe, _ s: SecondLevelSetting) -> Outcome {
+    package static func expected(_ p: Probe, _ s: SecondLevelSetting) -> Outcome {
         let bit: PagePermissions = s.mbec && p.userMapping ? .userExecute : .execute
         if s.permissions.contains(bit) { return .completed }
         return .secondLevelViolation(access: "execute", allowed: describe(s.permissions), userAddress: p.userMapping)
@@ -107,30 +107,30 @@ public struct SmepSmapAliasLab: Sendable {
         (p.contains(.read) ? "R" : "") + (p.contains(.write) ? "W" : "") + (p.contains(.execute) ? "X" : "") + (p.contains(.userExecute) ? "Xu" : "")
     }
 
-    public struct Cell: Codable, Sendable {
-        public var probe: String
-        public var mode: String
-        public var access: String
-        public var mapping: String
-        public var settings: String
-        public var expected: Outcome
+    package struct Cell: Codable, Sendable {
+        package var probe: String
+        package var mode: String
+        package var access: String
+        package var mapping: String
+        package var settings: String
+        package var expected: Outcome
         /// By engine configuration ("software/nested", "software/shadow", "kvm").
-        public var observed: [String: Outcome]
-        public var unexpected: [String]
+        package var observed: [String: Outcome]
+        package var unexpected: [String]
     }
 
-    public struct Result: Codable, Sendable {
-        public var engines: [String]
-        public var notes: [String]
-        public var cells: [Cell]
-        public var aliasRewrite: [String: String]
-        public var unexpectedCells: Int
+    package struct Result: Codable, Sendable {
+        package var engines: [String]
+        package var notes: [String]
+        package var cells: [Cell]
+        package var aliasRewrite: [String: String]
+        package var unexpectedCells: Int
     }
 
-    public var useKVM = true
-    public init() {}
+    package var useKVM = true
+    package init() {}
 
-    public func run(progress: (String) -> Void = { _ in }) throws -> Result {
+    package func run(progress: (String) -> Void = { _ in }) throws -> Result {
         var engines: [(name: String, engine: EngineChoice, paging: PagingMode, cmdline: String)] = [
             ("software/nested", .software, .nested, ""), ("software/shadow", .software, .shadow, ""),
         ]
@@ -257,7 +257,7 @@ public struct SmepSmapAliasLab: Sendable {
         return (line.contains("smep=1"), line.contains("smap=1"))
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let rows = r.cells.map { c in
             [c.probe, c.mode, c.access, c.mapping, c.settings, c.expected.description]
                 + r.engines.map { e in c.observed[e].map { $0.description + (c.unexpected.contains(e) ? "  ✗" : "") } ?? "" }
@@ -272,7 +272,7 @@ public struct SmepSmapAliasLab: Sendable {
                         rows: rows, notes: notes)
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         func count(_ e: String, _ pred: (Outcome) -> Bool) -> Double {
             Double(r.cells.filter { c in c.observed[e].map(pred) ?? false }.count)
         }

@@ -19,23 +19,23 @@ import VMM
 ///
 /// Isolation: the `sriov-vf` guest programs its VF to receive into and transmit from
 /// another VM's memory and the VMM's, with the IOMMU on and off.
-public struct SriovIommuLab: Sendable {
-    public var engine: EngineChoice
-    public var linkBytesPerSecond: Double = 100e9 / 8
-    public var budget = TranslationBudget(translationsPerSecond: 50e6, missNanoseconds: 1000)
-    public var transferBytes = 64 << 10
-    public var poolBytes = 4 << 20
-    public var transfers = 2048
-    public var pageSizes: [IOPageSize] = [.size4K, .size2M]
-    public var iotlbSizes = [64, 512, 2048]
-    public var replacement: IOTLBReplacement = .lru
+package struct SriovIommuLab: Sendable {
+    package var engine: EngineChoice
+    package var linkBytesPerSecond: Double = 100e9 / 8
+    package var budget = TranslationBudget(translationsPerSecond: 50e6, missNanoseconds: 1000)
+    package var transferBytes = 64 << 10
+    package var poolBytes = 4 << 20
+    package var transfers = 2048
+    package var pageSizes: [IOPageSize] = [.size4K, .size2M]
+    package var iotlbSizes = [64, 512, 2048]
+    package var replacement: IOTLBReplacement = .lru
     /// Round trips of the two-VM frame exchange (0: skip it).
-    public var roundTrips = 200
+    package var roundTrips = 200
 
-    public init(engine: EngineChoice) { self.engine = engine }
+    package init(engine: EngineChoice) { self.engine = engine }
 
     /// Sets the IOMMU's budget and IOTLB replacement by name (for the CLI).
-    public mutating func setIOMMU(translationsPerSecond: Double, missNanoseconds: Double, replacement name: String) throws {
+    package mutating func setIOMMU(translationsPerSecond: Double, missNanoseconds: Double, replacement name: String) throws {
         guard translationsPerSecond > 0, missNanoseconds >= 0 else { throw LabError.badParameters("translations/s must be positive, miss cost non-negative") }
         guard let r = IOTLBReplacement(rawValue: name) else {
             throw LabError.badParameters("IOTLB replacement \(name): one of \(IOTLBReplacement.allCases.map(\.rawValue).joined(separator: ", "))")
@@ -44,61 +44,61 @@ public struct SriovIommuLab: Sendable {
         replacement = r
     }
 
-    public struct ThroughputPoint: Codable, Sendable {
-        public var page: String
-        public var iotlbEntries: Int
-        public var translations: UInt64
-        public var misses: UInt64
-        public var missRate: Double
-        public var bytesPerTranslation: Double
+    package struct ThroughputPoint: Codable, Sendable {
+        package var page: String
+        package var iotlbEntries: Int
+        package var translations: UInt64
+        package var misses: UInt64
+        package var missRate: Double
+        package var bytesPerTranslation: Double
         /// From the counted translations and misses under the budget, and the link.
-        public var measuredGbps: Double
+        package var measuredGbps: Double
         /// min(link, translations/s × bytes per translation), miss rate predicted.
-        public var modelGbps: Double
-        public var predictedMissRate: Double
+        package var modelGbps: Double
+        package var predictedMissRate: Double
         /// What bounds the transfer: "link" or "IOMMU".
-        public var bound: String
+        package var bound: String
         /// How fast this host simulated the translations (not the modelled device).
-        public var simulatedTranslationsPerSecond: Double
+        package var simulatedTranslationsPerSecond: Double
     }
 
-    public struct IsolationCase: Codable, Sendable {
-        public var iommu: Bool
-        public var victim: String
-        public var receiveInto: String
-        public var transmitFrom: String
-        public var faultsLogged: Int
+    package struct IsolationCase: Codable, Sendable {
+        package var iommu: Bool
+        package var victim: String
+        package var receiveInto: String
+        package var transmitFrom: String
+        package var faultsLogged: Int
         /// Faults the VMM's handler was told of as they happened (the fault event).
-        public var faultsReported: Int
-        public var victimBytesChanged: Int
-        public var faults: [String]
+        package var faultsReported: Int
+        package var victimBytesChanged: Int
+        package var faults: [String]
     }
 
     /// Two VMs exchanging frames through their VFs (the real device path), by I/O page size.
-    public struct ExchangePoint: Codable, Sendable {
-        public var page: String
-        public var iotlbEntries: Int
-        public var roundTrips: Int
-        public var roundTripsPerSecond: Double
-        public var translations: UInt64
-        public var missRate: Double
-        public var faults: Int
+    package struct ExchangePoint: Codable, Sendable {
+        package var page: String
+        package var iotlbEntries: Int
+        package var roundTrips: Int
+        package var roundTripsPerSecond: Double
+        package var translations: UInt64
+        package var missRate: Double
+        package var faults: Int
     }
 
-    public struct Result: Codable, Sendable {
-        public var engine: String
-        public var cpl: Int = 3
-        public var linkGbps: Double
-        public var budget: TranslationBudget
-        public var transferBytes: Int
-        public var poolBytes: Int
-        public var replacement: String
-        public var throughput: [ThroughputPoint]
-        public var exchange: [ExchangePoint]
-        public var isolation: [IsolationCase]
+    package struct Result: Codable, Sendable {
+        package var engine: String
+        package var cpl: Int = 3
+        package var linkGbps: Double
+        package var budget: TranslationBudget
+        package var transferBytes: Int
+        package var poolBytes: Int
+        package var replacement: String
+        package var throughput: [ThroughputPoint]
+        package var exchange: [ExchangePoint]
+        package var isolation: [IsolationCase]
     }
 
-    public func run() throws -> Result {
+    package func run() throws -> Result {
         guard transferBytes > 0, poolBytes >= transferBytes, transfers > 0, !pageSizes.isEmpty, !iotlbSizes.isEmpty,
               iotlbSizes.allSatisfy({ $0 > 0 }) else {
             throw LabError.badParameters("need transfer > 0, pool ≥ transfer, transfers > 0, IOTLB sizes > 0")
@@ -239,7 +239,7 @@ public struct SriovIommuLab: Sendable {
                              faultsLogged: faults.count, faultsReported: reported.value, victimBytesChanged: changed, faults: faults.map(\.description))
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         var rows = r.throughput.map { p in
             [p.page, String(p.iotlbEntries), String(p.translations), "\((p.missRate * 100).fixed(1))%",
              p.bytesPerTranslation.fixed(0), p.measuredGbps.fixed(2),
@@ -266,7 +266,7 @@ public struct SriovIommuLab: Sendable {
                         rows: rows, notes: notes)
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         BarChart(title: "S4: VF DMA throughput by I/O page size and IOTLB entries (link \(Int(r.linkGbps)) Gb/s)",
                  categories: r.throughput.map { "\($0.page), \($0.iotlbEntries)" },
                  series: [("measured (Gb/s)", r.throughput.map(\.measuredGbps)), ("model (Gb/s)", r.throughput.map(\.modelGbps))],

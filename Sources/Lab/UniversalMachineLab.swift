@@ -12,22 +12,22 @@ import VMM
 /// and on its interpreter — and hardware support (or, failing it, translation) is what
 /// makes emulation fast. Each guest runs on every engine; the table says whether output,
 /// registers and RAM agree with the interpreter (the reference) and how fast each ran.
-public struct UniversalMachineLab: Sendable {
-    public struct Workload: Sendable {
-        public var guest: String
-        public var commandLine: String
-        public var ring: String
-        public init(guest: String, commandLine: String, ring: String) {
+package struct UniversalMachineLab: Sendable {
+    package struct Workload: Sendable {
+        package var guest: String
+        package var commandLine: String
+        package var ring: String
+        package init(guest: String, commandLine: String, ring: String) {
             self.guest = guest; self.commandLine = commandLine; self.ring = ring
         }
     }
 
-    public var workloads: [Workload]
+    package var workloads: [Workload]
     /// Also run on KVM (when /dev/kvm is usable).
-    public var useKVM = true
-    public var memory: UInt64 = 32 << 20
+    package var useKVM = true
+    package var memory: UInt64 = 32 << 20
 
-    public init(scale: Int = 2) {
+    package init(scale: Int = 2) {
         workloads = [
             Workload(guest: "compute", commandLine: "scale=\(scale)", ring: "CPL3"),
             Workload(guest: "coverage", commandLine: "", ring: "CPL0+CPL3"),
@@ -36,28 +36,28 @@ public struct UniversalMachineLab: Sendable {
         ]
     }
 
-    public struct Row: Codable, Sendable {
-        public var guest: String
-        public var ring: String
-        public var engine: String
-        public var seconds: Double
+    package struct Row: Codable, Sendable {
+        package var guest: String
+        package var ring: String
+        package var engine: String
+        package var seconds: Double
         /// Guest instructions retired (software engine only).
-        public var instructions: UInt64?
-        public var mips: Double?
+        package var instructions: UInt64?
+        package var mips: Double?
         /// Compared with the interpreter's run of the same guest.
-        public var sameOutput: Bool
-        public var sameRegisters: Bool
+        package var sameOutput: Bool
+        package var sameRegisters: Bool
         /// 8-byte words of RAM that differ, and how many of those differ only in RFLAGS.IOPL
         /// (this nested KVM pushes IOPL=0 for CPL3 code; docs/guest-abi.md).
-        public var ramWordsDiffering: Int
-        public var ramWordsDifferingOnlyInIOPL: Int
+        package var ramWordsDiffering: Int
+        package var ramWordsDifferingOnlyInIOPL: Int
     }
 
-    public struct Result: Codable, Sendable {
-        public var rows: [Row]
+    package struct Result: Codable, Sendable {
+        package var rows: [Row]
         /// compute: interpreter time / translator time, translator time / KVM time.
-        public var translationSpeedup: Double?
-        public var kvmSpeedupOverTranslation: Double?
+        package var translationSpeedup: Double?
+        package var kvmSpeedupOverTranslation: Double?
     }
 
     struct Observation {
@@ -83,7 +83,7 @@ public struct UniversalMachineLab: Sendable {
                            seconds: Double(r.wallNanoseconds) / 1e9, instructions: m.executionCounts?.instructions)
     }
 
-    public func run(progress: (String) -> Void = { _ in }) throws -> Result {
+    package func run(progress: (String) -> Void = { _ in }) throws -> Result {
         var engines: [(String, any Engine)] = [("software (interpreted)", try EngineSelection.make(.software, translation: false))]
         if EngineSelection.softwareEngineTranslates {
             engines.append(("software (translated)", try EngineSelection.make(.software, translation: true)))
@@ -127,7 +127,7 @@ public struct UniversalMachineLab: Sendable {
         }
     }
 
-    public static func table(_ r: Result) -> LabTable {
+    package static func table(_ r: Result) -> LabTable {
         let rows = r.rows.map { x in
             [x.guest, x.ring, x.engine, (x.seconds * 1000).fixed(1),
              x.instructions.map(String.init) ?? "(native)", x.mips.map { $0.fixed(0) } ?? "-",
@@ -152,7 +152,7 @@ public struct UniversalMachineLab: Sendable {
                         rows: rows, notes: notes)
     }
 
-    public static func chart(_ r: Result) -> BarChart {
+    package static func chart(_ r: Result) -> BarChart {
         var guests: [String] = []
         for row in r.rows where !guests.contains(row.guest) { guests.append(row.guest) }
         var engines: [String] = []

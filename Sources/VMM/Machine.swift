@@ -309,7 +309,7 @@ public final class Machine: @unchecked Sendable {
     }
 
     /// The vCPU handles (for services that read or set their state while paused).
-    public var allVCPUs: [any VCPU] { vcpus }
+    package var allVCPUs: [any VCPU] { vcpus }
 
     /// Where a device sits: its MMIO page, its interrupt and the line that raises it.
     public struct DeviceSlot: Sendable {
@@ -356,7 +356,7 @@ public final class Machine: @unchecked Sendable {
 
     /// A level-style interrupt line whose rising edge delivers vector
     /// `irqVectorBase + irq` to vCPU 0 (the boot CPU handles device interrupts).
-    public func interruptLine(irq: UInt8) -> InterruptLine {
+    package func interruptLine(irq: UInt8) -> InterruptLine {
         interruptSources += 1
         let level = Atomic<Bool>(false)
         let vector = BootLayout.irqVectorBase &+ irq
@@ -371,13 +371,13 @@ public final class Machine: @unchecked Sendable {
     public func addMessageSignalledInterruptSource() { interruptSources += 1 }
 
     /// Injects `vector` into vCPU `id` and wakes it if it waits in `hlt`. Any thread.
-    public func raiseInterrupt(vector: UInt8, vcpu id: Int) {
+    package func raiseInterrupt(vector: UInt8, vcpu id: Int) {
         vcpus[id].injectInterrupt(vector: vector)
         wakeups[id].signal()
     }
 
     /// The engine's vCPU `id` (for engine-specific tools such as the exit benchmark).
-    public func vcpu(_ id: Int) -> any VCPU { vcpus[id] }
+    package func vcpu(_ id: Int) -> any VCPU { vcpus[id] }
 
     /// The state of vCPU `id` (call after `run` returns, or before it starts).
     public func vcpuState(_ id: Int) throws -> VCPUState { try vcpus[id].getState() }
