@@ -67,6 +67,8 @@ public enum StopReason: Sendable, Equatable {
     case stopped
     /// The engine could not run the guest: KVM internal error, failed entry, ioctl error.
     case engineFailure(vcpu: Int, message: String)
+    /// The machine moved to another host (live migration); the guest runs on there.
+    case migrated(destination: String)
 
     /// One line for the user.
     public var summary: String {
@@ -77,6 +79,7 @@ public enum StopReason: Sendable, Equatable {
         case .timeout: return "timed out"
         case .stopped: return "stopped by the host"
         case let .engineFailure(vcpu, message): return "vCPU \(vcpu): \(message)"
+        case let .migrated(destination): return "migrated to \(destination)"
         }
     }
 }
@@ -147,6 +150,8 @@ public final class Machine: @unchecked Sendable {
     public var lazyRestoreFaults: UInt64 { lazyLoader?.counters.faults.load(ordering: .relaxed) ?? 0 }
     /// KVM ioeventfd doorbells of virtio devices (nil: none, or not KVM).
     var doorbells: DoorbellThread?
+    /// Held while the machine migrates out (one migration at a time).
+    let migrationGuard = MigrationGuard()
     /// virtio queue notifications taken by ioeventfd instead of an exit.
     public var doorbellNotifications: UInt64 { doorbells?.notifications.load(ordering: .relaxed) ?? 0 }
 

@@ -1,0 +1,98 @@
+import ArgumentParser
+import Foundation
+import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct MigrateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Live-migrate a running VM to a destination started with 'run --incoming'.",
+        discussion: """
+            The VM is reached through its control socket (run … --control PATH). Pre-copy:
+            RAM is sent while the guest runs, then the pages it dirtied, round after round,
+            until the rest fits --max-downtime-ms at the measured bandwidth (or --max-rounds
+            is reached); then the guest pauses, the rest goes with the vCPU and device
+            state, and the destination confirms. The engines may differ (kvm → software and
+            back). If anything fails before the destination confirms, the VM resumes here.
+
+            Example (two terminals):
+              swiftvisor run --incoming tcp:127.0.0.1:7000 --engine software
+              swiftvisor run counter --control /tmp/vm.sock
+              swiftvisor migrate --socket /tmp/vm.sock tcp:127.0.0.1:7000
+            """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("The VM's control socket (run --control PATH).", valueName: "path"))
+    var socket: String
+
+    @Argument(help: ArgumentHelp("Destination: tcp:HOST:PORT or unix:PATH.", valueName: "destination"))
+    var destination: String
+
+    @Option(name: .long, help: ArgumentHelp("Largest acceptable pause of the guest, in milliseconds (default 300).", valueName: "ms"))
+    var maxDowntimeMs: Double?
+
+    @Option(name: .long, help: ArgumentHelp("Dirty rounds before the guest is stopped regardless (default 30).", valueName: "n"))
+    var maxRounds: Int?
+
+    @Flag(name: .long, help: "Print the final report as JSON on standard output.")
+    var json = false
+
+    func validate() throws {
+        do { _ = try MigrationAddress(parsing: destination) } catch { throw ValidationError("\(error)") }
+        if let m = maxDowntimeMs, !(m >= 0) { throw ValidationError("--max-downtime-ms must be ≥ 0") }
+        if let r = maxRounds, r < 0 { throw ValidationError("--max-rounds must be ≥ 0") }
+    }
+
+    func run() throws {
+        var request = "migrate \(destination)"
+        if let m = maxDowntimeMs { request += " max-downtime-ms=\(m)" }
+        if let r = maxRounds { request += " max-rounds=\(r)" }
+        let terminal = isatty(2) == 1
+        var final: MigrationControlLine?
+        do {
+            try ControlServer.sendStreaming(request, to: socket) { text in
+                guard let line = try? JSONDecoder().decode(MigrationControlLine.self, from: Data(text.utf8)) else {
+                    printError("swiftvisor: unexpected reply: \(text)")
+                    return
+                }
+                if let p = line.progress {
+                    let message = Self.describe(p)
+                    if terminal { StandardError().writeRaw("\r\u{1B}[K" + message) } else { printError(message) }
+                }
+                if line.isFinal { final = line }
+            }
+        } catch {
+            printError("swiftvisor: error: \(error)")
+            throw ExitCode(ToolStatus.failure)
+        }
+        if terminal { StandardError().writeRaw("\r\u{1B}[K") }
+        guard let final, final.ok == true, let report = final.report else {
+            printError("swiftvisor: migration failed, the VM runs on at its source: \(final?.error ?? "no answer from the VM")")
+            throw ExitCode(ToolStatus.failure)
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        }
+        printError(String(format: "migrated to %@ (%@ → %@): %d dirty rounds, %llu pages (%llu zero), %.1f MiB sent in %.3f s, downtime %.2f ms, %.0f MB/s",
+                          report.destination, report.sourceEngine, report.destinationEngine, report.rounds,
+                          report.pagesSent, report.zeroPages, Double(report.bytesSent) / 1048576, report.totalSeconds,
+                          report.downtimeSeconds * 1000, report.bandwidthBytesPerSecond / 1e6))
+    }
+
+    static func describe(_ p: MigrationProgress) -> String {
+        String(format: "%@ round %d: %llu pages sent (%.1f MiB), %d dirty, %.0f MB/s", p.phase.rawValue, p.round,
+               p.pagesSent, Double(p.bytesSent) / 1048576, p.dirtyPages, p.bandwidthBytesPerSecond / 1e6)
+    }
+}
+
+extension StandardError {
+    /// Writes without a newline (a progress line redrawn in place).
+    func writeRaw(_ text: String) {
+        var s = StandardError()
+        s.write(text)
+    }
+}
