@@ -34,7 +34,7 @@ struct Run: ParsableCommand {
     )
 
     @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
-    var guests: [String]
+    var guests: [String] = []
 
     @Option(name: .long, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
     var memory = MemoryArgument(argument: "64M")!

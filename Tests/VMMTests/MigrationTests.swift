@@ -1,0 +1,190 @@
+import Foundation
+import GuestImages
+import Synchronization
+import Testing
+import VirtCore
+@testable import VMM
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A machine running the `migration-integrity` guest (QEMU's migration test): it increments
+/// the first byte of each page of an area, pass after pass, printing "pass P" every few passes.
+final class IntegrityGuest: @unchecked Sendable {
+    // SAFETY: `machine` is set once before the runner starts; the rest is synchronised.
+    let machine: Machine
+    let output: SerialCapture
+    let result = Mutex<RunResult?>(nil)
+    private var runner: HostThread?
+    static let every: UInt64 = 32
+
+    init(engine: String, memory: UInt64 = 32 << 20, pages: Int = 1024) throws {
+        let guest = try #require(BundledGuests.named("migration-integrity"))
+        let output = SerialCapture()
+        self.output = output
+        machine = try Machine(image: try ELFImage(bytes: guest.elf),
+                              configuration: MachineConfiguration(memorySize: memory, commandLine: "pages=\(pages) every=\(Self.every)",
+                                                                  timeoutSeconds: 60),
+                              engine: try makeEngine(engine), serialOutput: output.append)
+        machine.guestName = "migration-integrity"
+    }
+
+    /// Wraps a machine that arrived by migration; `output` is where its serial port writes.
+    init(arrived machine: Machine, output: SerialCapture) {
+        self.machine = machine
+        self.output = output
+    }
+
+    func start() {
+        runner = HostThread(name: "integrity") { [self] in
+            let r = try? machine.run()
+            result.withLock { $0 = r }
+        }
+    }
+
+    /// Waits for the run to end (after a migration or a stop).
+    func join() -> RunResult? {
+        runner?.join()
+        runner = nil
+        return result.withLock { $0 }
+    }
+
+    func stop() { machine.stop(); _ = join() }
+
+    deinit { machine.stop(); runner?.join() }
+}
+
+enum Integrity {
+    /// The area's address and size, from the guest's first line.
+    static func area(_ text: String) -> (base: UInt64, pages: Int)? {
+        guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("integrity area 0x") }) else { return nil }
+        let words = line.split(separator: " ")
+        guard words.count == 5, let base = UInt64(words[2].dropFirst(2), radix: 16), let pages = Int(words[4]) else { return nil }
+        return (base, pages)
+    }
+
+    /// The pass numbers of every complete "pass P" line.
+    static func passes(_ text: String) -> [UInt64] {
+        text.split(separator: "\n", omittingEmptySubsequences: false).dropLast().compactMap {
+            $0.hasPrefix("pass ") ? UInt64($0.dropFirst(5)) : nil
+        }
+    }
+
+    /// Nil when the first bytes of the area's pages hold one value, or two with one
+    /// boundary where the next value starts (the pass in progress); else what is wrong.
+    static func check(_ memory: GuestMemory, base: UInt64, pages: Int) throws -> String? {
+        var values: [UInt8] = []
+        for p in 0..<pages { values.append(try memory.load(UInt8.self, at: base + UInt64(p) * 4096)) }
+        var boundaries: [Int] = []
+        for i in 1..<values.count where values[i] != values[i - 1] {
+            guard values[i] &+ 1 == values[i - 1] else { return "page \(i) holds \(values[i]) after \(values[i - 1])" }
+            boundaries.append(i)
+        }
+        return boundaries.count <= 1 ? nil : "\(boundaries.count) boundaries, at pages \(boundaries.prefix(8))"
+    }
+
+    /// Markers strictly consecutive (every `IntegrityGuest.every` passes), no gap or repeat.
+    static func consecutive(_ passes: [UInt64]) -> Bool {
+        zip(passes, passes.dropFirst()).allSatisfy { $1 == $0 + IntegrityGuest.every }
+    }
+}
+
+/// Waits for `count` more markers than `text` had at the call.
+func waitForMoreMarkers(_ capture: SerialCapture, _ count: Int = 2, seconds: Double = 20) -> Bool {
+    let start = Integrity.passes(capture.text).count
+    return waitUntil(seconds: seconds) { Integrity.passes(capture.text).count >= start + count }
+}
+
+/// One destination attempt on its own thread.
+final class Receiver: @unchecked Sendable {
+    // SAFETY: `outcome` is written by the thread and read after join().
+    let output = SerialCapture()
+    private var outcome: Result<(Machine, IncomingMigrationReport), any Error>?
+    private var thread: HostThread?
+
+    init(_ incoming: IncomingMigration) {
+        thread = HostThread(name: "receiver") { [self, output] in
+            outcome = Result { try incoming.receiveOne(serialOutput: output.append) }
+        }
+    }
+
+    func join() -> Result<(Machine, IncomingMigrationReport), any Error> {
+        thread?.join()
+        thread = nil
+        return outcome!
+    }
+}
+
+let migrationTimeouts: MigrationOptions = try! MigrationOptions(maxDowntimeMilliseconds: 50, maxRounds: 3, timeoutSeconds: 5)
+
+/// RAM of source and destination identical, but for the hypercall fields of boot info a
+/// destination on another engine rewrites.
+func ramDifference(_ a: GuestMemory, _ b: GuestMemory) throws -> Int? {
+    guard a.size == b.size else { return 0 }
+    let skip = (BootLayout.bootInfoAddress + 20)..<(BootLayout.bootInfoAddress + 26)
+    return try a.withBytes(at: 0, count: Int(a.size)) { x in
+        try b.withBytes(at: 0, count: Int(b.size)) { y in
+            if memcmp(x.baseAddress!, y.baseAddress!, x.count) == 0 { return nil }
+            for i in 0..<x.count where x[i] != y[i] && !skip.contains(UInt64(i)) { return i }
+            return nil
+        }
+    }
+}
+
+@Suite struct MigrationTests {
+    /// Migrates `source` (running) to a fresh destination on `engine`; checks RAM equality at
+    /// the switch-over, the integrity pattern, and that markers continue there.
+    func migrate(_ source: IntegrityGuest, to engine: String, over address: MigrationAddress,
+                 area: (base: UInt64, pages: Int)) throws -> IntegrityGuest {
+        let incoming = try IncomingMigration(listeningOn: address, options: IncomingMigrationOptions(engine: try makeEngine(engine)))
+        defer { incoming.close() }
+        let receiver = Receiver(incoming)
+        let report = try source.machine.migrate(to: incoming.address, options: migrationTimeouts)
+        let (machine, arrived) = try receiver.join().get()
+        #expect(report.destinationEngine == engine)
+        #expect(arrived.pagesReceived == report.pagesSent)
+        #expect(source.join()?.stopReason == .migrated(destination: incoming.address.description))
+        // Both halves hold the same RAM at the switch-over point.
+        #expect(try ramDifference(source.machine.memory, machine.memory) == nil)
+        #expect(try Integrity.check(machine.memory, base: area.base, pages: area.pages) == nil)
+        let destination = IntegrityGuest(arrived: machine, output: receiver.output)
+        destination.start()
+        #expect(waitForMoreMarkers(receiver.output, 3), "the guest runs on at the destination")
+        return destination
+    }
+
+    func startSource(_ engine: String) throws -> IntegrityGuest {
+        let g = try IntegrityGuest(engine: engine)
+        g.start()
+        #expect(waitForMoreMarkers(g.output, 3))
+        return g
+    }
+
+    @Test(arguments: bothEngines)
+    func eachEngineMigratesToItselfOverTCPAndUnixSockets(engine: String) throws {
+        let source = try startSource(engine)
+        let area = try #require(Integrity.area(source.output.text))
+        let middle = try migrate(source, to: engine, over: .tcp(host: "127.0.0.1", port: 0), area: area)
+        let path = temporaryPath("mig") + ".sock"
+        let last = try migrate(middle, to: engine, over: .unix(path: path), area: area)
+        defer { last.stop() }
+        last.machine.pause()
+        #expect(try Integrity.check(last.machine.memory, base: area.base, pages: area.pages) == nil)
+        last.machine.resume()
+        let all = source.output.text + middle.output.text + last.output.text
+        #expect(Integrity.consecutive(Integrity.passes(all)), "markers continue without a gap or repeat")
+    }
+
+    @Test(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
+    func kvmToSoftwareToKVM() throws {
+        let source = try startSource("kvm")
+        let area = try #require(Integrity.area(source.output.text))
+        let software = try migrate(source, to: "software", over: .tcp(host: "127.0.0.1", port: 0), area: area)
+        let back = try migrate(software, to: "kvm", over: .tcp(host: "127.0.0.1", port: 0), area: area)
+        defer { back.stop() }
+        let all = source.output.text + software.output.text + back.output.text
+        let passes = Integrity.passes(all)
+        #expect(Integrity.consecutive(passes), "markers continue without a gap or repeat: \(passes.suffix(12))")
+        #expect(back.machine.engine.name == "kvm")
+    }
+}
