@@ -253,7 +253,7 @@ final class MigrationChannel {
 
     /// The next frame, which must be of `kind`.
     func receive(_ kind: MigrationFrameKind) throws(MigrationError) -> [UInt8] {
-        let frame = try receive(expecting: "a \(kind) frame")
+        let frame = try receive(expecting: "the \(kind) frame")
         guard frame.kind == kind else { throw .unexpectedFrame(got: frame.kind.description, expecting: kind.description) }
         return frame.payload
     }
