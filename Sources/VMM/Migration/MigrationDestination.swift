@@ -141,12 +141,13 @@ public final class IncomingMigration: @unchecked Sendable {
             do {
                 machine = try Machine(configuration: config, engine: options.engine, serialOutput: serialOutput) { memory in
                     var states: [VCPUState]?
+                    var written = DirtyBitmap(pageCount: Int(memory.size) / MigrationFormat.pageSize)
                     while true {
                         let frame = try channel.receive(expecting: "the machine's pages and state")
                         switch frame.kind {
                         case .pages:
                             guard states == nil else { throw MigrationError.unexpectedFrame(got: "pages", expecting: "devices") }
-                            pages += UInt64(try MigrationPageCodec.decode(frame.payload, into: memory))
+                            pages += UInt64(try MigrationPageCodec.decode(frame.payload, into: memory, written: &written))
                         case .roundEnd:
                             rounds += 1
                         case .vcpus:

@@ -137,13 +137,13 @@ extension Machine {
         var pagesSent: UInt64 = 0, zeroPages: UInt64 = 0
         var sendSeconds = 0.0
         var bandwidth: Double { sendSeconds > 0 ? Double(channel.bytesSent) / sendSeconds : 0 }
-        func send(_ pages: [Int]) throws {
+        func send(_ pages: [Int], allocated: DirtyBitmap? = nil) throws {
             let t = clock.now
             var i = 0
             while i < pages.count {
                 let batch = pages[i..<min(i + MigrationFormat.pagesPerFrame, pages.count)]
                 var zeros = 0
-                try channel.queue(.pages) { zeros = MigrationPageCodec.encode(pages: batch, of: memory, into: &$0) }
+                try channel.queue(.pages) { zeros = MigrationPageCodec.encode(pages: batch, of: memory, allocated: allocated, into: &$0) }
                 zeroPages += UInt64(zeros)
                 pagesSent += UInt64(batch.count)
                 i += batch.count
@@ -162,7 +162,7 @@ extension Machine {
         }
 
         report(.bulk, round: 0, dirty: pageCount)
-        try send(Array(0..<pageCount))
+        try send(Array(0..<pageCount), allocated: MigrationPageCodec.allocatedPages(of: memory))
         var round = 0
         var dirtyPerRound: [Int] = []
         var pending: DirtyBitmap

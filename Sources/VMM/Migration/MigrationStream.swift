@@ -297,15 +297,41 @@ enum MigrationPageCodec {
         return true
     }
 
+    /// Pages of `memory` backed by storage; the others are holes of its memfd (never
+    /// written, or discarded) and read as zeros, so they are sent without being read —
+    /// reading them would allocate them.
+    static func allocatedPages(of memory: GuestMemory) -> DirtyBitmap {
+        let pageCount = Int(memory.size) / MigrationFormat.pageSize
+        var pages = DirtyBitmap(pageCount: pageCount)
+        let seekData: Int32 = 3, seekHole: Int32 = 4  // SEEK_DATA, SEEK_HOLE (Linux)
+        var offset: off_t = 0
+        while offset < off_t(memory.size) {
+            let start = lseek(memory.fileDescriptor, offset, seekData)
+            guard start >= 0 else {
+                // ENXIO: no data after `offset`; any other error: treat the rest as data.
+                if errno != ENXIO { for p in Int(offset) / MigrationFormat.pageSize..<pageCount { pages[p] = true } }
+                break
+            }
+            var end = lseek(memory.fileDescriptor, start, seekHole)
+            if end < 0 { end = off_t(memory.size) }
+            for p in Int(start) / MigrationFormat.pageSize..<min(pageCount, (Int(end) + MigrationFormat.pageSize - 1) / MigrationFormat.pageSize) {
+                pages[p] = true
+            }
+            offset = end
+        }
+        return pages
+    }
+
     /// Appends a page frame's payload for `pages` (at most `pagesPerFrame`) of `memory`;
-    /// returns how many were zero pages.
-    static func encode(pages: ArraySlice<Int>, of memory: GuestMemory, into out: inout [UInt8]) -> Int {
+    /// returns how many were zero pages. Pages outside `allocated` (when given) are zero
+    /// without being read.
+    static func encode(pages: ArraySlice<Int>, of memory: GuestMemory, allocated: DirtyBitmap?, into out: inout [UInt8]) -> Int {
         var zeros = 0
         var count = UInt32(pages.count).littleEndian
         withUnsafeBytes(of: &count) { out.append(contentsOf: $0) }
         for page in pages {
             let source = memory.base + page * MigrationFormat.pageSize
-            let zero = isZero(source)
+            let zero = allocated.map { !$0[page] } == true || isZero(source)
             var descriptor = (UInt64(page) | (zero ? MigrationFormat.zeroPageFlag : 0)).littleEndian
             withUnsafeBytes(of: &descriptor) { out.append(contentsOf: $0) }
             if zero { zeros += 1; continue }
@@ -315,8 +341,10 @@ enum MigrationPageCodec {
     }
 
     /// Writes a page frame's pages into `memory`; returns the pages it held. Any page
-    /// outside RAM or a payload of the wrong length is `corruptFrame`.
-    static func decode(_ payload: [UInt8], into memory: GuestMemory) throws(MigrationError) -> Int {
+    /// outside RAM or a payload of the wrong length is `corruptFrame`. `written` marks the
+    /// pages that hold data: a zero page that never did is left alone (fresh RAM reads as
+    /// zeros, and touching it would allocate it).
+    static func decode(_ payload: [UInt8], into memory: GuestMemory, written: inout DirtyBitmap) throws(MigrationError) -> Int {
         var r = SnapshotByteReader(payload, section: "pages")
         guard let count = try? r.count(UInt32.self, minimumBytesEach: 8) else { throw .corruptFrame("page frame count") }
         let pages = Int(memory.size) / MigrationFormat.pageSize
@@ -328,9 +356,13 @@ enum MigrationPageCodec {
             }
             let target = memory.base + Int(page) * MigrationFormat.pageSize
             if descriptor & MigrationFormat.zeroPageFlag != 0 {
-                memset(target, 0, MigrationFormat.pageSize)
+                if written[Int(page)] {
+                    memset(target, 0, MigrationFormat.pageSize)
+                    written[Int(page)] = false
+                }
                 continue
             }
+            written[Int(page)] = true
             guard r.remaining >= MigrationFormat.pageSize else { throw .corruptFrame("page frame data is short") }
             payload.withUnsafeBytes { raw in
                 target.copyMemory(from: raw.baseAddress! + r.offset, byteCount: MigrationFormat.pageSize)
