@@ -152,6 +152,12 @@ public final class Machine: @unchecked Sendable {
     var doorbells: DoorbellThread?
     /// Held while the machine migrates out (one migration at a time).
     let migrationGuard = MigrationGuard()
+    /// Fills RAM from the source for a machine that arrived by post-copy (nil otherwise).
+    var postcopyReceiver: PostcopyReceiver?
+    /// Post-copy so far: remote faults, their latency, pages in (nil: not post-copied).
+    public var postcopyStatistics: PostcopyStatistics? { postcopyReceiver?.statistics }
+    /// Whether every page of a post-copied machine has arrived.
+    public var postcopyFinished: Bool { postcopyReceiver?.finished.load(ordering: .acquiring) ?? true }
     /// virtio queue notifications taken by ioeventfd instead of an exit.
     public var doorbellNotifications: UInt64 { doorbells?.notifications.load(ordering: .relaxed) ?? 0 }
 

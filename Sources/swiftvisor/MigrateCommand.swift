@@ -10,12 +10,15 @@ struct MigrateCommand: ParsableCommand {
         commandName: "migrate",
         abstract: "Live-migrate a running VM to a destination started with 'run --incoming'.",
         discussion: """
-            The VM is reached through its control socket (run … --control PATH). Pre-copy:
+            The VM is reached through its control socket (run … --control PATH). Pre-copy
+            (the default):
             RAM is sent while the guest runs, then the pages it dirtied, round after round,
             until the rest fits --max-downtime-ms at the measured bandwidth (or --max-rounds
             is reached); then the guest pauses, the rest goes with the vCPU and device
-            state, and the destination confirms. The engines may differ (kvm → software and
-            back). If anything fails before the destination confirms, the VM resumes here.
+            state, and the destination confirms. --postcopy: the state goes first, the guest
+            runs at the destination at once and pulls its pages. The engines may differ (kvm →
+            software and back). If anything fails before the destination confirms, the VM
+            resumes here.
 
             Example (two terminals):
               swiftvisor run --incoming tcp:127.0.0.1:7000 --engine software
@@ -36,6 +39,9 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Dirty rounds before the guest is stopped regardless (default 30).", valueName: "n"))
     var maxRounds: Int?
 
+    @Flag(name: .long, help: "Post-copy: move the vCPU and device state first and run the guest at the destination at once; its pages follow on demand (each first touch asks the source) and in the background.")
+    var postcopy = false
+
     @Flag(name: .long, help: "Print the final report as JSON on standard output.")
     var json = false
 
@@ -47,6 +53,7 @@ struct MigrateCommand: ParsableCommand {
 
     func run() throws {
         var request = "migrate \(destination)"
+        if postcopy { request += " postcopy" }
         if let m = maxDowntimeMs { request += " max-downtime-ms=\(m)" }
         if let r = maxRounds { request += " max-rounds=\(r)" }
         let terminal = isatty(2) == 1
@@ -76,6 +83,10 @@ struct MigrateCommand: ParsableCommand {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
             print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        }
+        if let p = report.postcopy {
+            printError(String(format: "post-copy: %d remote faults, median %.0f µs, max %.0f µs", p.remoteFaults,
+                              p.medianFaultMicroseconds, p.maxFaultMicroseconds))
         }
         printError(String(format: "migrated to %@ (%@ → %@): %d dirty rounds, %llu pages (%llu zero), %.1f MiB sent in %.3f s, downtime %.2f ms, %.0f MB/s",
                           report.destination, report.sourceEngine, report.destinationEngine, report.rounds,

@@ -237,3 +237,122 @@ func ramDifference(_ a: GuestMemory, _ b: GuestMemory) throws -> Int? {
         #expect(try ramDifference(source.machine.memory, machine.memory) == nil)
     }
 }
+
+/// A source's `migrate` on its own thread (post-copy returns only once every page is pushed,
+/// while the destination's guest already runs).
+final class Migration: @unchecked Sendable {
+    // SAFETY: `outcome` is written by the thread and read after join().
+    private var outcome: Result<MigrationReport, any Error>?
+    private var thread: HostThread?
+
+    init(_ machine: Machine, to address: MigrationAddress, options: MigrationOptions) {
+        thread = HostThread(name: "migrate") { [self] in
+            outcome = Result { try machine.migrate(to: address, options: options) }
+        }
+    }
+
+    func join() -> Result<MigrationReport, any Error> {
+        thread?.join()
+        thread = nil
+        return outcome!
+    }
+}
+
+@Suite struct PostcopyTests {
+    static let options = try! MigrationOptions(maxDowntimeMilliseconds: 50, timeoutSeconds: 3, postcopy: true)
+
+    func destination(_ engine: String) throws -> IncomingMigration {
+        var options = IncomingMigrationOptions(engine: try makeEngine(engine))
+        options.timeoutSeconds = 3
+        return try IncomingMigration(listeningOn: .tcp(host: "127.0.0.1", port: 0), options: options)
+    }
+
+    /// Post-copy: the guest runs at the destination before its pages are there (its 16 MiB
+    /// area is swept faster than it is pushed, so it faults on pages still at the source);
+    /// every page arrives, the area holds one boundary, markers continue.
+    func postcopy(from sourceEngine: String, to engine: String) throws {
+        let source = try IntegrityGuest(engine: sourceEngine, pages: 4096)
+        source.start()
+        #expect(waitForMoreMarkers(source.output, 3))
+        let area = try #require(Integrity.area(source.output.text))
+        let incoming = try destination(engine)
+        defer { incoming.close() }
+        let receiver = Receiver(incoming)
+        let migration = Migration(source.machine, to: incoming.address, options: Self.options)
+        let (machine, _) = try receiver.join().get()
+        let destination = IntegrityGuest(arrived: machine, output: receiver.output)
+        destination.start()
+        defer { destination.stop() }
+        let report = try migration.join().get()
+        #expect(source.join()?.stopReason == .migrated(destination: incoming.address.description))
+        let statistics = try #require(report.postcopy)
+        #expect(statistics.pagesReceived == Int(machine.memory.size / 4096), "every page arrived")
+        #expect(statistics.remoteFaults > 0, "the guest ran before its pages were pushed")
+        #expect(machine.postcopyFinished)
+        #expect(waitForMoreMarkers(receiver.output, 3), "the guest runs on at the destination")
+        machine.pause()
+        #expect(try Integrity.check(machine.memory, base: area.base, pages: area.pages) == nil)
+        machine.resume()
+        let passes = Integrity.passes(source.output.text + receiver.output.text)
+        #expect(Integrity.consecutive(passes), "markers continue without a gap or repeat: \(passes.suffix(8))")
+    }
+
+    @Test(arguments: bothEngines)
+    func postcopyToTheSameEngine(engine: String) throws { try postcopy(from: engine, to: engine) }
+
+    @Test(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
+    func postcopyKVMToSoftware() throws { try postcopy(from: "kvm", to: "software") }
+
+    @Test func postcopyCutBeforeTheConfirmationResumesTheSource() throws {
+        let source = try IntegrityGuest(engine: "software")
+        source.start()
+        defer { source.stop() }
+        #expect(waitForMoreMarkers(source.output, 2))
+        let area = try #require(Integrity.area(source.output.text))
+        let incoming = try destination("software")
+        defer { incoming.close() }
+        // Cuts inside the offer, the state and the first-MiB frames, which precede the confirmation.
+        for cut in [100, 700, 2000, 8000] {
+            let relay = try FaultyRelay(to: incoming.address, cutAfter: cut)
+            let receiver = Receiver(incoming)
+            #expect(throws: MigrationError.self) { try source.machine.migrate(to: relay.address, options: Self.options) }
+            relay.finish()
+            #expect(throws: MigrationError.self) { try receiver.join().get() }
+            #expect(source.result.withLock { $0 } == nil)
+            #expect(waitForMoreMarkers(source.output, 1), "the guest continues at the source after a cut at \(cut)")
+            source.machine.pause()
+            #expect(try Integrity.check(source.machine.memory, base: area.base, pages: area.pages) == nil)
+            source.machine.resume()
+        }
+    }
+
+    /// A cut after the switch-over: the source reports it and keeps every page (its machine
+    /// stays stopped), the destination's guest stops with the reason instead of running on
+    /// with holes.
+    @Test func postcopyCutAfterTheSwitchOverStopsTheDestinationAndKeepsTheSourcesPages() throws {
+        let source = try IntegrityGuest(engine: "software", pages: 4096)
+        source.start()
+        #expect(waitForMoreMarkers(source.output, 2))
+        let incoming = try destination("software")
+        defer { incoming.close() }
+        let relay = try FaultyRelay(to: incoming.address, cutAfter: 4 << 20)
+        let receiver = Receiver(incoming)
+        let migration = Migration(source.machine, to: relay.address, options: Self.options)
+        let (machine, _) = try receiver.join().get()
+        let destination = IntegrityGuest(arrived: machine, output: receiver.output)
+        destination.start()
+        guard case let .failure(error) = migration.join(), case let .postcopyInterrupted(delivered, count, _) = error as? MigrationError else {
+            Issue.record("the source reports an interrupted post-copy"); return
+        }
+        #expect(delivered < count)
+        relay.finish()
+        guard case let .engineFailure(_, message) = destination.join()?.stopReason else {
+            Issue.record("the destination's guest stops with the reason"); return
+        }
+        #expect(message.contains("post-copy"))
+        #expect(source.join()?.stopReason == .migrated(destination: relay.address.description))
+        #expect(!machine.postcopyFinished)
+        let area = try #require(Integrity.area(source.output.text))
+        #expect(try Integrity.check(source.machine.memory, base: area.base, pages: area.pages) == nil, "the source's RAM is intact")
+    }
+}

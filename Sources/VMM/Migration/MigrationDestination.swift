@@ -135,6 +135,7 @@ public final class IncomingMigration: @unchecked Sendable {
                                               commandLine: offer.commandLine, timeoutSeconds: options.machineTimeoutSeconds)
             config.ioeventfd = true
             var records: [(name: String, state: [UInt8])] = []
+            var postcopy: PostcopyReceiver?
             var pages: UInt64 = 0
             var rounds = 0
             let machine: Machine
@@ -146,8 +147,18 @@ public final class IncomingMigration: @unchecked Sendable {
                         let frame = try channel.receive(expecting: "the machine's pages and state")
                         switch frame.kind {
                         case .pages:
-                            guard states == nil else { throw MigrationError.unexpectedFrame(got: "pages", expecting: "devices") }
-                            pages += UInt64(try MigrationPageCodec.decode(frame.payload, into: memory, written: &written))
+                            guard states == nil || offer.postcopy else { throw MigrationError.unexpectedFrame(got: "pages", expecting: "devices") }
+                            if offer.postcopy {
+                                // Pages sent before the switch are placed (zero pages too): userfaultfd
+                                // will treat every page not placed as missing.
+                                pages += UInt64(try MigrationPageCodec.forEachPage(frame.payload, pageCount: written.pageCount) { page, data in
+                                    let target = memory.base + page * MigrationFormat.pageSize
+                                    if let data { target.copyMemory(from: data, byteCount: MigrationFormat.pageSize) } else { memset(target, 0, MigrationFormat.pageSize) }
+                                    written[page] = true
+                                })
+                            } else {
+                                pages += UInt64(try MigrationPageCodec.decode(frame.payload, into: memory, written: &written))
+                            }
                         case .roundEnd:
                             rounds += 1
                         case .vcpus:
@@ -159,6 +170,15 @@ public final class IncomingMigration: @unchecked Sendable {
                             do { records = try SnapshotDeviceCodec.decode(frame.payload) } catch {
                                 throw MigrationError.corruptFrame("devices frame: \(error)")
                             }
+                        case .postcopyStart:
+                            var r = SnapshotByteReader(frame.payload, section: "post-copy start")
+                            guard offer.postcopy, let count = try? r.u64(), count == UInt64(memory.size) / UInt64(MigrationFormat.pageSize),
+                                  let states, states.count == offer.vcpuCount else {
+                                throw MigrationError.unexpectedFrame(got: "post-copy start", expecting: "pages")
+                            }
+                            postcopy = try PostcopyReceiver(channel: channel, memory: memory, present: written)
+                            pages = UInt64(written.dirtyCount)
+                            return states
                         case .complete:
                             var r = SnapshotByteReader(frame.payload, section: "complete")
                             guard let sent = try? r.u64(), r.remaining == 0 else { throw MigrationError.corruptFrame("complete frame") }
@@ -179,6 +199,13 @@ public final class IncomingMigration: @unchecked Sendable {
             } catch {
                 throw MigrationError.restoreFailed("\(error)")
             }
+            if let postcopy {
+                machine.postcopyReceiver = postcopy
+                postcopy.onFailure.withLock {
+                    $0 = { [weak machine] message in machine?.requestStop(.engineFailure(vcpu: 0, message: message)) }
+                }
+                postcopy.start()
+            }
             do {
                 machine.guestName = offer.guestName
                 try machine.restoreDevices(from: records, console: serialOutput)
@@ -189,7 +216,7 @@ public final class IncomingMigration: @unchecked Sendable {
             } catch {
                 throw MigrationError.restoreFailed("\(error)")
             }
-            try channel.send(.confirm, [])
+            if let postcopy { try postcopy.send(.confirm, []) } else { try channel.send(.confirm, []) }
             let report = IncomingMigrationReport(sourceEngine: offer.sourceEngine, engine: options.engine.name,
                                                  memorySize: offer.memorySize, pagesReceived: pages,
                                                  bytesReceived: channel.bytesReceived, rounds: rounds)

@@ -11,10 +11,13 @@ public struct MigrationOptions: Sendable, Equatable {
     public private(set) var maxRounds = 30
     /// A peer silent for this long fails the migration (and the source resumes).
     public private(set) var timeoutSeconds: Double = 10
+    /// Post-copy: send the state first and the pages on demand (else pre-copy).
+    public var postcopy = false
 
     public init() {}
 
-    public init(maxDowntimeMilliseconds: Double, maxRounds: Int = 30, timeoutSeconds: Double = 10) throws(MigrationError) {
+    public init(maxDowntimeMilliseconds: Double, maxRounds: Int = 30, timeoutSeconds: Double = 10, postcopy: Bool = false) throws(MigrationError) {
+        self.postcopy = postcopy
         try setMaxDowntime(milliseconds: maxDowntimeMilliseconds)
         try setMaxRounds(maxRounds)
         try setTimeout(seconds: timeoutSeconds)
@@ -77,10 +80,13 @@ public struct MigrationReport: Codable, Sendable, Equatable {
     public var bandwidthBytesPerSecond: Double
     /// Dirty pages left after each round (the bulk pass first).
     public var dirtyPagesPerRound: [Int]
+    /// Post-copy: what the destination measured (nil for pre-copy).
+    public var postcopy: PostcopyStatistics?
 }
 
 extension Machine {
-    /// Live-migrates the running machine to `address` by pre-copy: all of RAM is sent while
+    /// Live-migrates the running machine to `address` (post-copy when `options.postcopy`:
+    /// MigrationPostcopy.swift). Pre-copy: all of RAM is sent while
     /// the guest runs, then the pages it dirtied (engine dirty log ∪ host/device writes)
     /// in rounds until what is left fits `options.maxDowntimeSeconds` at the measured
     /// bandwidth or the round limit is reached; then the guest pauses, the rest goes with
@@ -105,11 +111,14 @@ extension Machine {
         try channel.receivePreamble()
         let offer = MigrationOffer(sourceEngine: engine.name, memorySize: memory.size, vcpuCount: allVCPUs.count,
                                    commandLine: configuration.commandLine, guestName: guestName,
-                                   deviceCount: attachedDevices.count)
+                                   deviceCount: attachedDevices.count, postcopy: options.postcopy)
         try channel.sendJSON(.offer, offer)
         let answer = try channel.receiveJSON(.accept, as: MigrationAnswer.self)
         guard answer.accepted else {
             throw MigrationError.rejected(answer.reason ?? .incompatible, message: answer.message)
+        }
+        if options.postcopy {
+            return try migratePostcopy(channel: channel, address: address, answer: answer, started: started, progress: progress)
         }
 
         let transports = attachedDevices.compactMap(\.transport)
@@ -214,7 +223,7 @@ extension Machine {
                                rounds: round, pagesSent: pagesSent, zeroPages: zeroPages, bytesSent: channel.bytesSent,
                                pagesInStopAndCopy: last.count, totalSeconds: seconds(since: started),
                                downtimeSeconds: downtime, bandwidthBytesPerSecond: bandwidth,
-                               dirtyPagesPerRound: dirtyPerRound)
+                               dirtyPagesPerRound: dirtyPerRound, postcopy: nil)
     }
 }
 

@@ -45,6 +45,12 @@ public enum MigrationFormat {
 public enum MigrationFrameKind: UInt32, Sendable, CustomStringConvertible {
     case offer = 1, accept = 2, reject = 3, pages = 4, roundEnd = 5, vcpus = 6, devices = 7, complete = 8
     case confirm = 9, failure = 10
+    /// Post-copy: the state is sent, pages follow on demand (u64 page count).
+    case postcopyStart = 11
+    /// Post-copy, destination → source: u64 page the guest faulted on.
+    case pageRequest = 12
+    /// Post-copy, destination → source: every page is in (JSON `PostcopyStatistics`).
+    case postcopyDone = 13
 
     public var description: String {
         switch self {
@@ -58,6 +64,9 @@ public enum MigrationFrameKind: UInt32, Sendable, CustomStringConvertible {
         case .complete: return "complete"
         case .confirm: return "confirm"
         case .failure: return "failure"
+        case .postcopyStart: return "post-copy start"
+        case .pageRequest: return "page request"
+        case .postcopyDone: return "post-copy done"
         }
     }
 }
@@ -72,6 +81,8 @@ public struct MigrationOffer: Codable, Sendable, Equatable {
     /// Device records the source will send (their names; the recipes travel in the
     /// "devices" record as in a snapshot).
     public var deviceCount: Int
+    /// State first, pages on demand (else pre-copy).
+    public var postcopy: Bool
 }
 
 /// The destination's answer to an offer.
@@ -115,6 +126,9 @@ public enum MigrationError: Error, Equatable, Sendable, CustomStringConvertible 
     /// The destination could not rebuild the machine from what it received.
     case restoreFailed(String)
     case alreadyMigrating
+    /// Post-copy broke after the switch-over: the guest runs at the destination but lacks
+    /// pages only the source holds (it keeps them; its machine stays stopped).
+    case postcopyInterrupted(pagesDelivered: Int, pageCount: Int, cause: String)
 
     public var description: String {
         switch self {
@@ -144,6 +158,8 @@ public enum MigrationError: Error, Equatable, Sendable, CustomStringConvertible 
             return "the destination could not rebuild the machine: \(why)"
         case .alreadyMigrating:
             return "a migration of this machine is already in progress"
+        case let .postcopyInterrupted(delivered, count, cause):
+            return "post-copy interrupted after the switch-over (\(cause)): \(delivered) of \(count) pages reached the destination, whose guest stops; the source keeps all pages"
         }
     }
 }
@@ -340,36 +356,56 @@ enum MigrationPageCodec {
         return zeros
     }
 
-    /// Writes a page frame's pages into `memory`; returns the pages it held. Any page
-    /// outside RAM or a payload of the wrong length is `corruptFrame`. `written` marks the
-    /// pages that hold data: a zero page that never did is left alone (fresh RAM reads as
-    /// zeros, and touching it would allocate it).
-    static func decode(_ payload: [UInt8], into memory: GuestMemory, written: inout DirtyBitmap) throws(MigrationError) -> Int {
+    /// Calls `body(page, data)` for each page of a frame (`data` nil for a zero page) after
+    /// checking the whole frame: any page outside `pageCount` or a payload of the wrong
+    /// length is `corruptFrame` and nothing is delivered. Returns the pages it held.
+    static func forEachPage(_ payload: [UInt8], pageCount: Int,
+                            _ body: (Int, UnsafeRawPointer?) throws(MigrationError) -> Void) throws(MigrationError) -> Int {
         var r = SnapshotByteReader(payload, section: "pages")
         guard let count = try? r.count(UInt32.self, minimumBytesEach: 8) else { throw .corruptFrame("page frame count") }
-        let pages = Int(memory.size) / MigrationFormat.pageSize
+        var entries: [(page: Int, offset: Int?)] = []
+        entries.reserveCapacity(count)
         for _ in 0..<count {
             guard let descriptor = try? r.u64() else { throw .corruptFrame("page frame descriptor") }
             let page = descriptor & ~MigrationFormat.zeroPageFlag
-            guard page < UInt64(pages) else {
-                throw .corruptFrame("page \(page) is outside the destination's \(pages) pages")
+            guard page < UInt64(pageCount) else {
+                throw .corruptFrame("page \(page) is outside the destination's \(pageCount) pages")
             }
-            let target = memory.base + Int(page) * MigrationFormat.pageSize
             if descriptor & MigrationFormat.zeroPageFlag != 0 {
-                if written[Int(page)] {
-                    memset(target, 0, MigrationFormat.pageSize)
-                    written[Int(page)] = false
-                }
+                entries.append((Int(page), nil))
                 continue
             }
-            written[Int(page)] = true
             guard r.remaining >= MigrationFormat.pageSize else { throw .corruptFrame("page frame data is short") }
-            payload.withUnsafeBytes { raw in
-                target.copyMemory(from: raw.baseAddress! + r.offset, byteCount: MigrationFormat.pageSize)
-            }
+            entries.append((Int(page), r.offset))
             r.skip(MigrationFormat.pageSize)
         }
         guard r.remaining == 0 else { throw .corruptFrame("page frame has trailing bytes") }
+        var failure: MigrationError?
+        payload.withUnsafeBytes { raw in
+            for e in entries {
+                do throws(MigrationError) { try body(e.page, e.offset.map { UnsafeRawPointer(raw.baseAddress! + $0) }) } catch {
+                    failure = error
+                    return
+                }
+            }
+        }
+        if let failure { throw failure }
         return count
+    }
+
+    /// Writes a page frame's pages into `memory`; returns the pages it held. `written`
+    /// marks the pages that hold data: a zero page that never did is left alone (fresh RAM
+    /// reads as zeros, and touching it would allocate it).
+    static func decode(_ payload: [UInt8], into memory: GuestMemory, written: inout DirtyBitmap) throws(MigrationError) -> Int {
+        try forEachPage(payload, pageCount: Int(memory.size) / MigrationFormat.pageSize) { (page, data) throws(MigrationError) in
+            let target = memory.base + page * MigrationFormat.pageSize
+            if let data {
+                target.copyMemory(from: data, byteCount: MigrationFormat.pageSize)
+                written[page] = true
+            } else if written[page] {
+                memset(target, 0, MigrationFormat.pageSize)
+                written[page] = false
+            }
+        }
     }
 }
