@@ -9,6 +9,7 @@
 #include <string.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -300,4 +301,8 @@ int ckvm_pagemap_entries(const void *address, uint64_t count, uint64_t *entries)
     }
     close(fd);
     return got == want ? 0 : -EIO;
+}
+
+int ckvm_setns_net(int fd) {
+    return setns(fd, CLONE_NEWNET) == 0 ? 0 : -errno;
 }

@@ -134,4 +134,8 @@ int ckvm_unblock_signal(int signo);
 /// Names the calling thread (shown by top -H and gdb); truncated to 15 bytes.
 void ckvm_set_thread_name(const char *name);
 
+/// setns(2) for a network namespace: moves the calling thread into the namespace `fd`
+/// refers to. Returns 0 or -errno.
+int ckvm_setns_net(int fd);
+
 #endif
