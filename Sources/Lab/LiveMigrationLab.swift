@@ -17,7 +17,7 @@ public struct LiveMigrationLab: Sendable {
     public var memory: UInt64 = 64 << 20
     public var areaPages = 4096
     /// Guest spin loops between page writes, one row per value; nil: idle.
-    public var spins: [UInt64?] = [nil, 20_000, 2_000, 200, 0]
+    public var spins: [UInt64?] = [nil, 200_000, 50_000, 10_000, 0]
     /// The link rate of the veth pair; nil: loopback, unshaped.
     public var linkMegabits: Int? = 1000
     public var maxDowntimeMilliseconds = 30.0

@@ -29,7 +29,7 @@ struct LiveMigrationLabCommand: ParsableCommand {
     var maxDowntimeMs = 30.0
 
     @Option(name: .long, help: ArgumentHelp("Guest spin loops between page writes, comma-separated ('idle' for none).", valueName: "list"))
-    var spins = "idle,20000,2000,200,0"
+    var spins = "idle,200000,50000,10000,0"
 
     func run() throws {
         var lab = LiveMigrationLab(engine: options.resolvedEngine())

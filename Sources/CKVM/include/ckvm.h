@@ -138,4 +138,7 @@ void ckvm_set_thread_name(const char *name);
 /// refers to. Returns 0 or -errno.
 int ckvm_setns_net(int fd);
 
+/// SIOCOUTQ: bytes a stream socket holds that the peer has not acknowledged, or -errno.
+int ckvm_socket_unsent_bytes(int fd);
+
 #endif

@@ -172,11 +172,24 @@ public final class IncomingMigration: @unchecked Sendable {
                             }
                         case .postcopyStart:
                             var r = SnapshotByteReader(frame.payload, section: "post-copy start")
-                            guard offer.postcopy, let count = try? r.u64(), count == UInt64(memory.size) / UInt64(MigrationFormat.pageSize),
+                            guard offer.postcopy, let count = try? r.u64(), count == UInt64(written.pageCount),
                                   let states, states.count == offer.vcpuCount else {
                                 throw MigrationError.unexpectedFrame(got: "post-copy start", expecting: "pages")
                             }
-                            postcopy = try PostcopyReceiver(channel: channel, memory: memory, present: written)
+                            var words: [UInt64] = []
+                            for _ in 0..<(written.pageCount + 63) / 64 {
+                                guard let w = try? r.u64() else { throw MigrationError.corruptFrame("post-copy start: page bitmap is short") }
+                                words.append(w)
+                            }
+                            guard r.remaining == 0 else { throw MigrationError.corruptFrame("post-copy start: trailing bytes") }
+                            let remote = DirtyBitmap(pageCount: written.pageCount, words: words)
+                            guard !remote.dirtyPages.contains(where: { written[$0] }), remote.words.last.map({ written.pageCount % 64 == 0 || $0 >> UInt64(written.pageCount % 64) == 0 }) ?? true else {
+                                throw MigrationError.corruptFrame("post-copy start: page bitmap names pages already sent or outside RAM")
+                            }
+                            // Demanded pages should not queue behind much pushed data.
+                            var small: Int32 = 256 << 10
+                            setsockopt(channel.connection.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+                            postcopy = try PostcopyReceiver(channel: channel, memory: memory, remote: remote)
                             pages = UInt64(written.dirtyCount)
                             return states
                         case .complete:

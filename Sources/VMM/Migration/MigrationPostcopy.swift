@@ -20,6 +20,9 @@ public struct PostcopyStatistics: Codable, Sendable, Equatable {
 // MARK: - Source
 
 extension Machine {
+    /// Bytes of background push allowed in flight (unacknowledged) during post-copy.
+    static let postcopyPushWindow: Int32 = 256 << 10
+
     /// Post-copy source: the vCPU and device state (and the first MiB of RAM, which holds
     /// boot info and the page tables) go first; once the destination confirms, the guest
     /// runs there and this side answers its page requests ahead of a background push of
@@ -47,7 +50,10 @@ extension Machine {
             channel.connection.shutdownNow()
         }
         var pagesSent: UInt64 = 0, zeroPages: UInt64 = 0
+        // Pages that are holes here are zero there without being sent or faulted on.
+        let allocated = MigrationPageCodec.allocatedPages(of: memory)
         var sent = DirtyBitmap(pageCount: pageCount)
+        for p in 0..<pageCount where !allocated[p] { sent[p] = true }
         func send(_ pages: [Int]) throws {
             var i = 0
             while i < pages.count {
@@ -69,8 +75,10 @@ extension Machine {
         try channel.queue(.vcpus, SnapshotVCPUCodec.encode(try allVCPUs.map { try $0.getState() }))
         try channel.queue(.devices, SnapshotDeviceCodec.encode(try savedDeviceStates()))
         try send(Array(0..<min(pageCount, Int(BootLayout.imageBase) / MigrationFormat.pageSize)))
+        // The pages the destination must fetch: everything not sent yet.
         var start = SnapshotByteWriter()
         start.u64(UInt64(pageCount))
+        for i in 0..<(pageCount + 63) / 64 { start.u64(~sent.words[i] & (i == (pageCount - 1) / 64 && pageCount % 64 != 0 ? (1 << UInt64(pageCount % 64)) - 1 : ~0)) }
         try channel.send(.postcopyStart, start.bytes)
 
         // The destination's frames arrive on their own thread: page requests, the
@@ -109,7 +117,11 @@ extension Machine {
         var requestsServed = 0
         do {
             while true {
-                let (requests, confirmed, error, statistics) = inbox.take(waitIfIdle: !committed || completeSent)
+                // Pushed pages queue ahead of demanded ones in the stream: push only while little
+                // is unacknowledged, so a request waits behind at most that much.
+                let throttled = committed && !completeSent && ckvm_socket_unsent_bytes(channel.connection.fd) > Self.postcopyPushWindow
+                let (requests, confirmed, error, statistics) = inbox.take(waitIfIdle: !committed || completeSent || throttled,
+                                                                          milliseconds: throttled ? 1 : 20)
                 if let error { throw error }
                 let wanted = requests.filter { !sent[$0] }
                 requestsServed += wanted.count
@@ -126,7 +138,7 @@ extension Machine {
                                            pagesInStopAndCopy: 0, totalSeconds: seconds(since: started), downtimeSeconds: downtime,
                                            bandwidthBytesPerSecond: 0, dirtyPagesPerRound: [], postcopy: statistics)
                 }
-                guard committed, !completeSent else { continue }
+                guard committed, !completeSent, !throttled else { continue }
                 // Background push: a few pages at a time, so requests wait little.
                 var batch: [Int] = []
                 while next < pageCount, batch.count < 32 {
@@ -177,7 +189,7 @@ final class PostcopyInbox: Sendable {
 
     /// Pending requests (taken), whether confirmed, an error, the final statistics. With
     /// `waitIfIdle`, waits (bounded) for something to happen when nothing is pending.
-    func take(waitIfIdle: Bool) -> ([Int], Bool, MigrationError?, PostcopyStatistics?) {
+    func take(waitIfIdle: Bool, milliseconds: Int) -> ([Int], Bool, MigrationError?, PostcopyStatistics?) {
         func snapshot() -> ([Int], Bool, MigrationError?, PostcopyStatistics?) {
             state.withLock { s in
                 defer { s.requests.removeAll() }
@@ -186,7 +198,7 @@ final class PostcopyInbox: Sendable {
         }
         let now = snapshot()
         if !waitIfIdle || !now.0.isEmpty || now.2 != nil || now.3 != nil { return now }
-        _ = signal.wait(timeout: .now() + .milliseconds(20))
+        _ = signal.wait(timeout: .now() + .milliseconds(milliseconds))
         let later = snapshot()
         return (now.0 + later.0, now.1 || later.1, later.2, later.3)
     }
@@ -211,18 +223,35 @@ final class PostcopyReceiver: @unchecked Sendable {
     private let received: Mutex<DirtyBitmap>
     private let requestedAt = Mutex<[Int: UInt64]>([:])
     private let latencies = Mutex<[UInt64]>([])
+    private let registered: [Range<Int>]
     private var faultThread: HostThread?
     private var receiveThread: HostThread?
     let finished = Atomic<Bool>(false)
     /// Told when the stream fails before every page is in (the machine then stops).
     let onFailure = Mutex<(@Sendable (String) -> Void)?>(nil)
 
-    init(channel: MigrationChannel, memory: GuestMemory, present: DirtyBitmap) throws(MigrationError) {
+    /// Registers the `remote` pages (those still at the source) for missing faults; the
+    /// others are in place already or zero.
+    init(channel: MigrationChannel, memory: GuestMemory, remote: DirtyBitmap) throws(MigrationError) {
         let fd = ckvm_uffd_open(0)
         guard fd >= 0 else { throw .restoreFailed("userfaultfd is unavailable (errno \(-fd)); post-copy needs it") }
-        let rc = ckvm_uffd_register(fd, memory.base, memory.size, 0, 1)
-        guard rc == 0 else { close(fd); throw .restoreFailed("userfaultfd registration failed (errno \(-rc))") }
+        var runs: [Range<Int>] = []
+        var page = 0
+        while page < remote.pageCount {
+            guard remote[page] else { page += 1; continue }
+            let first = page
+            while page < remote.pageCount && remote[page] { page += 1 }
+            runs.append(first..<page)
+        }
+        for run in runs {
+            let rc = ckvm_uffd_register(fd, memory.base + run.lowerBound * MigrationFormat.pageSize,
+                                        UInt64(run.count * MigrationFormat.pageSize), 0, 1)
+            guard rc == 0 else { close(fd); throw .restoreFailed("userfaultfd registration failed (errno \(-rc))") }
+        }
         uffd = fd
+        registered = runs
+        var present = DirtyBitmap(pageCount: remote.pageCount)
+        for p in 0..<remote.pageCount where !remote[p] { present[p] = true }
         stopFD = ckvm_eventfd()
         self.memory = memory
         self.channel = channel
@@ -321,7 +350,9 @@ final class PostcopyReceiver: @unchecked Sendable {
         channel.connection.shutdownNow()
         faultThread?.join()
         receiveThread?.join()
-        _ = ckvm_uffd_unregister(uffd, memory.base, memory.size)
+        for run in registered {
+            _ = ckvm_uffd_unregister(uffd, memory.base + run.lowerBound * MigrationFormat.pageSize, UInt64(run.count * MigrationFormat.pageSize))
+        }
         close(uffd)
         close(stopFD)
     }
