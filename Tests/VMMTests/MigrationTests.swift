@@ -356,3 +356,36 @@ final class Migration: @unchecked Sendable {
         #expect(try Integrity.check(source.machine.memory, base: area.base, pages: area.pages) == nil, "the source's RAM is intact")
     }
 }
+
+@Suite struct MigrationControlTests {
+    /// The control socket's `migrate` request: progress lines, then the report; the machine
+    /// arrives at the destination and the source stops as migrated.
+    @Test func migrateRequestStreamsProgressThenTheReport() throws {
+        let source = try IntegrityGuest(engine: "software")
+        source.start()
+        #expect(waitForMoreMarkers(source.output, 2))
+        let path = temporaryPath("ctl") + ".sock"
+        let server = try ControlServer(machine: source.machine, path: path)
+        defer { server.close() }
+        let incoming = try IncomingMigration(listeningOn: .unix(path: temporaryPath("in") + ".sock"),
+                                             options: IncomingMigrationOptions(engine: try makeEngine("software")))
+        defer { incoming.close() }
+        let receiver = Receiver(incoming)
+        var lines: [MigrationControlLine] = []
+        try ControlServer.sendStreaming("migrate \(incoming.address) max-downtime-ms=50 max-rounds=2", to: path) {
+            lines.append(try! JSONDecoder().decode(MigrationControlLine.self, from: Data($0.utf8)))
+        }
+        let (machine, _) = try receiver.join().get()
+        defer { machine.stop() }
+        #expect(lines.first?.progress?.phase == .bulk)
+        #expect(lines.contains { $0.progress?.phase == .stopAndCopy })
+        let last = try #require(lines.last)
+        #expect(last.ok == true && last.report?.destination == incoming.address.description)
+        #expect(lines.dropLast().allSatisfy { !$0.isFinal })
+        #expect(source.join()?.stopReason == .migrated(destination: incoming.address.description))
+
+        var bad: [String] = []
+        try ControlServer.sendStreaming("migrate nowhere", to: path) { bad.append($0) }
+        #expect(bad.count == 1 && bad[0].contains("\"ok\":false") && bad[0].contains("is not tcp:HOST:PORT"))
+    }
+}
