@@ -1,3 +1,4 @@
+import CKVM
 import Foundation
 import Synchronization
 import VirtCore
@@ -144,10 +145,16 @@ extension Machine {
 
         let pageCount = Int(memory.size) / MigrationFormat.pageSize
         var pagesSent: UInt64 = 0, zeroPages: UInt64 = 0
-        var sendSeconds = 0.0
-        var bandwidth: Double { sendSeconds > 0 ? Double(channel.bytesSent) / sendSeconds : 0 }
+        // Bandwidth is what the peer acknowledged over the time since the first page, not what
+        // the socket buffer took: a send returns as soon as the buffer has room.
+        let sendingSince = clock.now
+        var unsent: Int { max(0, Int(ckvm_socket_unsent_bytes(channel.connection.fd))) }
+        var bandwidth: Double {
+            let elapsed = seconds(since: sendingSince)
+            let delivered = Double(channel.bytesSent) - Double(unsent)
+            return elapsed > 0 && delivered > 0 ? delivered / elapsed : 0
+        }
         func send(_ pages: [Int], allocated: DirtyBitmap? = nil) throws {
-            let t = clock.now
             var i = 0
             while i < pages.count {
                 let batch = pages[i..<min(i + MigrationFormat.pagesPerFrame, pages.count)]
@@ -158,7 +165,6 @@ extension Machine {
                 i += batch.count
             }
             try channel.flush()
-            sendSeconds += seconds(since: t)
         }
         func collectDirty() throws -> DirtyBitmap {
             var bitmap = try dirtyLog.fetchDirtyLog()
@@ -186,7 +192,8 @@ extension Machine {
                 w.u32(UInt32(round)); w.u64(UInt64(left))
                 out.append(contentsOf: w.bytes)
             }
-            let estimate = bandwidth > 0 ? Double(left * MigrationFormat.pageSize) / bandwidth : .infinity
+            // What is still queued in the socket goes out during the pause too.
+            let estimate = bandwidth > 0 ? Double(left * MigrationFormat.pageSize + unsent) / bandwidth : .infinity
             if estimate <= options.maxDowntimeSeconds || round >= options.maxRounds { break }
             round += 1
             report(.dirtyRound, round: round, dirty: left)
