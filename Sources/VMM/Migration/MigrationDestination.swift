@@ -96,7 +96,7 @@ public final class IncomingMigration: @unchecked Sendable {
             do {
                 return try receiveOne(serialOutput: serialOutput)
             } catch let error as MigrationError {
-                if case .socketFailed(operation: "listen on", _, _) = error { throw error }
+                if error == .listenerClosed { throw error }
                 onFailedAttempt?(error)
             }
         }
@@ -108,7 +108,7 @@ public final class IncomingMigration: @unchecked Sendable {
         while true {
             sessionReady.wait()
             if let c = sessions.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) { connection = c; break }
-            throw MigrationError.socketFailed(operation: "listen on", address: address.description, errno: EBADF)
+            throw MigrationError.listenerClosed
         }
         do {
             let result = try session(MigrationChannel(connection: connection), serialOutput: serialOutput)

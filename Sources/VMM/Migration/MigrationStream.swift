@@ -126,6 +126,8 @@ public enum MigrationError: Error, Equatable, Sendable, CustomStringConvertible 
     /// The destination could not rebuild the machine from what it received.
     case restoreFailed(String)
     case alreadyMigrating
+    /// The destination stopped listening (closed) while waiting for a source.
+    case listenerClosed
     /// Post-copy broke after the switch-over: the guest runs at the destination but lacks
     /// pages only the source holds (it keeps them; its machine stays stopped).
     case postcopyInterrupted(pagesDelivered: Int, pageCount: Int, cause: String)
@@ -158,6 +160,8 @@ public enum MigrationError: Error, Equatable, Sendable, CustomStringConvertible 
             return "the destination could not rebuild the machine: \(why)"
         case .alreadyMigrating:
             return "a migration of this machine is already in progress"
+        case .listenerClosed:
+            return "the destination stopped listening"
         case let .postcopyInterrupted(delivered, count, cause):
             return "post-copy interrupted after the switch-over (\(cause)): \(delivered) of \(count) pages reached the destination, whose guest stops; the source keeps all pages"
         }
