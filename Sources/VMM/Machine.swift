@@ -134,6 +134,8 @@ public final class Machine: @unchecked Sendable {
     private let parkedCount = Atomic<Int>(0)
     private let finishedCount = Atomic<Int>(0)
     private let parkedSignal = DispatchSemaphore(value: 0)
+    /// Signalled by a vCPU leaving its park, for `resume()` to wait on.
+    private let unparkedSignal = DispatchSemaphore(value: 0)
     private let resumeSignals: [DispatchSemaphore]
     private let pauseLock = Mutex(())
     /// Called on a vCPU's thread for a `.memoryFault` exit (an EPT violation of the
@@ -237,11 +239,16 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
-    /// Lets paused vCPUs run on.
+    /// Lets paused vCPUs run on. Returns once every parked vCPU has left its park, so a
+    /// `pause()` right after cannot count a vCPU still on its way out as parked (and find
+    /// it running guest code after it returned).
     public func resume() {
         pauseLock.withLock { _ in
             guard pauseRequested.exchange(false, ordering: .acquiringAndReleasing) else { return }
             for r in resumeSignals { r.signal() }
+            while parkedCount.load(ordering: .acquiring) > 0 {
+                _ = unparkedSignal.wait(timeout: .now() + .milliseconds(10))
+            }
         }
     }
 
@@ -256,6 +263,7 @@ public final class Machine: @unchecked Sendable {
             _ = resumeSignals[id].wait(timeout: .now() + .milliseconds(100))
         }
         parkedCount.subtract(1, ordering: .acquiringAndReleasing)
+        unparkedSignal.signal()
     }
 
     /// The vCPU handles (for services that read or set their state while paused).

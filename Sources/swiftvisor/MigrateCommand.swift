@@ -42,6 +42,9 @@ struct MigrateCommand: ParsableCommand {
     @Flag(name: .long, help: "Post-copy: move the vCPU and device state first and run the guest at the destination at once; its pages follow on demand (each first touch asks the source) and in the background.")
     var postcopy = false
 
+    @Flag(name: .long, help: "Pre-copy: when rounds do not converge, hold the guest paused for a growing share of each round (50 % … 99 %), as QEMU's auto-converge throttles vCPUs.")
+    var autoConverge = false
+
     @Flag(name: .long, help: "Print the final report as JSON on standard output.")
     var json = false
 
@@ -54,6 +57,7 @@ struct MigrateCommand: ParsableCommand {
     func run() throws {
         var request = "migrate \(destination)"
         if postcopy { request += " postcopy" }
+        if autoConverge { request += " auto-converge" }
         if let m = maxDowntimeMs { request += " max-downtime-ms=\(m)" }
         if let r = maxRounds { request += " max-rounds=\(r)" }
         let terminal = isatty(2) == 1
@@ -84,6 +88,7 @@ struct MigrateCommand: ParsableCommand {
             encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
             print(String(decoding: try encoder.encode(report), as: UTF8.self))
         }
+        if report.throttle > 0 { printError(String(format: "auto-converge held the guest paused up to %.0f %% of each round", report.throttle * 100)) }
         if let p = report.postcopy {
             printError(String(format: "post-copy: %d remote faults, median %.0f µs, max %.0f µs", p.remoteFaults,
                               p.medianFaultMicroseconds, p.maxFaultMicroseconds))

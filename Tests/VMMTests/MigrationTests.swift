@@ -18,12 +18,12 @@ final class IntegrityGuest: @unchecked Sendable {
     private var runner: HostThread?
     static let every: UInt64 = 32
 
-    init(engine: String, memory: UInt64 = 32 << 20, pages: Int = 1024) throws {
+    init(engine: String, memory: UInt64 = 32 << 20, pages: Int = 1024, spin: Int = 0) throws {
         let guest = try #require(BundledGuests.named("migration-integrity"))
         let output = SerialCapture()
         self.output = output
         machine = try Machine(image: try ELFImage(bytes: guest.elf),
-                              configuration: MachineConfiguration(memorySize: memory, commandLine: "pages=\(pages) every=\(Self.every)",
+                              configuration: MachineConfiguration(memorySize: memory, commandLine: "pages=\(pages) every=\(Self.every) spin=\(spin)",
                                                                   timeoutSeconds: 60),
                               engine: try makeEngine(engine), serialOutput: output.append)
         machine.guestName = "migration-integrity"
@@ -387,5 +387,34 @@ final class Migration: @unchecked Sendable {
         var bad: [String] = []
         try ControlServer.sendStreaming("migrate nowhere", to: path) { bad.append($0) }
         #expect(bad.count == 1 && bad[0].contains("\"ok\":false") && bad[0].contains("is not tcp:HOST:PORT"))
+    }
+}
+
+@Suite struct AutoConvergeTests {
+    /// Auto-converge holds a guest that keeps the rounds from converging paused for a growing
+    /// share of each round (50 %, 75 %, 87.5 % …) and loses nothing doing it: the guest is
+    /// paused and resumed frame by frame while its pages go. (Whether that makes a given guest
+    /// converge depends on its dirty rate and the bandwidth: a lab question, not a test's.)
+    @Test func throttleGrowsEachRoundAndLosesNothing() throws {
+        let source = try IntegrityGuest(engine: "software", pages: 1024, spin: 2000)
+        source.start()
+        #expect(waitForMoreMarkers(source.output, 2))
+        let area = try #require(Integrity.area(source.output.text))
+        let incoming = try IncomingMigration(listeningOn: .tcp(host: "127.0.0.1", port: 0),
+                                             options: IncomingMigrationOptions(engine: try makeEngine("software")))
+        defer { incoming.close() }
+        let receiver = Receiver(incoming)
+        // No downtime allowance: every round runs, to the limit.
+        let options = try MigrationOptions(maxDowntimeMilliseconds: 0, maxRounds: 4, timeoutSeconds: 5, autoConverge: true)
+        let report = try source.machine.migrate(to: incoming.address, options: options)
+        let (machine, _) = try receiver.join().get()
+        let destination = IntegrityGuest(arrived: machine, output: receiver.output)
+        destination.start()
+        defer { destination.stop() }
+        #expect(report.rounds == 4)
+        #expect(report.throttle == 0.875, "50 % after round 1, then halving what runs: 75 %, 87.5 %")
+        #expect(try ramDifference(source.machine.memory, machine.memory) == nil)
+        #expect(try Integrity.check(machine.memory, base: area.base, pages: area.pages) == nil)
+        #expect(waitForMoreMarkers(receiver.output, 2))
     }
 }

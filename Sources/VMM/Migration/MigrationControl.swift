@@ -20,9 +20,9 @@ public struct MigrationControlLine: Codable, Sendable {
 }
 
 /// The `migrate` request of a control channel, independent of the channel itself:
-/// `migrate ADDRESS [postcopy] [max-downtime-ms=N] [max-rounds=N] [timeout-s=N]`.
+/// `migrate ADDRESS [postcopy] [auto-converge] [max-downtime-ms=N] [max-rounds=N] [timeout-s=N]`.
 public enum MigrationControl {
-    public static let usage = "migrate tcp:HOST:PORT|unix:PATH [postcopy] [max-downtime-ms=N] [max-rounds=N] [timeout-s=N]"
+    public static let usage = "migrate tcp:HOST:PORT|unix:PATH [postcopy] [auto-converge] [max-downtime-ms=N] [max-rounds=N] [timeout-s=N]"
 
     /// Parses the request's words (after "migrate").
     public static func parse(_ words: [String]) throws(MigrationError) -> (MigrationAddress, MigrationOptions) {
@@ -31,6 +31,7 @@ public enum MigrationControl {
         var options = MigrationOptions()
         for word in words.dropFirst() {
             if word == "postcopy" { options.postcopy = true; continue }
+            if word == "auto-converge" { options.autoConverge = true; continue }
             let parts = word.split(separator: "=", maxSplits: 1).map(String.init)
             guard parts.count == 2, let value = Double(parts[1]) else { throw .notMigratable("bad option '\(word)'; usage: \(usage)") }
             switch parts[0] {

@@ -136,7 +136,7 @@ extension Machine {
                     return MigrationReport(destination: address.description, sourceEngine: engine.name, destinationEngine: answer.engine,
                                            rounds: 0, pagesSent: pagesSent, zeroPages: zeroPages, bytesSent: channel.bytesSent,
                                            pagesInStopAndCopy: 0, totalSeconds: seconds(since: started), downtimeSeconds: downtime,
-                                           bandwidthBytesPerSecond: 0, dirtyPagesPerRound: [], postcopy: statistics)
+                                           bandwidthBytesPerSecond: 0, dirtyPagesPerRound: [], postcopy: statistics, throttle: 0)
                 }
                 guard committed, !completeSent, !throttled else { continue }
                 // Background push: a few pages at a time, so requests wait little.

@@ -14,11 +14,17 @@ public struct MigrationOptions: Sendable, Equatable {
     public private(set) var timeoutSeconds: Double = 10
     /// Post-copy: send the state first and the pages on demand (else pre-copy).
     public var postcopy = false
+    /// Pre-copy that does not converge throttles the guest (QEMU's auto-converge): from the
+    /// second round on it is held paused for a growing share of each round's sending (50 %,
+    /// 75 %, … up to 99 %), so it dirties pages more slowly than they go.
+    public var autoConverge = false
 
     public init() {}
 
-    public init(maxDowntimeMilliseconds: Double, maxRounds: Int = 30, timeoutSeconds: Double = 10, postcopy: Bool = false) throws(MigrationError) {
+    public init(maxDowntimeMilliseconds: Double, maxRounds: Int = 30, timeoutSeconds: Double = 10, postcopy: Bool = false,
+                autoConverge: Bool = false) throws(MigrationError) {
         self.postcopy = postcopy
+        self.autoConverge = autoConverge
         try setMaxDowntime(milliseconds: maxDowntimeMilliseconds)
         try setMaxRounds(maxRounds)
         try setTimeout(seconds: timeoutSeconds)
@@ -83,9 +89,15 @@ public struct MigrationReport: Codable, Sendable, Equatable {
     public var dirtyPagesPerRound: [Int]
     /// Post-copy: what the destination measured (nil for pre-copy).
     public var postcopy: PostcopyStatistics?
+    /// Auto-converge: the largest share of sending time the guest was held paused (0: none).
+    public var throttle: Double = 0
 }
 
 extension Machine {
+    /// Pre-copy waits until at most this much is queued in the socket before it measures
+    /// what is left to send.
+    static let queuedBytesAtDecision = 256 << 10
+
     /// Live-migrates the running machine to `address` (post-copy when `options.postcopy`:
     /// MigrationPostcopy.swift). Pre-copy: all of RAM is sent while
     /// the guest runs, then the pages it dirtied (engine dirty log ∪ host/device writes)
@@ -124,6 +136,7 @@ extension Machine {
 
         let transports = attachedDevices.compactMap(\.transport)
         var logging = false, frozen = false, paused = false, committed = false
+        var heldByThrottle = false
         defer {
             if !committed {
                 if logging {
@@ -131,7 +144,7 @@ extension Machine {
                     memory.hostWrites.setEnabled(false)
                 }
                 if frozen { for t in transports { t.thaw() } }
-                if paused { resume() }
+                if paused || heldByThrottle { resume() }
                 channel.connection.shutdownNow()
             }
         }
@@ -154,15 +167,28 @@ extension Machine {
             let delivered = Double(channel.bytesSent) - Double(unsent)
             return elapsed > 0 && delivered > 0 ? delivered / elapsed : 0
         }
+        var throttle = 0.0, maxThrottle = 0.0
+        func hold(_ on: Bool) {
+            guard on != heldByThrottle else { return }
+            if on { pause() } else { resume() }
+            heldByThrottle = on
+        }
         func send(_ pages: [Int], allocated: DirtyBitmap? = nil) throws {
-            var i = 0
+            var i = 0, frame = 0
+            defer { hold(false) }
             while i < pages.count {
+                if throttle > 0 {
+                    // Frame by frame: held for `throttle` of every ten frames.
+                    hold(Double(frame % 10) < throttle * 10)
+                    frame += 1
+                }
                 let batch = pages[i..<min(i + MigrationFormat.pagesPerFrame, pages.count)]
                 var zeros = 0
                 try channel.queue(.pages) { zeros = MigrationPageCodec.encode(pages: batch, of: memory, allocated: allocated, into: &$0) }
                 zeroPages += UInt64(zeros)
                 pagesSent += UInt64(batch.count)
                 i += batch.count
+                if throttle > 0 { try channel.flush() }
             }
             try channel.flush()
         }
@@ -182,6 +208,12 @@ extension Machine {
         var dirtyPerRound: [Int] = []
         var pending: DirtyBitmap
         while true {
+            // Let the socket drain first: what it still holds would otherwise go during the
+            // pause. A throttled guest stays held meanwhile, as during the sending.
+            let drainDeadline = clock.now + .seconds(options.timeoutSeconds)
+            if throttle > 0 { hold(true) }
+            while unsent > Self.queuedBytesAtDecision && clock.now < drainDeadline { usleep(500) }
+            hold(false)
             pause()
             do { pending = try collectDirty() } catch { resume(); throw error }
             resume()
@@ -195,12 +227,18 @@ extension Machine {
             // What is still queued in the socket goes out during the pause too.
             let estimate = bandwidth > 0 ? Double(left * MigrationFormat.pageSize + unsent) / bandwidth : .infinity
             if estimate <= options.maxDowntimeSeconds || round >= options.maxRounds { break }
+            if options.autoConverge && round >= 1 {
+                throttle = throttle == 0 ? 0.5 : min(0.99, throttle + (1 - throttle) / 2)
+                maxThrottle = throttle
+            }
             round += 1
             report(.dirtyRound, round: round, dirty: left)
             try send(pending.dirtyPages)
         }
 
-        // Stop and copy: the guest and its devices stand still from here to the confirmation.
+        // Stop and copy: the guest and its devices stand still from here to the confirmation
+        // (no throttling: it would resume the guest between frames).
+        throttle = 0
         let downtimeStart = clock.now
         pause()
         paused = true
@@ -230,7 +268,7 @@ extension Machine {
                                rounds: round, pagesSent: pagesSent, zeroPages: zeroPages, bytesSent: channel.bytesSent,
                                pagesInStopAndCopy: last.count, totalSeconds: seconds(since: started),
                                downtimeSeconds: downtime, bandwidthBytesPerSecond: bandwidth,
-                               dirtyPagesPerRound: dirtyPerRound, postcopy: nil)
+                               dirtyPagesPerRound: dirtyPerRound, postcopy: nil, throttle: maxThrottle)
     }
 }
 
