@@ -21,7 +21,7 @@ public struct PostcopyStatistics: Codable, Sendable, Equatable {
 
 extension Machine {
     /// Bytes of background push allowed in flight (unacknowledged) during post-copy.
-    static let postcopyPushWindow: Int32 = 256 << 10
+    static let postcopyPushWindow: Int32 = 64 << 10
 
     /// Post-copy source: the vCPU and device state (and the first MiB of RAM, which holds
     /// boot info and the page tables) go first; once the destination confirms, the guest
