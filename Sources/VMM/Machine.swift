@@ -156,8 +156,6 @@ public final class Machine: @unchecked Sendable {
     let migrationGuard = MigrationGuard()
     /// Fills RAM from the source for a machine that arrived by post-copy (nil otherwise).
     var postcopyReceiver: PostcopyReceiver?
-    /// Post-copy so far: remote faults, their latency, pages in (nil: not post-copied).
-    public var postcopyStatistics: PostcopyStatistics? { postcopyReceiver?.statistics }
     /// Whether every page of a post-copied machine has arrived.
     public var postcopyFinished: Bool { postcopyReceiver?.finished.load(ordering: .acquiring) ?? true }
     /// virtio queue notifications taken by ioeventfd instead of an exit.

@@ -23,8 +23,6 @@ public final class HostWriteLog: Sendable {
         words.deallocate()
     }
 
-    public var isEnabled: Bool { enabled.load(ordering: .relaxed) }
-
     /// Starts (clearing the log) or stops logging.
     public func setEnabled(_ on: Bool) {
         if on { _ = collect() }
