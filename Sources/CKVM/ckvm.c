@@ -9,6 +9,8 @@
 #include <string.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <sched.h>
+#include <linux/sockios.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -302,3 +304,11 @@ int ckvm_pagemap_entries(const void *address, uint64_t count, uint64_t *entries)
     return got == want ? 0 : -EIO;
 }
 
+int ckvm_setns_net(int fd) {
+    return setns(fd, CLONE_NEWNET) == 0 ? 0 : -errno;
+}
+
+int ckvm_socket_unsent_bytes(int fd) {
+    int n = 0;
+    return ioctl(fd, SIOCOUTQ, &n) == 0 ? n : -errno;
+}

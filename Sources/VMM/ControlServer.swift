@@ -23,7 +23,8 @@ public enum ControlError: Error, CustomStringConvertible {
 ///
 /// Commands: `snapshot PATH [NOTE…]` (copy-on-write snapshot while the guest runs),
 /// `balloon PAGES` (set the balloon's target; `balloon` alone reports it), `pause`,
-/// `resume`, `status`, `stop`.
+/// `resume`, `status`, `stop`, and `migrate ADDRESS …` (MigrationControl.swift; progress
+/// lines, then the result).
 // SAFETY: `thread` is set in init and joined in close() on the owner's thread; `stopping` is atomic.
 public final class ControlServer: @unchecked Sendable {
     public let path: String
@@ -95,8 +96,16 @@ public final class ControlServer: @unchecked Sendable {
             if n <= 0 || byte == UInt8(ascii: "\n") { break }
             line.append(byte)
         }
-        let reply = respond(to: String(decoding: line, as: UTF8.self)) + "\n"
-        _ = reply.utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) }
+        let command = String(decoding: line, as: UTF8.self)
+        func send(_ text: String) {
+            _ = (text + "\n").utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) }
+        }
+        let words = command.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+        if words.first == "migrate" {  // answers with progress lines, then the result
+            MigrationControl.serve(Array(words.dropFirst()), machine: machine, emit: send)
+            return
+        }
+        send(respond(to: command))
     }
 
     func respond(to command: String) -> String {
@@ -132,7 +141,7 @@ public final class ControlServer: @unchecked Sendable {
                                  vcpus: machine.configuration.vcpuCount)
             return reply.json
         case "stop": machine.stop(); return ControlReply(ok: true).json
-        default: return fail("unknown command '\(words.first ?? "")' (snapshot PATH [NOTE], balloon [PAGES], pause, resume, status, stop)")
+        default: return fail("unknown command '\(words.first ?? "")' (snapshot PATH [NOTE], balloon [PAGES], migrate ADDRESS, pause, resume, status, stop)")
         }
     }
 

@@ -80,6 +80,8 @@ public enum StopReason: Sendable, Equatable {
     case stopped
     /// The engine could not run the guest: KVM internal error, failed entry, ioctl error.
     case engineFailure(vcpu: Int, failure: EngineFailure)
+    /// The machine moved to another host (live migration); the guest runs on there.
+    case migrated(destination: String)
 
     /// One line for the user.
     public var summary: String {
@@ -90,6 +92,7 @@ public enum StopReason: Sendable, Equatable {
         case .timeout: return "timed out"
         case .stopped: return "stopped by the host"
         case let .engineFailure(vcpu, failure): return "vCPU \(vcpu): \(failure)"
+        case let .migrated(destination): return "migrated to \(destination)"
         }
     }
 }
@@ -147,6 +150,8 @@ public final class Machine: @unchecked Sendable {
     private let parkedCount = Atomic<Int>(0)
     private let finishedCount = Atomic<Int>(0)
     private let parkedSignal = DispatchSemaphore(value: 0)
+    /// Signalled by a vCPU leaving its park, for `resume()` to wait on.
+    private let unparkedSignal = DispatchSemaphore(value: 0)
     private let resumeSignals: [DispatchSemaphore]
     private let pauseLock = Mutex(())
     /// Called on a vCPU's thread for a `.memoryFault` exit (an EPT violation of the
@@ -163,6 +168,12 @@ public final class Machine: @unchecked Sendable {
     public var lazyRestoreFaults: UInt64 { lazyLoader?.counters.faults.load(ordering: .relaxed) ?? 0 }
     /// KVM ioeventfd doorbells of virtio devices (nil: none, or not KVM).
     var doorbells: DoorbellThread?
+    /// Held while the machine migrates out (one migration at a time).
+    let migrationGuard = MigrationGuard()
+    /// Fills RAM from the source for a machine that arrived by post-copy (nil otherwise).
+    var postcopyReceiver: PostcopyReceiver?
+    /// Whether every page of a post-copied machine has arrived.
+    public var postcopyFinished: Bool { postcopyReceiver?.finished.load(ordering: .acquiring) ?? true }
     /// virtio queue notifications taken by ioeventfd instead of an exit.
     public var doorbellNotifications: UInt64 { doorbells?.notifications.load(ordering: .relaxed) ?? 0 }
 
@@ -287,11 +298,16 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
-    /// Lets paused vCPUs run on.
+    /// Lets paused vCPUs run on. Returns once every parked vCPU has left its park, so a
+    /// `pause()` right after cannot count a vCPU still on its way out as parked (and find
+    /// it running guest code after it returned).
     public func resume() {
         pauseLock.withLock { _ in
             guard pauseRequested.exchange(false, ordering: .acquiringAndReleasing) else { return }
             for r in resumeSignals { r.signal() }
+            while parkedCount.load(ordering: .acquiring) > 0 {
+                _ = unparkedSignal.wait(timeout: .now() + .milliseconds(10))
+            }
         }
     }
 
@@ -306,6 +322,7 @@ public final class Machine: @unchecked Sendable {
             _ = resumeSignals[id].wait(timeout: .now() + .milliseconds(100))
         }
         parkedCount.subtract(1, ordering: .acquiringAndReleasing)
+        unparkedSignal.signal()
     }
 
     /// The vCPU handles (for services that read or set their state while paused).

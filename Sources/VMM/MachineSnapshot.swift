@@ -50,8 +50,7 @@ extension Machine {
     /// `whilePaused` runs at the snapshot point, with every vCPU stopped.
     public func snapshot(to path: String, note: String = "", progress: ((Int) -> Void)? = nil,
                          whilePaused: (() -> Void)? = nil) throws -> SnapshotReport {
-        let unsupported = attachedDevices.compactMap { d -> String? in if case let .unsupported(n) = d.recipe { return n } else { return nil } }
-        guard unsupported.isEmpty else { throw MachineSnapshotError.devicesNotSupported(unsupported) }
+        try checkDevicesSavable()
         let t0 = monotonicNanoseconds()
         pause()
         // Devices stop touching memory too (freezing waits for work in progress), so memory
@@ -92,14 +91,7 @@ extension Machine {
         let metadata = SnapshotMetadata(engine: engine.name, memorySize: memory.size, vcpuCount: allVCPUs.count,
                                         commandLine: configuration.commandLine, imageIdentity: configuration.guestName,
                                         created: Date(), note: note)
-        var devices: [(name: String, state: [UInt8])] = [("com1", uart.savedState)]
-        let encoder = JSONEncoder()
-        devices.append(("devices", Array(try encoder.encode(attachedDevices.map(\.recipe)))))
-        for (i, d) in attachedDevices.enumerated() {
-            guard let t = d.transport else { continue }
-            devices.append(("virtio\(i)", Array(try encoder.encode(t.savedState))))
-            devices.append(("virtio\(i).device", t.device.savedDeviceState()))
-        }
+        let devices = try savedDeviceStates()
         let t1 = monotonicNanoseconds()
         for t in transports { t.thaw() }
         resume()
@@ -112,6 +104,27 @@ extension Machine {
         return SnapshotReport(path: path, pauseSeconds: Double(t1 - t0) / 1e9, totalSeconds: Double(t2 - t0) / 1e9,
                               copyOnWriteFaults: session.faults, bytesCopied: session.bytesCopied,
                               fileBytes: written.bytesWritten, mechanism: protection.mechanism)
+    }
+
+    /// Throws when a device cannot be saved (snapshots and migration carry only these).
+    func checkDevicesSavable() throws {
+        let unsupported = attachedDevices.compactMap { d -> String? in if case let .unsupported(n) = d.recipe { return n } else { return nil } }
+        guard unsupported.isEmpty else { throw MachineSnapshotError.devicesNotSupported(unsupported) }
+    }
+
+    /// The device records of a snapshot (and of a migration stream): COM1, the device list,
+    /// then each virtio transport and its device. Call with the vCPUs paused and the
+    /// transports frozen.
+    func savedDeviceStates() throws -> [(name: String, state: [UInt8])] {
+        var devices: [(name: String, state: [UInt8])] = [("com1", uart.savedState)]
+        let encoder = JSONEncoder()
+        devices.append(("devices", Array(try encoder.encode(attachedDevices.map(\.recipe)))))
+        for (i, d) in attachedDevices.enumerated() {
+            guard let t = d.transport else { continue }
+            devices.append(("virtio\(i)", Array(try encoder.encode(t.savedState))))
+            devices.append(("virtio\(i).device", t.device.savedDeviceState()))
+        }
+        return devices
     }
 
     /// Builds a machine from a snapshot file: the same RAM, vCPU states and serial-port
@@ -139,13 +152,14 @@ extension Machine {
         loader?.counters.onFailure.withLock {
             $0 = { [weak self] page, reason in self?.requestStop(.engineFailure(vcpu: 0, failure: .lazyRestore(page: page, reason: reason))) }
         }
-        if let com1 = snapshot.devices.first(where: { $0.name == "com1" }) { uart.restore(state: com1.state) }
-        try restoreDevices(from: snapshot, console: serialOutput)
+        try restoreDevices(from: snapshot.devices, console: serialOutput)
     }
 
-    /// Rebuilds the snapshot's devices in their slots and gives them their saved state.
-    private func restoreDevices(from snapshot: SnapshotFile, console: @escaping @Sendable (UInt8) -> Void) throws {
-        guard let manifest = snapshot.devices.first(where: { $0.name == "devices" }) else { return }
+    /// Gives COM1 its saved state and rebuilds the saved devices in their slots with theirs
+    /// (records as `savedDeviceStates()` makes them).
+    func restoreDevices(from records: [(name: String, state: [UInt8])], console: @escaping @Sendable (UInt8) -> Void) throws {
+        if let com1 = records.first(where: { $0.name == "com1" }) { uart.restore(state: com1.state) }
+        guard let manifest = records.first(where: { $0.name == "devices" }) else { return }
         let decoder = JSONDecoder()
         let recipes: [DeviceRecipe]
         do { recipes = try decoder.decode([DeviceRecipe].self, from: Data(manifest.state)) } catch {
@@ -166,11 +180,11 @@ extension Machine {
             guard let transport = attachedDevices.last?.transport, attachedDevices.count == i + 1 else {
                 throw MachineSnapshotError.badDeviceState("device \(i) went into the wrong slot")
             }
-            guard let saved = snapshot.devices.first(where: { $0.name == "virtio\(i)" }) else {
+            guard let saved = records.first(where: { $0.name == "virtio\(i)" }) else {
                 throw MachineSnapshotError.badDeviceState("no state for device \(i)")
             }
             do {
-                try transport.device.restoreDeviceState(snapshot.devices.first { $0.name == "virtio\(i).device" }?.state ?? [])
+                try transport.device.restoreDeviceState(records.first { $0.name == "virtio\(i).device" }?.state ?? [])
                 try transport.restore(try decoder.decode(VirtioMMIOTransport.SavedState.self, from: Data(saved.state)))
             } catch let e as MachineSnapshotError {
                 throw e

@@ -161,6 +161,12 @@ struct SnapshotByteReader {
         return Array(bytes[offset..<offset + n])
     }
 
+    /// Moves past `n` bytes the caller has checked are there.
+    mutating func skip(_ n: Int) {
+        precondition(n >= 0 && n <= remaining, "skip past the end")
+        offset += n
+    }
+
     func finish() throws(SnapshotError) {
         guard remaining == 0 else { throw corrupt }
     }

@@ -30,6 +30,9 @@ public enum EngineFailure: Error, Equatable, Sendable, CustomStringConvertible {
     case unhandledMemoryFault(gpa: UInt64, access: MemoryAccessKind)
     case systemEvent(type: UInt32)
     case unknownExit(reason: UInt32)
+    /// A post-copy migration lost its source before every page arrived; the guest stops
+    /// rather than run on missing memory.
+    case postcopy(String)
     /// The VMM's per-vCPU thread set-up (pinning, scheduling policy) failed.
     case threadSetup(String)
     /// The engine reported a shadow-paging event for a VM the VMM does not shadow-page.
@@ -54,6 +57,7 @@ public enum EngineFailure: Error, Equatable, Sendable, CustomStringConvertible {
         case let .unhandledMemoryFault(gpa, _): return "memory fault at \(hex(gpa))"
         case let .systemEvent(type): return "system event \(type)"
         case let .unknownExit(reason): return "unknown exit reason \(reason)"
+        case let .postcopy(reason): return "post-copy: \(reason)"
         case let .threadSetup(reason): return "vCPU thread setup: \(reason)"
         case .shadowPagingExitOutsideShadowMode: return "shadow-paging exit outside shadow mode"
         case let .lazyRestore(page, reason): return "lazy restore: page \(page): \(reason)"

@@ -36,6 +36,8 @@ public final class GuestMemory: @unchecked Sendable {
     /// The memfd holding the RAM; stays open for the life of the object.
     public let fileDescriptor: Int32
     package let base: UnsafeMutableRawPointer
+    /// Pages written through this object (not by vCPUs), while a service has it enabled.
+    public let hostWrites: HostWriteLog
 
     public init(size: UInt64, name: String = "swiftvisor-ram") throws(GuestMemoryError) {
         guard size > 0, size % UInt64(Self.pageSize) == 0 else { throw .invalidSize(size) }
@@ -54,6 +56,7 @@ public final class GuestMemory: @unchecked Sendable {
         self.size = size
         self.fileDescriptor = fd
         self.base = p
+        hostWrites = HostWriteLog(pageCount: Int(size) / Self.pageSize)
     }
 
     deinit {
@@ -80,6 +83,7 @@ public final class GuestMemory: @unchecked Sendable {
         try check(gpa, Int(clamping: length))
         let rc = ckvm_discard_range(fileDescriptor, base, gpa, length)
         if rc < 0 { throw .allocationFailed(size: length, errno: -rc) }
+        hostWrites.note(gpa, Int(length))
     }
 
     /// Host memory the RAM's memfd holds now (pages never touched or discarded don't count).
@@ -90,6 +94,10 @@ public final class GuestMemory: @unchecked Sendable {
     package func hostPointer(_ gpa: UInt64, length: Int) -> UnsafeMutableRawPointer? {
         contains(gpa, length: length) ? base + Int(gpa) : nil
     }
+
+    /// Records a host write made through `hostPointer` (a device reading a file into guest RAM).
+    @inline(__always)
+    package func noteHostWrite(_ gpa: UInt64, length: Int) { hostWrites.note(gpa, length) }
 
     /// Reads a little-endian integer.
     @inline(__always)
@@ -103,6 +111,7 @@ public final class GuestMemory: @unchecked Sendable {
     public func store<T: FixedWidthInteger>(_ value: T, at gpa: UInt64) throws(GuestMemoryError) {
         try check(gpa, MemoryLayout<T>.size)
         (base + Int(gpa)).storeBytes(of: value.littleEndian, as: T.self)
+        hostWrites.note(gpa, MemoryLayout<T>.size)
     }
 
     public func read(at gpa: UInt64, count: Int) throws(GuestMemoryError) -> [UInt8] {
@@ -114,11 +123,13 @@ public final class GuestMemory: @unchecked Sendable {
         try check(gpa, bytes.count)
         let dst = UnsafeMutableRawBufferPointer(start: base + Int(gpa), count: bytes.count)
         _ = dst.copyBytes(from: bytes) as Void?
+        hostWrites.note(gpa, bytes.count)
     }
 
     public func fill(_ byte: UInt8, at gpa: UInt64, count: Int) throws(GuestMemoryError) {
         try check(gpa, count)
         memset(base + Int(gpa), Int32(byte), count)
+        hostWrites.note(gpa, count)
     }
 
     /// Zeroes `[gpa, gpa+count)`: whole pages are discarded (they read as zeros and use no

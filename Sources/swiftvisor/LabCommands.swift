@@ -12,7 +12,8 @@ struct LabCommand: ParsableCommand {
             <name>.svg (a chart) into --output (default: lab-results/).
             """,
         subcommands: [PioVsMmio.self, ParavirtVsEmulated.self, CowSnapshot.self, Dedup.self, BalloonLabCommand.self,
-                      UniversalMachine.self, ShadowVsEpt.self, SmepSmapAlias.self, SriovIommu.self, MixedCriticality.self])
+                      UniversalMachine.self, ShadowVsEpt.self, SmepSmapAlias.self, SriovIommu.self, MixedCriticality.self,
+                      LiveMigrationLabCommand.self])
 }
 
 /// Options every lab that runs on one engine takes.

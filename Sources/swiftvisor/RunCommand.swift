@@ -34,7 +34,7 @@ struct Run: ParsableCommand {
     )
 
     @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
-    var guests: [String]
+    var guests: [String] = []
 
     @Option(name: .long, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
     var memory = MemoryArgument(argument: "64M")!
@@ -69,6 +69,9 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Serve a control socket (snapshot, pause, resume, status, stop) at this path; see 'swiftvisor snapshot'.", valueName: "path"))
     var control: String?
 
+    @Option(name: .long, help: ArgumentHelp("Wait for a VM migrating in at tcp:HOST:PORT or unix:PATH (see 'swiftvisor migrate') and run it; GUEST, if named, must be what arrives, and --memory, if given, is the most RAM accepted.", valueName: "address"))
+    var incoming: String?
+
     @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor balloon', through --control).")
     var balloon = false
 
@@ -92,6 +95,12 @@ struct Run: ParsableCommand {
     var startupReport: String?
 
     func validate() throws {
+        if incoming != nil {
+            guard guests.count <= 1, disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole else {
+                throw ValidationError("--incoming takes at most one guest name and no device options: the devices come with the VM")
+            }
+            return
+        }
         guard !guests.isEmpty else { throw ValidationError("name at least one guest") }
         guard guests.count <= 16 else { throw ValidationError("at most 16 VMs per run") }
         guard (1...BootLayout.maxVCPUs).contains(vcpus) else {
@@ -115,7 +124,11 @@ struct Run: ParsableCommand {
         }
     }
 
+    /// Whether --memory was given (with --incoming it limits what is accepted).
+    var memorySpecified: Bool { CommandLine.arguments.contains { $0 == "--memory" || $0.hasPrefix("--memory=") } }
+
     func run() throws {
+        if let incoming { return try runIncoming(incoming) }
         let many = guests.count > 1
         var machines: [Machine] = []
         var firstVirtioConsole: VirtioConsole?
@@ -255,6 +268,9 @@ struct Run: ParsableCommand {
             printError("swiftvisor: \(label)vCPU \(vcpu) shut down (triple fault)")
             if let state { printError(state.dump) }
             return ToolStatus.failure
+        case .migrated:
+            printError("swiftvisor: \(label)\(reason.summary)")
+            return 0
         case .engineFailure, .stopped:
             printError("swiftvisor: error: \(label)\(reason.summary)")
             return ToolStatus.failure

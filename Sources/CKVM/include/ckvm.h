@@ -140,4 +140,11 @@ int ckvm_set_thread_affinity(const int *cpus, int count);
 int ckvm_get_affinity(int *cpus, int max);
 long long ckvm_memlock_limit(void);
 
+/// setns(2) for a network namespace: moves the calling thread into the namespace `fd`
+/// refers to. Returns 0 or -errno.
+int ckvm_setns_net(int fd);
+
+/// SIOCOUTQ: bytes a stream socket holds that the peer has not acknowledged, or -errno.
+int ckvm_socket_unsent_bytes(int fd);
+
 #endif

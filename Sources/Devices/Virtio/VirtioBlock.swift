@@ -298,6 +298,7 @@ public final class VirtioBlock: VirtioDevice {
                 }
                 done += n
             }
+            if toGuest { memory.noteHostWrite(segment.address, length: segment.length) }
             position += UInt64(segment.length)
         }
     }

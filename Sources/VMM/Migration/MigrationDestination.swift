@@ -1,0 +1,275 @@
+import Dispatch
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+import VirtCore
+
+/// How a destination takes incoming machines.
+public struct IncomingMigrationOptions: Sendable {
+    /// The engine the arriving machine runs on (any: migration crosses engines).
+    public var engine: any Engine
+    /// The most guest RAM this destination holds (nil: up to `BootLayout.maxRAM`).
+    public var memoryLimit: UInt64?
+    /// When set, only a machine running this guest is accepted.
+    public var expectedGuest: String?
+    /// A source silent for this long fails the attempt.
+    public var timeoutSeconds: Double = 10
+    /// The arriving machine's own run-time limit (`MachineConfiguration.timeoutSeconds`).
+    public var machineTimeoutSeconds: Double?
+
+    public init(engine: any Engine, memoryLimit: UInt64? = nil, expectedGuest: String? = nil) {
+        self.engine = engine; self.memoryLimit = memoryLimit; self.expectedGuest = expectedGuest
+    }
+}
+
+/// What arrived.
+public struct IncomingMigrationReport: Sendable, Codable, Equatable {
+    public var sourceEngine: String
+    public var engine: String
+    public var memorySize: UInt64
+    public var pagesReceived: UInt64
+    public var bytesReceived: UInt64
+    public var rounds: Int
+}
+
+/// A destination: listens at an address and builds the machine a source sends. One
+/// migration at a time: a second source that connects meanwhile is refused as busy, and so
+/// is every source once a machine has arrived. A failed attempt (cut connection, corrupt
+/// stream) leaves nothing behind, and `receive` waits for the next one.
+public final class IncomingMigration: @unchecked Sendable {
+    // SAFETY: the listening socket, options and queue are immutable or synchronised
+    // (sessions and flags behind a Mutex/Atomic).
+    public let options: IncomingMigrationOptions
+    private let socket: MigrationListeningSocket
+    private let sessions = Mutex<[MigrationConnection]>([])
+    private let sessionReady = DispatchSemaphore(value: 0)
+    /// A session is in progress or a machine has arrived: further sources are refused.
+    private let busy = Atomic<Bool>(false)
+    private let arrived = Atomic<Bool>(false)
+    private var acceptThread: HostThread?
+
+    /// The address sources connect to (with the port chosen when 0 was asked for).
+    public var address: MigrationAddress { socket.address }
+
+    public init(listeningOn address: MigrationAddress, options: IncomingMigrationOptions) throws(MigrationError) {
+        self.options = options
+        socket = try MigrationListeningSocket(address: address)
+        acceptThread = HostThread(name: "migration-accept") { [self] in acceptLoop() }
+    }
+
+    deinit { close() }
+
+    /// Stops listening; a `receive` waiting for a source throws.
+    public func close() {
+        socket.close()
+        sessionReady.signal()
+        acceptThread?.join()
+        acceptThread = nil
+    }
+
+    private func acceptLoop() {
+        while let connection = socket.accept(timeoutSeconds: options.timeoutSeconds) {
+            if busy.exchange(true, ordering: .acquiringAndReleasing) {
+                let reason = arrived.load(ordering: .acquiring) ? "a migrated machine already runs here" : "another migration is arriving"
+                let engine = options.engine.name
+                DispatchQueue.global().async { Self.refuse(connection, .busy, reason, engine: engine) }
+                continue
+            }
+            sessions.withLock { $0.append(connection) }
+            sessionReady.signal()
+        }
+    }
+
+    /// Answers a source's offer with a refusal (reading the offer first, so the answer is
+    /// not lost to a reset).
+    private static func refuse(_ connection: MigrationConnection, _ reason: MigrationRejection, _ message: String, engine: String) {
+        let channel = MigrationChannel(connection: connection)
+        try? channel.sendPreamble()
+        guard (try? channel.receivePreamble()) != nil, (try? channel.receive(.offer)) != nil else { return }
+        try? channel.sendJSON(.accept, MigrationAnswer(accepted: false, engine: engine, reason: reason, message: message))
+    }
+
+    /// Waits for sources until one migration succeeds; returns the machine, ready to `run()`.
+    /// Each failed attempt is passed to `onFailedAttempt` and the wait goes on.
+    public func receive(serialOutput: @escaping @Sendable (UInt8) -> Void,
+                        onFailedAttempt: ((MigrationError) -> Void)? = nil) throws -> (Machine, IncomingMigrationReport) {
+        while true {
+            do {
+                return try receiveOne(serialOutput: serialOutput)
+            } catch let error as MigrationError {
+                if error == .listenerClosed { throw error }
+                onFailedAttempt?(error)
+            }
+        }
+    }
+
+    /// Takes one attempt: the machine on success, the attempt's error otherwise.
+    public func receiveOne(serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> (Machine, IncomingMigrationReport) {
+        let connection: MigrationConnection
+        while true {
+            sessionReady.wait()
+            if let c = sessions.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) { connection = c; break }
+            throw MigrationError.listenerClosed
+        }
+        do {
+            let result = try session(MigrationChannel(connection: connection), serialOutput: serialOutput)
+            arrived.store(true, ordering: .releasing)
+            return result
+        } catch {
+            busy.store(false, ordering: .releasing)
+            throw error
+        }
+    }
+
+    private func session(_ channel: MigrationChannel, serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> (Machine, IncomingMigrationReport) {
+        do {
+            try channel.sendPreamble()
+            try channel.receivePreamble()
+            let offer = try channel.receiveJSON(.offer, as: MigrationOffer.self)
+            if let refusal = check(offer) {
+                try channel.sendJSON(.accept, MigrationAnswer(accepted: false, engine: options.engine.name, reason: refusal.0, message: refusal.1))
+                throw MigrationError.rejected(refusal.0, message: refusal.1)
+            }
+            try channel.sendJSON(.accept, MigrationAnswer(accepted: true, engine: options.engine.name, reason: nil, message: ""))
+
+            var config = MachineConfiguration(memorySize: offer.memorySize, vcpuCount: offer.vcpuCount,
+                                              commandLine: offer.commandLine, timeoutSeconds: options.machineTimeoutSeconds,
+                                              guestName: offer.guestName)
+            config.ioeventfd = true
+            var records: [(name: String, state: [UInt8])] = []
+            var postcopy: PostcopyReceiver?
+            var pages: UInt64 = 0
+            var rounds = 0
+            let machine: Machine
+            do {
+                machine = try Machine(configuration: config, engine: options.engine, serialOutput: serialOutput) { memory in
+                    var states: [VCPUState]?
+                    var written = DirtyBitmap(pageCount: Int(memory.size) / MigrationFormat.pageSize)
+                    while true {
+                        let frame = try channel.receive(expecting: "the machine's pages and state")
+                        switch frame.kind {
+                        case .pages:
+                            guard states == nil || offer.postcopy else { throw MigrationError.unexpectedFrame(got: "pages", expecting: "devices") }
+                            if offer.postcopy {
+                                // Pages sent before the switch are placed (zero pages too): userfaultfd
+                                // will treat every page not placed as missing.
+                                pages += UInt64(try MigrationPageCodec.forEachPage(frame.payload, pageCount: written.pageCount) { page, data in
+                                    let target = memory.base + page * MigrationFormat.pageSize
+                                    if let data { target.copyMemory(from: data, byteCount: MigrationFormat.pageSize) } else { memset(target, 0, MigrationFormat.pageSize) }
+                                    written[page] = true
+                                })
+                            } else {
+                                pages += UInt64(try MigrationPageCodec.decode(frame.payload, into: memory, written: &written))
+                            }
+                        case .roundEnd:
+                            rounds += 1
+                        case .vcpus:
+                            do { states = try SnapshotVCPUCodec.decode(frame.payload) } catch {
+                                throw MigrationError.corruptFrame("vcpus frame: \(error)")
+                            }
+                        case .devices:
+                            guard states != nil else { throw MigrationError.unexpectedFrame(got: "devices", expecting: "vcpus") }
+                            do { records = try SnapshotDeviceCodec.decode(frame.payload) } catch {
+                                throw MigrationError.corruptFrame("devices frame: \(error)")
+                            }
+                        case .postcopyStart:
+                            var r = SnapshotByteReader(frame.payload, section: "post-copy start")
+                            guard offer.postcopy, let count = try? r.u64(), count == UInt64(written.pageCount),
+                                  let states, states.count == offer.vcpuCount else {
+                                throw MigrationError.unexpectedFrame(got: "post-copy start", expecting: "pages")
+                            }
+                            var words: [UInt64] = []
+                            for _ in 0..<(written.pageCount + 63) / 64 {
+                                guard let w = try? r.u64() else { throw MigrationError.corruptFrame("post-copy start: page bitmap is short") }
+                                words.append(w)
+                            }
+                            guard r.remaining == 0 else { throw MigrationError.corruptFrame("post-copy start: trailing bytes") }
+                            let remote = DirtyBitmap(pageCount: written.pageCount, words: words)
+                            guard !remote.dirtyPages.contains(where: { written[$0] }), remote.words.last.map({ written.pageCount % 64 == 0 || $0 >> UInt64(written.pageCount % 64) == 0 }) ?? true else {
+                                throw MigrationError.corruptFrame("post-copy start: page bitmap names pages already sent or outside RAM")
+                            }
+                            // Demanded pages should not queue behind much pushed data.
+                            var small: Int32 = 256 << 10
+                            setsockopt(channel.connection.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+                            postcopy = try PostcopyReceiver(channel: channel, memory: memory, remote: remote)
+                            pages = UInt64(written.dirtyCount)
+                            return states
+                        case .complete:
+                            var r = SnapshotByteReader(frame.payload, section: "complete")
+                            guard let sent = try? r.u64(), r.remaining == 0 else { throw MigrationError.corruptFrame("complete frame") }
+                            guard sent == pages else {
+                                throw MigrationError.corruptFrame("the source sent \(sent) pages but \(pages) arrived")
+                            }
+                            guard let states, states.count == offer.vcpuCount else {
+                                throw MigrationError.unexpectedFrame(got: "complete", expecting: "vcpus")
+                            }
+                            return states
+                        default:
+                            throw MigrationError.unexpectedFrame(got: frame.kind.description, expecting: "pages, vcpus, devices or complete")
+                        }
+                    }
+                }
+            } catch let error as MigrationError {
+                throw error
+            } catch {
+                throw MigrationError.restoreFailed("\(error)")
+            }
+            if let postcopy {
+                machine.postcopyReceiver = postcopy
+                postcopy.onFailure.withLock {
+                    $0 = { [weak machine] reason in machine?.requestStop(.engineFailure(vcpu: 0, failure: .postcopy(reason))) }
+                }
+                postcopy.start()
+            }
+            do {
+                try machine.restoreDevices(from: records, console: serialOutput)
+                // The guest runtime reads the hypercall mechanism from boot info at each call,
+                // so a machine that crossed engines uses this engine's from now on.
+                try BootLayout.setHypercallMechanism(options.engine.hypercallMechanism, in: machine.memory)
+                machine.vm.noteHostWrite(gpa: 0, length: machine.memory.size)
+            } catch {
+                throw MigrationError.restoreFailed("\(error)")
+            }
+            if let postcopy { try postcopy.send(.confirm, []) } else { try channel.send(.confirm, []) }
+            let report = IncomingMigrationReport(sourceEngine: offer.sourceEngine, engine: options.engine.name,
+                                                 memorySize: offer.memorySize, pagesReceived: pages,
+                                                 bytesReceived: channel.bytesReceived, rounds: rounds)
+            return (machine, report)
+        } catch let error as MigrationError {
+            switch error {
+            case .rejected, .peerFailed, .connectionClosed: break
+            default: channel.sendFailure(error.description)
+            }
+            throw error
+        }
+    }
+
+    /// Why the offer cannot be taken here, if it cannot.
+    private func check(_ offer: MigrationOffer) -> (MigrationRejection, String)? {
+        let limit = min(options.memoryLimit ?? BootLayout.maxRAM, BootLayout.maxRAM)
+        if offer.memorySize > limit {
+            return (.memoryTooSmall, "the machine has \(MemorySize.format(offer.memorySize)) of RAM; this destination holds at most \(MemorySize.format(limit))")
+        }
+        if offer.vcpuCount < 1 || offer.vcpuCount > BootLayout.maxVCPUs {
+            return (.incompatible, "\(offer.vcpuCount) vCPUs is outside 1–\(BootLayout.maxVCPUs)")
+        }
+        if let expected = options.expectedGuest, expected != offer.guestName {
+            return (.incompatible, "this destination waits for guest '\(expected)', not '\(offer.guestName)'")
+        }
+        return nil
+    }
+}
+
+extension BootLayout {
+    /// Rewrites boot info's hypercall fields (a machine that moved to another engine).
+    static func setHypercallMechanism(_ mechanism: HypercallMechanism, in memory: GuestMemory) throws {
+        try memory.store(mechanism.bootInfoKind, at: bootInfoAddress + 20)
+        if case let .portDoorbell(port) = mechanism {
+            try memory.store(port, at: bootInfoAddress + 24)
+        } else {
+            try memory.store(UInt16(0), at: bootInfoAddress + 24)
+        }
+    }
+}

@@ -1,0 +1,359 @@
+import CKVM
+import Dispatch
+import FoundationEssentials
+import Synchronization
+import VirtCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What the destination measured while post-copy filled its RAM.
+public struct PostcopyStatistics: Codable, Sendable, Equatable {
+    /// Guest (or device) accesses that found their page missing and asked the source.
+    public var remoteFaults: Int
+    /// Fault to page in place, for the faults that asked the source (µs).
+    public var medianFaultMicroseconds: Double
+    public var maxFaultMicroseconds: Double
+    public var pagesReceived: Int
+}
+
+// MARK: - Source
+
+extension Machine {
+    /// Bytes of background push allowed in flight (unacknowledged) during post-copy.
+    static let postcopyPushWindow: Int32 = 64 << 10
+
+    /// Post-copy source: the vCPU and device state (and the first MiB of RAM, which holds
+    /// boot info and the page tables) go first; once the destination confirms, the guest
+    /// runs there and this side answers its page requests ahead of a background push of
+    /// every other page. Before the confirmation a failure resumes the guest here; after
+    /// it, this machine stays stopped with all its pages (`postcopyInterrupted`).
+    func migratePostcopy(channel: MigrationChannel, address: MigrationAddress, answer: MigrationAnswer,
+                         started: ContinuousClock.Instant,
+                         progress: ((MigrationProgress) -> Void)?) throws -> MigrationReport {
+        let clock = ContinuousClock()
+        func seconds(since t: ContinuousClock.Instant) -> Double {
+            let d = clock.now - t
+            return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+        }
+        let pageCount = Int(memory.size) / MigrationFormat.pageSize
+        let transports = attachedDevices.compactMap(\.transport)
+        let downtimeStart = clock.now
+        pause()
+        for t in transports { t.freeze() }
+        var committed = false
+        defer {
+            if !committed {
+                for t in transports { t.thaw() }
+                resume()
+            }
+            channel.connection.shutdownNow()
+        }
+        var pagesSent: UInt64 = 0, zeroPages: UInt64 = 0
+        // Pages that are holes here are zero there without being sent or faulted on.
+        let allocated = MigrationPageCodec.allocatedPages(of: memory)
+        var sent = DirtyBitmap(pageCount: pageCount)
+        for p in 0..<pageCount where !allocated[p] { sent[p] = true }
+        func send(_ pages: [Int]) throws {
+            var i = 0
+            while i < pages.count {
+                let batch = pages[i..<min(i + MigrationFormat.pagesPerFrame, pages.count)]
+                var zeros = 0
+                try channel.queue(.pages) { zeros = MigrationPageCodec.encode(pages: batch, of: memory, allocated: nil, into: &$0) }
+                for p in batch { sent[p] = true }
+                zeroPages += UInt64(zeros)
+                pagesSent += UInt64(batch.count)
+                i += batch.count
+            }
+            try channel.flush()
+        }
+        func report(_ phase: MigrationProgress.Phase) {
+            progress?(MigrationProgress(phase: phase, round: 0, pagesSent: pagesSent, bytesSent: channel.bytesSent,
+                                        dirtyPages: pageCount - Int(pagesSent), bandwidthBytesPerSecond: 0))
+        }
+        report(.stopAndCopy)
+        try channel.queue(.vcpus, SnapshotVCPUCodec.encode(try allVCPUs.map { try $0.getState() }))
+        try channel.queue(.devices, SnapshotDeviceCodec.encode(try savedDeviceStates()))
+        try send(Array(0..<min(pageCount, Int(BootLayout.imageBase) / MigrationFormat.pageSize)))
+        // The pages the destination must fetch: everything not sent yet.
+        var start = SnapshotByteWriter()
+        start.u64(UInt64(pageCount))
+        for i in 0..<(pageCount + 63) / 64 { start.u64(~sent.words[i] & (i == (pageCount - 1) / 64 && pageCount % 64 != 0 ? (1 << UInt64(pageCount % 64)) - 1 : ~0)) }
+        try channel.send(.postcopyStart, start.bytes)
+
+        // The destination's frames arrive on their own thread: page requests, the
+        // confirmation, the final statistics, or an error.
+        let inbox = PostcopyInbox()
+        // SAFETY: the reader thread only receives on the channel; this thread only sends.
+        nonisolated(unsafe) let reader = channel
+        let readerThread = HostThread(name: "postcopy-requests") {
+            while true {
+                do {
+                    let frame = try reader.receive(expecting: "page requests")
+                    switch frame.kind {
+                    case .pageRequest:
+                        var r = SnapshotByteReader(frame.payload, section: "page request")
+                        guard let page = try? r.u64(), page < UInt64(pageCount) else { throw MigrationError.corruptFrame("page request") }
+                        inbox.request(Int(page))
+                    case .confirm: inbox.confirm()
+                    case .postcopyDone:
+                        inbox.finish(try? JSONDecoder().decode(PostcopyStatistics.self, from: Data(frame.payload)))
+                        return
+                    default: throw MigrationError.unexpectedFrame(got: frame.kind.description, expecting: "page requests")
+                    }
+                } catch MigrationError.timedOut(_) where !inbox.isFinished && !inbox.allPagesSent {
+                    continue  // a quiet destination is not a dead one while pages still go out
+                } catch {
+                    inbox.fail(error as? MigrationError ?? .peerFailed("\(error)"))
+                    return
+                }
+            }
+        }
+        defer { channel.connection.shutdownNow(); readerThread.join() }
+
+        var next = 0
+        var completeSent = false
+        var downtime = 0.0
+        var requestsServed = 0
+        do {
+            while true {
+                // Pushed pages queue ahead of demanded ones in the stream: push only while little
+                // is unacknowledged, so a request waits behind at most that much.
+                let throttled = committed && !completeSent && ckvm_socket_unsent_bytes(channel.connection.fd) > Self.postcopyPushWindow
+                let (requests, confirmed, error, statistics) = inbox.take(waitIfIdle: !committed || completeSent || throttled,
+                                                                          milliseconds: throttled ? 1 : 20)
+                if let error { throw error }
+                let wanted = requests.filter { !sent[$0] }
+                requestsServed += wanted.count
+                if !wanted.isEmpty { try send(wanted) }
+                if confirmed && !committed {
+                    committed = true
+                    downtime = seconds(since: downtimeStart)
+                    requestStop(.migrated(destination: address.description))
+                    report(.confirming)
+                }
+                if let statistics {
+                    return MigrationReport(destination: address.description, sourceEngine: engine.name, destinationEngine: answer.engine,
+                                           rounds: 0, pagesSent: pagesSent, zeroPages: zeroPages, bytesSent: channel.bytesSent,
+                                           pagesInStopAndCopy: 0, totalSeconds: seconds(since: started), downtimeSeconds: downtime,
+                                           bandwidthBytesPerSecond: 0, dirtyPagesPerRound: [], postcopy: statistics, throttle: 0)
+                }
+                guard committed, !completeSent, !throttled else { continue }
+                // Background push: a few pages at a time, so requests wait little.
+                var batch: [Int] = []
+                while next < pageCount, batch.count < 32 {
+                    if !sent[next] { batch.append(next) }
+                    next += 1
+                }
+                if !batch.isEmpty { try send(batch) }
+                if next == pageCount {
+                    try channel.send(.complete, { var w = SnapshotByteWriter(); w.u64(pagesSent); return w.bytes }())
+                    completeSent = true
+                    inbox.markAllPagesSent()
+                }
+            }
+        } catch let error as MigrationError where committed {
+            throw MigrationError.postcopyInterrupted(pagesDelivered: sent.dirtyCount, pageCount: pageCount, cause: error.description)
+        }
+    }
+}
+
+/// What the post-copy source's reader thread hands its sender.
+final class PostcopyInbox: Sendable {
+    private struct State {
+        var requests: [Int] = []
+        var confirmed = false
+        var error: MigrationError?
+        var statistics: PostcopyStatistics?
+        var finished = false
+    }
+    private let state = Mutex(State())
+    private let signal = DispatchSemaphore(value: 0)
+    private let sentEverything = Atomic<Bool>(false)
+
+    /// The complete frame is out: from now on the destination owes an answer in time.
+    var allPagesSent: Bool { sentEverything.load(ordering: .acquiring) }
+    func markAllPagesSent() { sentEverything.store(true, ordering: .releasing) }
+
+    var isFinished: Bool { state.withLock { $0.finished } }
+    func request(_ page: Int) { state.withLock { $0.requests.append(page) }; signal.signal() }
+    func confirm() { state.withLock { $0.confirmed = true }; signal.signal() }
+    func fail(_ error: MigrationError) { state.withLock { $0.error = error; $0.finished = true }; signal.signal() }
+    func finish(_ statistics: PostcopyStatistics?) {
+        state.withLock {
+            $0.statistics = statistics ?? PostcopyStatistics(remoteFaults: 0, medianFaultMicroseconds: 0, maxFaultMicroseconds: 0, pagesReceived: 0)
+            $0.finished = true
+        }
+        signal.signal()
+    }
+
+    /// Pending requests (taken), whether confirmed, an error, the final statistics. With
+    /// `waitIfIdle`, waits (bounded) for something to happen when nothing is pending.
+    func take(waitIfIdle: Bool, milliseconds: Int) -> ([Int], Bool, MigrationError?, PostcopyStatistics?) {
+        func snapshot() -> ([Int], Bool, MigrationError?, PostcopyStatistics?) {
+            state.withLock { s in
+                defer { s.requests.removeAll() }
+                return (s.requests, s.confirmed, s.error, s.statistics)
+            }
+        }
+        let now = snapshot()
+        if !waitIfIdle || !now.0.isEmpty || now.2 != nil || now.3 != nil { return now }
+        _ = signal.wait(timeout: .now() + .milliseconds(milliseconds))
+        let later = snapshot()
+        return (now.0 + later.0, now.1 || later.1, later.2, later.3)
+    }
+}
+
+// MARK: - Destination
+
+/// Post-copy destination: guest RAM registered with userfaultfd in missing-page mode
+/// (the lazy restore's mechanism, for both engines: a KVM vCPU, the software engine's
+/// translated code or interpreter, and a device all fault the same way). A fault thread
+/// asks the source for each page first touched; a receiver thread places pages as they
+/// arrive (demanded or pushed) with UFFDIO_COPY, which wakes the faulting thread.
+final class PostcopyReceiver: @unchecked Sendable {
+    // SAFETY: fds are immutable; the channel's sends are serialised by `sendLock`, and only
+    // the receiver thread receives; the page bitmap and timings are behind Mutexes.
+    private let uffd: Int32
+    private let stopFD: Int32
+    private let memory: GuestMemory
+    private let channel: MigrationChannel
+    private let sendLock = Mutex(())
+    private let pageCount: Int
+    private let received: Mutex<DirtyBitmap>
+    private let requestedAt = Mutex<[Int: UInt64]>([:])
+    private let latencies = Mutex<[UInt64]>([])
+    private let registered: [Range<Int>]
+    private var faultThread: HostThread?
+    private var receiveThread: HostThread?
+    let finished = Atomic<Bool>(false)
+    /// Told when the stream fails before every page is in (the machine then stops).
+    let onFailure = Mutex<(@Sendable (String) -> Void)?>(nil)
+
+    /// Registers the `remote` pages (those still at the source) for missing faults; the
+    /// others are in place already or zero.
+    init(channel: MigrationChannel, memory: GuestMemory, remote: DirtyBitmap) throws(MigrationError) {
+        let fd = ckvm_uffd_open(0)
+        guard fd >= 0 else { throw .restoreFailed("userfaultfd is unavailable (errno \(-fd)); post-copy needs it") }
+        var runs: [Range<Int>] = []
+        var page = 0
+        while page < remote.pageCount {
+            guard remote[page] else { page += 1; continue }
+            let first = page
+            while page < remote.pageCount && remote[page] { page += 1 }
+            runs.append(first..<page)
+        }
+        for run in runs {
+            let rc = ckvm_uffd_register(fd, memory.base + run.lowerBound * MigrationFormat.pageSize,
+                                        UInt64(run.count * MigrationFormat.pageSize), 0, 1)
+            guard rc == 0 else { close(fd); throw .restoreFailed("userfaultfd registration failed (errno \(-rc))") }
+        }
+        uffd = fd
+        registered = runs
+        var present = DirtyBitmap(pageCount: remote.pageCount)
+        for p in 0..<remote.pageCount where !remote[p] { present[p] = true }
+        stopFD = ckvm_eventfd()
+        self.memory = memory
+        self.channel = channel
+        pageCount = Int(memory.size) / MigrationFormat.pageSize
+        received = Mutex(present)
+    }
+
+    /// Starts serving faults (call once the machine exists).
+    func start() {
+        faultThread = HostThread(name: "postcopy-faults") { [self] in faultLoop() }
+        receiveThread = HostThread(name: "postcopy-pages") { [self] in receiveLoop() }
+    }
+
+    func send(_ kind: MigrationFrameKind, _ payload: [UInt8]) throws(MigrationError) {
+        let sent: Result<Void, MigrationError> = sendLock.withLock { _ in
+            Result { () throws(MigrationError) in try channel.send(kind, payload) }
+        }
+        try sent.get()
+    }
+
+    var statistics: PostcopyStatistics {
+        let l = latencies.withLock { $0 }.sorted()
+        return PostcopyStatistics(remoteFaults: l.count, medianFaultMicroseconds: l.isEmpty ? 0 : Double(l[l.count / 2]) / 1000,
+                                  maxFaultMicroseconds: Double(l.last ?? 0) / 1000,
+                                  pagesReceived: received.withLock { $0.dirtyCount })
+    }
+
+    private func faultLoop() {
+        let base = UInt(bitPattern: memory.base)
+        var address: UInt64 = 0
+        var isWrite: Int32 = 0, isWP: Int32 = 0
+        while ckvm_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP) == 1 {
+            let page = Int((UInt(address) - base) >> 12)
+            guard page >= 0, page < pageCount, !received.withLock({ $0[page] }) else { continue }
+            let fresh = requestedAt.withLock { r -> Bool in
+                guard r[page] == nil else { return false }
+                r[page] = monotonicNanoseconds()
+                return true
+            }
+            guard fresh else { continue }
+            var w = SnapshotByteWriter()
+            w.u64(UInt64(page))
+            do { try send(.pageRequest, w.bytes) } catch { return }  // the receiver reports the broken stream
+        }
+    }
+
+    private func receiveLoop() {
+        let zero = UnsafeMutableRawPointer.allocate(byteCount: MigrationFormat.pageSize, alignment: MigrationFormat.pageSize)
+        zero.initializeMemory(as: UInt8.self, repeating: 0, count: MigrationFormat.pageSize)
+        defer {
+            zero.deallocate()
+            _ = ckvm_eventfd_signal(stopFD)  // every page is in (or never will be): faults end
+        }
+        var count = 0
+        do {
+            while true {
+                let frame = try channel.receive(expecting: "post-copy pages")
+                switch frame.kind {
+                case .pages:
+                    count += try MigrationPageCodec.forEachPage(frame.payload, pageCount: pageCount) { (page, data) throws(MigrationError) in
+                        let target = memory.base + page * MigrationFormat.pageSize
+                        let rc = ckvm_uffd_copy(uffd, target, data ?? UnsafeRawPointer(zero), UInt64(MigrationFormat.pageSize))
+                        guard rc == 0 else { throw .restoreFailed("UFFDIO_COPY of page \(page) failed (errno \(-rc))") }
+                        received.withLock { $0[page] = true }
+                        if let t = requestedAt.withLock({ $0.removeValue(forKey: page) }) {
+                            let elapsed = monotonicNanoseconds() - t
+                            latencies.withLock { $0.append(elapsed) }
+                        }
+                    }
+                case .complete:
+                    let missing = received.withLock { pageCount - $0.dirtyCount }
+                    guard missing == 0 else { throw MigrationError.corruptFrame("post-copy completed with \(missing) pages missing") }
+                    finished.store(true, ordering: .releasing)
+                    let encoder = JSONEncoder()
+                    try send(.postcopyDone, (try? encoder.encode(statistics)).map { Array($0) } ?? [])
+                    return
+                default:
+                    throw MigrationError.unexpectedFrame(got: frame.kind.description, expecting: "pages")
+                }
+            }
+        } catch {
+            // The guest cannot go on without the source's pages: stop it, tell the source,
+            // then fill what is missing with zeros only so the threads blocked on those pages
+            // reach their stop.
+            onFailure.withLock { $0 }?("\(error); the source keeps the missing pages")
+            sendLock.withLock { _ in channel.sendFailure("\(error)") }
+            channel.connection.shutdownNow()
+            for page in 0..<pageCount where !received.withLock({ $0[page] }) {
+                _ = ckvm_uffd_copy(uffd, memory.base + page * MigrationFormat.pageSize, zero, UInt64(MigrationFormat.pageSize))
+            }
+        }
+    }
+
+    deinit {
+        _ = ckvm_eventfd_signal(stopFD)
+        channel.connection.shutdownNow()
+        faultThread?.join()
+        receiveThread?.join()
+        for run in registered {
+            _ = ckvm_uffd_unregister(uffd, memory.base + run.lowerBound * MigrationFormat.pageSize, UInt64(run.count * MigrationFormat.pageSize))
+        }
+        close(uffd)
+        close(stopFD)
+    }
+}
