@@ -2,7 +2,7 @@
 import PackageDescription
 
 // Layering (see ../shared/DESIGN.md):
-//   swiftvisor → VMM → (Devices, KVMEngine, X86Emulator) → VirtCore → CKVM
+//   swiftvisor → VMM → (Devices, KVMEngine, X86Emulator) → VirtCore → CHost; KVMEngine → CKVM
 // Devices never import an engine; engines never import devices.
 let package = Package(
     name: "Swiftvisor",
@@ -17,15 +17,17 @@ let package = Package(
     targets: [
         // C shim: <linux/kvm.h>, memfd, userfaultfd, ioctl wrappers and the reference C run loop.
         .target(name: "CKVM"),
-        .target(name: "VirtCore", dependencies: ["CKVM"]),
-        .target(name: "KVMEngine", dependencies: ["VirtCore", "CKVM"]),
-        .target(name: "X86Emulator", dependencies: ["VirtCore", "CKVM"]),
+        // C shim for host facilities that are not KVM: memfd, eventfd, userfaultfd, TSC, threads.
+        .target(name: "CHost"),
+        .target(name: "VirtCore", dependencies: ["CHost"]),
+        .target(name: "KVMEngine", dependencies: ["VirtCore", "CKVM", "CHost"]),
+        .target(name: "X86Emulator", dependencies: ["VirtCore", "CHost"]),
         .target(name: "Devices", dependencies: ["VirtCore"]),
         // Freestanding C guests under Guests/, compiled by the build-tool plugin and embedded.
         .executableTarget(name: "GuestBuilder", path: "Sources/GuestBuilder"),
         .plugin(name: "GuestBuildPlugin", capability: .buildTool(), dependencies: ["GuestBuilder"]),
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
-        .target(name: "VMM", dependencies: ["CKVM", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
+        .target(name: "VMM", dependencies: ["CHost", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
         .target(name: "SwiftvisorKit", dependencies: ["VMM", "VirtCore", "Devices", "GuestImages"]),
         // Experiments reproducing the source text's scenarios; tables, JSON and SVG charts.
         .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages", "X86Emulator"]),

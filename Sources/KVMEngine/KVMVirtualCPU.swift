@@ -1,3 +1,4 @@
+import CHost
 import CKVM
 import Synchronization
 import VirtCore
@@ -66,7 +67,7 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
         let me = UInt(pthread_self())
         if runningThread.load(ordering: .relaxed) != me {
             // First run on this thread: let the kick signal interrupt KVM_RUN here.
-            _ = ckvm_unblock_signal(Self.kickSignal)
+            _ = host_unblock_signal(Self.kickSignal)
             kickLock.withLock { _ in runningThread.store(me, ordering: .releasing) }
         }
         while true {

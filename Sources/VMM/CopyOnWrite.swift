@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import Synchronization
 import VirtCore
 #if canImport(Glibc)
@@ -49,15 +49,15 @@ final class UserfaultWriteProtection: WriteProtection, @unchecked Sendable {
     init(memory: GuestMemory, onFault: @escaping @Sendable (Int) -> Void) throws {
         self.memory = memory
         self.onFault = onFault
-        let fd = ckvm_uffd_open(1)
+        let fd = host_uffd_open(1)
         guard fd >= 0 else { throw CopyOnWriteError.userfaultfdUnavailable(errno: -fd) }
-        let rc = ckvm_uffd_register(fd, memory.base, memory.size, 1, 0)
+        let rc = host_uffd_register(fd, memory.base, memory.size, 1, 0)
         guard rc == 0 else {
             close(fd)
             throw CopyOnWriteError.userfaultfdUnavailable(errno: -rc)
         }
         uffd = fd
-        stopFD = ckvm_eventfd()
+        stopFD = host_eventfd()
     }
 
     deinit {
@@ -67,14 +67,14 @@ final class UserfaultWriteProtection: WriteProtection, @unchecked Sendable {
     }
 
     func protectAll() throws {
-        let rc = ckvm_uffd_writeprotect(uffd, memory.base, memory.size, 1)
+        let rc = host_uffd_writeprotect(uffd, memory.base, memory.size, 1)
         guard rc == 0 else { throw CopyOnWriteError.writeProtectFailed(operation: "UFFDIO_WRITEPROTECT", errno: -rc) }
         let base = UInt(bitPattern: memory.base)
         thread = HostThread(name: "cow-faults") { [uffd, stopFD, onFault] in
             var address: UInt64 = 0
             var isWrite: Int32 = 0, isWP: Int32 = 0
             while true {
-                let r = ckvm_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP)
+                let r = host_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP)
                 if r != 1 { return }
                 onFault(Int((UInt(address) - base) >> 12))
             }
@@ -83,16 +83,16 @@ final class UserfaultWriteProtection: WriteProtection, @unchecked Sendable {
 
     func unprotect(page: Int) {
         // Clearing WP also wakes a thread waiting on the page.
-        _ = ckvm_uffd_writeprotect(uffd, memory.base + page * 4096, 4096, 0)
+        _ = host_uffd_writeprotect(uffd, memory.base + page * 4096, 4096, 0)
     }
 
     func finish() {
         guard let t = thread else { return }
-        _ = ckvm_uffd_writeprotect(uffd, memory.base, memory.size, 0)
-        _ = ckvm_eventfd_signal(stopFD)
+        _ = host_uffd_writeprotect(uffd, memory.base, memory.size, 0)
+        _ = host_eventfd_signal(stopFD)
         t.join()
         thread = nil
-        _ = ckvm_uffd_unregister(uffd, memory.base, memory.size)
+        _ = host_uffd_unregister(uffd, memory.base, memory.size)
     }
 }
 

@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import Synchronization
 import VirtCore
 #if canImport(Glibc)
@@ -116,7 +116,7 @@ public final class PageDeduplicator: @unchecked Sendable {
                 }
             }
         } else {
-            let fd = ckvm_memfd_create("swiftvisor-dedup-store")
+            let fd = host_memfd_create("swiftvisor-dedup-store")
             guard fd >= 0 else { throw DeduplicationError.storeFailed(errno: -fd) }
             storeFD = fd
         }
@@ -194,9 +194,9 @@ public final class PageDeduplicator: @unchecked Sendable {
         }
         storePages += 1
         for p in members {
-            let rc = ckvm_map_private_page(address(p), storeFD, offset)
+            let rc = host_map_private_page(address(p), storeFD, offset)
             guard rc == 0 else { throw DeduplicationError.mapFailed(page: p.page, errno: -rc) }
-            _ = ckvm_punch_hole(machines[p.machine].memory.fileDescriptor, UInt64(p.page) * 4096, 4096)
+            _ = host_punch_hole(machines[p.machine].memory.fileDescriptor, UInt64(p.page) * 4096, 4096)
             machines[p.machine].vm.noteHostWrite(gpa: UInt64(p.page) * 4096, length: 4096)
         }
         lock.withLock { s in for p in members { s.storeMerged.insert(p) } }
@@ -241,7 +241,7 @@ public final class PageDeduplicator: @unchecked Sendable {
             var broken: [GuestPage] = []
             for page in s.storeMerged {
                 var entry: UInt64 = 0
-                guard ckvm_pagemap_entries(address(page), 1, &entry) == 0 else { continue }
+                guard host_pagemap_entries(address(page), 1, &entry) == 0 else { continue }
                 let present = entry >> 63 & 1 == 1, fileBacked = entry >> 61 & 1 == 1
                 if present && !fileBacked { broken.append(page) }
             }

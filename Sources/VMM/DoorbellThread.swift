@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import Devices
 import VirtCore
 import Synchronization
@@ -23,7 +23,7 @@ final class DoorbellThread: @unchecked Sendable {
 
     init(vm: any NotificationOffload) throws {
         self.vm = vm
-        let fd = ckvm_eventfd()
+        let fd = host_eventfd()
         guard fd >= 0 else { throw DoorbellError.eventfdFailed(errno: -fd) }
         stopFD = fd
     }
@@ -42,7 +42,7 @@ final class DoorbellThread: @unchecked Sendable {
         precondition(thread == nil, "doorbells are added before the thread starts")
         let address = base + VirtioMMIOTransport.queueNotifyOffset
         for queue in transport.device.queueMaxSizes.indices {
-            let fd = ckvm_eventfd()
+            let fd = host_eventfd()
             guard fd >= 0 else { throw DoorbellError.eventfdFailed(errno: -fd) }
             do {
                 try vm.assignNotification(address: address, length: 4, value: UInt64(queue), eventFD: fd)
@@ -66,7 +66,7 @@ final class DoorbellThread: @unchecked Sendable {
                 if n < 0 { if errno == EINTR { continue }; return }
                 if fds[fds.count - 1].revents != 0 { return }
                 for i in bells.indices where fds[i].revents != 0 {
-                    if ckvm_eventfd_take(bells[i].fd) > 0 {
+                    if host_eventfd_take(bells[i].fd) > 0 {
                         notifications.add(1, ordering: .relaxed)
                         bells[i].transport.processQueue(bells[i].queue)  // deferred while frozen for a snapshot
                     }
@@ -77,7 +77,7 @@ final class DoorbellThread: @unchecked Sendable {
 
     func stop() {
         guard let t = thread else { return }
-        _ = ckvm_eventfd_signal(stopFD)
+        _ = host_eventfd_signal(stopFD)
         t.join()
         thread = nil
     }

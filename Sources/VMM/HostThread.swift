@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,7 +12,7 @@ public final class HostThread: @unchecked Sendable {
 
     public init(name: String, _ body: @escaping @Sendable () -> Void) {
         let box = Unmanaged.passRetained(Box {
-            ckvm_set_thread_name(name)
+            host_set_thread_name(name)
             body()
         }).toOpaque()
         let rc = pthread_create(&thread, nil, { arg in

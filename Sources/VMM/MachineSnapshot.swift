@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import Devices
 import FoundationEssentials
 import Synchronization
@@ -217,12 +217,12 @@ final class LazyMemoryLoader: @unchecked Sendable {
             throw SnapshotError.memorySizeMismatch(snapshot: snapshot.metadata.memorySize, machine: memory.size)
         }
         self.memory = memory
-        let fd = ckvm_uffd_open(0)
+        let fd = host_uffd_open(0)
         guard fd >= 0 else { throw CopyOnWriteError.userfaultfdUnavailable(errno: -fd) }
-        let rc = ckvm_uffd_register(fd, memory.base, memory.size, 0, 1)
+        let rc = host_uffd_register(fd, memory.base, memory.size, 0, 1)
         guard rc == 0 else { close(fd); throw CopyOnWriteError.userfaultfdUnavailable(errno: -rc) }
         uffd = fd
-        stopFD = ckvm_eventfd()
+        stopFD = host_eventfd()
         let base = UInt(bitPattern: memory.base)
         let pages = Int(memory.size / 4096)
         thread = HostThread(name: "lazy-restore") { [uffd, stopFD, counters] in
@@ -231,7 +231,7 @@ final class LazyMemoryLoader: @unchecked Sendable {
             var address: UInt64 = 0
             var isWrite: Int32 = 0, isWP: Int32 = 0
             while true {
-                let r = ckvm_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP)
+                let r = host_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP)
                 if r != 1 { return }
                 let page = Int((UInt(address) - base) >> 12)
                 guard page >= 0, page < pages else { continue }
@@ -242,15 +242,15 @@ final class LazyMemoryLoader: @unchecked Sendable {
                     buffer.initializeMemory(as: UInt8.self, repeating: 0)
                     counters.onFailure.withLock { $0 }?(page, "\(error)")
                 }
-                _ = ckvm_uffd_copy(uffd, UnsafeMutableRawPointer(bitPattern: base + UInt(page) * 4096), buffer.baseAddress, 4096)
+                _ = host_uffd_copy(uffd, UnsafeMutableRawPointer(bitPattern: base + UInt(page) * 4096), buffer.baseAddress, 4096)
             }
         }
     }
 
     deinit {
-        _ = ckvm_eventfd_signal(stopFD)
+        _ = host_eventfd_signal(stopFD)
         thread?.join()
-        _ = ckvm_uffd_unregister(uffd, memory.base, memory.size)
+        _ = host_uffd_unregister(uffd, memory.base, memory.size)
         close(uffd)
         close(stopFD)
     }

@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import VirtCore
 #if canImport(Glibc)
 import Glibc
@@ -48,13 +48,13 @@ public enum Partitioning {
     /// The host CPUs this process may use.
     public static func availableCPUs() -> [Int] {
         var cpus = [Int32](repeating: 0, count: 1024)
-        let n = ckvm_get_affinity(&cpus, Int32(cpus.count))
+        let n = host_get_affinity(&cpus, Int32(cpus.count))
         return n > 0 ? cpus.prefix(Int(n)).map(Int.init) : []
     }
 
     /// RLIMIT_MEMLOCK in bytes, nil when unlimited.
     static func memoryLockLimit() -> UInt64? {
-        let limit = ckvm_memlock_limit()
+        let limit = host_memlock_limit()
         return limit < 0 ? nil : UInt64(limit)
     }
 
@@ -99,7 +99,7 @@ public enum Partitioning {
         }
         if !policy.cpus.isEmpty {
             let cpus = policy.cpus.map { Int32(clamping: $0) }
-            let rc = ckvm_set_thread_affinity(cpus, Int32(cpus.count))
+            let rc = host_set_thread_affinity(cpus, Int32(cpus.count))
             guard rc == 0 else { throw .affinityRefused(errno: -rc) }
         }
     }

@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -165,14 +165,14 @@ public func processCPUNanoseconds() -> UInt64 {
 /// which costs TLB misses on every exit when the host switches address spaces per exit.
 public enum HostClock {
     @inline(__always)
-    public static func ticks() -> UInt64 { ckvm_rdtsc() }
+    public static func ticks() -> UInt64 { host_rdtsc() }
 
     /// Calibrated once against CLOCK_MONOTONIC over 2 ms (a relative error of ~1e-5; every
     /// run of the tool pays for it, so not longer).
     public static let nanosecondsPerTick: Double = {
-        let n0 = monotonicNanoseconds(), t0 = ckvm_rdtsc()
+        let n0 = monotonicNanoseconds(), t0 = host_rdtsc()
         while monotonicNanoseconds() - n0 < 2_000_000 {}
-        let n1 = monotonicNanoseconds(), t1 = ckvm_rdtsc()
+        let n1 = monotonicNanoseconds(), t1 = host_rdtsc()
         return t1 > t0 ? Double(n1 - n0) / Double(t1 - t0) : 1
     }()
 
@@ -183,12 +183,12 @@ public enum HostClock {
     /// start-up pays no calibration: `start()` at the beginning, `nanosecondsPerTick` at the end.
     public struct Ruler: Sendable {
         private let ticks0: UInt64, nanoseconds0: UInt64
-        public init() { nanoseconds0 = monotonicNanoseconds(); ticks0 = ckvm_rdtsc() }
+        public init() { nanoseconds0 = monotonicNanoseconds(); ticks0 = host_rdtsc() }
 
         /// Nanoseconds per tick between `init` and now; the 2 ms calibration when the interval
         /// was too short to measure (under 100 µs).
         public var nanosecondsPerTick: Double {
-            let ns = monotonicNanoseconds(), t = ckvm_rdtsc()
+            let ns = monotonicNanoseconds(), t = host_rdtsc()
             guard ns &- nanoseconds0 >= 100_000, t > ticks0 else { return HostClock.nanosecondsPerTick }
             return Double(ns &- nanoseconds0) / Double(t &- ticks0)
         }

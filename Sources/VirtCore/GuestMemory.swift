@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -41,14 +41,14 @@ public final class GuestMemory: @unchecked Sendable {
 
     public init(size: UInt64, name: String = "swiftvisor-ram") throws(GuestMemoryError) {
         guard size > 0, size % UInt64(Self.pageSize) == 0 else { throw .invalidSize(size) }
-        let fd = ckvm_memfd_create(name)
+        let fd = host_memfd_create(name)
         guard fd >= 0 else { throw .allocationFailed(size: size, errno: -fd) }
         guard ftruncate(fd, off_t(size)) == 0 else {
             let err = errno
             close(fd)
             throw .allocationFailed(size: size, errno: err)
         }
-        guard let p = ckvm_mmap_shared(fd, Int(size), 1) else {
+        guard let p = host_mmap_shared(fd, Int(size), 1) else {
             let err = errno
             close(fd)
             throw .allocationFailed(size: size, errno: err)
@@ -81,13 +81,13 @@ public final class GuestMemory: @unchecked Sendable {
             throw .outOfRange(gpa: gpa, length: Int(clamping: length), ramSize: size)
         }
         try check(gpa, Int(clamping: length))
-        let rc = ckvm_discard_range(fileDescriptor, base, gpa, length)
+        let rc = host_discard_range(fileDescriptor, base, gpa, length)
         if rc < 0 { throw .allocationFailed(size: length, errno: -rc) }
         hostWrites.note(gpa, Int(length))
     }
 
     /// Host memory the RAM's memfd holds now (pages never touched or discarded don't count).
-    public var allocatedBytes: UInt64 { UInt64(max(0, ckvm_allocated_bytes(fileDescriptor))) }
+    public var allocatedBytes: UInt64 { UInt64(max(0, host_allocated_bytes(fileDescriptor))) }
 
     /// Host pointer for `[gpa, gpa+length)`, or nil when the range is not all RAM.
     @inline(__always)

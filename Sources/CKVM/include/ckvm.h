@@ -1,4 +1,4 @@
-// C shim over <linux/kvm.h>, memfd and userfaultfd. Swift cannot call variadic ioctl(2)
+// C shim over <linux/kvm.h>. Swift cannot call variadic ioctl(2)
 // or see function-like macros, so each ioctl gets a typed wrapper here. Wrappers return
 // the ioctl's result, or -errno on failure. No policy lives here.
 #ifndef CKVM_H
@@ -42,10 +42,6 @@ int ckvm_get_msrs(int vcpu_fd, const uint32_t *indices, uint64_t *values, int co
 int ckvm_set_msrs(int vcpu_fd, const uint32_t *indices, const uint64_t *values, int count);
 int ckvm_set_cpuid2(int vcpu_fd, const struct kvm_cpuid_entry2 *entries, int count);
 int ckvm_interrupt(int vcpu_fd, uint32_t vector);
-/* eventfd (non-blocking, close-on-exec); take returns the count read (0 if none), or -errno. */
-int ckvm_eventfd(void);
-int64_t ckvm_eventfd_take(int fd);
-int ckvm_eventfd_signal(int fd);
 /* KVM_IOEVENTFD on an MMIO address: a guest write of `datamatch` signals event_fd inside
  * the kernel instead of exiting to userspace. */
 int ckvm_ioeventfd(int vm_fd, uint64_t address, uint32_t length, int event_fd, uint64_t datamatch, int deassign);
@@ -80,43 +76,6 @@ static inline uint64_t ckvm_run_internal_data(const struct kvm_run *r, uint32_t 
 static inline uint32_t ckvm_run_system_event_type(const struct kvm_run *r) { return r->system_event.type; }
 static inline uint64_t ckvm_run_hw_exit_reason(const struct kvm_run *r) { return r->hw.hardware_exit_reason; }
 
-/// The time-stamp counter (invariant on the hosts we run on); see VirtCore's HostClock.
-static inline uint64_t ckvm_rdtsc(void) {
-    uint32_t lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return ((uint64_t)hi << 32) | lo;
-}
-
-// Memory
-int ckvm_memfd_create(const char *name);
-/* Frees [offset, offset+length) of a memfd and drops it from `mapping` (the memfd's
- * mapping at offset 0): the range reads as zeros afterwards and uses no host memory. */
-int ckvm_discard_range(int memfd, void *mapping, uint64_t offset, uint64_t length);
-/* Bytes of host memory a file (memfd) has allocated, from st_blocks. */
-int64_t ckvm_allocated_bytes(int fd);
-
-/* userfaultfd. open: non-blocking fd with the API handshake (want_wp: shmem write
- * protection). register: a range in WP and/or MISSING mode. writeprotect: set or clear
- * (clearing wakes threads waiting on the range). copy: fill a missing range (EEXIST counts
- * as done). next_fault: waits up to timeout_ms (-1: forever) for a page fault on fd or a
- * readable stop_fd; returns 1 with the fault, 2 when stop_fd fired, 0 on timeout, -errno. */
-int ckvm_uffd_open(int want_wp);
-int ckvm_uffd_register(int fd, void *addr, uint64_t len, int wp, int missing);
-int ckvm_uffd_unregister(int fd, void *addr, uint64_t len);
-int ckvm_uffd_writeprotect(int fd, void *addr, uint64_t len, int protect);
-int ckvm_uffd_copy(int fd, void *dst, const void *src, uint64_t len);
-int ckvm_uffd_wake(int fd, void *addr, uint64_t len);
-/* Page deduplication: map one page of `store_fd` privately (copy-on-write by the kernel) or
- * shared at `address` (MAP_FIXED); punch a hole in a file; read /proc/self/pagemap entries
- * (bit 63 present, bit 61 file-backed or shared). */
-int ckvm_map_private_page(void *address, int store_fd, uint64_t store_offset);
-int ckvm_map_shared_page(void *address, int fd, uint64_t offset);
-int ckvm_punch_hole(int fd, uint64_t offset, uint64_t length);
-int ckvm_pagemap_entries(const void *address, uint64_t count, uint64_t *entries);
-int ckvm_uffd_next_fault(int fd, int stop_fd, int timeout_ms, uint64_t *address, int *is_write, int *is_wp);
-void *ckvm_mmap_shared(int fd, size_t size, int writable);
-int ckvm_userfaultfd(int flags);
-
 /// A plain C KVM_RUN loop: the reference point for `swiftvisor bench exits`. Runs the vCPU
 /// until a write to `exit_port` (returns its value in *exit_value) or any exit other than
 /// port I/O. Port writes to other ports are counted in *io_exits and otherwise ignored;
@@ -127,24 +86,5 @@ int ckvm_reference_io_loop(int vcpu_fd, struct kvm_run *run, uint16_t exit_port,
 
 /// Signal used to kick a vCPU thread out of KVM_RUN; installs a no-op handler once.
 int ckvm_install_kick_handler(int signo);
-
-/// Unblocks `signo` for the calling thread (threads inherit masks; dispatch workers block all).
-int ckvm_unblock_signal(int signo);
-
-/// Names the calling thread (shown by top -H and gdb); truncated to 15 bytes.
-void ckvm_set_thread_name(const char *name);
-
-/* Partitions (S12; partition.c): pin the calling thread to `cpus`; the CPUs this
- * process may use (count, or -errno); RLIMIT_MEMLOCK in bytes (-1: unlimited). */
-int ckvm_set_thread_affinity(const int *cpus, int count);
-int ckvm_get_affinity(int *cpus, int max);
-long long ckvm_memlock_limit(void);
-
-/// setns(2) for a network namespace: moves the calling thread into the namespace `fd`
-/// refers to. Returns 0 or -errno.
-int ckvm_setns_net(int fd);
-
-/// SIOCOUTQ: bytes a stream socket holds that the peer has not acknowledged, or -errno.
-int ckvm_socket_unsent_bytes(int fd);
 
 #endif

@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import Dispatch
 import FoundationEssentials
 import Synchronization
@@ -119,7 +119,7 @@ extension Machine {
             while true {
                 // Pushed pages queue ahead of demanded ones in the stream: push only while little
                 // is unacknowledged, so a request waits behind at most that much.
-                let throttled = committed && !completeSent && ckvm_socket_unsent_bytes(channel.connection.fd) > Self.postcopyPushWindow
+                let throttled = committed && !completeSent && host_socket_unsent_bytes(channel.connection.fd) > Self.postcopyPushWindow
                 let (requests, confirmed, error, statistics) = inbox.take(waitIfIdle: !committed || completeSent || throttled,
                                                                           milliseconds: throttled ? 1 : 20)
                 if let error { throw error }
@@ -233,7 +233,7 @@ final class PostcopyReceiver: @unchecked Sendable {
     /// Registers the `remote` pages (those still at the source) for missing faults; the
     /// others are in place already or zero.
     init(channel: MigrationChannel, memory: GuestMemory, remote: DirtyBitmap) throws(MigrationError) {
-        let fd = ckvm_uffd_open(0)
+        let fd = host_uffd_open(0)
         guard fd >= 0 else { throw .restoreFailed("userfaultfd is unavailable (errno \(-fd)); post-copy needs it") }
         var runs: [Range<Int>] = []
         var page = 0
@@ -244,7 +244,7 @@ final class PostcopyReceiver: @unchecked Sendable {
             runs.append(first..<page)
         }
         for run in runs {
-            let rc = ckvm_uffd_register(fd, memory.base + run.lowerBound * MigrationFormat.pageSize,
+            let rc = host_uffd_register(fd, memory.base + run.lowerBound * MigrationFormat.pageSize,
                                         UInt64(run.count * MigrationFormat.pageSize), 0, 1)
             guard rc == 0 else { close(fd); throw .restoreFailed("userfaultfd registration failed (errno \(-rc))") }
         }
@@ -252,7 +252,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         registered = runs
         var present = DirtyBitmap(pageCount: remote.pageCount)
         for p in 0..<remote.pageCount where !remote[p] { present[p] = true }
-        stopFD = ckvm_eventfd()
+        stopFD = host_eventfd()
         self.memory = memory
         self.channel = channel
         pageCount = Int(memory.size) / MigrationFormat.pageSize
@@ -283,7 +283,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         let base = UInt(bitPattern: memory.base)
         var address: UInt64 = 0
         var isWrite: Int32 = 0, isWP: Int32 = 0
-        while ckvm_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP) == 1 {
+        while host_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP) == 1 {
             let page = Int((UInt(address) - base) >> 12)
             guard page >= 0, page < pageCount, !received.withLock({ $0[page] }) else { continue }
             let fresh = requestedAt.withLock { r -> Bool in
@@ -303,7 +303,7 @@ final class PostcopyReceiver: @unchecked Sendable {
         zero.initializeMemory(as: UInt8.self, repeating: 0, count: MigrationFormat.pageSize)
         defer {
             zero.deallocate()
-            _ = ckvm_eventfd_signal(stopFD)  // every page is in (or never will be): faults end
+            _ = host_eventfd_signal(stopFD)  // every page is in (or never will be): faults end
         }
         var count = 0
         do {
@@ -313,7 +313,7 @@ final class PostcopyReceiver: @unchecked Sendable {
                 case .pages:
                     count += try MigrationPageCodec.forEachPage(frame.payload, pageCount: pageCount) { (page, data) throws(MigrationError) in
                         let target = memory.base + page * MigrationFormat.pageSize
-                        let rc = ckvm_uffd_copy(uffd, target, data ?? UnsafeRawPointer(zero), UInt64(MigrationFormat.pageSize))
+                        let rc = host_uffd_copy(uffd, target, data ?? UnsafeRawPointer(zero), UInt64(MigrationFormat.pageSize))
                         guard rc == 0 else { throw .restoreFailed("UFFDIO_COPY of page \(page) failed (errno \(-rc))") }
                         received.withLock { $0[page] = true }
                         if let t = requestedAt.withLock({ $0.removeValue(forKey: page) }) {
@@ -340,18 +340,18 @@ final class PostcopyReceiver: @unchecked Sendable {
             sendLock.withLock { _ in channel.sendFailure("\(error)") }
             channel.connection.shutdownNow()
             for page in 0..<pageCount where !received.withLock({ $0[page] }) {
-                _ = ckvm_uffd_copy(uffd, memory.base + page * MigrationFormat.pageSize, zero, UInt64(MigrationFormat.pageSize))
+                _ = host_uffd_copy(uffd, memory.base + page * MigrationFormat.pageSize, zero, UInt64(MigrationFormat.pageSize))
             }
         }
     }
 
     deinit {
-        _ = ckvm_eventfd_signal(stopFD)
+        _ = host_eventfd_signal(stopFD)
         channel.connection.shutdownNow()
         faultThread?.join()
         receiveThread?.join()
         for run in registered {
-            _ = ckvm_uffd_unregister(uffd, memory.base + run.lowerBound * MigrationFormat.pageSize, UInt64(run.count * MigrationFormat.pageSize))
+            _ = host_uffd_unregister(uffd, memory.base + run.lowerBound * MigrationFormat.pageSize, UInt64(run.count * MigrationFormat.pageSize))
         }
         close(uffd)
         close(stopFD)

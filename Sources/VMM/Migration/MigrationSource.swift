@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import Dispatch
 import FoundationEssentials
 #if canImport(Glibc)
@@ -165,7 +165,7 @@ extension Machine {
         // Bandwidth is what the peer acknowledged over the time since the first page, not what
         // the socket buffer took: a send returns as soon as the buffer has room.
         let sendingSince = clock.now
-        var unsent: Int { max(0, Int(ckvm_socket_unsent_bytes(channel.connection.fd))) }
+        var unsent: Int { max(0, Int(host_socket_unsent_bytes(channel.connection.fd))) }
         var bandwidth: Double {
             let elapsed = seconds(since: sendingSince)
             let delivered = Double(channel.bytesSent) - Double(unsent)

@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import Dispatch
 import FoundationEssentials
 #if canImport(Glibc)
@@ -29,10 +29,10 @@ public enum NetworkNamespace {
         let original = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC)
         guard original >= 0 else { throw NetworkNamespaceError.cannotEnter(name: name, errno: errno) }
         defer { close(original) }
-        let rc = ckvm_setns_net(target)
+        let rc = host_setns_net(target)
         guard rc == 0 else { throw NetworkNamespaceError.cannotEnter(name: name, errno: -rc) }
         defer {
-            let back = ckvm_setns_net(original)
+            let back = host_setns_net(original)
             precondition(back == 0, "could not return the thread to its network namespace (errno \(-back))")
         }
         return try body()

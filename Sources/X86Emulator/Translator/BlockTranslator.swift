@@ -1,4 +1,4 @@
-import CKVM
+import CHost
 import Glibc
 
 /// The block shared by the interpreter and translated code: the guest GPRs (the
@@ -135,7 +135,7 @@ final class BlockTranslator {
         guard Self.hostSupported, capacity >= 2 * Self.blockReserve else { return nil }
         self.capacity = capacity
         self.sharedMemory = sharedMemory
-        let fd = ckvm_memfd_create("swiftvisor-translated-code")
+        let fd = host_memfd_create("swiftvisor-translated-code")
         guard fd >= 0 else { return nil }
         defer { close(fd) }  // the mappings keep the memory
         guard ftruncate(fd, off_t(capacity)) == 0,

@@ -1,11 +1,11 @@
 #define _GNU_SOURCE
-#include "ckvm.h"
+#include "chost.h"
 
 #include <errno.h>
 #include <sched.h>
 #include <sys/resource.h>
 
-int ckvm_set_thread_affinity(const int *cpus, int count) {
+int host_set_thread_affinity(const int *cpus, int count) {
     cpu_set_t set;
     CPU_ZERO(&set);
     for (int i = 0; i < count; i++) {
@@ -15,7 +15,7 @@ int ckvm_set_thread_affinity(const int *cpus, int count) {
     return sched_setaffinity(0, sizeof set, &set) == 0 ? 0 : -errno;
 }
 
-int ckvm_get_affinity(int *cpus, int max) {
+int host_get_affinity(int *cpus, int max) {
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) != 0) return -errno;
     int n = 0;
@@ -24,7 +24,7 @@ int ckvm_get_affinity(int *cpus, int max) {
     return n;
 }
 
-long long ckvm_memlock_limit(void) {
+long long host_memlock_limit(void) {
     struct rlimit r;
     if (getrlimit(RLIMIT_MEMLOCK, &r) != 0 || r.rlim_cur == RLIM_INFINITY) return -1;
     return (long long)r.rlim_cur;
