@@ -147,24 +147,9 @@ public final class ControlServer: @unchecked Sendable {
 
     /// Sends one command to the control socket at `path` and returns the decoded reply.
     public static func send(_ command: String, to path: String) throws -> ControlReply {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw ControlError.socketFailed(path: path, operation: "socket", errno: errno) }
-        defer { Glibc.close(fd) }
-        var addr = try address(path)
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard rc == 0 else { throw ControlError.socketFailed(path: path, operation: "connect", errno: errno) }
-        let line = command + "\n"
-        _ = line.utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) }
-        var reply: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            reply += buffer[0..<n]
-        }
+        var lines: [String] = []
+        try sendStreaming(command, to: path) { lines.append($0) }
+        let reply = Array(lines.joined(separator: "\n").utf8)
         let decoder = JSONDecoder()
         decoder.keyDecodingStrategy = .convertFromSnakeCase
         guard let decoded = try? decoder.decode(ControlReply.self, from: Data(reply)) else {
