@@ -29,6 +29,9 @@ import Glibc
         lab.spins = [nil, 0]
         lab.linkMegabits = nil
         lab.maxRounds = 3
+        // Small enough that the busy area (4 MiB) never fits even at the fastest loopback
+        // rate, large enough for the idle guest's few pages at the slowest.
+        lab.maxDowntimeMilliseconds = 0.5
         let result = try lab.run()
         #expect(result.rows.count == 2)
         let idle = result.rows[0], busy = result.rows[1]
