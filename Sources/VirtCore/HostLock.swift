@@ -10,9 +10,7 @@ public final class HostLock: Sendable {
     public init() {}
 
     public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        mutex._unsafeLock()
-        defer { mutex._unsafeUnlock() }
-        return try body()
+        try mutex.withLock { _ in try body() }
     }
 }
 

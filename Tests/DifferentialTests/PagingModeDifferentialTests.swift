@@ -63,7 +63,7 @@ let pagingCases: [GuestCase] = [
         let guest = try #require(BundledGuests.named("working-set"))
         let config = MachineConfiguration(memorySize: 32 << 20, commandLine: "pages=2048 passes=4", timeoutSeconds: 120)
         let m = try Machine(image: try ELFImage(bytes: guest.elf), configuration: config, engine: SoftwareEngine(), serialOutput: { _ in })
-        var sizing = try #require(m.vm as? any SecondLevelPageSizing)
+        let sizing = try #require(m.vm as? any SecondLevelPageSizing)
         sizing.secondLevelLargestPage = size
         #expect(try m.run().stopReason == .exitPort(status: 0))
         let counts = try #require(m.pagingReport).counts

@@ -30,7 +30,6 @@ enum SequenceGenerator {
         let w = g.next() & 1 == 0
         // A quarter of the 32-bit forms become 16-bit ones (operand-size prefix).
         let o16: [UInt8] = !w && g.next() % 4 == 0 ? [0x66] : []
-        let rexRB = Asm.rex(w: w, r: src, b: dst)
         let rexB = Asm.rex(w: w, b: dst)
         switch g.next() % (flagsDefined ? 18 : 14) {
         case 11, 12:  // memory operands on the stack page below RSP (the translator's inline TLB path)
