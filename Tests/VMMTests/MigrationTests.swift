@@ -104,7 +104,8 @@ final class Receiver: @unchecked Sendable {
 
     init(_ incoming: IncomingMigration) {
         thread = HostThread(name: "receiver") { [self, output] in
-            outcome = Result { try incoming.receiveOne(serialOutput: output.append) }
+            // Bounded, so a source that never arrives fails the test instead of hanging it.
+            outcome = Result { try incoming.receiveOne(serialOutput: output.append, waitSeconds: 60) }
         }
     }
 

@@ -105,11 +105,19 @@ public final class IncomingMigration: @unchecked Sendable {
         }
     }
 
-    /// Takes one attempt: the machine on success, the attempt's error otherwise.
-    public func receiveOne(serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> (Machine, IncomingMigrationReport) {
+    /// Takes one attempt: the machine on success, the attempt's error otherwise. With
+    /// `waitSeconds`, no source within that time is `.timedOut` (else it waits as long as it takes).
+    public func receiveOne(serialOutput: @escaping @Sendable (UInt8) -> Void,
+                           waitSeconds: Double? = nil) throws -> (Machine, IncomingMigrationReport) {
         let connection: MigrationConnection
         while true {
-            sessionReady.wait()
+            if let waitSeconds {
+                guard sessionReady.wait(timeout: .now() + waitSeconds) == .success else {
+                    throw MigrationError.timedOut(expecting: "a source to connect")
+                }
+            } else {
+                sessionReady.wait()
+            }
             if let c = sessions.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) { connection = c; break }
             throw MigrationError.listenerClosed
         }
