@@ -22,18 +22,8 @@ struct StartupReport: Codable {
     var overheadBytes: UInt64 { peakRSSBytes > guestRAMBytes ? peakRSSBytes - guestRAMBytes : 0 }
 
     static func read(path: String) throws -> StartupReport {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw StartupBenchmarkError.noReport(path) }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            bytes += chunk[0..<n]
-        }
-        return try JSONDecoder().decode(StartupReport.self, from: Data(bytes))
+        guard let data = try? Data(contentsOf: URL(fileURLWithPath: path)) else { throw StartupBenchmarkError.noReport(path) }
+        return try JSONDecoder().decode(StartupReport.self, from: data)
     }
 
     /// VmHWM of this process from /proc/self/status, in bytes.
