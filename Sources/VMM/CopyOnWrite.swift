@@ -25,8 +25,8 @@ public enum CopyOnWriteError: Error, CustomStringConvertible {
 /// made writable again.
 protocol WriteProtection: AnyObject, Sendable {
     func protectAll() throws
-    /// Makes `page` writable again (from any thread).
-    func unprotect(page: Int)
+    /// Makes `pages` writable again (from any thread).
+    func unprotect(pages: Range<Int>)
     /// Unprotects everything and stops any helper thread.
     func finish()
     /// How writes are caught, for reports.
@@ -81,9 +81,9 @@ final class UserfaultWriteProtection: WriteProtection, @unchecked Sendable {
         }
     }
 
-    func unprotect(page: Int) {
-        // Clearing WP also wakes a thread waiting on the page.
-        _ = host_uffd_writeprotect(uffd, memory.base + page * 4096, 4096, 0)
+    func unprotect(pages: Range<Int>) {
+        // Clearing WP also wakes a thread waiting on the pages.
+        _ = host_uffd_writeprotect(uffd, memory.base + pages.lowerBound * 4096, UInt64(pages.count * 4096), 0)
     }
 
     func finish() {
@@ -107,7 +107,7 @@ final class SecondLevelWriteProtection: WriteProtection, @unchecked Sendable {
     init(table: any SecondLevelTranslation) { self.table = table }
 
     func protectAll() throws { table.setPermissions([.read, .execute], pages: 0..<table.secondLevelPageCount) }
-    func unprotect(page: Int) { table.setPermissions(.all, pages: page..<(page + 1)) }
+    func unprotect(pages: Range<Int>) { table.setPermissions(.all, pages: pages) }
     func finish() { table.setPermissions(.all, pages: 0..<table.secondLevelPageCount) }
 }
 
@@ -126,9 +126,15 @@ final class CopyOnWriteSession: @unchecked Sendable {
     }
     private let state: Mutex<State>
 
+    /// Pages that were holes of the RAM's memfd at the snapshot point: zeros then, so the
+    /// writer neither reads them (a read would allocate them) nor needs them protected.
+    private let holes: DirtyBitmap
+
+    /// Call with the vCPUs paused (the snapshot point).
     init(memory: GuestMemory) {
         self.memory = memory
         state = Mutex(State(saved: [Bool](repeating: false, count: Int(memory.size / 4096))))
+        holes = MigrationPageCodec.allocatedPages(of: memory).complement
     }
 
     /// A guest write is about to change `page` for the first time since the snapshot point.
@@ -142,22 +148,30 @@ final class CopyOnWriteSession: @unchecked Sendable {
                 s.bytesCopied += 4096
             }
         }
-        protection.unprotect(page: page)
+        protection.unprotect(pages: page..<(page + 1))
     }
 
-    /// The snapshot-point contents of `page`, for the writer (pages in order).
-    func contents(page: Int, into buffer: UnsafeMutableRawBufferPointer) {
-        let wasSaved = state.withLock { s -> Bool in
-            if let copy = s.copies.removeValue(forKey: page) {
-                copy.withUnsafeBytes { buffer.copyMemory(from: $0) }
-                return true
+    /// The snapshot-point contents of `pages`, for the writer (in order, a chunk at a time:
+    /// one lock and one unprotect call per chunk, not per page).
+    func contents(pages: Range<Int>, into buffer: UnsafeMutableRawBufferPointer) {
+        state.withLock { s in
+            for (k, page) in pages.enumerated() {
+                let slot = buffer.baseAddress! + k * 4096
+                if let copy = s.copies.removeValue(forKey: page) {
+                    copy.withUnsafeBytes { slot.copyMemory(from: $0.baseAddress!, byteCount: 4096) }
+                } else if holes[page] {
+                    slot.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+                    s.saved[page] = true
+                } else {
+                    // Still protected, so still the snapshot-point contents.
+                    slot.copyMemory(from: memory.base + page * 4096, byteCount: 4096)
+                    s.saved[page] = true
+                }
             }
-            // Still protected, so still the snapshot-point contents.
-            buffer.copyMemory(from: UnsafeRawBufferPointer(start: memory.base + page * 4096, count: 4096))
-            s.saved[page] = true
-            return false
         }
-        if !wasSaved { protection.unprotect(page: page) }
+        // Pages saved earlier by a first write are writable already; lifting their
+        // protection again is harmless and keeps this one call.
+        protection.unprotect(pages: pages)
     }
 
     var faults: UInt64 { state.withLock { $0.faults } }

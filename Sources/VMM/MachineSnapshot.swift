@@ -96,9 +96,9 @@ extension Machine {
         for t in transports { t.thaw() }
         resume()
         resumed = true
-        let written = try SnapshotWriter.write(to: path, metadata: metadata, vcpus: states, devices: devices,
-                                               pageCount: Int(memory.size / 4096), progress: progress) { page, buffer in
-            session.contents(page: page, into: buffer)
+        let written = try SnapshotWriter.writeChunks(to: path, metadata: metadata, vcpus: states, devices: devices,
+                                                     pageCount: Int(memory.size / 4096), progress: progress) { pages, buffer in
+            session.contents(pages: pages, into: buffer)
         }
         let t2 = monotonicNanoseconds()
         return SnapshotReport(path: path, pauseSeconds: Double(t1 - t0) / 1e9, totalSeconds: Double(t2 - t0) / 1e9,
@@ -143,7 +143,7 @@ extension Machine {
             if lazy {
                 loader = try LazyMemoryLoader(snapshot: snapshot, memory: memory)
             } else {
-                try snapshot.restoreMemory(into: memory.base, size: memory.size)
+                try snapshot.restoreMemory(into: memory.base, size: memory.size, baseIsZero: true)
             }
             return snapshot.vcpus
         }

@@ -230,20 +230,44 @@ public final class SnapshotFile: Sendable {
 
     /// Reads all of guest memory into `base` (`size` bytes, which must equal the
     /// snapshot's memory size), verifying every chunk. On `memoryChunkCorrupt` the guest
-    /// RAM holds a partial copy.
-    public func restoreMemory(into base: UnsafeMutableRawPointer, size: UInt64) throws(SnapshotError) {
+    /// RAM holds a partial copy. With `baseIsZero` (fresh guest RAM), holes of the file —
+    /// the never-written RAM a snapshot leaves out — are checked against the zero chunk's
+    /// checksum and not copied, so they stay unallocated.
+    public func restoreMemory(into base: UnsafeMutableRawPointer, size: UInt64, baseIsZero: Bool = false) throws(SnapshotError) {
         guard size == memorySize else { throw .memorySizeMismatch(snapshot: memorySize, machine: size) }
+        let zeroChunkCRC = [UInt8](repeating: 0, count: SnapshotFormat.chunkSize).withUnsafeBytes {
+            SnapshotCRC32C.update(0, $0.baseAddress!, $0.count)
+        }
         var chunk = 0
         while chunk < chunkCount {
             let batch = min(Self.chunksPerRead, chunkCount - chunk)
             let start = chunk * SnapshotFormat.chunkSize
             let length = (chunk + batch - 1) * SnapshotFormat.chunkSize + chunkLength(chunk + batch - 1) - start
+            if baseIsZero, isHole(from: memoryOffset + UInt64(start), count: length) {
+                for c in chunk..<chunk + batch {
+                    guard chunkLength(c) == SnapshotFormat.chunkSize, chunkChecksums[c] == zeroChunkCRC else {
+                        throw .memoryChunkCorrupt(chunk: c)
+                    }
+                    verified.withLock { $0[c / 64] |= 1 << UInt64(c % 64) }
+                }
+                chunk += batch
+                continue
+            }
             try readExactly(base + start, count: length, at: memoryOffset + UInt64(start))
             for c in chunk..<chunk + batch {
                 try verify(c, UnsafeRawPointer(base + c * SnapshotFormat.chunkSize), chunkLength(c))
             }
             chunk += batch
         }
+    }
+
+    /// Whether the file holds no data in `count` bytes from `offset` (SEEK_DATA finds none).
+    private func isHole(from offset: UInt64, count: Int) -> Bool {
+        let seekData: Int32 = 3  // SEEK_DATA (Linux)
+        let next = lseek(fileDescriptor, off_t(offset), seekData)
+        // ENXIO: no data after `offset` at all. Any other failure: read it to be sure.
+        if next < 0 { return errno == ENXIO }
+        return UInt64(next) >= offset + UInt64(count)
     }
 
     /// Memory is read 1 MiB at a time by the whole-memory operations.

@@ -31,9 +31,8 @@ public enum SnapshotWriter {
     /// temporary file).
     ///
     /// `page(i, buffer)` is called for i in 0..<pageCount, in order, and must fill the
-    /// 4096-byte `buffer` (zeroed beforehand) with guest page i — a copy-on-write snapshot
-    /// can copy each page just before the guest is allowed to change it. `progress` gets
-    /// the number of pages written so far.
+    /// 4096-byte `buffer` (zeroed beforehand) with guest page i. `progress` gets the number
+    /// of pages written so far.
     ///
     /// `metadata.memorySize` must be `pageCount × 4096` and `metadata.vcpuCount` must be
     /// `vcpus.count` (else `SnapshotError.invalidArgument`, nothing written). I/O errors are
@@ -43,6 +42,23 @@ public enum SnapshotWriter {
                              devices: [(name: String, state: [UInt8])], pageCount: Int,
                              progress: ((Int) -> Void)? = nil,
                              page: (Int, UnsafeMutableRawBufferPointer) throws -> Void) throws -> SnapshotWriteReport {
+        try writeChunks(to: path, metadata: metadata, vcpus: vcpus, devices: devices, pageCount: pageCount,
+                        progress: progress) { pages, buffer in
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            for (k, i) in pages.enumerated() {
+                try page(i, UnsafeMutableRawBufferPointer(rebasing: buffer[k * SnapshotFormat.pageSize..<(k + 1) * SnapshotFormat.pageSize]))
+            }
+        }
+    }
+
+    /// `write`, a checksum chunk (up to 16 pages, 64 KiB) at a time: `pages(range, buffer)`
+    /// must fill all `range.count × 4096` bytes of `buffer` (not zeroed beforehand) — a
+    /// copy-on-write snapshot copies the chunk and lifts its write protection in one go.
+    @discardableResult
+    public static func writeChunks(to path: String, metadata: SnapshotMetadata, vcpus: [VCPUState],
+                                   devices: [(name: String, state: [UInt8])], pageCount: Int,
+                                   progress: ((Int) -> Void)? = nil,
+                                   pages: (Range<Int>, UnsafeMutableRawBufferPointer) throws -> Void) throws -> SnapshotWriteReport {
         let clock = ContinuousClock()
         let started = clock.now
         let pageSize = SnapshotFormat.pageSize
@@ -91,18 +107,25 @@ public enum SnapshotWriter {
         let memoryOffset = out.position
         var chunkChecksums = SnapshotByteWriter()
         chunkChecksums.bytes.reserveCapacity(SnapshotFormat.chunkCount(pages: pageCount) * 4)
-        var crc: UInt32 = 0
-        for i in 0..<pageCount {
-            let slot = try out.reserve(pageSize)
-            slot.initializeMemory(as: UInt8.self, repeating: 0)
-            try page(i, slot)
-            crc = SnapshotCRC32C.update(crc, UnsafeRawPointer(slot.baseAddress!), pageSize)
-            out.commit(pageSize)
-            if (i + 1) % SnapshotFormat.pagesPerChunk == 0 || i + 1 == pageCount {
-                chunkChecksums.u32(crc)
-                crc = 0
+        // All-zero chunks (never-written RAM, mostly) are left as holes of the file: no
+        // write, no storage, and the checksum of a zero chunk is known.
+        let zeroChunkCRC = [UInt8](repeating: 0, count: SnapshotFormat.chunkSize).withUnsafeBytes {
+            SnapshotCRC32C.update(0, $0.baseAddress!, $0.count)
+        }
+        var first = 0
+        while first < pageCount {
+            let chunk = first..<min(first + SnapshotFormat.pagesPerChunk, pageCount)
+            let slot = try out.reserve(chunk.count * pageSize)
+            try pages(chunk, slot)
+            if slot.count == SnapshotFormat.chunkSize, isZero(UnsafeRawBufferPointer(slot)) {
+                chunkChecksums.u32(zeroChunkCRC)
+                try out.skip(slot.count)
+            } else {
+                chunkChecksums.u32(SnapshotCRC32C.update(0, UnsafeRawPointer(slot.baseAddress!), slot.count))
+                out.commit(slot.count)
             }
-            if let progress, (i + 1) % progressInterval == 0, i + 1 != pageCount { progress(i + 1) }
+            first = chunk.upperBound
+            if let progress, first % progressInterval == 0, first != pageCount { progress(first) }
         }
         progress?(pageCount)
         sections.append(SnapshotSectionEntry(kind: .memory, offset: memoryOffset,
@@ -144,6 +167,20 @@ public enum SnapshotWriter {
             throw SnapshotError.ioFailed(path: dir, errno: errno)
         }
     }
+}
+
+/// Whether every byte of `bytes` (a multiple of 64 bytes) is zero; stops at the first that is not.
+private func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+    let words = bytes.baseAddress!.assumingMemoryBound(to: UInt64.self)
+    var i = 0
+    let count = bytes.count / 8
+    while i < count {
+        if words[i] | words[i + 1] | words[i + 2] | words[i + 3] | words[i + 4] | words[i + 5] | words[i + 6] | words[i + 7] != 0 {
+            return false
+        }
+        i += 8
+    }
+    return true
 }
 
 /// A write-only file with a 1 MiB buffer that callers fill in place.
@@ -189,6 +226,13 @@ final class SnapshotOutput {
                 done += n
             }
         }
+    }
+
+    /// Advances past `count` bytes without writing them: they stay a hole of the file and
+    /// read as zeros.
+    func skip(_ count: Int) throws {
+        try flush()
+        position += UInt64(count)
     }
 
     func appendZeros(_ count: Int) throws {

@@ -43,6 +43,15 @@ public struct DirtyBitmap: Equatable, Sendable {
         for i in words.indices { words[i] |= other.words[i] }
     }
 
+    /// The pages this bitmap does not have (bits past `pageCount` stay clear).
+    public var complement: DirtyBitmap {
+        var result = DirtyBitmap(pageCount: pageCount, words: words.map { ~$0 })
+        if pageCount % 64 != 0, !result.words.isEmpty {
+            result.words[result.words.count - 1] &= (1 << UInt64(pageCount % 64)) - 1
+        }
+        return result
+    }
+
     public mutating func clearAll() {
         for i in words.indices { words[i] = 0 }
     }

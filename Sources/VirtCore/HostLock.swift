@@ -9,8 +9,8 @@ public final class HostLock: Sendable {
     private let mutex = Mutex(())
     public init() {}
 
-    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        try mutex.withLock { _ in try body() }
+    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        try mutex.withLock { _ throws(E) in try body() }
     }
 }
 

@@ -59,7 +59,7 @@ struct Host: ParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks (printed table; --json for machine-readable results).",
-        subcommands: [BenchExits.self, BenchCPU.self, BenchStartup.self])
+        subcommands: [BenchExits.self, BenchCPU.self, BenchStartup.self, BenchMigration.self])
 }
 
 struct BenchExits: ParsableCommand {

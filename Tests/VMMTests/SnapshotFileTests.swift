@@ -164,6 +164,25 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
         }
     }
 
+    /// The interleaved hardware path (three 2 KiB streams combined) and any alignment agree
+    /// with a bit-at-a-time reference.
+    @Test func crc32cMatchesBitwiseReferenceOnLongUnalignedRuns() {
+        func reference(_ bytes: ArraySlice<UInt8>) -> UInt32 {
+            var c: UInt32 = 0xFFFF_FFFF
+            for b in bytes {
+                c ^= UInt32(b)
+                for _ in 0..<8 { c = c & 1 != 0 ? (c >> 1) ^ 0x82F6_3B78 : c >> 1 }
+            }
+            return ~c
+        }
+        var generator = SplitMix64(seed: 0xC5C3_2C)
+        let data = (0..<20_000).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
+        for (start, length) in [(0, 6144), (1, 6144), (3, 6143), (5, 12_300), (7, 19_993), (0, 20_000), (13, 7)] {
+            let crc = data.withUnsafeBytes { SnapshotCRC32C.update(0, $0.baseAddress! + start, length) }
+            #expect(crc == reference(data[start..<start + length]), "\(length) bytes at offset \(start)")
+        }
+    }
+
     @Test func vcpuEncodingRoundTripsEveryField() throws {
         let states = Fixture.vcpus
         let bytes = SnapshotVCPUCodec.encode(states)

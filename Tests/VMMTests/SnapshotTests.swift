@@ -53,6 +53,40 @@ func temporaryPath(_ name: String) -> String {
         #expect(restored == ram)  // pre-write contents, not what the guest wrote afterwards
     }
 
+    /// RAM the guest never wrote is neither read (which would allocate it on the host) nor
+    /// written: it stays a hole of the snapshot file, and the file still verifies.
+    @Test(arguments: TestEngines.available)
+    func neverWrittenRAMStaysAHoleOfTheHostAndOfTheFile(engine: EngineChoice) throws {
+        let path = temporaryPath("sparse")
+        defer { unlink(path) }
+        let out = SerialCapture()
+        let guest = try #require(BundledGuests.named("counter"))
+        let m = try Machine(image: try ELFImage(bytes: guest.elf),
+                            configuration: MachineConfiguration(memorySize: 256 << 20, commandLine: "work=20000 touch=1", timeoutSeconds: 120,
+                                                                guestName: "counter"),
+                            engine: try TestEngines.make(engine), serialOutput: out.append)
+        let runner = HostThread(name: "counter") { _ = try? m.run() }
+        defer { m.stop(); runner.join() }
+        #expect(waitUntil { out.text.contains("count 5\n") })
+        let allocatedBefore = m.memory.allocatedBytes
+        let report = try m.snapshot(to: path, note: "sparse")
+        #expect(m.memory.allocatedBytes < allocatedBefore + (8 << 20), "the snapshot read never-written RAM")
+        var st = stat()
+        #expect(stat(path, &st) == 0)
+        #expect(UInt64(st.st_size) == report.fileBytes && st.st_size > 256 << 20)
+        #expect(Int(st.st_blocks) * 512 < 64 << 20, "never-written RAM was written to the file")
+        let file = try SnapshotFile(path: path)
+        try file.verifyMemory()
+        // An eager restore leaves the holes unallocated too, and the clone runs on.
+        let cloneOutput = SerialCapture()
+        let clone = try Machine(restoring: try SnapshotFile(path: path), engine: try TestEngines.make(engine),
+                                timeoutSeconds: 120, serialOutput: cloneOutput.append)
+        #expect(clone.memory.allocatedBytes < 64 << 20)
+        let cloneRunner = HostThread(name: "clone") { _ = try? clone.run() }
+        defer { clone.stop(); cloneRunner.join() }
+        #expect(waitUntil { cloneOutput.text.contains("count") })
+    }
+
     @Test(arguments: TestEngines.available, [false, true])
     func twoClonesContinueFromTheSnapshotCount(engine: EngineChoice, lazy: Bool) throws {
         let path = temporaryPath("snap")

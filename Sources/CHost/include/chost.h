@@ -68,4 +68,10 @@ int host_setns_net(int fd);
 /// SIOCOUTQ: bytes a stream socket holds that the peer has not acknowledged, or -errno.
 int host_socket_unsent_bytes(int fd);
 
+
+// CRC-32C (Castagnoli), continuing `crc` (0 to start) over `count` bytes; SSE4.2 where present.
+uint32_t host_crc32c(uint32_t crc, const void *data, size_t count);
+// 1 when host_crc32c uses the CPU's crc32 instruction.
+int host_crc32c_is_hardware(void);
+
 #endif

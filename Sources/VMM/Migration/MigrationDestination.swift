@@ -174,16 +174,16 @@ public final class IncomingMigration: @unchecked Sendable {
                         case .roundEnd:
                             rounds += 1
                         case .vcpus:
-                            do { states = try SnapshotVCPUCodec.decode(frame.payload) } catch {
+                            do { states = try SnapshotVCPUCodec.decode(Array(frame.payload)) } catch {
                                 throw MigrationError.corruptFrame("vcpus frame: \(error)")
                             }
                         case .devices:
                             guard states != nil else { throw MigrationError.unexpectedFrame(got: "devices", expecting: "vcpus") }
-                            do { records = try SnapshotDeviceCodec.decode(frame.payload) } catch {
+                            do { records = try SnapshotDeviceCodec.decode(Array(frame.payload)) } catch {
                                 throw MigrationError.corruptFrame("devices frame: \(error)")
                             }
                         case .postcopyStart:
-                            var r = SnapshotByteReader(frame.payload, section: "post-copy start")
+                            var r = SnapshotByteReader(Array(frame.payload), section: "post-copy start")
                             guard offer.postcopy, let count = try? r.u64(), count == UInt64(written.pageCount),
                                   let states, states.count == offer.vcpuCount else {
                                 throw MigrationError.unexpectedFrame(got: "post-copy start", expecting: "pages")
@@ -205,7 +205,7 @@ public final class IncomingMigration: @unchecked Sendable {
                             pages = UInt64(written.dirtyCount)
                             return states
                         case .complete:
-                            var r = SnapshotByteReader(frame.payload, section: "complete")
+                            var r = SnapshotByteReader(Array(frame.payload), section: "complete")
                             guard let sent = try? r.u64(), r.remaining == 0 else { throw MigrationError.corruptFrame("complete frame") }
                             guard sent == pages else {
                                 throw MigrationError.corruptFrame("the source sent \(sent) pages but \(pages) arrived")

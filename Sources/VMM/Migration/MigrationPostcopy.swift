@@ -49,42 +49,33 @@ extension Machine {
             }
             channel.connection.shutdownNow()
         }
-        var pagesSent: UInt64 = 0, zeroPages: UInt64 = 0
         // Pages that are holes here are zero there without being sent or faulted on.
         let allocated = MigrationPageCodec.allocatedPages(of: memory)
-        var sent = DirtyBitmap(pageCount: pageCount)
-        for p in 0..<pageCount where !allocated[p] { sent[p] = true }
-        func send(_ pages: [Int]) throws {
-            var i = 0
-            while i < pages.count {
-                let batch = pages[i..<min(i + MigrationFormat.pagesPerFrame, pages.count)]
-                var zeros = 0
-                try channel.queue(.pages) { zeros = MigrationPageCodec.encode(pages: batch, of: memory, allocated: nil, into: &$0) }
-                for p in batch { sent[p] = true }
-                zeroPages += UInt64(zeros)
-                pagesSent += UInt64(batch.count)
-                i += batch.count
-            }
-            try channel.flush()
-        }
+        var initiallySent = DirtyBitmap(pageCount: pageCount)
+        for p in 0..<pageCount where !allocated[p] { initiallySent[p] = true }
+        let pages = PostcopyPageSender(channel: channel, memory: memory, sent: initiallySent)
         func report(_ phase: MigrationProgress.Phase) {
-            progress?(MigrationProgress(phase: phase, round: 0, pagesSent: pagesSent, bytesSent: channel.bytesSent,
-                                        dirtyPages: pageCount - Int(pagesSent), bandwidthBytesPerSecond: 0))
+            let sentSoFar = pages.pagesSent
+            progress?(MigrationProgress(phase: phase, round: 0, pagesSent: sentSoFar, bytesSent: pages.bytesSent,
+                                        dirtyPages: pageCount - Int(sentSoFar), bandwidthBytesPerSecond: 0))
         }
         report(.stopAndCopy)
         try channel.queue(.vcpus, SnapshotVCPUCodec.encode(try allVCPUs.map { try $0.getState() }))
         try channel.queue(.devices, SnapshotDeviceCodec.encode(try savedDeviceStates()))
-        try send(Array(0..<min(pageCount, Int(BootLayout.imageBase) / MigrationFormat.pageSize)))
+        try pages.send(Array(0..<min(pageCount, Int(BootLayout.imageBase) / MigrationFormat.pageSize)))
         // The pages the destination must fetch: everything not sent yet.
+        let sent = pages.sentPages
         var start = SnapshotByteWriter()
         start.u64(UInt64(pageCount))
         for i in 0..<(pageCount + 63) / 64 { start.u64(~sent.words[i] & (i == (pageCount - 1) / 64 && pageCount % 64 != 0 ? (1 << UInt64(pageCount % 64)) - 1 : ~0)) }
-        try channel.send(.postcopyStart, start.bytes)
+        try pages.sendFrame(.postcopyStart, start.bytes)
 
-        // The destination's frames arrive on their own thread: page requests, the
-        // confirmation, the final statistics, or an error.
+        // The destination's frames arrive on their own thread, which answers page requests
+        // itself (one thread hop fewer per remote fault) and hands the confirmation, the final
+        // statistics or an error to this one.
         let inbox = PostcopyInbox()
-        // SAFETY: the reader thread only receives on the channel; this thread only sends.
+        // SAFETY: the reader thread only receives on the channel; sends go through `pages`,
+        // which serialises them.
         nonisolated(unsafe) let reader = channel
         let readerThread = HostThread(name: "postcopy-requests") {
             while true {
@@ -92,9 +83,9 @@ extension Machine {
                     let frame = try reader.receive(expecting: "page requests")
                     switch frame.kind {
                     case .pageRequest:
-                        var r = SnapshotByteReader(frame.payload, section: "page request")
+                        var r = SnapshotByteReader(Array(frame.payload), section: "page request")
                         guard let page = try? r.u64(), page < UInt64(pageCount) else { throw MigrationError.corruptFrame("page request") }
-                        inbox.request(Int(page))
+                        _ = try pages.sendIfUnsent(Int(page))
                     case .confirm: inbox.confirm()
                     case .postcopyDone:
                         inbox.finish(try? JSONDecoder().decode(PostcopyStatistics.self, from: Data(frame.payload)))
@@ -114,18 +105,14 @@ extension Machine {
         var next = 0
         var completeSent = false
         var downtime = 0.0
-        var requestsServed = 0
         do {
             while true {
                 // Pushed pages queue ahead of demanded ones in the stream: push only while little
                 // is unacknowledged, so a request waits behind at most that much.
                 let throttled = committed && !completeSent && host_socket_unsent_bytes(channel.connection.fd) > Self.postcopyPushWindow
-                let (requests, confirmed, error, statistics) = inbox.take(waitIfIdle: !committed || completeSent || throttled,
-                                                                          milliseconds: throttled ? 1 : 20)
+                let (confirmed, error, statistics) = inbox.take(waitIfIdle: !committed || completeSent || throttled,
+                                                                milliseconds: throttled ? 1 : 20)
                 if let error { throw error }
-                let wanted = requests.filter { !sent[$0] }
-                requestsServed += wanted.count
-                if !wanted.isEmpty { try send(wanted) }
                 if confirmed && !committed {
                     committed = true
                     downtime = seconds(since: downtimeStart)
@@ -134,34 +121,98 @@ extension Machine {
                 }
                 if let statistics {
                     return MigrationReport(destination: address.description, sourceEngine: engine.name, destinationEngine: answer.engine,
-                                           rounds: 0, pagesSent: pagesSent, zeroPages: zeroPages, bytesSent: channel.bytesSent,
+                                           rounds: 0, pagesSent: pages.pagesSent, zeroPages: pages.zeroPages, bytesSent: pages.bytesSent,
                                            pagesInStopAndCopy: 0, totalSeconds: seconds(since: started), downtimeSeconds: downtime,
                                            bandwidthBytesPerSecond: 0, dirtyPagesPerRound: [], postcopy: statistics, throttle: 0)
                 }
                 guard committed, !completeSent, !throttled else { continue }
-                // Background push: a few pages at a time, so requests wait little.
-                var batch: [Int] = []
-                while next < pageCount, batch.count < 32 {
-                    if !sent[next] { batch.append(next) }
-                    next += 1
-                }
-                if !batch.isEmpty { try send(batch) }
+                // Background push: a few pages at a time, so a request waits little for the lock.
+                next = try pages.pushUnsent(from: next, upTo: 16)
                 if next == pageCount {
-                    try channel.send(.complete, { var w = SnapshotByteWriter(); w.u64(pagesSent); return w.bytes }())
+                    try pages.sendFrame(.complete, { var w = SnapshotByteWriter(); w.u64(pages.pagesSent); return w.bytes }())
                     completeSent = true
                     inbox.markAllPagesSent()
                 }
             }
         } catch let error as MigrationError where committed {
-            throw MigrationError.postcopyInterrupted(pagesDelivered: sent.dirtyCount, pageCount: pageCount, cause: error.description)
+            throw MigrationError.postcopyInterrupted(pagesDelivered: pages.sentPages.dirtyCount, pageCount: pageCount, cause: error.description)
         }
+    }
+}
+
+/// The post-copy source's sending side, shared by the thread that pushes every page in the
+/// background and the reader thread that answers page requests: one frame at a time on the
+/// channel, and each page sent once.
+final class PostcopyPageSender: @unchecked Sendable {
+    // SAFETY: every use of `channel`'s sending side, `sent` and the counters holds `lock`.
+    private let lock = HostLock()
+    private let channel: MigrationChannel
+    private let memory: GuestMemory
+    private var sent: DirtyBitmap
+    private var sentCount: UInt64 = 0
+    private var zeroCount: UInt64 = 0
+
+    init(channel: MigrationChannel, memory: GuestMemory, sent: DirtyBitmap) {
+        self.channel = channel
+        self.memory = memory
+        self.sent = sent
+    }
+
+    var pagesSent: UInt64 { lock.withLock { sentCount } }
+    var zeroPages: UInt64 { lock.withLock { zeroCount } }
+    var bytesSent: UInt64 { lock.withLock { channel.bytesSent } }
+    var sentPages: DirtyBitmap { lock.withLock { sent } }
+
+    /// Sends `pages` (whether sent before or not) and flushes.
+    func send(_ pages: [Int]) throws(MigrationError) {
+        try lock.withLock { () throws(MigrationError) in try sendLocked(pages[...]) }
+    }
+
+    /// Sends `page` unless it went already; true when it was sent now.
+    func sendIfUnsent(_ page: Int) throws(MigrationError) -> Bool {
+        try lock.withLock { () throws(MigrationError) -> Bool in
+            guard !sent[page] else { return false }
+            try sendLocked([page][...])
+            return true
+        }
+    }
+
+    /// Sends up to `limit` unsent pages found from `start` on; returns where the search stopped.
+    func pushUnsent(from start: Int, upTo limit: Int) throws(MigrationError) -> Int {
+        try lock.withLock { () throws(MigrationError) -> Int in
+            var batch: [Int] = []
+            var next = start
+            while next < sent.pageCount, batch.count < limit {
+                if !sent[next] { batch.append(next) }
+                next += 1
+            }
+            if !batch.isEmpty { try sendLocked(batch[...]) }
+            return next
+        }
+    }
+
+    func sendFrame(_ kind: MigrationFrameKind, _ payload: [UInt8]) throws(MigrationError) {
+        try lock.withLock { () throws(MigrationError) in try channel.send(kind, payload) }
+    }
+
+    private func sendLocked(_ pages: ArraySlice<Int>) throws(MigrationError) {
+        var i = pages.startIndex
+        while i < pages.endIndex {
+            let batch = pages[i..<min(i + MigrationFormat.pagesPerFrame, pages.endIndex)]
+            var zeros = 0
+            try channel.queue(.pages) { zeros = MigrationPageCodec.encode(pages: batch, of: memory, allocated: nil, into: &$0) }
+            for p in batch { sent[p] = true }
+            zeroCount += UInt64(zeros)
+            sentCount += UInt64(batch.count)
+            i = batch.endIndex
+        }
+        try channel.flush()
     }
 }
 
 /// What the post-copy source's reader thread hands its sender.
 final class PostcopyInbox: Sendable {
     private struct State {
-        var requests: [Int] = []
         var confirmed = false
         var error: MigrationError?
         var statistics: PostcopyStatistics?
@@ -176,7 +227,6 @@ final class PostcopyInbox: Sendable {
     func markAllPagesSent() { sentEverything.store(true, ordering: .releasing) }
 
     var isFinished: Bool { state.withLock { $0.finished } }
-    func request(_ page: Int) { state.withLock { $0.requests.append(page) }; signal.signal() }
     func confirm() { state.withLock { $0.confirmed = true }; signal.signal() }
     func fail(_ error: MigrationError) { state.withLock { $0.error = error; $0.finished = true }; signal.signal() }
     func finish(_ statistics: PostcopyStatistics?) {
@@ -187,20 +237,16 @@ final class PostcopyInbox: Sendable {
         signal.signal()
     }
 
-    /// Pending requests (taken), whether confirmed, an error, the final statistics. With
-    /// `waitIfIdle`, waits (bounded) for something to happen when nothing is pending.
-    func take(waitIfIdle: Bool, milliseconds: Int) -> ([Int], Bool, MigrationError?, PostcopyStatistics?) {
-        func snapshot() -> ([Int], Bool, MigrationError?, PostcopyStatistics?) {
-            state.withLock { s in
-                defer { s.requests.removeAll() }
-                return (s.requests, s.confirmed, s.error, s.statistics)
-            }
+    /// Whether confirmed, an error, the final statistics. With `waitIfIdle`, waits (bounded)
+    /// for something to happen when nothing is pending.
+    func take(waitIfIdle: Bool, milliseconds: Int) -> (Bool, MigrationError?, PostcopyStatistics?) {
+        func snapshot() -> (Bool, MigrationError?, PostcopyStatistics?) {
+            state.withLock { s in (s.confirmed, s.error, s.statistics) }
         }
         let now = snapshot()
-        if !waitIfIdle || !now.0.isEmpty || now.2 != nil || now.3 != nil { return now }
+        if !waitIfIdle || now.1 != nil || now.2 != nil { return now }
         _ = signal.wait(timeout: .now() + .milliseconds(milliseconds))
-        let later = snapshot()
-        return (now.0 + later.0, now.1 || later.1, later.2, later.3)
+        return snapshot()
     }
 }
 

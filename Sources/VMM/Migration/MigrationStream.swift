@@ -173,15 +173,20 @@ public enum MigrationError: Error, Equatable, Sendable, CustomStringConvertible 
 }
 
 /// One decoded frame.
+/// A received frame. Its payload shares the channel's receive buffer: reading it costs no
+/// copy, and keeping it past the next receive costs one (copy-on-write).
 struct MigrationFrame {
     var kind: MigrationFrameKind
-    var payload: [UInt8]
+    var payload: ArraySlice<UInt8>
 }
 
 /// Frames over a connection: buffered writes, exact reads, CRC-32C on every frame.
 final class MigrationChannel {
     let connection: MigrationConnection
     private var out: [UInt8] = []
+    /// Frames are received into this buffer, allocated once (a fresh megabyte per frame
+    /// would be mapped, faulted in and unmapped by the allocator each time).
+    private var inbox = [UInt8](repeating: 0, count: MigrationFormat.frameHeaderSize + MigrationFormat.maxPayload)
     /// Bytes written to the connection so far (after flushes).
     private(set) var bytesSent: UInt64 = 0
     private(set) var bytesReceived: UInt64 = 0
@@ -257,16 +262,30 @@ final class MigrationChannel {
 
     /// The next frame, checksum verified. A failure frame from the peer is thrown as `peerFailed`.
     func receive(expecting: String) throws(MigrationError) -> MigrationFrame {
-        let header = try connection.receive(MigrationFormat.frameHeaderSize, expecting: expecting)
-        let kindValue = le32(header, 0), length = le32(header, 4), stored = le32(header, 8)
-        guard Int(length) <= MigrationFormat.maxPayload else {
-            throw .corruptFrame("frame length \(length) is over the \(MigrationFormat.maxPayload)-byte limit")
+        var failure: MigrationError?
+        var kindValue: UInt32 = 0, length = 0
+        inbox.withUnsafeMutableBytes { raw in
+            let base = raw.baseAddress!
+            do throws(MigrationError) {
+                try connection.receive(into: base, count: MigrationFormat.frameHeaderSize, expecting: expecting)
+                kindValue = UInt32(littleEndian: base.loadUnaligned(as: UInt32.self))
+                let declared = UInt32(littleEndian: base.loadUnaligned(fromByteOffset: 4, as: UInt32.self))
+                let stored = UInt32(littleEndian: base.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+                guard Int(declared) <= MigrationFormat.maxPayload else {
+                    throw .corruptFrame("frame length \(declared) is over the \(MigrationFormat.maxPayload)-byte limit")
+                }
+                length = Int(declared)
+                let payload = base + MigrationFormat.frameHeaderSize
+                try connection.receive(into: payload, count: length, expecting: expecting)
+                let crc = SnapshotCRC32C.update(SnapshotCRC32C.update(0, base, 8), payload, length)
+                guard crc == stored else { throw .corruptFrame("frame checksum mismatch while waiting for \(expecting)") }
+            } catch {
+                failure = error
+            }
         }
-        let payload = try connection.receive(Int(length), expecting: expecting)
-        bytesReceived += UInt64(MigrationFormat.frameHeaderSize) + UInt64(length)
-        var crc = header.withUnsafeBytes { SnapshotCRC32C.update(0, $0.baseAddress!, 8) }
-        crc = payload.withUnsafeBytes { SnapshotCRC32C.update(crc, $0.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, $0.count) }
-        guard crc == stored else { throw .corruptFrame("frame checksum mismatch while waiting for \(expecting)") }
+        if let failure { throw failure }
+        bytesReceived += UInt64(MigrationFormat.frameHeaderSize + length)
+        let payload = inbox[MigrationFormat.frameHeaderSize..<MigrationFormat.frameHeaderSize + length]
         guard let kind = MigrationFrameKind(rawValue: kindValue) else { throw .corruptFrame("unknown frame kind \(kindValue)") }
         if kind == .failure {
             let message = (try? JSONDecoder().decode(MigrationFailureMessage.self, from: Data(payload)))?.message
@@ -279,7 +298,7 @@ final class MigrationChannel {
     func receive(_ kind: MigrationFrameKind) throws(MigrationError) -> [UInt8] {
         let frame = try receive(expecting: "the \(kind) frame")
         guard frame.kind == kind else { throw .unexpectedFrame(got: frame.kind.description, expecting: kind.description) }
-        return frame.payload
+        return Array(frame.payload)
     }
 
     func receiveJSON<T: Decodable>(_ kind: MigrationFrameKind, as type: T.Type) throws(MigrationError) -> T {
@@ -294,10 +313,6 @@ final class MigrationChannel {
     func sendFailure(_ message: String) {
         out.removeAll(keepingCapacity: true)
         try? sendJSON(.failure, MigrationFailureMessage(message: message))
-    }
-
-    private func le32(_ b: [UInt8], _ at: Int) -> UInt32 {
-        UInt32(b[at]) | UInt32(b[at + 1]) << 8 | UInt32(b[at + 2]) << 16 | UInt32(b[at + 3]) << 24
     }
 }
 
@@ -349,7 +364,7 @@ enum MigrationPageCodec {
     /// Appends a page frame's payload for `pages` (at most `pagesPerFrame`) of `memory`;
     /// returns how many were zero pages. Pages outside `allocated` (when given) are zero
     /// without being read.
-    static func encode(pages: ArraySlice<Int>, of memory: GuestMemory, allocated: DirtyBitmap?, into out: inout [UInt8]) -> Int {
+    static func encode<Pages: Collection<Int>>(pages: Pages, of memory: GuestMemory, allocated: DirtyBitmap?, into out: inout [UInt8]) -> Int {
         var zeros = 0
         var count = UInt32(pages.count).littleEndian
         withUnsafeBytes(of: &count) { out.append(contentsOf: $0) }
@@ -367,53 +382,115 @@ enum MigrationPageCodec {
     /// Calls `body(page, data)` for each page of a frame (`data` nil for a zero page) after
     /// checking the whole frame: any page outside `pageCount` or a payload of the wrong
     /// length is `corruptFrame` and nothing is delivered. Returns the pages it held.
-    static func forEachPage(_ payload: [UInt8], pageCount: Int,
+    static func forEachPage(_ payload: ArraySlice<UInt8>, pageCount: Int,
                             _ body: (Int, UnsafeRawPointer?) throws(MigrationError) -> Void) throws(MigrationError) -> Int {
-        var r = SnapshotByteReader(payload, section: "pages")
-        guard let count = try? r.count(UInt32.self, minimumBytesEach: 8) else { throw .corruptFrame("page frame count") }
-        var entries: [(page: Int, offset: Int?)] = []
-        entries.reserveCapacity(count)
-        for _ in 0..<count {
-            guard let descriptor = try? r.u64() else { throw .corruptFrame("page frame descriptor") }
-            let page = descriptor & ~MigrationFormat.zeroPageFlag
-            guard page < UInt64(pageCount) else {
-                throw .corruptFrame("page \(page) is outside the destination's \(pageCount) pages")
-            }
-            if descriptor & MigrationFormat.zeroPageFlag != 0 {
-                entries.append((Int(page), nil))
-                continue
-            }
-            guard r.remaining >= MigrationFormat.pageSize else { throw .corruptFrame("page frame data is short") }
-            entries.append((Int(page), r.offset))
-            r.skip(MigrationFormat.pageSize)
-        }
-        guard r.remaining == 0 else { throw .corruptFrame("page frame has trailing bytes") }
-        var failure: MigrationError?
+        var result: Result<Int, MigrationError> = .success(0)
         payload.withUnsafeBytes { raw in
-            for e in entries {
-                do throws(MigrationError) { try body(e.page, e.offset.map { UnsafeRawPointer(raw.baseAddress! + $0) }) } catch {
-                    failure = error
-                    return
+            result = Result { () throws(MigrationError) -> Int in
+                guard raw.count >= 4, let base = raw.baseAddress else { throw .corruptFrame("page frame count") }
+                let count = Int(UInt32(littleEndian: base.loadUnaligned(as: UInt32.self)))
+                guard count <= (raw.count - 4) / 8 else { throw .corruptFrame("page frame count") }
+                // Pass 1: every descriptor in range and the length exact, before any page is delivered.
+                var offset = 4
+                for _ in 0..<count {
+                    guard offset + 8 <= raw.count else { throw .corruptFrame("page frame descriptor") }
+                    let descriptor = UInt64(littleEndian: base.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+                    let page = descriptor & ~MigrationFormat.zeroPageFlag
+                    guard page < UInt64(pageCount) else {
+                        throw .corruptFrame("page \(page) is outside the destination's \(pageCount) pages")
+                    }
+                    offset += 8
+                    if descriptor & MigrationFormat.zeroPageFlag == 0 {
+                        guard raw.count - offset >= MigrationFormat.pageSize else { throw .corruptFrame("page frame data is short") }
+                        offset += MigrationFormat.pageSize
+                    }
                 }
+                guard offset == raw.count else { throw .corruptFrame("page frame has trailing bytes") }
+                // Pass 2: deliver.
+                offset = 4
+                for _ in 0..<count {
+                    let descriptor = UInt64(littleEndian: base.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+                    offset += 8
+                    let page = Int(descriptor & ~MigrationFormat.zeroPageFlag)
+                    if descriptor & MigrationFormat.zeroPageFlag != 0 {
+                        try body(page, nil)
+                    } else {
+                        try body(page, base + offset)
+                        offset += MigrationFormat.pageSize
+                    }
+                }
+                return count
             }
         }
-        if let failure { throw failure }
-        return count
+        return try result.get()
     }
 
     /// Writes a page frame's pages into `memory`; returns the pages it held. `written`
     /// marks the pages that hold data: a zero page that never did is left alone (fresh RAM
-    /// reads as zeros, and touching it would allocate it).
-    static func decode(_ payload: [UInt8], into memory: GuestMemory, written: inout DirtyBitmap) throws(MigrationError) -> Int {
-        try forEachPage(payload, pageCount: Int(memory.size) / MigrationFormat.pageSize) { (page, data) throws(MigrationError) in
-            let target = memory.base + page * MigrationFormat.pageSize
+    /// reads as zeros, and touching it would allocate it). Runs of consecutive pages go into
+    /// the RAM's memfd with one pwritev each: the kernel allocates the pages without zeroing
+    /// them first, and no page fault is taken per page as a copy through the mapping would.
+    static func decode(_ payload: ArraySlice<UInt8>, into memory: GuestMemory, written: inout DirtyBitmap) throws(MigrationError) -> Int {
+        var pending = PageRunWriter(fd: memory.fileDescriptor)
+        defer { pending.deallocate() }
+        let count = try forEachPage(payload, pageCount: Int(memory.size) / MigrationFormat.pageSize) { (page, data) throws(MigrationError) in
             if let data {
-                target.copyMemory(from: data, byteCount: MigrationFormat.pageSize)
+                try pending.add(page: page, data: data)
                 written[page] = true
             } else if written[page] {
-                memset(target, 0, MigrationFormat.pageSize)
+                try pending.flush()
+                memset(memory.base + page * MigrationFormat.pageSize, 0, MigrationFormat.pageSize)
                 written[page] = false
             }
         }
+        try pending.flush()
+        return count
+    }
+}
+
+/// Consecutive pages gathered for one pwritev into a memfd.
+struct PageRunWriter {
+    static let capacity = 64
+    let fd: Int32
+    private let vectors = UnsafeMutablePointer<iovec>.allocate(capacity: capacity)
+    private var count = 0
+    private var firstPage = 0
+
+    init(fd: Int32) { self.fd = fd }
+
+    func deallocate() { vectors.deallocate() }
+
+    mutating func add(page: Int, data: UnsafeRawPointer) throws(MigrationError) {
+        if count == Self.capacity || (count > 0 && page != firstPage + count) { try flush() }
+        if count == 0 { firstPage = page }
+        vectors[count] = iovec(iov_base: UnsafeMutableRawPointer(mutating: data), iov_len: MigrationFormat.pageSize)
+        count += 1
+    }
+
+    mutating func flush() throws(MigrationError) {
+        guard count > 0 else { return }
+        var offset = off_t(firstPage * MigrationFormat.pageSize)
+        var left = count * MigrationFormat.pageSize
+        var first = 0
+        while left > 0 {
+            let n = pwritev(fd, vectors + first, Int32(count - first), offset)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .restoreFailed("writing received pages into guest RAM failed (errno \(errno))")
+            }
+            left -= n
+            offset += off_t(n)
+            // Skip the vectors written whole; trim a partly written one.
+            var done = n
+            while done > 0 {
+                let len = vectors[first].iov_len
+                if done >= len { done -= len; first += 1 } else {
+                    vectors[first].iov_base += done
+                    vectors[first].iov_len -= done
+                    done = 0
+                }
+            }
+        }
+        count = 0
     }
 }

@@ -128,25 +128,28 @@ final class MigrationConnection: @unchecked Sendable {
     /// Exactly `count` bytes; a short stream is `connectionClosed`.
     func receive(_ count: Int, expecting: String) throws(MigrationError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
-        var done = 0
-        var failure: Int32 = 0
+        var failure: MigrationError?
         bytes.withUnsafeMutableBytes { raw in
-            while done < count {
-                let n = recv(fd, raw.baseAddress! + done, count - done, 0)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    failure = errno
-                    return
-                }
-                if n == 0 { failure = -1; return }
-                done += n
+            do throws(MigrationError) { try receive(into: raw.baseAddress ?? UnsafeMutableRawPointer(bitPattern: 1)!, count: count, expecting: expecting) } catch {
+                failure = error
             }
         }
-        switch failure {
-        case 0: return bytes
-        case -1, ECONNRESET: throw .connectionClosed(expecting: expecting)
-        case EAGAIN: throw .timedOut(expecting: expecting)
-        default: throw .socketFailed(operation: "receive from", address: peer, errno: failure)
+        if let failure { throw failure }
+        return bytes
+    }
+
+    /// Exactly `count` bytes into `buffer`; a short stream is `connectionClosed`.
+    func receive(into buffer: UnsafeMutableRawPointer, count: Int, expecting: String) throws(MigrationError) {
+        var done = 0
+        while done < count {
+            let n = recv(fd, buffer + done, count - done, 0)
+            if n > 0 { done += n; continue }
+            if n < 0 && errno == EINTR { continue }
+            switch n == 0 ? -1 : errno {
+            case -1, ECONNRESET: throw .connectionClosed(expecting: expecting)
+            case EAGAIN: throw .timedOut(expecting: expecting)
+            case let failure: throw .socketFailed(operation: "receive from", address: peer, errno: failure)
+            }
         }
     }
 
