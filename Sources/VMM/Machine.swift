@@ -170,6 +170,8 @@ public final class Machine: @unchecked Sendable {
     var doorbells: DoorbellThread?
     /// Held while the machine migrates out (one migration at a time).
     let migrationGuard = MigrationGuard()
+    /// Set when an outgoing post-copy migration broke after the switch-over.
+    let postcopyRecovery = Mutex<PostcopyRecoveryState?>(nil)
     /// Fills RAM from the source for a machine that arrived by post-copy (nil otherwise).
     var postcopyReceiver: PostcopyReceiver?
     /// Whether every page of a post-copied machine has arrived.

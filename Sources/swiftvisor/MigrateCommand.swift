@@ -19,7 +19,10 @@ struct MigrateCommand: ParsableCommand {
             device state. --postcopy: the state goes first, the guest runs at the
             destination at once and pulls its pages. The engines may differ (kvm →
             software and back). If anything fails before the destination
-            confirms, the VM resumes here.
+            confirms, the VM resumes here. If a post-copy stream breaks after the
+            switch-over, the guest waits at the destination for the pages only
+            this side holds, and this process keeps them: --resume reconnects
+            (to the destination's --incoming address) and finishes.
 
             Example (two terminals):
               swiftvisor run --incoming tcp:127.0.0.1:7000 --engine software
@@ -46,6 +49,9 @@ struct MigrateCommand: ParsableCommand {
     @Flag(name: .long, help: "Pre-copy: when rounds do not converge, hold the guest paused for a growing share of each round (50 % … 99 %), as QEMU's auto-converge throttles vCPUs.")
     var autoConverge = false
 
+    @Flag(name: .long, help: "Reconnect a post-copy migration that broke after the switch-over and finish it (QEMU's post-copy recovery).")
+    var resume = false
+
     @Flag(name: .long, help: "Print the final report as JSON on standard output.")
     var json = false
 
@@ -59,6 +65,7 @@ struct MigrateCommand: ParsableCommand {
         var request = "migrate \(destination)"
         if postcopy { request += " postcopy" }
         if autoConverge { request += " auto-converge" }
+        if resume { request += " resume" }
         if let m = maxDowntimeMs { request += " max-downtime-ms=\(m)" }
         if let r = maxRounds { request += " max-rounds=\(r)" }
         let terminal = isatty(2) == 1
@@ -81,7 +88,13 @@ struct MigrateCommand: ParsableCommand {
         }
         if terminal { StandardError().writeRaw("\r\u{1B}[K") }
         guard let final, final.ok == true, let report = final.report else {
-            printError("swiftvisor: migration failed, the VM runs on at its source: \(final?.error ?? "no answer from the VM")")
+            let error = final?.error ?? "no answer from the VM"
+            if error.contains("post-copy interrupted") || resume {
+                printError("swiftvisor: migration failed: \(error)")
+                printError("swiftvisor: the source keeps the pages; retry with: swiftvisor migrate --resume --socket \(socket) \(destination)")
+            } else {
+                printError("swiftvisor: migration failed, the VM runs on at its source: \(error)")
+            }
             throw ExitCode(ToolStatus.failure)
         }
         if json {

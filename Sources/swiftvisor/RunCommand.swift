@@ -189,6 +189,11 @@ struct Run: ParsableCommand {
             let threads = machines.enumerated().map { index, machine in HostThread(name: "vm\(index)") { runMachine(index, machine) } }
             threads.forEach { $0.join() }
         }
+        if let control, case .migrated? = results.withLock({ $0[0] })?.stopReason {
+            machines[0].waitWhileMigrating {
+                printError("swiftvisor: post-copy broke after the switch-over; this process keeps the pages the destination lacks. Resume with: swiftvisor migrate --resume --socket \(control) DESTINATION")
+            }
+        }
         for f in failures.withLock({ $0 }) { printError("swiftvisor: error: \(f)") }
         var status: Int32? = failures.withLock { $0.isEmpty } ? nil : ToolStatus.failure
         for (index, machine) in machines.enumerated() {

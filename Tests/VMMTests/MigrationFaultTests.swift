@@ -180,7 +180,8 @@ struct SeededGenerator: RandomNumberGenerator {
     @Test func destinationReportsTypedErrorsForBadStreams() throws {
         let offer = Array(#"{"commandLine":"","deviceCount":0,"guestName":"x","memorySize":4194304,"sourceEngine":"software","vcpuCount":1}"#.utf8)
         #expect(try destinationError(sending: Array("GET / HTTP/1.1\r\n".utf8)) == .notAMigrationStream)
-        #expect(try destinationError(sending: MigrationFormat.preamble(version: 2)) == .unsupportedVersion(found: 2, supported: 1))
+        let other = MigrationFormat.version + 1
+        #expect(try destinationError(sending: MigrationFormat.preamble(version: other)) == .unsupportedVersion(found: other, supported: MigrationFormat.version))
         let truncated = MigrationFormat.preamble() + Array(frame(1, offer).prefix(30))
         #expect(try destinationError(sending: truncated) == .connectionClosed(expecting: "the offer frame"))
         guard case .corruptFrame = try destinationError(sending: MigrationFormat.preamble() + frame(1, offer, crcDelta: 1)) else {
@@ -215,7 +216,7 @@ struct SeededGenerator: RandomNumberGenerator {
             try? c.send(MigrationFormat.preamble(version: 7))
             _ = try? c.receive(1 << 20, expecting: "nothing")
         }
-        #expect(throws: MigrationError.unsupportedVersion(found: 7, supported: 1)) {
+        #expect(throws: MigrationError.unsupportedVersion(found: 7, supported: MigrationFormat.version)) {
             try source.machine.migrate(to: fake.address, options: Self.options)
         }
         server.join()

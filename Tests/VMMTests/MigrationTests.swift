@@ -262,9 +262,10 @@ final class Migration: @unchecked Sendable {
 @Suite struct PostcopyTests {
     static let options = try! MigrationOptions(maxDowntimeMilliseconds: 50, timeoutSeconds: 3, postcopy: true)
 
-    func destination(_ engine: EngineChoice) throws -> IncomingMigration {
+    func destination(_ engine: EngineChoice, recoverySeconds: Double = 0) throws -> IncomingMigration {
         var options = IncomingMigrationOptions(engine: try TestEngines.make(engine))
         options.timeoutSeconds = 3
+        options.postcopyRecoverySeconds = recoverySeconds
         return try IncomingMigration(listeningOn: .tcp(host: "127.0.0.1", port: 0), options: options)
     }
 
@@ -327,9 +328,9 @@ final class Migration: @unchecked Sendable {
         }
     }
 
-    /// A cut after the switch-over: the source reports it and keeps every page (its machine
-    /// stays stopped), the destination's guest stops with the reason instead of running on
-    /// with holes.
+    /// A cut after the switch-over at a destination that does not wait for a resume: the
+    /// source reports it and keeps every page (its machine stays stopped), the destination's
+    /// guest stops with the reason instead of running on with holes.
     @Test func postcopyCutAfterTheSwitchOverStopsTheDestinationAndKeepsTheSourcesPages() throws {
         let source = try IntegrityGuest(engine: .software, pages: 4096)
         source.start()
@@ -355,6 +356,65 @@ final class Migration: @unchecked Sendable {
         #expect(!machine.postcopyFinished)
         let area = try #require(Integrity.area(source.output.text))
         #expect(try Integrity.check(source.machine.memory, base: area.base, pages: area.pages) == nil, "the source's RAM is intact")
+    }
+}
+
+extension PostcopyTests {
+    /// Post-copy recovery (QEMU's `migrate -r`): the stream is cut after the switch-over; the
+    /// destination's guest waits on its missing pages, the source keeps them, and a resume
+    /// to the destination's address finishes the migration: every page arrives, the area
+    /// holds one boundary, the markers go on without a gap.
+    @Test(arguments: [EngineChoice.software] + (kvmUsable ? [.kvm] : []))
+    func postcopyCutAfterTheSwitchOverIsResumed(engine: EngineChoice) throws {
+        let source = try IntegrityGuest(engine: engine, pages: 4096)
+        source.start()
+        #expect(waitForMoreMarkers(source.output, 2))
+        let area = try #require(Integrity.area(source.output.text))
+        let incoming = try destination(engine, recoverySeconds: 60)
+        defer { incoming.close() }
+        let relay = try FaultyRelay(to: incoming.address, cutAfter: 4 << 20)
+        let receiver = Receiver(incoming)
+        let migration = Migration(source.machine, to: relay.address, options: Self.options)
+        let (machine, _) = try receiver.join().get()
+        let destination = IntegrityGuest(arrived: machine, output: receiver.output)
+        destination.start()
+        defer { destination.stop() }
+        guard case .failure(let error) = migration.join(), case .postcopyInterrupted = error as? MigrationError else {
+            Issue.record("the source reports an interrupted post-copy"); return
+        }
+        relay.finish()
+        #expect(source.machine.awaitsPostcopyRecovery)
+        #expect(!machine.postcopyFinished)
+        #expect(destination.result.withLock { $0 } == nil, "the destination's guest waits, it does not stop")
+        var options = Self.options
+        options.resume = true
+        let report = try source.machine.migrate(to: incoming.address, options: options)
+        #expect(!source.machine.awaitsPostcopyRecovery)
+        let statistics = try #require(report.postcopy)
+        #expect(statistics.pagesReceived == Int(machine.memory.size / 4096), "every page arrived")
+        #expect(machine.postcopyFinished)
+        #expect(waitForMoreMarkers(receiver.output, 3), "the guest runs on at the destination")
+        machine.pause()
+        #expect(try Integrity.check(machine.memory, base: area.base, pages: area.pages) == nil)
+        machine.resume()
+        let passes = Integrity.passes(source.output.text + receiver.output.text)
+        #expect(Integrity.consecutive(passes), "markers continue without a gap or repeat: \(passes.suffix(8))")
+    }
+
+    /// A resuming offer where no broken post-copy migration waits is refused, and a machine
+    /// with nothing to resume says so.
+    @Test func resumeWithNothingToResumeIsRefused() throws {
+        let source = try IntegrityGuest(engine: .software, pages: 64)
+        source.start()
+        defer { source.stop() }
+        #expect(waitForMoreMarkers(source.output, 1))
+        var options = Self.options
+        options.resume = true
+        let incoming = try destination(.software)
+        defer { incoming.close() }
+        #expect(throws: MigrationError.notMigratable("no interrupted post-copy migration to resume")) {
+            try source.machine.migrate(to: incoming.address, options: options)
+        }
     }
 }
 
@@ -409,8 +469,11 @@ final class Migration: @unchecked Sendable {
         let options = try MigrationOptions(maxDowntimeMilliseconds: 0, maxRounds: 4, timeoutSeconds: 5, autoConverge: true)
         let report = try source.machine.migrate(to: incoming.address, options: options)
         let (machine, _) = try receiver.join().get()
-        // Every round runs unless the guest, throttled, dirtied nothing in one (a fast host).
-        #expect(report.rounds >= 2 && report.rounds <= 4)
+        // Every round runs unless the guest, throttled, dirtied nothing in one (a fast host,
+        // or one so loaded that the held guest hardly ran): then nothing is left and the
+        // migration rightly stops early.
+        #expect(report.rounds >= 1 && report.rounds <= 4)
+        #expect(report.rounds == 4 || report.dirtyPagesPerRound.last == 0)
         #expect(report.throttle == 1 - 1 / Double(1 << (report.rounds - 1)), "50 % after round 1, then halving what runs: 75 %, 87.5 %")
         // Compared before the destination runs: from then on its guest changes its RAM.
         #expect(try ramDifference(source.machine.memory, machine.memory) == nil)

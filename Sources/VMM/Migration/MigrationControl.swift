@@ -21,9 +21,9 @@ public struct MigrationControlLine: Codable, Sendable {
 }
 
 /// The `migrate` request of a control channel, independent of the channel itself:
-/// `migrate ADDRESS [postcopy] [auto-converge] [max-downtime-ms=N] [max-rounds=N] [timeout-s=N]`.
+/// `migrate ADDRESS [postcopy] [auto-converge] [resume] [max-downtime-ms=N] [max-rounds=N] [timeout-s=N]`.
 public enum MigrationControl {
-    public static let usage = "migrate tcp:HOST:PORT|unix:PATH [postcopy] [auto-converge] [max-downtime-ms=N] [max-rounds=N] [timeout-s=N]"
+    public static let usage = "migrate tcp:HOST:PORT|unix:PATH [postcopy] [auto-converge] [resume] [max-downtime-ms=N] [max-rounds=N] [timeout-s=N]"
 
     /// Parses the request's words (after "migrate").
     public static func parse(_ words: [String]) throws(MigrationError) -> (MigrationAddress, MigrationOptions) {
@@ -33,6 +33,7 @@ public enum MigrationControl {
         for word in words.dropFirst() {
             if word == "postcopy" { options.postcopy = true; continue }
             if word == "auto-converge" { options.autoConverge = true; continue }
+            if word == "resume" { options.resume = true; continue }
             let parts = word.split(separator: "=", maxSplits: 1).map(String.init)
             guard parts.count == 2, let value = Double(parts[1]) else { throw .notMigratable("bad option '\(word)'; usage: \(usage)") }
             switch parts[0] {

@@ -18,6 +18,9 @@ public struct IncomingMigrationOptions: Sendable {
     public var timeoutSeconds: Double = 10
     /// The arriving machine's own run-time limit (`MachineConfiguration.timeoutSeconds`).
     public var machineTimeoutSeconds: Double?
+    /// How long a post-copy machine whose stream broke after the switch-over waits for its
+    /// source to resume it (`migrate --resume`) at this address; 0: its guest stops at once.
+    public var postcopyRecoverySeconds: Double = 300
 
     public init(engine: any Engine, memoryLimit: UInt64? = nil, expectedGuest: String? = nil) {
         self.engine = engine; self.memoryLimit = memoryLimit; self.expectedGuest = expectedGuest
@@ -49,6 +52,10 @@ public final class IncomingMigration: @unchecked Sendable {
     private let busy = Atomic<Bool>(false)
     private let arrived = Atomic<Bool>(false)
     private var acceptThread: HostThread?
+    /// A post-copy machine that arrived here waits for its source to reconnect.
+    private let resumeWanted = Atomic<Bool>(false)
+    private let resumeConnection = Mutex<MigrationConnection?>(nil)
+    private let resumeReady = DispatchSemaphore(value: 0)
 
     /// The address sources connect to (with the port chosen when 0 was asked for).
     public var address: MigrationAddress { socket.address }
@@ -65,6 +72,7 @@ public final class IncomingMigration: @unchecked Sendable {
     public func close() {
         socket.close()
         sessionReady.signal()
+        resumeReady.signal()
         acceptThread?.join()
         acceptThread = nil
     }
@@ -72,6 +80,23 @@ public final class IncomingMigration: @unchecked Sendable {
     private func acceptLoop() {
         while let connection = socket.accept(timeoutSeconds: options.timeoutSeconds) {
             if busy.exchange(true, ordering: .acquiringAndReleasing) {
+                if arrived.load(ordering: .acquiring) {
+                    // Perhaps a source resuming a broken post-copy stream: the machine here may
+                    // take a moment to notice the break, so the connection waits for it a little.
+                    let engine = options.engine.name
+                    DispatchQueue.global().async { [self] in
+                        for _ in 0..<Self.resumeGraceMilliseconds {
+                            if resumeWanted.exchange(false, ordering: .acquiringAndReleasing) {
+                                resumeConnection.withLock { $0 = connection }
+                                resumeReady.signal()
+                                return
+                            }
+                            usleep(1000)
+                        }
+                        Self.refuse(connection, .busy, "a migrated machine already runs here", engine: engine)
+                    }
+                    continue
+                }
                 let reason = arrived.load(ordering: .acquiring) ? "a migrated machine already runs here" : "another migration is arriving"
                 let engine = options.engine.name
                 DispatchQueue.global().async { Self.refuse(connection, .busy, reason, engine: engine) }
@@ -79,6 +104,22 @@ public final class IncomingMigration: @unchecked Sendable {
             }
             sessions.withLock { $0.append(connection) }
             sessionReady.signal()
+        }
+    }
+
+    /// How long a connection to a destination whose machine has arrived waits for that
+    /// machine to ask for its source back before it is refused as busy.
+    static let resumeGraceMilliseconds = 3000
+
+    /// The next connection after the machine that arrived here asked for its source back,
+    /// or nil when none comes within `seconds` or the listener closes.
+    func awaitResumeConnection(seconds: Double) -> MigrationConnection? {
+        resumeWanted.store(true, ordering: .releasing)
+        defer { resumeWanted.store(false, ordering: .releasing) }
+        guard resumeReady.wait(timeout: .now() + seconds) == .success else { return nil }
+        return resumeConnection.withLock { c in
+            defer { c = nil }
+            return c
         }
     }
 
@@ -173,6 +214,9 @@ public final class IncomingMigration: @unchecked Sendable {
                             }
                         case .roundEnd:
                             rounds += 1
+                            var ack = SnapshotByteWriter()
+                            ack.u64(channel.bytesReceived)
+                            try channel.send(.roundAcknowledged, ack.bytes)
                         case .vcpus:
                             do { states = try SnapshotVCPUCodec.decode(Array(frame.payload)) } catch {
                                 throw MigrationError.corruptFrame("vcpus frame: \(error)")
@@ -226,6 +270,9 @@ public final class IncomingMigration: @unchecked Sendable {
             }
             if let postcopy {
                 machine.postcopyReceiver = postcopy
+                postcopy.recoverySeconds = options.postcopyRecoverySeconds
+                postcopy.engineName = options.engine.name
+                postcopy.awaitResume = { [weak self] seconds in self?.awaitResumeConnection(seconds: seconds) }
                 postcopy.onFailure.withLock {
                     $0 = { [weak machine] reason in machine?.requestStop(.engineFailure(vcpu: 0, failure: .postcopy(reason))) }
                 }
@@ -256,6 +303,9 @@ public final class IncomingMigration: @unchecked Sendable {
 
     /// Why the offer cannot be taken here, if it cannot.
     private func check(_ offer: MigrationOffer) -> (MigrationRejection, String)? {
+        if offer.resume == true {
+            return (.incompatible, "no interrupted post-copy migration waits here to be resumed")
+        }
         let limit = min(options.memoryLimit ?? BootLayout.maxRAM, BootLayout.maxRAM)
         if offer.memorySize > limit {
             return (.memoryTooSmall, "the machine has \(MemorySize.format(offer.memorySize)) of RAM; this destination holds at most \(MemorySize.format(limit))")

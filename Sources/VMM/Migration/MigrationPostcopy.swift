@@ -70,9 +70,106 @@ extension Machine {
         for i in 0..<(pageCount + 63) / 64 { start.u64(~sent.words[i] & (i == (pageCount - 1) / 64 && pageCount % 64 != 0 ? (1 << UInt64(pageCount % 64)) - 1 : ~0)) }
         try pages.sendFrame(.postcopyStart, start.bytes)
 
-        // The destination's frames arrive on their own thread, which answers page requests
-        // itself (one thread hop fewer per remote fault) and hands the confirmation, the final
-        // statistics or an error to this one.
+        var downtime = 0.0
+        let statistics: PostcopyStatistics
+        do {
+            statistics = try servePostcopy(channel: channel, pages: pages, committed: false) {
+                committed = true
+                downtime = seconds(since: downtimeStart)
+                requestStop(.migrated(destination: address.description))
+                report(.confirming)
+            }
+        } catch let error as MigrationError where committed {
+            throw keepForRecovery(pages, pageCount: pageCount, answer: answer, address: address, cause: error)
+        }
+        return MigrationReport(destination: address.description, sourceEngine: engine.name, destinationEngine: answer.engine,
+                               rounds: 0, pagesSent: pages.pagesSent, zeroPages: pages.zeroPages, bytesSent: pages.bytesSent,
+                               pagesInStopAndCopy: 0, totalSeconds: seconds(since: started), downtimeSeconds: downtime,
+                               bandwidthBytesPerSecond: 0, dirtyPagesPerRound: [], postcopy: statistics, throttle: 0)
+    }
+
+    /// After the switch-over the guest runs at the destination, so a broken stream cannot
+    /// resume it here: this machine keeps every page the destination may lack, for
+    /// `resumePostcopy` (QEMU's post-copy recovery).
+    private func keepForRecovery(_ pages: PostcopyPageSender, pageCount: Int, answer: MigrationAnswer, address: MigrationAddress,
+                                 cause: MigrationError) -> MigrationError {
+        postcopyRecovery.withLock { $0 = PostcopyRecoveryState(destinationEngine: answer.engine, pageCount: pageCount) }
+        return MigrationError.postcopyInterrupted(pagesDelivered: pages.sentPages.dirtyCount, pageCount: pageCount, cause: cause.description)
+    }
+
+    /// Whether a post-copy migration of this machine broke after the switch-over and waits
+    /// for `resumePostcopy`.
+    public var awaitsPostcopyRecovery: Bool { postcopyRecovery.withLock { $0 != nil } }
+
+    /// Blocks while a migration of this machine goes on (a post-copy one outlives the guest
+    /// here) and, when one broke after the switch-over, until a resume has finished it: the
+    /// pages this machine holds exist nowhere else. `onInterrupted` is told once, when the
+    /// wait for a resume begins.
+    public func waitWhileMigrating(onInterrupted: () -> Void) {
+        var told = false
+        while migrationGuard.isActive || awaitsPostcopyRecovery {
+            if !told && !migrationGuard.isActive && awaitsPostcopyRecovery {
+                onInterrupted()
+                told = true
+            }
+            usleep(20_000)
+        }
+    }
+
+    /// Reconnects a post-copy migration that broke after the switch-over to its destination
+    /// (listening again at `address`): the destination says which pages it holds, and this
+    /// side serves its faults and pushes the rest, as before the break. On failure the
+    /// pages stay here for another attempt.
+    public func resumePostcopy(to address: MigrationAddress, options: MigrationOptions = MigrationOptions(),
+                               progress: ((MigrationProgress) -> Void)? = nil) throws -> MigrationReport {
+        guard let state = postcopyRecovery.withLock({ $0 }) else {
+            throw MigrationError.notMigratable("no interrupted post-copy migration to resume")
+        }
+        guard migrationGuard.tryBegin() else { throw MigrationError.alreadyMigrating }
+        defer { migrationGuard.end() }
+        let clock = ContinuousClock()
+        let started = clock.now
+        let channel = MigrationChannel(connection: try MigrationConnection.connect(to: address, timeoutSeconds: options.timeoutSeconds))
+        defer { channel.connection.shutdownNow() }
+        try channel.sendPreamble()
+        try channel.receivePreamble()
+        let offer = MigrationOffer(sourceEngine: engine.name, memorySize: memory.size, vcpuCount: allVCPUs.count,
+                                   commandLine: configuration.commandLine, guestName: configuration.guestName,
+                                   deviceCount: attachedDevices.count, postcopy: true, resume: true)
+        try channel.sendJSON(.offer, offer)
+        let answer = try channel.receiveJSON(.accept, as: MigrationAnswer.self)
+        guard answer.accepted else { throw MigrationError.rejected(answer.reason ?? .incompatible, message: answer.message) }
+        var r = SnapshotByteReader(try channel.receive(.resumeState), section: "resume state")
+        guard let count = try? r.u64(), count == UInt64(state.pageCount) else {
+            throw MigrationError.corruptFrame("resume state: page count")
+        }
+        var words: [UInt64] = []
+        for _ in 0..<(state.pageCount + 63) / 64 {
+            guard let w = try? r.u64() else { throw MigrationError.corruptFrame("resume state: page bitmap is short") }
+            words.append(w)
+        }
+        let held = DirtyBitmap(pageCount: state.pageCount, words: words)
+        progress?(MigrationProgress(phase: .confirming, round: 0, pagesSent: UInt64(held.dirtyCount), bytesSent: channel.bytesSent,
+                                    dirtyPages: state.pageCount - held.dirtyCount, bandwidthBytesPerSecond: 0))
+        // Pages the destination does not hold go again, whether sent before the break or not.
+        let pages = PostcopyPageSender(channel: channel, memory: memory, sent: held)
+        let statistics = try servePostcopy(channel: channel, pages: pages, committed: true) {}
+        postcopyRecovery.withLock { $0 = nil }
+        let seconds = (clock.now - started).seconds
+        return MigrationReport(destination: address.description, sourceEngine: engine.name, destinationEngine: state.destinationEngine,
+                               rounds: 0, pagesSent: pages.pagesSent, zeroPages: pages.zeroPages, bytesSent: pages.bytesSent,
+                               pagesInStopAndCopy: 0, totalSeconds: seconds, downtimeSeconds: 0,
+                               bandwidthBytesPerSecond: 0, dirtyPagesPerRound: [], postcopy: statistics, throttle: 0)
+    }
+
+    /// The post-copy source's side of the stream once the state is sent: the destination's
+    /// frames arrive on their own thread, which answers page requests itself (one thread hop
+    /// fewer per remote fault) and hands the confirmation, the final statistics or an error
+    /// to this one, which pushes every other page meanwhile. `onCommit` runs when the
+    /// destination confirms (never when `committed` already).
+    private func servePostcopy(channel: MigrationChannel, pages: PostcopyPageSender, committed alreadyCommitted: Bool,
+                               onCommit: () -> Void) throws -> PostcopyStatistics {
+        let pageCount = Int(memory.size) / MigrationFormat.pageSize
         let inbox = PostcopyInbox()
         // SAFETY: the reader thread only receives on the channel; sends go through `pages`,
         // which serialises them.
@@ -102,42 +199,38 @@ extension Machine {
         }
         defer { channel.connection.shutdownNow(); readerThread.join() }
 
+        var committed = alreadyCommitted
         var next = 0
         var completeSent = false
-        var downtime = 0.0
-        do {
-            while true {
-                // Pushed pages queue ahead of demanded ones in the stream: push only while little
-                // is unacknowledged, so a request waits behind at most that much.
-                let throttled = committed && !completeSent && host_socket_unsent_bytes(channel.connection.fd) > Self.postcopyPushWindow
-                let (confirmed, error, statistics) = inbox.take(waitIfIdle: !committed || completeSent || throttled,
-                                                                milliseconds: throttled ? 1 : 20)
-                if let error { throw error }
-                if confirmed && !committed {
-                    committed = true
-                    downtime = seconds(since: downtimeStart)
-                    requestStop(.migrated(destination: address.description))
-                    report(.confirming)
-                }
-                if let statistics {
-                    return MigrationReport(destination: address.description, sourceEngine: engine.name, destinationEngine: answer.engine,
-                                           rounds: 0, pagesSent: pages.pagesSent, zeroPages: pages.zeroPages, bytesSent: pages.bytesSent,
-                                           pagesInStopAndCopy: 0, totalSeconds: seconds(since: started), downtimeSeconds: downtime,
-                                           bandwidthBytesPerSecond: 0, dirtyPagesPerRound: [], postcopy: statistics, throttle: 0)
-                }
-                guard committed, !completeSent, !throttled else { continue }
-                // Background push: a few pages at a time, so a request waits little for the lock.
-                next = try pages.pushUnsent(from: next, upTo: 16)
-                if next == pageCount {
-                    try pages.sendFrame(.complete, { var w = SnapshotByteWriter(); w.u64(pages.pagesSent); return w.bytes }())
-                    completeSent = true
-                    inbox.markAllPagesSent()
-                }
+        while true {
+            // Pushed pages queue ahead of demanded ones in the stream: push only while little
+            // is unacknowledged, so a request waits behind at most that much.
+            let throttled = committed && !completeSent && host_socket_unsent_bytes(channel.connection.fd) > Self.postcopyPushWindow
+            let (confirmed, error, statistics) = inbox.take(waitIfIdle: !committed || completeSent || throttled,
+                                                            milliseconds: throttled ? 1 : 20)
+            if let error { throw error }
+            if confirmed && !committed {
+                committed = true
+                onCommit()
             }
-        } catch let error as MigrationError where committed {
-            throw MigrationError.postcopyInterrupted(pagesDelivered: pages.sentPages.dirtyCount, pageCount: pageCount, cause: error.description)
+            if let statistics { return statistics }
+            guard committed, !completeSent, !throttled else { continue }
+            // Background push: a few pages at a time, so a request waits little for the lock.
+            next = try pages.pushUnsent(from: next, upTo: 16)
+            if next == pageCount {
+                try pages.sendFrame(.complete, { var w = SnapshotByteWriter(); w.u64(pages.pagesSent); return w.bytes }())
+                completeSent = true
+                inbox.markAllPagesSent()
+            }
         }
     }
+}
+
+/// What a source keeps of a post-copy migration that broke after the switch-over (the
+/// pages themselves are its RAM).
+struct PostcopyRecoveryState: Sendable {
+    var destinationEngine: String
+    var pageCount: Int
 }
 
 /// The post-copy source's sending side, shared by the thread that pushes every page in the
@@ -259,11 +352,13 @@ final class PostcopyInbox: Sendable {
 /// arrive (demanded or pushed) with UFFDIO_COPY, which wakes the faulting thread.
 final class PostcopyReceiver: @unchecked Sendable {
     // SAFETY: fds are immutable; the channel's sends are serialised by `sendLock`, and only
-    // the receiver thread receives; the page bitmap and timings are behind Mutexes.
+    // the receiver thread receives; only it replaces `channel` (on a resume), holding
+    // `sendLock`; the page bitmap and timings are behind Mutexes; the recovery hooks are set
+    // before start().
     private let uffd: Int32
     private let stopFD: Int32
     private let memory: GuestMemory
-    private let channel: MigrationChannel
+    private var channel: MigrationChannel
     private let sendLock = Mutex(())
     private let pageCount: Int
     private let received: Mutex<DirtyBitmap>
@@ -273,8 +368,15 @@ final class PostcopyReceiver: @unchecked Sendable {
     private var faultThread: HostThread?
     private var receiveThread: HostThread?
     let finished = Atomic<Bool>(false)
-    /// Told when the stream fails before every page is in (the machine then stops).
+    /// Told when the stream fails before every page is in and no source resumes it (the
+    /// machine then stops).
     let onFailure = Mutex<(@Sendable (String) -> Void)?>(nil)
+    /// After a break, waits up to the given seconds for the source to reconnect (nil: none).
+    var awaitResume: (@Sendable (Double) -> MigrationConnection?)?
+    /// How long a broken stream waits for the source to resume (0: the guest stops at once).
+    var recoverySeconds = 0.0
+    /// This side's engine, for the answer to a resuming source.
+    var engineName = ""
 
     /// Registers the `remote` pages (those still at the source) for missing faults; the
     /// others are in place already or zero.
@@ -338,10 +440,16 @@ final class PostcopyReceiver: @unchecked Sendable {
                 return true
             }
             guard fresh else { continue }
-            var w = SnapshotByteWriter()
-            w.u64(UInt64(page))
-            do { try send(.pageRequest, w.bytes) } catch { return }  // the receiver reports the broken stream
+            // A broken stream is the receiver's to report or resume; a resumed one asks again
+            // for every page still wanted.
+            try? requestPage(page)
         }
+    }
+
+    private func requestPage(_ page: Int) throws(MigrationError) {
+        var w = SnapshotByteWriter()
+        w.u64(UInt64(page))
+        try send(.pageRequest, w.bytes)
     }
 
     private func receiveLoop() {
@@ -351,43 +459,85 @@ final class PostcopyReceiver: @unchecked Sendable {
             zero.deallocate()
             _ = host_eventfd_signal(stopFD)  // every page is in (or never will be): faults end
         }
-        var count = 0
-        do {
-            while true {
-                let frame = try channel.receive(expecting: "post-copy pages")
-                switch frame.kind {
-                case .pages:
-                    count += try MigrationPageCodec.forEachPage(frame.payload, pageCount: pageCount) { (page, data) throws(MigrationError) in
-                        let target = memory.base + page * MigrationFormat.pageSize
-                        let rc = host_uffd_copy(uffd, target, data ?? UnsafeRawPointer(zero), UInt64(MigrationFormat.pageSize))
-                        guard rc == 0 else { throw .restoreFailed("UFFDIO_COPY of page \(page) failed (errno \(-rc))") }
-                        received.withLock { $0[page] = true }
-                        if let t = requestedAt.withLock({ $0.removeValue(forKey: page) }) {
-                            let elapsed = monotonicNanoseconds() - t
-                            latencies.withLock { $0.append(elapsed) }
-                        }
-                    }
-                case .complete:
-                    let missing = received.withLock { pageCount - $0.dirtyCount }
-                    guard missing == 0 else { throw MigrationError.corruptFrame("post-copy completed with \(missing) pages missing") }
-                    finished.store(true, ordering: .releasing)
-                    let encoder = JSONEncoder()
-                    try send(.postcopyDone, (try? encoder.encode(statistics)).map { Array($0) } ?? [])
-                    return
-                default:
-                    throw MigrationError.unexpectedFrame(got: frame.kind.description, expecting: "pages")
+        while true {
+            do {
+                try receivePages(zero: zero)
+                return
+            } catch {
+                // The guest waits on its missing pages (threads touching them stay blocked)
+                // while the source may reconnect; then the stream goes on where it broke.
+                sendLock.withLock { _ in channel.connection.shutdownNow() }
+                if recoverySeconds > 0, let connection = awaitResume?(recoverySeconds), resume(on: connection) { continue }
+                // It cannot go on without the source's pages: stop it, tell the source, then
+                // fill what is missing with zeros only so the threads blocked on those pages
+                // reach their stop.
+                onFailure.withLock { $0 }?("\(error); the source keeps the missing pages")
+                sendLock.withLock { _ in channel.sendFailure("\(error)") }
+                for page in 0..<pageCount where !received.withLock({ $0[page] }) {
+                    _ = host_uffd_copy(uffd, memory.base + page * MigrationFormat.pageSize, zero, UInt64(MigrationFormat.pageSize))
                 }
+                return
             }
+        }
+    }
+
+    /// Pages as they come, until the source's complete frame.
+    private func receivePages(zero: UnsafeMutableRawPointer) throws {
+        while true {
+            let frame = try channel.receive(expecting: "post-copy pages")
+            switch frame.kind {
+            case .pages:
+                _ = try MigrationPageCodec.forEachPage(frame.payload, pageCount: pageCount) { (page, data) throws(MigrationError) in
+                    let target = memory.base + page * MigrationFormat.pageSize
+                    let rc = host_uffd_copy(uffd, target, data ?? UnsafeRawPointer(zero), UInt64(MigrationFormat.pageSize))
+                    // EEXIST: a page sent twice (again after a resume) is already in place.
+                    guard rc == 0 || rc == -EEXIST else { throw .restoreFailed("UFFDIO_COPY of page \(page) failed (errno \(-rc))") }
+                    received.withLock { $0[page] = true }
+                    if let t = requestedAt.withLock({ $0.removeValue(forKey: page) }) {
+                        let elapsed = monotonicNanoseconds() - t
+                        latencies.withLock { $0.append(elapsed) }
+                    }
+                }
+            case .complete:
+                let missing = received.withLock { pageCount - $0.dirtyCount }
+                guard missing == 0 else { throw MigrationError.corruptFrame("post-copy completed with \(missing) pages missing") }
+                finished.store(true, ordering: .releasing)
+                let encoder = JSONEncoder()
+                try send(.postcopyDone, (try? encoder.encode(statistics)).map { Array($0) } ?? [])
+                return
+            default:
+                throw MigrationError.unexpectedFrame(got: frame.kind.description, expecting: "pages")
+            }
+        }
+    }
+
+    /// Takes a reconnecting source: its offer must resume this machine; the answer says
+    /// which pages are here, and the pages still wanted are asked for again.
+    private func resume(on connection: MigrationConnection) -> Bool {
+        let fresh = MigrationChannel(connection: connection)
+        do throws(MigrationError) {
+            try fresh.sendPreamble()
+            try fresh.receivePreamble()
+            let offer = try fresh.receiveJSON(.offer, as: MigrationOffer.self)
+            guard offer.resume == true, offer.postcopy, offer.memorySize == memory.size else {
+                try fresh.sendJSON(.accept, MigrationAnswer(accepted: false, engine: engineName, reason: .busy,
+                                                            message: "a post-copy migration waits here for its source to resume it"))
+                return false
+            }
+            try fresh.sendJSON(.accept, MigrationAnswer(accepted: true, engine: engineName, reason: nil, message: ""))
+            var small: Int32 = 256 << 10
+            setsockopt(connection.fd, SOL_SOCKET, SO_RCVBUF, &small, socklen_t(MemoryLayout<Int32>.size))
+            let held = received.withLock { $0 }
+            var state = SnapshotByteWriter()
+            state.u64(UInt64(pageCount))
+            for word in held.words { state.u64(word) }
+            try fresh.send(.resumeState, state.bytes)
+            sendLock.withLock { _ in channel = fresh }
+            for page in requestedAt.withLock({ Array($0.keys) }) { try requestPage(page) }
+            return true
         } catch {
-            // The guest cannot go on without the source's pages: stop it, tell the source,
-            // then fill what is missing with zeros only so the threads blocked on those pages
-            // reach their stop.
-            onFailure.withLock { $0 }?("\(error); the source keeps the missing pages")
-            sendLock.withLock { _ in channel.sendFailure("\(error)") }
-            channel.connection.shutdownNow()
-            for page in 0..<pageCount where !received.withLock({ $0[page] }) {
-                _ = host_uffd_copy(uffd, memory.base + page * MigrationFormat.pageSize, zero, UInt64(MigrationFormat.pageSize))
-            }
+            connection.shutdownNow()
+            return false
         }
     }
 

@@ -22,6 +22,9 @@ public struct MigrationOptions: Sendable, Equatable {
     /// second round on it is held paused for a growing share of each round's sending (50 %,
     /// 75 %, … up to 99 %), so it dirties pages more slowly than they go.
     public var autoConverge = false
+    /// Reconnect a post-copy migration that broke after the switch-over to its destination,
+    /// listening again (`Machine.resumePostcopy`), instead of starting a new one.
+    public var resume = false
 
     public init() {}
 
@@ -98,10 +101,6 @@ public struct MigrationReport: Codable, Sendable, Equatable {
 }
 
 extension Machine {
-    /// Pre-copy waits until at most this much is queued in the socket before it measures
-    /// what is left to send.
-    static let queuedBytesAtDecision = 256 << 10
-
     /// Live-migrates the running machine to `address` (post-copy when `options.postcopy`:
     /// MigrationPostcopy.swift). Pre-copy: all of RAM is sent while
     /// the guest runs, then the pages it dirtied (engine dirty log ∪ host/device writes)
@@ -112,6 +111,7 @@ extension Machine {
     /// nothing had happened, and the error is thrown.
     public func migrate(to address: MigrationAddress, options: MigrationOptions = MigrationOptions(),
                         progress: ((MigrationProgress) -> Void)? = nil) throws -> MigrationReport {
+        if options.resume { return try resumePostcopy(to: address, options: options, progress: progress) }
         try checkDevicesSavable()
         let dirtyLog = try vm.require(DirtyPageLogging.self, .dirtyLogging, neededBy: "live migration")
         guard migrationGuard.tryBegin() else { throw MigrationError.alreadyMigrating }
@@ -162,15 +162,11 @@ extension Machine {
 
         let pageCount = Int(memory.size) / MigrationFormat.pageSize
         var pagesSent: UInt64 = 0, zeroPages: UInt64 = 0
-        // Bandwidth is what the peer acknowledged over the time since the first page, not what
-        // the socket buffer took: a send returns as soon as the buffer has room.
+        // Bandwidth is what the destination has consumed (its round acknowledgements) over
+        // the time since the first page — not what the socket buffers took, which on
+        // loopback is megabytes at memory speed.
         let sendingSince = clock.now
-        var unsent: Int { max(0, Int(host_socket_unsent_bytes(channel.connection.fd))) }
-        var bandwidth: Double {
-            let elapsed = seconds(since: sendingSince)
-            let delivered = Double(channel.bytesSent) - Double(unsent)
-            return elapsed > 0 && delivered > 0 ? delivered / elapsed : 0
-        }
+        var bandwidth = 0.0
         var throttle = 0.0, maxThrottle = 0.0
         func hold(_ on: Bool) {
             guard on != heldByThrottle else { return }
@@ -212,24 +208,29 @@ extension Machine {
         var dirtyPerRound: [Int] = []
         var pending: DirtyBitmap
         while true {
-            // Let the socket drain first: what it still holds would otherwise go during the
-            // pause. A throttled guest stays held meanwhile, as during the sending.
-            let drainDeadline = clock.now + .seconds(options.timeoutSeconds)
+            // The round end goes after the pages; the destination acknowledges it once it has
+            // consumed everything before it, so nothing is in flight when the dirty set is
+            // measured. A throttled guest stays held meanwhile, as during the sending.
             if throttle > 0 { hold(true) }
-            while unsent > Self.queuedBytesAtDecision && clock.now < drainDeadline { usleep(500) }
+            try channel.queue(.roundEnd) { out in
+                var w = SnapshotByteWriter()
+                w.u32(UInt32(round)); w.u64(pagesSent)
+                out.append(contentsOf: w.bytes)
+            }
+            try channel.flush()
+            var ack = SnapshotByteReader(try channel.receive(.roundAcknowledged), section: "round acknowledged")
+            guard let consumed = try? ack.u64(), consumed <= channel.bytesSent else {
+                throw MigrationError.corruptFrame("round acknowledgement")
+            }
             hold(false)
+            let elapsed = seconds(since: sendingSince)
+            bandwidth = elapsed > 0 ? Double(consumed) / elapsed : 0
             pause()
             do { pending = try collectDirty() } catch { resume(); throw error }
             resume()
             let left = pending.dirtyCount
             dirtyPerRound.append(left)
-            try channel.queue(.roundEnd) { out in
-                var w = SnapshotByteWriter()
-                w.u32(UInt32(round)); w.u64(UInt64(left))
-                out.append(contentsOf: w.bytes)
-            }
-            // What is still queued in the socket goes out during the pause too.
-            let estimate = bandwidth > 0 ? Double(left * MigrationFormat.pageSize + unsent) / bandwidth : .infinity
+            let estimate = bandwidth > 0 ? Double(left * MigrationFormat.pageSize) / bandwidth : .infinity
             if estimate <= options.maxDowntimeSeconds || round >= options.maxRounds { break }
             if options.autoConverge && round >= 1 {
                 throttle = throttle == 0 ? 0.5 : min(0.99, throttle + (1 - throttle) / 2)
@@ -280,5 +281,6 @@ extension Machine {
 final class MigrationGuard: Sendable {
     private let active = Atomic<Bool>(false)
     func tryBegin() -> Bool { !active.exchange(true, ordering: .acquiringAndReleasing) }
+    var isActive: Bool { active.load(ordering: .acquiring) }
     func end() { active.store(false, ordering: .releasing) }
 }

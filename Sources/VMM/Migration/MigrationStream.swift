@@ -1,4 +1,4 @@
-// The live-migration wire format (version 1; integers little-endian).
+// The live-migration wire format (version 2; integers little-endian).
 //
 // Each side first sends a 16-byte preamble: magic "SVMIGRAT", u32 format version, u32
 // reserved (0). Then frames, each
@@ -11,7 +11,8 @@
 // format's `SnapshotVCPUCodec`), devices (`SnapshotDeviceCodec`, the same records a snapshot
 // file holds) and complete (u64 pages sent in all). Destination → source: accept or reject
 // (JSON) after the offer, then confirm once the machine is built and about to run, or
-// failure (JSON) when it gives up. Either side closes the connection on any error; the
+// failure (JSON) when it gives up; during pre-copy it answers each round end with the
+// stream bytes it has consumed (round acknowledged). Either side closes the connection on any error; the
 // source resumes its guest unless it has read confirm.
 //
 // A page frame is u32 count, then per page u64 descriptor (page number; bit 63: the page is
@@ -28,7 +29,7 @@ public enum MigrationFormat {
     /// "SVMIGRAT".
     public static let magic: [UInt8] = Array("SVMIGRAT".utf8)
     /// The version this build speaks; a peer with another one is refused with a clear error.
-    public static let version: UInt32 = 1
+    public static let version: UInt32 = 2
     public static let preambleSize = 16
     static let frameHeaderSize = 12
     /// The largest payload a reader accepts (a hostile length is refused before allocating).
@@ -55,6 +56,13 @@ public enum MigrationFrameKind: UInt32, Sendable, CustomStringConvertible {
     case pageRequest = 12
     /// Post-copy, destination → source: every page is in (JSON `PostcopyStatistics`).
     case postcopyDone = 13
+    /// Pre-copy, destination → source, for each round end: u64 bytes of the stream it has
+    /// consumed so far. The source measures the bandwidth from these, not from what the
+    /// socket buffers took (on loopback they take megabytes at memory speed).
+    case roundAcknowledged = 14
+    /// Post-copy recovery, destination → source after accepting a resuming offer: u64 page
+    /// count, then the bitmap of the pages it holds.
+    case resumeState = 15
 
     public var description: String {
         switch self {
@@ -71,6 +79,8 @@ public enum MigrationFrameKind: UInt32, Sendable, CustomStringConvertible {
         case .postcopyStart: return "post-copy start"
         case .pageRequest: return "page request"
         case .postcopyDone: return "post-copy done"
+        case .roundAcknowledged: return "round acknowledged"
+        case .resumeState: return "resume state"
         }
     }
 }
@@ -87,6 +97,8 @@ public struct MigrationOffer: Codable, Sendable, Equatable {
     public var deviceCount: Int
     /// State first, pages on demand (else pre-copy).
     public var postcopy: Bool
+    /// Reconnects a post-copy migration that broke after the switch-over (nil: a new one).
+    public var resume: Bool? = nil
 }
 
 /// The destination's answer to an offer.
@@ -167,7 +179,7 @@ public enum MigrationError: Error, Equatable, Sendable, CustomStringConvertible 
         case .listenerClosed:
             return "the destination stopped listening"
         case let .postcopyInterrupted(delivered, count, cause):
-            return "post-copy interrupted after the switch-over (\(cause)): \(delivered) of \(count) pages reached the destination, whose guest stops; the source keeps all pages"
+            return "post-copy interrupted after the switch-over (\(cause)): \(delivered) of \(count) pages sent; the destination's guest waits for the rest, which the source keeps for a resume"
         }
     }
 }
