@@ -180,10 +180,11 @@ package struct BalloonLab: Sendable {
                 raw.storeBytes(of: (UInt64(i) ^ Self.stampMagic).littleEndian, toByteOffset: i * Self.pageSize + Self.pageSize - 8, as: UInt64.self)
             }
         }
+        ProcessLifecycle.register(path: path)  // removed if a signal ends the lab
+        defer { unlink(path); ProcessLifecycle.unregister(path: path) }
         guard FileManager.default.createFile(atPath: path, contents: Data(image)) else {
             throw LabError.badParameters("cannot create the disk image \(path)")
         }
-        defer { unlink(path) }
 
         let out = GuestOutput()
         var config = MachineConfiguration(

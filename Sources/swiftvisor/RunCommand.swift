@@ -36,7 +36,7 @@ struct Run: ParsableCommand {
     @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
     var guests: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
+    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
     var memory = MemoryArgument(argument: "64M")!
 
     @Option(name: .long, help: ArgumentHelp("Number of vCPUs.", valueName: "n"))
@@ -94,7 +94,12 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: .hidden)
     var startupReport: String?
 
+    /// Tests only: a Swift runtime trap on vCPU 0's thread this long after the start (CLITests).
+    @Option(name: .long, help: .hidden)
+    var crashAfterMs: Int?
+
     func validate() throws {
+        try memory.validateGuestRAM()
         if incoming != nil {
             guard guests.count <= 1, disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole else {
                 throw ValidationError("--incoming takes at most one guest name and no device options: the devices come with the VM")
@@ -142,6 +147,7 @@ struct Run: ParsableCommand {
                     }
                 var config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout, guestName: name)
+                if crashAfterMs != nil { config.tickSeconds = 0.01 }
                 config.paging = paging
                 let policy = try partition.map(PartitionArgument.init).last { $0.vm == index }?.policy
                 if let policy {
@@ -175,19 +181,25 @@ struct Run: ParsableCommand {
         }
         let results = Mutex([RunResult?](repeating: nil, count: machines.count))
         let failures = Mutex([String]())
+        let crashTrigger = crashAfterMs.map(CrashTrigger.init)?.onTick
         let runMachine = { @Sendable (index: Int, machine: Machine) in
             do {
-                let r = try machine.run()
+                let r = try machine.run(onTick: index == 0 ? crashTrigger : nil)
                 results.withLock { $0[index] = r }
             } catch {
                 failures.withLock { $0.append("vm\(index): \(error)") }
             }
         }
-        if machines.count == 1 {
-            runMachine(0, machines[0])  // no extra thread for the common case
-        } else {
-            let threads = machines.enumerated().map { index, machine in HostThread(name: "vm\(index)") { runMachine(index, machine) } }
-            threads.forEach { $0.join() }
+        ProcessLifecycle.stoppingOnSignal(machines) {
+            if machines.count == 1 {
+                runMachine(0, machines[0])  // no extra thread for the common case
+            } else {
+                let threads = machines.enumerated().map { index, machine in HostThread(name: "vm\(index)") { runMachine(index, machine) } }
+                threads.forEach { $0.join() }
+            }
+        }
+        for machine in machines {
+            for problem in machine.flushDevices() { failures.withLock { $0.append(problem) } }
         }
         for f in failures.withLock({ $0 }) { printError("swiftvisor: error: \(f)") }
         var status: Int32? = failures.withLock { $0.isEmpty } ? nil : ToolStatus.failure
@@ -195,8 +207,13 @@ struct Run: ParsableCommand {
             guard let result = results.withLock({ $0[index] }) else { continue }
             let label = many ? "vm\(index): " : ""
             report(result, machine: machine, label: label, jsonPath: statsJSON.map { many ? "\($0).vm\(index)" : $0 })
+            if ProcessLifecycle.stopSignal != nil, result.stopReason == .stopped { continue }  // said below
             let s = exitStatus(result.stopReason, label: label)
             if status == nil || status == 0 { status = s }
+        }
+        if let signal = ProcessLifecycle.stopSignal {
+            ProcessLifecycle.announceStop(signal)
+            throw ExitCode(ProcessLifecycle.exitStatus(signal))
         }
         if let path = startupReport { try writeStartupReport(path, machines[0]) }
         if let status, status != 0 { throw ExitCode(status) }
@@ -339,6 +356,7 @@ enum ConsoleOutput {
     @Sendable static func write(_ byte: UInt8) {
         var b = byte
         while Glibc.write(1, &b, 1) < 0 && errno == EINTR {}
+        ProcessLifecycle.noteConsoleByte(byte)
     }
 }
 
