@@ -46,12 +46,17 @@ package struct DedupLab: Sendable {
         package var rows: [Row]
     }
 
-    package func run() throws -> Result {
+    /// `progress(done, total, next)` before each of the runs (and once at the end, next nil).
+    package func run(progress: (Int, Int, String?) -> Void = { _, _, _ in }) throws -> Result {
         var rows: [Row] = []
+        let total = writeProbabilities.count * 2
         for p in writeProbabilities {
-            rows.append(try runOnce(p: p, usePolicy: false))
-            rows.append(try runOnce(p: p, usePolicy: true))
+            for usePolicy in [false, true] {
+                progress(rows.count, total, "p=\(p), \(usePolicy ? "policy" : "merge all")")
+                rows.append(try runOnce(p: p, usePolicy: usePolicy))
+            }
         }
+        progress(total, total, nil)
         // Where the measured benefit of merging everything crosses zero.
         let all = rows.filter { $0.strategy == "merge all" }
         var measured: Double?

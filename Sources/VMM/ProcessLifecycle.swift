@@ -66,7 +66,16 @@ public enum ProcessLifecycle {
 
     /// The line a stopped process ends with, on its own line after guest output.
     public static func stopMessage(_ signal: Int32) -> String {
-        (host_lifecycle_needs_newline() != 0 ? "\n" : "") + "swiftvisor: stopped by \(signalName(signal))\n"
+        lineBreakBeforeMessage() + "swiftvisor: stopped by \(signalName(signal))\n"
+    }
+
+    /// "\n" when the guest's console output left a line open and standard error goes where
+    /// standard output goes (that line then counts as ended), else "": a message printed
+    /// after it starts on its own line.
+    public static func lineBreakBeforeMessage() -> String {
+        guard host_lifecycle_needs_newline() != 0 else { return "" }
+        host_lifecycle_note_console_byte(UInt8(ascii: "\n"))
+        return "\n"
     }
 
     /// Writes `stopMessage(signal)` to standard error.

@@ -11,14 +11,14 @@ struct MigrateCommand: ParsableCommand {
         commandName: "migrate",
         abstract: "Live-migrate a running VM to a destination started with 'run --incoming'.",
         discussion: """
-            The VM is reached through its control socket (run … --control PATH).
-            Pre-copy (the default): RAM is sent while the guest runs, then the
-            pages it dirtied, round after round, until the rest fits
-            --max-downtime-ms at the measured bandwidth (or --max-rounds is
-            reached); then the guest pauses and the rest goes with the vCPU and
-            device state. --postcopy: the state goes first, the guest runs at the
-            destination at once and pulls its pages. The engines may differ (kvm →
-            software and back). If anything fails before the destination
+            The VM is reached through its control socket (run … --control PATH). \
+            Pre-copy (the default): RAM is sent while the guest runs, then the \
+            pages it dirtied, round after round, until the rest fits \
+            --max-downtime-ms at the measured bandwidth (or --max-rounds is \
+            reached); then the guest pauses and the rest goes with the vCPU and \
+            device state. --postcopy: the state goes first, the guest runs at the \
+            destination at once and pulls its pages. The engines may differ (kvm → \
+            software and back). If anything fails before the destination \
             confirms, the VM resumes here.
 
             Example (two terminals):

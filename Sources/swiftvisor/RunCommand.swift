@@ -13,22 +13,22 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Boot one guest (or several, side by side) and stream the serial console.",
         discussion: """
-            GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static
-            ELF64 x86-64 executable linked at 1 MiB (docs/guest-abi.md), optionally followed
-            by its own command line in the same argument: 'net-ping pong=1 count=5'.
-            Several GUESTs run as several VMs of this process with the same options; each
-            gets its own NICs and consoles (--net switch:NAME connects them). With more than one VM,
+            GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static \
+            ELF64 x86-64 executable linked at 1 MiB (docs/guest-abi.md), optionally followed \
+            by its own command line in the same argument: 'net-ping pong=1 count=5'. \
+            Several GUESTs run as several VMs of this process with the same options; each \
+            gets its own NICs and consoles (--net switch:NAME connects them). With more than one VM, \
             output lines are prefixed with [vm0], [vm1], …; standard input goes to vm0.
 
-            Devices: --disk PATH[,ro][,vm=N] adds a virtio-blk disk backed by a raw image
-            file to vm0 (or vmN); the image is locked while in use; --net
-            switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME;
-            --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN);
-            --virtio-console adds a virtio console on standard output; --nic switch:NAME
+            Devices: --disk PATH[,ro][,vm=N] adds a virtio-blk disk backed by a raw image \
+            file to vm0 (or vmN); the image is locked while in use; --net \
+            switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME; \
+            --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN); \
+            --virtio-console adds a virtio console on standard output; --nic switch:NAME \
             adds the emulated register-interface NIC; --balloon adds virtio-balloon.
 
-            swiftvisor exits with the status the guest writes to port 0xF4 (with several
-            VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple
+            swiftvisor exits with the status the guest writes to port 0xF4 (with several \
+            VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple \
             fault, engine error, bad image or device).
             """
     )

@@ -10,7 +10,7 @@ struct SnapshotCommand: ParsableCommand {
             Start a VM with a control socket:   swiftvisor run counter --control /tmp/vm.sock
             Snapshot it while it runs:          swiftvisor snapshot create --socket /tmp/vm.sock counter.snap
             Restore it (as often as you like):  swiftvisor snapshot restore counter.snap
-            The guest keeps running during 'create': only saving the vCPU state and arming write
+            The guest keeps running during 'create': only saving the vCPU state and arming write \
             protection stops it; a page it writes before the writer reaches it is copied first.
             """,
         subcommands: [Create.self, Restore.self, Inspect.self])

@@ -61,7 +61,7 @@ extension EngineChoice: ExpressibleByArgument {}
 func printError(_ message: String, newline: Bool = true) {
     var stderr = StandardError()
     if newline {
-        print(message, to: &stderr)
+        print(ProcessLifecycle.lineBreakBeforeMessage() + message, to: &stderr)
     } else if isatty(2) != 0 {
         print("\r\u{1B}[K" + message, terminator: "", to: &stderr)
     }

@@ -285,7 +285,7 @@ public final class VirtioBlock: VirtioDevice {
         let sectors = UInt64(bytes / Self.sectorSize)
         guard sector <= capacity, sectors <= capacity - sector else {
             throw RequestFailure(kind: "blockOutOfRange",
-                                 message: "request \(head): sectors \(sector)+\(sectors) beyond capacity \(capacity)")
+                                 message: "request \(head): sectors \(sector)+\(sectors) lie past the end of the disk (\(capacity) sectors); the guest gets an I/O error, as from a real disk")
         }
         return sector * UInt64(Self.sectorSize)
     }
