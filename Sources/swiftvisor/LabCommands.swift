@@ -13,7 +13,7 @@ struct LabCommand: ParsableCommand {
             """,
         subcommands: [PioVsMmio.self, ParavirtVsEmulated.self, CowSnapshot.self, Dedup.self, BalloonLabCommand.self,
                       UniversalMachine.self, ShadowVsEpt.self, SmepSmapAlias.self, SriovIommu.self, MixedCriticality.self,
-                      LiveMigrationLabCommand.self])
+                      LiveMigrationLabCommand.self, LabReportCommand.self])
 }
 
 /// Options every lab that runs on one engine takes.
@@ -23,7 +23,7 @@ struct LabOptions: ParsableArguments {
 
     @OptionGroup var report: LabReportOptions
 
-    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: BarChart) throws {
+    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: some LabChart) throws {
         try report.emit(result, name: name, table: table, chart: chart)
     }
 
@@ -43,7 +43,7 @@ struct LabReportOptions: ParsableArguments {
     var output = "lab-results"
 
     /// Writes the JSON result and SVG chart, then prints the table (or, with --json, the JSON).
-    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: BarChart) throws {
+    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: some LabChart) throws {
         let files = try writeLabOutputs(name: name, directory: output, result: result, chart: chart)
         if json {
             let encoder = JSONEncoder()
