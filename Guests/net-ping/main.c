@@ -26,6 +26,8 @@ int guest_main(const struct sv_boot_info *bi, unsigned cpu) {
              * dropped): resend until the echo comes, polling with a TSC deadline. */
             int got = 0;
             for (unsigned attempt = 0; attempt < 1000 && !got; attempt++) {
+                if (i == 0 && attempt == 3)  /* some time without an answer: say what is missing */
+                    sv_printf("net: no answer yet; waiting for a peer (a VM running 'net-ping pong=1' on the same switch)\n");
                 if (virtio_net_send(&d, frame, 60)) { sv_printf("net: send failed\n"); return 3; }
                 uint64_t deadline = sv_rdtsc() + 20000000;
                 while (!got && sv_rdtsc() < deadline) {

@@ -180,10 +180,11 @@ package struct BalloonLab: Sendable {
                 raw.storeBytes(of: (UInt64(i) ^ Self.stampMagic).littleEndian, toByteOffset: i * Self.pageSize + Self.pageSize - 8, as: UInt64.self)
             }
         }
+        ProcessLifecycle.register(path: path)  // removed if a signal ends the lab
+        defer { unlink(path); ProcessLifecycle.unregister(path: path) }
         guard FileManager.default.createFile(atPath: path, contents: Data(image)) else {
             throw LabError.badParameters("cannot create the disk image \(path)")
         }
-        defer { unlink(path) }
 
         let out = GuestOutput()
         var config = MachineConfiguration(
@@ -313,14 +314,23 @@ package struct BalloonLab: Sendable {
             rows: rows, notes: notes)
     }
 
-    package static func chart(_ r: Result) -> BarChart {
-        BarChart(title: "S7 on the \(r.engine) engine: miss rate and host memory by balloon size",
-                 categories: r.phases.map { "B=\($0.balloonPages)" },
-                 series: [("measured miss %", r.phases.map { 100 * $0.missRate }),
-                          ("Che (LRU) model %", r.phases.map { 100 * $0.predictedMissRateLRU }),
-                          ("top-C model %", r.phases.map { 100 * $0.predictedMissRateTopC }),
-                          ("host memory MiB", r.phases.map { Double($0.hostAllocatedBytes) / 1_048_576 })],
-                 yLabel: "miss rate % / host MiB")
+    /// Miss rate against balloon size, measured beside the LRU simulation and the two models;
+    /// a phase after deflating (a cold cache refilling) is shown apart.
+    package static func chart(_ r: Result) -> LineChart {
+        let growing = r.phases.filter { $0.step != "deflate" }
+        func curve(_ value: (Phase) -> Double) -> [(x: Double, y: Double)] { growing.map { (x: Double($0.balloonPages), y: 100 * value($0)) } }
+        var series: [LineChart.Series] = [
+            .init(name: "measured miss rate", points: curve(\.missRate)),
+            .init(name: "exact LRU simulation of the same accesses", points: curve(\.simulatedMissRateLRU)),
+            .init(name: "model: Che's approximation (LRU)", points: curve(\.predictedMissRateLRU), isModel: true),
+            .init(name: "model: top-C, 1 − H(C,s)/H(W,s)", points: curve(\.predictedMissRateTopC), isModel: true),
+        ]
+        let deflated = r.phases.filter { $0.step == "deflate" }
+        if !deflated.isEmpty {
+            series.append(.init(name: "measured after deflating (cache refilling)", points: deflated.map { (x: Double($0.balloonPages), y: 100 * $0.missRate) }))
+        }
+        return LineChart(title: "S7 on the \(r.engine) engine: page-cache miss rate vs balloon size (Zipf s = \(r.zipfExponent.fixed(2)))",
+                         xLabel: "balloon size (pages of 4 KiB)", yLabel: "miss rate (%)", series: series)
     }
 }
 

@@ -57,7 +57,8 @@ package struct CowSnapshotLab: Sendable {
 
     func measure(fill: Bool) throws -> Row {
         let path = directory + "/swiftvisor-lab-\(getpid())-\(engine.rawValue)-\(fill ? "large" : "small").snap"
-        defer { unlink(path) }
+        ProcessLifecycle.register(path: path)  // removed if a signal ends the lab
+        defer { unlink(path); ProcessLifecycle.unregister(path: path) }
         let out = GuestOutput()
         let work = engine == .kvm ? 200_000 : 20_000
         var config = MachineConfiguration(memorySize: memory, commandLine: "work=\(work) touch=\(touch) fill=\(fill ? 1 : 0)",

@@ -46,12 +46,17 @@ package struct DedupLab: Sendable {
         package var rows: [Row]
     }
 
-    package func run() throws -> Result {
+    /// `progress(done, total, next)` before each of the runs (and once at the end, next nil).
+    package func run(progress: (Int, Int, String?) -> Void = { _, _, _ in }) throws -> Result {
         var rows: [Row] = []
+        let total = writeProbabilities.count * 2
         for p in writeProbabilities {
-            rows.append(try runOnce(p: p, usePolicy: false))
-            rows.append(try runOnce(p: p, usePolicy: true))
+            for usePolicy in [false, true] {
+                progress(rows.count, total, "p=\(p), \(usePolicy ? "policy" : "merge all")")
+                rows.append(try runOnce(p: p, usePolicy: usePolicy))
+            }
         }
+        progress(total, total, nil)
         // Where the measured benefit of merging everything crosses zero.
         let all = rows.filter { $0.strategy == "merge all" }
         var measured: Double?
@@ -159,13 +164,26 @@ package struct DedupLab: Sendable {
                         rows: rows, notes: notes)
     }
 
-    package static func chart(_ r: Result) -> BarChart {
-        let all = r.rows.filter { $0.strategy == "merge all" }
-        return BarChart(title: "S8 on the \(r.engine) engine: net benefit per merged page vs write probability",
-                        categories: all.map { "p=\(($0.writeProbability).fixed(2))" },
-                        series: [("measured (merge all)", all.map { max($0.netBenefitPerPage ?? 0, 0) }),
-                                 ("model", all.map { max($0.predictedNetBenefitPerPage, 0) }),
-                                 ("COW breaks / 100", all.map { Double($0.breaks) / 100 })],
-                        yLabel: "page-rounds per page (negative shown as 0)")
+    /// Net benefit against write probability: the measured points of both strategies, the
+    /// model's curve, negative values below the zero line, and the break-evens marked.
+    package static func chart(_ r: Result) -> LineChart {
+        func points(_ strategy: String) -> [(x: Double, y: Double)] {
+            r.rows.filter { $0.strategy == strategy }.compactMap { row in row.netBenefitPerPage.map { (x: row.writeProbability, y: $0) } }
+        }
+        let highest = r.rows.map(\.writeProbability).max() ?? 0.5
+        let model = (0...100).map { i -> (x: Double, y: Double) in
+            let p = highest * Double(i) / 100
+            return (x: p, y: r.policy.expected(writeProbability: p).benefit)
+        }
+        var markers = [LineChart.Marker(x: r.predictedBreakEven, label: "break-even, model: p = \(r.predictedBreakEven.fixed(3))")]
+        if let measured = r.measuredBreakEven {
+            markers.append(LineChart.Marker(x: measured, label: "break-even, measured: p = \(measured.fixed(3))"))
+        }
+        return LineChart(title: "S8 on the \(r.engine) engine: net benefit of merging a page vs its write probability",
+                         xLabel: "write probability per round (p)", yLabel: "net benefit per merged page (page-rounds)",
+                         series: [.init(name: "measured: merge all", points: points("merge all")),
+                                  .init(name: "measured: merge by policy", points: points("policy")),
+                                  .init(name: "model: Σ(1−p)^t − cost × (1 − (1−p)^R)", points: model, isModel: true)],
+                         markers: markers)
     }
 }

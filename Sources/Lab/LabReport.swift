@@ -182,7 +182,7 @@ package enum LabOutputError: Error, CustomStringConvertible {
 
 /// Writes `<directory>/<name>.json` and `<name>.svg`, atomically (temporary file, then
 /// rename), and returns their paths.
-package func writeLabOutputs<R: Encodable>(name: String, directory: String, result: R, chart: BarChart) throws -> (json: String, svg: String) {
+package func writeLabOutputs<R: Encodable>(name: String, directory: String, result: R, chart: some LabChart) throws -> (json: String, svg: String) {
     let encoder = JSONEncoder()
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
     let json = try encoder.encode(result)

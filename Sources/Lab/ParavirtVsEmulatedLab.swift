@@ -110,6 +110,14 @@ package struct ParavirtVsEmulatedLab: Sendable {
                     guestInstructionsPerPacket: instructions, framesSeen: sink.frames)
     }
 
+    /// A throughput ratio (new / old) in words: "1.8× faster", "1.8× slower" (never "0.55× faster").
+    package static func speedRatio(_ ratio: Double) -> String {
+        guard ratio > 0, ratio.isFinite else { return "not comparable" }
+        if ratio >= 1 { return "\(ratio.fixed(ratio < 10 ? 2 : 1))× faster" }
+        let slowdown = 1 / ratio
+        return "\(slowdown.fixed(slowdown < 10 ? 2 : 1))× slower"
+    }
+
     package static func table(_ r: Result) -> LabTable {
         let rows = r.forms.map { f in
             [f.device, f.packetsPerSecond.fixed(0), f.modelPacketsPerSecond.map { $0.fixed(0) } ?? "no bound",
@@ -122,12 +130,12 @@ package struct ParavirtVsEmulatedLab: Sendable {
         ]
         if r.forms.count >= 3 {
             let (v, e) = (r.forms[1], r.forms[2])
-            notes.append("with ioeventfd the notify is handled in the host kernel and a doorbell thread: exits to userspace per packet fall from \(v.exitsPerPacket.fixed(3)) to \(e.exitsPerPacket.fixed(3)) (setup only) and packets/s rise \((e.packetsPerSecond / max(v.packetsPerSecond, 1)).fixed(2))×.")
+            notes.append("with ioeventfd the notify is handled in the host kernel and a doorbell thread: exits to userspace per packet fall from \(v.exitsPerPacket.fixed(3)) to \(e.exitsPerPacket.fixed(3)) (setup only) so packets/s are \(speedRatio(e.packetsPerSecond / max(v.packetsPerSecond, 1))).")
         }
         if r.forms.count >= 2, r.forms[1].packetsPerSecond > 0 {
             let (n, v) = (r.forms[0], r.forms[1])
             let exitShare = n.exitsPerPacket * r.exitNanoseconds / max(n.hostNanosecondsPerPacket, 1)
-            notes.append("virtio-net moved \((v.packetsPerSecond / n.packetsPerSecond).fixed(1))× the packets/s of the emulated NIC with \((n.exitsPerPacket / max(v.exitsPerPacket, 1e-9)).fixed(0))× fewer exits per packet.")
+            notes.append("virtio-net was \(speedRatio(v.packetsPerSecond / n.packetsPerSecond)) than the emulated NIC (packets/s), with \((n.exitsPerPacket / max(v.exitsPerPacket, 1e-9)).fixed(0))× fewer exits per packet.")
             notes.append("exits are \((min(exitShare, 1) * 100).fixed(0))% of the emulated NIC's time per packet; "
                 + (exitShare > 0.5
                     ? "saving them is what paravirtualization buys, and the model predicts the NIC closely. Where it overshoots for virtio-net, the time goes to guest work (building frames, copies) that no exit count sees."

@@ -1,3 +1,4 @@
+import CHost
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -30,8 +31,13 @@ public enum HostProcess {
         posix_spawn_file_actions_adddup2(&actions, fds[1], 2)
         var argv = ([path] + arguments).map { strdup($0) } + [nil]
         defer { for p in argv { free(p) } }
+        // The child starts with no signal blocked (this process blocks its stop signals).
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        _ = host_lifecycle_prepare_spawn(&attributes)
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, path, &actions, nil, &argv, environ)
+        let rc = posix_spawn(&pid, path, &actions, &attributes, &argv, environ)
         close(fds[1])
         guard rc == 0 else { close(fds[0]); throw Failure.spawnFailed(path: path, errno: rc) }
         var output: [UInt8] = []

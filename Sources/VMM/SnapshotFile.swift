@@ -86,6 +86,12 @@ public enum SnapshotError: Error, CustomStringConvertible, Equatable {
     case pageOutOfRange(page: Int, pageCount: Int)
     /// The writer was called with inconsistent arguments (nothing was written).
     case invalidArgument(String)
+    /// The target exists and is not a regular file (a device, a FIFO, a directory).
+    case notARegularFile(path: String)
+    /// The process is stopping (a stop signal): the write was given up, nothing was written.
+    case abandoned(path: String)
+    /// The header claims more guest RAM than any machine has.
+    case implausibleMemorySize(UInt64)
 
     public var description: String {
         switch self {
@@ -110,6 +116,12 @@ public enum SnapshotError: Error, CustomStringConvertible, Equatable {
             return "page \(page) is outside the snapshot's \(pageCount) pages"
         case let .invalidArgument(why):
             return "cannot write snapshot: \(why)"
+        case let .notARegularFile(path):
+            return "\(path) exists and is not a regular file; a snapshot is written to a new file or over a regular one"
+        case let .abandoned(path):
+            return "snapshot \(path) was not written: swiftvisor is stopping"
+        case let .implausibleMemorySize(size):
+            return "snapshot claims \(MemorySize.format(size)) of guest memory, more than any machine has (at most \(MemorySize.format(BootLayout.maxRAM))); the file is damaged or not from this tool"
         }
     }
 }
@@ -378,6 +390,8 @@ public final class SnapshotFile: Sendable {
         }
         let sections = try SnapshotSectionEntry.decode(tableBytes, fileSize: actual)
         func entry(_ kind: SnapshotSectionKind) -> SnapshotSectionEntry { sections.first { $0.kind == kind }! }
+        // Before reading anything large: a sparse file can claim terabytes.
+        guard entry(.memory).length <= BootLayout.maxRAM else { throw .implausibleMemorySize(entry(.memory).length) }
 
         // No overlaps, and every byte not in a section is zero padding shorter than a page.
         var ranges = sections.map { ($0.offset, $0.end) }
@@ -437,7 +451,10 @@ public final class SnapshotFile: Sendable {
 
     /// A human-readable summary of the snapshot at `path`, including whether guest memory
     /// passes its checksums (which reads the whole file).
-    public static func inspect(path: String) throws -> String {
+    public static func inspect(path: String) throws -> String { try inspection(path: path).text }
+
+    /// `inspect`'s text, and whether every memory chunk passed its checksum.
+    public static func inspection(path: String) throws -> (text: String, memoryIntact: Bool) {
         let s = try SnapshotFile(path: path)
         func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
         let m = s.metadata
@@ -462,6 +479,6 @@ public final class SnapshotFile: Sendable {
             let shown = bad.prefix(10).map(String.init).joined(separator: ", ")
             lines.append("  memory checksums: FAILED — \(bad.count) of \(s.chunkCount) chunks corrupt (\(shown)\(bad.count > 10 ? ", …" : ""))")
         }
-        return lines.joined(separator: "\n")
+        return (lines.joined(separator: "\n"), bad.isEmpty)
     }
 }

@@ -36,7 +36,9 @@ public enum SnapshotWriter {
     ///
     /// `metadata.memorySize` must be `pageCount × 4096` and `metadata.vcpuCount` must be
     /// `vcpus.count` (else `SnapshotError.invalidArgument`, nothing written). I/O errors are
-    /// `SnapshotError.ioFailed`; errors thrown by `page` are rethrown as they are.
+    /// `SnapshotError.ioFailed`; errors thrown by `page` are rethrown as they are. A target
+    /// that exists and is not a regular file is refused (`notARegularFile`); a stop signal
+    /// abandons the write (`abandoned`).
     @discardableResult
     public static func write(to path: String, metadata: SnapshotMetadata, vcpus: [VCPUState],
                              devices: [(name: String, state: [UInt8])], pageCount: Int,
@@ -80,7 +82,11 @@ public enum SnapshotWriter {
         let vcpuBytes = SnapshotVCPUCodec.encode(vcpus)
         let deviceBytes = SnapshotDeviceCodec.encode(devices)
 
+        var target = stat()
+        if stat(path, &target) == 0, target.st_mode & S_IFMT != S_IFREG { throw SnapshotError.notARegularFile(path: path) }
         let tmpPath = path + ".tmp-\(getpid())"
+        ProcessLifecycle.register(path: tmpPath)  // removed if a signal or a fault ends the process
+        defer { ProcessLifecycle.unregister(path: tmpPath) }
         let out = try SnapshotOutput(path: tmpPath)
         var renamed = false
         defer {
@@ -125,7 +131,10 @@ public enum SnapshotWriter {
                 out.commit(slot.count)
             }
             first = chunk.upperBound
-            if let progress, first % progressInterval == 0, first != pageCount { progress(first) }
+            if first % progressInterval == 0 {
+                if ProcessLifecycle.isStopping { throw SnapshotError.abandoned(path: path) }
+                if let progress, first != pageCount { progress(first) }
+            }
         }
         progress?(pageCount)
         sections.append(SnapshotSectionEntry(kind: .memory, offset: memoryOffset,

@@ -7,8 +7,8 @@ struct BalloonCommand: ParsableCommand {
         commandName: "balloon",
         abstract: "Inflate or deflate a running VM's balloon (run it with --balloon --control PATH).",
         discussion: """
-            Sets the balloon's target in MiB (or 4 KiB pages with --pages); without a size, reports it.
-            The guest's balloon driver hands pages over; the VMM discards them, so the host gets the
+            Sets the balloon's target in MiB (or 4 KiB pages with --pages); without a size, reports it. \
+            The guest's balloon driver hands pages over; the VMM discards them, so the host gets the \
             memory back (host_bytes is the VM's RAM as the host holds it now).
             """)
 

@@ -67,10 +67,10 @@ struct BenchExits: ParsableCommand {
         commandName: "exits",
         abstract: "Cost of a port-I/O exit: Swift run loop vs a plain C KVM_RUN loop, same guest, same run.",
         discussion: """
-            Runs the bundled 'pio-loop' guest, which writes port 0x80 N times, at the chosen
-            ring(s), through swiftvisor's run loop and through the C loop in the CKVM shim.
-            Per-exit cost = (time with N writes − time with 0 writes) / N; the paths are
-            interleaved R times and the fastest run of each counts.
+            Runs the bundled 'pio-loop' guest, which writes port 0x80 N times, at the chosen \
+            ring(s), through swiftvisor's run loop and through the C loop in the CKVM shim. \
+            Per-exit cost = (time with N writes − time with 0 writes) / N; the paths are \
+            interleaved R times and the fastest run of each counts. \
             On nested KVM, ring 0 guest code is emulated by the host, so the two rings differ.
             """)
 
@@ -126,10 +126,10 @@ struct BenchCPU: ParsableCommand {
         commandName: "cpu",
         abstract: "Guest instructions per second of the software engine on the 'compute' workloads, beside KVM.",
         discussion: """
-            Runs the bundled 'compute' guest (sieve, CRC-32, heapsort, SHA-256-style mixing,
-            at CPL3) on the software engine, counting retired guest instructions: with its
-            block translator (the default) with nested paging, and again with shadow paging
-            (unless --no-shadow), and interpreting every instruction (unless --no-interpreted); and on KVM when /dev/kvm is usable, where the same workloads run
+            Runs the bundled 'compute' guest (sieve, CRC-32, heapsort, SHA-256-style mixing, \
+            at CPL3) on the software engine, counting retired guest instructions: with its \
+            block translator (the default) with nested paging, and again with shadow paging \
+            (unless --no-shadow), and interpreting every instruction (unless --no-interpreted); and on KVM when /dev/kvm is usable, where the same workloads run \
             natively. Benchmarks/qemu-compare.sh sets the translated figure beside QEMU TCG.
             """)
 

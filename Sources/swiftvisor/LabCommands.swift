@@ -8,12 +8,12 @@ struct LabCommand: ParsableCommand {
         commandName: "lab",
         abstract: "Experiments that reproduce the source text's scenarios, with measured numbers.",
         discussion: """
-            Each lab prints a table that explains its numbers, and writes <name>.json and
+            Each lab prints a table that explains its numbers, and writes <name>.json and \
             <name>.svg (a chart) into --output (default: lab-results/).
             """,
         subcommands: [PioVsMmio.self, ParavirtVsEmulated.self, CowSnapshot.self, Dedup.self, BalloonLabCommand.self,
                       UniversalMachine.self, ShadowVsEpt.self, SmepSmapAlias.self, SriovIommu.self, MixedCriticality.self,
-                      LiveMigrationLabCommand.self])
+                      LiveMigrationLabCommand.self, LabReportCommand.self])
 }
 
 /// Options every lab that runs on one engine takes.
@@ -23,7 +23,7 @@ struct LabOptions: ParsableArguments {
 
     @OptionGroup var report: LabReportOptions
 
-    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: BarChart) throws {
+    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: some LabChart) throws {
         try report.emit(result, name: name, table: table, chart: chart)
     }
 
@@ -43,7 +43,7 @@ struct LabReportOptions: ParsableArguments {
     var output = "lab-results"
 
     /// Writes the JSON result and SVG chart, then prints the table (or, with --json, the JSON).
-    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: BarChart) throws {
+    func emit<R: Encodable>(_ result: R, name: String, table: LabTable, chart: some LabChart) throws {
         let files = try writeLabOutputs(name: name, directory: output, result: result, chart: chart)
         if json {
             let encoder = JSONEncoder()
@@ -62,11 +62,11 @@ struct PioVsMmio: ParsableCommand {
         commandName: "pio-vs-mmio",
         abstract: "S1: a status device as trapped port I/O vs registers on a shared page scanned by timer.",
         discussion: """
-            The 'status-device' guest makes N status reads and M control writes at CPL3, once
-            through port-I/O registers (every access exits to the VMM) and once through a page
-            of ordinary guest memory: the VMM publishes status into it and finds control writes
-            by scanning the page's dirty state at each timer tick (KVM: the dirty log, the vCPU
-            kicked by a host timer; software engine: the second-level page table's dirty flag at
+            The 'status-device' guest makes N status reads and M control writes at CPL3, once \
+            through port-I/O registers (every access exits to the VMM) and once through a page \
+            of ordinary guest memory: the VMM publishes status into it and finds control writes \
+            by scanning the page's dirty state at each timer tick (KVM: the dirty log, the vCPU \
+            kicked by a host timer; software engine: the second-level page table's dirty flag at \
             each preemption-timer exit).
             """)
 
@@ -106,10 +106,10 @@ struct ParavirtVsEmulated: ParsableCommand {
         commandName: "paravirt-vs-emulated",
         abstract: "S2: the same packet workload over an emulated register-interface NIC and over virtio-net.",
         discussion: """
-            The 'net-bench' guest sends N frames at CPL3, polling: through the emulated NIC
-            (buffer address, length and a command written to MMIO registers, then a status
-            read — five exits per frame) and through virtio-net (B frames queued, one notify).
-            A calibration run measures one exit's cost on the same engine; the model predicts
+            The 'net-bench' guest sends N frames at CPL3, polling: through the emulated NIC \
+            (buffer address, length and a command written to MMIO registers, then a status \
+            read — five exits per frame) and through virtio-net (B frames queued, one notify). \
+            A calibration run measures one exit's cost on the same engine; the model predicts \
             packets/s from exits per packet alone.
             """)
 
@@ -146,10 +146,10 @@ struct CowSnapshot: ParsableCommand {
         commandName: "cow-snapshot",
         abstract: "S6: copy-on-write snapshot latency, faults and write amplification; restore time.",
         discussion: """
-            The 'counter' guest runs at CPL3, writing a number of pages per step — 8 bytes each
-            (small writes) or whole pages (large writes). A snapshot is taken while it runs; the
-            table shows how long the guest was paused, how long the snapshot took, the
-            copy-on-write faults and bytes copied against bytes the guest wrote, and the time
+            The 'counter' guest runs at CPL3, writing a number of pages per step — 8 bytes each \
+            (small writes) or whole pages (large writes). A snapshot is taken while it runs; the \
+            table shows how long the guest was paused, how long the snapshot took, the \
+            copy-on-write faults and bytes copied against bytes the guest wrote, and the time \
             from restore to the guest's first instruction and first output line, eager and lazy.
             """)
 
@@ -176,9 +176,9 @@ struct Dedup: ParsableCommand {
         commandName: "dedup",
         abstract: "S8: memory saved by page deduplication against copy-on-write breaks, by write probability.",
         discussion: """
-            The 'dedup-workload' guest keeps N identical pages and writes each with probability p
-            per round. The VMM merges them after a warm-up (once all, once with the policy that
-            merges only pages whose predicted benefit is positive) and counts copy-on-write
+            The 'dedup-workload' guest keeps N identical pages and writes each with probability p \
+            per round. The VMM merges them after a warm-up (once all, once with the policy that \
+            merges only pages whose predicted benefit is positive) and counts copy-on-write \
             breaks. The table sets measured net benefit beside the model and the break-even p.
             """)
 
@@ -200,7 +200,7 @@ struct Dedup: ParsableCommand {
         lab.pages = pages
         lab.policy.breakCostPageRounds = breakCost
         printError("lab dedup: \(lab.engine.rawValue) engine, \(pages) pages…")
-        let result = try lab.run()
+        let result = try lab.run(progress: LabProgress("lab dedup").update)
         try options.emit(result, name: "dedup-\(lab.engine.rawValue)", table: DedupLab.table(result), chart: DedupLab.chart(result))
     }
 }
@@ -210,10 +210,10 @@ struct UniversalMachine: ParsableCommand {
         commandName: "universal-machine",
         abstract: "S13: the same guests on KVM, the block translator and the interpreter: identical results, and the speed ratios.",
         discussion: """
-            Runs compute (CPL3 integer workloads), coverage (instruction groups with edge cases),
-            user-mode (privilege changes, exceptions) and pio-loop (an exit per access) on the
-            software engine's interpreter, on its block translator and on KVM (when usable).
-            Output, registers and RAM are compared with the interpreter's; wall time and guest
+            Runs compute (CPL3 integer workloads), coverage (instruction groups with edge cases), \
+            user-mode (privilege changes, exceptions) and pio-loop (an exit per access) on the \
+            software engine's interpreter, on its block translator and on KVM (when usable). \
+            Output, registers and RAM are compared with the interpreter's; wall time and guest \
             instructions per second are reported per engine.
             """)
 

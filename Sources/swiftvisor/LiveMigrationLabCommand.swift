@@ -12,13 +12,13 @@ struct LiveMigrationLabCommand: ParsableCommand {
         commandName: "live-migration",
         abstract: "S9: pre-copy vs post-copy live migration against the guest's dirty rate.",
         discussion: """
-            The 'migration-integrity' guest writes one byte per page across a
-            16 MiB area, spinning between pages; each dirty rate, from idle to
-            beyond the link, is migrated by pre-copy and by post-copy. As root
-            with iproute2 the migration crosses a veth pair between two network
-            namespaces made for the run (and removed after), shaped by a tbf qdisc
-            to --link-mbit; otherwise loopback TCP, unshaped (--loopback forces
-            it). The table shows rounds, bytes, downtime and total time beside the
+            The 'migration-integrity' guest writes one byte per page across a \
+            16 MiB area, spinning between pages; each dirty rate, from idle to \
+            beyond the link, is migrated by pre-copy and by post-copy. As root \
+            with iproute2 the migration crosses a veth pair between two network \
+            namespaces made for the run (and removed after), shaped by a tbf qdisc \
+            to --link-mbit; otherwise loopback TCP, unshaped (--loopback forces \
+            it). The table shows rounds, bytes, downtime and total time beside the \
             pre-copy model, and post-copy's remote faults and their latency.
             """)
 

@@ -11,13 +11,13 @@ struct MixedCriticality: ParsableCommand {
         commandName: "mixed-criticality",
         abstract: "S12: a critical partition's periodic task beside a best-effort one: pinning, and a shared queue's lock as mutex, PI or PCP.",
         discussion: """
-            The 'rt-critical' guest runs a periodic task off a timer interrupt and measures its
-            response time and release jitter with the TSC; 'rt-besteffort' loads the shared
-            virtual I/O queue whose backend lock both use, and a medium-priority host thread
-            burns CPU in bursts. Configurations: shared cores vs pinned (sched_setaffinity,
-            SCHED_FIFO, mlock); plain mutex vs PTHREAD_PRIO_INHERIT vs PTHREAD_PRIO_PROTECT;
-            with and without the other partition's load. Needs KVM (the TSC must be time), and
-            for the pinned runs two host CPUs and permission for SCHED_FIFO (root or
+            The 'rt-critical' guest runs a periodic task off a timer interrupt and measures its \
+            response time and release jitter with the TSC; 'rt-besteffort' loads the shared \
+            virtual I/O queue whose backend lock both use, and a medium-priority host thread \
+            burns CPU in bursts. Configurations: shared cores vs pinned (sched_setaffinity, \
+            SCHED_FIFO, mlock); plain mutex vs PTHREAD_PRIO_INHERIT vs PTHREAD_PRIO_PROTECT; \
+            with and without the other partition's load. Needs KVM (the TSC must be time), and \
+            for the pinned runs two host CPUs and permission for SCHED_FIFO (root or \
             CAP_SYS_NICE); the lab says which is missing.
             """)
 

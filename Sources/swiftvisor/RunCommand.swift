@@ -13,22 +13,22 @@ struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Boot one guest (or several, side by side) and stream the serial console.",
         discussion: """
-            GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static
-            ELF64 x86-64 executable linked at 1 MiB (docs/guest-abi.md), optionally followed
-            by its own command line in the same argument: 'net-ping pong=1 count=5'.
-            Several GUESTs run as several VMs of this process with the same options; each
-            gets its own NICs and consoles (--net switch:NAME connects them). With more than one VM,
+            GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static \
+            ELF64 x86-64 executable linked at 1 MiB (docs/guest-abi.md), optionally followed \
+            by its own command line in the same argument: 'net-ping pong=1 count=5'. \
+            Several GUESTs run as several VMs of this process with the same options; each \
+            gets its own NICs and consoles (--net switch:NAME connects them). With more than one VM, \
             output lines are prefixed with [vm0], [vm1], …; standard input goes to vm0.
 
-            Devices: --disk PATH[,ro][,vm=N] adds a virtio-blk disk backed by a raw image
-            file to vm0 (or vmN); the image is locked while in use; --net
-            switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME;
-            --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN);
-            --virtio-console adds a virtio console on standard output; --nic switch:NAME
+            Devices: --disk PATH[,ro][,vm=N] adds a virtio-blk disk backed by a raw image \
+            file to vm0 (or vmN); the image is locked while in use; --net \
+            switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME; \
+            --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN); \
+            --virtio-console adds a virtio console on standard output; --nic switch:NAME \
             adds the emulated register-interface NIC; --balloon adds virtio-balloon.
 
-            swiftvisor exits with the status the guest writes to port 0xF4 (with several
-            VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple
+            swiftvisor exits with the status the guest writes to port 0xF4 (with several \
+            VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple \
             fault, engine error, bad image or device).
             """
     )
@@ -36,7 +36,7 @@ struct Run: ParsableCommand {
     @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
     var guests: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
+    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
     var memory = MemoryArgument(argument: "64M")!
 
     @Option(name: .long, help: ArgumentHelp("Number of vCPUs.", valueName: "n"))
@@ -94,7 +94,12 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: .hidden)
     var startupReport: String?
 
+    /// Tests only: a Swift runtime trap on vCPU 0's thread this long after the start (CLITests).
+    @Option(name: .long, help: .hidden)
+    var crashAfterMs: Int?
+
     func validate() throws {
+        try memory.validateGuestRAM()
         if incoming != nil {
             guard guests.count <= 1, disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole else {
                 throw ValidationError("--incoming takes at most one guest name and no device options: the devices come with the VM")
@@ -142,6 +147,7 @@ struct Run: ParsableCommand {
                     }
                 var config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout, guestName: name)
+                if crashAfterMs != nil { config.tickSeconds = 0.01 }
                 config.paging = paging
                 let policy = try partition.map(PartitionArgument.init).last { $0.vm == index }?.policy
                 if let policy {
@@ -175,19 +181,25 @@ struct Run: ParsableCommand {
         }
         let results = Mutex([RunResult?](repeating: nil, count: machines.count))
         let failures = Mutex([String]())
+        let crashTrigger = crashAfterMs.map(CrashTrigger.init)?.onTick
         let runMachine = { @Sendable (index: Int, machine: Machine) in
             do {
-                let r = try machine.run()
+                let r = try machine.run(onTick: index == 0 ? crashTrigger : nil)
                 results.withLock { $0[index] = r }
             } catch {
                 failures.withLock { $0.append("vm\(index): \(error)") }
             }
         }
-        if machines.count == 1 {
-            runMachine(0, machines[0])  // no extra thread for the common case
-        } else {
-            let threads = machines.enumerated().map { index, machine in HostThread(name: "vm\(index)") { runMachine(index, machine) } }
-            threads.forEach { $0.join() }
+        ProcessLifecycle.stoppingOnSignal(machines) {
+            if machines.count == 1 {
+                runMachine(0, machines[0])  // no extra thread for the common case
+            } else {
+                let threads = machines.enumerated().map { index, machine in HostThread(name: "vm\(index)") { runMachine(index, machine) } }
+                threads.forEach { $0.join() }
+            }
+        }
+        for machine in machines {
+            for problem in machine.flushDevices() { failures.withLock { $0.append(problem) } }
         }
         if let control, case .migrated? = results.withLock({ $0[0] })?.stopReason {
             machines[0].waitWhileMigrating {
@@ -200,8 +212,13 @@ struct Run: ParsableCommand {
             guard let result = results.withLock({ $0[index] }) else { continue }
             let label = many ? "vm\(index): " : ""
             report(result, machine: machine, label: label, jsonPath: statsJSON.map { many ? "\($0).vm\(index)" : $0 })
+            if ProcessLifecycle.stopSignal != nil, result.stopReason == .stopped { continue }  // said below
             let s = exitStatus(result.stopReason, label: label)
             if status == nil || status == 0 { status = s }
+        }
+        if let signal = ProcessLifecycle.stopSignal {
+            ProcessLifecycle.announceStop(signal)
+            throw ExitCode(ProcessLifecycle.exitStatus(signal))
         }
         if let path = startupReport { try writeStartupReport(path, machines[0]) }
         if let status, status != 0 { throw ExitCode(status) }
@@ -344,6 +361,7 @@ enum ConsoleOutput {
     @Sendable static func write(_ byte: UInt8) {
         var b = byte
         while Glibc.write(1, &b, 1) < 0 && errno == EINTR {}
+        ProcessLifecycle.noteConsoleByte(byte)
     }
 }
 

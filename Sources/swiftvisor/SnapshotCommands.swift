@@ -10,7 +10,7 @@ struct SnapshotCommand: ParsableCommand {
             Start a VM with a control socket:   swiftvisor run counter --control /tmp/vm.sock
             Snapshot it while it runs:          swiftvisor snapshot create --socket /tmp/vm.sock counter.snap
             Restore it (as often as you like):  swiftvisor snapshot restore counter.snap
-            The guest keeps running during 'create': only saving the vCPU state and arming write
+            The guest keeps running during 'create': only saving the vCPU state and arming write \
             protection stops it; a page it writes before the writer reaches it is copied first.
             """,
         subcommands: [Create.self, Restore.self, Inspect.self])
@@ -76,7 +76,12 @@ struct SnapshotCommand: ParsableCommand {
             }
             let server = try control.map { try ControlServer(machine: machine, path: $0) }
             defer { server?.close() }
-            let result = try machine.run()
+            let result = try ProcessLifecycle.stoppingOnSignal([machine]) { try machine.run() }
+            machine.flushDevices().forEach { printError("swiftvisor: error: \($0)") }
+            if let signal = ProcessLifecycle.stopSignal {
+                ProcessLifecycle.announceStop(signal)
+                throw ExitCode(ProcessLifecycle.exitStatus(signal))
+            }
             if case let .exitPort(status) = result.stopReason { throw ExitCode(Int32(status)) }
             printError("swiftvisor: \(result.stopReason.summary)")
             if case .timeout = result.stopReason { throw ExitCode(ToolStatus.timeout) }
@@ -85,17 +90,25 @@ struct SnapshotCommand: ParsableCommand {
     }
 
     struct Inspect: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Describe a snapshot file and verify its checksums.")
+        static let configuration = CommandConfiguration(
+            abstract: "Describe a snapshot file and verify its checksums.",
+            discussion: "Exits 0 when every checksum passes, 125 when the file or its guest memory is damaged.")
 
         @Argument(help: "Snapshot file.")
         var file: String
 
         func run() throws {
+            let intact: Bool
             do {
-                let text = try SnapshotFile.inspect(path: file)
+                let (text, memoryIntact) = try SnapshotFile.inspection(path: file)
                 print(text, terminator: text.hasSuffix("\n") ? "" : "\n")
+                intact = memoryIntact
             } catch {
                 printError("swiftvisor: error: \(error)")
+                throw ExitCode(ToolStatus.failure)
+            }
+            guard intact else {
+                printError("swiftvisor: error: \(file): guest memory fails its checksums; the snapshot is damaged")
                 throw ExitCode(ToolStatus.failure)
             }
         }

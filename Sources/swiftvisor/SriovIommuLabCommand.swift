@@ -11,13 +11,13 @@ struct SriovIommu: ParsableCommand {
         commandName: "sriov-iommu",
         abstract: "S4: an SR-IOV VF's DMA through an IOMMU: throughput vs I/O page size and IOTLB size, and isolation.",
         discussion: """
-            Throughput: the VF's DMA engine fills receive buffers in a VM's RAM through the
-            IOMMU model (its page tables and IOTLB), for 4 KiB and 2 MiB I/O pages and several
-            IOTLB sizes. The IOMMU's budget (translations per second, cost of an IOTLB miss) and
-            the link give the throughput, shown beside the model min(link, translations/s ×
-            bytes per translation). Two guests then exchange frames through their VFs, every
-            DMA translated (the real device path). Isolation: the 'sriov-vf' guest programs its
-            VF to DMA into and out of another VM's memory and the VMM's, with the IOMMU on
+            Throughput: the VF's DMA engine fills receive buffers in a VM's RAM through the \
+            IOMMU model (its page tables and IOTLB), for 4 KiB and 2 MiB I/O pages and several \
+            IOTLB sizes. The IOMMU's budget (translations per second, cost of an IOTLB miss) and \
+            the link give the throughput, shown beside the model min(link, translations/s × \
+            bytes per translation). Two guests then exchange frames through their VFs, every \
+            DMA translated (the real device path). Isolation: the 'sriov-vf' guest programs its \
+            VF to DMA into and out of another VM's memory and the VMM's, with the IOMMU on \
             (blocked, logged) and off (lands).
             """)
 

@@ -62,12 +62,12 @@ struct BenchStartup: ParsableCommand {
         commandName: "startup",
         abstract: "Process start to the guest's first instruction, and peak RSS beyond guest RAM, for 'run hello'.",
         discussion: """
-            Starts this swiftvisor binary as 'run hello --engine E' N times per engine (64 MiB
-            guest). The time runs from just before the process is spawned to the guest's first
-            instruction, which writes the boot-marker port 0xF5; CPU time is what the process
-            used until then. Peak RSS is the process's VmHWM minus the guest RAM it allocated.
-            Medians are printed beside the microVM reference: Firecracker's specification
-            (VMM ready within 8 CPU ms, at most 5 MiB of VMM memory overhead).
+            Starts this swiftvisor binary as 'run hello --engine E' N times per engine (64 MiB \
+            guest). The time runs from just before the process is spawned to the guest's first \
+            instruction, which writes the boot-marker port 0xF5; CPU time is what the process \
+            used until then. Peak RSS is the process's VmHWM minus the guest RAM it allocated. \
+            Medians are printed beside the microVM reference: Firecracker's specification \
+            (VMM ready within 8 CPU ms, at most 5 MiB of VMM memory overhead). \
             Build with 'swift build -c release' for meaningful numbers.
             """)
 

@@ -19,6 +19,12 @@ struct Swiftvisor: ParsableCommand {
             """,
         subcommands: [Run.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, MigrateCommand.self, BalloonCommand.self, LabCommand.self]
     )
+
+    /// Stop signals and fatal faults are handled before anything else runs (ProcessLifecycle).
+    static func main() {
+        ProcessLifecycle.install()
+        main(nil)
+    }
 }
 
 /// Exit statuses of `swiftvisor` itself (a guest's own status passes through unchanged).
@@ -37,6 +43,15 @@ struct MemoryArgument: ExpressibleByArgument {
         bytes = b
     }
     static var defaultCompletionKind: CompletionKind { .default }
+    /// `--help` shows the default as a size (64M).
+    var defaultValueDescription: String { MemorySize.format(bytes) }
+
+    /// Guest RAM a machine can have; a usage error otherwise.
+    func validateGuestRAM() throws {
+        guard bytes >= BootLayout.minRAM, bytes <= BootLayout.maxRAM, bytes % (2 << 20) == 0 else {
+            throw ValidationError("--memory \(MemorySize.format(bytes)): guest RAM must be \(MemorySize.format(BootLayout.minRAM))–\(MemorySize.format(BootLayout.maxRAM)) and a multiple of 2M")
+        }
+    }
 }
 
 extension EngineChoice: ExpressibleByArgument {}
@@ -46,7 +61,7 @@ extension EngineChoice: ExpressibleByArgument {}
 func printError(_ message: String, newline: Bool = true) {
     var stderr = StandardError()
     if newline {
-        print(message, to: &stderr)
+        print(ProcessLifecycle.lineBreakBeforeMessage() + message, to: &stderr)
     } else if isatty(2) != 0 {
         print("\r\u{1B}[K" + message, terminator: "", to: &stderr)
     }

@@ -70,7 +70,13 @@ import Glibc
         let table = BalloonLab.table(r)
         #expect(table.rows.count == 5)
         #expect(table.title.contains("CPL3"))
-        #expect(BalloonLab.chart(r).categories.count == 5)
+        // The chart: miss rate (one unit) against balloon size; four growing phases on the
+        // curves, the deflated one apart.
+        let chart = BalloonLab.chart(r)
+        #expect(chart.yLabel == "miss rate (%)")
+        #expect(chart.series.map(\.points.count) == [4, 4, 4, 4, 1])
+        #expect(chart.series[0].points.map(\.x) == growing.map { Double($0.balloonPages) })
+        #expect(chart.svg.contains("<polyline") && !chart.svg.contains("MiB"))
     }
 
     @Test func zipfModelsAgreeWithTheirDefinitions() {

@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <stddef.h>
 
+#include "lifecycle.h"  // stop signals, fatal faults, cleanup on exit
+
 /* eventfd (non-blocking, close-on-exec); take returns the count read (0 if none), or -errno. */
 int host_eventfd(void);
 int64_t host_eventfd_take(int fd);

@@ -14,6 +14,7 @@ public enum VirtioBlockError: Error, Equatable, Sendable, CustomStringConvertibl
     case emptyImage(path: String)
     case inUse(path: String)
     case openFailed(path: String, errno: Int32)
+    case syncFailed(path: String, errno: Int32)
 
     public var description: String {
         switch self {
@@ -35,6 +36,8 @@ public enum VirtioBlockError: Error, Equatable, Sendable, CustomStringConvertibl
             return "disk image \(path) is in use by another VM or process (it holds a lock on it); stop that user or attach a copy"
         case let .openFailed(path, err):
             return "cannot open disk image \(path): \(String(cString: strerror(err)))"
+        case let .syncFailed(path, err):
+            return "cannot make the writes to disk image \(path) durable (fdatasync): \(String(cString: strerror(err)))"
         }
     }
 }
@@ -151,6 +154,16 @@ public final class VirtioBlock: VirtioDevice {
     }
 
     deinit { close(fd) }
+
+    /// Makes every write so far durable (fdatasync), as the VMM does when a run ends.
+    public func flush() throws(VirtioBlockError) {
+        guard !readOnly else { return }
+        while fdatasync(fd) != 0 {
+            let err = errno
+            if err == EINTR { continue }
+            throw .syncFailed(path: path, errno: err)
+        }
+    }
 
     public var statistics: VirtioBlockStatistics { stats.withLock { $0 } }
 
@@ -272,7 +285,7 @@ public final class VirtioBlock: VirtioDevice {
         let sectors = UInt64(bytes / Self.sectorSize)
         guard sector <= capacity, sectors <= capacity - sector else {
             throw RequestFailure(kind: "blockOutOfRange",
-                                 message: "request \(head): sectors \(sector)+\(sectors) beyond capacity \(capacity)")
+                                 message: "request \(head): sectors \(sector)+\(sectors) lie past the end of the disk (\(capacity) sectors); the guest gets an I/O error, as from a real disk")
         }
         return sector * UInt64(Self.sectorSize)
     }
