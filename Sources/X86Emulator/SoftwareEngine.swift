@@ -77,7 +77,7 @@ public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, Cod
 /// `requestExit` and `injectInterrupt` may come from any thread.
 // SAFETY: the CPU and the timer budget belong to the thread calling run(); the flags other
 // threads touch (exit request, pending interrupts) are atomic.
-public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @unchecked Sendable {
+public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, PlatformMSRForwarding, @unchecked Sendable {
     public let id: Int
     let vm: SoftwareVirtualMachine
     let cpu: CPU
@@ -98,7 +98,11 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
         self.id = id
         cpu = CPU(memory: vm.memory, codePages: vm.codePages, secondLevel: vm.secondLevel, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil)
         if vm.translation { cpu.translator = BlockTranslator(sharedMemory: vm.config.vcpuCount > 1) }
+        cpu.vcpuIndex = id
     }
+
+    public func setPlatformMSRHandler(_ handler: (any PlatformMSRHandler)?) { cpu.platformMSRs = handler }
+    public var timeStampCounter: UInt64 { cpu.instructions &+ cpu.tscOffset }
 
     /// Whether this vCPU runs translated code.
     public var usesTranslation: Bool { cpu.translator != nil }
@@ -216,7 +220,9 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
             }
             cpu.attention = false
             let used: Int
-            if let t = cpu.translator {
+            if cpu.inLegacyMode {
+                used = cpu.runLegacy(limit)  // boot code outside 64-bit mode: interpreted
+            } else if let t = cpu.translator {
                 if limit >= 16 {
                     used = cpu.runTranslated(t, limit: limit)
                 } else {

@@ -352,8 +352,15 @@ extension CPU {
         case 0:
             guard v & ~CR.cr0Valid == 0 else { throw Fault.gp() }
             guard v & CR.pg == 0 || v & CR.pe != 0 else { throw Fault.gp() }
-            guard v & CR.pg != 0 || efer & CR.eferLMA == 0 else { throw Fault.gp() }  // no leaving long mode
+            // No leaving long mode from 64-bit code (compatibility mode may).
+            guard v & CR.pg != 0 || efer & CR.eferLMA == 0 || !cs.l else { throw Fault.gp() }
             guard v & (1 << 29) == 0 || v & (1 << 30) != 0 else { throw Fault.gp() }  // NW without CD
+            if v & CR.pg != 0 && cr0 & CR.pg == 0 && efer & CR.eferLME != 0 {  // activating long mode
+                guard cr4 & CR.pae != 0 else { throw Fault.gp() }
+                efer |= CR.eferLMA
+            } else if v & CR.pg == 0 {
+                efer &= ~CR.eferLMA
+            }
             cr0 = v | CR.et
             flushTLB()
             shadowContextChanged()
@@ -436,7 +443,9 @@ extension CPU {
         case MSR.sysenterESP: return sysenterESP
         case MSR.sysenterEIP: return sysenterEIP
         case Self.tscAuxMSR: return tscAux
-        default: throw Fault.gp()
+        default:
+            guard let v = platformMSRs?.readMSR(vcpu: vcpuIndex, index: index, tsc: instructions &+ tscOffset) else { throw Fault.gp() }
+            return v
         }
     }
 
@@ -463,7 +472,9 @@ extension CPU {
         case MSR.sysenterESP: try canonical(); sysenterESP = v
         case MSR.sysenterEIP: try canonical(); sysenterEIP = v
         case Self.tscAuxMSR: tscAux = v & 0xFFFF_FFFF
-        default: throw Fault.gp()
+        default:
+            guard platformMSRs?.writeMSR(vcpu: vcpuIndex, index: index, value: v, tsc: instructions &+ tscOffset) == true else { throw Fault.gp() }
+            attention = true  // an APIC write may have raised an interrupt
         }
     }
 }

@@ -1,0 +1,17 @@
+/// The VMM's answer to model-specific registers an engine leaves to the platform: the
+/// x2APIC registers (0x800–0x8FF) and the TSC deadline (0x6E0) belong to a local APIC the
+/// VMM models. Called on the vCPU's own thread, in the middle of RDMSR/WRMSR.
+public protocol PlatformMSRHandler: AnyObject, Sendable {
+    /// The register's value, or nil for #GP. `tsc`: the vCPU's time-stamp counter now.
+    func readMSR(vcpu: Int, index: UInt32, tsc: UInt64) -> UInt64?
+    /// False for #GP.
+    func writeMSR(vcpu: Int, index: UInt32, value: UInt64, tsc: UInt64) -> Bool
+}
+
+/// A vCPU whose unimplemented MSRs go to a `PlatformMSRHandler` (the software engine;
+/// KVM keeps them in its in-kernel local APIC). Set before the vCPU runs.
+public protocol PlatformMSRForwarding: VCPU {
+    func setPlatformMSRHandler(_ handler: (any PlatformMSRHandler)?)
+    /// The vCPU's time-stamp counter (from its own thread, or while it does not run).
+    var timeStampCounter: UInt64 { get }
+}
