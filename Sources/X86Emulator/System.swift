@@ -400,6 +400,9 @@ extension CPU {
             a = 0x0000_0600
             c = (1 << 13) | (1 << 23)  // CX16, POPCNT
             d = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15)  // PSE TSC MSR PAE CX8 PGE CMOV
+            if platformMSRs != nil {  // the VMM's local APIC (PC platform): APIC, x2APIC, TSC deadline; initial APIC ID
+                d |= 1 << 9; c |= (1 << 21) | (1 << 24); b = UInt32(truncatingIfNeeded: vcpuIndex) << 24
+            }
         case 7 where sub == 0:
             b = (1 << 0) | (1 << 7) | (1 << 20)  // FSGSBASE, SMEP, SMAP
             c = 1 << 2  // UMIP

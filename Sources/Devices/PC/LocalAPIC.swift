@@ -20,8 +20,10 @@ public struct LocalAPICWiring: Sendable {
 /// with the destination shorthands, physical and flat logical destinations), the LVT and
 /// the timer (one-shot, periodic, TSC-deadline) counting at 1 GHz, host time.
 ///
-/// An accepted interrupt is handed to the vCPU at once and counts as in service until EOI
-/// (the engine, not the APIC, holds it back while RFLAGS.IF is clear).
+/// An accepted interrupt waits in the IRR until its priority class is above the processor
+/// priority (TPR and the highest in-service vector); then it moves to the ISR and is
+/// handed to the vCPU (which holds it back while RFLAGS.IF is clear). EOI and TPR writes
+/// let the next one through.
 public final class LocalAPICBank: PlatformMSRHandler, Sendable {
     public static let base: UInt64 = 0xFEE0_0000
     public static let tscDeadlineMSR: UInt32 = 0x6E0
@@ -48,6 +50,10 @@ public final class LocalAPICBank: PlatformMSRHandler, Sendable {
     private let apics: [Unit]
     private let wiring: LocalAPICWiring
     private let queue = DispatchQueue(label: "swiftvisor.lapic-timer")
+    /// The I/O APIC's EOI for level-triggered vectors (set once, before the guest runs).
+    private let levelEOI = Mutex<(@Sendable (UInt8) -> Void)?>(nil)
+
+    public func setLevelEOIHandler(_ handler: @escaping @Sendable (UInt8) -> Void) { levelEOI.withLock { $0 = handler } }
     public var count: Int { apics.count }
 
     public init(vcpuCount: Int, wiring: LocalAPICWiring) {
@@ -141,7 +147,9 @@ public final class LocalAPICBank: PlatformMSRHandler, Sendable {
 
     private func write(vcpu: Int, index: Int, value: UInt32) {
         switch index {
-        case 0x08: apics[vcpu].state.withLock { $0.tpr = value & 0xFF }
+        case 0x08:
+            apics[vcpu].state.withLock { $0.tpr = value & 0xFF }
+            dispatch(vcpu: vcpu)
         case 0x0B: endOfInterrupt(vcpu: vcpu)
         case 0x0D: apics[vcpu].state.withLock { $0.ldr = value & 0xFF00_0000 }
         case 0x0E: apics[vcpu].state.withLock { $0.dfr = value | 0x0FFF_FFFF }
@@ -172,20 +180,74 @@ public final class LocalAPICBank: PlatformMSRHandler, Sendable {
         return r.tpr & 0xF0 >= isrClass ? r.tpr : isrClass
     }
 
-    /// A fixed interrupt for `vcpu`: in service from now until EOI, handed to the vCPU.
-    public func accept(vcpu: Int, vector: UInt8) {
+    /// A fixed interrupt for `vcpu`: requested now, delivered when its priority allows.
+    /// `level`: level-triggered (its EOI goes to the I/O APIC).
+    public func accept(vcpu: Int, vector: UInt8, level: Bool = false) {
         guard vcpu < apics.count, vector >= 16 else { return }
         let enabled = apics[vcpu].state.withLock { r -> Bool in
             guard r.svr & 0x100 != 0 else { return false }  // software-disabled APIC drops it
-            r.isr[Int(vector >> 5)] |= 1 << UInt32(vector & 31)
+            r.irr[Int(vector >> 5)] |= 1 << UInt32(vector & 31)
+            let bit: UInt32 = 1 << UInt32(vector & 31)
+            if level { r.tmr[Int(vector >> 5)] |= bit } else { r.tmr[Int(vector >> 5)] &= ~bit }
             return true
         }
-        if enabled { wiring.deliver(vcpu, vector) }
+        if enabled { dispatch(vcpu: vcpu) }
+    }
+
+    /// Moves the highest requested vector to in-service and hands it to the vCPU when its
+    /// class is above the processor priority.
+    private func dispatch(vcpu: Int) {
+        let vector = apics[vcpu].state.withLock { r -> UInt8? in
+            guard let v = Self.highest(r.irr), UInt32(v) & 0xF0 > Self.processorPriority(r) & 0xF0 else { return nil }
+            r.irr[v >> 5] &= ~(1 << UInt32(v & 31))
+            r.isr[v >> 5] |= 1 << UInt32(v & 31)
+            return UInt8(v)
+        }
+        if let vector { wiring.deliver(vcpu, vector) }
     }
 
     private func endOfInterrupt(vcpu: Int) {
-        apics[vcpu].state.withLock { r in
-            if let v = Self.highest(r.isr) { r.isr[v >> 5] &= ~(1 << UInt32(v & 31)) }
+        let levelVector = apics[vcpu].state.withLock { r -> UInt8? in
+            guard let v = Self.highest(r.isr) else { return nil }
+            let bit: UInt32 = 1 << UInt32(v & 31)
+            r.isr[v >> 5] &= ~bit
+            guard r.tmr[v >> 5] & bit != 0 else { return nil }
+            r.tmr[v >> 5] &= ~bit
+            return UInt8(v)
+        }
+        if let v = levelVector, let eoi = levelEOI.withLock({ $0 }) { eoi(v) }
+        dispatch(vcpu: vcpu)
+    }
+
+    /// An interrupt message from the I/O APIC (xAPIC destination format).
+    public func deliverMessage(vector: UInt8, mode: UInt32, logical: Bool, destination: UInt32, level: Bool) {
+        for t in targets(source: 0, shorthand: 0, logical: logical, destination: destination, x2APIC: false) {
+            switch mode {
+            case 0, 1: accept(vcpu: t, vector: vector, level: level)
+            case 4: wiring.deliver(t, 2)
+            default: break
+            }
+            if mode == 1 { break }  // lowest priority: one of them
+        }
+    }
+
+    private func targets(source: Int, shorthand: UInt32, logical: Bool, destination: UInt32, x2APIC: Bool) -> [Int] {
+        switch shorthand {
+        case 1: return [source]
+        case 2: return Array(0..<apics.count)
+        case 3: return (0..<apics.count).filter { $0 != source }
+        default:
+            let broadcast: UInt32 = x2APIC ? 0xFFFF_FFFF : 0xFF
+            if destination == broadcast { return Array(0..<apics.count) }
+            if !logical { return Int(destination) < apics.count ? [Int(destination)] : [] }
+            if x2APIC {
+                let cluster = Int(destination >> 16), bits = destination & 0xFFFF
+                return (0..<apics.count).filter { $0 >> 4 == cluster && bits & (1 << UInt32($0 & 15)) != 0 }
+            }
+            return (0..<apics.count).filter { id in
+                let ldr = apics[id].state.withLock { $0.ldr } >> 24
+                return ldr & destination != 0
+            }
         }
     }
 
@@ -194,27 +256,7 @@ public final class LocalAPICBank: PlatformMSRHandler, Sendable {
         let mode = (low >> 8) & 7
         let logical = low & 0x800 != 0
         let shorthand = (low >> 18) & 3
-        var targets: [Int]
-        switch shorthand {
-        case 1: targets = [source]
-        case 2: targets = Array(0..<apics.count)
-        case 3: targets = (0..<apics.count).filter { $0 != source }
-        default:
-            let broadcast: UInt32 = x2APIC ? 0xFFFF_FFFF : 0xFF
-            if destination == broadcast {
-                targets = Array(0..<apics.count)
-            } else if !logical {
-                targets = Int(destination) < apics.count ? [Int(destination)] : []
-            } else if x2APIC {
-                let cluster = Int(destination >> 16), bits = destination & 0xFFFF
-                targets = (0..<apics.count).filter { $0 >> 4 == cluster && bits & (1 << UInt32($0 & 15)) != 0 }
-            } else {
-                targets = (0..<apics.count).filter { id in
-                    let ldr = apics[id].state.withLock { $0.ldr } >> 24
-                    return ldr & destination != 0
-                }
-            }
-        }
+        let targets = targets(source: source, shorthand: shorthand, logical: logical, destination: destination, x2APIC: x2APIC)
         for t in targets {
             switch mode {
             case 0, 1: accept(vcpu: t, vector: vector)  // fixed, lowest priority
