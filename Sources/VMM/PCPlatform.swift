@@ -39,7 +39,10 @@ public enum PCPlatform {
         machine.addMessageSignalledInterruptSource()
         let msrs = PCPlatformMSRs(apic: apic, vcpuCount: count)
         for vcpu in machine.allVCPUs {
-            (vcpu as? any PlatformMSRForwarding)?.setPlatformMSRHandler(msrs)
+            if let forwarding = vcpu as? any PlatformMSRForwarding {
+                forwarding.setPlatformMSRHandler(msrs)
+                forwarding.setInterruptController(apic)
+            }
         }
         return machine
     }
@@ -67,14 +70,14 @@ final class PCPlatformMSRs: PlatformMSRHandler {
         banks = (0..<vcpuCount).map { _ in Bank() }
     }
 
-    func readMSR(vcpu: Int, index: UInt32, tsc: UInt64) -> UInt64? {
+    func readMSR(vcpu: Int, index: UInt32, tsc: UInt64, apicBase: UInt64) -> UInt64? {
         if Self.counters.contains(index), vcpu < banks.count { return banks[vcpu].values.withLock { $0[Int(index & 7)] } }
         if index == Self.miscEnable, vcpu < banks.count { return banks[vcpu].miscEnable.withLock { $0 } }
         if index == Self.machineCheckCapabilities { return 0 }  // no machine-check banks
-        return apic.readMSR(vcpu: vcpu, index: index, tsc: tsc)
+        return apic.readMSR(vcpu: vcpu, index: index, tsc: tsc, apicBase: apicBase)
     }
 
-    func writeMSR(vcpu: Int, index: UInt32, value: UInt64, tsc: UInt64) -> Bool {
+    func writeMSR(vcpu: Int, index: UInt32, value: UInt64, tsc: UInt64, apicBase: UInt64) -> Bool {
         if Self.counters.contains(index), vcpu < banks.count {
             banks[vcpu].values.withLock { $0[Int(index & 7)] = value }
             return true
@@ -83,6 +86,6 @@ final class PCPlatformMSRs: PlatformMSRHandler {
             banks[vcpu].miscEnable.withLock { $0 = (value & ~Self.miscEnableFixed) | ($0 & Self.miscEnableFixed) }
             return true
         }
-        return apic.writeMSR(vcpu: vcpu, index: index, value: value, tsc: tsc)
+        return apic.writeMSR(vcpu: vcpu, index: index, value: value, tsc: tsc, apicBase: apicBase)
     }
 }

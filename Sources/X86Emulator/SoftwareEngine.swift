@@ -102,6 +102,22 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     }
 
     public func setPlatformMSRHandler(_ handler: (any PlatformMSRHandler)?) { cpu.platformMSRs = handler }
+    public func setInterruptController(_ controller: (any PlatformInterruptController)?) { interruptController = controller }
+    private var interruptController: (any PlatformInterruptController)?
+
+    /// The next injected vector the guest may take now (with a platform interrupt controller:
+    /// above the processor priority, and acknowledged to it).
+    private func takeInterrupt() -> UInt8? {
+        guard let controller = interruptController else { return pending.takeHighest() }
+        let threshold = controller.processorPriority(vcpu: id) & 0xF0
+        guard let v = pending.takeHighest() else { return nil }
+        if v & 0xF0 <= threshold {
+            pending.post(v)  // masked by priority: stays requested
+            return nil
+        }
+        controller.acknowledge(vcpu: id, vector: v)
+        return v
+    }
     public var timeStampCounter: UInt64 { cpu.instructions &+ cpu.tscOffset }
 
     /// Whether this vCPU runs translated code.
@@ -207,7 +223,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 return .interrupted
             }
             if cpu.shadowEntries != nil { syncShadowFlush() }
-            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = pending.takeHighest() {
+            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = takeInterrupt() {
                 if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }  // delivery stopped at an EPT violation
             }

@@ -447,7 +447,7 @@ extension CPU {
         case MSR.sysenterEIP: return sysenterEIP
         case Self.tscAuxMSR: return tscAux
         default:
-            guard let v = platformMSRs?.readMSR(vcpu: vcpuIndex, index: index, tsc: instructions &+ tscOffset) else { throw Fault.gp() }
+            guard let v = platformMSRs?.readMSR(vcpu: vcpuIndex, index: index, tsc: instructions &+ tscOffset, apicBase: apicBase) else { throw Fault.gp() }
             return v
         }
     }
@@ -476,7 +476,7 @@ extension CPU {
         case MSR.sysenterEIP: try canonical(); sysenterEIP = v
         case Self.tscAuxMSR: tscAux = v & 0xFFFF_FFFF
         default:
-            guard platformMSRs?.writeMSR(vcpu: vcpuIndex, index: index, value: v, tsc: instructions &+ tscOffset) == true else { throw Fault.gp() }
+            guard platformMSRs?.writeMSR(vcpu: vcpuIndex, index: index, value: v, tsc: instructions &+ tscOffset, apicBase: apicBase) == true else { throw Fault.gp() }
             attention = true  // an APIC write may have raised an interrupt
         }
     }

@@ -20,11 +20,11 @@ public struct LocalAPICWiring: Sendable {
 /// with the destination shorthands, physical and flat logical destinations), the LVT and
 /// the timer (one-shot, periodic, TSC-deadline) counting at 1 GHz, host time.
 ///
-/// An accepted interrupt waits in the IRR until its priority class is above the processor
-/// priority (TPR and the highest in-service vector); then it moves to the ISR and is
-/// handed to the vCPU (which holds it back while RFLAGS.IF is clear). EOI and TPR writes
-/// let the next one through.
-public final class LocalAPICBank: PlatformMSRHandler, Sendable {
+/// An accepted interrupt is requested (IRR) and handed to the vCPU at once; the engine
+/// takes it once RFLAGS.IF is set and its priority class is above the processor priority
+/// (TPR and the highest in-service vector), acknowledging it here (IRR → ISR). EOI and TPR
+/// writes lower the priority, and the next one is taken.
+public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptController, Sendable {
     public static let base: UInt64 = 0xFEE0_0000
     public static let tscDeadlineMSR: UInt32 = 0x6E0
     /// The timer's input clock (and the TSC rate the deadline mode assumes): 1 GHz.
@@ -87,34 +87,45 @@ public final class LocalAPICBank: PlatformMSRHandler, Sendable {
         write(vcpu: vcpu, index: index, value: UInt32(truncatingIfNeeded: value))
     }
 
-    public func readMSR(vcpu: Int, index: UInt32, tsc: UInt64) -> UInt64? {
+    /// x2APIC registers (MSR 0x800 + offset >> 4): read-only, read-write, write-only.
+    private static let x2APICReadOnly: Set<Int> = Set([0x02, 0x03, 0x0A, 0x0D, 0x39]).union(0x10...0x27)
+    private static let x2APICReadWrite: Set<Int> = [0x08, 0x0F, 0x28, 0x30, 0x32, 0x33, 0x34, 0x35, 0x36, 0x37, 0x38, 0x3E]
+    private static let x2APICWriteOnly: Set<Int> = [0x0B, 0x3F]
+    static let x2APICEnable: UInt64 = 1 << 10
+
+    public func readMSR(vcpu: Int, index: UInt32, tsc: UInt64, apicBase: UInt64) -> UInt64? {
         guard vcpu < apics.count else { return nil }
         if index == Self.tscDeadlineMSR { return apics[vcpu].state.withLock { $0.deadline } }
-        guard index >= 0x800, index <= 0x8FF else { return nil }
+        guard index >= 0x800, index <= 0x8FF, apicBase & Self.x2APICEnable != 0 else { return nil }
         let reg = Int(index - 0x800)
+        guard Self.x2APICReadOnly.contains(reg) || Self.x2APICReadWrite.contains(reg) else { return nil }
         switch reg {
         case 0x02: return UInt64(vcpu)
         case 0x0D: return UInt64(((vcpu >> 4) << 16) | (1 << (vcpu & 15)))  // x2APIC logical ID
-        case 0x0E, 0x31, 0x0B, 0x3F: return nil  // DFR and ICR high do not exist; EOI and SELF IPI are write-only
         case 0x30: return apics[vcpu].state.withLock { UInt64($0.icrHigh) << 32 }
         default: return read(vcpu: vcpu, index: reg).map(UInt64.init)
         }
     }
 
-    public func writeMSR(vcpu: Int, index: UInt32, value: UInt64, tsc: UInt64) -> Bool {
+    public func writeMSR(vcpu: Int, index: UInt32, value: UInt64, tsc: UInt64, apicBase: UInt64) -> Bool {
         guard vcpu < apics.count else { return false }
         if index == Self.tscDeadlineMSR {
             armDeadline(vcpu: vcpu, deadline: value, tsc: tsc)
             return true
         }
-        guard index >= 0x800, index <= 0x8FF else { return false }
+        guard index >= 0x800, index <= 0x8FF, apicBase & Self.x2APICEnable != 0 else { return false }
         let reg = Int(index - 0x800)
+        guard Self.x2APICReadWrite.contains(reg) || Self.x2APICWriteOnly.contains(reg) else { return false }
+        guard reg == 0x30 || value >> 32 == 0 else { return false }  // bits 63:32 are reserved except in the ICR
         switch reg {
         case 0x30:
             sendIPI(from: vcpu, low: UInt32(truncatingIfNeeded: value), destination: UInt32(truncatingIfNeeded: value >> 32), x2APIC: true)
-        case 0x3F:  // SELF IPI
+        case 0x3F:  // SELF IPI: a vector only
+            guard value & ~0xFF == 0 else { return false }
             accept(vcpu: vcpu, vector: UInt8(truncatingIfNeeded: value))
-        case 0x02, 0x03, 0x0A, 0x0D, 0x0E, 0x10...0x27, 0x31, 0x39: return false  // read-only or absent
+        case 0x0B, 0x28:  // EOI and ESR take 0 only
+            guard value == 0 else { return false }
+            write(vcpu: vcpu, index: reg, value: 0)
         default: write(vcpu: vcpu, index: reg, value: UInt32(truncatingIfNeeded: value))
         }
         return true
@@ -149,7 +160,6 @@ public final class LocalAPICBank: PlatformMSRHandler, Sendable {
         switch index {
         case 0x08:
             apics[vcpu].state.withLock { $0.tpr = value & 0xFF }
-            dispatch(vcpu: vcpu)
         case 0x0B: endOfInterrupt(vcpu: vcpu)
         case 0x0D: apics[vcpu].state.withLock { $0.ldr = value & 0xFF00_0000 }
         case 0x0E: apics[vcpu].state.withLock { $0.dfr = value | 0x0FFF_FFFF }
@@ -191,19 +201,21 @@ public final class LocalAPICBank: PlatformMSRHandler, Sendable {
             if level { r.tmr[Int(vector >> 5)] |= bit } else { r.tmr[Int(vector >> 5)] &= ~bit }
             return true
         }
-        if enabled { dispatch(vcpu: vcpu) }
+        if enabled { wiring.deliver(vcpu, vector) }
     }
 
-    /// Moves the highest requested vector to in-service and hands it to the vCPU when its
-    /// class is above the processor priority.
-    private func dispatch(vcpu: Int) {
-        let vector = apics[vcpu].state.withLock { r -> UInt8? in
-            guard let v = Self.highest(r.irr), UInt32(v) & 0xF0 > Self.processorPriority(r) & 0xF0 else { return nil }
-            r.irr[v >> 5] &= ~(1 << UInt32(v & 31))
-            r.isr[v >> 5] |= 1 << UInt32(v & 31)
-            return UInt8(v)
+    public func processorPriority(vcpu: Int) -> UInt8 {
+        guard vcpu < apics.count else { return 0 }
+        return UInt8(truncatingIfNeeded: apics[vcpu].state.withLock { Self.processorPriority($0) })
+    }
+
+    public func acknowledge(vcpu: Int, vector: UInt8) {
+        guard vcpu < apics.count else { return }
+        apics[vcpu].state.withLock { r in
+            let bit: UInt32 = 1 << UInt32(vector & 31)
+            r.irr[Int(vector >> 5)] &= ~bit
+            r.isr[Int(vector >> 5)] |= bit
         }
-        if let vector { wiring.deliver(vcpu, vector) }
     }
 
     private func endOfInterrupt(vcpu: Int) {
@@ -216,7 +228,6 @@ public final class LocalAPICBank: PlatformMSRHandler, Sendable {
             return UInt8(v)
         }
         if let v = levelVector, let eoi = levelEOI.withLock({ $0 }) { eoi(v) }
-        dispatch(vcpu: vcpu)
     }
 
     /// An interrupt message from the I/O APIC (xAPIC destination format).
