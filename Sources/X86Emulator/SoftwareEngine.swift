@@ -111,6 +111,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
         guard let controller = interruptController else { return pending.takeHighest() }
         let threshold = controller.processorPriority(vcpu: id) & 0xF0
         guard let v = pending.takeHighest() else { return nil }
+        if v == 2 { return v }  // NMI: not subject to the processor priority
         if v & 0xF0 <= threshold {
             pending.post(v)  // masked by priority: stays requested
             return nil

@@ -223,11 +223,21 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             guard let v = Self.highest(r.isr) else { return nil }
             let bit: UInt32 = 1 << UInt32(v & 31)
             r.isr[v >> 5] &= ~bit
-            guard r.tmr[v >> 5] & bit != 0 else { return nil }
-            r.tmr[v >> 5] &= ~bit
-            return UInt8(v)
+            return r.tmr[v >> 5] & bit != 0 ? UInt8(v) : nil
         }
         if let v = levelVector, let eoi = levelEOI.withLock({ $0 }) { eoi(v) }
+    }
+
+    /// The I/O APIC routes `vector` to these APICs with this trigger mode (their TMR bit
+    /// follows the routing, as KVM keeps it, before any interrupt arrives).
+    public func setTriggerMode(vector: UInt8, level: Bool, logical: Bool, destination: UInt32) {
+        guard vector >= 16 else { return }
+        let bit: UInt32 = 1 << UInt32(vector & 31)
+        for t in targets(source: 0, shorthand: 0, logical: logical, destination: destination, x2APIC: false) {
+            apics[t].state.withLock { r in
+                if level { r.tmr[Int(vector >> 5)] |= bit } else { r.tmr[Int(vector >> 5)] &= ~bit }
+            }
+        }
     }
 
     /// An interrupt message from the I/O APIC (xAPIC destination format).
