@@ -47,6 +47,8 @@ let package = Package(
         // Runs the built `swiftvisor` executable as a user would.
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
         .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore", "TestSupport"]),
+        // kvm-unit-tests built from its source and run on the PC platform (skipped without it).
+        .testTarget(name: "ThirdPartyGuestTests", dependencies: ["TestSupport"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
     ]
 )

@@ -33,6 +33,8 @@ public struct MachineConfiguration: Sendable {
     /// Runs first on each vCPU's thread (with the vCPU index): pinning, scheduling policy
     /// (see `Partitioning.threadSetup`). An error stops the machine before that vCPU runs.
     public var vcpuThreadSetup: (@Sendable (Int) throws -> Void)?
+    /// Port 0xF4 as QEMU's isa-debug-exit (status `(value << 1) | 1`) instead of the plain exit port.
+    public var debugExitEncoding = false
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
                 timeoutSeconds: Double? = nil, recordExits: Bool = false, guestName: String = "") {
@@ -230,7 +232,12 @@ public final class Machine: @unchecked Sendable {
         try builder.attach(benchPort, firstPort: BenchPort.port, count: 1)
         try builder.attach(bootMarker, firstPort: BootMarkerPort.port, count: 1)
         busState = Mutex(.assembling(builder))
-        try attach(ExitPort { [weak self] status in self?.requestStop(.exitPort(status: status)) }, firstPort: ExitPort.port, count: 1)
+        let onExit: @Sendable (UInt8) -> Void = { [weak self] status in self?.requestStop(.exitPort(status: status)) }
+        if configuration.debugExitEncoding {
+            try attach(DebugExitPort(onExit: onExit), firstPort: DebugExitPort.port, count: 1)
+        } else {
+            try attach(ExitPort(onExit: onExit), firstPort: ExitPort.port, count: 1)
+        }
     }
 
     /// Attaches a port-I/O device. Before `run()` only: the bus is frozen once guest code runs.
@@ -326,6 +333,11 @@ public final class Machine: @unchecked Sendable {
         parkedCount.subtract(1, ordering: .acquiringAndReleasing)
         unparkedSignal.signal()
     }
+
+    /// PC platform: the local APICs (their page is per vCPU, so it is not on the bus) and
+    /// the application processors waiting for a STARTUP IPI. Set before `run()`.
+    package var localAPIC: LocalAPICBank?
+    package var startupGate: StartupGate?
 
     /// The vCPU handles (for services that read or set their state while paused).
     package var allVCPUs: [any VCPU] { vcpus }
@@ -472,6 +484,17 @@ public final class Machine: @unchecked Sendable {
             finishedCount.add(1, ordering: .acquiringAndReleasing)
             parkedSignal.signal()
         }
+        if let gate = startupGate, vcpu.id != 0 {
+            // An application processor starts in wait-for-SIPI.
+            guard let state = gate.waitForStartup(vcpu: vcpu.id, stopped: { self.stopRequested.load(ordering: .acquiring) }) else {
+                return (stats, trace)
+            }
+            do { try vcpu.setState(state) } catch {
+                requestStop(.engineFailure(vcpu: vcpu.id, failure: .threadSetup("startup state: \(error)")))
+                return (stats, trace)
+            }
+            t0 = HostClock.ticks()
+        }
         while !stopRequested.load(ordering: .acquiring) {
             parkIfPaused(vcpu.id)
             let exit: VMExit
@@ -507,7 +530,14 @@ public final class Machine: @unchecked Sendable {
                 continue
             case let .mmio(a):
                 let range: RangeBase?
-                if a.direction == .write {
+                if let apic = localAPIC, a.address & ~0xFFF == LocalAPICBank.base {
+                    if a.direction == .write {
+                        apic.mmioWrite(vcpu: vcpu.id, offset: a.address & 0xFFF, size: a.size, value: a.value)
+                    } else {
+                        vcpu.completeRead(value: apic.mmioRead(vcpu: vcpu.id, offset: a.address & 0xFFF, size: a.size))
+                    }
+                    range = LocalAPICBank.base
+                } else if a.direction == .write {
                     range = bus.mmioWrite(a.address, size: a.size, value: a.value)
                 } else {
                     let r = bus.mmioRead(a.address, size: a.size)

@@ -184,6 +184,11 @@ final class CPU {
     }
     var pendingEvent: PendingEvent?
 
+    /// The VMM's local APIC registers, reached through RDMSR/WRMSR (nil: #GP), and this
+    /// vCPU's index for it.
+    var platformMSRs: (any PlatformMSRHandler)?
+    var vcpuIndex = 0
+
     /// nil with one vCPU: nothing to serialise against.
     let atomicLock: AtomicInstructionLock?
 

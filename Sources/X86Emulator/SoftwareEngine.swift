@@ -77,7 +77,7 @@ public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, Cod
 /// `requestExit` and `injectInterrupt` may come from any thread.
 // SAFETY: the CPU and the timer budget belong to the thread calling run(); the flags other
 // threads touch (exit request, pending interrupts) are atomic.
-public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @unchecked Sendable {
+public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, PlatformMSRForwarding, @unchecked Sendable {
     public let id: Int
     let vm: SoftwareVirtualMachine
     let cpu: CPU
@@ -98,7 +98,28 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
         self.id = id
         cpu = CPU(memory: vm.memory, codePages: vm.codePages, secondLevel: vm.secondLevel, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil)
         if vm.translation { cpu.translator = BlockTranslator(sharedMemory: vm.config.vcpuCount > 1) }
+        cpu.vcpuIndex = id
     }
+
+    public func setPlatformMSRHandler(_ handler: (any PlatformMSRHandler)?) { cpu.platformMSRs = handler }
+    public func setInterruptController(_ controller: (any PlatformInterruptController)?) { interruptController = controller }
+    private var interruptController: (any PlatformInterruptController)?
+
+    /// The next injected vector the guest may take now (with a platform interrupt controller:
+    /// above the processor priority, and acknowledged to it).
+    private func takeInterrupt() -> UInt8? {
+        guard let controller = interruptController else { return pending.takeHighest() }
+        let threshold = controller.processorPriority(vcpu: id) & 0xF0
+        guard let v = pending.takeHighest() else { return nil }
+        if v == 2 { return v }  // NMI: not subject to the processor priority
+        if v & 0xF0 <= threshold {
+            pending.post(v)  // masked by priority: stays requested
+            return nil
+        }
+        controller.acknowledge(vcpu: id, vector: v)
+        return v
+    }
+    public var timeStampCounter: UInt64 { cpu.instructions &+ cpu.tscOffset }
 
     /// Whether this vCPU runs translated code.
     public var usesTranslation: Bool { cpu.translator != nil }
@@ -203,7 +224,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
                 return .interrupted
             }
             if cpu.shadowEntries != nil { syncShadowFlush() }
-            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = pending.takeHighest() {
+            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = takeInterrupt() {
                 if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }  // delivery stopped at an EPT violation
             }
@@ -216,7 +237,9 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, @un
             }
             cpu.attention = false
             let used: Int
-            if let t = cpu.translator {
+            if cpu.inLegacyMode {
+                used = cpu.runLegacy(limit)  // boot code outside 64-bit mode: interpreted
+            } else if let t = cpu.translator {
                 if limit >= 16 {
                     used = cpu.runTranslated(t, limit: limit)
                 } else {

@@ -352,8 +352,15 @@ extension CPU {
         case 0:
             guard v & ~CR.cr0Valid == 0 else { throw Fault.gp() }
             guard v & CR.pg == 0 || v & CR.pe != 0 else { throw Fault.gp() }
-            guard v & CR.pg != 0 || efer & CR.eferLMA == 0 else { throw Fault.gp() }  // no leaving long mode
+            // No leaving long mode from 64-bit code (compatibility mode may).
+            guard v & CR.pg != 0 || efer & CR.eferLMA == 0 || !cs.l else { throw Fault.gp() }
             guard v & (1 << 29) == 0 || v & (1 << 30) != 0 else { throw Fault.gp() }  // NW without CD
+            if v & CR.pg != 0 && cr0 & CR.pg == 0 && efer & CR.eferLME != 0 {  // activating long mode
+                guard cr4 & CR.pae != 0 else { throw Fault.gp() }
+                efer |= CR.eferLMA
+            } else if v & CR.pg == 0 {
+                efer &= ~CR.eferLMA
+            }
             cr0 = v | CR.et
             flushTLB()
             shadowContextChanged()
@@ -393,6 +400,9 @@ extension CPU {
             a = 0x0000_0600
             c = (1 << 13) | (1 << 23)  // CX16, POPCNT
             d = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15)  // PSE TSC MSR PAE CX8 PGE CMOV
+            if platformMSRs != nil {  // the VMM's local APIC (PC platform): APIC, x2APIC, TSC deadline; initial APIC ID
+                d |= 1 << 9; c |= (1 << 21) | (1 << 24); b = UInt32(truncatingIfNeeded: vcpuIndex) << 24
+            }
         case 7 where sub == 0:
             b = (1 << 0) | (1 << 7) | (1 << 20)  // FSGSBASE, SMEP, SMAP
             c = 1 << 2  // UMIP
@@ -436,7 +446,9 @@ extension CPU {
         case MSR.sysenterESP: return sysenterESP
         case MSR.sysenterEIP: return sysenterEIP
         case Self.tscAuxMSR: return tscAux
-        default: throw Fault.gp()
+        default:
+            guard let v = platformMSRs?.readMSR(vcpu: vcpuIndex, index: index, tsc: instructions &+ tscOffset, apicBase: apicBase) else { throw Fault.gp() }
+            return v
         }
     }
 
@@ -463,7 +475,9 @@ extension CPU {
         case MSR.sysenterESP: try canonical(); sysenterESP = v
         case MSR.sysenterEIP: try canonical(); sysenterEIP = v
         case Self.tscAuxMSR: tscAux = v & 0xFFFF_FFFF
-        default: throw Fault.gp()
+        default:
+            guard platformMSRs?.writeMSR(vcpu: vcpuIndex, index: index, value: v, tsc: instructions &+ tscOffset, apicBase: apicBase) == true else { throw Fault.gp() }
+            attention = true  // an APIC write may have raised an interrupt
         }
     }
 }

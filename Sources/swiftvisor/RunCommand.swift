@@ -36,6 +36,12 @@ struct Run: ParsableCommand {
     @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
     var guests: [String] = []
 
+    @Option(name: .long, help: ArgumentHelp("Boot a multiboot (v1) kernel on a PC platform instead of a guest: ELF32 or a.out kludge, entered in 32-bit protected mode; local APICs, fw_cfg, 8259, COM1, and isa-debug-exit at 0xF4 (exit status (code << 1) | 1, as QEMU). --cmdline is its command line.", valueName: "file"))
+    var kernel: String?
+
+    @Option(name: .long, help: ArgumentHelp("With --kernel: a file passed as the first multiboot module (an initrd).", valueName: "file"))
+    var initrd: String?
+
     @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
     var memory = MemoryArgument(argument: "64M")!
 
@@ -106,7 +112,15 @@ struct Run: ParsableCommand {
             }
             return
         }
-        guard !guests.isEmpty else { throw ValidationError("name at least one guest") }
+        if kernel != nil {
+            guard guests.isEmpty else { throw ValidationError("--kernel boots one kernel; name no guest with it") }
+            guard disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole, control == nil else {
+                throw ValidationError("--kernel takes no device or control options (the PC platform has its own devices)")
+            }
+        } else {
+            guard initrd == nil else { throw ValidationError("--initrd needs --kernel") }
+            guard !guests.isEmpty else { throw ValidationError("name at least one guest") }
+        }
         guard guests.count <= 16 else { throw ValidationError("at most 16 VMs per run") }
         guard (1...BootLayout.maxVCPUs).contains(vcpus) else {
             throw ValidationError("--vcpus must be between 1 and \(BootLayout.maxVCPUs)")
@@ -138,9 +152,9 @@ struct Run: ParsableCommand {
         var machines: [Machine] = []
         var firstVirtioConsole: VirtioConsole?
         do {
-            for (index, spec) in guests.enumerated() {
-                let (name, guestCmdline) = Self.split(spec)
-                let image = try GuestProgram.load(name)
+            for (index, spec) in (kernel.map { [$0] } ?? guests).enumerated() {
+                let (name, guestCmdline) = kernel == nil ? Self.split(spec) : (spec, nil)
+                let image = kernel == nil ? try GuestProgram.load(name) : nil
                 let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
                     ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { message in
                         if index == 0 { printError("swiftvisor: \(message)") }
@@ -155,7 +169,14 @@ struct Run: ParsableCommand {
                     config.vcpuThreadSetup = Partitioning.threadSetup(policy)
                 }
                 let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
-                let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
+                let machine: Machine
+                if let image {
+                    machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
+                } else {
+                    let modules = try initrd.map { [(bytes: try Self.readFile($0), commandLine: $0)] } ?? []
+                    machine = try PCPlatform.machine(kernel: try Self.readFile(name), modules: modules, configuration: config,
+                                                     engine: engine, serialOutput: output)
+                }
                 if policy?.lockMemory == true { try Partitioning.lock(machine.memory) }
                 let console = try addDevices(to: machine, index: index, output: output)
                 if index == 0 { firstVirtioConsole = console }
@@ -232,6 +253,12 @@ struct Run: ParsableCommand {
         let report = StartupReport(firstInstructionMonotonicNanoseconds: first, cpuNanosecondsBeforeFirstInstruction: cpu,
                                    peakRSSBytes: StartupReport.peakRSS(), guestRAMBytes: machine.memory.allocatedBytes)
         try writeFile(path, String(decoding: try JSONEncoder().encode(report), as: UTF8.self))
+    }
+
+    static func readFile(_ path: String) throws -> [UInt8] {
+        do { return [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))) } catch {
+            throw ValidationError("cannot read \(path): \(error)")
+        }
     }
 
     /// "name rest of line" → (name, command line); no space → (name, nil).

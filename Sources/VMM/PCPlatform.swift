@@ -1,0 +1,91 @@
+import Devices
+import Synchronization
+import VirtCore
+
+/// A PC as QEMU's `-machine pc` presents it to a kernel booted with `-kernel`: multiboot
+/// entry, COM1, isa-debug-exit at 0xF4, fw_cfg at 0x510, the 8259 pair's registers, one
+/// local APIC per vCPU (xAPIC page and x2APIC MSRs) with INIT/STARTUP for the application
+/// processors (which wait in wait-for-SIPI), the I/O APIC, and pc-testdev's IRQ-line ports.
+public enum PCPlatform {
+    /// Builds the machine for a multiboot kernel. `modules`: multiboot modules (an initrd)
+    /// with their command lines.
+    public static func machine(kernel: [UInt8], modules: [(bytes: [UInt8], commandLine: String)] = [],
+                               configuration: MachineConfiguration, engine: any Engine,
+                               serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> Machine {
+        let image = try MultibootKernel(bytes: kernel)
+        var config = configuration
+        config.debugExitEncoding = true
+        let machine = try Machine(configuration: config, engine: engine, image: nil, serialOutput: serialOutput) { memory in
+            let boot = try image.load(into: memory, commandLine: configuration.commandLine, modules: modules)
+            // Application processors get their state at STARTUP; until then they do not run.
+            return [boot] + (1..<max(1, configuration.vcpuCount)).map { _ in MultibootKernel.startupState(vector: 0) }
+        }
+        let count = configuration.vcpuCount
+        try machine.attach(FirmwareConfig(ramSize: configuration.memorySize, cpuCount: count),
+                           firstPort: FirmwareConfig.port, count: FirmwareConfig.portCount)
+        let pic = LegacyPIC(), slavePIC = LegacyPIC()
+        try machine.attach(pic, firstPort: LegacyPIC.masterPort, count: 2)
+        try machine.attach(slavePIC, firstPort: LegacyPIC.slavePort, count: 2)
+        let gate = StartupGate(vcpuCount: count)
+        let apic = LocalAPICBank(vcpuCount: count, wiring: LocalAPICWiring(
+            deliver: { [weak machine] vcpu, vector in machine?.raiseInterrupt(vector: vector, vcpu: vcpu) },
+            initCPU: { vcpu in gate.initCPU(vcpu) },
+            startup: { vcpu, vector in gate.startup(vcpu, vector: vector) }))
+        machine.localAPIC = apic
+        let ioapic = IOAPIC(apics: apic)
+        try machine.attach(ioapic, base: IOAPIC.base, size: IOAPIC.size)
+        try machine.attach(PCTestDevice(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
+        machine.startupGate = count > 1 ? gate : nil
+        machine.addMessageSignalledInterruptSource()
+        let msrs = PCPlatformMSRs(apic: apic, vcpuCount: count)
+        for vcpu in machine.allVCPUs {
+            if let forwarding = vcpu as? any PlatformMSRForwarding {
+                forwarding.setPlatformMSRHandler(msrs)
+                forwarding.setInterruptController(apic)
+            }
+        }
+        return machine
+    }
+}
+
+/// The platform MSRs: the local APICs'; IA32_MCG_CAP (0x179: no banks, read-only); IA32_MISC_ENABLE (0x1A0; BTS and PEBS unavailable,
+/// read-only, as KVM presents it); and the four legacy AMD performance counters
+/// (0xC0010000–0xC0010007), which keep what is written but do not count — a guest that is
+/// not on Intel resets them at boot.
+final class PCPlatformMSRs: PlatformMSRHandler {
+    static let counters: ClosedRange<UInt32> = 0xC001_0000...0xC001_0007
+    static let miscEnable: UInt32 = 0x1A0
+    static let machineCheckCapabilities: UInt32 = 0x179
+    /// Performance monitoring available (7), BTS (11) and PEBS (12) unavailable: read-only.
+    static let miscEnableFixed: UInt64 = 0x1880
+    let apic: LocalAPICBank
+    private final class Bank: Sendable {
+        let values = Mutex([UInt64](repeating: 0, count: 8))
+        let miscEnable = Mutex<UInt64>(0x1800)
+    }
+    private let banks: [Bank]
+
+    init(apic: LocalAPICBank, vcpuCount: Int) {
+        self.apic = apic
+        banks = (0..<vcpuCount).map { _ in Bank() }
+    }
+
+    func readMSR(vcpu: Int, index: UInt32, tsc: UInt64, apicBase: UInt64) -> UInt64? {
+        if Self.counters.contains(index), vcpu < banks.count { return banks[vcpu].values.withLock { $0[Int(index & 7)] } }
+        if index == Self.miscEnable, vcpu < banks.count { return banks[vcpu].miscEnable.withLock { $0 } }
+        if index == Self.machineCheckCapabilities { return 0 }  // no machine-check banks
+        return apic.readMSR(vcpu: vcpu, index: index, tsc: tsc, apicBase: apicBase)
+    }
+
+    func writeMSR(vcpu: Int, index: UInt32, value: UInt64, tsc: UInt64, apicBase: UInt64) -> Bool {
+        if Self.counters.contains(index), vcpu < banks.count {
+            banks[vcpu].values.withLock { $0[Int(index & 7)] = value }
+            return true
+        }
+        if index == Self.miscEnable, vcpu < banks.count {
+            banks[vcpu].miscEnable.withLock { $0 = (value & ~Self.miscEnableFixed) | ($0 & Self.miscEnableFixed) }
+            return true
+        }
+        return apic.writeMSR(vcpu: vcpu, index: index, value: value, tsc: tsc, apicBase: apicBase)
+    }
+}

@@ -1,0 +1,29 @@
+/// The VMM's answer to model-specific registers an engine leaves to the platform: the
+/// x2APIC registers (0x800–0x8FF) and the TSC deadline (0x6E0) belong to a local APIC the
+/// VMM models. Called on the vCPU's own thread, in the middle of RDMSR/WRMSR.
+public protocol PlatformMSRHandler: AnyObject, Sendable {
+    /// The register's value, or nil for #GP. `tsc`: the vCPU's time-stamp counter now;
+    /// `apicBase`: its IA32_APIC_BASE (x2APIC mode is bit 10).
+    func readMSR(vcpu: Int, index: UInt32, tsc: UInt64, apicBase: UInt64) -> UInt64?
+    /// False for #GP.
+    func writeMSR(vcpu: Int, index: UInt32, value: UInt64, tsc: UInt64, apicBase: UInt64) -> Bool
+}
+
+/// A local interrupt controller in the VMM that decides which requested vector a vCPU may
+/// take (processor priority: TPR and the highest in-service vector) and learns when it
+/// took one (the vector moves from requested to in service). Called on the vCPU's thread.
+public protocol PlatformInterruptController: AnyObject, Sendable {
+    /// Only vectors whose priority class (vector >> 4) is above this one's class are taken.
+    func processorPriority(vcpu: Int) -> UInt8
+    func acknowledge(vcpu: Int, vector: UInt8)
+}
+
+/// A vCPU whose unimplemented MSRs go to a `PlatformMSRHandler` (the software engine;
+/// KVM keeps them in its in-kernel local APIC). Set before the vCPU runs.
+public protocol PlatformMSRForwarding: VCPU {
+    func setPlatformMSRHandler(_ handler: (any PlatformMSRHandler)?)
+    /// Interrupts injected into this vCPU are then taken by priority and acknowledged.
+    func setInterruptController(_ controller: (any PlatformInterruptController)?)
+    /// The vCPU's time-stamp counter (from its own thread, or while it does not run).
+    var timeStampCounter: UInt64 { get }
+}
