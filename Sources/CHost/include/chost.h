@@ -68,4 +68,6 @@ int host_setns_net(int fd);
 /// SIOCOUTQ: bytes a stream socket holds that the peer has not acknowledged, or -errno.
 int host_socket_unsent_bytes(int fd);
 
+#include "host_sse.h"
+
 #endif
