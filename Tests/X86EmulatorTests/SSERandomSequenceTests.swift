@@ -123,18 +123,18 @@ enum VectorSequenceGenerator {
                                         definesFlags: nil)
         case 17:  // x87: load two doubles from the stack page, operate, store the result back
             let arithmetic: UInt8 = [0xC1, 0xC9, 0xE1, 0xE9, 0xF1, 0xF9][Int(g.next() % 6)]  // faddp fmulp fsubrp fsubp fdivrp fdivp
-            let store: [UInt8] = g.next() & 1 == 0 ? [0xDD, 0x5C, 0x24, 0xD0] : [0xDB, 0x5C, 0x24, 0xD0]  // fstp m64 / fistp m32
-            return GeneratedInstruction(bytes: [0x66, 0x0F, 0xD6, 0x44 | UInt8((x & 7) << 3), 0x24, 0xE0].withREX(x)
-                                        + [0x66, 0x0F, 0xD6, 0x44 | UInt8((y & 7) << 3), 0x24, 0xE8].withREX(y)
-                                        + [0xDD, 0x44, 0x24, 0xE0, 0xDD, 0x44, 0x24, 0xE8, 0xDE, arithmetic] + store,
-                                        definesFlags: nil)
+            var b: [UInt8] = storeLow(x, disp: 0xE0)
+            b += storeLow(y, disp: 0xE8)
+            b += [0xDD, 0x44, 0x24, 0xE0, 0xDD, 0x44, 0x24, 0xE8, 0xDE, arithmetic]
+            b += g.next() & 1 == 0 ? [0xDD, 0x5C, 0x24, 0xD0] : [0xDB, 0x5C, 0x24, 0xD0]  // fstp m64 / fistp m32
+            return GeneratedInstruction(bytes: b, definesFlags: nil)
         case 18:  // x87 constants, compare into EFLAGS, control and status words
             let constant: UInt8 = [0xE8, 0xEB, 0xED, 0xEE][Int(g.next() % 4)]  // fld1 fldpi fldln2 fldz
-            return GeneratedInstruction(bytes: [0x66, 0x0F, 0xD6, 0x44 | UInt8((x & 7) << 3), 0x24, 0xE0].withREX(x)
-                                        + [0xD9, constant, 0xDD, 0x44, 0x24, 0xE0, 0xDF, 0xF1,  // fld const; fld m64; fcomip st(1)
-                                           0xD9, 0xFA, 0xDD, 0x5C, 0x24, 0xD8,  // fsqrt (the constant); fstp m64
-                                           0xD9, 0x7C, 0x24, 0xC8, 0xDF, 0xE0],  // fnstcw; fnstsw ax
-                                        definesFlags: true)
+            var b: [UInt8] = storeLow(x, disp: 0xE0)
+            b += [0xD9, constant, 0xDD, 0x44, 0x24, 0xE0, 0xDF, 0xF1]  // fld const; fld m64; fcomip st(1)
+            b += [0xD9, 0xFA, 0xDD, 0x5C, 0x24, 0xD8]  // fsqrt (the constant); fstp m64
+            b += [0xD9, 0x7C, 0x24, 0xC8, 0xDF, 0xE0]  // fnstcw; fnstsw ax
+            return GeneratedInstruction(bytes: b, definesFlags: true)
         default:  // MOVAPS/MOVDQA register moves and PXOR self (zeroing idiom)
             if g.next() & 1 == 0 { return GeneratedInstruction(bytes: encode(0x66, 0xEF, reg: x, rm: x), definesFlags: nil) }
             return GeneratedInstruction(bytes: encode(0x66, 0x6F, reg: x, rm: y), definesFlags: nil)
@@ -152,9 +152,12 @@ enum VectorSequenceGenerator {
     }
 }
 
-private extension Array where Element == UInt8 {
-    /// Adds REX.R after the mandatory prefix when the XMM register is 8–15.
-    func withREX(_ reg: Int) -> [UInt8] { reg >= 8 ? [self[0], 0x44] + self[1...] : self }
+extension VectorSequenceGenerator {
+    /// `movq [rsp + disp8], xmm`.
+    static func storeLow(_ reg: Int, disp: UInt8) -> [UInt8] {
+        let modrm = 0x44 | UInt8((reg & 7) << 3)
+        return reg >= 8 ? [0x66, 0x44, 0x0F, 0xD6, modrm, 0x24, disp] : [0x66, 0x0F, 0xD6, modrm, 0x24, disp]
+    }
 }
 
 /// One sequence with its initial XMM/GPR state; `run` returns what the comparison looks at.
@@ -171,23 +174,41 @@ struct VectorCase {
         }
     }
 
-    /// Runs at CPL3, then `ud2` (no IDT: the VM shuts down there).
+    /// Where the XMM registers are loaded from and stored to, and MXCSR stored.
+    static let xmmIn: UInt64 = 0x30_0000, xmmOut: UInt64 = 0x30_0100, mxcsrOut: UInt64 = 0x30_0200
+
+    /// `movdqu xmm, [abs32]` (load) or `movdqu [abs32], xmm` (store).
+    static func absoluteMove(_ reg: Int, _ address: UInt64, store: Bool) -> [UInt8] {
+        var b: [UInt8] = [0xF3]
+        if reg >= 8 { b.append(0x44) }
+        b += [0x0F, store ? 0x7F : 0x6F, 0x04 | UInt8((reg & 7) << 3), 0x25]
+        b += withUnsafeBytes(of: UInt32(address).littleEndian) { Array($0) }
+        return b
+    }
+
+    /// Runs at CPL3 then `ud2` (no IDT: the VM shuts down there). The guest loads its XMM
+    /// registers from memory and stores them and MXCSR back at the end, so nothing depends
+    /// on KVM_SET_FPU/KVM_GET_FPU (which this host's KVM does not apply faithfully).
     func run(on engine: any Engine) throws -> Outcome {
-        let s = try Snippet(code.flatMap(\.bytes) + [0x0F, 0x0B], engine: engine, user: true) { st in
+        var program: [UInt8] = []
+        for r in 0..<16 { program += Self.absoluteMove(r, Self.xmmIn + UInt64(16 * r), store: false) }
+        program += code.flatMap(\.bytes)
+        for r in 0..<16 { program += Self.absoluteMove(r, Self.xmmOut + UInt64(16 * r), store: true) }
+        program += [0x0F, 0xAE, 0x1C, 0x25] + withUnsafeBytes(of: UInt32(Self.mxcsrOut).littleEndian) { Array($0) }  // stmxcsr
+        program += [0x0F, 0x0B]
+        let s = try Snippet(program, engine: engine, user: true) { st in
             var g = initial
             g[4] = 0x70_0000
             st.gprs = g
             st.rflags = 0x2 | flags
-            var f = FPUState()
-            f.xmm = xmm.flatMap { v in withUnsafeBytes(of: v.littleEndian) { Array($0) } }
-            st.fpu = f
         }
+        try s.memory.write(xmm.flatMap { v in withUnsafeBytes(of: v.littleEndian) { Array($0) } }, at: Self.xmmIn)
         try s.memory.write([UInt8](repeating: 0x5A, count: 256), at: 0x70_0000 - 256)
         let exit = try s.run()
         #expect(exit == .shutdown)
         let st = try s.state
-        let f = try #require(st.fpu)
-        return Outcome(gprs: st.gprs, rip: st.rip, rflags: st.rflags & (CF | PF | AF | ZF | SF | OF), xmm: f.xmm, mxcsr: f.mxcsr,
+        return Outcome(gprs: st.gprs, rip: st.rip, rflags: st.rflags & (CF | PF | AF | ZF | SF | OF),
+                       xmm: try s.memory.read(at: Self.xmmOut, count: 256), mxcsr: try s.memory.load(UInt32.self, at: Self.mxcsrOut),
                        stack: try s.memory.read(at: 0x70_0000 - 256, count: 256))
     }
 }
@@ -204,7 +225,9 @@ struct SSERandomSequenceTests {
                 let got = try c.run(on: SoftwareEngine(translation: translation))
                 if got != expected {
                     let shrunk = try shrink(c, kvm, translation: translation)
-                    mismatches.append("seed \(seed) translation \(translation): \(shrunk.code.map { $0.bytes.map { String($0, radix: 16) }.joined(separator: " ") }.joined(separator: " | "))\n  cpu: \(try shrunk.run(on: kvm))\n  sw:  \(try shrunk.run(on: SoftwareEngine(translation: translation)))")
+                    let code = shrunk.code.map { $0.bytes.map { String($0, radix: 16) }.joined(separator: " ") }.joined(separator: " | ")
+                    let cpu = try shrunk.run(on: kvm), software = try shrunk.run(on: SoftwareEngine(translation: translation))
+                    mismatches.append("seed \(seed) translation \(translation): \(code)\n  cpu: \(cpu)\n  sw:  \(software)")
                 }
             }
         }
