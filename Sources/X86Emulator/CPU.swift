@@ -99,8 +99,8 @@ enum CR {
     static let cr0Valid: UInt64 = 0xE005_003F
     static let tsd: UInt64 = 1 << 2, pae: UInt64 = 1 << 5, umip: UInt64 = 1 << 11, fsgsbase: UInt64 = 1 << 16
     static let smep: UInt64 = 1 << 20, smap: UInt64 = 1 << 21
-    /// VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT UMIP FSGSBASE SMEP SMAP.
-    static let cr4Valid: UInt64 = 0x7FF | fsgsbase | smep | smap
+    /// VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT UMIP FSGSBASE OSXSAVE SMEP SMAP.
+    static let cr4Valid: UInt64 = 0x7FF | fsgsbase | 1 << 18 | smep | smap
     static let eferSCE: UInt64 = 1, eferLME: UInt64 = 1 << 8, eferLMA: UInt64 = 1 << 10, eferNXE: UInt64 = 1 << 11
 }
 
@@ -135,6 +135,8 @@ final class CPU {
     var sysenterCS: UInt64 = 0, sysenterESP: UInt64 = 0, sysenterEIP: UInt64 = 0, tscAux: UInt64 = 0
     var kernelGSBase: UInt64 = 0
     var tscOffset: UInt64 = 0
+    /// x87 and SSE registers (SSE/FloatingPointState.swift).
+    var fp = FloatingPointState()
     /// Set by STI (when it enables IF) and MOV SS/POP SS: no interrupt is taken before the
     /// next instruction completes.
     var interruptShadow = false
@@ -289,6 +291,7 @@ final class CPU {
         tlbFrames.deallocate()
         tlbBits.deallocate()
         icache.deallocate()
+        fp.deallocate()
     }
 
     /// Drops every cached translation (CR0/CR3/CR4/EFER writes, state loads).
@@ -600,6 +603,7 @@ final class CPU {
         sysenterEIP = s.msrs[MSR.sysenterEIP] ?? 0
         kernelGSBase = s.msrs[MSR.kernelGSBase] ?? 0
         if let tsc = s.msrs[MSR.tsc] { tscOffset = tsc &- instructions }
+        if let f = s.fpu { fp.load(f) }
         pendingMMIORead = nil; pendingMMIOWrite = nil; pendingInsValue = nil; awaitingInsValue = false
         pendingInSize = 0; lastMMIORead = nil; pendingExit = nil; attention = false
         flushTLB()
@@ -615,6 +619,7 @@ final class CPU {
         s.msrs = [MSR.star: star, MSR.lstar: lstar, MSR.cstar: cstar, MSR.fmask: fmask, MSR.kernelGSBase: kernelGSBase,
                   MSR.sysenterCS: sysenterCS, MSR.sysenterESP: sysenterESP, MSR.sysenterEIP: sysenterEIP, MSR.pat: pat,
                   MSR.tsc: instructions &+ tscOffset]
+        s.fpu = fp.save()
         return s
     }
 }

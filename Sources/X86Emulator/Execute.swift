@@ -150,8 +150,8 @@ extension CPU {
         case 0x99:  // CWD/CDQ/CQO
             let negative = reg(0, i.size, rex) & Self.sign(i.size) != 0
             setReg(2, i.size, negative ? ~0 : 0, rex)
-        case 0x9B:  // FWAIT: no x87 state, nothing pending
-            break
+        case 0x9B:  // FWAIT
+            try waitForFPU()
         case 0x9C:  // PUSHF (VM and RF read as 0)
             let v = rflags & ~(Flag.rf | Flag.vm)
             if i.opsize16 { try push(v & 0xFFFF, size: 2) } else { try push(v) }
@@ -220,6 +220,8 @@ extension CPU {
             instructions &+= 1
             attention = true
             return
+        case 0xD8...0xDF:
+            try executeX87(i)
         case 0xD7:  // XLAT
             var a = gpr[3] &+ (gpr[0] & 0xFF)
             if i.addr32 { a &= 0xFFFF_FFFF }

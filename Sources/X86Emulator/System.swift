@@ -147,7 +147,7 @@ extension CPU {
             } else if i.ext == 7 && i.rep == 0 && !i.opsize16 {
                 _ = try read(ea(i), size: 1)  // CLFLUSH: faults like a byte load, nothing to flush
             } else {
-                throw Fault.ud  // FXSAVE/FXRSTOR/LDMXCSR/STMXCSR/XSAVE…: no FPU/SSE state
+                try executeStateSave(i)  // FXSAVE/FXRSTOR/LDMXCSR/STMXCSR/XSAVE…
             }
         case 0xAF:
             setReg(Int(i.reg), i.size, imul(reg(Int(i.reg), i.size, rex), try readRM(i, i.size), i.size), rex)
@@ -242,6 +242,8 @@ extension CPU {
             case 4: gpr[n] = UInt64(UInt32(truncatingIfNeeded: gpr[n]).byteSwapped)
             default: gpr[n] &= ~0xFFFF
             }
+        case let sse where Self.isSSEOpcode(sse) || sse == 0xC3:
+            try executeSSE(i)
         default:
             throw Fault.ud
         }
@@ -286,6 +288,8 @@ extension CPU {
     private func group7(_ i: Instr, _ next: inout UInt64) throws(Fault) {
         if !i.isMem {
             switch i.modrm {
+            case 0xD0, 0xD1:  // XGETBV, XSETBV
+                try extendedControlRegister(i)
             case 0xC1:  // VMCALL: the hypercall exit; RAX receives the result via completeHypercall
                 exit(.hypercall(Hypercall(number: gpr[0], arg0: gpr[7], arg1: gpr[6], arg2: gpr[2], arg3: gpr[10])))
             case 0xCA, 0xCB:  // CLAC, STAC
@@ -385,27 +389,33 @@ extension CPU {
 
     /// CPUID leaves: vendor "SwiftvisorSW", family 6; long mode, NX, 1 GiB pages, SYSCALL,
     /// RDTSCP, LAHF in 64-bit mode, POPCNT, LZCNT, CMPXCHG8B/16B, CMOV, TSC, MSR, PAE,
-    /// PGE, SMEP, SMAP, FSGSBASE, UMIP. No x87/SSE (the engine has no FPU state), no BMI.
+    /// PGE, SMEP, SMAP, FSGSBASE, UMIP, x87 (FPU, FCMOV via CMOV), FXSR, SSE, SSE2, CLFLUSH,
+    /// XSAVE/XSAVEOPT (x87 and SSE components), CLFLUSHOPT. No MMX, SSE3+, AVX or BMI.
     func cpuid() {
         let leaf = UInt32(truncatingIfNeeded: gpr[0])
         let sub = UInt32(truncatingIfNeeded: gpr[1])
         var a: UInt32 = 0, b: UInt32 = 0, c: UInt32 = 0, d: UInt32 = 0
         switch leaf {
         case 0:
-            a = 7
+            a = 0xD
             b = 0x6674_6977  // "Swif"
             d = 0x6F73_6976  // "tvis"
             c = 0x5753_726F  // "orSW"
         case 1:
             a = 0x0000_0600
-            c = (1 << 13) | (1 << 23)  // CX16, POPCNT
-            d = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15)  // PSE TSC MSR PAE CX8 PGE CMOV
+            b = 8 << 8  // CLFLUSH line size 64 bytes
+            c = (1 << 13) | (1 << 23) | (1 << 26)  // CX16, POPCNT, XSAVE
+            if cr4 & CR.osxsave != 0 { c |= 1 << 27 }  // OSXSAVE mirrors CR4
+            d = (1 << 0) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15)  // FPU PSE TSC MSR PAE CX8 PGE CMOV
+            d |= (1 << 16) | (1 << 19) | (1 << 24) | (1 << 25) | (1 << 26)  // PAT CLFSH FXSR SSE SSE2
             if platformMSRs != nil {  // the VMM's local APIC (PC platform): APIC, x2APIC, TSC deadline; initial APIC ID
-                d |= 1 << 9; c |= (1 << 21) | (1 << 24); b = UInt32(truncatingIfNeeded: vcpuIndex) << 24
+                d |= 1 << 9; c |= (1 << 21) | (1 << 24); b |= UInt32(truncatingIfNeeded: vcpuIndex) << 24
             }
         case 7 where sub == 0:
-            b = (1 << 0) | (1 << 7) | (1 << 20)  // FSGSBASE, SMEP, SMAP
+            b = (1 << 0) | (1 << 7) | (1 << 20) | (1 << 23)  // FSGSBASE, SMEP, SMAP, CLFLUSHOPT
             c = 1 << 2  // UMIP
+        case 0xD:
+            (a, b, c, d) = xsaveLeaf(sub)
         case 0x8000_0000:
             a = 0x8000_0008
         case 0x8000_0001:
@@ -428,6 +438,9 @@ extension CPU {
     }
 
     static let tscAuxMSR: UInt32 = 0xC000_0103
+    /// IA32_MISC_ENABLE: fast strings on, branch-trace and PEBS unavailable.
+    static let miscEnableMSR: UInt32 = 0x1A0
+    static let miscEnable: UInt64 = 1 | 1 << 11 | 1 << 12
 
     func readMSR(_ index: UInt32) throws(Fault) -> UInt64 {
         switch index {
@@ -446,6 +459,7 @@ extension CPU {
         case MSR.sysenterESP: return sysenterESP
         case MSR.sysenterEIP: return sysenterEIP
         case Self.tscAuxMSR: return tscAux
+        case Self.miscEnableMSR: return Self.miscEnable
         default:
             guard let v = platformMSRs?.readMSR(vcpu: vcpuIndex, index: index, tsc: instructions &+ tscOffset, apicBase: apicBase) else { throw Fault.gp() }
             return v
@@ -475,6 +489,7 @@ extension CPU {
         case MSR.sysenterESP: try canonical(); sysenterESP = v
         case MSR.sysenterEIP: try canonical(); sysenterEIP = v
         case Self.tscAuxMSR: tscAux = v & 0xFFFF_FFFF
+        case Self.miscEnableMSR: guard v == Self.miscEnable else { throw Fault.gp() }  // nothing here is switchable
         default:
             guard platformMSRs?.writeMSR(vcpu: vcpuIndex, index: index, value: v, tsc: instructions &+ tscOffset, apicBase: apicBase) == true else { throw Fault.gp() }
             attention = true  // an APIC write may have raised an interrupt

@@ -62,6 +62,7 @@ struct GuestCase: CustomTestStringConvertible, Sendable {
 let cases: [GuestCase] = [
     GuestCase(guest: "hello"),
     GuestCase(guest: "compute"),
+    GuestCase(guest: "vector-math"),
     GuestCase(guest: "coverage"),
     GuestCase(guest: "pio-loop", commandLine: "count=3000 ring=3"),
     GuestCase(guest: "pio-loop", commandLine: "count=3000 ring=0"),

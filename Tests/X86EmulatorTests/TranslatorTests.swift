@@ -42,7 +42,7 @@ struct TranslatorTests {
     static let guests: [(String, String)] = [
         ("hello", ""), ("compute", "scale=1"), ("coverage", ""), ("fault", ""), ("triple-fault", ""), ("user-mode", ""),
         ("hypercall", ""), ("mmio-touch", ""), ("pio-loop", "count=2000 ring=3"), ("irq-test", ""), ("echo", ""),
-        ("xmodify", "rounds=50"),
+        ("xmodify", "rounds=50"), ("vector-math", ""),
     ]
 
     /// Several vCPUs run translated code too: a function rewritten by CPU 1 after CPU 1
