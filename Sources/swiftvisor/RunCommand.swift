@@ -81,6 +81,9 @@ struct Run: ParsableCommand {
     @Flag(name: .long, help: "Add a virtio console connected to standard output.")
     var virtioConsole = false
 
+    @OptionGroup(title: "Confidential VMs")
+    var confidentialOptions: ConfidentialArguments
+
     @Flag(name: .long, help: "Print the exit statistics table to standard error when the guest stops.")
     var stats = false
 
@@ -136,13 +139,16 @@ struct Run: ParsableCommand {
             for (index, spec) in guests.enumerated() {
                 let (name, guestCmdline) = Self.split(spec)
                 let image = try GuestProgram.load(name)
-                let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
+                let engineChoice = self.engine ?? (confidentialOptions.confidential ? .software : nil)
+                let engine = try engineChoice.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
                     ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { message in
                         if index == 0 { printError("swiftvisor: \(message)") }
                     }
                 var config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout, guestName: name)
                 config.paging = paging
+                config.confidential = confidentialOptions.mode
+                config.workingSetPages = confidentialOptions.workingSet
                 let policy = try partition.map(PartitionArgument.init).last { $0.vm == index }?.policy
                 if let policy {
                     try Partitioning.check(policy, memoryBytes: memory.bytes)
@@ -150,6 +156,7 @@ struct Run: ParsableCommand {
                 }
                 let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
                 let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
+                try confidentialOptions.attach(to: machine, guest: name)
                 if policy?.lockMemory == true { try Partitioning.lock(machine.memory) }
                 let console = try addDevices(to: machine, index: index, output: output)
                 if index == 0 { firstVirtioConsole = console }

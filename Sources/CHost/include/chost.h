@@ -5,6 +5,7 @@
 #define CHOST_H
 
 #include <stdint.h>
+#include "host_xts.h"
 #include <stddef.h>
 
 /* eventfd (non-blocking, close-on-exec); take returns the count read (0 if none), or -errno. */

@@ -1,0 +1,202 @@
+import Foundation
+import GuestImages
+import TestSupport
+import Testing
+import VirtCore
+@testable import VMM
+
+/// S11: confidential VMs on the software engine (docs/confidential-vm.md).
+@Suite struct ConfidentialVMTests {
+    /// The victim guest's pattern, which it builds in memory at run time (its image holds it scrambled).
+    static let pattern = Array("CONFIDENTIAL".utf8)
+
+    static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
+        guard haystack.count >= needle.count else { return false }
+        return haystack.withUnsafeBytes { h in
+            needle.withUnsafeBytes { n in memmem(h.baseAddress, h.count, n.baseAddress, n.count) != nil }
+        }
+    }
+
+    /// Shannon entropy in bits per byte.
+    static func entropy(_ bytes: [UInt8]) -> Double {
+        var counts = [Int](repeating: 0, count: 256)
+        for b in bytes { counts[Int(b)] += 1 }
+        return counts.reduce(0.0) { e, c in
+            guard c > 0 else { return e }
+            let p = Double(c) / Double(bytes.count)
+            return e - p * log2(p)
+        }
+    }
+
+    struct VictimRun {
+        var run: GuestRun
+        var port: ConfidentialAttackPort
+    }
+
+    func victim(_ mode: ConfidentialMode?, attack: ConfidentialAttack? = nil, workingSetPages: Int = 1024) throws -> VictimRun {
+        let capture = SerialCapture()
+        let machine = try bundledMachine("confidential", engine: .software, memory: 64 << 20, timeout: 60,
+                                         confidential: mode, workingSetPages: workingSetPages, capture: capture)
+        let port = try ConfidentialAttackPort(machine: machine, attack: attack)
+        let result = try machine.run()
+        return VictimRun(run: GuestRun(machine: machine, result: result, output: capture.text), port: port)
+    }
+
+    @Test(arguments: [ConfidentialMode.sev, .snp])
+    func computePrintsWhatItPrintsUnencrypted(mode: ConfidentialMode) throws {
+        let plain = try runGuest("compute", engine: .software, memory: 64 << 20)
+        let secret = try runGuest("compute", engine: .software, memory: 64 << 20, confidential: mode)
+        #expect(secret.result.stopReason == .exitPort(status: 0))
+        #expect(secret.output == plain.output)
+        let encrypted = try #require(secret.machine.vm as? any EncryptedMemory)
+        #expect(encrypted.confidentialCounters.decryptions > 0)
+        #expect(secret.machine.launchMeasurement?.mode == mode)
+    }
+
+    @Test func aSmallWorkingSetEvictsAndStillComputesTheSame() throws {
+        let plain = try runGuest("compute", engine: .software, memory: 64 << 20)
+        let secret = try runGuest("compute", engine: .software, memory: 64 << 20, confidential: .snp, workingSetPages: 32)
+        #expect(secret.output == plain.output)
+        let counters = try #require(secret.machine.vm as? any EncryptedMemory).confidentialCounters
+        #expect(counters.evictions > 1000)
+        #expect(counters.encryptions > 1000)
+    }
+
+    @Test(arguments: [ConfidentialMode.sev, .snp])
+    func theHostSeesOnlyCiphertext(mode: ConfidentialMode) throws {
+        // Control: an ordinary VM's host memory shows the pattern.
+        let plain = try victim(nil)
+        #expect(plain.run.output.contains("data intact"))
+        #expect(Self.contains(plain.port.hostViewAtAttack, Self.pattern))
+        #expect(Self.entropy(plain.port.hostViewAtAttack) < 4)
+
+        let secret = try victim(mode)
+        #expect(secret.run.result.stopReason == .exitPort(status: 0))
+        #expect(secret.run.output.contains("confidential: \(mode == .snp ? "SEV-SNP" : "SEV")"))
+        #expect(secret.run.output.contains("data intact"))
+        #expect(!Self.contains(secret.port.hostViewAtAttack, Self.pattern))
+        #expect(Self.entropy(secret.port.hostViewAtAttack) > 7.9)
+        let ram = try secret.run.machine.memory.read(at: 0, count: Int(secret.run.machine.memory.size))
+        #expect(!Self.contains(ram, Self.pattern))
+        // The shared bounce region stays plaintext (zeros: nothing used it).
+        let shared = ConfidentialLaunch.sharedRegion(ramSize: secret.run.machine.memory.size)
+        #expect(ram[Int(shared.lowerBound)..<Int(shared.upperBound)].allSatisfy { $0 == 0 })
+    }
+
+    @Test func snapshotsAndMigrationAreRefusedWithTheReason() throws {
+        let m = try bundledMachine("hello", engine: .software, confidential: .snp, capture: SerialCapture())
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("cvm-\(getpid()).snap").path
+        #expect {
+            try m.snapshot(to: path)
+        } throws: { error in
+            "\(error)".contains("confidential VM cannot be snapshotted or migrated")
+        }
+        #expect(!FileManager.default.fileExists(atPath: path))
+    }
+
+    @Test(.requiresKVM("the KVM engine's refusal is the point"))
+    func theKVMEngineRefusesWithOneLine() throws {
+        #expect {
+            try bundledMachine("hello", engine: .kvm, confidential: .snp, capture: SerialCapture())
+        } throws: { error in
+            "\(error)" == "the kvm engine cannot encrypt guest memory (confidential VMs; the host CPU has no SEV), which a confidential VM needs"
+        }
+    }
+
+    @Test(arguments: [PagePermissions.read.union(.execute), []])
+    func secondLevelPermissionsAreStillEnforced(allowed: PagePermissions) throws {
+        let capture = SerialCapture()
+        let m = try bundledMachine("confidential", engine: .software, memory: 64 << 20, confidential: .snp, capture: capture)
+        let port = try ConfidentialAttackPort(machine: m, attack: nil)
+        let sl = try m.vm.require(SecondLevelTranslation.self, .secondLevelTranslation)
+        // Every page of the image's writable segments: the guest's data among them.
+        let image = try #require(m.image)
+        var pages: [Range<Int>] = []
+        for s in image.segments where s.flags & 2 != 0 {
+            pages.append(Int(s.physicalAddress >> 12)..<Int((s.physicalAddress + s.memorySize + 0xFFF) >> 12))
+        }
+        for r in pages { sl.setPermissions(allowed, pages: r) }
+        let faults = Mutex<[(UInt64, MemoryAccessKind)]>([])
+        m.memoryFaultHandler.withLock {
+            $0 = { gpa, access in
+                faults.withLock { $0.append((gpa, access)) }
+                // The VMM sees the fault (address and access), never the contents: they are ciphertext.
+                sl.setPermissions(.all, pages: Int(gpa >> 12)..<Int(gpa >> 12) + 1)
+                return true
+            }
+        }
+        let result = try m.run()
+        #expect(result.stopReason == .exitPort(status: 0))
+        #expect(capture.text.contains("data intact"))
+        let seen = faults.withLock { $0 }
+        #expect(!seen.isEmpty)
+        #expect(seen.allSatisfy { f in pages.contains { $0.contains(Int(f.0 >> 12)) } })
+        if allowed.isEmpty { #expect(seen.contains { $0.1 != .write }) } else { #expect(seen.allSatisfy { $0.1 == .write }) }
+        #expect(!Self.contains(port.hostViewAtAttack, Self.pattern))
+    }
+
+    @Test(arguments: ConfidentialAttack.allCases)
+    func withoutTheReverseMapTheGuestComputesOnAlteredData(attack: ConfidentialAttack) throws {
+        let r = try victim(.sev, attack: attack)
+        #expect(r.run.result.stopReason == .exitPort(status: 3), "\(r.run.output)")
+        #expect(r.run.output.contains("DATA CHANGED"))
+        #expect(!r.run.output.contains("#VC"))
+        #expect(r.port.outcome?.hostWriteRefused == nil)
+    }
+
+    @Test(arguments: ConfidentialAttack.allCases)
+    func withTheReverseMapEveryAttackIsDetected(attack: ConfidentialAttack) throws {
+        let r = try victim(.snp, attack: attack)
+        let outcome = try #require(r.port.outcome)
+        // The guest's runtime reports #VC (vector 29) and exits with 0x80 + 29.
+        #expect(r.run.result.stopReason == .exitPort(status: 0x80 + 29), "\(r.run.output)")
+        #expect(r.run.output.contains("#VC: reverse-map violation"))
+        #expect(!r.run.output.contains("DATA CHANGED"))
+        if attack == .replay || attack == .dma {
+            // And the host's direct write was refused first.
+            #expect(outcome.hostWriteRefused?.contains("belongs to a confidential VM") == true)
+        }
+        let vm = try #require(r.run.machine.vm as? any EncryptedMemory)
+        #expect(vm.confidentialCounters.rmpViolations >= 1)
+    }
+
+    @Test func theGuestValidatesItsPrivatePagesAndTheSharedRegionStaysTheHosts() throws {
+        let r = try victim(.snp)
+        let vm = try #require(r.run.machine.vm as? any EncryptedMemory)
+        let frames = Int(r.run.machine.memory.size >> 12)
+        let shared = ConfidentialLaunch.sharedRegion(ramSize: r.run.machine.memory.size)
+        for f in [0, 0x100, 0x2000, Int(shared.lowerBound >> 12) - 1] {
+            let e = try #require(vm.rmpEntry(frame: f))
+            #expect(e.assigned && e.validated && e.guestPage == f && !e.immutable, "frame \(f)")
+        }
+        #expect(vm.rmpEntry(frame: frames - 1)?.assigned == false)
+        #expect(vm.confidentialCounters.pagesValidated > 0)
+        #expect(throws: GuestMemoryError.guestOwned(gpa: 0x2000 << 12)) { try r.run.machine.memory.store(UInt8(1), at: 0x2000 << 12) }
+        try r.run.machine.memory.store(UInt8(1), at: shared.lowerBound)  // shared: the host's
+    }
+
+    @Test func theLaunchMeasurementIsReproducibleOfflineAndTheReportVerifies() throws {
+        let r = try victim(.snp)
+        let launched = try #require(r.run.machine.launchMeasurement)
+        let image = try #require(r.run.machine.image)
+        let offline = try ConfidentialLaunch.measure(image: image, memorySize: 64 << 20, commandLine: "", mode: .snp)
+        #expect(offline == launched)
+        #expect(try ConfidentialLaunch.measure(image: image, memorySize: 64 << 20, commandLine: "x=1", mode: .snp).digest != launched.digest)
+        #expect(try ConfidentialLaunch.measure(image: image, memorySize: 64 << 20, commandLine: "", mode: .sev).digest != launched.digest)
+
+        let key = HostAttestationKey.generate()
+        let report = try AttestationReport.sign(launched, guest: "confidential", key: key)
+        try report.verify(trustedKey: key.publicKey)
+        var forged = report
+        forged.measurement.digest = String(repeating: "0", count: 64)
+        #expect(throws: ConfidentialError.self) { try forged.verify(trustedKey: key.publicKey) }
+        #expect(throws: ConfidentialError.self) { try report.verify(trustedKey: HostAttestationKey.generate().publicKey) }
+    }
+
+    @Test func deduplicationMergesNoPrivatePages() throws {
+        let a = try victim(.snp), b = try victim(.snp)
+        let dedup = try PageDeduplicator(machines: [a.run.machine, b.run.machine])
+        let shared = ConfidentialLaunch.sharedRegion(ramSize: a.run.machine.memory.size)
+        #expect(dedup.findDuplicates(in: 0..<Int(shared.lowerBound >> 12)).isEmpty)
+    }
+}
