@@ -1,5 +1,6 @@
 import Foundation
 import GuestImages
+import Synchronization
 import TestSupport
 import Testing
 import VirtCore
@@ -11,10 +12,13 @@ import VirtCore
     static let pattern = Array("CONFIDENTIAL".utf8)
 
     static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
-        guard haystack.count >= needle.count else { return false }
-        return haystack.withUnsafeBytes { h in
-            needle.withUnsafeBytes { n in memmem(h.baseAddress, h.count, n.baseAddress, n.count) != nil }
+        guard let first = needle.first, haystack.count >= needle.count else { return false }
+        var i = 0
+        while i <= haystack.count - needle.count {
+            if haystack[i] == first && haystack[i..<(i + needle.count)].elementsEqual(needle) { return true }
+            i += 1
         }
+        return false
     }
 
     /// Shannon entropy in bits per byte.
@@ -29,7 +33,9 @@ import VirtCore
     }
 
     struct VictimRun {
-        var run: GuestRun
+        var machine: Machine
+        var result: RunResult
+        var output: String
         var port: ConfidentialAttackPort
     }
 
@@ -39,7 +45,7 @@ import VirtCore
                                          confidential: mode, workingSetPages: workingSetPages, capture: capture)
         let port = try ConfidentialAttackPort(machine: machine, attack: attack)
         let result = try machine.run()
-        return VictimRun(run: GuestRun(machine: machine, result: result, output: capture.text), port: port)
+        return VictimRun(machine: machine, result: result, output: capture.text, port: port)
     }
 
     @Test(arguments: [ConfidentialMode.sev, .snp])
@@ -66,20 +72,20 @@ import VirtCore
     func theHostSeesOnlyCiphertext(mode: ConfidentialMode) throws {
         // Control: an ordinary VM's host memory shows the pattern.
         let plain = try victim(nil)
-        #expect(plain.run.output.contains("data intact"))
+        #expect(plain.output.contains("data intact"))
         #expect(Self.contains(plain.port.hostViewAtAttack, Self.pattern))
         #expect(Self.entropy(plain.port.hostViewAtAttack) < 4)
 
         let secret = try victim(mode)
-        #expect(secret.run.result.stopReason == .exitPort(status: 0))
-        #expect(secret.run.output.contains("confidential: \(mode == .snp ? "SEV-SNP" : "SEV")"))
-        #expect(secret.run.output.contains("data intact"))
+        #expect(secret.result.stopReason == .exitPort(status: 0))
+        #expect(secret.output.contains("confidential: \(mode == .snp ? "SEV-SNP" : "SEV")"))
+        #expect(secret.output.contains("data intact"))
         #expect(!Self.contains(secret.port.hostViewAtAttack, Self.pattern))
         #expect(Self.entropy(secret.port.hostViewAtAttack) > 7.9)
-        let ram = try secret.run.machine.memory.read(at: 0, count: Int(secret.run.machine.memory.size))
+        let ram = try secret.machine.memory.read(at: 0, count: Int(secret.machine.memory.size))
         #expect(!Self.contains(ram, Self.pattern))
         // The shared bounce region stays plaintext (zeros: nothing used it).
-        let shared = ConfidentialLaunch.sharedRegion(ramSize: secret.run.machine.memory.size)
+        let shared = ConfidentialLaunch.sharedRegion(ramSize: secret.machine.memory.size)
         #expect(ram[Int(shared.lowerBound)..<Int(shared.upperBound)].allSatisfy { $0 == 0 })
     }
 
@@ -109,10 +115,11 @@ import VirtCore
         let m = try bundledMachine("confidential", engine: .software, memory: 64 << 20, confidential: .snp, capture: capture)
         let port = try ConfidentialAttackPort(machine: m, attack: nil)
         let sl = try m.vm.require(SecondLevelTranslation.self, .secondLevelTranslation)
-        // Every page of the image's writable segments: the guest's data among them.
+        // Write-protected: the image's writable segments (the guest's data among them);
+        // unmapped: every segment, its code too.
         let image = try #require(m.image)
         var pages: [Range<Int>] = []
-        for s in image.segments where s.flags & 2 != 0 {
+        for s in image.segments where s.flags & 2 != 0 || allowed.isEmpty {
             pages.append(Int(s.physicalAddress >> 12)..<Int((s.physicalAddress + s.memorySize + 0xFFF) >> 12))
         }
         for r in pages { sl.setPermissions(allowed, pages: r) }
@@ -131,16 +138,20 @@ import VirtCore
         let seen = faults.withLock { $0 }
         #expect(!seen.isEmpty)
         #expect(seen.allSatisfy { f in pages.contains { $0.contains(Int(f.0 >> 12)) } })
-        if allowed.isEmpty { #expect(seen.contains { $0.1 != .write }) } else { #expect(seen.allSatisfy { $0.1 == .write }) }
+        if allowed.isEmpty {
+            #expect(seen.contains { $0.1 == MemoryAccessKind.execute })
+        } else {
+            #expect(seen.allSatisfy { $0.1 == MemoryAccessKind.write })
+        }
         #expect(!Self.contains(port.hostViewAtAttack, Self.pattern))
     }
 
     @Test(arguments: ConfidentialAttack.allCases)
     func withoutTheReverseMapTheGuestComputesOnAlteredData(attack: ConfidentialAttack) throws {
         let r = try victim(.sev, attack: attack)
-        #expect(r.run.result.stopReason == .exitPort(status: 3), "\(r.run.output)")
-        #expect(r.run.output.contains("DATA CHANGED"))
-        #expect(!r.run.output.contains("#VC"))
+        #expect(r.result.stopReason == .exitPort(status: 3), "\(r.output)")
+        #expect(r.output.contains("DATA CHANGED"))
+        #expect(!r.output.contains("#VC"))
         #expect(r.port.outcome?.hostWriteRefused == nil)
     }
 
@@ -149,36 +160,36 @@ import VirtCore
         let r = try victim(.snp, attack: attack)
         let outcome = try #require(r.port.outcome)
         // The guest's runtime reports #VC (vector 29) and exits with 0x80 + 29.
-        #expect(r.run.result.stopReason == .exitPort(status: 0x80 + 29), "\(r.run.output)")
-        #expect(r.run.output.contains("#VC: reverse-map violation"))
-        #expect(!r.run.output.contains("DATA CHANGED"))
+        #expect(r.result.stopReason == .exitPort(status: 0x80 + 29), "\(r.output)")
+        #expect(r.output.contains("#VC: reverse-map violation"))
+        #expect(!r.output.contains("DATA CHANGED"))
         if attack == .replay || attack == .dma {
             // And the host's direct write was refused first.
             #expect(outcome.hostWriteRefused?.contains("belongs to a confidential VM") == true)
         }
-        let vm = try #require(r.run.machine.vm as? any EncryptedMemory)
+        let vm = try #require(r.machine.vm as? any EncryptedMemory)
         #expect(vm.confidentialCounters.rmpViolations >= 1)
     }
 
     @Test func theGuestValidatesItsPrivatePagesAndTheSharedRegionStaysTheHosts() throws {
         let r = try victim(.snp)
-        let vm = try #require(r.run.machine.vm as? any EncryptedMemory)
-        let frames = Int(r.run.machine.memory.size >> 12)
-        let shared = ConfidentialLaunch.sharedRegion(ramSize: r.run.machine.memory.size)
+        let vm = try #require(r.machine.vm as? any EncryptedMemory)
+        let frames = Int(r.machine.memory.size >> 12)
+        let shared = ConfidentialLaunch.sharedRegion(ramSize: r.machine.memory.size)
         for f in [0, 0x100, 0x2000, Int(shared.lowerBound >> 12) - 1] {
             let e = try #require(vm.rmpEntry(frame: f))
             #expect(e.assigned && e.validated && e.guestPage == f && !e.immutable, "frame \(f)")
         }
         #expect(vm.rmpEntry(frame: frames - 1)?.assigned == false)
         #expect(vm.confidentialCounters.pagesValidated > 0)
-        #expect(throws: GuestMemoryError.guestOwned(gpa: 0x2000 << 12)) { try r.run.machine.memory.store(UInt8(1), at: 0x2000 << 12) }
-        try r.run.machine.memory.store(UInt8(1), at: shared.lowerBound)  // shared: the host's
+        #expect(throws: GuestMemoryError.guestOwned(gpa: 0x2000 << 12)) { try r.machine.memory.store(UInt8(1), at: 0x2000 << 12) }
+        try r.machine.memory.store(UInt8(1), at: shared.lowerBound)  // shared: the host's
     }
 
     @Test func theLaunchMeasurementIsReproducibleOfflineAndTheReportVerifies() throws {
         let r = try victim(.snp)
-        let launched = try #require(r.run.machine.launchMeasurement)
-        let image = try #require(r.run.machine.image)
+        let launched = try #require(r.machine.launchMeasurement)
+        let image = try #require(r.machine.image)
         let offline = try ConfidentialLaunch.measure(image: image, memorySize: 64 << 20, commandLine: "", mode: .snp)
         #expect(offline == launched)
         #expect(try ConfidentialLaunch.measure(image: image, memorySize: 64 << 20, commandLine: "x=1", mode: .snp).digest != launched.digest)
@@ -195,8 +206,8 @@ import VirtCore
 
     @Test func deduplicationMergesNoPrivatePages() throws {
         let a = try victim(.snp), b = try victim(.snp)
-        let dedup = try PageDeduplicator(machines: [a.run.machine, b.run.machine])
-        let shared = ConfidentialLaunch.sharedRegion(ramSize: a.run.machine.memory.size)
+        let dedup = try PageDeduplicator(machines: [a.machine, b.machine])
+        let shared = ConfidentialLaunch.sharedRegion(ramSize: a.machine.memory.size)
         #expect(dedup.findDuplicates(in: 0..<Int(shared.lowerBound >> 12)).isEmpty)
     }
 }
