@@ -33,6 +33,9 @@ int guest_main(const struct sv_boot_info *bi, unsigned cpu) {
     fill(1);
     sv_outl(ATTACK_PORT, 1);  /* version 1 in memory: the host may record it */
     fill(2);
+    /* What a driver would hand a device: page 0 copied into the shared bounce region. */
+    uint8_t *bounce = sv_shared_alloc(4096, 4096);
+    if (bounce) memcpy(bounce, data[0], 4096);
     uint64_t expected = checksum();
     sv_printf("checksum before: %lx\n", (unsigned long)expected);
     sv_outl(ATTACK_PORT, 2);  /* the host attacks now, if told to */

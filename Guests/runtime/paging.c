@@ -63,6 +63,8 @@ static volatile uint64_t *entry(uint64_t pml4, uint64_t va, int level, int make)
 int sv_as_map(uint64_t pml4, uint64_t va, uint64_t pa, uint64_t flags) {
     volatile uint64_t *e = entry(pml4, va, 0, 1);
     if (!e) return -1;
+    /* A confidential VM maps its private RAM with the C-bit; the shared region without. */
+    if (sv_confidential() && !(pa >= sv_boot->shared_gpa && pa < sv_boot->shared_gpa + sv_boot->shared_size)) flags |= SV_C_BIT;
     *e = (pa & SV_PTE_ADDR) | flags | SV_PTE_P;
     return 0;
 }
