@@ -17,7 +17,6 @@ static void wr(struct virtio_dev *d, unsigned r, uint32_t v) { sv_mmio_write32(d
 
 /* Queue storage: enough for a few devices per guest. */
 #define VQ_POOL 8
-static struct virtq vq_pool[VQ_POOL] __attribute__((aligned(4096)));
 static unsigned vq_used_count;
 
 /* Confidential VMs (docs/confidential-vm.md): devices reach only the shared region, so the
@@ -26,7 +25,15 @@ static unsigned vq_used_count;
  * driver needs to trust (which guest buffer a descriptor stands for) stays private. */
 struct bounce_slot { void *orig; uint8_t *shared; uint32_t cap, len; int device_writes; int next; };
 static struct virtq *queues[VQ_POOL];
-static struct bounce_slot bounces[VQ_POOL][VQ_SIZE];
+/* The private queue pool, or (confidential: the queues are in the shared region) the bounce
+ * records — one storage, so the runtime's footprint is the same either way. */
+static union {
+    struct virtq queues[VQ_POOL];
+    struct bounce_slot slots[VQ_POOL][VQ_SIZE];
+} pool __attribute__((aligned(4096)));
+_Static_assert(sizeof(struct bounce_slot[VQ_POOL][VQ_SIZE]) <= sizeof(struct virtq[VQ_POOL]), "bounce records fit the queue pool");
+#define vq_pool pool.queues
+#define bounces pool.slots
 
 static unsigned queue_index(const struct virtq *q) {
     for (unsigned i = 0; i < vq_used_count; i++) if (queues[i] == q) return i;
