@@ -3,8 +3,14 @@
 #include "sv.h"
 
 static uint64_t next_frame, frames_end, free_list, in_use;
+/* Confidential VMs: the C-bit for private RAM and the shared region, read from boot info
+ * once (so mapping touches no page beyond the allocator's own). */
+static uint64_t c_bit, shared_lo, shared_hi;
 
 void sv_frames_init(uint64_t start, uint64_t end) {
+    c_bit = sv_confidential() ? SV_C_BIT : 0;
+    shared_lo = c_bit ? sv_boot->shared_gpa : 0;
+    shared_hi = c_bit ? sv_boot->shared_gpa + sv_boot->shared_size : 0;
     next_frame = (start + 0xFFF) & ~0xFFFull;
     frames_end = end & ~0xFFFull;
     free_list = 0;
@@ -63,6 +69,8 @@ static volatile uint64_t *entry(uint64_t pml4, uint64_t va, int level, int make)
 int sv_as_map(uint64_t pml4, uint64_t va, uint64_t pa, uint64_t flags) {
     volatile uint64_t *e = entry(pml4, va, 0, 1);
     if (!e) return -1;
+    /* A confidential VM maps its private RAM with the C-bit; the shared region without. */
+    if (!(pa >= shared_lo && pa < shared_hi)) flags |= c_bit;
     *e = (pa & SV_PTE_ADDR) | flags | SV_PTE_P;
     return 0;
 }

@@ -13,7 +13,7 @@
 #define SV_PTE_D 0x40ull
 #define SV_PTE_PS 0x80ull
 #define SV_PTE_NX (1ull << 63)
-#define SV_PTE_ADDR 0x000FFFFFFFFFF000ull
+#define SV_PTE_ADDR 0x0007FFFFFFFFF000ull  /* bits 12–50: bit 51 is a confidential VM's C-bit */
 /* The first address past the identity map's PML4 slot. */
 #define SV_USER_SPACE 0x8000000000ull
 

@@ -138,6 +138,7 @@ static void raw_hex(uint64_t v);
 
 void sv_exception(struct sv_exception_frame *f) {
     /* No lock: the fault may have happened while the console lock was held. */
+    if (f->vector == 29) raw_puts("#VC: reverse-map violation (the host changed a private page); ");
     raw_puts("exception ");
     char d[3] = { (char)('0' + f->vector / 10), (char)('0' + f->vector % 10), 0 };
     raw_puts(f->vector >= 10 ? d : d + 1);
@@ -315,6 +316,7 @@ void sv_runtime_start(const struct sv_boot_info *bi, unsigned cpu) {
     sv_boot = bi;
     if (cpu >= SV_MAX_CPUS) for (;;) __asm__ volatile("cli; hlt");
     setup_cpu(cpu);
+    if (cpu == 0) sv_confidential_start(bi);
     int status = guest_main(bi, cpu);
     if (cpu == 0) sv_exit((unsigned)status);
 }

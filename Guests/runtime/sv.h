@@ -19,10 +19,18 @@ struct sv_boot_info {
     uint16_t exit_port;
     uint16_t device_count;
     uint32_t cmdline_size;
-    uint32_t reserved;
+    uint32_t flags;          /* SV_BOOT_CONFIDENTIAL, SV_BOOT_SNP */
     uint64_t cmdline_gpa;
     struct sv_device devices[16];
+    uint64_t shared_gpa;     /* confidential: the shared (unencrypted) bounce region */
+    uint64_t shared_size;
 };
+
+/* Confidential VMs (docs/confidential-vm.md): memory encrypted by the host's engine. */
+#define SV_BOOT_CONFIDENTIAL 1u
+#define SV_BOOT_SNP 2u
+#define SV_C_BIT (1ull << 51)
+static inline int sv_confidential(void);
 
 #define SV_MAX_CPUS 16
 #define SV_BENCH_PORT 0x80
@@ -45,6 +53,12 @@ static inline uint8_t sv_inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %
 static inline uint64_t sv_rdtsc(void) { uint32_t lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return (uint64_t)hi << 32 | lo; }
 static inline void sv_pause(void) { __asm__ volatile("pause"); }
 static inline unsigned sv_cpl(void) { uint16_t cs; __asm__ volatile("mov %%cs, %0" : "=r"(cs)); return cs & 3; }
+
+static inline int sv_confidential(void) { return sv_boot && (sv_boot->flags & SV_BOOT_CONFIDENTIAL); }
+/* Validates every private page of RAM (SNP: PVALIDATE); called by the runtime at boot. */
+void sv_confidential_start(const struct sv_boot_info *bi);
+/* The shared bounce region (confidential) — device-visible memory — or 0 when not confidential. */
+void *sv_shared_alloc(size_t size, size_t align);
 
 /* Console on COM1. */
 void sv_putc(char c);

@@ -17,8 +17,28 @@ static void wr(struct virtio_dev *d, unsigned r, uint32_t v) { sv_mmio_write32(d
 
 /* Queue storage: enough for a few devices per guest. */
 #define VQ_POOL 8
-static struct virtq vq_pool[VQ_POOL] __attribute__((aligned(4096)));
 static unsigned vq_used_count;
+
+/* Confidential VMs (docs/confidential-vm.md): devices reach only the shared region, so the
+ * queues live there and every buffer is bounced through it — device-readable bytes copied
+ * in when a chain is added, device-written bytes copied back when it is used. What the
+ * driver needs to trust (which guest buffer a descriptor stands for) stays private. */
+struct bounce_slot { void *orig; uint8_t *shared; uint32_t cap, len; int device_writes; int next; };
+static struct virtq *queues[VQ_POOL];
+/* The private queue pool, or (confidential: the queues are in the shared region) the bounce
+ * records — one storage, so the runtime's footprint is the same either way. */
+static union {
+    struct virtq queues[VQ_POOL];
+    struct bounce_slot slots[VQ_POOL][VQ_SIZE];
+} pool __attribute__((aligned(4096)));
+_Static_assert(sizeof(struct bounce_slot[VQ_POOL][VQ_SIZE]) <= sizeof(struct virtq[VQ_POOL]), "bounce records fit the queue pool");
+#define vq_pool pool.queues
+#define bounces pool.slots
+
+static unsigned queue_index(const struct virtq *q) {
+    for (unsigned i = 0; i < vq_used_count; i++) if (queues[i] == q) return i;
+    return 0;
+}
 
 static void on_virtio_irq(unsigned irq, void *ctx) {
     struct virtio_dev *d = ctx;
@@ -33,7 +53,9 @@ static int setup_queue(struct virtio_dev *d, unsigned i) {
     wr(d, R_QUEUE_SEL, i);
     uint32_t max = rd(d, R_QUEUE_NUM_MAX);
     if (max == 0 || rd(d, R_QUEUE_READY)) return -4;
-    struct virtq *q = &vq_pool[vq_used_count++];
+    struct virtq *q = sv_confidential() ? sv_shared_alloc(sizeof *q, 4096) : &vq_pool[vq_used_count];
+    if (!q) return -4;
+    queues[vq_used_count++] = q;
     memset(q, 0, sizeof *q);
     q->size = max < VQ_SIZE ? (uint16_t)max : VQ_SIZE;
     for (uint16_t k = 0; k < q->size; k++) q->desc[k].next = (uint16_t)(k + 1);
@@ -92,9 +114,27 @@ uint8_t virtio_config_read8(struct virtio_dev *d, unsigned offset) { return sv_m
 int virtq_add(struct virtq *q, const struct virtio_buf *bufs, unsigned n, void *cookie) {
     if (n == 0 || n > q->num_free) return -1;
     uint16_t head = q->free_head, i = head, last = head;
+    int bounced = sv_confidential();
+    struct bounce_slot *slots = bounces[queue_index(q)];
     for (unsigned k = 0; k < n; k++) {
         struct vring_desc *dsc = &q->desc[i];
+        if (i >= q->size) return -1;
         dsc->addr = (uint64_t)bufs[k].addr;
+        if (bounced) {
+            struct bounce_slot *b = &slots[i];
+            if (b->cap < bufs[k].len) {
+                uint32_t cap = (bufs[k].len + 63) & ~63u;
+                if (!(b->shared = sv_shared_alloc(cap, 64))) return -1;
+                b->cap = cap;
+            }
+            b->orig = (void *)bufs[k].addr;
+            b->len = bufs[k].len;
+            b->device_writes = bufs[k].device_writes;
+            b->next = -1;
+            if (k > 0) slots[last].next = i;
+            if (!b->device_writes) memcpy(b->shared, b->orig, b->len);
+            dsc->addr = (uint64_t)b->shared;
+        }
         dsc->len = bufs[k].len;
         dsc->flags = (uint16_t)((bufs[k].device_writes ? VRING_DESC_F_WRITE : 0) | (k + 1 < n ? VRING_DESC_F_NEXT : 0));
         last = i;
@@ -123,6 +163,12 @@ void *virtq_get_used(struct virtq *q, uint32_t *len) {
     q->last_used++;
     if (e.id >= q->size) return 0;
     if (len) *len = e.len;
+    if (sv_confidential()) {
+        /* Copy back what the device wrote, following the chain as the driver made it. */
+        struct bounce_slot *slots = bounces[queue_index(q)];
+        for (int k = (int)e.id, steps = 0; k >= 0 && steps < VQ_SIZE; k = slots[k].next, steps++)
+            if (slots[k].device_writes) memcpy(slots[k].orig, slots[k].shared, slots[k].len);
+    }
     void *cookie = q->cookie[e.id];
     /* Return the chain to the free list. */
     uint16_t i = (uint16_t)e.id, n = 1;

@@ -21,6 +21,8 @@ public struct CPUBenchmark: Sendable {
     public var interpreted: Bool
     /// Also run the translated software engine with shadow paging (scenario S5).
     public var shadowPaging = true
+    /// Also run the translated software engine as a confidential VM (SEV-SNP, scenario S11).
+    public var confidential = true
 
     public init(scale: Int = 1, kvmPath: String = "/dev/kvm", interpreted: Bool = true) {
         self.scale = scale
@@ -44,6 +46,13 @@ public struct CPUBenchmark: Sendable {
             rows.append(Row(engine: "software-shadow", seconds: seconds, instructions: counts?.instructions,
                             translatedShare: counts.flatMap { $0.translating && $0.instructions > 0 ? $0.translatedShare : nil }))
         }
+        if confidential {
+            progress("software engine (translated, confidential SEV-SNP): compute scale=\(scale)")
+            let (seconds, m) = try time(image, EngineSelection.make(.software, translation: true), confidential: .snp)
+            let counts = m.executionCounts
+            rows.append(Row(engine: "software-confidential", seconds: seconds, instructions: counts?.instructions,
+                            translatedShare: counts.flatMap { $0.translating && $0.instructions > 0 ? $0.translatedShare : nil }))
+        }
         if interpreted {
             progress("software engine (interpreted): compute scale=\(scale)")
             let (seconds, m) = try time(image, EngineSelection.make(.software, translation: false))
@@ -56,9 +65,11 @@ public struct CPUBenchmark: Sendable {
         return rows
     }
 
-    private func time(_ image: ELFImage, _ engine: any Engine, paging: PagingMode = .nested) throws -> (Double, Machine) {
+    private func time(_ image: ELFImage, _ engine: any Engine, paging: PagingMode = .nested,
+                      confidential: ConfidentialMode? = nil) throws -> (Double, Machine) {
         var config = MachineConfiguration(memorySize: 64 << 20, commandLine: "scale=\(scale)")
         config.paging = paging
+        config.confidential = confidential
         let m = try Machine(image: image, configuration: config, engine: engine, serialOutput: { _ in })
         let r = try m.run()
         guard r.stopReason == .exitPort(status: 0) else {

@@ -35,6 +35,11 @@ public struct MachineConfiguration: Sendable {
     public var vcpuThreadSetup: (@Sendable (Int) throws -> Void)?
     /// Port 0xF4 as QEMU's isa-debug-exit (status `(value << 1) | 1`) instead of the plain exit port.
     public var debugExitEncoding = false
+    /// A confidential VM (S11, docs/confidential-vm.md): memory encrypted by the engine,
+    /// launched and measured at `run()`; nil: an ordinary VM.
+    public var confidential: ConfidentialMode?
+    /// Pages of a confidential VM's decrypted working set.
+    public var workingSetPages = 1024
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, commandLine: String = "",
                 timeoutSeconds: Double? = nil, recordExits: Bool = false, guestName: String = "") {
@@ -129,6 +134,10 @@ public final class Machine: @unchecked Sendable {
     public let bootMarker = BootMarkerPort()
     /// The image the machine booted (nil when restored from a snapshot).
     public let image: ELFImage?
+    /// A confidential VM's launch measurement (set by `run()` before the guest starts).
+    public private(set) var launchMeasurement: LaunchMeasurement?
+    /// Called with it, before any vCPU runs (to sign an attestation report, say).
+    public var onLaunch: (@Sendable (LaunchMeasurement) -> Void)?
     /// Timer exits taken for `onTick`.
     public var ticks: UInt64 { tickCount.load(ordering: .relaxed) }
     private let tickCount = Atomic<UInt64>(0)
@@ -215,7 +224,15 @@ public final class Machine: @unchecked Sendable {
         memory = try GuestMemory(size: size)
         let states = try contents(memory)
         guard states.count == configuration.vcpuCount else { throw MachineError.invalidVCPUCount(states.count) }
-        vm = try engine.makeVM(memory: memory, config: VMConfig(vcpuCount: configuration.vcpuCount))
+        var vmConfig = VMConfig(vcpuCount: configuration.vcpuCount, confidential: configuration.confidential)
+        vmConfig.workingSetPages = configuration.workingSetPages
+        vm = try engine.makeVM(memory: memory, config: vmConfig)
+        if configuration.confidential != nil {
+            _ = try vm.require((any EncryptedMemory).self, .encryptedMemory, neededBy: "a confidential VM")
+            guard image != nil, configuration.paging == .nested else {
+                throw ConfidentialError("a confidential VM boots from an image with nested paging (no restore, no shadow paging)")
+            }
+        }
         var vcpus: [any VCPU] = []
         for id in 0..<configuration.vcpuCount {
             let vcpu = try vm.makeVCPU(id: id)
@@ -304,6 +321,7 @@ public final class Machine: @unchecked Sendable {
                   started.load(ordering: .acquiring) {
                 _ = parkedSignal.wait(timeout: .now() + .milliseconds(50))  // re-check: a vCPU may finish instead
             }
+            (vm as? any EncryptedMemory)?.flushWorkingSet()  // no plaintext outside the guest while it is paused
         }
     }
 
@@ -418,6 +436,11 @@ public final class Machine: @unchecked Sendable {
     public func run(onTick: (@Sendable () -> Void)? = nil) throws -> RunResult {
         guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw MachineError.alreadyRan }
         let bus = freezeBus()
+        if let mode = configuration.confidential, let image, let encrypted = vm as? any EncryptedMemory {
+            let m = try ConfidentialLaunch.launch(vm: encrypted, memory: memory, image: image, entry: try vcpus[0].getState(), mode: mode)
+            launchMeasurement = m
+            onLaunch?(m)
+        }
         let count = vcpus.count
         let results = Mutex([(ExitStatistics, [VMExit])](repeating: (ExitStatistics(), []), count: count))
         var timer: DispatchWorkItem?

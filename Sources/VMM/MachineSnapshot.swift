@@ -108,6 +108,10 @@ extension Machine {
 
     /// Throws when a device cannot be saved (snapshots and migration carry only these).
     func checkDevicesSavable() throws {
+        // The memory key of a confidential VM never leaves its engine, so no stream could be restored.
+        if configuration.confidential != nil {
+            throw ConfidentialError("a confidential VM cannot be snapshotted or migrated: its memory key never leaves the engine that launched it")
+        }
         let unsupported = attachedDevices.compactMap { d -> String? in if case let .unsupported(n) = d.recipe { return n } else { return nil } }
         guard unsupported.isEmpty else { throw MachineSnapshotError.devicesNotSupported(unsupported) }
     }

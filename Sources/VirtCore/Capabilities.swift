@@ -29,6 +29,8 @@ public enum EngineCapability: String, CaseIterable, Sendable, Codable, CustomStr
     /// and supervisor-mode guest mappings (Intel MBEC), violations qualified through
     /// `SecondLevelViolationReporting` (scenario S10).
     case modeBasedExecute = "mode-based-execute"
+    /// `EncryptedMemory`: confidential VMs, guest memory encrypted by the engine (S11).
+    case encryptedMemory = "encrypted-memory"
 
     public var description: String { rawValue }
 
@@ -45,6 +47,7 @@ public enum EngineCapability: String, CaseIterable, Sendable, Codable, CustomStr
         case .referenceRunLoop: return "run a vCPU through the reference C loop"
         case .shadowPaging: return "translate through VMM-built shadow page tables"
         case .modeBasedExecute: return "control user and supervisor execution separately in the second level (MBEC)"
+        case .encryptedMemory: return "encrypt guest memory (confidential VMs; the host CPU has no SEV)"
         }
     }
 }
@@ -182,6 +185,7 @@ extension VM {
         if self is any CodeCacheCoherence { c.append(.codeCacheCoherence) }
         if self is any ShadowPagingVM { c.append(.shadowPaging) }
         if self is any ModeBasedExecuteControl { c.append(.modeBasedExecute) }
+        if self is any EncryptedMemory { c.append(.encryptedMemory) }
         if let n = self as? any NotificationOffload, n.notificationOffloadAvailable { c.append(.notificationOffload) }
         return c
     }

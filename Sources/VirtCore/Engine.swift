@@ -1,7 +1,13 @@
 /// Settings a VM is created with, common to all engines.
 public struct VMConfig: Sendable, Equatable {
     public var vcpuCount: Int
-    public init(vcpuCount: Int = 1) { self.vcpuCount = vcpuCount }
+    /// A confidential VM (encrypted memory, `EncryptedMemory`); nil: an ordinary one.
+    public var confidential: ConfidentialMode?
+    /// Pages of the decrypted working set of a confidential VM.
+    public var workingSetPages = 1024
+    public init(vcpuCount: Int = 1, confidential: ConfidentialMode? = nil) {
+        self.vcpuCount = vcpuCount; self.confidential = confidential
+    }
 }
 
 /// How a guest reaches the VMM with a hypercall (docs/guest-abi.md).

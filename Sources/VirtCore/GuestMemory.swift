@@ -8,6 +8,8 @@ public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertibl
     case outOfRange(gpa: UInt64, length: Int, ramSize: UInt64)
     case allocationFailed(size: UInt64, errno: Int32)
     case invalidSize(UInt64)
+    /// A host write to a frame a confidential VM owns (SEV-SNP: the RMP check faults).
+    case guestOwned(gpa: UInt64)
 
     public var description: String {
         switch self {
@@ -17,6 +19,8 @@ public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertibl
             return "could not allocate \(size) bytes of guest RAM: \(String(cString: strerror(err)))"
         case let .invalidSize(size):
             return "guest RAM size \(size) must be a non-zero multiple of 4 KiB"
+        case let .guestOwned(gpa):
+            return "host write to 0x\(String(gpa, radix: 16)) refused: the page belongs to a confidential VM (reverse map)"
         }
     }
 }
@@ -38,6 +42,21 @@ public final class GuestMemory: @unchecked Sendable {
     package let base: UnsafeMutableRawPointer
     /// Pages written through this object (not by vCPUs), while a service has it enabled.
     public let hostWrites: HostWriteLog
+    /// Per frame, non-zero when a confidential VM owns it (SEV-SNP's reverse map, kept by
+    /// the engine): host writes and device DMA through this object are refused there.
+    /// Set once, before vCPUs run; nil for ordinary VMs.
+    package private(set) var ownedFrames: UnsafePointer<UInt8>?
+
+    package func guardOwnedFrames(_ frames: UnsafePointer<UInt8>) { ownedFrames = frames }
+
+    /// Throws when `[gpa, gpa+length)` (in RAM) touches a frame a confidential VM owns.
+    @inline(__always)
+    func checkHostWrite(_ gpa: UInt64, _ length: Int) throws(GuestMemoryError) {
+        guard let owned = ownedFrames, length > 0 else { return }
+        for page in Int(gpa >> 12)...Int((gpa + UInt64(length) - 1) >> 12) where owned[page] != 0 {
+            throw .guestOwned(gpa: max(gpa, UInt64(page) << 12))
+        }
+    }
 
     public init(size: UInt64, name: String = "swiftvisor-ram") throws(GuestMemoryError) {
         guard size > 0, size % UInt64(Self.pageSize) == 0 else { throw .invalidSize(size) }
@@ -81,6 +100,7 @@ public final class GuestMemory: @unchecked Sendable {
             throw .outOfRange(gpa: gpa, length: Int(clamping: length), ramSize: size)
         }
         try check(gpa, Int(clamping: length))
+        try checkHostWrite(gpa, Int(clamping: length))
         let rc = host_discard_range(fileDescriptor, base, gpa, length)
         if rc < 0 { throw .allocationFailed(size: length, errno: -rc) }
         hostWrites.note(gpa, Int(length))
@@ -92,7 +112,11 @@ public final class GuestMemory: @unchecked Sendable {
     /// Host pointer for `[gpa, gpa+length)`, or nil when the range is not all RAM.
     @inline(__always)
     package func hostPointer(_ gpa: UInt64, length: Int) -> UnsafeMutableRawPointer? {
-        contains(gpa, length: length) ? base + Int(gpa) : nil
+        guard contains(gpa, length: length) else { return nil }
+        if ownedFrames != nil {
+            do throws(GuestMemoryError) { try checkHostWrite(gpa, length) } catch { return nil }
+        }
+        return base + Int(gpa)
     }
 
     /// Records a host write made through `hostPointer` (a device reading a file into guest RAM).
@@ -110,6 +134,7 @@ public final class GuestMemory: @unchecked Sendable {
     @inline(__always)
     public func store<T: FixedWidthInteger>(_ value: T, at gpa: UInt64) throws(GuestMemoryError) {
         try check(gpa, MemoryLayout<T>.size)
+        try checkHostWrite(gpa, MemoryLayout<T>.size)
         (base + Int(gpa)).storeBytes(of: value.littleEndian, as: T.self)
         hostWrites.note(gpa, MemoryLayout<T>.size)
     }
@@ -121,6 +146,7 @@ public final class GuestMemory: @unchecked Sendable {
 
     public func write<C: Collection>(_ bytes: C, at gpa: UInt64) throws(GuestMemoryError) where C.Element == UInt8 {
         try check(gpa, bytes.count)
+        try checkHostWrite(gpa, bytes.count)
         let dst = UnsafeMutableRawBufferPointer(start: base + Int(gpa), count: bytes.count)
         _ = dst.copyBytes(from: bytes) as Void?
         hostWrites.note(gpa, bytes.count)
@@ -128,6 +154,7 @@ public final class GuestMemory: @unchecked Sendable {
 
     public func fill(_ byte: UInt8, at gpa: UInt64, count: Int) throws(GuestMemoryError) {
         try check(gpa, count)
+        try checkHostWrite(gpa, count)
         memset(base + Int(gpa), Int32(byte), count)
         hostWrites.note(gpa, count)
     }

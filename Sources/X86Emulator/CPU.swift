@@ -154,6 +154,11 @@ final class CPU {
 
     let ram: UnsafeMutableRawPointer
     let ramSize: UInt64
+    /// A confidential VM's memory path (nil: ordinary VM); `ram` is then its view.
+    let confidential: ConfidentialMemory?
+    /// PVALIDATE's own walk (no reverse-map check) and the guest page it reached.
+    var pvalidateWalk = false
+    var pvalidateGuestPage: UInt64 = 0
     let codePages: CodePages
     let codeGens: CodePages.Generations
     /// The VM's second-level page table (EPT model) and the INVEPT epoch this vCPU's TLB
@@ -258,8 +263,10 @@ final class CPU {
     let icache: UnsafeMutablePointer<Instr>
     var decodes: UInt64 = 0
 
-    init(memory: GuestMemory, codePages: CodePages, secondLevel: SecondLevelPageTable, atomicLock: AtomicInstructionLock?) {
+    init(memory: GuestMemory, codePages: CodePages, secondLevel: SecondLevelPageTable, atomicLock: AtomicInstructionLock?,
+         confidential: ConfidentialMemory? = nil) {
         self.atomicLock = atomicLock
+        self.confidential = confidential
         self.secondLevel = secondLevel
         self.codePages = codePages
         codeGens = codePages.gens
@@ -274,7 +281,7 @@ final class CPU {
         context = .allocate(byteCount: TranslatorContext.size, alignment: 64)
         context.initializeMemory(as: UInt8.self, repeating: 0, count: TranslatorContext.size)
         gpr = context.bindMemory(to: UInt64.self, capacity: 16)
-        ram = memory.base
+        ram = confidential?.view ?? memory.base
         ramSize = memory.size
         context.storeBytes(of: UInt64(UInt(bitPattern: codePages.gens)), toByteOffset: Int(TranslatorContext.codeGens), as: UInt64.self)
         context.storeBytes(of: 0x3FF000, toByteOffset: Int(TranslatorContext.tlbIndexMask), as: UInt64.self)
@@ -361,7 +368,12 @@ final class CPU {
     /// The page walk behind `translate`; fills the TLB on success.
     func walk(_ linear: UInt64, write: Bool, execute: Bool, user: Bool) throws(Fault) -> UInt64 {
         guard Self.isCanonical(linear) else { throw Fault.gp() }
-        if cr0 & CR.pg == 0 { return linear }
+        if cr0 & CR.pg == 0 {
+            if let c = confidential, linear < ramSize {  // without paging every access is private
+                _ = try confidentialDataAccess(c, host: linear, gpa: linear, isPrivate: true, write: write)
+            }
+            return linear
+        }
         if let shadow = shadowEntries { return try shadowWalk(linear, write: write, execute: execute, user: user, shadow) }
         pageWalks &+= 1
         var table = cr3 & Self.physicalAddressMask
@@ -370,13 +382,16 @@ final class CPU {
         let nxe = efer & CR.eferNXE != 0
         var reserved: UInt64 = ~((1 << Self.maxPhysicalAddressBits) - 1) & 0x7FFF_FFFF_FFFF_FFFF
         if !nxe { reserved |= 1 << 63 }
+        if confidential != nil { reserved &= ~ConfidentialLayout.cBit }
         while true {
             let index = (linear >> UInt64(12 + 9 * level)) & 0x1FF
             let entryAddress = table + index * 8
             guard entryAddress + 8 <= ramSize else { throw pageFault(linear, present: false, write: write, execute: execute, user: user) }
             // The entry, after the second-level walk that finds it.
             pageWalkReferences &+= 1 &+ secondLevel.walkLevels(entryAddress)
-            let p = (ram + Int(secondLevel.hostAddress(entryAddress))).assumingMemoryBound(to: UInt64.self)
+            let entryHost = secondLevel.hostAddress(entryAddress)
+            if let c = confidential { try confidentialTableAccess(c, host: entryHost, gpa: entryAddress) }
+            let p = (ram + Int(entryHost)).assumingMemoryBound(to: UInt64.self)
             var entry = p.pointee
             guard entry & 1 != 0 else { throw pageFault(linear, present: false, write: write, execute: execute, user: user) }
             let large = level >= 1 && level <= 2 && entry & 0x80 != 0
@@ -403,6 +418,7 @@ final class CPU {
                 if newEntry != entry {
                     try secondLevelAccess(entryAddress, write: true, execute: false)
                     p.pointee = newEntry
+                    confidential?.noteWrite(frame: Int(entryHost >> 12))
                     entry = newEntry
                 }
                 let shift = UInt64(12 + 9 * level)
@@ -411,10 +427,15 @@ final class CPU {
                 if gpa < ramSize {
                     pageWalkReferences &+= secondLevel.walkLevels(gpa)
                     try secondLevelAccess(gpa, write: write, execute: execute, userAddress: userOK, linear: linear)
+                    var lineWritable = true
+                    if let c = confidential {  // after the nested walk: reverse map, decryption
+                        lineWritable = try confidentialDataAccess(c, host: secondLevel.hostAddress(gpa), gpa: gpa,
+                                                                  isPrivate: execute || entry & ConfidentialLayout.cBit != 0, write: write)
+                    }
                     let sl = secondLevel.permissions[Int(gpa >> 12)]
                     // Cache writes only once the second-level dirty flag is set, and only
                     // what both stages allow (so a cached entry never skips a check).
-                    let writeOK = writable && entry & 0x40 != 0 && sl & 2 != 0 && secondLevel.dirty[Int(gpa >> 12)] != 0
+                    let writeOK = writable && entry & 0x40 != 0 && sl & 2 != 0 && secondLevel.dirty[Int(gpa >> 12)] != 0 && lineWritable
                     // From here on, accesses use the host frame the second stage maps to.
                     let host = secondLevel.hostAddress(gpa)
                     if sl & 1 != 0 {
@@ -433,6 +454,7 @@ final class CPU {
             if entry & 0x20 == 0 {
                 try secondLevelAccess(entryAddress, write: true, execute: false)
                 p.pointee = entry | 0x20
+                confidential?.noteWrite(frame: Int(entryHost >> 12))
             }
             table = entry & Self.physicalAddressMask
             level -= 1

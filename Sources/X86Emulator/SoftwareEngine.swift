@@ -17,7 +17,7 @@ public struct SoftwareEngine: Engine {
     public static var translationSupported: Bool { BlockTranslator.hostSupported }
 
     public func makeVM(memory: GuestMemory, config: VMConfig) throws -> any VM {
-        SoftwareVirtualMachine(memory: memory, config: config, translation: translation)
+        try SoftwareVirtualMachine(memory: memory, config: config, translation: translation)
     }
 }
 
@@ -36,14 +36,20 @@ public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, Cod
     /// alive here).
     let shadowSync: ShadowFlushSync
     let shadowPools = Mutex<[ShadowPageTablePool]>([])
+    /// A confidential VM's memory path (`VMConfig.confidential`; Confidential/).
+    let confidential: ConfidentialMemory?
 
-    init(memory: GuestMemory, config: VMConfig, translation: Bool) {
+    init(memory: GuestMemory, config: VMConfig, translation: Bool) throws {
         self.memory = memory
         self.config = config
         self.translation = translation
         codePages = CodePages(ramSize: memory.size)
         secondLevel = SecondLevelPageTable(ramSize: memory.size)
         shadowSync = ShadowFlushSync(vcpuCount: config.vcpuCount)
+        confidential = try config.confidential.map { mode throws in
+            guard config.vcpuCount == 1 else { throw ConfidentialError("a confidential VM has one vCPU on the software engine") }
+            return try ConfidentialMemory(memory: memory, mode: mode, capacity: config.workingSetPages)
+        }
     }
 
     public var engineName: String { "software" }
@@ -59,10 +65,16 @@ public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, Cod
     /// Forgets decoded instructions after the VMM wrote guest memory behind the vCPUs'
     /// backs (loading code, restoring a snapshot, DMA into code pages). Guest writes,
     /// from any vCPU, are tracked by the engine itself. Call while no vCPU runs.
-    public func hostDidWriteAll() { codePages.invalidateAll() }
+    public func hostDidWriteAll() {
+        codePages.invalidateAll()
+        dropWorkingSet(nil)
+    }
 
     /// As `hostDidWriteAll()`, for `[gpa, gpa+length)` only.
-    public func hostDidWrite(gpa: UInt64, length: UInt64) { codePages.invalidate(gpa: gpa, length: length) }
+    public func hostDidWrite(gpa: UInt64, length: UInt64) {
+        codePages.invalidate(gpa: gpa, length: length)
+        if length > 0 { dropWorkingSet(Int(gpa >> 12)..<Int((gpa &+ length &- 1) >> 12) + 1) }
+    }
 
     public var secondLevelPageCount: Int { secondLevel.pageCount }
     public func permissions(page: Int) -> PagePermissions { secondLevel.permissions(page: page) }
@@ -96,7 +108,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     init(vm: SoftwareVirtualMachine, id: Int) {
         self.vm = vm
         self.id = id
-        cpu = CPU(memory: vm.memory, codePages: vm.codePages, secondLevel: vm.secondLevel, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil)
+        cpu = CPU(memory: vm.memory, codePages: vm.codePages, secondLevel: vm.secondLevel, atomicLock: vm.config.vcpuCount > 1 ? vm.atomicLock : nil,
+                  confidential: vm.confidential)
         if vm.translation { cpu.translator = BlockTranslator(sharedMemory: vm.config.vcpuCount > 1) }
         cpu.vcpuIndex = id
     }
@@ -196,6 +209,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
 
     public func run() throws(VCPUError) -> VMExit {
         let cpu = self.cpu
+        // A confidential VM's host memory is current whenever the VMM holds the vCPU.
+        defer { if let c = cpu.confidential, c.writeBack() { cpu.flushTLB() } }
         let epoch = vm.secondLevel.epoch
         if cpu.secondLevelEpoch != epoch {  // INVEPT since the last run
             cpu.flushTLB()

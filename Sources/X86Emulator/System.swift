@@ -298,6 +298,8 @@ extension CPU {
             case 0xF8:  // SWAPGS
                 try requireCPL0()
                 swap(&gs.base, &kernelGSBase)
+            case 0xFF where i.rep == 0xF2:  // PVALIDATE (SEV-SNP)
+                try pvalidate()
             case 0xF9:  // RDTSCP
                 if cr4 & CR.tsd != 0 { try requireCPL0() }
                 let tsc = instructions &+ tscOffset
@@ -417,7 +419,7 @@ extension CPU {
         case 0xD:
             (a, b, c, d) = xsaveLeaf(sub)
         case 0x8000_0000:
-            a = 0x8000_0008
+            a = confidential == nil ? 0x8000_0008 : 0x8000_001F
         case 0x8000_0001:
             c = (1 << 0) | (1 << 5)  // LAHF/SAHF in 64-bit mode, LZCNT (ABM)
             d = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29)  // SYSCALL NX 1GB-pages RDTSCP LM
@@ -431,6 +433,8 @@ extension CPU {
             a = word(0); b = word(4); c = word(8); d = word(12)
         case 0x8000_0008:
             a = 0x3000 | UInt32(Self.maxPhysicalAddressBits)  // 48-bit linear, 40-bit physical
+        case 0x8000_001F:
+            if let m = confidentialCPUID() { a = m.a; b = m.b }
         default:
             break
         }

@@ -129,7 +129,8 @@ struct BenchCPU: ParsableCommand {
             Runs the bundled 'compute' guest (sieve, CRC-32, heapsort, SHA-256-style mixing, \
             at CPL3) on the software engine, counting retired guest instructions: with its \
             block translator (the default) with nested paging, and again with shadow paging \
-            (unless --no-shadow), and interpreting every instruction (unless --no-interpreted); and on KVM when /dev/kvm is usable, where the same workloads run \
+            (unless --no-shadow), as a confidential VM with encrypted memory (unless --no-confidential; \
+            docs/confidential-vm.md), and interpreting every instruction (unless --no-interpreted); and on KVM when /dev/kvm is usable, where the same workloads run \
             natively. Benchmarks/qemu-compare.sh sets the translated figure beside QEMU TCG.
             """)
 
@@ -138,6 +139,9 @@ struct BenchCPU: ParsableCommand {
 
     @Flag(name: .long, help: "Skip the translated run with shadow paging (the 'software-shadow' row).")
     var noShadow = false
+
+    @Flag(name: .long, help: "Skip the translated run as a confidential VM (the 'software-confidential' row).")
+    var noConfidential = false
 
     @Option(name: .long, help: "Work multiplier passed to the guest (scale=N).")
     var scale = 1
@@ -157,6 +161,7 @@ struct BenchCPU: ParsableCommand {
         do {
             var bench = CPUBenchmark(scale: scale, kvmPath: kvmPath, interpreted: !noInterpreted)
             bench.shadowPaging = !noShadow
+            bench.confidential = !noConfidential
             rows = try bench.run { printError("bench: \($0)") }
         } catch {
             printError("swiftvisor: error: \(error)")
@@ -173,6 +178,9 @@ struct BenchCPU: ParsableCommand {
         }
         if let kvm = rows.first(where: { $0.engine == "kvm" }) {
             print("software (translated) / kvm wall time: \((rows[0].seconds / kvm.seconds).fixed(1))×")
+        }
+        if let confidential = rows.first(where: { $0.engine == "software-confidential" }) {
+            print("confidential (encrypted memory) / unencrypted wall time: \((confidential.seconds / rows[0].seconds).fixed(2))×")
         }
         if let interpreted = rows.first(where: { $0.engine == "software-interpreted" }) {
             print("translation speed-up over the interpreter: \((interpreted.seconds / rows[0].seconds).fixed(1))×")

@@ -13,7 +13,7 @@ struct LabCommand: ParsableCommand {
             """,
         subcommands: [PioVsMmio.self, ParavirtVsEmulated.self, CowSnapshot.self, Dedup.self, BalloonLabCommand.self,
                       UniversalMachine.self, ShadowVsEpt.self, SmepSmapAlias.self, SriovIommu.self, MixedCriticality.self,
-                      LiveMigrationLabCommand.self, LabReportCommand.self])
+                      LiveMigrationLabCommand.self, LabReportCommand.self, ConfidentialVMLabCommand.self])
 }
 
 /// Options every lab that runs on one engine takes.

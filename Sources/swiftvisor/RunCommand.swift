@@ -87,6 +87,9 @@ struct Run: ParsableCommand {
     @Flag(name: .long, help: "Add a virtio console connected to standard output.")
     var virtioConsole = false
 
+    @OptionGroup(title: "Confidential VMs")
+    var confidentialOptions: ConfidentialArguments
+
     @Flag(name: .long, help: "Print the exit statistics table to standard error when the guest stops.")
     var stats = false
 
@@ -155,7 +158,8 @@ struct Run: ParsableCommand {
             for (index, spec) in (kernel.map { [$0] } ?? guests).enumerated() {
                 let (name, guestCmdline) = kernel == nil ? Self.split(spec) : (spec, nil)
                 let image = kernel == nil ? try GuestProgram.load(name) : nil
-                let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
+                let engineChoice = self.engine ?? (confidentialOptions.confidential ? .software : nil)
+                let engine = try engineChoice.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
                     ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { message in
                         if index == 0 { printError("swiftvisor: \(message)") }
                     }
@@ -163,6 +167,8 @@ struct Run: ParsableCommand {
                                                   timeoutSeconds: timeout, guestName: name)
                 if crashAfterMs != nil { config.tickSeconds = 0.01 }
                 config.paging = paging
+                config.confidential = confidentialOptions.mode
+                config.workingSetPages = confidentialOptions.workingSet
                 let policy = try partition.map(PartitionArgument.init).last { $0.vm == index }?.policy
                 if let policy {
                     try Partitioning.check(policy, memoryBytes: memory.bytes)
@@ -172,6 +178,7 @@ struct Run: ParsableCommand {
                 let machine: Machine
                 if let image {
                     machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
+                    try confidentialOptions.attach(to: machine, guest: name)
                 } else {
                     let modules = try initrd.map { [(bytes: try Self.readFile($0), commandLine: $0)] } ?? []
                     machine = try PCPlatform.machine(kernel: try Self.readFile(name), modules: modules, configuration: config,

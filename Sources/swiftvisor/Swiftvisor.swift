@@ -17,7 +17,8 @@ struct Swiftvisor: ParsableCommand {
               swiftvisor host                             what this host's /dev/kvm offers
               swiftvisor bench exits                      cost of a port-I/O exit, Swift loop vs C loop
             """,
-        subcommands: [Run.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, MigrateCommand.self, BalloonCommand.self, LabCommand.self]
+        subcommands: [Run.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, MigrateCommand.self, BalloonCommand.self, LabCommand.self,
+                      Measure.self, Verify.self]
     )
 
     /// Stop signals and fatal faults are handled before anything else runs (ProcessLifecycle).

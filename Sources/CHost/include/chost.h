@@ -5,6 +5,7 @@
 #define CHOST_H
 
 #include <stdint.h>
+#include "host_xts.h"
 #include <stddef.h>
 
 #include "lifecycle.h"  // stop signals, fatal faults, cleanup on exit

@@ -1,0 +1,123 @@
+import ArgumentParser
+import FoundationEssentials
+import VMM
+import VirtCore
+
+/// `run --confidential …`: a confidential VM (S11, docs/confidential-vm.md).
+struct ConfidentialArguments: ParsableArguments {
+    @Flag(name: .long, help: "Run as a confidential VM (software engine): guest memory encrypted under a per-VM key, with SEV-SNP's reverse map; the launch is measured.")
+    var confidential = false
+
+    @Flag(name: .long, help: "With --confidential: encryption only (SEV), no reverse map — replay and remapping by the host go unnoticed.")
+    var sevOnly = false
+
+    @Option(name: .long, help: ArgumentHelp("With --confidential: pages of the decrypted working set (the engine's plaintext cache).", valueName: "pages"))
+    var workingSet = 1024
+
+    @Option(name: .long, help: ArgumentHelp("With --confidential: write the attestation report (launch measurement signed with this host's P-384 key) to this file.", valueName: "path"))
+    var attestationReport: String?
+
+    var mode: ConfidentialMode? { confidential ? (sevOnly ? .sev : .snp) : nil }
+
+    func validate() throws {
+        if !confidential && (sevOnly || attestationReport != nil) {
+            throw ValidationError("--sev-only and --attestation-report need --confidential")
+        }
+        guard workingSet >= 16 else { throw ValidationError("--working-set must be at least 16 pages") }
+    }
+
+    /// Signs the launch measurement into `attestationReport` once the machine launches.
+    func attach(to machine: Machine, guest: String) throws {
+        guard let path = attestationReport else { return }
+        _ = try HostAttestationKey.load()  // a missing or broken key stops the run before it starts
+        machine.onLaunch = { measurement in
+            do {
+                try writeJSON(path, try AttestationReport.sign(measurement, guest: guest, key: try HostAttestationKey.load()))
+            } catch {
+                printError("swiftvisor: error: cannot write the attestation report: \(error)")
+            }
+        }
+    }
+}
+
+struct Measure: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Compute a confidential VM's launch measurement offline.",
+        discussion: """
+            The SHA-256 digest 'run --confidential' computes while it encrypts the initial image: the
+            VMM's pages below 1 MiB (boot info, command line, page tables with their C-bits), the
+            guest's segments and the boot vCPU's entry state. It matches a run with the same
+            --memory and --cmdline and no devices (devices are listed in the measured boot info).
+            """)
+
+    @Argument(help: "A bundled guest's name or an ELF file.")
+    var guest: String
+
+    @Option(name: .long, help: ArgumentHelp("Guest RAM, as for 'run'.", valueName: "size"))
+    var memory = MemoryArgument(argument: "64M")!
+
+    @Option(name: .long, help: ArgumentHelp("The guest's command line, as for 'run'.", valueName: "text"))
+    var cmdline = ""
+
+    @Flag(name: .long, help: "Measure for an SEV-only launch (the mode is part of the digest).")
+    var sevOnly = false
+
+    @Flag(name: .long, help: "Print the measurement as JSON.")
+    var json = false
+
+    func run() throws {
+        do {
+            let image = try GuestProgram.load(guest)
+            let m = try ConfidentialLaunch.measure(image: image, memorySize: memory.bytes, commandLine: cmdline, mode: sevOnly ? .sev : .snp)
+            if json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try encoder.encode(m), as: UTF8.self))
+            } else {
+                print("\(m.digest)  \(guest) (\(m.mode), \(m.measuredPages) pages)")
+            }
+        } catch {
+            printError("swiftvisor: error: \(error)")
+            throw ExitCode(ToolStatus.failure)
+        }
+    }
+}
+
+struct Verify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check a confidential VM's attestation report.",
+        discussion: """
+            Checks the report's P-384 signature and that it was signed by this host's attestation key
+            (or by --host-key), and, with --measurement, that the launch digest is the expected one
+            (see 'swiftvisor measure'). Exit status 0: the report verifies; 1: it does not.
+            """)
+
+    @Argument(help: "The report 'run --attestation-report' wrote.")
+    var report: String
+
+    @Option(name: .long, help: ArgumentHelp("The launch digest to expect (hex, from 'swiftvisor measure').", valueName: "hex"))
+    var measurement: String?
+
+    @Option(name: .long, help: ArgumentHelp("Trust this host key (hex X9.63, as in a report) instead of this host's own.", valueName: "hex"))
+    var hostKey: String?
+
+    func run() throws {
+        do {
+            let decoder = JSONDecoder()
+            decoder.keyDecodingStrategy = .convertFromSnakeCase
+            let r = try decoder.decode(AttestationReport.self, from: try Data(contentsOf: URL(fileURLWithPath: report)))
+            let trusted = try hostKey.map { hex in
+                guard let key = AttestationReport.publicKey(hex: hex) else { throw ConfidentialError("--host-key is not a P-384 public key") }
+                return key
+            } ?? HostAttestationKey.load(createIfMissing: false).publicKey
+            try r.verify(trustedKey: trusted)
+            if let m = measurement, m.lowercased() != r.measurement.digest {
+                throw ConfidentialError("the launch digest \(r.measurement.digest) is not the expected \(m.lowercased())")
+            }
+            print("verified: \(r.guest) launched \(r.measurement.mode) with measurement \(r.measurement.digest)")
+        } catch {
+            printError("swiftvisor: verify: \(error)")
+            throw ExitCode(1)
+        }
+    }
+}
