@@ -132,7 +132,10 @@ struct Run: ParsableCommand {
         let many = guests.count > 1
         var machines: [Machine] = []
         var firstVirtioConsole: VirtioConsole?
+        // Partitions' devices reach only their own VM's RAM, through the IOMMU.
+        let isolation: DeviceAssignmentPlatform?
         do {
+            isolation = partition.isEmpty ? nil : try DeviceAssignmentPlatform(virtualFunctions: 0)
             for (index, spec) in guests.enumerated() {
                 let (name, guestCmdline) = Self.split(spec)
                 let image = try GuestProgram.load(name)
@@ -152,6 +155,7 @@ struct Run: ParsableCommand {
                 let machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
                 if policy?.lockMemory == true { try Partitioning.lock(machine.memory) }
                 let console = try addDevices(to: machine, index: index, output: output)
+                if policy != nil { try isolation?.confineVirtioDevices(of: machine, name: "vm\(index)") }
                 if index == 0 { firstVirtioConsole = console }
                 machines.append(machine)
             }
@@ -197,6 +201,9 @@ struct Run: ParsableCommand {
             report(result, machine: machine, label: label, jsonPath: statsJSON.map { many ? "\($0).vm\(index)" : $0 })
             let s = exitStatus(result.stopReason, label: label)
             if status == nil || status == 0 { status = s }
+        }
+        if stats, let iommu = isolation?.iommu {
+            printError("IOMMU (partitions' devices): \(iommu.counters.translations) translations, \(iommu.faultLog.faults.count) faults")
         }
         if let path = startupReport { try writeStartupReport(path, machines[0]) }
         if let status, status != 0 { throw ExitCode(status) }
