@@ -49,6 +49,7 @@ extern const struct sv_boot_info *sv_boot;
 static inline void sv_outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline void sv_outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
 static inline uint8_t sv_inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline uint32_t sv_inl(uint16_t port) { uint32_t v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 /* Time stamp counter (the software engine counts retired instructions). */
 static inline uint64_t sv_rdtsc(void) { uint32_t lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return (uint64_t)hi << 32 | lo; }
 static inline void sv_pause(void) { __asm__ volatile("pause"); }
@@ -97,7 +98,6 @@ static inline void sv_wait_for_interrupt(void) { __asm__ volatile("sti; hlt; cli
 #define SV_DEV_VIRTIO_MMIO 1
 #define SV_DEV_STATUS_PAGE 2
 #define SV_DEV_EMULATED_NIC 3
-#define SV_DEV_SRIOV_VF 4
 #define SV_DEV_PERIODIC_TIMER 5
 #define SV_DEV_PCI_HOST_BRIDGE 6   /* base: ECAM (1 MiB per bus), then the BAR window */
 /* S12's shared virtual I/O queue: `out` of a request's work (µs of backend time). */

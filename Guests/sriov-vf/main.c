@@ -1,4 +1,4 @@
-// summary: S4 SR-IOV VF driver at CPL3: mode=0 peer=K count=N (ping: frames to VF K, each echoed), mode=1 count=N (pong: echoes), mode=2 target=ADDR (attack: loopback, then receive into and transmit from ADDR) (loopback, then receive into and transmit from ADDR)
+// summary: S4 SR-IOV VF driver at CPL3, the VF found on the PCI bus: mode=0 peer=K count=N (ping: frames to VF K, each echoed), mode=1 count=N (pong: echoes; irq=1 sleeps on the VF's MSI-X interrupt between frames), mode=2 target=ADDR (attack: loopback, then receive into and transmit from ADDR)
 #include "vf.h"
 
 #define FRAME 128
@@ -6,7 +6,8 @@
 static uint8_t rx_buffers[VF_RING][BUF] __attribute__((aligned(4096)));
 static uint8_t tx_frame[FRAME] __attribute__((aligned(64)));
 
-struct job { struct vf vf; uint64_t mode, peer, count, target; uint64_t sum; const char *result; unsigned status; };
+struct job { struct vf vf; uint64_t mode, peer, count, target, irq, next; uint64_t sum; const char *result; unsigned status; };
+#define VF_IRQ 14
 
 static void set_mac(uint8_t *p, uint64_t mac) { for (int i = 0; i < 6; i++) p[i] = (uint8_t)(mac >> (8 * i)); }
 static uint64_t vf_mac_of(uint64_t index) { return 0x02ull | (index + 1) << 40; }
@@ -49,26 +50,39 @@ static void ping(struct job *j) {
     j->result = "ok";
 }
 
-static void pong(struct job *j) {
+/* Echoes one received frame back to its sender (the sequence it expects is j->next). */
+static void echo(struct job *j, uint32_t len, uint64_t addr) {
     struct vf *v = &j->vf;
-    uint64_t self = v->regs->mac;
-    uint64_t next = 0;
-    while (next < j->count) {
+    uint8_t *f = buffer_at(v, addr);
+    uint32_t seq = frame_seq(f);
+    uint64_t src = 0;
+    for (int i = 0; i < 6; i++) src |= (uint64_t)f[6 + i] << (8 * i);
+    if (seq == j->next) { for (uint32_t i = 18; i < len; i++) j->sum += f[i]; j->next++; }
+    for (uint32_t i = 0; i < FRAME && i < len; i++) tx_frame[i] = f[i];
+    set_mac(tx_frame, src);
+    set_mac(tx_frame + 6, v->regs->mac);
+    vf_post_rx_at(v, addr, BUF);
+    if (!(vf_send(v, tx_frame, FRAME) & VF_DONE)) { j->result = "send failed"; j->status = 3; }
+    else if (j->next == j->count) j->result = "ok";
+}
+
+/* Polled: spins for each frame. */
+static void pong(struct job *j) {
+    while (j->next < j->count && !j->status) {
         uint32_t len; uint64_t addr;
-        uint16_t st = vf_wait_rx(v, &len, &addr, VF_SPIN_LIMIT);
-        if (!st) { j->result = "timeout"; j->status = 4; return; }
-        uint8_t *f = buffer_at(v, addr);
-        uint32_t seq = frame_seq(f);
-        uint64_t src = 0;
-        for (int i = 0; i < 6; i++) src |= (uint64_t)f[6 + i] << (8 * i);
-        if (seq == next) { for (uint32_t i = 18; i < len; i++) j->sum += f[i]; next++; }
-        for (uint32_t i = 0; i < FRAME && i < len; i++) tx_frame[i] = f[i];
-        set_mac(tx_frame, src);
-        set_mac(tx_frame + 6, self);
-        vf_post_rx_at(v, addr, BUF);
-        if (!(vf_send(v, tx_frame, FRAME) & VF_DONE)) { j->result = "send failed"; j->status = 3; return; }
+        if (!vf_wait_rx(&j->vf, &len, &addr, VF_SPIN_LIMIT)) { j->result = "timeout"; j->status = 4; return; }
+        echo(j, len, addr);
     }
-    j->result = "ok";
+}
+
+/* With interrupts: echoes what has arrived and returns; the kernel side sleeps until the
+ * VF's receive interrupt (CPL3 cannot halt). */
+static void pong_ready(struct job *j) {
+    while (j->next < j->count && !j->status && vf_rx_ready(&j->vf)) {
+        uint32_t len; uint64_t addr;
+        if (!vf_wait_rx(&j->vf, &len, &addr, 1)) { j->result = "ring fault"; j->status = 4; return; }
+        echo(j, len, addr);
+    }
 }
 
 /* The attack: the guest names a device address outside its own memory (another VM's or
@@ -104,6 +118,7 @@ static void attack(struct job *j) {
 static void run(void *arg) {
     struct job *j = arg;
     if (j->mode == 0) ping(j);
+    else if (j->mode == 1 && j->irq) pong_ready(j);
     else if (j->mode == 1) pong(j);
     else attack(j);
 }
@@ -112,14 +127,23 @@ int guest_main(const struct sv_boot_info *bi, unsigned cpu) {
     (void)bi;
     if (cpu != 0) return 0;
     static struct job j;
-    if (vf_open(&j.vf, 0) != 0) { sv_printf("sriov-vf: no virtual function in boot info\n"); return 2; }
+    if (vf_open(&j.vf, 0) != 0) { sv_printf("sriov-vf: no virtual function on the PCI bus\n"); return 2; }
+    sv_printf("sriov-vf: VF at %02x:%02x.0, BAR0 0x%x (%u KiB)\n", j.vf.bus, j.vf.dev, (unsigned)(uintptr_t)j.vf.regs,
+              (unsigned)(j.vf.bar0_size >> 10));
     j.mode = sv_cmdline_u64("mode", 0);
     j.peer = sv_cmdline_u64("peer", 0);
     j.count = sv_cmdline_u64("count", 10);
     j.target = sv_cmdline_u64("target", 0);
+    j.irq = j.mode == 1 && sv_cmdline_u64("irq", 0);
     j.result = "?";
+    if (j.irq && vf_irq_enable(&j.vf, VF_IRQ) != 0) { sv_printf("sriov-vf: the VF has no MSI-X capability\n"); return 2; }
     if (j.mode < 2) post_all(&j.vf);
     sv_run_user(run, &j);
+    while (j.irq && j.next < j.count && !j.status) {
+        vf_sleep_until_rx(&j.vf);
+        sv_run_user(run, &j);
+    }
+    if (j.irq) sv_printf("sriov-vf: receive interrupts taken: %llu\n", (unsigned long long)sv_irq_count(VF_IRQ));
     sv_printf("sriov-vf: vf %u %s count=%llu sum=%llu: %s tx_errors=%u rx_errors=%u\n",
               (unsigned)j.vf.regs->vf_index, j.mode == 0 ? "ping" : j.mode == 1 ? "pong" : "attack",
               (unsigned long long)j.count, (unsigned long long)j.sum, j.result,

@@ -11,7 +11,7 @@ public enum BootLayout {
     public static let pageTablesEnd: UInt64 = 0x50000
     /// The S1 status device's shared page (in the VMM's area, below the stacks).
     public static let statusPageAddress: UInt64 = 0x5F000
-    /// An SR-IOV virtual function's register page (S4), mapped like the status page.
+    /// An SR-IOV virtual function's register page (S4): RAM behind the VF's BAR0.
     public static let vfRegisterPageAddress: UInt64 = 0x5E000
     public static let stackRegionStart: UInt64 = 0x60000
     public static let stackTop: UInt64 = 0xA0000
@@ -47,8 +47,6 @@ public enum BootLayout {
         case statusPage = 2
         /// The emulated NIC with a classic register interface.
         case emulatedNIC = 3
-        /// An SR-IOV virtual function's register page (`base` in RAM).
-        case sriovVF = 4
         /// A periodic timer interrupt (S12's partition timer): only `irq` is meaningful.
         case periodicTimer = 5
         /// The PCI host bridge: `base` is ECAM, followed by the window BARs are placed in.

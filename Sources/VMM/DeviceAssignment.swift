@@ -40,18 +40,28 @@ public final class DeviceAssignmentPlatform: Sendable {
     /// Where VM number `k` (in assignment order) sits in host-physical memory.
     public static func hostBase(ofVM k: Int) -> UInt64 { UInt64(k + 1) * vmStride }
 
-    /// Gives VF `vf` to `machine`: places its RAM in host-physical memory, builds the VF's
-    /// domain (guest-physical → host-physical, `page`-sized pages, read/write), attaches
-    /// the VF to it, maps the VF's registers into the guest and lists them in boot info.
-    /// Returns the VM's host-physical base. Call before the machine runs.
+    /// Where an assigned VF appears on its VM's own PCI bus.
+    public static let guestFunction = RequesterID(bus: 0, device: 1, function: 0)
+
+    /// Gives VF `vf` to `machine` (one VF per VM): places its RAM in host-physical memory,
+    /// builds the VF's domain (guest-physical → host-physical, `page`-sized pages,
+    /// read/write), attaches the VF to it, and gives the machine a PCI host bridge with the
+    /// VF at `guestFunction`: BAR0 its register page (RAM at
+    /// `BootLayout.vfRegisterPageAddress`), BAR2 its MSI-X table at the start of the
+    /// bridge's BAR window. Returns the VM's host-physical base. Call before the machine runs.
     @discardableResult
     public func assign(vf: Int, to machine: Machine, name: String, page: IOPageSize = .size4K) throws -> UInt64 {
         guard let requester = nic.requester(ofVF: vf) else { throw SRIOVError.noSuchVirtualFunction(vf) }
         let base = try place(machine, name: name)
-        try makeDomain(UInt16(vf + 1), for: machine, at: base, page: page, attaching: requester)
+        try makeDomain(UInt16(vf + 1), for: machine, at: base, page: page)
+        try iommu.attach(requester, to: UInt16(vf + 1))
+        let bridge = try machine.addPCIHostBridge()
+        let function = AssignedVirtualFunction(registerPage: BootLayout.vfRegisterPageAddress, msixBase: bridge.barWindow.lowerBound) {
+            [weak machine] message in machine?.deliverMessageSignalledInterrupt(message)
+        }
+        try bridge.attach(function, at: Self.guestFunction, config: function.initialConfig)
         try nic.assign(vf: vf, registers: machine.memory, at: BootLayout.vfRegisterPageAddress,
-                       dmaBase: iommu.isEnabled ? 0 : base)
-        try machine.listDevice(type: .sriovVF, base: BootLayout.vfRegisterPageAddress, size: 4096)
+                       dmaBase: iommu.isEnabled ? 0 : base, onReceive: { function.receiveCompleted() })
         return base
     }
 
@@ -68,17 +78,16 @@ public final class DeviceAssignmentPlatform: Sendable {
         return base
     }
 
-    /// A domain mapping `machine`'s guest-physical addresses onto its host-physical RAM,
-    /// with `requester` attached. It covers RAM rounded up to whole pages; past RAM nothing
-    /// backs it and a DMA there fails as unbacked.
-    private func makeDomain(_ domain: UInt16, for machine: Machine, at base: UInt64, page: IOPageSize, attaching requester: RequesterID) throws {
+    /// A domain mapping `machine`'s guest-physical addresses onto its host-physical RAM.
+    /// It covers RAM rounded up to whole pages; past RAM nothing backs it and a DMA there
+    /// fails as unbacked.
+    private func makeDomain(_ domain: UInt16, for machine: Machine, at base: UInt64, page: IOPageSize) throws {
         try iommu.createDomain(domain)
         let size = machine.memory.size
         let length = (size + page.bytes - 1) / page.bytes * page.bytes
         try iommu.updateDomain(domain) { t throws(IOPageTableError) in
             try t.mapRange(iova: 0, to: base, length: length, page: page, permissions: .readWrite)
         }
-        try iommu.attach(requester, to: domain)
     }
 
     /// Confines a virtio device of `machine` behind the IOMMU as PCI function `function`,
@@ -87,8 +96,32 @@ public final class DeviceAssignmentPlatform: Sendable {
     public func confine(_ transport: VirtioMMIOTransport, of machine: Machine, name: String, as function: RequesterID,
                         domain: UInt16, page: IOPageSize = .size4K) throws {
         let base = try place(machine, name: name)
-        try makeDomain(domain, for: machine, at: base, page: page, attaching: function)
+        try makeDomain(domain, for: machine, at: base, page: page)
+        try iommu.attach(function, to: domain)
         transport.routeDMA(through: DeviceDMA(requester: function, iommu: iommu, space: space))
+    }
+
+    /// The domain a partition's devices share: past the VFs' domains (1–7).
+    public static func partitionDomain(ofVM k: Int) -> UInt16 { 0x100 + UInt16(k) }
+
+    /// Confines every virtio device of `machine` (a partition, scenario S12) in one domain
+    /// of its own mapping only that VM's RAM: device *i* of the VM placed *k*-th is
+    /// function (0x10 + k):i.0. Returns their requester IDs, in slot order. Call after
+    /// the devices are added and before the machine runs.
+    @discardableResult
+    public func confineVirtioDevices(of machine: Machine, name: String) throws -> [RequesterID] {
+        let transports = machine.virtioTransports
+        let base = try place(machine, name: name)
+        let k = Int((base - Self.hostBase(ofVM: 0)) / Self.vmStride)
+        guard k < 0xF0, transports.count <= 32 else { throw MachineError.tooManyDevices }
+        let domain = Self.partitionDomain(ofVM: k)
+        try makeDomain(domain, for: machine, at: base, page: .size4K)
+        return try transports.enumerated().map { i, transport in
+            let function = RequesterID(bus: 0x10 + UInt8(k), device: UInt8(i), function: 0)
+            try iommu.attach(function, to: domain)
+            transport.routeDMA(through: DeviceDMA(requester: function, iommu: iommu, space: space))
+            return function
+        }
     }
 
     /// Starts the device: a host thread stands for the NIC's own engine, polling the VFs'

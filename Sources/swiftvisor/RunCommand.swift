@@ -154,7 +154,10 @@ struct Run: ParsableCommand {
         let many = guests.count > 1
         var machines: [Machine] = []
         var firstVirtioConsole: VirtioConsole?
+        // Partitions' devices reach only their own VM's RAM, through the IOMMU.
+        let isolation: DeviceAssignmentPlatform?
         do {
+            isolation = partition.isEmpty ? nil : try DeviceAssignmentPlatform(virtualFunctions: 0)
             for (index, spec) in (kernel.map { [$0] } ?? guests).enumerated() {
                 let (name, guestCmdline) = kernel == nil ? Self.split(spec) : (spec, nil)
                 let image = kernel == nil ? try GuestProgram.load(name) : nil
@@ -186,6 +189,7 @@ struct Run: ParsableCommand {
                 }
                 if policy?.lockMemory == true { try Partitioning.lock(machine.memory) }
                 let console = try addDevices(to: machine, index: index, output: output)
+                if policy != nil { try isolation?.confineVirtioDevices(of: machine, name: "vm\(index)") }
                 if index == 0 { firstVirtioConsole = console }
                 machines.append(machine)
             }
@@ -243,6 +247,9 @@ struct Run: ParsableCommand {
             if ProcessLifecycle.stopSignal != nil, result.stopReason == .stopped { continue }  // said below
             let s = exitStatus(result.stopReason, label: label)
             if status == nil || status == 0 { status = s }
+        }
+        if stats, let iommu = isolation?.iommu {
+            printError("IOMMU (partitions' devices): \(iommu.counters.translations) translations, \(iommu.faultLog.faults.count) faults")
         }
         if let signal = ProcessLifecycle.stopSignal {
             ProcessLifecycle.announceStop(signal)

@@ -3,6 +3,24 @@ import Testing
 
 /// The S4 and S12 labs as a new user runs them.
 @Suite struct IsolationLabCLITests {
+    /// A partitioned VM's disk works through the IOMMU: its DMA is translated, nothing faults.
+    @Test func partitionedRunConfinesItsDisk() throws {
+        let image = NSTemporaryDirectory() + "swiftvisor-partition-disk-\(getpid()).img"
+        var bytes = [UInt8](repeating: 0, count: 16 * 512)
+        bytes.replaceSubrange(0..<18, with: Array("partitioned image\n".utf8))
+        try Data(bytes).write(to: URL(fileURLWithPath: image))
+        defer { unlink(image) }
+        // The first CPU this process may run on.
+        let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        let allowed = status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") } ?? ""
+        let cpu = Int(allowed.dropFirst("Cpus_allowed_list:".count).drop { $0 == " " || $0 == "\t" }.prefix { $0.isNumber }) ?? 0
+        let r = try swiftvisor(["run", "disk", "--disk", image, "--partition", "0:\(cpu)", "--engine", "software", "--stats"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("disk: sector 0: partitioned image"), "\(r.stdout)")
+        let line = try #require(r.stderr.split(separator: "\n").first { $0.hasPrefix("IOMMU (partitions' devices): ") }, "\(r.stderr)")
+        #expect(line.hasSuffix(" translations, 0 faults") && !line.contains(": 0 translations"), "\(line)")
+    }
+
     @Test func sriovIommuPrintsItsTableAndJSON() throws {
         let dir = NSTemporaryDirectory() + "swiftvisor-sriov-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: dir) }

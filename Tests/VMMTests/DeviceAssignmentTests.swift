@@ -62,12 +62,14 @@ import VirtCore
         #expect(platform.iommu.faultLog.faults.isEmpty)
     }
 
-    @Test(arguments: TestEngines.available)
-    func virtualFunctionsSwitchFramesBetweenVMs(engine: EngineChoice) throws {
+    /// Two sriov-vf guests ping-pong `count` frames through VFs 0 and 1; returns both
+    /// runs' results and output.
+    private func pingPong(engine: EngineChoice, count: Int, pongOptions: String = "") throws
+        -> (ping: RunResult, pong: RunResult?, pingOut: String, pongOut: String, platform: DeviceAssignmentPlatform) {
         let platform = try DeviceAssignmentPlatform(virtualFunctions: 2)
         let pingOut = SerialCapture(), pongOut = SerialCapture()
-        let ping = try bundledMachine("sriov-vf", engine: engine, commandLine: "mode=0 peer=1 count=40", capture: pingOut)
-        let pong = try bundledMachine("sriov-vf", engine: engine, commandLine: "mode=1 count=40", capture: pongOut)
+        let ping = try bundledMachine("sriov-vf", engine: engine, commandLine: "mode=0 peer=1 count=\(count)", capture: pingOut)
+        let pong = try bundledMachine("sriov-vf", engine: engine, commandLine: "mode=1 count=\(count) \(pongOptions)", capture: pongOut)
         try platform.assign(vf: 0, to: ping, name: "a", page: .size2M)
         try platform.assign(vf: 1, to: pong, name: "b", page: .size2M)
         platform.start()
@@ -77,16 +79,69 @@ import VirtCore
         DispatchQueue.global().async(group: group) { pongResult = try? pong.run() }
         let r = try ping.run()
         group.wait()
-        #expect(r.stopReason == .exitPort(status: 0), "\(pingOut.text)")
-        #expect(pongResult?.stopReason == .exitPort(status: 0), "\(pongOut.text)")
-        // Both sides saw the same 40 payloads (110 bytes of pattern each).
-        let expectedSum = (0..<40).reduce(0) { s, seq in s + (18..<128).reduce(0) { $0 + Int(UInt8(truncatingIfNeeded: seq + $1)) } }
-        #expect(pingOut.text.contains("ping count=40 sum=\(expectedSum): ok"), "\(pingOut.text)")
-        #expect(pongOut.text.contains("pong count=40 sum=\(expectedSum): ok"), "\(pongOut.text)")
+        return (r, pongResult, pingOut.text, pongOut.text, platform)
+    }
+
+    /// The payload sum both sides report for `count` frames (110 bytes of pattern each).
+    private func expectedSum(_ count: Int) -> Int {
+        (0..<count).reduce(0) { s, seq in s + (18..<128).reduce(0) { $0 + Int(UInt8(truncatingIfNeeded: seq + $1)) } }
+    }
+
+    @Test(arguments: TestEngines.available)
+    func virtualFunctionsSwitchFramesBetweenVMs(engine: EngineChoice) throws {
+        let (r, pongResult, pingOut, pongOut, platform) = try pingPong(engine: engine, count: 40)
+        #expect(r.stopReason == .exitPort(status: 0), "\(pingOut)")
+        #expect(pongResult?.stopReason == .exitPort(status: 0), "\(pongOut)")
+        // Each driver found its VF on its VM's PCI bus, BAR0 sized, at the register page.
+        for text in [pingOut, pongOut] {
+            #expect(text.contains("sriov-vf: VF at 00:01.0, BAR0 0x5e000 (4 KiB)"), "\(text)")
+        }
+        #expect(pingOut.contains("ping count=40 sum=\(expectedSum(40)): ok"), "\(pingOut)")
+        #expect(pongOut.contains("pong count=40 sum=\(expectedSum(40)): ok"), "\(pongOut)")
         #expect(platform.iommu.faultLog.faults.isEmpty)
         #expect(try #require(platform.nic.counters(ofVF: 1)).framesReceived >= 40)
-        // The fast path never exits: registers are RAM; only the console and exit port trap.
+        // The fast path never exits: registers are RAM; only configuration ports, the
+        // console and the exit port trap.
         #expect(r.statistics[.mmio].count == 0 && pongResult?.statistics[.mmio].count == 0)
+    }
+
+    @Test(arguments: TestEngines.available)
+    func pongSleepsUntilTheReceiveInterrupt(engine: EngineChoice) throws {
+        let (r, pongResult, pingOut, pongOut, _) = try pingPong(engine: engine, count: 20, pongOptions: "irq=1")
+        #expect(r.stopReason == .exitPort(status: 0), "\(pingOut)")
+        #expect(pongResult?.stopReason == .exitPort(status: 0), "\(pongOut)")
+        #expect(pongOut.contains("pong count=20 sum=\(expectedSum(20)): ok"), "\(pongOut)")
+        let taken = pongOut.split(separator: "\n").first { $0.hasPrefix("sriov-vf: receive interrupts taken: ") }
+            .flatMap { UInt64($0.split(separator: " ").last ?? "") }
+        #expect((taken ?? 0) > 0, "\(pongOut)")
+        // Programming MSI-X traps (BAR2 is MMIO); the receive path still does not.
+        #expect((pongResult?.statistics[.mmio].count ?? 0) > 0)
+    }
+}
+
+/// A partition's virtio devices confined in the partition's own IOMMU domain.
+@Suite struct PartitionDeviceConfinementTests {
+    @Test(arguments: TestEngines.available)
+    func confinedDiskWorksAndItsDomainRefusesDMAOutsideTheVM(engine: EngineChoice) throws {
+        let disk = try TemporaryDisk(sectors: 64, sector0: "boot sector of a test image\n")
+        let capture = SerialCapture()
+        let m = try bundledMachine("disk", engine: engine, commandLine: "irq=1", capture: capture)
+        try m.addVirtioBlock(path: disk.path)
+        let platform = try DeviceAssignmentPlatform(virtualFunctions: 0)
+        let functions = try platform.confineVirtioDevices(of: m, name: "critical")
+        #expect(functions == [RequesterID(bus: 0x10, device: 0, function: 0)])
+        #expect(platform.iommu.domain(of: functions[0]) == DeviceAssignmentPlatform.partitionDomain(ofVM: 0))
+        let r = try m.run()
+        #expect(r.stopReason == .exitPort(status: 0), "\(capture.text)")
+        #expect(capture.text.contains("disk: sector 0: boot sector of a test image"))
+        #expect(platform.iommu.counters.translations > 0)
+        #expect(platform.iommu.faultLog.faults.isEmpty)
+        // The device's DMA one page past its VM's RAM (where another VM or the VMM would
+        // be reachable without the IOMMU) is refused and logged.
+        let dma = DeviceDMA(requester: functions[0], iommu: platform.iommu, space: platform.space)
+        #expect(throws: DMAError.self) { try dma.read(at: m.memory.size, count: 64) }
+        let fault = try #require(platform.iommu.faultLog.faults.last)
+        #expect(fault.requester == functions[0] && fault.iova == m.memory.size && fault.reason == .pageNotPresent)
     }
 }
 

@@ -31,11 +31,14 @@ public struct MSIX: Sendable, Equatable {
         pending = Array(repeating: false, count: vectors)
     }
 
-    private func control(_ config: PCIConfigSpace) -> UInt16 { config.read16(capabilityOffset + 2) }
+    /// The message control register (enable, function mask) as `config` holds it.
+    public func control(_ config: PCIConfigSpace) -> UInt16 { config.read16(capabilityOffset + 2) }
     public func isEnabled(_ config: PCIConfigSpace) -> Bool { control(config) & Self.enableBit != 0 }
-    func isMasked(_ vector: Int, _ config: PCIConfigSpace) -> Bool {
-        control(config) & Self.functionMaskBit != 0 || table[vector * 4 + 3] & 1 != 0
+    func isMasked(_ vector: Int, control: UInt16) -> Bool {
+        control & Self.functionMaskBit != 0 || table[vector * 4 + 3] & 1 != 0
     }
+    /// True when the capability's registers lie in a configuration write at `[at, at+size)`.
+    public func covers(_ at: Int, size: Int) -> Bool { at < capabilityOffset + 4 && capabilityOffset + 2 < at + size }
 
     /// A message to deliver: the interrupt's address and data.
     public struct Message: Equatable, Sendable {
@@ -52,8 +55,14 @@ public struct MSIX: Sendable, Equatable {
     /// The device raises `vector`: the message to send now, or nil (MSI-X off, or masked:
     /// then the pending bit is set and the message goes when the vector is unmasked).
     public mutating func signal(_ vector: Int, config: PCIConfigSpace) -> Message? {
-        guard vector >= 0, vector < vectors, isEnabled(config) else { return nil }
-        if isMasked(vector, config) {
+        signal(vector, control: control(config))
+    }
+
+    /// `signal(_:config:)` for a device that keeps the message control register it last
+    /// saw (so raising an interrupt needs no copy of configuration space).
+    public mutating func signal(_ vector: Int, control: UInt16) -> Message? {
+        guard vector >= 0, vector < vectors, control & Self.enableBit != 0 else { return nil }
+        if isMasked(vector, control: control) {
             pending[vector] = true
             return nil
         }
@@ -63,9 +72,13 @@ public struct MSIX: Sendable, Equatable {
     /// Messages that became deliverable (pending and now unmasked); clears their pending bits.
     /// Call after a table write or a change of the message control register.
     public mutating func releasePending(config: PCIConfigSpace) -> [Message] {
-        guard isEnabled(config) else { return [] }
+        releasePending(control: control(config))
+    }
+
+    public mutating func releasePending(control: UInt16) -> [Message] {
+        guard control & Self.enableBit != 0 else { return [] }
         var out: [Message] = []
-        for v in 0..<vectors where pending[v] && !isMasked(v, config) {
+        for v in 0..<vectors where pending[v] && !isMasked(v, control: control) {
             pending[v] = false
             out.append(message(v))
         }

@@ -78,6 +78,8 @@ public final class SRIOVNIC: Sendable {
         var txRing: UInt64 = 0, rxRing: UInt64 = 0, size: UInt32 = 0
         var txHead: UInt32 = 0, rxHead: UInt32 = 0
         var counters = VirtualFunctionCounters()
+        /// Called after each receive completion (the VF's interrupt), under the NIC's lock.
+        var onReceive: (@Sendable () -> Void)?
     }
 
     private let dma: @Sendable (RequesterID) -> DeviceDMA
@@ -118,13 +120,16 @@ public final class SRIOVNIC: Sendable {
     }
 
     /// Maps VF `index`'s registers into a guest at `address` (a page of its RAM) and
-    /// publishes its MAC and DMA base there.
-    public func assign(vf index: Int, registers memory: GuestMemory, at address: UInt64, dmaBase: UInt64) throws(SRIOVError) {
+    /// publishes its MAC and DMA base there. `onReceive` runs after each frame the VF
+    /// receives (it raises the VF's interrupt; it must not call back into the NIC).
+    public func assign(vf index: Int, registers memory: GuestMemory, at address: UInt64, dmaBase: UInt64,
+                       onReceive: (@Sendable () -> Void)? = nil) throws(SRIOVError) {
         guard address % 4096 == 0, memory.contains(address, length: 4096) else { throw .registerPageOutsideRAM(address) }
         try functions.withLock { (list: inout [Function]) throws(SRIOVError) in
             guard list.indices.contains(index) else { throw .noSuchVirtualFunction(index) }
             guard list[index].page == nil else { throw .alreadyAssigned(index) }
             list[index].page = (memory, address)
+            list[index].onReceive = onReceive
             try? memory.fill(0, at: address, count: 4096)
             try? memory.store(list[index].mac, at: address + VFRegister.mac)
             try? memory.store(dmaBase, at: address + VFRegister.dmaBase)
@@ -256,5 +261,6 @@ public final class SRIOVNIC: Sendable {
         list[j].rxHead &+= 1
         atomicMemoryFence(ordering: .releasing)
         setReg(f, VFRegister.rxHead, list[j].rxHead)
+        f.onReceive?()
     }
 }

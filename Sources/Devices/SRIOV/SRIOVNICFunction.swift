@@ -36,8 +36,7 @@ public final class SRIOVNICFunction: PCIDevice {
 
     public func configWritten(function: RequesterID, offset: Int, size: Int, config: inout PCIConfigSpace) -> [RequesterID: PCIConfigSpace]? {
         guard function == nic.physicalFunction else { return nil }
-        let capability = msix.withLock { $0.capabilityOffset }
-        if offset < capability + 4 && capability + 2 < offset + size {
+        if msix.withLock({ $0.covers(offset, size: size) }) {
             for m in msix.withLock({ $0.releasePending(config: config) }) { deliver(m) }
         }
         guard sriov.covers(offset, size: size) else { return nil }
