@@ -13,6 +13,9 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C shim: <linux/kvm.h>, memfd, userfaultfd, ioctl wrappers and the reference C run loop.
@@ -28,11 +31,21 @@ let package = Package(
         .plugin(name: "GuestBuildPlugin", capability: .buildTool(), dependencies: ["GuestBuilder"]),
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
         .target(name: "VMM", dependencies: ["CHost", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
+        // The operator's HTTP/1.1 + JSON API on a Unix socket (SwiftNIO), its client, and Prometheus metrics.
+        .target(name: "OperatorAPI", dependencies: [
+            "VMM", "VirtCore", "Devices", "GuestImages",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
         .target(name: "SwiftvisorKit", dependencies: ["VMM", "VirtCore", "Devices", "GuestImages"]),
         // Experiments reproducing the source text's scenarios; tables, JSON and SVG charts.
         .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages", "X86Emulator"]),
         .executableTarget(name: "swiftvisor", dependencies: [
-            "VMM", "Lab", "GuestImages",
+            "VMM", "Lab", "GuestImages", "OperatorAPI",
+            .product(name: "Logging", package: "swift-log"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers the test targets share: host engines, serial capture, running a guest, seeded generators.
@@ -47,6 +60,8 @@ let package = Package(
         // Runs the built `swiftvisor` executable as a user would.
         .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
         .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore", "TestSupport"]),
+        .testTarget(name: "OperatorAPITests", dependencies: ["OperatorAPI", "VMM", "VirtCore", "Devices", "TestSupport"],
+                    resources: [.copy("../../docs/api/swiftvisor.yaml")]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
     ]
 )

@@ -2,6 +2,7 @@ import ArgumentParser
 import FoundationEssentials
 import Devices
 import GuestImages
+import OperatorAPI
 import VMM
 import Synchronization
 import VirtCore
@@ -66,13 +67,13 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Add the emulated register-interface NIC: switch:NAME or tap:IFNAME.", valueName: "attachment"))
     var nic: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Serve a control socket (snapshot, pause, resume, status, stop) at this path; see 'swiftvisor snapshot'.", valueName: "path"))
-    var control: String?
+    @OptionGroup(title: "Operator API, metrics and logs")
+    var api: OperatorOptions
 
     @Option(name: .long, help: ArgumentHelp("Wait for a VM migrating in at tcp:HOST:PORT or unix:PATH (see 'swiftvisor migrate') and run it; GUEST, if named, must be what arrives, and --memory, if given, is the most RAM accepted.", valueName: "address"))
     var incoming: String?
 
-    @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor balloon', through --control).")
+    @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor ctl balloon', through --api-sock).")
     var balloon = false
 
     @Option(name: .long, help: ArgumentHelp("Partition VM N: pin its vCPU threads to host CPUs (joined by '+'), optionally at SCHED_FIFO priority P, its RAM locked. Repeatable.", valueName: "N:cpus[,fifo=P][,mlock]"))
@@ -109,7 +110,7 @@ struct Run: ParsableCommand {
         if let t = timeout, !(t > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
         if noTranslation && engine == .kvm { throw ValidationError("--no-translation applies to the software engine, not kvm") }
         if paging == .shadow && engine != .software { throw ValidationError("--paging shadow needs --engine software (KVM always uses the host's nested paging)") }
-        if control != nil && guests.count > 1 { throw ValidationError("--control serves one VM; run one guest") }
+        if api.serves && guests.count > 1 { throw ValidationError("--api-sock serves one VM; run one guest") }
         for d in disk where try DiskArgument(d).vm >= guests.count {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
         }
@@ -128,6 +129,7 @@ struct Run: ParsableCommand {
     var memorySpecified: Bool { CommandLine.arguments.contains { $0 == "--memory" || $0.hasPrefix("--memory=") } }
 
     func run() throws {
+        let logger = api.bootstrapLogging()
         if let incoming { return try runIncoming(incoming) }
         let many = guests.count > 1
         var machines: [Machine] = []
@@ -138,7 +140,7 @@ struct Run: ParsableCommand {
                 let image = try GuestProgram.load(name)
                 let engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
                     ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { message in
-                        if index == 0 { printError("swiftvisor: \(message)") }
+                        if index == 0 { logger.notice("\(message)") }
                     }
                 var config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout, guestName: name)
@@ -159,14 +161,8 @@ struct Run: ParsableCommand {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        let server: ControlServer?
-        do {
-            server = try control.map { try ControlServer(machine: machines[0], path: $0) }
-        } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
-        }
-        defer { server?.close() }
+        let session = try OperatorSession(api, machine: machines[0])
+        defer { session.finish() }
         // Standard input goes to vm0: its UART and, when present, its virtio console.
         let uart = machines[0].uart, virtioConsole = firstVirtioConsole
         ConsoleInput.start { bytes in

@@ -40,12 +40,8 @@ extension Run {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        let server: ControlServer?
-        do { server = try control.map { try ControlServer(machine: machine, path: $0) } } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
-        }
-        defer { server?.close() }
+        let session = try OperatorSession(api, machine: machine)
+        defer { session.finish() }
         let uart = machine.uart
         ConsoleInput.start { uart.enqueueInput($0) }
         let result: RunResult
