@@ -58,10 +58,9 @@ let package = Package(
         // Every bundled guest on both engines: output, exits, registers, RAM.
         .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages", "Devices", "TestSupport"]),
         // Runs the built `swiftvisor` executable as a user would.
-        .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport", "OperatorAPI"]),
         .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore", "TestSupport"]),
-        .testTarget(name: "OperatorAPITests", dependencies: ["OperatorAPI", "VMM", "VirtCore", "Devices", "TestSupport"],
-                    resources: [.copy("../../docs/api/swiftvisor.yaml")]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
+        .testTarget(name: "OperatorAPITests", dependencies: ["OperatorAPI", "VMM", "VirtCore", "Devices", "TestSupport"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "OperatorAPI", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
     ]
 )

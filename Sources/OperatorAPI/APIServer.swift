@@ -37,7 +37,8 @@ public final class APIServer: Sendable {
     /// The largest request body accepted.
     static let maxBodyBytes = 1 << 20
 
-    public init(endpoint: APIEndpoint, router: APIRouter, logger: Logger, readTimeout: TimeAmount = .seconds(10)) throws {
+    public init(endpoint: APIEndpoint, router: APIRouter, logger: Logger = .silent, readTimeoutSeconds: Double = 10) throws {
+        let readTimeout = TimeAmount.nanoseconds(Int64(readTimeoutSeconds * 1e9))
         // A client that goes away before its answer is written must not end the process.
         signal(SIGPIPE, SIG_IGN)
         if case let .unix(path) = endpoint { try APISocketPath.prepare(path) }

@@ -53,6 +53,11 @@ public struct StderrLogHandler: LogHandler {
     }
 }
 
+extension Logger {
+    /// A logger that drops everything (what tests and library callers get by default).
+    public static let silent = Logger(label: "swiftvisor.silent") { _ in SwiftLogNoOpLogHandler() }
+}
+
 extension Logger.Level {
     /// The `--log-level` words.
     public static var names: String { allCases.map(\.rawValue).joined(separator: ", ") }

@@ -59,7 +59,7 @@ public final class VMController: Sendable {
 
     /// A controller for a machine that is already running (`run --api-sock`): configuration
     /// resources answer 400; the caller runs the machine.
-    public init(running machine: Machine, logger: Logger) {
+    public init(running machine: Machine, logger: Logger = .silent) {
         state = Mutex(State(phase: .running(since: monotonicNanoseconds()), machine: machine))
         serialOutput = { _ in }
         kvmPath = "/dev/kvm"
@@ -68,7 +68,7 @@ public final class VMController: Sendable {
 
     /// A controller with no VM yet (`serve`): it is configured, then InstanceStart builds and
     /// runs it on a thread of its own.
-    public init(serialOutput: @escaping @Sendable (UInt8) -> Void, kvmPath: String = "/dev/kvm", logger: Logger) {
+    public init(serialOutput: @escaping @Sendable (UInt8) -> Void, kvmPath: String = "/dev/kvm", logger: Logger = .silent) {
         state = Mutex(State(phase: .configuring))
         self.serialOutput = serialOutput
         self.kvmPath = kvmPath
