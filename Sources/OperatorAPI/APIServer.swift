@@ -33,6 +33,9 @@ public final class APIServer: Sendable {
     private let channel: any Channel
     private let closed = Atomic<Bool>(false)
     private let logger: Logger
+    /// Requests being answered: close() lets them finish (a snapshot or migration the VM's
+    /// end interrupts would otherwise lose its answer).
+    private let inFlight = DispatchGroup()
 
     /// The largest request body accepted.
     static let maxBodyBytes = 1 << 20
@@ -49,6 +52,7 @@ public final class APIServer: Sendable {
         self.logger = logger
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let work = DispatchQueue(label: "swiftvisor.api", attributes: .concurrent)
+        let inFlight = self.inFlight
         let token: String?
         if case let .tcp(_, _, t) = endpoint { token = t } else { token = nil }
         let bootstrap = ServerBootstrap(group: group)
@@ -58,7 +62,7 @@ public final class APIServer: Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
                     try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: readTimeout))
-                    try channel.pipeline.syncOperations.addHandler(APIHTTPHandler(router: router, work: work, token: token, logger: logger))
+                    try channel.pipeline.syncOperations.addHandler(APIHTTPHandler(router: router, work: work, inFlight: inFlight, token: token, logger: logger))
                 }
             }
         do {
@@ -79,10 +83,12 @@ public final class APIServer: Sendable {
 
     deinit { close() }
 
-    /// Stops accepting, closes the connections, and removes the socket file.
+    /// Stops accepting, lets the requests being answered finish (for at most a minute),
+    /// closes the connections, and removes the socket file.
     public func close() {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         try? channel.close().wait()
+        if inFlight.wait(timeout: .now() + 60) == .timedOut { logger.warning("closing the API with requests still running") }
         try? group.syncShutdownGracefully()
         if case let .unix(path) = endpoint { unlink(path) }
     }
@@ -96,6 +102,7 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private let router: APIRouter
     private let work: DispatchQueue
+    private let inFlight: DispatchGroup
     private let token: String?
     private let logger: Logger
     private var head: HTTPRequestHead?
@@ -104,8 +111,8 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     /// A request is being answered: an idle read is then expected, not a reason to close.
     private var answering = false
 
-    init(router: APIRouter, work: DispatchQueue, token: String?, logger: Logger) {
-        self.router = router; self.work = work; self.token = token; self.logger = logger
+    init(router: APIRouter, work: DispatchQueue, inFlight: DispatchGroup, token: String?, logger: Logger) {
+        self.router = router; self.work = work; self.inFlight = inFlight; self.token = token; self.logger = logger
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -137,10 +144,11 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             }
             let request = APIRequest(method: h.method.rawValue, path: h.uri, body: body)
             body = []
-            let router = self.router, logger = self.logger
+            let router = self.router, logger = self.logger, inFlight = self.inFlight
+            inFlight.enter()
             work.async {
                 logger.debug("request", metadata: ["method": "\(request.method)", "path": "\(request.path)"])
-                Self.send(router.respond(to: request), on: channel)
+                Self.send(router.respond(to: request), on: channel) { inFlight.leave() }
             }
         }
     }
@@ -158,8 +166,8 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.close(promise: nil)
     }
 
-    /// Writes `response` from any thread, then closes the connection.
-    static func send(_ response: APIResponse, on channel: any Channel) {
+    /// Writes `response` from any thread, then closes the connection and calls `done`.
+    static func send(_ response: APIResponse, on channel: any Channel, done: @escaping @Sendable () -> Void = {}) {
         var headers = HTTPHeaders()
         headers.add(name: "connection", value: "close")
         headers.add(name: "server", value: "swiftvisor")
@@ -172,6 +180,7 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             channel.writeAndFlush(HTTPServerResponsePart.end(nil)).whenComplete { _ in
                 channel.close(promise: nil)
                 afterSending?()
+                done()
             }
         case let .stream(contentType, produce):
             headers.add(name: "content-type", value: contentType)
@@ -180,7 +189,10 @@ final class APIHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             produce { chunk in
                 channel.writeAndFlush(HTTPServerResponsePart.body(.byteBuffer(ByteBuffer(bytes: chunk))), promise: nil)
             }
-            channel.writeAndFlush(HTTPServerResponsePart.end(nil)).whenComplete { _ in channel.close(promise: nil) }
+            channel.writeAndFlush(HTTPServerResponsePart.end(nil)).whenComplete { _ in
+                channel.close(promise: nil)
+                done()
+            }
         }
     }
 }
