@@ -130,7 +130,7 @@ struct Run: ParsableCommand {
 
     func run() throws {
         let logger = api.bootstrapLogging()
-        if let incoming { return try runIncoming(incoming) }
+        if let incoming { return try runIncoming(incoming, logger: logger) }
         let many = guests.count > 1
         var machines: [Machine] = []
         var firstVirtioConsole: VirtioConsole?
