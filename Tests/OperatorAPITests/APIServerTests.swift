@@ -274,3 +274,41 @@ struct PrometheusText {
         }
     }
 }
+
+@Suite struct APITCPTests {
+    /// Sends a raw HTTP request to 127.0.0.1:`port`; returns the status line.
+    static func statusLine(port: Int, request: String) throws -> String {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        #expect(rc == 0)
+        _ = Array(request.utf8).withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        var answer: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { break }
+            answer += buffer[0..<n]
+        }
+        return String(String(decoding: answer, as: UTF8.self).prefix { $0 != "\r" })
+    }
+
+    @Test func loopbackTCPNeedsTheToken() throws {
+        let server = try APIServer(endpoint: .tcp(host: "127.0.0.1", port: 0, token: "s3cret"),
+                                   router: APIRouter(controller: VMController(serialOutput: { _ in })))
+        defer { server.close() }
+        let port = try #require(server.boundPort)
+        #expect(try Self.statusLine(port: port, request: "GET / HTTP/1.1\r\nHost: x\r\n\r\n") == "HTTP/1.1 401 Unauthorized")
+        #expect(try Self.statusLine(port: port, request: "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n\r\n") == "HTTP/1.1 401 Unauthorized")
+        #expect(try Self.statusLine(port: port, request: "GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n\r\n") == "HTTP/1.1 200 OK")
+        #expect(throws: APIError.self) {
+            try APIServer(endpoint: .tcp(host: "0.0.0.0", port: 0, token: "t"), router: APIRouter(controller: VMController(serialOutput: { _ in })))
+        }
+    }
+}
