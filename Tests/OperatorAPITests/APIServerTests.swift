@@ -296,7 +296,8 @@ struct PrometheusText {
             if n <= 0 { break }
             answer += buffer[0..<n]
         }
-        return String(String(decoding: answer, as: UTF8.self).prefix { $0 != "\r" })
+        // "\r\n" is one Character in Swift.
+        return String(String(decoding: answer, as: UTF8.self).prefix { $0 != "\r\n" })
     }
 
     @Test func loopbackTCPNeedsTheToken() throws {

@@ -28,7 +28,7 @@ struct ServedInstance {
     @Test func aConfiguredDriveIsTheGuestsDisk() throws {
         let image = NSTemporaryDirectory() + "sv-api-disk-\(getpid()).img"
         var bytes = [UInt8](repeating: 0, count: 16 * 512)
-        bytes.replaceSubrange(0..<20, with: Array("configured over HTTP".utf8))
+        bytes.replaceSubrange(0..<21, with: Array("configured over HTTP\n".utf8))
         try Data(bytes).write(to: URL(fileURLWithPath: image))
         defer { unlink(image) }
         let vm = try ServedInstance()
@@ -51,7 +51,7 @@ struct ServedInstance {
     /// PUT /snapshot/load with resume_vm: the instance runs the snapshot's VM, which counts
     /// on from where the snapshot was taken.
     @Test func aLoadedSnapshotRunsOnFromItsPoint() throws {
-        let source = try APIServedGuest(commandLine: "limit=400 work=20000")
+        let source = try APIServedGuest(commandLine: "limit=400 work=50000")
         #expect(waitUntil { source.capture.text.contains("count 20\n") })
         let file = NSTemporaryDirectory() + "sv-api-load-\(getpid()).snap"
         defer { unlink(file) }
