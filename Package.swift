@@ -15,6 +15,9 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         // Launch measurement (SHA-256) and attestation reports (P-384) of confidential VMs.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C shim: <linux/kvm.h>, memfd, userfaultfd, ioctl wrappers and the reference C run loop.
@@ -31,11 +34,22 @@ let package = Package(
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
         .target(name: "VMM", dependencies: ["CHost", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages",
                                             .product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "VMM", dependencies: ["CHost", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
+        // The operator's HTTP/1.1 + JSON API on a Unix socket (SwiftNIO), its client, and Prometheus metrics.
+        .target(name: "OperatorAPI", dependencies: [
+            "VMM", "VirtCore", "Devices", "GuestImages",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
         .target(name: "SwiftvisorKit", dependencies: ["VMM", "VirtCore", "Devices", "GuestImages"]),
         // Experiments reproducing the source text's scenarios; tables, JSON and SVG charts.
         .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages", "X86Emulator"]),
         .executableTarget(name: "swiftvisor", dependencies: [
-            "VMM", "Lab", "GuestImages",
+            "VMM", "Lab", "GuestImages", "OperatorAPI",
+            .product(name: "Logging", package: "swift-log"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Helpers the test targets share: host engines, serial capture, running a guest, seeded generators.
@@ -48,10 +62,11 @@ let package = Package(
         // Every bundled guest on both engines: output, exits, registers, RAM.
         .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages", "Devices", "TestSupport"]),
         // Runs the built `swiftvisor` executable as a user would.
-        .testTarget(name: "CLITests", dependencies: ["TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport", "OperatorAPI"]),
         .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore", "TestSupport"]),
         // kvm-unit-tests built from its source and run on the PC platform (skipped without it).
         .testTarget(name: "ThirdPartyGuestTests", dependencies: ["TestSupport"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
+        .testTarget(name: "OperatorAPITests", dependencies: ["OperatorAPI", "VMM", "VirtCore", "Devices", "TestSupport"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "OperatorAPI", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
     ]
 )

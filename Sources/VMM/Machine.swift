@@ -132,6 +132,8 @@ public final class Machine: @unchecked Sendable {
     public let benchPort = BenchPort()
     /// Written by the guest runtime's first instruction (start-up measurement).
     public let bootMarker = BootMarkerPort()
+    /// The exit statistics so far, while the machine runs (published by the run loops).
+    public let liveExits = LiveExitStatistics()
     /// The image the machine booted (nil when restored from a snapshot).
     public let image: ELFImage?
     /// A confidential VM's launch measurement (set by `run()` before the guest starts).
@@ -500,9 +502,12 @@ public final class Machine: @unchecked Sendable {
         var trace: [VMExit] = []
         let record = configuration.recordExits
         var t0 = HostClock.ticks()
+        var lastPublished = t0
+        let publishInterval = liveExits.publishIntervalTicks
         let preemptionTimer = vcpu as? any PreemptionTimer
         let shadowVCPU = vcpu as? any ShadowPagingVCPU
         defer {
+            liveExits.publish(vcpu: vcpu.id, stats)
             vcpu.runThreadWillExit()
             finishedCount.add(1, ordering: .acquiringAndReleasing)
             parkedSignal.signal()
@@ -520,6 +525,10 @@ public final class Machine: @unchecked Sendable {
         }
         while !stopRequested.load(ordering: .acquiring) {
             parkIfPaused(vcpu.id)
+            if t0 &- lastPublished > publishInterval {
+                liveExits.publish(vcpu: vcpu.id, stats)
+                lastPublished = t0
+            }
             let exit: VMExit
             do {
                 exit = try vcpu.run()

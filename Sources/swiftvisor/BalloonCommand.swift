@@ -1,18 +1,19 @@
 import ArgumentParser
 import FoundationEssentials
+import OperatorAPI
 import VMM
 
 struct BalloonCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "balloon",
-        abstract: "Inflate or deflate a running VM's balloon (run it with --balloon --control PATH).",
+        abstract: "Inflate or deflate a running VM's balloon (run it with --balloon --api-sock PATH).",
         discussion: """
             Sets the balloon's target in MiB (or 4 KiB pages with --pages); without a size, reports it. \
             The guest's balloon driver hands pages over; the VMM discards them, so the host gets the \
             memory back (host_bytes is the VM's RAM as the host holds it now).
             """)
 
-    @Option(name: .long, help: ArgumentHelp("The VM's control socket.", valueName: "path"))
+    @Option(name: .long, help: ArgumentHelp("The VM's API socket (run … --api-sock PATH).", valueName: "path"))
     var socket: String
 
     @Argument(help: "Target balloon size in MiB.")
@@ -28,17 +29,7 @@ struct BalloonCommand: ParsableCommand {
 
     func run() throws {
         let target = pages ?? mib.map { $0 * 256 }
-        let reply: ControlReply
-        do {
-            reply = try ControlServer.send(target.map { "balloon \($0)" } ?? "balloon", to: socket)
-        } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
-        }
-        guard reply.ok, let b = reply.balloon else {
-            printError("swiftvisor: error: \(reply.error ?? "balloon request failed")")
-            throw ExitCode(ToolStatus.failure)
-        }
+        let b = try CtlRequests.balloon(socket: socket, targetPages: target)
         print("balloon: target \(b.targetPages) pages (\(b.targetPages / 256) MiB), guest has given \(b.actualPages) pages; host holds "
               + "\((Double(b.hostBytes) / 1048576).fixed(1)) MiB of the VM's RAM")
     }

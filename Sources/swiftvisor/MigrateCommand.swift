@@ -1,6 +1,7 @@
 import ArgumentParser
 import Dispatch
 import FoundationEssentials
+import OperatorAPI
 import VMM
 #if canImport(Glibc)
 import Glibc
@@ -11,27 +12,27 @@ struct MigrateCommand: ParsableCommand {
         commandName: "migrate",
         abstract: "Live-migrate a running VM to a destination started with 'run --incoming'.",
         discussion: """
-            The VM is reached through its control socket (run … --control PATH). \
-            Pre-copy (the default): RAM is sent while the guest runs, then the \
-            pages it dirtied, round after round, until the rest fits \
-            --max-downtime-ms at the measured bandwidth (or --max-rounds is \
-            reached); then the guest pauses and the rest goes with the vCPU and \
-            device state. --postcopy: the state goes first, the guest runs at the \
-            destination at once and pulls its pages. The engines may differ (kvm → \
-            software and back). If anything fails before the destination \
-            confirms, the VM resumes here. If a post-copy stream breaks after the \
-            switch-over, the guest waits at the destination for the pages only \
-            this side holds, and this process keeps them: --resume reconnects \
+            The VM is reached through its API socket (run … --api-sock PATH; PUT /migrate).
+            Pre-copy (the default): RAM is sent while the guest runs, then the
+            pages it dirtied, round after round, until the rest fits
+            --max-downtime-ms at the measured bandwidth (or --max-rounds is
+            reached); then the guest pauses and the rest goes with the vCPU and
+            device state. --postcopy: the state goes first, the guest runs at the
+            destination at once and pulls its pages. The engines may differ (kvm →
+            software and back). If anything fails before the destination
+            confirms, the VM resumes here. If a post-copy stream breaks after the
+            switch-over, the guest waits at the destination for the pages only
+            this side holds, and this process keeps them: --resume reconnects
             (to the destination's --incoming address) and finishes.
 
             Example (two terminals):
               swiftvisor run --incoming tcp:127.0.0.1:7000 --engine software
-              swiftvisor run counter --control /tmp/vm.sock
+              swiftvisor run counter --api-sock /tmp/vm.sock
               swiftvisor migrate --socket /tmp/vm.sock tcp:127.0.0.1:7000
             """
     )
 
-    @Option(name: .long, help: ArgumentHelp("The VM's control socket (run --control PATH).", valueName: "path"))
+    @Option(name: .long, help: ArgumentHelp("The VM's API socket (run --api-sock PATH).", valueName: "path"))
     var socket: String
 
     @Argument(help: ArgumentHelp("Destination: tcp:HOST:PORT or unix:PATH.", valueName: "destination"))
@@ -62,29 +63,12 @@ struct MigrateCommand: ParsableCommand {
     }
 
     func run() throws {
-        var request = "migrate \(destination)"
-        if postcopy { request += " postcopy" }
-        if autoConverge { request += " auto-converge" }
-        if resume { request += " resume" }
-        if let m = maxDowntimeMs { request += " max-downtime-ms=\(m)" }
-        if let r = maxRounds { request += " max-rounds=\(r)" }
+        let request = MigrateRequest(destination: destination, postcopy: postcopy, autoConverge: autoConverge,
+                                     maxDowntimeMs: maxDowntimeMs, maxRounds: maxRounds, resume: resume ? true : nil)
         let terminal = isatty(2) == 1
-        var final: MigrationControlLine?
-        do {
-            try ControlServer.sendStreaming(request, to: socket) { text in
-                guard let line = try? JSONDecoder().decode(MigrationControlLine.self, from: Data(text.utf8)) else {
-                    printError("swiftvisor: unexpected reply: \(text)")
-                    return
-                }
-                if let p = line.progress {
-                    let message = Self.describe(p)
-                    if terminal { StandardError().writeRaw("\r\u{1B}[K" + message) } else { printError(message) }
-                }
-                if line.isFinal { final = line }
-            }
-        } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
+        let final = try CtlRequests.migrate(socket: socket, request) { p in
+            let message = Self.describe(p)
+            if terminal { StandardError().writeRaw("\r\u{1B}[K" + message) } else { printError(message) }
         }
         if terminal { StandardError().writeRaw("\r\u{1B}[K") }
         guard let final, final.ok == true, let report = final.report else {

@@ -2,6 +2,7 @@ import ArgumentParser
 import FoundationEssentials
 import Devices
 import GuestImages
+import OperatorAPI
 import VMM
 import Synchronization
 import VirtCore
@@ -72,13 +73,13 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Add the emulated register-interface NIC: switch:NAME or tap:IFNAME.", valueName: "attachment"))
     var nic: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Serve a control socket (snapshot, pause, resume, status, stop) at this path; see 'swiftvisor snapshot'.", valueName: "path"))
-    var control: String?
+    @OptionGroup(title: "Operator API, metrics and logs")
+    var api: OperatorOptions
 
     @Option(name: .long, help: ArgumentHelp("Wait for a VM migrating in at tcp:HOST:PORT or unix:PATH (see 'swiftvisor migrate') and run it; GUEST, if named, must be what arrives, and --memory, if given, is the most RAM accepted.", valueName: "address"))
     var incoming: String?
 
-    @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor balloon', through --control).")
+    @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor ctl balloon', through --api-sock).")
     var balloon = false
 
     @Option(name: .long, help: ArgumentHelp("Partition VM N: pin its vCPU threads to host CPUs (joined by '+'), optionally at SCHED_FIFO priority P, its RAM locked. Repeatable.", valueName: "N:cpus[,fifo=P][,mlock]"))
@@ -117,7 +118,7 @@ struct Run: ParsableCommand {
         }
         if kernel != nil {
             guard guests.isEmpty else { throw ValidationError("--kernel boots one kernel; name no guest with it") }
-            guard disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole, control == nil else {
+            guard disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole, !api.serves else {
                 throw ValidationError("--kernel takes no device or control options (the PC platform has its own devices)")
             }
         } else {
@@ -131,7 +132,7 @@ struct Run: ParsableCommand {
         if let t = timeout, !(t > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
         if noTranslation && engine == .kvm { throw ValidationError("--no-translation applies to the software engine, not kvm") }
         if paging == .shadow && engine != .software { throw ValidationError("--paging shadow needs --engine software (KVM always uses the host's nested paging)") }
-        if control != nil && guests.count > 1 { throw ValidationError("--control serves one VM; run one guest") }
+        if api.serves && guests.count > 1 { throw ValidationError("--api-sock serves one VM; run one guest") }
         for d in disk where try DiskArgument(d).vm >= guests.count {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
         }
@@ -150,7 +151,8 @@ struct Run: ParsableCommand {
     var memorySpecified: Bool { CommandLine.arguments.contains { $0 == "--memory" || $0.hasPrefix("--memory=") } }
 
     func run() throws {
-        if let incoming { return try runIncoming(incoming) }
+        let logger = api.bootstrapLogging()
+        if let incoming { return try runIncoming(incoming, logger: logger) }
         let many = guests.count > 1
         var machines: [Machine] = []
         var firstVirtioConsole: VirtioConsole?
@@ -164,7 +166,7 @@ struct Run: ParsableCommand {
                 let engineChoice = self.engine ?? (confidentialOptions.confidential ? .software : nil)
                 let engine = try engineChoice.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
                     ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { message in
-                        if index == 0 { printError("swiftvisor: \(message)") }
+                        if index == 0 { logger.notice("\(message)") }
                     }
                 var config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout, guestName: name)
@@ -197,14 +199,8 @@ struct Run: ParsableCommand {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        let server: ControlServer?
-        do {
-            server = try control.map { try ControlServer(machine: machines[0], path: $0) }
-        } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
-        }
-        defer { server?.close() }
+        let session = try OperatorSession(api, machine: machines[0])
+        defer { session.finish() }
         // Standard input goes to vm0: its UART and, when present, its virtio console.
         let uart = machines[0].uart, virtioConsole = firstVirtioConsole
         ConsoleInput.start { bytes in
@@ -233,9 +229,9 @@ struct Run: ParsableCommand {
         for machine in machines {
             for problem in machine.flushDevices() { failures.withLock { $0.append(problem) } }
         }
-        if let control, case .migrated? = results.withLock({ $0[0] })?.stopReason {
+        if let socket = api.apiSock, case .migrated? = results.withLock({ $0[0] })?.stopReason {
             machines[0].waitWhileMigrating {
-                printError("swiftvisor: post-copy broke after the switch-over; this process keeps the pages the destination lacks. Resume with: swiftvisor migrate --resume --socket \(control) DESTINATION")
+                printError("swiftvisor: post-copy broke after the switch-over; this process keeps the pages the destination lacks. Resume with: swiftvisor migrate --resume --socket \(socket) DESTINATION")
             }
         }
         for f in failures.withLock({ $0 }) { printError("swiftvisor: error: \(f)") }

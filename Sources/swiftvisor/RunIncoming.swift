@@ -1,6 +1,7 @@
 import ArgumentParser
 import Dispatch
 import FoundationEssentials
+import Logging
 import VMM
 import VirtCore
 #if canImport(Glibc)
@@ -9,13 +10,13 @@ import Glibc
 
 extension Run {
     /// `run --incoming ADDRESS`: waits for a migrating VM, then runs it as `run` would.
-    func runIncoming(_ text: String) throws {
+    func runIncoming(_ text: String, logger: Logger) throws {
         let address: MigrationAddress
         do { address = try MigrationAddress(parsing: text) } catch { throw ValidationError("--incoming: \(error)") }
         let engine: any VirtCore.Engine
         do {
             engine = try self.engine.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
-                ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { printError("swiftvisor: \($0)") }
+                ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { logger.notice("\($0)") }
         } catch {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
@@ -28,24 +29,20 @@ extension Run {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        printError("swiftvisor: waiting for a migration at \(incoming.address) (engine \(engine.name))")
+        logger.notice("waiting for a migration at \(incoming.address) (engine \(engine.name))")
         let machine: Machine
         do {
             let (m, report) = try incoming.receive(serialOutput: ConsoleOutput.write) { error in
-                printError("swiftvisor: incoming migration failed, waiting for another: \(error)")
+                logger.warning("incoming migration failed, waiting for another: \(error)")
             }
             machine = m
-            printError("swiftvisor: received \(report.memorySize >> 20) MiB from the \(report.sourceEngine) engine (\(report.pagesReceived) pages, \(report.rounds) rounds); running on \(report.engine)")
+            logger.notice("received \(report.memorySize >> 20) MiB from the \(report.sourceEngine) engine (\(report.pagesReceived) pages, \(report.rounds) rounds); running on \(report.engine)")
         } catch {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        let server: ControlServer?
-        do { server = try control.map { try ControlServer(machine: machine, path: $0) } } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
-        }
-        defer { server?.close() }
+        let session = try OperatorSession(api, machine: machine)
+        defer { session.finish() }
         let uart = machine.uart
         ConsoleInput.start { uart.enqueueInput($0) }
         let result: RunResult

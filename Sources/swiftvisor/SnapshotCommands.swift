@@ -1,5 +1,6 @@
 import ArgumentParser
 import FoundationEssentials
+import OperatorAPI
 import VMM
 
 struct SnapshotCommand: ParsableCommand {
@@ -7,7 +8,7 @@ struct SnapshotCommand: ParsableCommand {
         commandName: "snapshot",
         abstract: "Copy-on-write snapshots: take one from a running VM, restore (clone) it, inspect a file.",
         discussion: """
-            Start a VM with a control socket:   swiftvisor run counter --control /tmp/vm.sock
+            Start a VM with an API socket:      swiftvisor run counter --api-sock /tmp/vm.sock
             Snapshot it while it runs:          swiftvisor snapshot create --socket /tmp/vm.sock counter.snap
             Restore it (as often as you like):  swiftvisor snapshot restore counter.snap
             The guest keeps running during 'create': only saving the vCPU state and arming write \
@@ -16,9 +17,9 @@ struct SnapshotCommand: ParsableCommand {
         subcommands: [Create.self, Restore.self, Inspect.self])
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Snapshot a running VM through its control socket.")
+        static let configuration = CommandConfiguration(abstract: "Snapshot a running VM through its API socket (PUT /snapshot/create).")
 
-        @Option(name: .long, help: ArgumentHelp("The VM's control socket (swiftvisor run … --control PATH).", valueName: "path"))
+        @Option(name: .long, help: ArgumentHelp("The VM's API socket (swiftvisor run … --api-sock PATH).", valueName: "path"))
         var socket: String
 
         @Argument(help: "Snapshot file to write (replaced atomically).")
@@ -28,21 +29,10 @@ struct SnapshotCommand: ParsableCommand {
         var note = ""
 
         func run() throws {
-            let absolute = file.hasPrefix("/") ? file : FileManager.default.currentDirectoryPath + "/" + file
-            let reply: ControlReply
-            do {
-                reply = try ControlServer.send("snapshot \(absolute) \(note)", to: socket)
-            } catch {
-                printError("swiftvisor: error: \(error)")
-                throw ExitCode(ToolStatus.failure)
-            }
-            guard reply.ok, let r = reply.snapshot else {
-                printError("swiftvisor: error: \(reply.error ?? "snapshot failed")")
-                throw ExitCode(ToolStatus.failure)
-            }
+            let r = try CtlRequests.snapshot(socket: socket, file: file, note: note)
             print("snapshot \(file): " + "\((Double(r.fileBytes) / 1048576).fixed(1)) MiB, "
                 + "guest paused \((r.pauseSeconds * 1000).fixed(2)) ms, total \((r.totalSeconds * 1000).fixed(1)) ms, "
-                + "\(r.cowFaults) copy-on-write faults (\(r.mechanism))")
+                + "\(r.copyOnWriteFaults) copy-on-write faults (\(r.mechanism))")
         }
     }
 
@@ -60,8 +50,8 @@ struct SnapshotCommand: ParsableCommand {
         @Option(name: .long, help: ArgumentHelp("Stop the guest after this many seconds.", valueName: "seconds"))
         var timeout: Double?
 
-        @Option(name: .long, help: ArgumentHelp("Control socket for this VM.", valueName: "path"))
-        var control: String?
+        @OptionGroup(title: "Operator API, metrics and logs")
+        var api: OperatorOptions
 
         func run() throws {
             let machine: Machine
@@ -74,8 +64,8 @@ struct SnapshotCommand: ParsableCommand {
                 printError("swiftvisor: error: \(error)")
                 throw ExitCode(ToolStatus.failure)
             }
-            let server = try control.map { try ControlServer(machine: machine, path: $0) }
-            defer { server?.close() }
+            let session = try OperatorSession(api, machine: machine)
+            defer { session.finish() }
             let result = try ProcessLifecycle.stoppingOnSignal([machine]) { try machine.run() }
             machine.flushDevices().forEach { printError("swiftvisor: error: \($0)") }
             if let signal = ProcessLifecycle.stopSignal {

@@ -11,13 +11,14 @@ struct Swiftvisor: ParsableCommand {
               swiftvisor run hello                        boot the bundled 'hello' guest (KVM, else software)
               swiftvisor guests                           list the bundled guests
               swiftvisor run disk --disk disk.img         a guest using a virtio-blk disk image
-              swiftvisor run counter --control vm.sock    a VM you can snapshot: swiftvisor snapshot --help
+              swiftvisor run counter --api-sock vm.sock   a VM with an HTTP API: swiftvisor ctl --help
+              swiftvisor serve --api-sock vm.sock         configure and start a VM over the API: swiftvisor serve --help
               swiftvisor run --incoming tcp:127.0.0.1:7000   wait for a VM to migrate in: swiftvisor migrate --help
               swiftvisor lab pio-vs-mmio                  a scenario experiment: swiftvisor lab --help
               swiftvisor host                             what this host's /dev/kvm offers
               swiftvisor bench exits                      cost of a port-I/O exit, Swift loop vs C loop
             """,
-        subcommands: [Run.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, MigrateCommand.self, BalloonCommand.self, LabCommand.self,
+        subcommands: [Run.self, Serve.self, Ctl.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, MigrateCommand.self, BalloonCommand.self, LabCommand.self,
                       Measure.self, Verify.self]
     )
 

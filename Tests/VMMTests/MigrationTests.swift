@@ -1,6 +1,7 @@
 import Foundation
 import GuestImages
 import Synchronization
+import OperatorAPI
 import Testing
 import TestSupport
 import VirtCore
@@ -419,23 +420,28 @@ extension PostcopyTests {
 }
 
 @Suite struct MigrationControlTests {
-    /// The control socket's `migrate` request: progress lines, then the report; the machine
+    /// The operator API's `PUT /migrate`: progress lines, then the report; the machine
     /// arrives at the destination and the source stops as migrated.
     @Test func migrateRequestStreamsProgressThenTheReport() throws {
         let source = try IntegrityGuest(engine: .software)
         source.start()
         #expect(waitForMoreMarkers(source.output, 2))
-        let path = temporaryPath("ctl") + ".sock"
-        let server = try ControlServer(machine: source.machine, path: path)
+        let path = temporaryPath("api") + ".sock"
+        let server = try APIServer(endpoint: .unix(path: path), router: APIRouter(controller: VMController(running: source.machine)))
         defer { server.close() }
         let incoming = try IncomingMigration(listeningOn: .unix(path: temporaryPath("in") + ".sock"),
                                              options: IncomingMigrationOptions(engine: try TestEngines.make(.software)))
         defer { incoming.close() }
         let receiver = Receiver(incoming)
+        let decoder = JSONDecoder()
+        decoder.keyDecodingStrategy = .convertFromSnakeCase
         var lines: [MigrationControlLine] = []
-        try ControlServer.sendStreaming("migrate \(incoming.address) max-downtime-ms=50 max-rounds=2", to: path) {
-            lines.append(try! JSONDecoder().decode(MigrationControlLine.self, from: Data($0.utf8)))
+        let client = APIClient(socketPath: path)
+        let answer = try client.stream("PUT", "/migrate", json: MigrateRequest(destination: incoming.address.description, maxDowntimeMs: 50, maxRounds: 2)) {
+            lines.append(try! decoder.decode(MigrationControlLine.self, from: Data($0.utf8)))
         }
+        #expect(answer.status == 200)
+        #expect(answer.headers.contains { $0.name == "transfer-encoding" && $0.value == "chunked" })
         let (machine, _) = try receiver.join().get()
         defer { machine.stop() }
         #expect(lines.first?.progress?.phase == .bulk)
@@ -445,9 +451,8 @@ extension PostcopyTests {
         #expect(lines.dropLast().allSatisfy { !$0.isFinal })
         #expect(source.join()?.stopReason == .migrated(destination: incoming.address.description))
 
-        var bad: [String] = []
-        try ControlServer.sendStreaming("migrate nowhere", to: path) { bad.append($0) }
-        #expect(bad.count == 1 && bad[0].contains("\"ok\":false") && bad[0].contains("is not tcp:HOST:PORT"))
+        let bad = try client.send("PUT", "/migrate", json: MigrateRequest(destination: "nowhere"))
+        #expect(bad.status == 400 && bad.faultMessage.contains("is not tcp:HOST:PORT"))
     }
 }
 

@@ -560,6 +560,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
     /// returned buffers. A ring-level fault puts the device into DEVICE_NEEDS_RESET.
     private func process(_ index: Int, _ s: inout State) {
         guard s.isLive, s.queues[index].isReady else { return }
+        s.queues[index].countNotification()
         do {
             try device.process(queue: index, &s.queues[index], memory: memory, diagnostics: diagnostics)
         } catch {

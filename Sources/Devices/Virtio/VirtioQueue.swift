@@ -199,6 +199,18 @@ public enum VirtqueueError: VirtioFault, Equatable {
 /// A value type: the transport owns the queues and lends one `inout` to the device while
 /// holding its lock, so queue state is never shared between threads unsynchronised.
 /// Every value read from guest memory is treated as hostile.
+/// A queue's traffic counters.
+public struct VirtqueueTraffic: Sendable, Equatable {
+    /// Driver notifications (QueueNotify writes or their ioeventfd) the queue was processed for.
+    public var notifications: UInt64 = 0
+    /// Chains taken from the available ring.
+    public var chains: UInt64 = 0
+    /// Device-readable bytes of those chains (driver → device).
+    public var bytesToDevice: UInt64 = 0
+    /// Used lengths returned (device → driver).
+    public var bytesToDriver: UInt64 = 0
+}
+
 public struct VirtioQueue: Sendable {
     /// The spec's upper bound for a split queue.
     public static let absoluteMaxSize: UInt16 = 32768
@@ -230,6 +242,8 @@ public struct VirtioQueue: Sendable {
     public private(set) var usedIndex: UInt16 = 0
     /// Used entries were added since the transport last looked.
     private var usedSinceCheck = false
+    /// What went through the queue since it was created (kept across resets; for metrics).
+    public private(set) var traffic = VirtqueueTraffic()
 
     public init(index: Int = 0, maxSize: UInt16, maxChainBytes: Int = VirtioQueue.defaultMaxChainBytes) {
         precondition(maxSize > 0 && maxSize <= Self.absoluteMaxSize && maxSize & (maxSize - 1) == 0,
@@ -312,6 +326,9 @@ public struct VirtioQueue: Sendable {
 
     /// QueueReady ← 0: the device stops using the queue; the layout is kept.
     public mutating func disable() { isReady = false }
+
+    /// Counts one driver notification.
+    public mutating func countNotification() { traffic.notifications &+= 1 }
 
     /// What a snapshot keeps of a queue: the driver's layout and the device's positions.
     public struct SavedState: Codable, Sendable, Equatable {
@@ -428,7 +445,10 @@ public struct VirtioQueue: Sendable {
             index = next
         }
         if let fault { throw .badRequest(head: head, fault, lastWritable: lastWritable) }
-        return DescriptorChain(head: head, readable: readable, writable: writable)
+        let chain = DescriptorChain(head: head, readable: readable, writable: writable)
+        traffic.chains &+= 1
+        traffic.bytesToDevice &+= UInt64(chain.readableLength)
+        return chain
     }
 
     /// Returns chain `head` to the driver with `length` bytes written into its
@@ -445,6 +465,7 @@ public struct VirtioQueue: Sendable {
         usedIndex &+= 1
         try store(usedIndex, .usedRing, usedRing &+ 2, in: memory)
         usedSinceCheck = true
+        traffic.bytesToDriver &+= UInt64(length)
     }
 
     /// Like `popAvailable`, but a request-level fault is recorded, completed and skipped:
