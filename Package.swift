@@ -34,7 +34,6 @@ let package = Package(
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
         .target(name: "VMM", dependencies: ["CHost", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages",
                                             .product(name: "Crypto", package: "swift-crypto")]),
-        .target(name: "VMM", dependencies: ["CHost", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
         // The operator's HTTP/1.1 + JSON API on a Unix socket (SwiftNIO), its client, and Prometheus metrics.
         .target(name: "OperatorAPI", dependencies: [
             "VMM", "VirtCore", "Devices", "GuestImages",
