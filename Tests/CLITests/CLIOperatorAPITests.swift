@@ -7,8 +7,8 @@ import Testing
 import Glibc
 #endif
 
-/// A `swiftvisor` process started in the background, its standard output and error gathered.
-final class BackgroundSwiftvisor: @unchecked Sendable {  // SAFETY: `process` is set in init; the output buffers are Mutexes
+/// A `swiftvisor` serving its API in the background, its standard output and error gathered (CLILifecycleTests has the general one).
+final class APIProcess: @unchecked Sendable {  // SAFETY: `process` is set in init; the output buffers are Mutexes
     let process = Process()
     private let out = Mutex(Data())
     private let err = Mutex(Data())
@@ -54,7 +54,7 @@ func apiSocketPath(_ name: String) -> String {
 }
 
 /// Waits until something listens at `path`.
-func waitForSocket(_ path: String, process: BackgroundSwiftvisor) -> Bool {
+func waitForSocket(_ path: String, process: APIProcess) -> Bool {
     waitUntil(seconds: 30) { (try? APIClient(socketPath: path).send("GET", "/").status) == 200 || !process.process.isRunning }
         && process.process.isRunning
 }
@@ -67,7 +67,7 @@ func waitForSocket(_ path: String, process: BackgroundSwiftvisor) -> Bool {
         let dir = NSTemporaryDirectory() + "sv-cli-api-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let serve = try BackgroundSwiftvisor(["serve", "--api-sock", socket])
+        let serve = try APIProcess(["serve", "--api-sock", socket])
         defer { serve.kill() }
         #expect(waitForSocket(socket, process: serve), "\(serve.stderr)")
         let api = APIClient(socketPath: socket)
@@ -117,7 +117,7 @@ func waitForSocket(_ path: String, process: BackgroundSwiftvisor) -> Bool {
     /// used to kill the VM with SIGPIPE (exit 141, no message).
     @Test func clientsThatHangUpDoNotKillTheVM() throws {
         let socket = apiSocketPath("sigpipe")
-        let vm = try BackgroundSwiftvisor(["run", "counter", "--engine", "software", "--cmdline", "limit=100000000 work=20000", "--api-sock", socket])
+        let vm = try APIProcess(["run", "counter", "--engine", "software", "--cmdline", "limit=100000000 work=20000", "--api-sock", socket])
         defer { vm.kill() }
         #expect(waitForSocket(socket, process: vm), "\(vm.stderr)")
         for i in 0..<40 {
@@ -145,7 +145,7 @@ func waitForSocket(_ path: String, process: BackgroundSwiftvisor) -> Bool {
     /// it over) or a user's file.
     @Test func apiSockRefusesALiveSocketAndAFile() throws {
         let socket = apiSocketPath("live")
-        let first = try BackgroundSwiftvisor(["run", "counter", "--engine", "software", "--cmdline", "limit=100000000 work=20000", "--api-sock", socket])
+        let first = try APIProcess(["run", "counter", "--engine", "software", "--cmdline", "limit=100000000 work=20000", "--api-sock", socket])
         defer { first.kill() }
         #expect(waitForSocket(socket, process: first), "\(first.stderr)")
         let second = try swiftvisor(["run", "hello", "--engine", "software", "--api-sock", socket])
@@ -180,7 +180,7 @@ func waitForSocket(_ path: String, process: BackgroundSwiftvisor) -> Bool {
     @Test func logLevelFiltersEvents() throws {
         for (level, expectWaiting) in [("info", true), ("warning", false)] {
             let socket = apiSocketPath("log-\(level)")
-            let serve = try BackgroundSwiftvisor(["serve", "--api-sock", socket, "--log-level", level])
+            let serve = try APIProcess(["serve", "--api-sock", socket, "--log-level", level])
             defer { serve.kill() }
             #expect(waitForSocket(socket, process: serve))
             _ = try swiftvisor(["ctl", "--api-sock", socket, "stop"])
