@@ -463,7 +463,7 @@ extension CPU {
         case MSR.sysenterESP: return sysenterESP
         case MSR.sysenterEIP: return sysenterEIP
         case Self.tscAuxMSR: return tscAux
-        case Self.miscEnableMSR: return Self.miscEnable
+        case Self.miscEnableMSR where platformMSRs == nil: return Self.miscEnable  // the PC platform keeps its own
         default:
             guard let v = platformMSRs?.readMSR(vcpu: vcpuIndex, index: index, tsc: instructions &+ tscOffset, apicBase: apicBase) else { throw Fault.gp() }
             return v
@@ -493,7 +493,7 @@ extension CPU {
         case MSR.sysenterESP: try canonical(); sysenterESP = v
         case MSR.sysenterEIP: try canonical(); sysenterEIP = v
         case Self.tscAuxMSR: tscAux = v & 0xFFFF_FFFF
-        case Self.miscEnableMSR: guard v == Self.miscEnable else { throw Fault.gp() }  // nothing here is switchable
+        case Self.miscEnableMSR where platformMSRs == nil: guard v == Self.miscEnable else { throw Fault.gp() }  // nothing here is switchable
         default:
             guard platformMSRs?.writeMSR(vcpu: vcpuIndex, index: index, value: v, tsc: instructions &+ tscOffset, apicBase: apicBase) == true else { throw Fault.gp() }
             attention = true  // an APIC write may have raised an interrupt

@@ -12,17 +12,17 @@ struct MigrateCommand: ParsableCommand {
         commandName: "migrate",
         abstract: "Live-migrate a running VM to a destination started with 'run --incoming'.",
         discussion: """
-            The VM is reached through its API socket (run … --api-sock PATH; PUT /migrate).
-            Pre-copy (the default): RAM is sent while the guest runs, then the
-            pages it dirtied, round after round, until the rest fits
-            --max-downtime-ms at the measured bandwidth (or --max-rounds is
-            reached); then the guest pauses and the rest goes with the vCPU and
-            device state. --postcopy: the state goes first, the guest runs at the
-            destination at once and pulls its pages. The engines may differ (kvm →
-            software and back). If anything fails before the destination
-            confirms, the VM resumes here. If a post-copy stream breaks after the
-            switch-over, the guest waits at the destination for the pages only
-            this side holds, and this process keeps them: --resume reconnects
+            The VM is reached through its API socket (run … --api-sock PATH; PUT /migrate). \
+            Pre-copy (the default): RAM is sent while the guest runs, then the \
+            pages it dirtied, round after round, until the rest fits \
+            --max-downtime-ms at the measured bandwidth (or --max-rounds is \
+            reached); then the guest pauses and the rest goes with the vCPU and \
+            device state. --postcopy: the state goes first, the guest runs at the \
+            destination at once and pulls its pages. The engines may differ (kvm → \
+            software and back). If anything fails before the destination \
+            confirms, the VM resumes here. If a post-copy stream breaks after the \
+            switch-over, the guest waits at the destination for the pages only \
+            this side holds, and this process keeps them: --resume reconnects \
             (to the destination's --incoming address) and finishes.
 
             Example (two terminals):

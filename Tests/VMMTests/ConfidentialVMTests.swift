@@ -224,7 +224,7 @@ import VirtCore
         let r = try m.run()
         #expect(r.stopReason == .exitPort(status: 0), "\(capture.text)")
         #expect(capture.text.contains("disk: sector 0: boot sector of a test image"))
-        #expect(capture.text.contains("disk: read past the end: status 1"))
+        #expect(capture.text.contains("disk: reading past the end is refused, as it should be (status 1)"))
         let expected = Array("written by the disk guest through virtio-blk\n".utf8)
         #expect(try Array(disk.sector(1).prefix(expected.count)) == expected)
         #expect(!transport.needsReset)
