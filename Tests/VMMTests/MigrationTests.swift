@@ -380,8 +380,9 @@ extension PostcopyTests {
         let destination = IntegrityGuest(arrived: machine, output: receiver.output)
         destination.start()
         defer { destination.stop() }
-        guard case .failure(let error) = migration.join(), case .postcopyInterrupted = error as? MigrationError else {
-            Issue.record("the source reports an interrupted post-copy"); return
+        let outcome = migration.join()
+        guard case .failure(let error) = outcome, case .postcopyInterrupted = error as? MigrationError else {
+            Issue.record("the source reports an interrupted post-copy, not \(outcome)"); return
         }
         relay.finish()
         #expect(source.machine.awaitsPostcopyRecovery)
