@@ -60,8 +60,8 @@ struct KVMUnitTestsOnTheSoftwareEngine {
     /// Each named entry of unittests.cfg passes: isa-debug-exit status 1 and a SUMMARY line
     /// with no unexpected failure.
     @Test func namedEntriesPass() throws {
-        // smptest passed before the instruction-set and platform branches were merged and
-        // hangs after its APs enable their APICs since; it is left out until that is found.
+        // smptest passed every run on the platform branch; since the merge about one run in
+        // six hangs after both CPUs enable their APICs (a race, not yet found): left out.
         let named = ["setjmp", "msr", "tsc", "smap"]
         // A fixed scratch directory: the suite is rebuilt only when its source changes.
         let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("swiftvisor-kvm-unit-tests").path
