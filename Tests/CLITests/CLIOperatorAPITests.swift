@@ -12,6 +12,8 @@ final class APIProcess: @unchecked Sendable {  // SAFETY: `process` is set in in
     let process = Process()
     private let out = Mutex(Data())
     private let err = Mutex(Data())
+    /// Left by each reader at the end of its pipe: the output is whole once both have.
+    private let readers = DispatchGroup()
 
     init(_ args: [String]) throws {
         process.executableURL = URL(fileURLWithPath: swiftvisorPath)
@@ -21,8 +23,16 @@ final class APIProcess: @unchecked Sendable {  // SAFETY: `process` is set in in
         process.standardError = errPipe
         process.standardInput = FileHandle.nullDevice
         try process.run()
-        Thread { [self] in Self.drain(outPipe) { chunk in out.withLock { $0 += chunk } } }.start()
-        Thread { [self] in Self.drain(errPipe) { chunk in err.withLock { $0 += chunk } } }.start()
+        readers.enter()
+        Thread { [self] in
+            Self.drain(outPipe) { chunk in out.withLock { $0 += chunk } }
+            readers.leave()
+        }.start()
+        readers.enter()
+        Thread { [self] in
+            Self.drain(errPipe) { chunk in err.withLock { $0 += chunk } }
+            readers.leave()
+        }.start()
     }
 
     private static func drain(_ pipe: Pipe, into append: (Data) -> Void) {
@@ -40,6 +50,7 @@ final class APIProcess: @unchecked Sendable {  // SAFETY: `process` is set in in
     func waitForExit(seconds: Double = 60) -> Int32? {
         guard waitUntil(seconds: seconds, { !process.isRunning }) else { return nil }
         process.waitUntilExit()
+        _ = readers.wait(timeout: .now() + 10)  // the last output may still be in the pipes
         return process.terminationStatus
     }
 
