@@ -206,16 +206,7 @@ func waitForSocket(_ path: String, process: APIProcess) -> Bool {
 /// A connected Unix stream socket to `path`, or -1.
 func connectUnixSocket(_ path: String) -> Int32 {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    var addr = sockaddr_un()
-    addr.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-        let bytes = Array(path.utf8)
-        raw.copyBytes(from: bytes)
-        raw[bytes.count] = 0
-    }
-    let rc = withUnsafePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
+    let rc = withUnixSocketAddress(path) { connect(fd, $0, $1) }
     if rc != 0 { close(fd); return -1 }
     return fd
 }

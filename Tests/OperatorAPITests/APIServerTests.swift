@@ -48,16 +48,7 @@ final class APIServedGuest: @unchecked Sendable {  // SAFETY: fields are set in 
 /// Connects a raw client socket to `path`.
 func rawConnect(_ path: String) throws -> Int32 {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    var addr = sockaddr_un()
-    addr.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-        let bytes = Array(path.utf8)
-        raw.copyBytes(from: bytes)
-        raw[bytes.count] = 0
-    }
-    let rc = withUnsafePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
+    let rc = withUnixSocketAddress(path) { connect(fd, $0, $1) }
     guard rc == 0 else { let e = errno; close(fd); throw POSIXError(POSIXErrorCode(rawValue: e)!) }
     return fd
 }
@@ -234,16 +225,7 @@ func rawConnect(_ path: String) throws -> Int32 {
         // A stale socket: bound and listened on by a socket that is gone.
         let stale = socketPath("stale")
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            let bytes = Array(stale.utf8)
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let rc = withUnixSocketAddress(stale) { bind(fd, $0, $1) }
         #expect(rc == 0)
         close(fd)
         let replacing = try APIServer(endpoint: .unix(path: stale), router: router)
