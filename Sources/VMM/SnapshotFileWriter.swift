@@ -157,7 +157,7 @@ public enum SnapshotWriter {
         try syncDirectory(of: path)
         let elapsed = clock.now - started
         return SnapshotWriteReport(path: path, bytesWritten: header.fileSize, pageCount: pageCount,
-                                   seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+                                   seconds: elapsed.seconds)
     }
 
     /// fsync the directory holding `path`, making the rename durable.

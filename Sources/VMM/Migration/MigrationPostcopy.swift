@@ -33,8 +33,7 @@ extension Machine {
                          progress: ((MigrationProgress) -> Void)?) throws -> MigrationReport {
         let clock = ContinuousClock()
         func seconds(since t: ContinuousClock.Instant) -> Double {
-            let d = clock.now - t
-            return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+            (clock.now - t).seconds
         }
         let pageCount = Int(memory.size) / MigrationFormat.pageSize
         let transports = attachedDevices.compactMap(\.transport)

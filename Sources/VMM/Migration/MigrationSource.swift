@@ -120,8 +120,7 @@ extension Machine {
         let clock = ContinuousClock()
         let started = clock.now
         func seconds(since t: ContinuousClock.Instant) -> Double {
-            let d = clock.now - t
-            return Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+            (clock.now - t).seconds
         }
         let channel = MigrationChannel(connection: try MigrationConnection.connect(to: address, timeoutSeconds: options.timeoutSeconds))
         try channel.sendPreamble()

@@ -148,10 +148,6 @@ extension StreamBenchmark {
     }
 }
 
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
-}
-
 extension MigrationAddress {
     var kindName: String {
         switch self {
