@@ -207,7 +207,10 @@ public final class Machine: @unchecked Sendable {
     /// Builds a machine whose RAM and vCPU states come from `contents` — a restored
     /// snapshot, say. `contents` fills the fresh RAM (or arranges for it to be filled on
     /// demand) and returns one state per vCPU; it runs before the engine VM exists.
+    /// `preparedMemory`, when given, is fresh RAM of exactly the configured size made ahead
+    /// of time (preallocated by a migration destination); it must not have been used.
     public init(configuration: MachineConfiguration, engine: any Engine, image: ELFImage? = nil,
+                preparedMemory: GuestMemory? = nil,
                 serialOutput: @escaping @Sendable (UInt8) -> Void,
                 contents: (GuestMemory) throws -> [VCPUState]) throws {
         let size = configuration.memorySize
@@ -223,7 +226,11 @@ public final class Machine: @unchecked Sendable {
         self.configuration = configuration
         self.image = image
         self.engine = engine
-        memory = try GuestMemory(size: size)
+        if let preparedMemory, preparedMemory.size == size {
+            memory = preparedMemory
+        } else {
+            memory = try GuestMemory(size: size)
+        }
         let states = try contents(memory)
         guard states.count == configuration.vcpuCount else { throw MachineError.invalidVCPUCount(states.count) }
         var vmConfig = VMConfig(vcpuCount: configuration.vcpuCount, confidential: configuration.confidential)

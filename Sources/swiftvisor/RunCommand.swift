@@ -79,6 +79,9 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Wait for a VM migrating in at tcp:HOST:PORT or unix:PATH (see 'swiftvisor migrate') and run it; GUEST, if named, must be what arrives, and --memory, if given, is the most RAM accepted.", valueName: "address"))
     var incoming: String?
 
+    @Flag(name: .long, help: "With --incoming and --memory: allocate that much RAM while waiting, so a pre-copy migration of that size streams into existing pages rather than allocating each as it arrives (QEMU's -mem-prealloc; the RAM is held even if the guest never uses it).")
+    var prealloc = false
+
     @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor ctl balloon', through --api-sock).")
     var balloon = false
 
@@ -110,6 +113,9 @@ struct Run: ParsableCommand {
 
     func validate() throws {
         try memory.validateGuestRAM()
+        if prealloc {
+            guard incoming != nil, memorySpecified else { throw ValidationError("--prealloc needs --incoming and --memory (the RAM to allocate while waiting)") }
+        }
         if incoming != nil {
             guard guests.count <= 1, disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole else {
                 throw ValidationError("--incoming takes at most one guest name and no device options: the devices come with the VM")

@@ -24,6 +24,7 @@ extension Run {
         var options = IncomingMigrationOptions(engine: engine, memoryLimit: memorySpecified ? memory.bytes : nil,
                                                expectedGuest: guests.first.map { Self.split($0).0 })
         options.machineTimeoutSeconds = timeout
+        if prealloc { options.preallocateBytes = memory.bytes }
         let incoming: IncomingMigration
         do { incoming = try IncomingMigration(listeningOn: address, options: options) } catch {
             printError("swiftvisor: error: \(error)")
@@ -36,7 +37,7 @@ extension Run {
                 logger.warning("incoming migration failed, waiting for another: \(error)")
             }
             machine = m
-            logger.notice("received \(report.memorySize >> 20) MiB from the \(report.sourceEngine) engine (\(report.pagesReceived) pages, \(report.rounds) rounds); running on \(report.engine)")
+            logger.notice("received \(report.memorySize >> 20) MiB from the \(report.sourceEngine) engine (\(report.pagesReceived) pages, \(report.rounds) rounds\(report.intoPreallocatedMemory ? ", into preallocated RAM" : "")); running on \(report.engine)")
         } catch {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)

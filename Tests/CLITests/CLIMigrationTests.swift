@@ -16,7 +16,8 @@ import TestSupport
 
         let destination = Process()
         destination.executableURL = URL(fileURLWithPath: swiftvisorPath)
-        destination.arguments = ["run", "counter", "--incoming", "unix:\(incoming)", "--engine", "software", "--timeout", "60"]
+        destination.arguments = ["run", "counter", "--incoming", "unix:\(incoming)", "--engine", "software", "--timeout", "60",
+                                 "--memory", "64M", "--prealloc"]
         let destinationOut = Pipe(), destinationErr = Pipe()
         destination.standardOutput = destinationOut
         destination.standardError = destinationErr
@@ -49,10 +50,20 @@ import TestSupport
         #expect(source.terminationStatus == 0)
         #expect(destination.terminationStatus == 0)
         #expect(String(decoding: sourceErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).contains("migrated to"))
-        #expect(String(decoding: destinationErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            .contains("received 64 MiB from the \(sourceEngine) engine"))
+        let destinationLog = String(decoding: destinationErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(destinationLog.contains("received 64 MiB from the \(sourceEngine) engine"))
+        // Pre-copy streams into the RAM --prealloc made; post-copy needs its pages missing.
+        #expect(destinationLog.contains("into preallocated RAM") == (strategy == "pre-copy"), "\(destinationLog)")
         let counts = (sourceText + destinationText).split(separator: "\n").compactMap { $0.hasPrefix("count ") ? Int($0.dropFirst(6)) : nil }
         #expect(counts == Array(1...300), "the count continues without a gap or repeat")
         #expect(!destinationText.isEmpty, "the destination printed the rest")
+    }
+
+    @Test func preallocNeedsIncomingAndMemory() throws {
+        for arguments in [["run", "counter", "--prealloc", "--memory", "64M"], ["run", "--incoming", "tcp:127.0.0.1:0", "--prealloc"]] {
+            let result = try swiftvisor(arguments)
+            #expect(result.status == 64, "\(arguments)")
+            #expect(result.stderr.contains("--prealloc needs --incoming and --memory"), "\(result.stderr)")
+        }
     }
 }

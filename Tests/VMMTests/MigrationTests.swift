@@ -136,13 +136,17 @@ func ramDifference(_ a: GuestMemory, _ b: GuestMemory) throws -> Int? {
 @Suite struct MigrationTests {
     /// Migrates `source` (running) to a fresh destination on `engine`; checks RAM equality at
     /// the switch-over, the integrity pattern, and that markers continue there.
+    /// `preallocate`: the destination allocates that much RAM while it waits.
     func migrate(_ source: IntegrityGuest, to engine: EngineChoice, over address: MigrationAddress,
-                 area: (base: UInt64, pages: Int)) throws -> IntegrityGuest {
-        let incoming = try IncomingMigration(listeningOn: address, options: IncomingMigrationOptions(engine: try TestEngines.make(engine)))
+                 area: (base: UInt64, pages: Int), preallocate: UInt64? = nil) throws -> IntegrityGuest {
+        var options = IncomingMigrationOptions(engine: try TestEngines.make(engine))
+        options.preallocateBytes = preallocate
+        let incoming = try IncomingMigration(listeningOn: address, options: options)
         defer { incoming.close() }
         let receiver = Receiver(incoming)
         let report = try source.machine.migrate(to: incoming.address, options: migrationTimeouts)
         let (machine, arrived) = try receiver.join().get()
+        #expect(arrived.intoPreallocatedMemory == (preallocate == source.machine.memory.size))
         #expect(report.destinationEngine == engine.rawValue)
         #expect(arrived.pagesReceived == report.pagesSent)
         #expect(source.join()?.stopReason == .migrated(destination: incoming.address.description))
@@ -175,6 +179,19 @@ func ramDifference(_ a: GuestMemory, _ b: GuestMemory) throws -> Int? {
         last.machine.resume()
         let all = source.output.text + middle.output.text + last.output.text
         #expect(Integrity.consecutive(Integrity.passes(all)), "markers continue without a gap or repeat")
+    }
+
+    /// A destination that preallocated RAM of the offered size streams into it; one that
+    /// preallocated another size allocates as the pages come. Both arrive intact.
+    @Test(arguments: TestEngines.available)
+    func aPreallocatedDestinationTakesAPrecopyOfItsSize(engine: EngineChoice) throws {
+        let source = try startSource(engine)
+        let area = try #require(Integrity.area(source.output.text))
+        let size = source.machine.memory.size
+        let middle = try migrate(source, to: engine, over: .tcp(host: "127.0.0.1", port: 0), area: area, preallocate: size)
+        let last = try migrate(middle, to: engine, over: .tcp(host: "127.0.0.1", port: 0), area: area, preallocate: size * 2)
+        last.stop()
+        #expect(Integrity.consecutive(Integrity.passes(source.output.text + middle.output.text + last.output.text)))
     }
 
     @Test(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
@@ -263,9 +280,10 @@ final class Migration: @unchecked Sendable {
 @Suite struct PostcopyTests {
     static let options = try! MigrationOptions(maxDowntimeMilliseconds: 50, timeoutSeconds: 3, postcopy: true)
 
-    func destination(_ engine: EngineChoice, recoverySeconds: Double = 0) throws -> IncomingMigration {
+    func destination(_ engine: EngineChoice, recoverySeconds: Double = 0, preallocate: UInt64? = nil) throws -> IncomingMigration {
         var options = IncomingMigrationOptions(engine: try TestEngines.make(engine))
         options.timeoutSeconds = 3
+        options.preallocateBytes = preallocate
         options.postcopyRecoverySeconds = recoverySeconds
         return try IncomingMigration(listeningOn: .tcp(host: "127.0.0.1", port: 0), options: options)
     }
@@ -273,16 +291,19 @@ final class Migration: @unchecked Sendable {
     /// Post-copy: the guest runs at the destination before its pages are there (its 16 MiB
     /// area is swept faster than it is pushed, so it faults on pages still at the source);
     /// every page arrives, the area holds one boundary, markers continue.
-    func postcopy(from sourceEngine: EngineChoice, to engine: EngineChoice) throws {
+    /// `preallocatingDestination`: the destination had preallocated RAM of the guest's size,
+    /// which post-copy must not use (its missing pages must be missing).
+    func postcopy(from sourceEngine: EngineChoice, to engine: EngineChoice, preallocatingDestination: Bool = false) throws {
         let source = try IntegrityGuest(engine: sourceEngine, pages: 4096)
         source.start()
         #expect(waitForMoreMarkers(source.output, 3))
         let area = try #require(Integrity.area(source.output.text))
-        let incoming = try destination(engine)
+        let incoming = try destination(engine, preallocate: preallocatingDestination ? source.machine.memory.size : nil)
         defer { incoming.close() }
         let receiver = Receiver(incoming)
         let migration = Migration(source.machine, to: incoming.address, options: Self.options)
-        let (machine, _) = try receiver.join().get()
+        let (machine, arrived) = try receiver.join().get()
+        #expect(!arrived.intoPreallocatedMemory)
         let destination = IntegrityGuest(arrived: machine, output: receiver.output)
         destination.start()
         defer { destination.stop() }
@@ -308,6 +329,10 @@ final class Migration: @unchecked Sendable {
 
     @Test(arguments: TestEngines.available)
     func postcopyToTheSameEngine(engine: EngineChoice) throws { try postcopy(from: engine, to: engine) }
+
+    @Test func postcopyIgnoresADestinationsPreallocatedRAM() throws {
+        try postcopy(from: .software, to: .software, preallocatingDestination: true)
+    }
 
     @Test(.enabled(if: kvmUsable, Comment(rawValue: noKVM)))
     func postcopyKVMToSoftware() throws { try postcopy(from: .kvm, to: .software) }

@@ -19,4 +19,12 @@ import Testing
         #expect(throws: GuestMemoryError.self) { try m.discard(gpa: 100, length: 4096) }
         #expect(throws: GuestMemoryError.self) { try m.discard(gpa: 0, length: 2 << 20) }
     }
+
+    @Test func preallocationBacksEveryPageAndLeavesThemZero() throws {
+        let m = try GuestMemory(size: 8 << 20)
+        #expect(m.allocatedBytes == 0, "a fresh memfd holds no pages")
+        try m.preallocate()
+        #expect(m.allocatedBytes == 8 << 20)
+        try m.withBytes(at: 0, count: 8 << 20) { bytes in #expect(!bytes.contains { $0 != 0 }) }
+    }
 }

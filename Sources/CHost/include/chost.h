@@ -27,6 +27,8 @@ int host_memfd_create(const char *name);
 /* Frees [offset, offset+length) of a memfd and drops it from `mapping` (the memfd's
  * mapping at offset 0): the range reads as zeros afterwards and uses no host memory. */
 int host_discard_range(int memfd, void *mapping, uint64_t offset, uint64_t length);
+/* Allocates the backing pages of [offset, offset+length) of a mapping ahead of use; 0 or -errno. */
+int host_populate_range(void *mapping, uint64_t offset, uint64_t length);
 /* Bytes of host memory a file (memfd) has allocated, from st_blocks. */
 int64_t host_allocated_bytes(int fd);
 

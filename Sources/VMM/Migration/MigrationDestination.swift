@@ -21,6 +21,12 @@ public struct IncomingMigrationOptions: Sendable {
     /// How long a post-copy machine whose stream broke after the switch-over waits for its
     /// source to resume it (`migrate --resume`) at this address; 0: its guest stops at once.
     public var postcopyRecoverySeconds: Double = 300
+    /// RAM to allocate while waiting for the source (QEMU's `-mem-prealloc`): a pre-copy
+    /// source offering exactly this size then streams into pages that exist, instead of
+    /// paying the host's page allocation (a fault and a zeroed page each) on the way. The
+    /// first pre-copy attempt of that size uses it; post-copy starts from fresh RAM, since
+    /// its missing pages must be missing for userfaultfd. nil: none.
+    public var preallocateBytes: UInt64?
 
     public init(engine: any Engine, memoryLimit: UInt64? = nil, expectedGuest: String? = nil) {
         self.engine = engine; self.memoryLimit = memoryLimit; self.expectedGuest = expectedGuest
@@ -35,6 +41,50 @@ public struct IncomingMigrationReport: Sendable, Codable, Equatable {
     public var pagesReceived: UInt64
     public var bytesReceived: UInt64
     public var rounds: Int
+    /// Whether the pages arrived in RAM preallocated before the source connected.
+    public var intoPreallocatedMemory: Bool
+}
+
+/// RAM a destination allocates in the background while it waits for a source, handed to
+/// the first session: a pre-copy offer of the same size takes it; any other first session
+/// lets it go, so it never holds host memory for nothing.
+private final class PreparedMemory: Sendable {
+    private enum State { case allocating, ready(GuestMemory), failed(GuestMemoryError), released }
+    private let state = Mutex<State>(.allocating)
+    private let done = DispatchSemaphore(value: 0)
+
+    init(bytes: UInt64) {
+        HostThread(name: "migration-prealloc") { [self] in
+            let outcome: State
+            do throws(GuestMemoryError) {
+                let memory = try GuestMemory(size: bytes, name: "swiftvisor-incoming-ram")
+                try memory.preallocate()
+                outcome = .ready(memory)
+            } catch {
+                outcome = .failed(error)
+            }
+            state.withLock { if case .allocating = $0 { $0 = outcome } }
+            done.signal()
+        }.detach()
+    }
+
+    /// The RAM, once allocated, when it has `bytes`; nil otherwise. Either way it is released.
+    func take(bytes: UInt64) -> GuestMemory? {
+        done.wait()
+        return state.withLock { s in
+            defer { s = .released }
+            if case let .ready(memory) = s, memory.size == bytes { return memory }
+            return nil
+        }
+    }
+
+    /// Lets the RAM go without waiting for the allocation (a post-copy session).
+    func release() { state.withLock { $0 = .released } }
+
+    /// Why the allocation failed, if it did (the migration then allocates as it goes).
+    var failure: GuestMemoryError? {
+        state.withLock { if case let .failed(e) = $0 { return e }; return nil }
+    }
 }
 
 /// A destination: listens at an address and builds the machine a source sends. One
@@ -56,12 +106,14 @@ public final class IncomingMigration: @unchecked Sendable {
     private let resumeWanted = Atomic<Bool>(false)
     private let resumeConnection = Mutex<MigrationConnection?>(nil)
     private let resumeReady = DispatchSemaphore(value: 0)
+    private let preparedMemory: PreparedMemory?
 
     /// The address sources connect to (with the port chosen when 0 was asked for).
     public var address: MigrationAddress { socket.address }
 
     public init(listeningOn address: MigrationAddress, options: IncomingMigrationOptions) throws(MigrationError) {
         self.options = options
+        preparedMemory = options.preallocateBytes.map { PreparedMemory(bytes: $0) }
         socket = try MigrationListeningSocket(address: address)
         acceptThread = HostThread(name: "migration-accept") { [self] in acceptLoop() }
     }
@@ -192,8 +244,11 @@ public final class IncomingMigration: @unchecked Sendable {
             var pages: UInt64 = 0
             var rounds = 0
             let machine: Machine
+            let prepared: GuestMemory?
+            if offer.postcopy { preparedMemory?.release(); prepared = nil } else { prepared = preparedMemory?.take(bytes: offer.memorySize) }
             do {
-                machine = try Machine(configuration: config, engine: options.engine, serialOutput: serialOutput) { memory in
+                machine = try Machine(configuration: config, engine: options.engine, preparedMemory: prepared,
+                                      serialOutput: serialOutput) { memory in
                     var states: [VCPUState]?
                     var written = DirtyBitmap(pageCount: Int(memory.size) / MigrationFormat.pageSize)
                     while true {
@@ -210,7 +265,8 @@ public final class IncomingMigration: @unchecked Sendable {
                                     written[page] = true
                                 })
                             } else {
-                                pages += UInt64(try MigrationPageCodec.decode(frame.payload, into: memory, written: &written))
+                                pages += UInt64(try MigrationPageCodec.decode(frame.payload, into: memory, written: &written,
+                                                                                   preallocated: prepared != nil))
                             }
                         case .roundEnd:
                             rounds += 1
@@ -290,7 +346,8 @@ public final class IncomingMigration: @unchecked Sendable {
             if let postcopy { try postcopy.send(.confirm, []) } else { try channel.send(.confirm, []) }
             let report = IncomingMigrationReport(sourceEngine: offer.sourceEngine, engine: options.engine.name,
                                                  memorySize: offer.memorySize, pagesReceived: pages,
-                                                 bytesReceived: channel.bytesReceived, rounds: rounds)
+                                                 bytesReceived: channel.bytesReceived, rounds: rounds,
+                                                 intoPreallocatedMemory: prepared != nil)
             return (machine, report)
         } catch let error as MigrationError {
             switch error {

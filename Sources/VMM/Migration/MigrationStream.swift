@@ -439,15 +439,22 @@ enum MigrationPageCodec {
 
     /// Writes a page frame's pages into `memory`; returns the pages it held. `written`
     /// marks the pages that hold data: a zero page that never did is left alone (fresh RAM
-    /// reads as zeros, and touching it would allocate it). Runs of consecutive pages go into
-    /// the RAM's memfd with one pwritev each: the kernel allocates the pages without zeroing
-    /// them first, and no page fault is taken per page as a copy through the mapping would.
-    static func decode(_ payload: ArraySlice<UInt8>, into memory: GuestMemory, written: inout DirtyBitmap) throws(MigrationError) -> Int {
+    /// reads as zeros, and touching it would allocate it). Into fresh RAM, runs of
+    /// consecutive pages go into the RAM's memfd with one pwritev each: the kernel allocates
+    /// the pages without zeroing them first, and no page fault is taken per page as a copy
+    /// through the mapping would. Into preallocated RAM (`preallocated`), whose pages and
+    /// page-table entries exist, a plain copy through the mapping is cheaper still.
+    static func decode(_ payload: ArraySlice<UInt8>, into memory: GuestMemory, written: inout DirtyBitmap,
+                       preallocated: Bool = false) throws(MigrationError) -> Int {
         var pending = PageRunWriter(fd: memory.fileDescriptor)
         defer { pending.deallocate() }
         let count = try forEachPage(payload, pageCount: Int(memory.size) / MigrationFormat.pageSize) { (page, data) throws(MigrationError) in
             if let data {
-                try pending.add(page: page, data: data)
+                if preallocated {
+                    (memory.base + page * MigrationFormat.pageSize).copyMemory(from: data, byteCount: MigrationFormat.pageSize)
+                } else {
+                    try pending.add(page: page, data: data)
+                }
                 written[page] = true
             } else if written[page] {
                 try pending.flush()

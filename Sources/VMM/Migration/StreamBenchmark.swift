@@ -19,6 +19,9 @@ public enum StreamBenchmark {
         /// CPU time of this process (all threads, user + system) over the same span: what
         /// the work costs whatever else the host runs.
         public var cpuSeconds: Double
+        /// With a preallocated destination: how long allocating its RAM took beforehand
+        /// (the host's page allocation rate, which bounds a stream into fresh RAM).
+        public var destinationAllocationSeconds: Double?
     }
 
     static func processCPUSeconds() -> Double {
@@ -44,11 +47,20 @@ public enum StreamBenchmark {
     /// Sends all of a `bytes`-sized RAM as page frames over `address` (TCP on loopback, or a
     /// Unix socket) to a receiver thread that places them in a second RAM, and checks that
     /// both RAMs are equal afterwards. Timed from the first frame to the receiver's
-    /// acknowledgement of the last.
-    public static func migrationStream(bytes: UInt64, over address: MigrationAddress) throws -> Measurement {
+    /// acknowledgement of the last. `preallocatedDestination`: the second RAM is allocated
+    /// before the clock starts (`run --incoming --prealloc`), so the figure is the stream's
+    /// own rate; otherwise every arriving page also costs the host a page allocation.
+    public static func migrationStream(bytes: UInt64, over address: MigrationAddress,
+                                       preallocatedDestination: Bool) throws -> Measurement {
         let source = try GuestMemory(size: bytes, name: "bench-source")
         let destination = try GuestMemory(size: bytes, name: "bench-destination")
         fill(source)
+        var allocationSeconds: Double?
+        if preallocatedDestination {
+            let start = ContinuousClock.now
+            try destination.preallocate()
+            allocationSeconds = (ContinuousClock.now - start).seconds
+        }
         let listener = try MigrationListeningSocket(address: address)
         defer { listener.close() }
         let pageCount = Int(bytes) / MigrationFormat.pageSize
@@ -61,7 +73,8 @@ public enum StreamBenchmark {
                 while true {
                     let frame = try channel.receive(expecting: "pages")
                     if frame.kind == .complete { break }
-                    _ = try MigrationPageCodec.decode(frame.payload, into: destination, written: &written)
+                    _ = try MigrationPageCodec.decode(frame.payload, into: destination, written: &written,
+                                                                     preallocated: preallocatedDestination)
                 }
                 try channel.send(.confirm, [])
             } catch {
@@ -94,7 +107,8 @@ public enum StreamBenchmark {
         }
         let seconds = elapsed.seconds
         return Measurement(what: "migration stream over \(address.kindName)", bytes: bytes, seconds: seconds,
-                           bytesPerSecond: Double(bytes) / seconds, cpuSeconds: cpu)
+                           bytesPerSecond: Double(bytes) / seconds, cpuSeconds: cpu,
+                           destinationAllocationSeconds: allocationSeconds)
     }
 
     /// Writes a `bytes`-sized RAM as a snapshot file in `directory` (e.g. a tmpfs), fsync and
@@ -111,7 +125,8 @@ public enum StreamBenchmark {
             buffer.copyMemory(from: UnsafeRawBufferPointer(start: memory.base + pages.lowerBound * SnapshotFormat.pageSize, count: buffer.count))
         }
         return Measurement(what: "snapshot file in \(directory)", bytes: report.bytesWritten, seconds: report.seconds,
-                           bytesPerSecond: report.bytesPerSecond, cpuSeconds: processCPUSeconds() - cpuBefore)
+                           bytesPerSecond: report.bytesPerSecond, cpuSeconds: processCPUSeconds() - cpuBefore,
+                           destinationAllocationSeconds: nil)
     }
 }
 
@@ -143,7 +158,7 @@ extension StreamBenchmark {
         let report = try machine.snapshot(to: path, note: "benchmark")
         let measurement = Measurement(what: "machine snapshot in \(directory)", bytes: report.fileBytes, seconds: report.totalSeconds,
                                       bytesPerSecond: Double(report.fileBytes) / report.totalSeconds,
-                                      cpuSeconds: processCPUSeconds() - cpuBefore)
+                                      cpuSeconds: processCPUSeconds() - cpuBefore, destinationAllocationSeconds: nil)
         return (measurement, report.pauseSeconds)
     }
 }
