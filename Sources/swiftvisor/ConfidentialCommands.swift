@@ -44,9 +44,9 @@ struct Measure: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Compute a confidential VM's launch measurement offline.",
         discussion: """
-            The SHA-256 digest 'run --confidential' computes while it encrypts the initial image: the
-            VMM's pages below 1 MiB (boot info, command line, page tables with their C-bits), the
-            guest's segments and the boot vCPU's entry state. It matches a run with the same
+            The SHA-256 digest 'run --confidential' computes while it encrypts the initial image: the \
+            VMM's pages below 1 MiB (boot info, command line, page tables with their C-bits), the \
+            guest's segments and the boot vCPU's entry state. It matches a run with the same \
             --memory and --cmdline and no devices (devices are listed in the measured boot info).
             """)
 
@@ -87,8 +87,8 @@ struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check a confidential VM's attestation report.",
         discussion: """
-            Checks the report's P-384 signature and that it was signed by this host's attestation key
-            (or by --host-key), and, with --measurement, that the launch digest is the expected one
+            Checks the report's P-384 signature and that it was signed by this host's attestation key \
+            (or by --host-key), and, with --measurement, that the launch digest is the expected one \
             (see 'swiftvisor measure'). Exit status 0: the report verifies; 1: it does not.
             """)
 

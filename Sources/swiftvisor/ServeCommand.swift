@@ -6,10 +6,10 @@ struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Start an instance with no VM yet: configure and start one through the HTTP API.",
         discussion: """
-            The instance waits on its API socket; a client configures the VM (PUT /machine-config,
-            /boot-source, /drives/ID, /network-interfaces/ID, /balloon, or PUT /snapshot/load) and
-            starts it (PUT /actions {"action_type":"InstanceStart"}). The guest's console goes to
-            standard output. The process ends when the VM stops, with the guest's exit status
+            The instance waits on its API socket; a client configures the VM (PUT /machine-config, \
+            /boot-source, /drives/ID, /network-interfaces/ID, /balloon, or PUT /snapshot/load) and \
+            starts it (PUT /actions {"action_type":"InstanceStart"}). The guest's console goes to \
+            standard output. The process ends when the VM stops, with the guest's exit status \
             (0 after a Stop through the API). The API: docs/api/swiftvisor.yaml.
 
             Example:
