@@ -99,12 +99,14 @@ package struct BalloonLab: Sendable {
 
     /// Drives the phases from the guest's writes to port 0x81, on the vCPU thread: records
     /// host memory and the balloon's counters, then sets the next target.
-    // SAFETY: its recorded marks are behind `lock`; `balloon` is set before the machine runs.
+    // SAFETY: its recorded marks are behind `lock`; `balloon` is set before the machine runs;
+    // `progress` is used only by the one vCPU while the lab's thread waits in `run()`.
     final class Controller: PortIODevice, @unchecked Sendable {
         var name: String { "balloon-lab-controller" }
         struct Mark { var allocated: UInt64; var stats: VirtioBalloonStatistics; var nanoseconds: UInt64 }
         let memory: GuestMemory
         let schedule: @Sendable (UInt32) -> [UInt32]
+        let progress: LabProgress
         var balloon: VirtioBalloon?
         private let lock = HostLock()
         private var _targets: [UInt32] = []
@@ -112,8 +114,8 @@ package struct BalloonLab: Sendable {
         private var _ready: Mark?
         private var _marks: [Mark] = []
 
-        init(memory: GuestMemory, schedule: @escaping @Sendable (UInt32) -> [UInt32]) {
-            self.memory = memory; self.schedule = schedule
+        init(memory: GuestMemory, progress: LabProgress, schedule: @escaping @Sendable (UInt32) -> [UInt32]) {
+            self.memory = memory; self.progress = progress; self.schedule = schedule
         }
 
         var targets: [UInt32] { lock.withLock { _targets } }
@@ -125,17 +127,19 @@ package struct BalloonLab: Sendable {
         func portWrite(offset: UInt16, size: UInt8, value: UInt32) {
             guard let balloon else { return }
             let mark = Mark(allocated: memory.allocatedBytes, stats: balloon.statistics, nanoseconds: monotonicNanoseconds())
-            let next: UInt32 = lock.withLock {
+            let (phase, phases, next): (Int, Int, UInt32) = lock.withLock {
                 if value & 0x8000_0000 != 0 {
                     _poolPages = value & 0x7FFF_FFFF
                     _targets = schedule(value & 0x7FFF_FFFF)
                     _ready = mark
-                    return _targets.first ?? VirtioBalloon.quitTarget
+                    return (0, _targets.count, _targets.first ?? VirtioBalloon.quitTarget)
                 }
                 _marks.append(mark)
                 let phase = Int(value) + 1
-                return phase < _targets.count ? _targets[phase] : VirtioBalloon.quitTarget
+                return (phase, _targets.count, phase < _targets.count ? _targets[phase] : VirtioBalloon.quitTarget)
             }
+            if phase == 0 { progress.begin(steps: phases) }
+            if phase < phases { progress.step("phase \(phase): " + (next == 0 ? "no balloon" : "balloon of \(next) pages")) }
             balloon.setTarget(pages: next)
         }
     }
@@ -162,7 +166,8 @@ package struct BalloonLab: Sendable {
         return (want + (2 << 20) - 1) / (2 << 20) * (2 << 20)
     }
 
-    package func run() throws -> Result {
+    /// One step per phase (balloon target) reported to `progress`, from the guest's marks.
+    package func run(progress: LabProgress = .silent) throws -> Result {
         guard (2...16384).contains(datasetPages) else { throw LabError.badParameters("dataset pages must be 2–16384") }
         guard zipfExponent > 0, zipfExponent <= 4 else { throw LabError.badParameters("the Zipf exponent must be in (0, 4]") }
         guard accesses > 0 else { throw LabError.badParameters("accesses must be positive") }
@@ -197,10 +202,11 @@ package struct BalloonLab: Sendable {
                             engine: try EngineSelection.make(engine), serialOutput: out.append)
         try m.addVirtioBlock(path: path)
         let lab = self
-        let controller = Controller(memory: m.memory, schedule: { lab.targets(poolPages: $0) })
+        let controller = Controller(memory: m.memory, progress: progress, schedule: { lab.targets(poolPages: $0) })
         controller.balloon = try m.addVirtioBalloon(target: 0)
         try m.attach(controller, firstPort: MarkerPort.port, count: 1)
         let r = try m.run()
+        progress.finish()
         let text = out.text
         guard r.stopReason == .exitPort(status: 0) else { throw LabError.guestFailed(what: "zipf-cache guest", reason: r.stopReason.summary, output: text) }
         guard let poolPages = controller.poolPages, let ready = controller.ready else {

@@ -73,28 +73,42 @@ package struct ConfidentialVMLab: Sendable {
         package var computeSlowdownSNP: Double
     }
 
-    static let pattern = Array("CONFIDENTIAL".utf8)
     static let modes: [ConfidentialMode?] = [nil, .sev, .snp]
     static func name(_ m: ConfidentialMode?) -> String { m?.rawValue ?? "none" }
 
-    package func run(progress: (String) -> Void = { _ in }) throws -> Result {
-        progress("host view")
+    /// One step per guest run reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
+        let protections = [("write-protect data", PagePermissions([.read, .execute])), ("unmap image", PagePermissions())]
+        progress.begin(steps: Self.modes.count * (1 + protections.count + 2) + attacks.count * 2)
         var hostView: [HostViewRow] = []
-        for mode in Self.modes { hostView.append(try hostViewRow(mode)) }
-        progress("permissions")
+        for mode in Self.modes {
+            progress.step("host view, \(Self.name(mode))")
+            hostView.append(try hostViewRow(mode))
+        }
         var permissions: [PermissionRow] = []
         for mode in Self.modes {
-            for (name, allowed) in [("write-protect data", PagePermissions([.read, .execute])), ("unmap image", PagePermissions())] {
+            for (name, allowed) in protections {
+                progress.step("permissions, \(Self.name(mode)), \(name)")
                 permissions.append(try permissionRow(mode, name, allowed))
             }
         }
-        progress("attacks")
         var attackRows: [AttackRow] = []
-        for attack in attacks { for mode in [ConfidentialMode.sev, .snp] { attackRows.append(try attackRow(attack, mode)) } }
-        progress("cost")
+        for attack in attacks {
+            for mode in [ConfidentialMode.sev, .snp] {
+                progress.step("attack \(attack), \(mode.rawValue)")
+                attackRows.append(try attackRow(attack, mode))
+            }
+        }
         var cost: [CostRow] = []
-        for mode in Self.modes { cost.append(try costRow("compute", "scale=\(computeScale)", mode, workingSet: 1024)) }
-        for mode in Self.modes { cost.append(try costRow("working-set", "pages=\(walkPages) passes=8", mode, workingSet: workingSetPages)) }
+        for mode in Self.modes {
+            progress.step("cost, compute, \(Self.name(mode))")
+            cost.append(try costRow("compute", "scale=\(computeScale)", mode, workingSet: 1024))
+        }
+        for mode in Self.modes {
+            progress.step("cost, working set, \(Self.name(mode))")
+            cost.append(try costRow("working-set", "pages=\(walkPages) passes=8", mode, workingSet: workingSetPages))
+        }
+        progress.finish()
         let plain = cost[0].seconds, snp = cost[2].seconds
         return Result(hostView: hostView, permissions: permissions, attacks: attackRows, cost: cost,
                       computeSlowdownSNP: plain > 0 ? snp / plain : 0)
@@ -102,36 +116,26 @@ package struct ConfidentialVMLab: Sendable {
 
     // MARK: Runs
 
-    func victim(_ mode: ConfidentialMode?, attack: ConfidentialAttack? = nil,
-                prepare: (Machine) throws -> Void = { _ in }) throws -> (Machine, ConfidentialAttackPort, RunResult, String) {
-        let out = GuestOutput()
-        var config = MachineConfiguration(memorySize: 64 << 20, timeoutSeconds: 120, guestName: "confidential")
-        config.confidential = mode
-        let m = try Machine(image: try GuestProgram.load("confidential"), configuration: config,
-                            engine: try EngineSelection.make(.software), serialOutput: out.append)
-        let port = try ConfidentialAttackPort(machine: m, attack: attack)
-        try prepare(m)
-        let r = try m.run()
-        return (m, port, r, out.text)
-    }
-
     func hostViewRow(_ mode: ConfidentialMode?) throws -> HostViewRow {
-        let (m, port, r, out) = try victim(mode)
-        guard r.stopReason == .exitPort(status: 0) else {
-            throw LabError.guestFailed(what: "confidential (\(Self.name(mode)))", reason: r.stopReason.summary, output: out)
+        let victim = try ConfidentialVictimRun.run(mode)
+        let m = victim.machine
+        guard victim.result.stopReason == .exitPort(status: 0) else {
+            throw LabError.guestFailed(what: "confidential (\(Self.name(mode)))", reason: victim.result.stopReason.summary, output: victim.output)
         }
         let shared = ConfidentialLaunch.sharedRegion(ramSize: m.memory.size)
         let ram = try m.memory.read(at: 0, count: Int(m.memory.size))
         let sharedPage = Array(ram[Int(shared.lowerBound)..<Int(shared.lowerBound) + 4096])
-        return HostViewRow(mode: Self.name(mode), privateEntropy: Self.entropy(port.hostViewAtAttack),
-                           patternFoundInPrivatePages: Self.contains(port.hostViewAtAttack, Self.pattern),
-                           sharedEntropy: Self.entropy(sharedPage), patternFoundInSharedPage: Self.contains(sharedPage, Self.pattern),
-                           patternFoundElsewhere: Self.contains(Array(ram[0..<Int(shared.lowerBound)]), Self.pattern))
+        let hostView = victim.port.hostViewAtAttack
+        return HostViewRow(mode: Self.name(mode), privateEntropy: ConfidentialVictimRun.entropy(hostView),
+                           patternFoundInPrivatePages: ConfidentialVictimRun.containsPattern(hostView),
+                           sharedEntropy: ConfidentialVictimRun.entropy(sharedPage),
+                           patternFoundInSharedPage: ConfidentialVictimRun.containsPattern(sharedPage),
+                           patternFoundElsewhere: ConfidentialVictimRun.containsPattern(Array(ram[0..<Int(shared.lowerBound)])))
     }
 
     func permissionRow(_ mode: ConfidentialMode?, _ name: String, _ allowed: PagePermissions) throws -> PermissionRow {
         let faults = Mutex(0)
-        let (_, port, r, out) = try victim(mode) { m in
+        let victim = try ConfidentialVictimRun.run(mode) { m in
             let sl = try m.vm.require(SecondLevelTranslation.self, .secondLevelTranslation, neededBy: "lab confidential-vm")
             for s in m.image?.segments ?? [] where s.flags & 2 != 0 || allowed.isEmpty {
                 sl.setPermissions(allowed, pages: Int(s.physicalAddress >> 12)..<Int((s.physicalAddress + s.memorySize + 0xFFF) >> 12))
@@ -143,14 +147,16 @@ package struct ConfidentialVMLab: Sendable {
             }
         }
         return PermissionRow(mode: Self.name(mode), protection: name, faults: faults.withLock { $0 },
-                             guestResult: Self.guestResult(r, out), patternSeenByVMM: Self.contains(port.hostViewAtAttack, Self.pattern))
+                             guestResult: Self.guestResult(victim.result, victim.output),
+                             patternSeenByVMM: ConfidentialVictimRun.containsPattern(victim.port.hostViewAtAttack))
     }
 
     func attackRow(_ attack: ConfidentialAttack, _ mode: ConfidentialMode) throws -> AttackRow {
-        let (_, port, r, out) = try victim(mode, attack: attack)
-        let result = Self.guestResult(r, out)
-        let refused = port.outcome?.hostWriteRefused != nil
-        return AttackRow(attack: attack, mode: mode.rawValue, hostAction: port.outcome?.action ?? "-", hostWriteRefused: refused,
+        let victim = try ConfidentialVictimRun.run(mode, attack: attack)
+        let result = Self.guestResult(victim.result, victim.output)
+        let outcome = victim.port.outcome
+        let refused = outcome?.hostWriteRefused != nil
+        return AttackRow(attack: attack, mode: mode.rawValue, hostAction: outcome?.action ?? "-", hostWriteRefused: refused,
                          guestResult: result, detected: refused || result.hasPrefix("#VC"))
     }
 
@@ -180,28 +186,6 @@ package struct ConfidentialVMLab: Sendable {
         if out.contains("DATA CHANGED") { return "computed on altered data" }
         if r.stopReason == .exitPort(status: 0) && out.contains("data intact") { return "data intact" }
         return r.stopReason.summary
-    }
-
-    static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
-        guard let first = needle.first, haystack.count >= needle.count else { return false }
-        var i = 0
-        while i <= haystack.count - needle.count {
-            if haystack[i] == first && haystack[i..<(i + needle.count)].elementsEqual(needle) { return true }
-            i += 1
-        }
-        return false
-    }
-
-    /// Shannon entropy, bits per byte.
-    static func entropy(_ bytes: [UInt8]) -> Double {
-        guard !bytes.isEmpty else { return 0 }
-        var counts = [Int](repeating: 0, count: 256)
-        for b in bytes { counts[Int(b)] += 1 }
-        return counts.reduce(0.0) { e, c in
-            guard c > 0 else { return e }
-            let p = Double(c) / Double(bytes.count)
-            return e - p * log2(p)
-        }
     }
 
     // MARK: Report

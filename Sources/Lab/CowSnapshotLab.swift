@@ -49,9 +49,15 @@ package struct CowSnapshotLab: Sendable {
         package var rows: [Row]
     }
 
-    package func run() throws -> Result {
+    /// One step per write size reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
         var rows: [Row] = []
-        for fill in [false, true] { rows.append(try measure(fill: fill)) }
+        progress.begin(steps: 2)
+        for fill in [false, true] {
+            progress.step(fill ? "large writes" : "small writes")
+            rows.append(try measure(fill: fill))
+        }
+        progress.finish()
         return Result(engine: engine.rawValue, memoryBytes: memory, pagesTouchedPerStep: touch, rows: rows)
     }
 

@@ -46,17 +46,17 @@ package struct DedupLab: Sendable {
         package var rows: [Row]
     }
 
-    /// `progress(done, total, next)` before each of the runs (and once at the end, next nil).
-    package func run(progress: (Int, Int, String?) -> Void = { _, _, _ in }) throws -> Result {
+    /// One step per run (write probability × strategy) reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
         var rows: [Row] = []
-        let total = writeProbabilities.count * 2
+        progress.begin(steps: writeProbabilities.count * 2)
         for p in writeProbabilities {
             for usePolicy in [false, true] {
-                progress(rows.count, total, "p=\(p), \(usePolicy ? "policy" : "merge all")")
+                progress.step("p=\(p), \(usePolicy ? "policy" : "merge all")")
                 rows.append(try runOnce(p: p, usePolicy: usePolicy))
             }
         }
-        progress(total, total, nil)
+        progress.finish()
         // Where the measured benefit of merging everything crosses zero.
         let all = rows.filter { $0.strategy == "merge all" }
         var measured: Double?

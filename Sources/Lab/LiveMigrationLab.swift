@@ -64,16 +64,18 @@ package struct LiveMigrationLab: Sendable {
         package var rows: [Row]
     }
 
-    package func run(progress: (String) -> Void = { _ in }) throws -> Result {
+    /// Two steps per spin (pre-copy, post-copy) reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
         guard areaPages >= 16, areaPages <= 4096 else { throw LabError.badParameters("the area is 16–4096 pages") }
         let link: VethLink? = try linkMegabits.map { try VethLink(megabitsPerSecond: $0) }
         defer { link?.remove() }
         var rows: [Row] = []
         var measuredBandwidth = 0.0
+        progress.begin(steps: spins.count * 2)
         for spin in spins {
-            progress("spin \(spin.map(String.init) ?? "idle"): pre-copy")
+            progress.step("spin \(spin.map(String.init) ?? "idle"): pre-copy")
             let (pre, rate, saturated) = try migrateOnce(spin: spin, postcopy: false, link: link)
-            progress("spin \(spin.map(String.init) ?? "idle"): post-copy")
+            progress.step("spin \(spin.map(String.init) ?? "idle"): post-copy")
             let (post, _, _) = try migrateOnce(spin: spin, postcopy: true, link: link)
             measuredBandwidth = max(measuredBandwidth, pre.bandwidth)
             let bandwidth = link.map { Double($0.megabitsPerSecond) * 125_000 } ?? max(measuredBandwidth, 1)
@@ -84,6 +86,7 @@ package struct LiveMigrationLab: Sendable {
                             modelPrecopyRounds: model.rounds, modelPrecopyDowntimeMilliseconds: model.downtime * 1000,
                             modelConverges: rate * 4096 < bandwidth))
         }
+        progress.finish()
         let network = link.map { "veth between network namespaces, tbf \($0.megabitsPerSecond) Mbit/s" } ?? "loopback TCP (unshaped)"
         return Result(engine: engine.rawValue, network: network,
                       linkBytesPerSecond: link.map { Double($0.megabitsPerSecond) * 125_000 } ?? measuredBandwidth,

@@ -99,7 +99,8 @@ package struct MixedCriticalityLab: Sendable {
 
     package static let histogramEdges = [25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, Int.max]
 
-    package func run() throws -> Result {
+    /// One step per configuration reported to `progress` (between runs, never during one).
+    package func run(progress: LabProgress = .silent) throws -> Result {
         guard engine == .kvm else {
             throw LabError.badParameters("mixed-criticality needs the kvm engine: the critical task measures time with the TSC, which the software engine counts in instructions")
         }
@@ -123,10 +124,13 @@ package struct MixedCriticalityLab: Sendable {
             throw LabError.badParameters("\(jobs) jobs × \(periodMicroseconds) µs = \(seconds.fixed(2)) s is too long for the host's real-time budget (\(runtime.fixed(2)) s per \(rt.period.fixed(2)) s, /proc/sys/kernel/sched_rt_runtime_us): use fewer jobs or a shorter period")
         }
         var rows: [Row] = []
+        progress.begin(steps: configurations.count)
         for (i, c) in configurations.enumerated() {
+            progress.step(c.name)
             if i > 0, configurations[i - 1].pinned, configurations[i - 1].load { usleep(UInt32(rt.period * 1e6)) }
             rows.append(try run(c))
         }
+        progress.finish()
         return Result(engine: engine.rawValue, hostCPUs: Partitioning.availableCPUs(), periodMicroseconds: periodMicroseconds, jobs: jobs,
                       holdMicroseconds: holdMicroseconds, loadBurstMicroseconds: burstMicroseconds,
                       loadPeriodMicroseconds: loadPeriodMicroseconds,

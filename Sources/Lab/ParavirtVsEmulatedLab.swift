@@ -48,10 +48,20 @@ package struct ParavirtVsEmulatedLab: Sendable {
         package var forms: [Form]
     }
 
-    package func run() throws -> Result {
+    /// One step per run (the calibration, then each device form) reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
+        progress.begin(steps: engine == .kvm ? 4 : 3)
+        progress.step("exit-cost calibration")
         let exitNs = try calibrateExitCost()
-        var forms = [try runForm(emulated: true, exitNs: exitNs), try runForm(emulated: false, exitNs: exitNs)]
-        if engine == .kvm { forms.append(try runForm(emulated: false, ioeventfd: true, exitNs: exitNs)) }
+        progress.step("emulated NIC")
+        var forms = [try runForm(emulated: true, exitNs: exitNs)]
+        progress.step("virtio-net")
+        forms.append(try runForm(emulated: false, exitNs: exitNs))
+        if engine == .kvm {
+            progress.step("virtio-net with ioeventfd")
+            forms.append(try runForm(emulated: false, ioeventfd: true, exitNs: exitNs))
+        }
+        progress.finish()
         return Result(engine: engine.rawValue, frameBytes: size, batch: batch, exitNanoseconds: exitNs,
                       hostInstructionsPerPacket: "not measurable here: the host exposes no hardware performance counters (perf_event_open fails); host ns/packet is shown instead",
                       forms: forms)

@@ -45,9 +45,14 @@ package struct PioVsMmioLab: Sendable {
         package var forms: [Form]
     }
 
-    package func run() throws -> Result {
+    /// One step per form reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
+        progress.begin(steps: 2)
+        progress.step("port I/O")
         let port = try runForm(page: false)
+        progress.step("shared page")
         let page = try runForm(page: true)
+        progress.finish()
         let tick = engine == .kvm ? "host timer every \(tickSeconds * 1000) ms" : "preemption timer every \(tickInstructions) instructions"
         return Result(engine: engine.rawValue, tick: tick, forms: [port, page])
     }

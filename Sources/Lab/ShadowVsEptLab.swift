@@ -89,12 +89,14 @@ package struct ShadowVsEptLab: Sendable {
         package var rows: [Row]
     }
 
-    package func run(progress: (String) -> Void = { _ in }) throws -> Result {
+    /// One step per workload and configuration reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
         var rows: [Row] = []
+        progress.begin(steps: workloads.count * configurations.count)
         for w in workloads {
             var reference: String?
             for c in configurations {
-                progress("\(w.guest) (\(w.what)), \(c.name)")
+                progress.step("\(w.guest) (\(w.what)), \(c.name)")
                 let row = try measure(w, c)
                 // Every configuration must compute the same thing.
                 if let r = reference, r != row.guestOutput {
@@ -104,6 +106,7 @@ package struct ShadowVsEptLab: Sendable {
                 rows.append(row)
             }
         }
+        progress.finish()
         return Result(engine: "software", rows: rows)
     }
 

@@ -130,7 +130,8 @@ package struct SmepSmapAliasLab: Sendable {
     package var useKVM = true
     package init() {}
 
-    package func run(progress: (String) -> Void = { _ in }) throws -> Result {
+    /// One step per engine's matrix run and per MBEC probe reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
         var engines: [(name: String, engine: EngineChoice, paging: PagingMode, cmdline: String)] = [
             ("software/nested", .software, .nested, ""), ("software/shadow", .software, .shadow, ""),
         ]
@@ -143,8 +144,9 @@ package struct SmepSmapAliasLab: Sendable {
         }
         var observed: [String: [String: Outcome]] = [:]   // cell key → engine → outcome
         var alias: [String: String] = [:]
+        progress.begin(steps: engines.count + Self.secondLevelSettings.count * Self.mbecProbes.count)
         for e in engines {
-            progress("\(e.name): the permission matrix")
+            progress.step("\(e.name): the permission matrix")
             let out = try runGuest(e.engine, paging: e.paging, commandLine: e.cmdline, setting: nil).output
             let features = Self.features(out)
             if !features.smep { notes.append("\(e.name): the CPU does not expose SMEP; SMEP cells not run") }
@@ -175,7 +177,7 @@ package struct SmepSmapAliasLab: Sendable {
         for s in Self.secondLevelSettings {
             for name in Self.mbecProbes {
                 let p = Self.probes.first { $0.name == name }!
-                progress("software/nested: \(s.name), \(name)")
+                progress.step("software/nested: \(s.name), \(name)")
                 let index = Self.probes.firstIndex { $0.name == name }! + 1
                 let r = try runGuest(.software, paging: .nested, commandLine: "probe=\(index) once=1", setting: s)
                 let outcome: Outcome
@@ -189,6 +191,7 @@ package struct SmepSmapAliasLab: Sendable {
                                   engines: ["software/nested"]))
             }
         }
+        progress.finish()
         return Result(engines: engines.map(\.name), notes: notes, cells: cells, aliasRewrite: alias,
                       unexpectedCells: cells.filter { !$0.unexpected.isEmpty }.count)
     }

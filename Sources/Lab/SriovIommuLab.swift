@@ -98,23 +98,35 @@ package struct SriovIommuLab: Sendable {
         package var isolation: [IsolationCase]
     }
 
-    package func run() throws -> Result {
+    /// One step per throughput point, exchange and isolation case reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
         guard transferBytes > 0, poolBytes >= transferBytes, transfers > 0, !pageSizes.isEmpty, !iotlbSizes.isEmpty,
               iotlbSizes.allSatisfy({ $0 > 0 }) else {
             throw LabError.badParameters("need transfer > 0, pool ≥ transfer, transfers > 0, IOTLB sizes > 0")
         }
+        progress.begin(steps: pageSizes.count * iotlbSizes.count + (roundTrips > 0 ? pageSizes.count : 0) + 4)
         var points: [ThroughputPoint] = []
         for page in pageSizes {
-            for entries in iotlbSizes { points.append(try throughput(page: page, iotlbEntries: entries)) }
+            for entries in iotlbSizes {
+                progress.step("throughput, \(page) pages, \(entries)-entry IOTLB")
+                points.append(try throughput(page: page, iotlbEntries: entries))
+            }
         }
         var exchange: [ExchangePoint] = []
         if roundTrips > 0 {
-            for page in pageSizes { exchange.append(try self.exchange(page: page, iotlbEntries: iotlbSizes[0])) }
+            for page in pageSizes {
+                progress.step("exchange, \(page) pages")
+                exchange.append(try self.exchange(page: page, iotlbEntries: iotlbSizes[0]))
+            }
         }
         var isolation: [IsolationCase] = []
         for iommu in [true, false] {
-            for victim in ["other VM", "VMM"] { isolation.append(try attack(iommu: iommu, victim: victim)) }
+            for victim in ["other VM", "VMM"] {
+                progress.step("DMA attack on the \(victim), \(iommu ? "with" : "without") the IOMMU")
+                isolation.append(try attack(iommu: iommu, victim: victim))
+            }
         }
+        progress.finish()
         return Result(engine: engine.rawValue, linkGbps: linkBytesPerSecond * 8 / 1e9, budget: budget,
                       transferBytes: transferBytes, poolBytes: poolBytes, replacement: replacement.rawValue,
                       throughput: points, exchange: exchange, isolation: isolation)

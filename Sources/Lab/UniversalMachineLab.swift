@@ -83,17 +83,19 @@ package struct UniversalMachineLab: Sendable {
                            seconds: Double(r.wallNanoseconds) / 1e9, instructions: m.executionCounts?.instructions)
     }
 
-    package func run(progress: (String) -> Void = { _ in }) throws -> Result {
+    /// One step per guest and engine reported to `progress`.
+    package func run(progress: LabProgress = .silent) throws -> Result {
         var engines: [(String, any Engine)] = [("software (interpreted)", try EngineSelection.make(.software, translation: false))]
         if EngineSelection.softwareEngineTranslates {
             engines.append(("software (translated)", try EngineSelection.make(.software, translation: true)))
         }
         if useKVM, let kvm = try? EngineSelection.make(.kvm) { engines.append(("kvm", kvm)) }
         var rows: [Row] = []
+        progress.begin(steps: workloads.count * engines.count)
         for w in workloads {
             var reference: Observation?
             for (name, engine) in engines {
-                progress("\(w.guest) \(w.commandLine) on \(name)")
+                progress.step("\(w.guest) \(w.commandLine) on \(name)")
                 let o = try observe(w, on: engine)
                 let ref = reference ?? o
                 if reference == nil { reference = o }
@@ -105,6 +107,7 @@ package struct UniversalMachineLab: Sendable {
                                 ramWordsDiffering: words, ramWordsDifferingOnlyInIOPL: iopl))
             }
         }
+        progress.finish()
         func seconds(_ engine: String) -> Double? { rows.first { $0.guest.hasPrefix("compute") && $0.engine == engine }?.seconds }
         let interpreted = seconds("software (interpreted)"), translated = seconds("software (translated)"), kvm = seconds("kvm")
         return Result(rows: rows,

@@ -100,6 +100,10 @@ public final class VMController: Sendable {
             case let .running(since):
                 info.state = m?.isPaused == true ? "Paused" : "Running"
                 info.uptimeSeconds = Double(monotonicNanoseconds() - since) / 1e9
+                if let ended = m?.endReason {  // the guest ended; the run is winding down
+                    info.state = "Stopped"
+                    info.stopReason = ended.summary
+                }
             case let .stopped(reason):
                 info.state = "Stopped"
                 info.stopReason = reason
@@ -108,11 +112,15 @@ public final class VMController: Sendable {
         }
     }
 
-    /// The machine while it runs, or 409.
-    func runningMachine(for what: String) throws(APIError) -> Machine {
+    /// The machine while it runs, or 409: also once its guest has ended (exited, halted,
+    /// stopped, migrated away) while the run is still winding down, unless `evenIfEnded`.
+    func runningMachine(for what: String, evenIfEnded: Bool = false) throws(APIError) -> Machine {
         try state.withLock { s throws(APIError) in
             guard case .running = s.phase, let m = s.machine else {
                 throw .conflict("\(what) needs a running VM (the instance is \(Self.name(s.phase)))")
+            }
+            if !evenIfEnded, let ended = m.endReason {
+                throw .conflict("\(what) needs a running VM (the VM has already ended: \(ended.summary))")
             }
             return m
         }
@@ -333,7 +341,10 @@ public final class VMController: Sendable {
         guard !r.snapshotPath.isEmpty else { throw .badRequest("snapshot_path is empty") }
         let m = try runningMachine(for: "PUT /snapshot/create")
         let report: SnapshotReport
-        do { report = try m.snapshot(to: r.snapshotPath, note: r.note ?? "") } catch { throw .badRequest("\(error)") }
+        do { report = try m.snapshot(to: r.snapshotPath, note: r.note ?? "") } catch let error as MachineSnapshotError {
+            if case .ended = error { throw .conflict("PUT /snapshot/create: \(error)") }  // ended during the request
+            throw .badRequest("\(error)")
+        } catch { throw .badRequest("\(error)") }
         state.withLock { s in
             s.counters.snapshots += 1
             s.counters.snapshotPauseSeconds += report.pauseSeconds
@@ -348,7 +359,9 @@ public final class VMController: Sendable {
     func migrate(_ r: MigrateRequest, emit: @escaping (MigrationControlLine) -> Void) {
         do {
             let (address, options) = try r.parsed()
-            let m = try runningMachine(for: "PUT /migrate")
+            // A post-copy migration that broke after the switch-over is resumed on a machine
+            // that ended as migrated; Machine.migrate refuses what cannot be migrated.
+            let m = try runningMachine(for: "PUT /migrate", evenIfEnded: true)
             logger.notice("migration started", metadata: ["destination": "\(r.destination)"])
             var lastRound = -1
             let report = try m.migrate(to: address, options: options) { p in

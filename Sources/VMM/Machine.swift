@@ -318,6 +318,10 @@ public final class Machine: @unchecked Sendable {
 
     public func stop() { requestStop(.stopped) }
 
+    /// Why the machine ended (or is ending): the guest exited or halted, the host stopped it,
+    /// it moved away. nil while it can still run; a machine that ended cannot run again.
+    public var endReason: StopReason? { stopState.withLock { $0 } }
+
     /// Stops every vCPU at its next exit and returns once all are parked (or finished):
     /// their state can then be read and memory changed consistently. Any thread but a
     /// vCPU's; pair with `resume()`.

@@ -24,7 +24,8 @@ public struct SnapshotReport: Sendable, Codable {
 public enum MachineSnapshotError: Error, CustomStringConvertible {
     case devicesNotSupported([String])
     case badDeviceState(String)
-    case notRunning
+    /// The machine has ended: there is no running guest left to snapshot.
+    case ended(StopReason)
     case engineMismatch(snapshot: String, requested: String)
 
     public var description: String {
@@ -33,8 +34,8 @@ public enum MachineSnapshotError: Error, CustomStringConvertible {
             return "this machine has devices a snapshot cannot carry yet: \(names.joined(separator: ", ")) (virtio block, net, console and balloon are supported)"
         case let .badDeviceState(message):
             return "the snapshot's device state cannot be restored: \(message)"
-        case .notRunning:
-            return "the machine is not running: only a running machine can be snapshotted with copy-on-write"
+        case let .ended(reason):
+            return "the VM has already ended (\(reason.summary)): only a running VM can be snapshotted"
         case let .engineMismatch(snapshot, requested):
             return "the snapshot was taken on the \(snapshot) engine and restores only there (asked for \(requested)): the hypercall ABI in its RAM differs"
         }
@@ -50,6 +51,7 @@ extension Machine {
     /// `whilePaused` runs at the snapshot point, with every vCPU stopped.
     public func snapshot(to path: String, note: String = "", progress: ((Int) -> Void)? = nil,
                          whilePaused: (() -> Void)? = nil) throws -> SnapshotReport {
+        if let reason = endReason { throw MachineSnapshotError.ended(reason) }
         try checkDevicesSavable()
         let t0 = monotonicNanoseconds()
         pause()
@@ -64,6 +66,8 @@ extension Machine {
                 resume()
             }
         }
+        // The guest may have ended while the vCPUs were being stopped.
+        if let reason = endReason { throw MachineSnapshotError.ended(reason) }
         let states = try allVCPUs.map { try $0.getState() }
         let session = CopyOnWriteSession(memory: memory)
         let protection: any WriteProtection

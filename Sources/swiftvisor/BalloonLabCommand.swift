@@ -65,7 +65,7 @@ struct BalloonLabCommand: ParsableCommand {
         lab.deflateAtEnd = !noDeflate
         lab.seed = seed
         printError("lab balloon: \(lab.engine.rawValue) engine, \(pages) pages, Zipf s=\(zipf), \(accesses) accesses per phase…")
-        let result = try lab.run()
+        let result = try lab.run(progress: .onTerminal("lab balloon", report: options.report))
         try options.emit(result, name: "balloon-\(lab.engine.rawValue)", table: BalloonLab.table(result), chart: BalloonLab.chart(result))
     }
 }

@@ -78,7 +78,7 @@ struct BenchMigration: ParsableCommand {
                 lab.linkMegabits = nil
                 lab.spins = [nil, 0]
                 lab.maxDowntimeMilliseconds = 10
-                let result = try lab.run { printError("bench: \(chosen.rawValue) guest, \($0)") }
+                let result = try lab.run(progress: LabProgress("bench: \(chosen.rawValue) guest") { line in line.map { printError($0) } })
                 let idle = result.rows[0].precopy
                 rows.append(Row(measurement: "idle 256 MiB pre-copy: downtime (\(result.engine))", value: idle.downtimeMilliseconds,
                                 unit: "ms", target: "≤ 10 ms", met: idle.downtimeMilliseconds <= 10,

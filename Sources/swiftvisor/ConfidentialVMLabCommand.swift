@@ -31,7 +31,7 @@ struct ConfidentialVMLabCommand: ParsableCommand {
         var lab = ConfidentialVMLab()
         lab.computeScale = scale
         if !attack.isEmpty { lab.attacks = attack }
-        let result = try lab.run { printError("lab confidential-vm: \($0)…") }
+        let result = try lab.run(progress: .onTerminal("lab confidential-vm", report: report))
         try report.emit(result, name: "confidential-vm", table: ConfidentialVMLab.table(result), chart: ConfidentialVMLab.chart(result))
     }
 }

@@ -47,15 +47,9 @@ struct Ctl: ParsableCommand {
         case "stop": try simple("PUT", "/actions", ActionRequest(actionType: "Stop"), done: "stopped")
         case "metrics":
             print(try CtlRequests.call(apiSock, "GET", "/metrics").text, terminator: "")
-        case "snapshot":
-            let command = try SnapshotCommand.Create.parse(["--socket", apiSock] + arguments)
-            try command.run()
-        case "balloon":
-            let command = try BalloonCommand.parse(["--socket", apiSock] + arguments)
-            try command.run()
-        case "migrate":
-            let command = try MigrateCommand.parse(["--socket", apiSock] + arguments)
-            try command.run()
+        case "snapshot": try delegate(to: SnapshotCommand.Create.self)
+        case "balloon": try delegate(to: BalloonCommand.self)
+        case "migrate": try delegate(to: MigrateCommand.self)
         default:
             throw ValidationError("unknown action '\(action)' (status, start, pause, resume, stop, snapshot, balloon, metrics, migrate)")
         }
@@ -65,24 +59,34 @@ struct Ctl: ParsableCommand {
         _ = try CtlRequests.call(apiSock, method, path, json: body)
         print(done)
     }
+
+    /// Runs the command that has the action's own options (`swiftvisor snapshot create` …) on this socket.
+    private func delegate<Command: ParsableCommand>(to: Command.Type) throws {
+        var command = try Command.parse(["--socket", apiSock] + arguments)
+        try command.run()
+    }
 }
 
 /// The requests the CLI's commands send; a transport failure or an error answer prints one
 /// line and exits 125.
 enum CtlRequests {
     static func call(_ socket: String, _ method: String, _ path: String, json body: (some Encodable)? = Optional<String>.none) throws -> APIClientResponse {
+        try answer { try APIClient(socketPath: socket).send(method, path, json: body) }
+    }
+
+    /// The answer `exchange` got, when it is a success; a transport failure or an error
+    /// answer is one line and exit 125. Every request of the CLI goes through here.
+    private static func answer(_ exchange: () throws -> APIClientResponse) throws -> APIClientResponse {
         let response: APIClientResponse
-        do {
-            response = try APIClient(socketPath: socket).send(method, path, json: body)
-        } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
-        }
-        guard response.status < 300 else {
-            printError("swiftvisor: error: \(response.faultMessage) (HTTP \(response.status))")
-            throw ExitCode(ToolStatus.failure)
-        }
+        do { response = try exchange() } catch { throw fail("\(error)") }
+        guard response.status < 300 else { throw fail("\(response.faultMessage) (HTTP \(response.status))") }
         return response
+    }
+
+    /// Prints the error line; the exit status to throw.
+    static func fail(_ message: String) -> ExitCode {
+        printError("swiftvisor: error: " + message)
+        return ExitCode(ToolStatus.failure)
     }
 
     /// Snapshots the VM into `file` (made absolute here: the VM's working directory may differ).
@@ -105,9 +109,8 @@ enum CtlRequests {
         let decoder = JSONDecoder()
         decoder.keyDecodingStrategy = .convertFromSnakeCase
         var final: MigrationControlLine?
-        let response: APIClientResponse
-        do {
-            response = try APIClient(socketPath: socket).stream("PUT", "/migrate", json: request) { text in
+        _ = try answer {
+            try APIClient(socketPath: socket).stream("PUT", "/migrate", json: request) { text in
                 guard let line = try? decoder.decode(MigrationControlLine.self, from: Data(text.utf8)) else {
                     printError("swiftvisor: unexpected line from the VM: \(text)")
                     return
@@ -115,13 +118,6 @@ enum CtlRequests {
                 if let p = line.progress { progress(p) }
                 if line.isFinal { final = line }
             }
-        } catch {
-            printError("swiftvisor: error: \(error)")
-            throw ExitCode(ToolStatus.failure)
-        }
-        guard response.status < 300 else {
-            printError("swiftvisor: error: \(response.faultMessage) (HTTP \(response.status))")
-            throw ExitCode(ToolStatus.failure)
         }
         return final
     }
@@ -130,9 +126,6 @@ enum CtlRequests {
 extension APIClientResponse {
     /// The body decoded, or one line and exit 125.
     func decodeOrFail<T: Decodable>(_ type: T.Type) throws -> T {
-        do { return try decode(type) } catch {
-            printError("swiftvisor: error: unexpected answer from the VM: \(text)")
-            throw ExitCode(ToolStatus.failure)
-        }
+        do { return try decode(type) } catch { throw CtlRequests.fail("unexpected answer from the VM: \(text)") }
     }
 }

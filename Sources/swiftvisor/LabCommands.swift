@@ -96,7 +96,7 @@ struct PioVsMmio: ParsableCommand {
         lab.tickSeconds = tickMs / 1000
         lab.tickInstructions = tickInstructions
         printError("lab pio-vs-mmio: \(lab.engine.rawValue) engine, \(reads) reads + \(writes) writes per form…")
-        let result = try lab.run()
+        let result = try lab.run(progress: .onTerminal("lab pio-vs-mmio", report: options.report))
         try options.emit(result, name: "pio-vs-mmio-\(lab.engine.rawValue)", table: PioVsMmioLab.table(result), chart: PioVsMmioLab.chart(result))
     }
 }
@@ -136,7 +136,7 @@ struct ParavirtVsEmulated: ParsableCommand {
         lab.size = size
         lab.batch = batch
         printError("lab paravirt-vs-emulated: \(lab.engine.rawValue) engine, \(packets) frames per device…")
-        let result = try lab.run()
+        let result = try lab.run(progress: .onTerminal("lab paravirt-vs-emulated", report: options.report))
         try options.emit(result, name: "paravirt-vs-emulated-\(lab.engine.rawValue)", table: ParavirtVsEmulatedLab.table(result), chart: ParavirtVsEmulatedLab.chart(result))
     }
 }
@@ -166,7 +166,7 @@ struct CowSnapshot: ParsableCommand {
         lab.memory = memory.bytes
         lab.touch = touch
         printError("lab cow-snapshot: \(lab.engine.rawValue) engine…")
-        let result = try lab.run()
+        let result = try lab.run(progress: .onTerminal("lab cow-snapshot", report: options.report))
         try options.emit(result, name: "cow-snapshot-\(lab.engine.rawValue)", table: CowSnapshotLab.table(result), chart: CowSnapshotLab.chart(result))
     }
 }
@@ -200,7 +200,7 @@ struct Dedup: ParsableCommand {
         lab.pages = pages
         lab.policy.breakCostPageRounds = breakCost
         printError("lab dedup: \(lab.engine.rawValue) engine, \(pages) pages…")
-        let result = try lab.run(progress: LabProgress("lab dedup").update)
+        let result = try lab.run(progress: .onTerminal("lab dedup", report: options.report))
         try options.emit(result, name: "dedup-\(lab.engine.rawValue)", table: DedupLab.table(result), chart: DedupLab.chart(result))
     }
 }
@@ -232,7 +232,7 @@ struct UniversalMachine: ParsableCommand {
     func run() throws {
         var lab = UniversalMachineLab(scale: scale)
         lab.useKVM = !noKvm
-        let result = try lab.run { printError("lab universal-machine: \($0)…") }
+        let result = try lab.run(progress: .onTerminal("lab universal-machine", report: report))
         try report.emit(result, name: "universal-machine", table: UniversalMachineLab.table(result), chart: UniversalMachineLab.chart(result))
     }
 }

@@ -55,7 +55,7 @@ struct LiveMigrationLabCommand: ParsableCommand {
             lab.linkMegabits = linkMbit
         }
         printError("lab live-migration: \(lab.engine.rawValue) engine…\n")
-        let result = try lab.run { printError("  \($0)\n") }
+        let result = try lab.run(progress: .onTerminal("lab live-migration", report: options.report))
         try options.emit(result, name: "live-migration-\(lab.engine.rawValue)", table: LiveMigrationLab.table(result),
                          chart: LiveMigrationLab.chart(result))
     }

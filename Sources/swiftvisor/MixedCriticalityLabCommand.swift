@@ -52,7 +52,7 @@ struct MixedCriticality: ParsableCommand {
         lab.burstMicroseconds = burstUs
         lab.loadPeriodMicroseconds = loadPeriodUs
         printError("lab mixed-criticality: \(lab.configurations.count) configurations × \(jobs) jobs…")
-        let result = try lab.run()
+        let result = try lab.run(progress: .onTerminal("lab mixed-criticality", report: report))
         try report.emit(result, name: "mixed-criticality", table: MixedCriticalityLab.table(result), chart: MixedCriticalityLab.chart(result))
     }
 }

@@ -33,7 +33,7 @@ struct ShadowVsEpt: ParsableCommand {
 
     func run() throws {
         let lab = ShadowVsEptLab(scale: scale)
-        let result = try lab.run { printError("lab shadow-vs-ept: \($0)…\n") }
+        let result = try lab.run(progress: .onTerminal("lab shadow-vs-ept", report: report))
         try report.emit(result, name: "shadow-vs-ept", table: ShadowVsEptLab.table(result), chart: ShadowVsEptLab.chart(result))
     }
 }
@@ -61,7 +61,7 @@ struct SmepSmapAlias: ParsableCommand {
     func run() throws {
         var lab = SmepSmapAliasLab()
         lab.useKVM = !noKvm
-        let result = try lab.run { printError("lab smep-smap-alias: \($0)…\n") }
+        let result = try lab.run(progress: .onTerminal("lab smep-smap-alias", report: report))
         try report.emit(result, name: "smep-smap-alias", table: SmepSmapAliasLab.table(result), chart: SmepSmapAliasLab.chart(result))
         if result.unexpectedCells > 0 { throw ExitCode(1) }
     }

@@ -64,7 +64,7 @@ struct SriovIommu: ParsableCommand {
         lab.iotlbSizes = iotlb
         lab.roundTrips = roundTrips
         printError("lab sriov-iommu: \(lab.engine.rawValue) engine for the isolation runs…")
-        let result = try lab.run()
+        let result = try lab.run(progress: .onTerminal("lab sriov-iommu", report: options.report))
         try options.emit(result, name: "sriov-iommu", table: SriovIommuLab.table(result), chart: SriovIommuLab.chart(result))
     }
 }

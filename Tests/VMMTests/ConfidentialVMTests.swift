@@ -8,44 +8,9 @@ import VirtCore
 
 /// S11: confidential VMs on the software engine (docs/confidential-vm.md).
 @Suite struct ConfidentialVMTests {
-    /// The victim guest's pattern, which it builds in memory at run time (its image holds it scrambled).
-    static let pattern = Array("CONFIDENTIAL".utf8)
-
-    static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
-        guard let first = needle.first, haystack.count >= needle.count else { return false }
-        var i = 0
-        while i <= haystack.count - needle.count {
-            if haystack[i] == first && haystack[i..<(i + needle.count)].elementsEqual(needle) { return true }
-            i += 1
-        }
-        return false
-    }
-
-    /// Shannon entropy in bits per byte.
-    static func entropy(_ bytes: [UInt8]) -> Double {
-        var counts = [Int](repeating: 0, count: 256)
-        for b in bytes { counts[Int(b)] += 1 }
-        return counts.reduce(0.0) { e, c in
-            guard c > 0 else { return e }
-            let p = Double(c) / Double(bytes.count)
-            return e - p * log2(p)
-        }
-    }
-
-    struct VictimRun {
-        var machine: Machine
-        var result: RunResult
-        var output: String
-        var port: ConfidentialAttackPort
-    }
-
-    func victim(_ mode: ConfidentialMode?, attack: ConfidentialAttack? = nil, workingSetPages: Int = 1024) throws -> VictimRun {
-        let capture = SerialCapture()
-        let machine = try bundledMachine("confidential", engine: .software, memory: 64 << 20, timeout: 60,
-                                         confidential: mode, workingSetPages: workingSetPages, capture: capture)
-        let port = try ConfidentialAttackPort(machine: machine, attack: attack)
-        let result = try machine.run()
-        return VictimRun(machine: machine, result: result, output: capture.text, port: port)
+    /// The victim guest with the host's attack port, run to its end (the lab runs the same).
+    func victim(_ mode: ConfidentialMode?, attack: ConfidentialAttack? = nil) throws -> ConfidentialVictimRun {
+        try ConfidentialVictimRun.run(mode, attack: attack)
     }
 
     @Test(arguments: [ConfidentialMode.sev, .snp])
@@ -73,20 +38,20 @@ import VirtCore
         // Control: an ordinary VM's host memory shows the pattern.
         let plain = try victim(nil)
         #expect(plain.output.contains("data intact"))
-        #expect(Self.contains(plain.port.hostViewAtAttack, Self.pattern))
-        #expect(Self.entropy(plain.port.hostViewAtAttack) < 4)
+        #expect(ConfidentialVictimRun.containsPattern(plain.port.hostViewAtAttack))
+        #expect(ConfidentialVictimRun.entropy(plain.port.hostViewAtAttack) < 4)
 
         let secret = try victim(mode)
         #expect(secret.result.stopReason == .exitPort(status: 0))
         #expect(secret.output.contains("confidential: \(mode == .snp ? "SEV-SNP" : "SEV")"))
         #expect(secret.output.contains("data intact"))
-        #expect(!Self.contains(secret.port.hostViewAtAttack, Self.pattern))
-        #expect(Self.entropy(secret.port.hostViewAtAttack) > 7.9)
+        #expect(!ConfidentialVictimRun.containsPattern(secret.port.hostViewAtAttack))
+        #expect(ConfidentialVictimRun.entropy(secret.port.hostViewAtAttack) > 7.9)
         let ram = try secret.machine.memory.read(at: 0, count: Int(secret.machine.memory.size))
         let shared = ConfidentialLaunch.sharedRegion(ramSize: secret.machine.memory.size)
-        #expect(!Self.contains(Array(ram[0..<Int(shared.lowerBound)]), Self.pattern))
+        #expect(!ConfidentialVictimRun.containsPattern(Array(ram[0..<Int(shared.lowerBound)])))
         // The copy the guest put in the shared bounce region (for a device) is plaintext.
-        #expect(Self.contains(Array(ram[Int(shared.lowerBound)..<Int(shared.upperBound)]), Self.pattern))
+        #expect(ConfidentialVictimRun.containsPattern(Array(ram[Int(shared.lowerBound)..<Int(shared.upperBound)])))
     }
 
     @Test func snapshotsAndMigrationAreRefusedWithTheReason() throws {
@@ -143,7 +108,7 @@ import VirtCore
         } else {
             #expect(seen.allSatisfy { $0.1 == MemoryAccessKind.write })
         }
-        #expect(!Self.contains(port.hostViewAtAttack, Self.pattern))
+        #expect(!ConfidentialVictimRun.containsPattern(port.hostViewAtAttack))
     }
 
     @Test(arguments: ConfidentialAttack.allCases)
