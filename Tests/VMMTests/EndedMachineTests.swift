@@ -32,4 +32,15 @@ import VirtCore
             _ = try machine.snapshot(to: dir.file("stopped.snap"))
         } throws: { "\($0)".contains("already ended (stopped by the host)") }
     }
+
+    /// Nor migrated: the destination would receive a guest that never runs again.
+    @Test func aMachineWhoseGuestExitedIsNotMigrated() throws {
+        let run = try runGuest("hello", engine: .software)
+        let incoming = try IncomingMigration(listeningOn: .tcp(host: "127.0.0.1", port: 0),
+                                             options: IncomingMigrationOptions(engine: try TestEngines.make(.software)))
+        defer { incoming.close() }
+        #expect {
+            _ = try run.machine.migrate(to: incoming.address)
+        } throws: { "\($0)".contains("already ended (guest exited with status 0)") }
+    }
 }
