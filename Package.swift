@@ -9,6 +9,7 @@ let package = Package(
     platforms: [.macOS(.v15)],  // Synchronization (Mutex, Atomic); the engines themselves need Linux
     products: [
         .executable(name: "swiftvisor", targets: ["swiftvisor"]),
+        .executable(name: "swiftvisor-api", targets: ["swiftvisor-api"]),
         .library(name: "SwiftvisorKit", targets: ["SwiftvisorKit"]),
     ],
     dependencies: [
@@ -46,8 +47,21 @@ let package = Package(
         .target(name: "SwiftvisorKit", dependencies: ["VMM", "VirtCore", "Devices", "GuestImages"]),
         // Experiments reproducing the source text's scenarios; tables, JSON and SVG charts.
         .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages", "X86Emulator"]),
-        .executableTarget(name: "swiftvisor", dependencies: [
-            "VMM", "Lab", "GuestImages", "OperatorAPI",
+        // The command-line tool's commands, parsed alike by its two executables.
+        .target(name: "SwiftvisorCLI", dependencies: [
+            "VMM", "Lab", "GuestImages",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], path: "Sources/swiftvisor"),
+        // `swiftvisor`, without the operator API's libraries (their start-up cost): it hands serve,
+        // ctl, migrate, balloon, snapshot create and runs with --api-sock to swiftvisor-api, from
+        // the same directory, by exec. (No target dependency on it: SwiftPM would link its libraries.)
+        // Not position-independent: no relocations to apply at start-up, no relocated data pages
+        // (an executable's own setting; packages that depend on this one never build it).
+        .executableTarget(name: "swiftvisor", dependencies: ["SwiftvisorCLI"], path: "Sources/SwiftvisorTool",
+                          linkerSettings: [.unsafeFlags(["-Xclang-linker", "-no-pie"])]),
+        .executableTarget(name: "swiftvisor-api", dependencies: [
+            "SwiftvisorCLI", "OperatorAPI", "VMM", "VirtCore",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -42,6 +42,7 @@ struct ConfidentialArguments: ParsableArguments {
 
 struct Measure: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "measure",
         abstract: "Compute a confidential VM's launch measurement offline.",
         discussion: """
             The SHA-256 digest 'run --confidential' computes while it encrypts the initial image: the \
@@ -85,6 +86,7 @@ struct Measure: ParsableCommand {
 
 struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "verify",
         abstract: "Check a confidential VM's attestation report.",
         discussion: """
             Checks the report's P-384 signature and that it was signed by this host's attestation key \

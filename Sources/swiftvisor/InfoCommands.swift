@@ -5,6 +5,7 @@ import VMM
 
 struct Guests: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "guests",
         abstract: "List the bundled guests (name, then what it does).")
 
     @Flag(name: .long, help: "Also list guests that exist to exercise failure paths in tests.")
@@ -21,6 +22,7 @@ struct Guests: ParsableCommand {
 
 struct Host: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "host",
         abstract: "Report this host's KVM (device, API version, capabilities, vCPU limits) and how the software engine runs here.")
 
     @Option(name: .long, help: ArgumentHelp("KVM device to examine.", valueName: "path"))
@@ -58,6 +60,7 @@ struct Host: ParsableCommand {
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "bench",
         abstract: "Benchmarks (printed table; --json for machine-readable results).",
         subcommands: [BenchExits.self, BenchCPU.self, BenchStartup.self, BenchMigration.self])
 }

@@ -2,7 +2,6 @@ import ArgumentParser
 import FoundationEssentials
 import Devices
 import GuestImages
-import OperatorAPI
 import VMM
 import Synchronization
 import VirtCore
@@ -12,6 +11,7 @@ import Glibc
 
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "run",
         abstract: "Boot one guest (or several, side by side) and stream the serial console.",
         discussion: """
             GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static \
@@ -157,8 +157,9 @@ struct Run: ParsableCommand {
     var memorySpecified: Bool { CommandLine.arguments.contains { $0 == "--memory" || $0.hasPrefix("--memory=") } }
 
     func run() throws {
+        let startSession = try OperatorCommands.sessionStarter(api)
         let logger = api.bootstrapLogging()
-        if let incoming { return try runIncoming(incoming, logger: logger) }
+        if let incoming { return try runIncoming(incoming, logger: logger, startSession: startSession) }
         let many = guests.count > 1
         var machines: [Machine] = []
         var firstVirtioConsole: VirtioConsole?
@@ -205,8 +206,8 @@ struct Run: ParsableCommand {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        let session = try OperatorSession(api, machine: machines[0])
-        defer { session.finish() }
+        let endSession = try startSession(machines[0])
+        defer { endSession() }
         // Standard input goes to vm0: its UART and, when present, its virtio console.
         let uart = machines[0].uart, virtioConsole = firstVirtioConsole
         ConsoleInput.start { bytes in
@@ -400,8 +401,8 @@ func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) {
 }
 
 /// COM1 → standard output, byte by byte as the guest writes (interactive, unbuffered).
-enum ConsoleOutput {
-    @Sendable static func write(_ byte: UInt8) {
+package enum ConsoleOutput {
+    @Sendable package static func write(_ byte: UInt8) {
         var b = byte
         while Glibc.write(1, &b, 1) < 0 && errno == EINTR {}
         ProcessLifecycle.noteConsoleByte(byte)
@@ -433,7 +434,7 @@ func writeJSON(_ path: String, _ value: some Encodable) throws {
     try writeFile(path, String(decoding: try encoder.encode(value), as: UTF8.self) + "\n")
 }
 
-func writeFile(_ path: String, _ text: String) throws {
+package func writeFile(_ path: String, _ text: String) throws {
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
     guard fd >= 0 else { throw POSIXError(errno) }
     defer { close(fd) }

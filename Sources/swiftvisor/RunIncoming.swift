@@ -10,7 +10,7 @@ import Glibc
 
 extension Run {
     /// `run --incoming ADDRESS`: waits for a migrating VM, then runs it as `run` would.
-    func runIncoming(_ text: String, logger: Logger) throws {
+    func runIncoming(_ text: String, logger: Logger, startSession: (Machine) throws -> () -> Void) throws {
         let address: MigrationAddress
         do { address = try MigrationAddress(parsing: text) } catch { throw ValidationError("--incoming: \(error)") }
         let engine: any VirtCore.Engine
@@ -42,8 +42,8 @@ extension Run {
             printError("swiftvisor: error: \(error)")
             throw ExitCode(ToolStatus.failure)
         }
-        let session = try OperatorSession(api, machine: machine)
-        defer { session.finish() }
+        let endSession = try startSession(machine)
+        defer { endSession() }
         let uart = machine.uart
         ConsoleInput.start { uart.enqueueInput($0) }
         let result: RunResult

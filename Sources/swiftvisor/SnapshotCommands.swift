@@ -1,10 +1,11 @@
 import ArgumentParser
 import FoundationEssentials
-import OperatorAPI
 import VMM
 
-struct SnapshotCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(
+package struct SnapshotCommand: ParsableCommand {
+    package init() {}
+
+    package static let configuration = CommandConfiguration(
         commandName: "snapshot",
         abstract: "Copy-on-write snapshots: take one from a running VM, restore (clone) it, inspect a file.",
         discussion: """
@@ -16,28 +17,26 @@ struct SnapshotCommand: ParsableCommand {
             """,
         subcommands: [Create.self, Restore.self, Inspect.self])
 
-    struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Snapshot a running VM through its API socket (PUT /snapshot/create).")
+    package struct Create: ParsableCommand {
+        package init() {}
+
+        package static let configuration = CommandConfiguration(commandName: "create", abstract: "Snapshot a running VM through its API socket (PUT /snapshot/create).")
 
         @Option(name: .long, help: ArgumentHelp("The VM's API socket (swiftvisor run … --api-sock PATH).", valueName: "path"))
-        var socket: String
+        package var socket: String
 
         @Argument(help: "Snapshot file to write (replaced atomically).")
-        var file: String
+        package var file: String
 
         @Option(name: .long, help: "A note kept in the snapshot.")
-        var note = ""
+        package var note = ""
 
-        func run() throws {
-            let r = try CtlRequests.snapshot(socket: socket, file: file, note: note)
-            print("snapshot \(file): " + "\((Double(r.fileBytes) / 1048576).fixed(1)) MiB, "
-                + "guest paused \((r.pauseSeconds * 1000).fixed(2)) ms, total \((r.totalSeconds * 1000).fixed(1)) ms, "
-                + "\(r.copyOnWriteFaults) copy-on-write faults (\(r.mechanism))")
-        }
+        package func run() throws { try OperatorCommands.run(self) }
     }
 
     struct Restore: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "restore",
             abstract: "Run a VM from a snapshot file; it continues where the snapshot was taken.",
             discussion: "The file is only read, so it can be restored any number of times (clones). Exit statuses as for 'run'.")
 
@@ -54,6 +53,7 @@ struct SnapshotCommand: ParsableCommand {
         var api: OperatorOptions
 
         func run() throws {
+            let startSession = try OperatorCommands.sessionStarter(api)
             let machine: Machine
             do {
                 let snapshot = try SnapshotFile(path: file)
@@ -64,8 +64,8 @@ struct SnapshotCommand: ParsableCommand {
                 printError("swiftvisor: error: \(error)")
                 throw ExitCode(ToolStatus.failure)
             }
-            let session = try OperatorSession(api, machine: machine)
-            defer { session.finish() }
+            let endSession = try startSession(machine)
+            defer { endSession() }
             let result = try ProcessLifecycle.stoppingOnSignal([machine]) { try machine.run() }
             machine.flushDevices().forEach { printError("swiftvisor: error: \($0)") }
             if let signal = ProcessLifecycle.stopSignal {
@@ -81,6 +81,7 @@ struct SnapshotCommand: ParsableCommand {
 
     struct Inspect: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "inspect",
             abstract: "Describe a snapshot file and verify its checksums.",
             discussion: "Exits 0 when every checksum passes, 125 when the file or its guest memory is damaged.")
 

@@ -1,9 +1,9 @@
 import ArgumentParser
 import VMM
 
-@main
-struct Swiftvisor: ParsableCommand {
-    static let configuration = CommandConfiguration(
+/// The root command; `swiftvisor` and `swiftvisor-api` (OperatorCommands.swift) both start here.
+package struct Swiftvisor: ParsableCommand {
+    package static let configuration = CommandConfiguration(
         commandName: "swiftvisor",
         abstract: "A hypervisor toolkit: run guests on KVM or the software engine, with devices, snapshots and labs.",
         discussion: """
@@ -22,19 +22,29 @@ struct Swiftvisor: ParsableCommand {
                       Measure.self, Verify.self]
     )
 
+    package init() {}
+
     /// Stop signals and fatal faults are handled before anything else runs (ProcessLifecycle).
-    static func main() {
+    package static func main() {
         ProcessLifecycle.install()
+        // `run` is the start-up path (bench startup). Parsed as a command of its own it skips
+        // building the whole command tree (reflection over every command); what it does not take
+        // as a plain run (help, a usage error) goes the ordinary way, with the ordinary messages.
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        if arguments.first == "run", var run = try? Run.parse(Array(arguments.dropFirst())) {
+            do { try run.run() } catch { exit(withError: error) }
+            return
+        }
         main(nil)
     }
 }
 
 /// Exit statuses of `swiftvisor` itself (a guest's own status passes through unchanged).
-enum ToolStatus {
+package enum ToolStatus {
     /// The guest did not finish within --timeout.
-    static let timeout: Int32 = 124
+    package static let timeout: Int32 = 124
     /// Swiftvisor or the engine failed (bad image, KVM error, triple fault).
-    static let failure: Int32 = 125
+    package static let failure: Int32 = 125
 }
 
 /// `--memory 64M` and friends.
@@ -60,7 +70,7 @@ extension EngineChoice: ExpressibleByArgument {}
 
 /// Prints one line to standard error. `newline: false` is a progress line: on a terminal it
 /// is overwritten by the next one; elsewhere it is not printed.
-func printError(_ message: String, newline: Bool = true) {
+package func printError(_ message: String, newline: Bool = true) {
     var stderr = StandardError()
     if newline {
         print(ProcessLifecycle.lineBreakBeforeMessage() + message, to: &stderr)
@@ -69,8 +79,10 @@ func printError(_ message: String, newline: Bool = true) {
     }
 }
 
-struct StandardError: TextOutputStream {
-    mutating func write(_ string: String) {
+package struct StandardError: TextOutputStream {
+    package init() {}
+
+    package mutating func write(_ string: String) {
         var s = string
         s.withUTF8 { buf in
             var off = 0

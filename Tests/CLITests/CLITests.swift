@@ -15,12 +15,13 @@ struct CLIResult {
     var stderr: String
 }
 
-/// Runs `swiftvisor args…`, or `launcher + [swiftvisor] + args` when a launcher is given.
-func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = []) throws -> CLIResult {
-    #expect(FileManager.default.isExecutableFile(atPath: swiftvisorPath), "swiftvisor built at \(swiftvisorPath)")
+/// Runs `swiftvisor args…`, or `launcher + [swiftvisor] + args` when a launcher is given
+/// (`executable`: a copy of swiftvisor elsewhere).
+func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = [], executable: String = swiftvisorPath) throws -> CLIResult {
+    #expect(FileManager.default.isExecutableFile(atPath: executable), "swiftvisor built at \(executable)")
     let p = Process()
-    p.executableURL = URL(fileURLWithPath: launcher.first ?? swiftvisorPath)
-    p.arguments = launcher.isEmpty ? args : Array(launcher.dropFirst()) + [swiftvisorPath] + args
+    p.executableURL = URL(fileURLWithPath: launcher.first ?? executable)
+    p.arguments = launcher.isEmpty ? args : Array(launcher.dropFirst()) + [executable] + args
     let out = Pipe(), err = Pipe(), input = Pipe()
     p.standardOutput = out
     p.standardError = err

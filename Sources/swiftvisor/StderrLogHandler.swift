@@ -8,22 +8,22 @@ import Glibc
 /// `swiftvisor: LEVEL: message key=value …` (the level word only from warning down to trace,
 /// so a notice reads like the tool's other lines). Bootstrapping it costs one closure; no
 /// thread, no buffer.
-public struct StderrLogHandler: LogHandler {
-    public var metadata: Logger.Metadata = [:]
-    public var logLevel: Logger.Level
+struct StderrLogHandler: LogHandler {
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level
     private let label: String
 
-    public init(label: String, level: Logger.Level) {
+    init(label: String, level: Logger.Level) {
         self.label = label
         self.logLevel = level
     }
 
-    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }
         set { metadata[key] = newValue }
     }
 
-    public func log(event: LogEvent) {
+    func log(event: LogEvent) {
         var line = "swiftvisor: "
         switch event.level {
         case .notice, .info: break
@@ -47,18 +47,8 @@ public struct StderrLogHandler: LogHandler {
 
     /// Installs this handler at `level` for every logger of the process (once; later calls
     /// only matter for loggers made with `makeLogger`).
-    public static func bootstrap(level: Logger.Level) {
+    static func bootstrap(level: Logger.Level) {
         guard !bootstrapped.exchange(true, ordering: .acquiringAndReleasing) else { return }
         LoggingSystem.bootstrap { label in StderrLogHandler(label: label, level: level) }
     }
-}
-
-extension Logger {
-    /// A logger that drops everything (what tests and library callers get by default).
-    public static let silent = Logger(label: "swiftvisor.silent") { _ in SwiftLogNoOpLogHandler() }
-}
-
-extension Logger.Level {
-    /// The `--log-level` words.
-    public static var names: String { allCases.map(\.rawValue).joined(separator: ", ") }
 }

@@ -1,0 +1,46 @@
+import Foundation
+import TestSupport
+import Testing
+
+/// `swiftvisor` leaves the operator API's libraries to its sibling `swiftvisor-api`.
+@Suite struct CLIExecutablesTests {
+    let siblingPath = URL(fileURLWithPath: swiftvisorPath).deletingLastPathComponent().appendingPathComponent("swiftvisor-api").path
+
+    /// Whether a Swift module is linked into a binary: its module descriptor carries its name.
+    func links(_ binary: String, module: String) throws -> Bool {
+        let data = try Data(contentsOf: URL(fileURLWithPath: binary), options: .alwaysMapped)
+        return data.range(of: Data(("\0" + module + "\0").utf8)) != nil
+    }
+
+    @Test func theOperatorAPIsLibrariesAreOnlyInTheSibling() throws {
+        for module in ["NIOCore", "NIOPosix", "NIOHTTP1", "Prometheus", "OperatorAPI"] {
+            #expect(try !links(swiftvisorPath, module: module), "swiftvisor links \(module)")
+            #expect(try links(siblingPath, module: module), "swiftvisor-api lacks \(module)")
+        }
+    }
+
+    /// Without the sibling, `run` still works and the operator commands say what is missing.
+    @Test func aMissingSiblingIsOneClearLine() throws {
+        let dir = NSTemporaryDirectory() + "swiftvisor-alone-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let alone = dir + "/swiftvisor"
+        try FileManager.default.copyItem(atPath: swiftvisorPath, toPath: alone)
+        let ran = try swiftvisor(["run", "hello", "--engine", "software"], executable: alone)
+        #expect(ran.status == 0, "\(ran.stderr)")
+        #expect(ran.stdout.contains("Hello from Swiftvisor!"))
+        let socket = dir + "/vm.sock"
+        for args in [["serve", "--api-sock", socket], ["run", "hello", "--api-sock", socket], ["ctl", "--api-sock", socket, "status"]] {
+            let r = try swiftvisor(args, executable: alone)
+            #expect(r.status == 125, "\(args): \(r.stderr)")
+            let lines = r.stderr.split(separator: "\n")
+            #expect(lines.count == 1 && lines[0].hasPrefix("swiftvisor: error: cannot start \(dir)/swiftvisor-api (No such file or directory)"), "\(r.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: socket))
+        }
+        // Usage errors and help need no sibling.
+        let usage = try swiftvisor(["serve"], executable: alone)
+        #expect(usage.status == 64 && usage.stderr.contains("serve needs --api-sock PATH"))
+        let help = try swiftvisor(["ctl", "--help"], executable: alone)
+        #expect(help.status == 0 && help.stdout.contains("USAGE: swiftvisor ctl"))
+    }
+}
