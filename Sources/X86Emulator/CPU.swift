@@ -140,6 +140,8 @@ final class CPU {
     /// Set by STI (when it enables IF) and MOV SS/POP SS: no interrupt is taken before the
     /// next instruction completes.
     var interruptShadow = false
+    /// An NMI handler runs: further NMIs wait until the next IRET (SDM Vol. 3A §6.7.1).
+    var nmiBlocked = false
     /// Instructions retired (the TSC and the preemption timer count these).
     var instructions: UInt64 = 0
     /// Guest exceptions raised, and how many of them were #UD.
@@ -198,6 +200,8 @@ final class CPU {
 
     /// nil with one vCPU: nothing to serialise against.
     let atomicLock: AtomicInstructionLock?
+    /// The locked instruction being executed, if any (AtomicExecution.swift).
+    var lockedAccess = LockedAccess()
 
     /// A direct-mapped TLB of 4 KiB translations: tag = linear page + 1 (0 = empty), the
     /// guest-physical frame, and what the cached walk allows (see `TLBBits`).
@@ -500,12 +504,15 @@ final class CPU {
     func readPhysical(_ gpa: UInt64, size: Int) throws(Fault) -> UInt64 {
         if gpa < ramSize && UInt64(size) <= ramSize - gpa {
             let p = ram + Int(gpa)
+            let v: UInt64
             switch size {
-            case 1: return UInt64(p.load(as: UInt8.self))
-            case 2: return UInt64(p.loadUnaligned(as: UInt16.self))
-            case 4: return UInt64(p.loadUnaligned(as: UInt32.self))
-            default: return p.loadUnaligned(as: UInt64.self)
+            case 1: v = UInt64(p.load(as: UInt8.self))
+            case 2: v = UInt64(p.loadUnaligned(as: UInt16.self))
+            case 4: v = UInt64(p.loadUnaligned(as: UInt32.self))
+            default: v = p.loadUnaligned(as: UInt64.self)
             }
+            if lockedAccess.active { lockedAccess.noteRead(gpa, size, v) }
+            return v
         }
         if let pending = pendingMMIORead, pending.address == gpa, pending.size == UInt8(size) {
             pendingMMIORead = nil
@@ -542,6 +549,10 @@ final class CPU {
             let page = Int(gpa >> 12)
             CodePages.noteWrite(codeGens, page)
             let p = ram + Int(gpa)
+            if lockedAccess.active && lockedAccess.covers(gpa, size) {
+                lockedAccess.store(p, value)
+                return
+            }
             switch size {
             case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
             case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)

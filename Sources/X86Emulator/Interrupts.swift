@@ -202,6 +202,10 @@ extension CPU {
         gpr[4] = newRSP
         rip = newRIP
         if rpl > oldCPL { dropInaccessibleDataSegments(newCPL: rpl) }
+        if nmiBlocked {  // IRET ends NMI blocking; an NMI held meanwhile is taken next
+            nmiBlocked = false
+            attention = true
+        }
     }
 
     /// Delivers an exception or interrupt through the IDT (64-bit gates). Throws if the

@@ -96,6 +96,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     private let exitRequested = Atomic<Bool>(false)
     /// Vectors waiting for RFLAGS.IF.
     private let pending = PendingInterrupts()
+    /// An NMI (injected as vector 2) waiting for NMI blocking to end; IF does not hold it.
+    private let nmiPending = Atomic<Bool>(false)
 
     /// The model of the VMX preemption timer: instructions (attempts, including ones that
     /// fault) left before `run()` returns `.preemptionTimer`; nil: timer off. It fires once
@@ -124,7 +126,6 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
         guard let controller = interruptController else { return pending.takeHighest() }
         let threshold = controller.processorPriority(vcpu: id) & 0xF0
         guard let v = pending.takeHighest() else { return nil }
-        if v == 2 { return v }  // NMI: not subject to the processor priority
         if v & 0xF0 <= threshold {
             pending.post(v)  // masked by priority: stays requested
             return nil
@@ -200,10 +201,13 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     /// Queues an external interrupt, delivered through the IDT once RFLAGS.IF is set and no
     /// STI/MOV SS interrupt shadow is in force (as KVM_INTERRUPT); the highest vector
     /// first. `hlt` exits to the VMM (which resumes the vCPU once one is pending, as with KVM).
-    /// A running vCPU sees it within one block.
-    public func injectInterrupt(vector: UInt8) { pending.post(vector) }
+    /// A running vCPU sees it within one block. Vector 2 is the NMI: taken whatever IF
+    /// says, and not again until the handler's IRET.
+    public func injectInterrupt(vector: UInt8) {
+        if vector == 2 { nmiPending.store(true, ordering: .releasing) } else { pending.post(vector) }
+    }
 
-    public var hasPendingInterrupt: Bool { !pending.isEmpty }
+    public var hasPendingInterrupt: Bool { !pending.isEmpty || nmiPending.load(ordering: .acquiring) }
 
     public var interruptsEnabled: Bool { cpu.rflags & Flag.if != 0 }
 
@@ -239,6 +243,12 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 return .interrupted
             }
             if cpu.shadowEntries != nil { syncShadowFlush() }
+            if !cpu.interruptShadow && !cpu.nmiBlocked && nmiPending.load(ordering: .relaxed)
+                && nmiPending.exchange(false, ordering: .acquiring) {
+                cpu.nmiBlocked = true
+                if !cpu.raise(vector: 2, errorCode: nil, software: false, fault: false) { return .shutdown }
+                if cpu.attention { continue }
+            }
             if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = takeInterrupt() {
                 if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }  // delivery stopped at an EPT violation
@@ -308,8 +318,7 @@ extension CPU {
             do throws(Fault) {
                 let p = try fetchDecoded()
                 if let lock = atomicLock, p.pointee.pfx & Instr.P.lock != 0 || (p.pointee.op & 0x1FE == 0x86 && p.pointee.isMem) {
-                    let i = p.pointee
-                    try lock.mutex.withLock { _ throws(Fault) in try execute(i) }
+                    try executeLocked(p.pointee, lock)
                 } else {
                     try execute(p.pointee)
                 }

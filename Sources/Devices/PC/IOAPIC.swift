@@ -121,15 +121,3 @@ public final class IOAPIC: MMIODevice, Sendable {
         for pin in pins { service(pin) }
     }
 }
-
-/// QEMU's pc-testdev, as far as kvm-unit-tests uses it: port 0xE4 (a page "flush", nothing
-/// to do here) and ports 0x2000–0x2017, whose byte written sets I/O APIC input line
-/// `port - 0x2000`.
-public final class PCTestDevice: PortIODevice, Sendable {
-    public static let irqPort: UInt16 = 0x2000
-    public var name: String { "pc-testdev" }
-    private let ioapic: IOAPIC
-    public init(ioapic: IOAPIC) { self.ioapic = ioapic }
-    public func portRead(offset: UInt16, size: UInt8) -> UInt32 { 0 }
-    public func portWrite(offset: UInt16, size: UInt8, value: UInt32) { ioapic.setLine(Int(offset), value & 1 != 0) }
-}
