@@ -171,8 +171,13 @@ final class CPU {
     /// The last second-level violation's qualification (read by the VMM after the exit).
     var lastViolation: SecondLevelViolation?
 
-    /// Value for the MMIO read that stopped the last attempt at the current instruction.
-    var pendingMMIORead: (address: UInt64, size: UInt8, value: UInt64)?
+    /// Values the VMM supplied for the MMIO reads of the instruction being re-executed (two
+    /// for CMPS or MOVS between MMIO operands, one exit each); kept until that instruction
+    /// completes (the run loop then runs it alone, before any interrupt), so each device
+    /// read happens once.
+    struct MMIOReadValue { var address: UInt64; var size: UInt8; var value: UInt64 }
+    var heldMMIOReads: (MMIOReadValue?, MMIOReadValue?) = (nil, nil)
+    var holdsMMIOReads: Bool { heldMMIOReads.0 != nil }
     /// The MMIO read reported by the last exit (so `completeRead` can answer it).
     var lastMMIORead: (address: UInt64, size: UInt8)?
     /// An MMIO write made by the current instruction, reported once it completes.
@@ -196,6 +201,8 @@ final class CPU {
     /// The VMM's local APIC registers, reached through RDMSR/WRMSR (nil: #GP), and this
     /// vCPU's index for it.
     var platformMSRs: (any PlatformMSRHandler)?
+    /// The VMM's local APIC, which holds CR8 (as TPR[7:4]) when there is one.
+    var interruptController: (any PlatformInterruptController)?
     var vcpuIndex = 0
 
     /// nil with one vCPU: nothing to serialise against.
@@ -514,10 +521,8 @@ final class CPU {
             if lockedAccess.active { lockedAccess.noteRead(gpa, size, v) }
             return v
         }
-        if let pending = pendingMMIORead, pending.address == gpa, pending.size == UInt8(size) {
-            pendingMMIORead = nil
-            return pending.value
-        }
+        if let held = heldMMIOReads.0, held.address == gpa, held.size == UInt8(size) { return held.value }
+        if let held = heldMMIOReads.1, held.address == gpa, held.size == UInt8(size) { return held.value }
         throw .mmioRead(address: gpa, size: UInt8(size))
     }
 
@@ -637,7 +642,7 @@ final class CPU {
         kernelGSBase = s.msrs[MSR.kernelGSBase] ?? 0
         if let tsc = s.msrs[MSR.tsc] { tscOffset = tsc &- instructions }
         if let f = s.fpu { fp.load(f) }
-        pendingMMIORead = nil; pendingMMIOWrite = nil; pendingInsValue = nil; awaitingInsValue = false
+        heldMMIOReads = (nil, nil); pendingMMIOWrite = nil; pendingInsValue = nil; awaitingInsValue = false
         pendingInSize = 0; lastMMIORead = nil; pendingExit = nil; attention = false
         flushTLB()
     }

@@ -117,7 +117,10 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     }
 
     public func setPlatformMSRHandler(_ handler: (any PlatformMSRHandler)?) { cpu.platformMSRs = handler }
-    public func setInterruptController(_ controller: (any PlatformInterruptController)?) { interruptController = controller }
+    public func setInterruptController(_ controller: (any PlatformInterruptController)?) {
+        interruptController = controller
+        cpu.interruptController = controller
+    }
     private var interruptController: (any PlatformInterruptController)?
 
     /// The next injected vector the guest may take now (with a platform interrupt controller:
@@ -189,7 +192,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
             cpu.awaitingInsValue = false
             cpu.pendingInsValue = value
         } else if let last = cpu.lastMMIORead {
-            cpu.pendingMMIORead = (last.address, last.size, value & CPU.mask(Int(last.size)))
+            let read = CPU.MMIOReadValue(address: last.address, size: last.size, value: value & CPU.mask(Int(last.size)))
+            if cpu.heldMMIOReads.0 == nil { cpu.heldMMIOReads.0 = read } else { cpu.heldMMIOReads.1 = read }
         }
         cpu.lastMMIORead = nil
     }
@@ -243,19 +247,21 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 return .interrupted
             }
             if cpu.shadowEntries != nil { syncShadowFlush() }
-            if !cpu.interruptShadow && !cpu.nmiBlocked && nmiPending.load(ordering: .relaxed)
+            // An instruction re-executed with its MMIO values completes before any event.
+            let holdingReads = cpu.holdsMMIOReads
+            if !holdingReads && !cpu.interruptShadow && !cpu.nmiBlocked && nmiPending.load(ordering: .relaxed)
                 && nmiPending.exchange(false, ordering: .acquiring) {
                 cpu.nmiBlocked = true
                 if !cpu.raise(vector: 2, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }
             }
-            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = takeInterrupt() {
+            if !holdingReads && !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = takeInterrupt() {
                 if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }  // delivery stopped at an EPT violation
             }
             var limit = Self.blockSize
             let shadowed = cpu.interruptShadow
-            if shadowed { limit = 1 }  // look again right after the shadowed instruction
+            if shadowed || holdingReads { limit = 1 }  // look again right after the shadowed instruction
             if let budget = preemptionBudget {
                 if budget == 0 { preemptionBudget = nil; return .preemptionTimer }
                 limit = Int(min(UInt64(limit), budget))
@@ -275,6 +281,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 used = cpu.runBlock(limit)
             }
             if shadowed { cpu.interruptShadow = false }
+            // Done with the values unless the instruction stopped at a further MMIO read.
+            if holdingReads && cpu.lastMMIORead == nil { cpu.heldMMIOReads = (nil, nil) }
             if let budget = preemptionBudget { preemptionBudget = budget &- UInt64(used) }
         }
     }
@@ -342,9 +350,10 @@ extension CPU {
             exceptionCount &+= 1
             if vector == 6 { undefinedOpcodeCount &+= 1 }
             if !raise(vector: vector, errorCode: code, software: false, fault: true) { exit(.shutdown) }
-        case let .softwareInterrupt(vector, checkDPL):
+        case let .softwareInterrupt(vector, checkDPL, length):
             exceptionCount &+= 1
-            if !raise(vector: vector, errorCode: nil, software: checkDPL, fault: false, external: false) { exit(.shutdown) }
+            if !raise(vector: vector, errorCode: nil, software: checkDPL, fault: false, external: false,
+                      instructionStart: rip &- UInt64(length)) { exit(.shutdown) }
         case let .secondLevelViolation(gpa, access):
             exit(.memoryFault(gpa: gpa, access: MemoryAccessKind(rawValue: access)))
         case let .shadowFault(linear, code):

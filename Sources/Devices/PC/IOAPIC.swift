@@ -64,12 +64,9 @@ public final class IOAPIC: MMIODevice, Sendable {
                 }
                 return nil
             }
-            if let pin {
-                let e = state.withLock { $0.entries[pin] }
-                apics.setTriggerMode(vector: UInt8(e & 0xFF), level: e & (1 << 15) != 0, logical: e & (1 << 11) != 0,
-                                     destination: UInt32(e >> 56))
-                service(pin)  // unmasking an asserted level-triggered pin delivers it
-            }
+            // Unmasking an asserted level-triggered pin delivers it. (The local APICs' TMR
+            // follows the interrupts they accept, not the routing: SDM Vol. 3A §10.8.4.)
+            if let pin { service(pin) }
         case 0x40: endOfInterrupt(vector: UInt8(truncatingIfNeeded: v))
         default: break
         }
