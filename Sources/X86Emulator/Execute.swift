@@ -462,7 +462,7 @@ extension CPU {
             budget -= 1
             try stringElement(op, size, step, m, segBase, rex)
             gpr[1] = (gpr[1] &- 1) & m
-            if holdsMMIOReads { heldMMIOReads = (nil, nil) }  // the element's MMIO values are used up
+            if holdsMMIOReads { dropHeldMMIOReads() }  // the element's MMIO values are used up
             if op == 0xA6 || op == 0xA7 || op == 0xAE || op == 0xAF {
                 let zf = rflags & Flag.zf != 0
                 if (i.rep == 0xF3 && !zf) || (i.rep == 0xF2 && zf) { break }

@@ -193,7 +193,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
             cpu.pendingInsValue = value
         } else if let last = cpu.lastMMIORead {
             let read = CPU.MMIOReadValue(address: last.address, size: last.size, value: value & CPU.mask(Int(last.size)))
-            if cpu.heldMMIOReads.0 == nil { cpu.heldMMIOReads.0 = read } else { cpu.heldMMIOReads.1 = read }
+            cpu.heldMMIOReads.append(read)
         }
         cpu.lastMMIORead = nil
     }
@@ -270,7 +270,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
             let used: Int
             if cpu.inLegacyMode {
                 used = cpu.runLegacy(limit)  // boot code outside 64-bit mode: interpreted
-            } else if let t = cpu.translator {
+            } else if let t = cpu.translator, !cpu.codeBreakpointsArmed {
                 if limit >= 16 {
                     used = cpu.runTranslated(t, limit: limit)
                 } else {
@@ -282,7 +282,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
             }
             if shadowed { cpu.interruptShadow = false }
             // Done with the values unless the instruction stopped at a further MMIO read.
-            if holdingReads && cpu.lastMMIORead == nil { cpu.heldMMIOReads = (nil, nil) }
+            if holdingReads && cpu.lastMMIORead == nil { cpu.dropHeldMMIOReads() }
             if let budget = preemptionBudget { preemptionBudget = budget &- UInt64(used) }
         }
     }
@@ -303,8 +303,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     /// exit of the same instruction stays pending for the next `run()`).
     private func takeExit() -> VMExit? {
         if let w = cpu.pendingMMIOWrite {
-            cpu.pendingMMIOWrite = nil
-            cpu.attention = cpu.pendingExit != nil
+            cpu.pendingMMIOWrite = cpu.moreMMIOWrites.isEmpty ? nil : cpu.moreMMIOWrites.removeFirst()
+            cpu.attention = cpu.pendingExit != nil || cpu.pendingMMIOWrite != nil
             return .mmio(w)
         }
         cpu.attention = false
@@ -324,6 +324,7 @@ extension CPU {
         while left > 0 {
             left &-= 1
             do throws(Fault) {
+                if codeBreakpointsArmed { try checkCodeBreakpoints() }
                 let p = try fetchDecoded()
                 if let lock = atomicLock, p.pointee.pfx & Instr.P.lock != 0 || (p.pointee.op & 0x1FE == 0x86 && p.pointee.isMem) {
                     try executeLocked(p.pointee, lock)
@@ -342,6 +343,7 @@ extension CPU {
     /// guest exceptions otherwise (triple fault: `.shutdown`).
     func handle(_ f: Fault) {
         pendingMMIOWrite = nil
+        if !moreMMIOWrites.isEmpty { moreMMIOWrites.removeAll(keepingCapacity: true) }
         switch f {
         case let .mmioRead(address, size):
             lastMMIORead = (address, size)

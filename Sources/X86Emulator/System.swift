@@ -69,6 +69,12 @@ extension CPU {
         case 0x22:  // MOV CRn, r64
             try requireCPL0()
             try writeCR(Int(i.reg), gpr[Int(i.rm)])
+        case 0x21:  // MOV r64, DRn
+            try requireCPL0()
+            gpr[Int(i.rm)] = try readDR(Int(i.reg))
+        case 0x23:  // MOV DRn, r64
+            try requireCPL0()
+            try writeDR(Int(i.reg), gpr[Int(i.rm)])
         case 0x30:  // WRMSR
             try requireCPL0()
             try writeMSR(UInt32(truncatingIfNeeded: gpr[1]), (gpr[2] << 32) | (gpr[0] & 0xFFFF_FFFF))
