@@ -573,11 +573,11 @@ public final class Machine: @unchecked Sendable {
                 continue
             case let .mmio(a):
                 let range: RangeBase?
-                if let apic = localAPIC, a.address & ~0xFFF == LocalAPICBank.base {
+                if let apic = localAPIC, let offset = apic.mmioOffset(vcpu: vcpu.id, address: a.address) {
                     if a.direction == .write {
-                        apic.mmioWrite(vcpu: vcpu.id, offset: a.address & 0xFFF, size: a.size, value: a.value)
+                        apic.mmioWrite(vcpu: vcpu.id, offset: offset, size: a.size, value: a.value)
                     } else {
-                        vcpu.completeRead(value: apic.mmioRead(vcpu: vcpu.id, offset: a.address & 0xFFF, size: a.size))
+                        vcpu.completeRead(value: apic.mmioRead(vcpu: vcpu.id, offset: offset, size: a.size))
                     }
                     range = LocalAPICBank.base
                 } else if a.direction == .write {

@@ -5,7 +5,7 @@ import VirtCore
 /// A PC as QEMU's `-machine pc` presents it to a kernel booted with `-kernel`: multiboot
 /// entry, COM1, isa-debug-exit at 0xF4, fw_cfg at 0x510, the 8259 pair's registers, one
 /// local APIC per vCPU (xAPIC page and x2APIC MSRs) with INIT/STARTUP for the application
-/// processors (which wait in wait-for-SIPI), the I/O APIC, and pc-testdev's IRQ-line ports.
+/// processors (which wait in wait-for-SIPI), the I/O APIC, and pc-testdev (its register, IRQ-line ports and device memory).
 public enum PCPlatform {
     /// Builds the machine for a multiboot kernel. `modules`: multiboot modules (an initrd)
     /// with their command lines.
@@ -34,7 +34,9 @@ public enum PCPlatform {
         machine.localAPIC = apic
         let ioapic = IOAPIC(apics: apic)
         try machine.attach(ioapic, base: IOAPIC.base, size: IOAPIC.size)
-        try machine.attach(PCTestDevice(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
+        try machine.attach(PCTestDevice.InterruptLines(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
+        try machine.attach(PCTestDevice.Register(), firstPort: PCTestDevice.registerPort, count: PCTestDevice.registerPortCount)
+        try machine.attach(PCTestDevice.Memory(), base: PCTestDevice.memoryBase, size: PCTestDevice.memorySize)
         machine.startupGate = count > 1 ? gate : nil
         machine.addMessageSignalledInterruptSource()
         let msrs = PCPlatformMSRs(apic: apic, vcpuCount: count)

@@ -1,6 +1,7 @@
 /// The VMM's answer to model-specific registers an engine leaves to the platform: the
-/// x2APIC registers (0x800–0x8FF) and the TSC deadline (0x6E0) belong to a local APIC the
-/// VMM models. Called on the vCPU's own thread, in the middle of RDMSR/WRMSR.
+/// x2APIC registers (0x800–0x8FF), the TSC deadline (0x6E0) and IA32_APIC_BASE (0x1B, after
+/// the engine's reserved-bit check; false refuses the APIC mode change) belong to a local
+/// APIC the VMM models. Called on the vCPU's own thread, in the middle of RDMSR/WRMSR.
 public protocol PlatformMSRHandler: AnyObject, Sendable {
     /// The register's value, or nil for #GP. `tsc`: the vCPU's time-stamp counter now;
     /// `apicBase`: its IA32_APIC_BASE (x2APIC mode is bit 10).
@@ -16,6 +17,9 @@ public protocol PlatformInterruptController: AnyObject, Sendable {
     /// Only vectors whose priority class (vector >> 4) is above this one's class are taken.
     func processorPriority(vcpu: Int) -> UInt8
     func acknowledge(vcpu: Int, vector: UInt8)
+    /// CR8: the task priority's class (TPR[7:4]), read and written.
+    func taskPriorityClass(vcpu: Int) -> UInt8
+    func setTaskPriorityClass(vcpu: Int, _ value: UInt8)
 }
 
 /// A vCPU whose unimplemented MSRs go to a `PlatformMSRHandler` (the software engine;

@@ -97,7 +97,7 @@ enum Flag {
 enum CR {
     static let pe: UInt64 = 1, ts: UInt64 = 8, et: UInt64 = 0x10, wp: UInt64 = 1 << 16, pg: UInt64 = 1 << 31
     static let cr0Valid: UInt64 = 0xE005_003F
-    static let tsd: UInt64 = 1 << 2, pae: UInt64 = 1 << 5, umip: UInt64 = 1 << 11, fsgsbase: UInt64 = 1 << 16
+    static let tsd: UInt64 = 1 << 2, de: UInt64 = 1 << 3, pae: UInt64 = 1 << 5, umip: UInt64 = 1 << 11, fsgsbase: UInt64 = 1 << 16
     static let smep: UInt64 = 1 << 20, smap: UInt64 = 1 << 21
     /// VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT UMIP FSGSBASE OSXSAVE SMEP SMAP.
     static let cr4Valid: UInt64 = 0x7FF | fsgsbase | 1 << 18 | smep | smap
@@ -140,6 +140,8 @@ final class CPU {
     /// Set by STI (when it enables IF) and MOV SS/POP SS: no interrupt is taken before the
     /// next instruction completes.
     var interruptShadow = false
+    /// An NMI handler runs: further NMIs wait until the next IRET (SDM Vol. 3A §6.7.1).
+    var nmiBlocked = false
     /// Instructions retired (the TSC and the preemption timer count these).
     var instructions: UInt64 = 0
     /// Guest exceptions raised, and how many of them were #UD.
@@ -169,12 +171,25 @@ final class CPU {
     /// The last second-level violation's qualification (read by the VMM after the exit).
     var lastViolation: SecondLevelViolation?
 
-    /// Value for the MMIO read that stopped the last attempt at the current instruction.
-    var pendingMMIORead: (address: UInt64, size: UInt8, value: UInt64)?
+    /// Values the VMM supplied for the MMIO reads of the instruction being re-executed (several
+    /// for CMPS between MMIO operands or a read crossing MMIO pages, one exit each); kept until that instruction
+    /// completes (the run loop then runs it alone, before any interrupt), so each device
+    /// read happens once.
+    struct MMIOReadValue { var address: UInt64; var size: UInt8; var value: UInt64 }
+    var heldMMIOReads: [MMIOReadValue] = []
+    var holdsMMIOReads: Bool { !heldMMIOReads.isEmpty }
+    func dropHeldMMIOReads() { heldMMIOReads.removeAll(keepingCapacity: true) }
     /// The MMIO read reported by the last exit (so `completeRead` can answer it).
     var lastMMIORead: (address: UInt64, size: UInt8)?
     /// An MMIO write made by the current instruction, reported once it completes.
     var pendingMMIOWrite: MMIOAccess?
+    /// Further MMIO writes of the same instruction (a 16-byte SSE store, a store crossing
+    /// into a second MMIO page), reported one exit each after `pendingMMIOWrite`.
+    var moreMMIOWrites: [MMIOAccess] = []
+    /// DR0–DR3, DR6, DR7; `codeBreakpointsArmed`: DR7 enables an instruction breakpoint.
+    var debugAddress: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+    var dr6: UInt64 = 0xFFFF_0FF0, dr7: UInt64 = 0x400
+    var codeBreakpointsArmed = false
     /// Size of the `in` whose value `completeRead` will put in RAX (0: none).
     var pendingInSize = 0
     /// An `ins` element the VMM supplied; the re-executed `ins` stores it at [RDI].
@@ -194,10 +209,14 @@ final class CPU {
     /// The VMM's local APIC registers, reached through RDMSR/WRMSR (nil: #GP), and this
     /// vCPU's index for it.
     var platformMSRs: (any PlatformMSRHandler)?
+    /// The VMM's local APIC, which holds CR8 (as TPR[7:4]) when there is one.
+    var interruptController: (any PlatformInterruptController)?
     var vcpuIndex = 0
 
     /// nil with one vCPU: nothing to serialise against.
     let atomicLock: AtomicInstructionLock?
+    /// The locked instruction being executed, if any (AtomicExecution.swift).
+    var lockedAccess = LockedAccess()
 
     /// A direct-mapped TLB of 4 KiB translations: tag = linear page + 1 (0 = empty), the
     /// guest-physical frame, and what the cached walk allows (see `TLBBits`).
@@ -277,6 +296,8 @@ final class CPU {
         tlbBits = .allocate(capacity: Self.tlbSize)
         tlbBits.initialize(repeating: 0, count: Self.tlbSize)
         icache = .allocate(capacity: 1 << Self.icacheBits)
+        heldMMIOReads.reserveCapacity(16)  // an 8-byte read split into bytes, twice over
+        moreMMIOWrites.reserveCapacity(16)
         icache.initialize(repeating: Instr(), count: 1 << Self.icacheBits)
         context = .allocate(byteCount: TranslatorContext.size, alignment: 64)
         context.initializeMemory(as: UInt8.self, repeating: 0, count: TranslatorContext.size)
@@ -500,17 +521,17 @@ final class CPU {
     func readPhysical(_ gpa: UInt64, size: Int) throws(Fault) -> UInt64 {
         if gpa < ramSize && UInt64(size) <= ramSize - gpa {
             let p = ram + Int(gpa)
+            let v: UInt64
             switch size {
-            case 1: return UInt64(p.load(as: UInt8.self))
-            case 2: return UInt64(p.loadUnaligned(as: UInt16.self))
-            case 4: return UInt64(p.loadUnaligned(as: UInt32.self))
-            default: return p.loadUnaligned(as: UInt64.self)
+            case 1: v = UInt64(p.load(as: UInt8.self))
+            case 2: v = UInt64(p.loadUnaligned(as: UInt16.self))
+            case 4: v = UInt64(p.loadUnaligned(as: UInt32.self))
+            default: v = p.loadUnaligned(as: UInt64.self)
             }
+            if lockedAccess.active { lockedAccess.noteRead(gpa, size, v) }
+            return v
         }
-        if let pending = pendingMMIORead, pending.address == gpa, pending.size == UInt8(size) {
-            pendingMMIORead = nil
-            return pending.value
-        }
+        for held in heldMMIOReads where held.address == gpa && held.size == UInt8(size) { return held.value }
         throw .mmioRead(address: gpa, size: UInt8(size))
     }
 
@@ -542,6 +563,10 @@ final class CPU {
             let page = Int(gpa >> 12)
             CodePages.noteWrite(codeGens, page)
             let p = ram + Int(gpa)
+            if lockedAccess.active && lockedAccess.covers(gpa, size) {
+                lockedAccess.store(p, value)
+                return
+            }
             switch size {
             case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
             case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: value), as: UInt16.self)
@@ -550,7 +575,8 @@ final class CPU {
             }
             return
         }
-        pendingMMIOWrite = MMIOAccess(address: gpa, size: UInt8(size), direction: .write, value: value & Self.mask(size))
+        let w = MMIOAccess(address: gpa, size: UInt8(size), direction: .write, value: value & Self.mask(size))
+        if pendingMMIOWrite == nil { pendingMMIOWrite = w } else { moreMMIOWrites.append(w) }
         attention = true
     }
 
@@ -626,7 +652,7 @@ final class CPU {
         kernelGSBase = s.msrs[MSR.kernelGSBase] ?? 0
         if let tsc = s.msrs[MSR.tsc] { tscOffset = tsc &- instructions }
         if let f = s.fpu { fp.load(f) }
-        pendingMMIORead = nil; pendingMMIOWrite = nil; pendingInsValue = nil; awaitingInsValue = false
+        dropHeldMMIOReads(); pendingMMIOWrite = nil; moreMMIOWrites.removeAll(keepingCapacity: true); pendingInsValue = nil; awaitingInsValue = false
         pendingInSize = 0; lastMMIORead = nil; pendingExit = nil; attention = false
         flushTLB()
     }

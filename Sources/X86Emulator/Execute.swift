@@ -211,10 +211,10 @@ extension CPU {
             next = try farReturn(i)
         case 0xCC:
             commit(next)
-            throw Fault.softwareInterrupt(vector: 3, checkDPL: true)
+            throw Fault.softwareInterrupt(vector: 3, checkDPL: true, length: i.length)
         case 0xCD:
             commit(next)
-            throw Fault.softwareInterrupt(vector: UInt8(i.imm & 0xFF), checkDPL: true)
+            throw Fault.softwareInterrupt(vector: UInt8(i.imm & 0xFF), checkDPL: true, length: i.length)
         case 0xCF:
             try iret(size: i.rexW ? 8 : (i.opsize16 ? 2 : 4))
             instructions &+= 1
@@ -261,7 +261,7 @@ extension CPU {
             next = try branch(next &+ i.imm)
         case 0xF1:  // INT1
             commit(next)
-            throw Fault.softwareInterrupt(vector: 1, checkDPL: false)
+            throw Fault.softwareInterrupt(vector: 1, checkDPL: false, length: i.length)
         case 0xF4:
             guard cpl == 0 else { throw Fault.gp() }
             exit(.halt)
@@ -462,6 +462,7 @@ extension CPU {
             budget -= 1
             try stringElement(op, size, step, m, segBase, rex)
             gpr[1] = (gpr[1] &- 1) & m
+            if holdsMMIOReads { dropHeldMMIOReads() }  // the element's MMIO values are used up
             if op == 0xA6 || op == 0xA7 || op == 0xAE || op == 0xAF {
                 let zf = rflags & Flag.zf != 0
                 if (i.rep == 0xF3 && !zf) || (i.rep == 0xF2 && zf) { break }

@@ -4,9 +4,11 @@
 enum Fault: Error {
     /// A guest exception: vector and optional error code (CR2 already set for #PF).
     case exception(vector: UInt8, errorCode: UInt32?)
-    /// INT n / INT3 / INT1: delivered as a trap, RIP already past the instruction.
-    /// `checkDPL`: the gate's DPL must allow the current privilege level (not for INT1).
-    case softwareInterrupt(vector: UInt8, checkDPL: Bool)
+    /// INT n / INT3 / INT1: delivered as a trap, RIP already past the instruction
+    /// (`length` bytes long: an exception raised by the delivery is a fault of the
+    /// instruction, reported at its first byte). `checkDPL`: the gate's DPL must allow
+    /// the current privilege level (not for INT1).
+    case softwareInterrupt(vector: UInt8, checkDPL: Bool, length: UInt8)
     /// The instruction needs a value from an MMIO read the VMM must supply first.
     case mmioRead(address: UInt64, size: UInt8)
     /// Instruction fetch from a guest-physical address with no RAM behind it (KVM reports

@@ -202,6 +202,10 @@ extension CPU {
         gpr[4] = newRSP
         rip = newRIP
         if rpl > oldCPL { dropInaccessibleDataSegments(newCPL: rpl) }
+        if nmiBlocked {  // IRET ends NMI blocking; an NMI held meanwhile is taken next
+            nmiBlocked = false
+            attention = true
+        }
     }
 
     /// Delivers an exception or interrupt through the IDT (64-bit gates). Throws if the
@@ -276,7 +280,10 @@ extension CPU {
     /// Raises `vector` in the guest, applying the double-fault rules when delivery itself
     /// faults (Intel SDM Vol. 3 Table 6-5). Returns false on a triple fault.
     /// `after`: the exception whose delivery raised this one, outside this call.
-    func raise(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool, external: Bool = true, after: UInt8? = nil) -> Bool {
+    /// `instructionStart`: for INT n/INT3/INT1 (RIP already past it), where the instruction
+    /// begins: an exception its delivery raises is a fault reported there (SDM Vol. 3A §6.5).
+    func raise(vector: UInt8, errorCode: UInt32?, software: Bool, fault: Bool, external: Bool = true, after: UInt8? = nil,
+               instructionStart: UInt64? = nil) -> Bool {
         var v = vector, code = errorCode, sw = software, isFault = fault
         var first = vector
         if let prior = after {
@@ -307,6 +314,7 @@ extension CPU {
                 }
                 guard case let .exception(second, secondCode) = error else { return false }
                 if v == 8 { return false }  // fault while delivering #DF: triple fault
+                if let start = instructionStart, attempts == 1 { rip = start }
                 if Self.isDoubleFault(first: first, second: second) {
                     v = 8; code = 0
                 } else {

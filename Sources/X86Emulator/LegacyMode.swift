@@ -334,8 +334,7 @@ extension CPU {
         default:
             if op < 0x100 && op >= 0xD8 && op <= 0xDF { throw Fault.ud }
             if let lock = atomicLock, i.pfx & Instr.P.lock != 0 || (op & 0x1FE == 0x86 && i.isMem) {
-                let copy = i
-                try lock.mutex.withLock { _ throws(Fault) in try execute(copy) }
+                try executeLocked(i, lock)
             } else {
                 try execute(i)
             }

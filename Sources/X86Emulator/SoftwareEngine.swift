@@ -96,6 +96,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     private let exitRequested = Atomic<Bool>(false)
     /// Vectors waiting for RFLAGS.IF.
     private let pending = PendingInterrupts()
+    /// An NMI (injected as vector 2) waiting for NMI blocking to end; IF does not hold it.
+    private let nmiPending = Atomic<Bool>(false)
 
     /// The model of the VMX preemption timer: instructions (attempts, including ones that
     /// fault) left before `run()` returns `.preemptionTimer`; nil: timer off. It fires once
@@ -115,7 +117,10 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     }
 
     public func setPlatformMSRHandler(_ handler: (any PlatformMSRHandler)?) { cpu.platformMSRs = handler }
-    public func setInterruptController(_ controller: (any PlatformInterruptController)?) { interruptController = controller }
+    public func setInterruptController(_ controller: (any PlatformInterruptController)?) {
+        interruptController = controller
+        cpu.interruptController = controller
+    }
     private var interruptController: (any PlatformInterruptController)?
 
     /// The next injected vector the guest may take now (with a platform interrupt controller:
@@ -124,7 +129,6 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
         guard let controller = interruptController else { return pending.takeHighest() }
         let threshold = controller.processorPriority(vcpu: id) & 0xF0
         guard let v = pending.takeHighest() else { return nil }
-        if v == 2 { return v }  // NMI: not subject to the processor priority
         if v & 0xF0 <= threshold {
             pending.post(v)  // masked by priority: stays requested
             return nil
@@ -188,7 +192,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
             cpu.awaitingInsValue = false
             cpu.pendingInsValue = value
         } else if let last = cpu.lastMMIORead {
-            cpu.pendingMMIORead = (last.address, last.size, value & CPU.mask(Int(last.size)))
+            let read = CPU.MMIOReadValue(address: last.address, size: last.size, value: value & CPU.mask(Int(last.size)))
+            cpu.heldMMIOReads.append(read)
         }
         cpu.lastMMIORead = nil
     }
@@ -200,10 +205,13 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     /// Queues an external interrupt, delivered through the IDT once RFLAGS.IF is set and no
     /// STI/MOV SS interrupt shadow is in force (as KVM_INTERRUPT); the highest vector
     /// first. `hlt` exits to the VMM (which resumes the vCPU once one is pending, as with KVM).
-    /// A running vCPU sees it within one block.
-    public func injectInterrupt(vector: UInt8) { pending.post(vector) }
+    /// A running vCPU sees it within one block. Vector 2 is the NMI: taken whatever IF
+    /// says, and not again until the handler's IRET.
+    public func injectInterrupt(vector: UInt8) {
+        if vector == 2 { nmiPending.store(true, ordering: .releasing) } else { pending.post(vector) }
+    }
 
-    public var hasPendingInterrupt: Bool { !pending.isEmpty }
+    public var hasPendingInterrupt: Bool { !pending.isEmpty || nmiPending.load(ordering: .acquiring) }
 
     public var interruptsEnabled: Bool { cpu.rflags & Flag.if != 0 }
 
@@ -239,13 +247,21 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 return .interrupted
             }
             if cpu.shadowEntries != nil { syncShadowFlush() }
-            if !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = takeInterrupt() {
+            // An instruction re-executed with its MMIO values completes before any event.
+            let holdingReads = cpu.holdsMMIOReads
+            if !holdingReads && !cpu.interruptShadow && !cpu.nmiBlocked && nmiPending.load(ordering: .relaxed)
+                && nmiPending.exchange(false, ordering: .acquiring) {
+                cpu.nmiBlocked = true
+                if !cpu.raise(vector: 2, errorCode: nil, software: false, fault: false) { return .shutdown }
+                if cpu.attention { continue }
+            }
+            if !holdingReads && !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = takeInterrupt() {
                 if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }  // delivery stopped at an EPT violation
             }
             var limit = Self.blockSize
             let shadowed = cpu.interruptShadow
-            if shadowed { limit = 1 }  // look again right after the shadowed instruction
+            if shadowed || holdingReads { limit = 1 }  // look again right after the shadowed instruction
             if let budget = preemptionBudget {
                 if budget == 0 { preemptionBudget = nil; return .preemptionTimer }
                 limit = Int(min(UInt64(limit), budget))
@@ -254,7 +270,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
             let used: Int
             if cpu.inLegacyMode {
                 used = cpu.runLegacy(limit)  // boot code outside 64-bit mode: interpreted
-            } else if let t = cpu.translator {
+            } else if let t = cpu.translator, !cpu.codeBreakpointsArmed {
                 if limit >= 16 {
                     used = cpu.runTranslated(t, limit: limit)
                 } else {
@@ -265,6 +281,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 used = cpu.runBlock(limit)
             }
             if shadowed { cpu.interruptShadow = false }
+            // Done with the values unless the instruction stopped at a further MMIO read.
+            if holdingReads && cpu.lastMMIORead == nil { cpu.dropHeldMMIOReads() }
             if let budget = preemptionBudget { preemptionBudget = budget &- UInt64(used) }
         }
     }
@@ -285,8 +303,8 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     /// exit of the same instruction stays pending for the next `run()`).
     private func takeExit() -> VMExit? {
         if let w = cpu.pendingMMIOWrite {
-            cpu.pendingMMIOWrite = nil
-            cpu.attention = cpu.pendingExit != nil
+            cpu.pendingMMIOWrite = cpu.moreMMIOWrites.isEmpty ? nil : cpu.moreMMIOWrites.removeFirst()
+            cpu.attention = cpu.pendingExit != nil || cpu.pendingMMIOWrite != nil
             return .mmio(w)
         }
         cpu.attention = false
@@ -306,10 +324,10 @@ extension CPU {
         while left > 0 {
             left &-= 1
             do throws(Fault) {
+                if codeBreakpointsArmed { try checkCodeBreakpoints() }
                 let p = try fetchDecoded()
                 if let lock = atomicLock, p.pointee.pfx & Instr.P.lock != 0 || (p.pointee.op & 0x1FE == 0x86 && p.pointee.isMem) {
-                    let i = p.pointee
-                    try lock.mutex.withLock { _ throws(Fault) in try execute(i) }
+                    try executeLocked(p.pointee, lock)
                 } else {
                     try execute(p.pointee)
                 }
@@ -325,6 +343,7 @@ extension CPU {
     /// guest exceptions otherwise (triple fault: `.shutdown`).
     func handle(_ f: Fault) {
         pendingMMIOWrite = nil
+        if !moreMMIOWrites.isEmpty { moreMMIOWrites.removeAll(keepingCapacity: true) }
         switch f {
         case let .mmioRead(address, size):
             lastMMIORead = (address, size)
@@ -333,9 +352,10 @@ extension CPU {
             exceptionCount &+= 1
             if vector == 6 { undefinedOpcodeCount &+= 1 }
             if !raise(vector: vector, errorCode: code, software: false, fault: true) { exit(.shutdown) }
-        case let .softwareInterrupt(vector, checkDPL):
+        case let .softwareInterrupt(vector, checkDPL, length):
             exceptionCount &+= 1
-            if !raise(vector: vector, errorCode: nil, software: checkDPL, fault: false, external: false) { exit(.shutdown) }
+            if !raise(vector: vector, errorCode: nil, software: checkDPL, fault: false, external: false,
+                      instructionStart: rip &- UInt64(length)) { exit(.shutdown) }
         case let .secondLevelViolation(gpa, access):
             exit(.memoryFault(gpa: gpa, access: MemoryAccessKind(rawValue: access)))
         case let .shadowFault(linear, code):

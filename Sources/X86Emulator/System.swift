@@ -62,13 +62,19 @@ extension CPU {
             case 2: v = cr2
             case 3: v = cr3
             case 4: v = cr4
-            case 8: v = cr8
+            case 8: v = interruptController.map { UInt64($0.taskPriorityClass(vcpu: vcpuIndex)) } ?? cr8
             default: throw Fault.ud
             }
             gpr[Int(i.rm)] = v
         case 0x22:  // MOV CRn, r64
             try requireCPL0()
             try writeCR(Int(i.reg), gpr[Int(i.rm)])
+        case 0x21:  // MOV r64, DRn
+            try requireCPL0()
+            gpr[Int(i.rm)] = try readDR(Int(i.reg))
+        case 0x23:  // MOV DRn, r64
+            try requireCPL0()
+            try writeDR(Int(i.reg), gpr[Int(i.rm)])
         case 0x30:  // WRMSR
             try requireCPL0()
             try writeMSR(UInt32(truncatingIfNeeded: gpr[1]), (gpr[2] << 32) | (gpr[0] & 0xFFFF_FFFF))
@@ -290,7 +296,7 @@ extension CPU {
             switch i.modrm {
             case 0xD0, 0xD1:  // XGETBV, XSETBV
                 try extendedControlRegister(i)
-            case 0xC1:  // VMCALL: the hypercall exit; RAX receives the result via completeHypercall
+            case 0xC1, 0xD9:  // VMCALL, VMMCALL (either, as KVM takes both): the hypercall exit; RAX receives the result via completeHypercall
                 exit(.hypercall(Hypercall(number: gpr[0], arg0: gpr[7], arg1: gpr[6], arg2: gpr[2], arg3: gpr[10])))
             case 0xCA, 0xCB:  // CLAC, STAC
                 guard cpl == 0 else { throw Fault.ud }
@@ -385,6 +391,10 @@ extension CPU {
         case 8:
             guard v & ~0xF == 0 else { throw Fault.gp() }
             cr8 = v
+            if let apic = interruptController {
+                apic.setTaskPriorityClass(vcpu: vcpuIndex, UInt8(v))
+                attention = true  // a lower priority may let a requested interrupt in
+            }
         default: throw Fault.ud
         }
     }
@@ -410,9 +420,15 @@ extension CPU {
             if cr4 & CR.osxsave != 0 { c |= 1 << 27 }  // OSXSAVE mirrors CR4
             d = (1 << 0) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15)  // FPU PSE TSC MSR PAE CX8 PGE CMOV
             d |= (1 << 16) | (1 << 19) | (1 << 24) | (1 << 25) | (1 << 26)  // PAT CLFSH FXSR SSE SSE2
-            if platformMSRs != nil {  // the VMM's local APIC (PC platform): APIC, x2APIC, TSC deadline; initial APIC ID
-                d |= 1 << 9; c |= (1 << 21) | (1 << 24); b |= UInt32(truncatingIfNeeded: vcpuIndex) << 24
+            if let p = platformMSRs {  // the VMM's local APIC (PC platform): APIC (while enabled), x2APIC, TSC deadline; initial APIC ID
+                let base = p.readMSR(vcpu: vcpuIndex, index: MSR.apicBase, tsc: 0, apicBase: apicBase) ?? apicBase
+                if base & (1 << 11) != 0 { d |= 1 << 9 }
+                c |= (1 << 21) | (1 << 24); b |= UInt32(truncatingIfNeeded: vcpuIndex) << 24
             }
+        case 0xB where platformMSRs != nil:
+            // x2APIC topology: one thread per core (level 0, SMT); EDX the x2APIC ID.
+            if sub == 0 { a = 0; b = 1; c = 0x100 } else { c = sub & 0xFF }
+            d = UInt32(truncatingIfNeeded: vcpuIndex)
         case 7 where sub == 0:
             b = (1 << 0) | (1 << 7) | (1 << 20) | (1 << 23)  // FSGSBASE, SMEP, SMAP, CLFLUSHOPT
             c = 1 << 2  // UMIP
@@ -453,7 +469,8 @@ extension CPU {
         case MSR.gsBase: return gs.base
         case MSR.kernelGSBase: return kernelGSBase
         case MSR.tsc: return instructions &+ tscOffset
-        case MSR.apicBase: return apicBase
+        case MSR.apicBase:
+            return platformMSRs?.readMSR(vcpu: vcpuIndex, index: index, tsc: instructions &+ tscOffset, apicBase: apicBase) ?? apicBase
         case MSR.star: return star
         case MSR.lstar: return lstar
         case MSR.cstar: return cstar
@@ -483,7 +500,13 @@ extension CPU {
         case MSR.gsBase: try canonical(); gs.base = v
         case MSR.kernelGSBase: try canonical(); kernelGSBase = v
         case MSR.tsc: tscOffset = v &- instructions
-        case MSR.apicBase: apicBase = v
+        case MSR.apicBase:
+            // Bits 0–7, 9 and those above the physical-address width are reserved.
+            guard v & ~(Self.physicalAddressMask | 0xD00) == 0 else { throw Fault.gp() }
+            if let p = platformMSRs {
+                guard p.writeMSR(vcpu: vcpuIndex, index: index, value: v, tsc: instructions &+ tscOffset, apicBase: apicBase) else { throw Fault.gp() }
+            }
+            apicBase = v
         case MSR.star: star = v
         case MSR.lstar: try canonical(); lstar = v
         case MSR.cstar: try canonical(); cstar = v

@@ -60,16 +60,40 @@ struct KVMUnitTestsOnTheSoftwareEngine {
     /// Each named entry of unittests.cfg passes: isa-debug-exit status 1 and a SUMMARY line
     /// with no unexpected failure.
     @Test func namedEntriesPass() throws {
-        // smptest passed every run on the platform branch; since the merge about one run in
-        // six hangs after both CPUs enable their APICs (a race, not yet found): left out.
-        let named = ["setjmp", "msr", "tsc", "smap"]
+        let named = ["setjmp", "msr", "tsc", "smap", "smptest", "eventinj", "xsave", "ioapic", "sieve"]
+        let withoutSummary: Set = ["sieve"]  // prints its counts, no SUMMARY line: the exit status says it
         // A fixed scratch directory: the suite is rebuilt only when its source changes.
         let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("swiftvisor-kvm-unit-tests").path
         let outcomes = try KVMUnitTests.run(named, scratch: scratch)
         for name in named {
             let o = try #require(outcomes[name], "no result for \(name)")
             #expect(o.status == "PASS", "\(name): \(o.status), log in \(scratch)/logs/\(name).software.log")
+            if withoutSummary.contains(name) { continue }
             #expect(o.total > 0 && o.passed == o.total, "\(name): \(o.passed) of \(o.total) test cases passed")
+        }
+    }
+
+    /// smptest (2 vCPUs, translated code) passes every time: it once hung in about one run
+    /// of six, when a LOCKed XCHG on one vCPU wrote back over the other vCPU's plain-store
+    /// spinlock release. Each run is bounded (the guest's timeout, and `timeout` around it).
+    @Test func smptestPassesEveryRun() throws {
+        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("swiftvisor-kvm-unit-tests").path
+        _ = try KVMUnitTests.run(["smptest"], scratch: scratch)  // builds the suite if needed
+        let kernel = scratch + "/src/x86/smptest.flat"
+        for run in 1...20 {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/timeout")
+            p.arguments = ["-k", "5", "60", KVMUnitTests.swiftvisor, "run", "--engine", "software", "--memory", "256M",
+                           "--vcpus", "2", "--timeout", "30", "--kernel", kernel]
+            let out = Pipe()
+            p.standardOutput = out
+            p.standardError = out
+            p.standardInput = FileHandle.nullDevice
+            try p.run()
+            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            p.waitUntilExit()
+            #expect(p.terminationStatus == 1 && text.contains("PASS: IPI to each CPU"), "run \(run): status \(p.terminationStatus)\n\(text)")
+            if p.terminationStatus != 1 { break }
         }
     }
 }

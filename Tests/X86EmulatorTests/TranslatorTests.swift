@@ -47,8 +47,9 @@ struct TranslatorTests {
 
     /// Several vCPUs run translated code too: a function rewritten by CPU 1 after CPU 1
     /// cached a write permission for its page (before CPU 0 made it a code page) runs as
-    /// rewritten on CPU 0; and locked counters stay exact.
-    @Test(arguments: ["xmodify rounds=100", "smp count=3000"])
+    /// rewritten on CPU 0; locked counters stay exact; and a spinlock released by a plain
+    /// store is never lost under another CPU's XCHG (no hang, exact count).
+    @Test(arguments: ["xmodify rounds=100", "smp count=3000", "spinlock count=20000"])
     func sharedMemoryGuestsRunTranslated(_ spec: String) throws {
         let (guest, commandLine) = (String(spec.prefix { $0 != " " }), String(spec.drop { $0 != " " }.dropFirst()))
         let out = SerialCapture()
@@ -59,6 +60,7 @@ struct TranslatorTests {
         #expect(vcpus.count == 2 && vcpus.allSatisfy { $0.usesTranslation && $0.blocksTranslated > 0 })
         if guest == "xmodify" { #expect(out.text.contains("xmodify: 100 rewrites by cpu 1, each run as rewritten by cpu 0")) }
         if guest == "smp" { #expect(out.text.contains("smp: 2 cpus, counter=6000")) }
+        if guest == "spinlock" { #expect(out.text.contains("spinlock: 2 cpus, counter=40000")) }
     }
 
     /// Output, registers, RFLAGS, RAM and the instruction count (so the TSC and the

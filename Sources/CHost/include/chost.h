@@ -22,6 +22,18 @@ static inline uint64_t host_rdtsc(void) {
     return ((uint64_t)hi << 32) | lo;
 }
 
+/// A guest's locked read-modify-write lands in its RAM with one compare-exchange of 1, 2, 4
+/// or 8 bytes at `p` (any alignment: x86 locks a split access too); 1 if `expected` was
+/// still there and `desired` replaced it.
+static inline int host_compare_exchange(void *p, uint64_t expected, uint64_t desired, int size) {
+    switch (size) {
+    case 1: { uint8_t e = (uint8_t)expected; return __atomic_compare_exchange_n((uint8_t *)p, &e, (uint8_t)desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }
+    case 2: { uint16_t e = (uint16_t)expected; return __atomic_compare_exchange_n((uint16_t *)p, &e, (uint16_t)desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }
+    case 4: { uint32_t e = (uint32_t)expected; return __atomic_compare_exchange_n((uint32_t *)p, &e, (uint32_t)desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }
+    default: { uint64_t e = expected; return __atomic_compare_exchange_n((uint64_t *)p, &e, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); }
+    }
+}
+
 // Memory
 int host_memfd_create(const char *name);
 /* Frees [offset, offset+length) of a memfd and drops it from `mapping` (the memfd's

@@ -64,12 +64,9 @@ public final class IOAPIC: MMIODevice, Sendable {
                 }
                 return nil
             }
-            if let pin {
-                let e = state.withLock { $0.entries[pin] }
-                apics.setTriggerMode(vector: UInt8(e & 0xFF), level: e & (1 << 15) != 0, logical: e & (1 << 11) != 0,
-                                     destination: UInt32(e >> 56))
-                service(pin)  // unmasking an asserted level-triggered pin delivers it
-            }
+            // Unmasking an asserted level-triggered pin delivers it. (The local APICs' TMR
+            // follows the interrupts they accept, not the routing: SDM Vol. 3A §10.8.4.)
+            if let pin { service(pin) }
         case 0x40: endOfInterrupt(vector: UInt8(truncatingIfNeeded: v))
         default: break
         }
@@ -120,16 +117,4 @@ public final class IOAPIC: MMIODevice, Sendable {
         }
         for pin in pins { service(pin) }
     }
-}
-
-/// QEMU's pc-testdev, as far as kvm-unit-tests uses it: port 0xE4 (a page "flush", nothing
-/// to do here) and ports 0x2000–0x2017, whose byte written sets I/O APIC input line
-/// `port - 0x2000`.
-public final class PCTestDevice: PortIODevice, Sendable {
-    public static let irqPort: UInt16 = 0x2000
-    public var name: String { "pc-testdev" }
-    private let ioapic: IOAPIC
-    public init(ioapic: IOAPIC) { self.ioapic = ioapic }
-    public func portRead(offset: UInt16, size: UInt8) -> UInt32 { 0 }
-    public func portWrite(offset: UInt16, size: UInt8, value: UInt32) { ioapic.setLine(Int(offset), value & 1 != 0) }
 }

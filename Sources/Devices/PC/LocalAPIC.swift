@@ -14,11 +14,17 @@ public struct LocalAPICWiring: Sendable {
     }
 }
 
-/// One local APIC per vCPU, in xAPIC form (the page at 0xFEE00000, which each vCPU sees
-/// as its own) and x2APIC form (MSRs 0x800–0x8FF, through `PlatformMSRHandler`): ID,
-/// version, TPR/PPR, EOI, LDR/DFR, SVR, ISR/TMR/IRR, ESR, ICR (fixed, NMI, INIT, STARTUP
-/// with the destination shorthands, physical and flat logical destinations), the LVT and
-/// the timer (one-shot, periodic, TSC-deadline) counting at 1 GHz, host time.
+/// One local APIC per vCPU, in xAPIC form (a page at the vCPU's IA32_APIC_BASE, normally
+/// 0xFEE00000, which each vCPU sees as its own) and x2APIC form (MSRs 0x800–0x8FF, through
+/// `PlatformMSRHandler`): ID, version, TPR/PPR (CR8 is TPR[7:4]), EOI, LDR/DFR, SVR,
+/// ISR/TMR/IRR, ESR, ICR (fixed, NMI, INIT, STARTUP with the destination shorthands,
+/// physical, flat and cluster logical destinations, x2APIC logical IDs), the LVT and the
+/// timer (one-shot, periodic, TSC-deadline) counting at 1 GHz, host time.
+///
+/// IA32_APIC_BASE (MSR 0x1B) is kept here too: its state machine (disabled, xAPIC, x2APIC;
+/// SDM Vol. 3A §10.12.5 — no x2APIC → xAPIC or disabled → x2APIC step, EN=0 with EXTD=1
+/// invalid) and where the xAPIC page is. A disabled APIC, or one in x2APIC mode, does not
+/// answer at its page (the bus reads all-ones there).
 ///
 /// An accepted interrupt is requested (IRR) and handed to the vCPU at once; the engine
 /// takes it once RFLAGS.IF is set and its priority class is above the processor priority
@@ -27,17 +33,25 @@ public struct LocalAPICWiring: Sendable {
 public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptController, Sendable {
     public static let base: UInt64 = 0xFEE0_0000
     public static let tscDeadlineMSR: UInt32 = 0x6E0
+    public static let apicBaseMSR: UInt32 = 0x1B
+    static let baseEnable: UInt64 = 1 << 11
+    static let baseAddressMask: UInt64 = 0xFF_FFFF_F000
     /// The timer's input clock (and the TSC rate the deadline mode assumes): 1 GHz.
     public static let timerHz: UInt64 = 1_000_000_000
 
     struct Registers {
+        /// IA32_APIC_BASE: page address, EN (11), EXTD (10), BSP (8).
+        var base: UInt64
         var tpr: UInt32 = 0, ldr: UInt32 = 0, dfr: UInt32 = 0xFFFF_FFFF, svr: UInt32 = 0xFF, esr: UInt32 = 0
         var icrHigh: UInt32 = 0
         var lvt = [UInt32](repeating: 0x1_0000, count: 7)  // timer, CMCI→thermal, perf, LINT0, LINT1, error (masked)
         var isr = [UInt32](repeating: 0, count: 8), irr = [UInt32](repeating: 0, count: 8), tmr = [UInt32](repeating: 0, count: 8)
         var initialCount: UInt32 = 0, divide: UInt32 = 0
-        /// Host time the current count started from, and the TSC deadline armed (0: none).
+        /// Host time the current count (or, periodic, the current period) started from; a
+        /// one-shot count that reached 0 and was then made periodic stays stopped until
+        /// the next initial-count write; the TSC deadline armed (0: none).
         var countStart: UInt64 = 0
+        var countStopped = false
         var deadline: UInt64 = 0
         var timer: DispatchSourceTimer?
         var timerGeneration: UInt64 = 0
@@ -45,7 +59,8 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
 
     /// One APIC's registers behind its lock.
     private final class Unit: Sendable {
-        let state = Mutex(Registers())
+        let state: Mutex<Registers>
+        init(bsp: Bool) { state = Mutex(Registers(base: 0xFEE0_0000 | LocalAPICBank.baseEnable | (bsp ? 0x100 : 0))) }
     }
     private let apics: [Unit]
     private let wiring: LocalAPICWiring
@@ -57,7 +72,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     public var count: Int { apics.count }
 
     public init(vcpuCount: Int, wiring: LocalAPICWiring) {
-        apics = (0..<vcpuCount).map { _ in Unit() }
+        apics = (0..<vcpuCount).map { Unit(bsp: $0 == 0) }
         self.wiring = wiring
     }
 
@@ -66,6 +81,44 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     }
 
     // MARK: Register access
+
+    private enum Mode { case disabled, xAPIC, x2APIC }
+    private static func mode(_ base: UInt64) -> Mode {
+        base & baseEnable == 0 ? .disabled : (base & x2APICEnable != 0 ? .x2APIC : .xAPIC)
+    }
+
+    /// Where `address` falls in vCPU `vcpu`'s xAPIC page, or nil when its APIC does not
+    /// answer there (elsewhere, disabled, or in x2APIC mode).
+    public func mmioOffset(vcpu: Int, address: UInt64) -> UInt64? {
+        guard vcpu < apics.count else { return nil }
+        let base = apics[vcpu].state.withLock { $0.base }
+        guard Self.mode(base) == .xAPIC, address & ~0xFFF == base & Self.baseAddressMask else { return nil }
+        return address & 0xFFF
+    }
+
+    /// A WRMSR to IA32_APIC_BASE (reserved bits already checked by the CPU): false (#GP)
+    /// for an invalid state or transition.
+    private func setBase(vcpu: Int, _ value: UInt64) -> Bool {
+        guard value & Self.x2APICEnable == 0 || value & Self.baseEnable != 0 else { return false }  // EXTD without EN
+        return apics[vcpu].state.withLock { r -> Bool in
+            let old = Self.mode(r.base), new = Self.mode(value)
+            if old == .x2APIC && new == .xAPIC { return false }
+            if old == .disabled && new == .x2APIC { return false }
+            r.base = value
+            return true
+        }
+    }
+
+    /// The task-priority class (CR8 = TPR[7:4]).
+    public func taskPriorityClass(vcpu: Int) -> UInt8 {
+        guard vcpu < apics.count else { return 0 }
+        return UInt8(truncatingIfNeeded: apics[vcpu].state.withLock { $0.tpr } >> 4)
+    }
+
+    public func setTaskPriorityClass(vcpu: Int, _ value: UInt8) {
+        guard vcpu < apics.count else { return }
+        apics[vcpu].state.withLock { $0.tpr = UInt32(value & 0xF) << 4 }
+    }
 
     /// xAPIC MMIO from vCPU `vcpu` at `offset` within the APIC page.
     public func mmioRead(vcpu: Int, offset: UInt64, size: UInt8) -> UInt64 {
@@ -96,7 +149,8 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     public func readMSR(vcpu: Int, index: UInt32, tsc: UInt64, apicBase: UInt64) -> UInt64? {
         guard vcpu < apics.count else { return nil }
         if index == Self.tscDeadlineMSR { return apics[vcpu].state.withLock { $0.deadline } }
-        guard index >= 0x800, index <= 0x8FF, apicBase & Self.x2APICEnable != 0 else { return nil }
+        if index == Self.apicBaseMSR { return apics[vcpu].state.withLock { $0.base } }
+        guard index >= 0x800, index <= 0x8FF, Self.mode(apics[vcpu].state.withLock { $0.base }) == .x2APIC else { return nil }
         let reg = Int(index - 0x800)
         guard Self.x2APICReadOnly.contains(reg) || Self.x2APICReadWrite.contains(reg) else { return nil }
         switch reg {
@@ -113,7 +167,8 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             armDeadline(vcpu: vcpu, deadline: value, tsc: tsc)
             return true
         }
-        guard index >= 0x800, index <= 0x8FF, apicBase & Self.x2APICEnable != 0 else { return false }
+        if index == Self.apicBaseMSR { return setBase(vcpu: vcpu, value) }
+        guard index >= 0x800, index <= 0x8FF, Self.mode(apics[vcpu].state.withLock { $0.base }) == .x2APIC else { return false }
         let reg = Int(index - 0x800)
         guard Self.x2APICReadWrite.contains(reg) || Self.x2APICWriteOnly.contains(reg) else { return false }
         guard reg == 0x30 || value >> 32 == 0 else { return false }  // bits 63:32 are reserved except in the ICR
@@ -166,11 +221,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         case 0x0F: apics[vcpu].state.withLock { $0.svr = value & 0x13FF }
         case 0x28: apics[vcpu].state.withLock { $0.esr = 0 }
         case 0x32:
-            apics[vcpu].state.withLock { r in
-                let oldMode = (r.lvt[0] >> 17) & 3
-                r.lvt[0] = value & 0x7_10FF
-                if (value >> 17) & 3 != oldMode { r.initialCount = 0; r.deadline = 0; cancelTimer(&r) }
-            }
+            apics[vcpu].state.withLock { r in changeTimerMode(vcpu: vcpu, &r, lvt: value & 0x7_10FF) }
         case 0x33...0x37: apics[vcpu].state.withLock { $0.lvt[index - 0x32] = value & 0x1_17FF }
         case 0x38: startCount(vcpu: vcpu, value)
         case 0x3E: apics[vcpu].state.withLock { $0.divide = value & 0xB }
@@ -195,7 +246,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     public func accept(vcpu: Int, vector: UInt8, level: Bool = false) {
         guard vcpu < apics.count, vector >= 16 else { return }
         let enabled = apics[vcpu].state.withLock { r -> Bool in
-            guard r.svr & 0x100 != 0 else { return false }  // software-disabled APIC drops it
+            guard r.svr & 0x100 != 0, r.base & Self.baseEnable != 0 else { return false }  // a disabled APIC drops it
             r.irr[Int(vector >> 5)] |= 1 << UInt32(vector & 31)
             let bit: UInt32 = 1 << UInt32(vector & 31)
             if level { r.tmr[Int(vector >> 5)] |= bit } else { r.tmr[Int(vector >> 5)] &= ~bit }
@@ -228,18 +279,6 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         if let v = levelVector, let eoi = levelEOI.withLock({ $0 }) { eoi(v) }
     }
 
-    /// The I/O APIC routes `vector` to these APICs with this trigger mode (their TMR bit
-    /// follows the routing, as KVM keeps it, before any interrupt arrives).
-    public func setTriggerMode(vector: UInt8, level: Bool, logical: Bool, destination: UInt32) {
-        guard vector >= 16 else { return }
-        let bit: UInt32 = 1 << UInt32(vector & 31)
-        for t in targets(source: 0, shorthand: 0, logical: logical, destination: destination, x2APIC: false) {
-            apics[t].state.withLock { r in
-                if level { r.tmr[Int(vector >> 5)] |= bit } else { r.tmr[Int(vector >> 5)] &= ~bit }
-            }
-        }
-    }
-
     /// An interrupt message from the I/O APIC (xAPIC destination format).
     public func deliverMessage(vector: UInt8, mode: UInt32, logical: Bool, destination: UInt32, level: Bool) {
         for t in targets(source: 0, shorthand: 0, logical: logical, destination: destination, x2APIC: false) {
@@ -261,15 +300,24 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             let broadcast: UInt32 = x2APIC ? 0xFFFF_FFFF : 0xFF
             if destination == broadcast { return Array(0..<apics.count) }
             if !logical { return Int(destination) < apics.count ? [Int(destination)] : [] }
-            if x2APIC {
-                let cluster = Int(destination >> 16), bits = destination & 0xFFFF
-                return (0..<apics.count).filter { $0 >> 4 == cluster && bits & (1 << UInt32($0 & 15)) != 0 }
-            }
             return (0..<apics.count).filter { id in
-                let ldr = apics[id].state.withLock { $0.ldr } >> 24
-                return ldr & destination != 0
+                apics[id].state.withLock { Self.matchesLogical($0, id: id, destination: destination) }
             }
         }
+    }
+
+    /// Logical destination `destination` names APIC `id`: in x2APIC mode by its logical ID
+    /// (cluster id >> 4 in bits 31:16, one of 16 bits below; an 8-bit xAPIC-format message
+    /// addresses cluster 0); in xAPIC mode by its LDR, flat (one of 8 bits) or cluster
+    /// (DFR model 0: cluster in bits 7:4, one of 4 bits below).
+    private static func matchesLogical(_ r: Registers, id: Int, destination: UInt32) -> Bool {
+        if mode(r.base) == .x2APIC {
+            let ldr = UInt32(((id >> 4) << 16) | (1 << (id & 15)))
+            return ldr >> 16 == destination >> 16 && ldr & destination & 0xFFFF != 0
+        }
+        let logicalID = r.ldr >> 24, d = destination & 0xFF
+        if r.dfr >> 28 == 0xF { return logicalID & d != 0 }
+        return logicalID >> 4 == d >> 4 && logicalID & d & 0xF != 0
     }
 
     private func sendIPI(from source: Int, low: UInt32, destination: UInt32, x2APIC: Bool) {
@@ -297,13 +345,52 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         return code == 7 ? 1 : UInt64(2) << UInt64(code)
     }
 
+    private static func timerMode(_ r: Registers) -> UInt32 { (r.lvt[0] >> 17) & 3 }
+
     private static func currentCount(_ r: Registers, now: UInt64) -> UInt32 {
-        guard r.initialCount != 0, (r.lvt[0] >> 17) & 3 != 2 else { return 0 }
+        guard r.initialCount != 0, !r.countStopped, timerMode(r) != 2 else { return 0 }
         let ticks = (now &- r.countStart) / divisor(r)  // 1 GHz: one tick per nanosecond
-        let periodic = (r.lvt[0] >> 17) & 3 == 1
         let initial = UInt64(r.initialCount)
-        if periodic { return UInt32(initial - ticks % initial) }
+        if timerMode(r) == 1 { return UInt32(initial - ticks % initial) }
         return ticks >= initial ? 0 : UInt32(initial - ticks)
+    }
+
+    /// A write of the LVT timer entry. Between one-shot and periodic the count goes on
+    /// from where it is (periodic → one-shot: the current period is the one-shot's; an
+    /// expired one-shot made periodic stays at 0); into or out of TSC-deadline mode the
+    /// timer stops and the count and deadline clear.
+    private func changeTimerMode(vcpu: Int, _ r: inout Registers, lvt: UInt32) {
+        let old = Self.timerMode(r), new = (lvt >> 17) & 3
+        r.lvt[0] = lvt
+        guard old != new else { return }
+        guard old != 2 && new != 2 else {
+            r.initialCount = 0; r.deadline = 0; r.countStopped = false
+            cancelTimer(&r)
+            return
+        }
+        guard r.initialCount != 0, !r.countStopped else { return }
+        let now = monotonicNanoseconds()
+        let period = UInt64(r.initialCount) * Self.divisor(r)
+        let elapsed = now &- r.countStart
+        if old == 1 {
+            r.countStart &+= elapsed - elapsed % period
+        } else if elapsed >= period {
+            r.countStopped = true
+        }
+        rearm(vcpu: vcpu, &r, now: now)
+    }
+
+    /// Schedules the next expiry of the count (none when it is stopped or has expired).
+    private func rearm(vcpu: Int, _ r: inout Registers, now: UInt64) {
+        cancelTimer(&r)
+        guard Self.timerMode(r) != 2, r.initialCount != 0, !r.countStopped else { return }
+        let period = UInt64(r.initialCount) * Self.divisor(r)
+        let elapsed = now &- r.countStart
+        if Self.timerMode(r) == 1 {
+            schedule(vcpu: vcpu, &r, afterNanoseconds: period - elapsed % period, repeating: period)
+        } else if elapsed < period {
+            schedule(vcpu: vcpu, &r, afterNanoseconds: period - elapsed, repeating: nil)
+        }
     }
 
     private func cancelTimer(_ r: inout Registers) {
@@ -314,13 +401,11 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
 
     private func startCount(vcpu: Int, _ count: UInt32) {
         apics[vcpu].state.withLock { r in
-            guard (r.lvt[0] >> 17) & 3 != 2 else { return }  // ignored in TSC-deadline mode
-            cancelTimer(&r)
+            guard Self.timerMode(r) != 2 else { return }  // ignored in TSC-deadline mode
             r.initialCount = count
+            r.countStopped = false
             r.countStart = monotonicNanoseconds()
-            guard count != 0 else { return }
-            let period = UInt64(count) * Self.divisor(r)
-            schedule(vcpu: vcpu, &r, afterNanoseconds: period, repeating: (r.lvt[0] >> 17) & 3 == 1 ? period : nil)
+            rearm(vcpu: vcpu, &r, now: r.countStart)
         }
     }
 
