@@ -112,7 +112,7 @@ extension Machine {
     public func migrate(to address: MigrationAddress, options: MigrationOptions = MigrationOptions(),
                         progress: ((MigrationProgress) -> Void)? = nil) throws -> MigrationReport {
         if options.resume { return try resumePostcopy(to: address, options: options, progress: progress) }
-        if let reason = endReason { throw MigrationError.notMigratable("the VM has already ended (\(reason)): only a running VM can be migrated") }
+        if let reason = endReason { throw MigrationError.notMigratable("the VM has already ended (\(reason.summary)): only a running VM can be migrated") }
         try checkDevicesSavable()
         let dirtyLog = try vm.require(DirtyPageLogging.self, .dirtyLogging, neededBy: "live migration")
         guard migrationGuard.tryBegin() else { throw MigrationError.alreadyMigrating }
