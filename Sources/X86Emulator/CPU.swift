@@ -134,6 +134,8 @@ final class CPU {
     var star: UInt64 = 0, lstar: UInt64 = 0, cstar: UInt64 = 0, fmask: UInt64 = 0, pat: UInt64 = 0x0007_0406_0007_0406
     var sysenterCS: UInt64 = 0, sysenterESP: UInt64 = 0, sysenterEIP: UInt64 = 0, tscAux: UInt64 = 0
     var kernelGSBase: UInt64 = 0
+    /// DR0–DR3, DR6, DR7: kept for MOV DR (no breakpoint fires; kernels save and restore them).
+    var debugRegisters: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0xFFFF_0FF0, 0x400)
     var tscOffset: UInt64 = 0
     /// x87 and SSE registers (SSE/FloatingPointState.swift).
     var fp = FloatingPointState()

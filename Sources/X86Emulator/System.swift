@@ -69,6 +69,29 @@ extension CPU {
         case 0x22:  // MOV CRn, r64
             try requireCPL0()
             try writeCR(Int(i.reg), gpr[Int(i.rm)])
+        case 0x21:  // MOV r64, DRn (DR4/DR5 alias DR6/DR7 while CR4.DE is clear)
+            try requireCPL0()
+            switch i.reg & 7 {
+            case 0: gpr[Int(i.rm)] = debugRegisters.0
+            case 1: gpr[Int(i.rm)] = debugRegisters.1
+            case 2: gpr[Int(i.rm)] = debugRegisters.2
+            case 3: gpr[Int(i.rm)] = debugRegisters.3
+            case 6, 4: gpr[Int(i.rm)] = debugRegisters.4
+            default: gpr[Int(i.rm)] = debugRegisters.5
+            }
+        case 0x23:  // MOV DRn, r64
+            try requireCPL0()
+            let v = gpr[Int(i.rm)]
+            switch i.reg & 7 {
+            case 0: debugRegisters.0 = v
+            case 1: debugRegisters.1 = v
+            case 2: debugRegisters.2 = v
+            case 3: debugRegisters.3 = v
+            case 6, 4: debugRegisters.4 = (v & 0xF00F) | 0xFFFF_0FF0
+            default:
+                guard v >> 32 == 0 else { throw Fault.gp() }
+                debugRegisters.5 = (v & 0xFFFF_2BFF) | 0x400
+            }
         case 0x30:  // WRMSR
             try requireCPL0()
             try writeMSR(UInt32(truncatingIfNeeded: gpr[1]), (gpr[2] << 32) | (gpr[0] & 0xFFFF_FFFF))
@@ -413,6 +436,8 @@ extension CPU {
             if platformMSRs != nil {  // the VMM's local APIC (PC platform): APIC, x2APIC, TSC deadline; initial APIC ID
                 d |= 1 << 9; c |= (1 << 21) | (1 << 24); b |= UInt32(truncatingIfNeeded: vcpuIndex) << 24
             }
+        case 6 where platformMSRs != nil:
+            a = 1 << 2  // ARAT: the PC platform's APIC timer runs in every C-state
         case 7 where sub == 0:
             b = (1 << 0) | (1 << 7) | (1 << 20) | (1 << 23)  // FSGSBASE, SMEP, SMAP, CLFLUSHOPT
             c = 1 << 2  // UMIP
