@@ -46,6 +46,7 @@ public enum PCPlatform {
         try machine.attach(PCTestDevice(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
         machine.uart.connectInterruptLine { [weak ioapic] level in ioapic?.setLine(UART16550.com1IRQ, level) }
         if case .linux = image {
+            try machine.attach(CMOSClock(), firstPort: CMOSClock.port, count: 2)
             try machine.attach(ACPIPowerManagement(sleepTypeS5: ACPITables.sleepTypeS5) { [weak machine] in machine?.requestStop(.exitPort(status: 0)) },
                                firstPort: ACPIPowerManagement.eventBlock, count: ACPIPowerManagement.portCount)
         }

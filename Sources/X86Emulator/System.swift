@@ -423,8 +423,8 @@ extension CPU {
         switch leaf {
         case 0:
             a = 0xD
-            b = 0x6674_6977  // "Swif"
-            d = 0x6F73_6976  // "tvis"
+            b = 0x6669_7753  // "Swif"
+            d = 0x7369_7674  // "tvis"
             c = 0x5753_726F  // "orSW"
         case 1:
             a = 0x0000_0600
