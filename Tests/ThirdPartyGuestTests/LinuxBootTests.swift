@@ -1,5 +1,4 @@
 import Foundation
-import Synchronization
 import TestSupport
 import Testing
 
@@ -49,7 +48,7 @@ final class LinuxRun: Sendable {
     let process = Process()
     private let input = Pipe()
     private let output = Pipe()
-    private let collected = Mutex<[UInt8]>([])
+    private let console = SerialCapture()
 
     init(_ files: LinuxGuest.Files, vcpus: Int = 1, cmdline: String = "console=ttyS0 tsc_early_khz=1000000") throws {
         process.executableURL = URL(fileURLWithPath: KVMUnitTests.swiftvisor)
@@ -59,14 +58,13 @@ final class LinuxRun: Sendable {
         process.standardInput = input
         process.standardOutput = output
         process.standardError = output
-        output.fileHandleForReading.readabilityHandler = { [collected] handle in
-            let data = handle.availableData
-            collected.withLock { $0.append(contentsOf: data) }
+        output.fileHandleForReading.readabilityHandler = { [console] handle in
+            for byte in handle.availableData { console.append(byte) }
         }
         try process.run()
     }
 
-    var text: String { String(decoding: collected.withLock { $0 }, as: UTF8.self) }
+    var text: String { console.text }
 
     /// Waits (bounded) until the output after `from` contains `needle`; the offset past it.
     func waitFor(_ needle: String, after from: String.Index? = nil, seconds: Double) -> String.Index? {
