@@ -8,6 +8,8 @@ import Synchronization
 /// a driver probing the chip sees a 16550A; the interrupt line itself is `irqLine`.
 public final class UART16550: PortIODevice, Sendable {
     public static let com1: UInt16 = 0x3F8
+    /// COM1's ISA interrupt line.
+    public static let com1IRQ = 4
     public static let registerCount = 8
 
     public let name: String
@@ -33,13 +35,24 @@ public final class UART16550: PortIODevice, Sendable {
     private let state = Mutex(Registers())
     private let output: @Sendable (UInt8) -> Void
     /// Raised/lowered when the interrupt condition changes (nil: no interrupt line wired).
-    private let irqLine: (@Sendable (Bool) -> Void)?
+    private let wiredLine: Mutex<(@Sendable (Bool) -> Void)?>
 
     public init(name: String = "com1", output: @escaping @Sendable (UInt8) -> Void,
                 irqLine: (@Sendable (Bool) -> Void)? = nil) {
         self.name = name
         self.output = output
-        self.irqLine = irqLine
+        wiredLine = Mutex(irqLine)
+    }
+
+    /// Wires the interrupt line (a platform's interrupt controller input), replacing any
+    /// earlier one. Before the guest runs.
+    public func connectInterruptLine(_ line: @escaping @Sendable (Bool) -> Void) {
+        wiredLine.withLock { $0 = line }
+    }
+
+    private func irqLine(_ level: Bool) {
+        guard let line = wiredLine.withLock({ $0 }) else { return }
+        line(level)
     }
 
     /// Queues bytes for the guest to read (e.g. from the host terminal).
@@ -49,7 +62,7 @@ public final class UART16550: PortIODevice, Sendable {
             r.input.append(contentsOf: bytes)
             return Self.interruptPending(r)
         }
-        irqLine?(irq)
+        irqLine(irq)
     }
 
     public var pendingInputCount: Int { state.withLock { $0.input.count - $0.inputHead } }
@@ -110,7 +123,7 @@ public final class UART16550: PortIODevice, Sendable {
             default: return 0xFF
             }
         }
-        if let irq { irqLine?(irq) }
+        if let irq { irqLine(irq) }
         return UInt32(value)
     }
 
@@ -139,6 +152,6 @@ public final class UART16550: PortIODevice, Sendable {
             return Self.interruptPending(r)
         }
         if emit { output(byte) }
-        irqLine?(irq)
+        irqLine(irq)
     }
 }

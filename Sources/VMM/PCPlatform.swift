@@ -12,11 +12,20 @@ public enum PCPlatform {
     public static func machine(kernel: [UInt8], modules: [(bytes: [UInt8], commandLine: String)] = [],
                                configuration: MachineConfiguration, engine: any Engine,
                                serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> Machine {
-        let image = try MultibootKernel(bytes: kernel)
+        // A bzImage or vmlinux boots through the Linux boot protocol; anything else must be multiboot.
+        let image: KernelImage = LinuxKernel.isBzImage(kernel) || LinuxKernel.isELF64(kernel)
+            ? .linux(try LinuxKernel(bytes: kernel)) : .multiboot(try MultibootKernel(bytes: kernel))
         var config = configuration
         config.debugExitEncoding = true
         let machine = try Machine(configuration: config, engine: engine, image: nil, serialOutput: serialOutput) { memory in
-            let boot = try image.load(into: memory, commandLine: configuration.commandLine, modules: modules)
+            let boot: VCPUState
+            switch image {
+            case let .linux(linux):
+                boot = try linux.load(into: memory, commandLine: configuration.commandLine, initrd: modules.first?.bytes)
+                try ACPITables.write(into: memory, vcpuCount: configuration.vcpuCount, ioapicID: UInt8(configuration.vcpuCount))
+            case let .multiboot(multiboot):
+                boot = try multiboot.load(into: memory, commandLine: configuration.commandLine, modules: modules)
+            }
             // Application processors get their state at STARTUP; until then they do not run.
             return [boot] + (1..<max(1, configuration.vcpuCount)).map { _ in MultibootKernel.startupState(vector: 0) }
         }
@@ -37,6 +46,12 @@ public enum PCPlatform {
         try machine.attach(PCTestDevice.InterruptLines(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
         try machine.attach(PCTestDevice.Register(), firstPort: PCTestDevice.registerPort, count: PCTestDevice.registerPortCount)
         try machine.attach(PCTestDevice.Memory(), base: PCTestDevice.memoryBase, size: PCTestDevice.memorySize)
+        machine.uart.connectInterruptLine { [weak ioapic] level in ioapic?.setLine(UART16550.com1IRQ, level) }
+        if case .linux = image {
+            try machine.attach(CMOSClock(), firstPort: CMOSClock.port, count: 2)
+            try machine.attach(ACPIPowerManagement(sleepTypeS5: ACPITables.sleepTypeS5) { [weak machine] in machine?.requestStop(.exitPort(status: 0)) },
+                               firstPort: ACPIPowerManagement.eventBlock, count: ACPIPowerManagement.portCount)
+        }
         machine.startupGate = count > 1 ? gate : nil
         machine.addMessageSignalledInterruptSource()
         let msrs = PCPlatformMSRs(apic: apic, vcpuCount: count)
@@ -90,4 +105,10 @@ final class PCPlatformMSRs: PlatformMSRHandler {
         }
         return apic.writeMSR(vcpu: vcpu, index: index, value: value, tsc: tsc, apicBase: apicBase)
     }
+}
+
+/// What `--kernel` names: a Linux kernel (bzImage or vmlinux) or a multiboot kernel.
+private enum KernelImage {
+    case linux(LinuxKernel)
+    case multiboot(MultibootKernel)
 }

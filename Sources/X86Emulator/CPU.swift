@@ -100,7 +100,7 @@ enum CR {
     static let tsd: UInt64 = 1 << 2, de: UInt64 = 1 << 3, pae: UInt64 = 1 << 5, umip: UInt64 = 1 << 11, fsgsbase: UInt64 = 1 << 16
     static let smep: UInt64 = 1 << 20, smap: UInt64 = 1 << 21
     /// VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT UMIP FSGSBASE OSXSAVE SMEP SMAP.
-    static let cr4Valid: UInt64 = 0x7FF | fsgsbase | 1 << 18 | smep | smap
+    static let cr4Valid: UInt64 = 0x7FF | umip | fsgsbase | 1 << 18 | smep | smap
     static let eferSCE: UInt64 = 1, eferLME: UInt64 = 1 << 8, eferLMA: UInt64 = 1 << 10, eferNXE: UInt64 = 1 << 11
 }
 

@@ -410,8 +410,8 @@ extension CPU {
         switch leaf {
         case 0:
             a = 0xD
-            b = 0x6674_6977  // "Swif"
-            d = 0x6F73_6976  // "tvis"
+            b = 0x6669_7753  // "Swif"
+            d = 0x7369_7674  // "tvis"
             c = 0x5753_726F  // "orSW"
         case 1:
             a = 0x0000_0600
@@ -429,6 +429,8 @@ extension CPU {
             // x2APIC topology: one thread per core (level 0, SMT); EDX the x2APIC ID.
             if sub == 0 { a = 0; b = 1; c = 0x100 } else { c = sub & 0xFF }
             d = UInt32(truncatingIfNeeded: vcpuIndex)
+        case 6 where platformMSRs != nil:
+            a = 1 << 2  // ARAT: the PC platform's APIC timer runs in every C-state
         case 7 where sub == 0:
             b = (1 << 0) | (1 << 7) | (1 << 20) | (1 << 23)  // FSGSBASE, SMEP, SMAP, CLFLUSHOPT
             c = 1 << 2  // UMIP

@@ -37,10 +37,10 @@ struct Run: ParsableCommand {
     @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
     var guests: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Boot a multiboot (v1) kernel on a PC platform instead of a guest: ELF32 or a.out kludge, entered in 32-bit protected mode; local APICs, fw_cfg, 8259, COM1, and isa-debug-exit at 0xF4 (exit status (code << 1) | 1, as QEMU). --cmdline is its command line.", valueName: "file"))
+    @Option(name: .long, help: ArgumentHelp("Boot a kernel on a PC platform instead of a guest: a Linux bzImage or vmlinux (x86 boot protocol, 64-bit entry, e820 map, ACPI tables; needs --memory 256M or so), or a multiboot (v1) kernel (ELF32 or a.out kludge, entered in 32-bit protected mode). Local APICs, I/O APIC, fw_cfg, 8259, COM1 (IRQ 4), and isa-debug-exit at 0xF4 (exit status (code << 1) | 1, as QEMU). --cmdline is its command line, e.g. 'console=ttyS0'.", valueName: "file"))
     var kernel: String?
 
-    @Option(name: .long, help: ArgumentHelp("With --kernel: a file passed as the first multiboot module (an initrd).", valueName: "file"))
+    @Option(name: .long, help: ArgumentHelp("With --kernel: the initrd (initramfs) of a Linux kernel, or the first multiboot module.", valueName: "file"))
     var initrd: String?
 
     @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
