@@ -7,11 +7,11 @@ struct ConfidentialVMLabCommand: ParsableCommand {
         commandName: "confidential-vm",
         abstract: "S11: encrypted guest memory — the host's view, permissions, attacks with and without the reverse map, cost.",
         discussion: """
-            Runs on the software engine (the host has no SEV). The 'confidential' guest fills private
-            pages with a known pattern; the lab shows what the host sees (byte entropy, the pattern
-            found or not), that second-level faults still reach the VMM, what the four host attacks
-            (remap, replay, alias, DMA) do without the reverse map (SEV) and with it (SEV-SNP), and
-            the cost: compute's MIPS and the working-set guest's time per page walk, unencrypted and
+            Runs on the software engine (the host has no SEV). The 'confidential' guest fills private \
+            pages with a known pattern; the lab shows what the host sees (byte entropy, the pattern \
+            found or not), that second-level faults still reach the VMM, what the four host attacks \
+            (remap, replay, alias, DMA) do without the reverse map (SEV) and with it (SEV-SNP), and \
+            the cost: compute's MIPS and the working-set guest's time per page walk, unencrypted and \
             encrypted. See docs/confidential-vm.md.
             """)
 

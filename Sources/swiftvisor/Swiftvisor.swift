@@ -31,7 +31,7 @@ package struct Swiftvisor: ParsableCommand {
         // building the whole command tree (reflection over every command); what it does not take
         // as a plain run (help, a usage error) goes the ordinary way, with the ordinary messages.
         let arguments = Array(CommandLine.arguments.dropFirst())
-        if arguments.first == "run", var run = try? Run.parse(Array(arguments.dropFirst())) {
+        if arguments.first == "run", let run = try? Run.parse(Array(arguments.dropFirst())) {
             do { try run.run() } catch { exit(withError: error) }
             return
         }
