@@ -85,9 +85,10 @@ struct SeededGenerator: RandomNumberGenerator {
         #expect(try Integrity.check(source.machine.memory, base: area.base, pages: area.pages) == nil, "\(context)")
     }
 
-    func destination(_ engine: EngineChoice = .software, memoryLimit: UInt64? = nil) throws -> IncomingMigration {
+    func destination(_ engine: EngineChoice = .software, memoryLimit: UInt64? = nil, preallocate: UInt64? = nil) throws -> IncomingMigration {
         var options = IncomingMigrationOptions(engine: try TestEngines.make(engine), memoryLimit: memoryLimit)
         options.timeoutSeconds = 3
+        options.preallocateBytes = preallocate
         return try IncomingMigration(listeningOn: .tcp(host: "127.0.0.1", port: 0), options: options)
     }
 
@@ -98,7 +99,9 @@ struct SeededGenerator: RandomNumberGenerator {
         defer { source.stop() }
         #expect(waitForMoreMarkers(source.output, 2))
         let area = try #require(Integrity.area(source.output.text))
-        let incoming = try destination(engine)
+        // Preallocating: the first attempt past the offer takes the prepared RAM, later ones
+        // must neither wait for it nor reuse it.
+        let incoming = try destination(engine, preallocate: source.machine.memory.size)
         defer { incoming.close() }
         // The length of a whole stream, to spread the cuts over: about the area plus code. The
         // real stream can be shorter (a page whose counter byte wrapped to 0 is a zero page),

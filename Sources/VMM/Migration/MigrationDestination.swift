@@ -68,9 +68,11 @@ private final class PreparedMemory: Sendable {
         }.detach()
     }
 
-    /// The RAM, once allocated, when it has `bytes`; nil otherwise. Either way it is released.
+    /// The RAM, once allocated, when it has `bytes`; nil otherwise. Either way it is released:
+    /// a later session (after a failed attempt wrote into it) allocates as it goes.
     func take(bytes: UInt64) -> GuestMemory? {
         done.wait()
+        done.signal()  // every later caller passes at once
         return state.withLock { s in
             defer { s = .released }
             if case let .ready(memory) = s, memory.size == bytes { return memory }
