@@ -49,7 +49,8 @@ public struct IncomingMigrationReport: Sendable, Codable, Equatable {
 /// the first session: a pre-copy offer of the same size takes it; any other first session
 /// lets it go, so it never holds host memory for nothing.
 private final class PreparedMemory: Sendable {
-    private enum State { case allocating, ready(GuestMemory), failed(GuestMemoryError), released }
+    /// `failed`: no RAM could be prepared; the migration then allocates as it goes.
+    private enum State { case allocating, ready(GuestMemory), failed, released }
     private let state = Mutex<State>(.allocating)
     private let done = DispatchSemaphore(value: 0)
 
@@ -61,7 +62,7 @@ private final class PreparedMemory: Sendable {
                 try memory.preallocate()
                 outcome = .ready(memory)
             } catch {
-                outcome = .failed(error)
+                outcome = .failed
             }
             state.withLock { if case .allocating = $0 { $0 = outcome } }
             done.signal()
@@ -82,11 +83,6 @@ private final class PreparedMemory: Sendable {
 
     /// Lets the RAM go without waiting for the allocation (a post-copy session).
     func release() { state.withLock { $0 = .released } }
-
-    /// Why the allocation failed, if it did (the migration then allocates as it goes).
-    var failure: GuestMemoryError? {
-        state.withLock { if case let .failed(e) = $0 { return e }; return nil }
-    }
 }
 
 /// A destination: listens at an address and builds the machine a source sends. One
