@@ -67,6 +67,8 @@ int ckvm_get_sregs(int fd, struct kvm_sregs *s) { return rc(ioctl(fd, KVM_GET_SR
 int ckvm_set_sregs(int fd, const struct kvm_sregs *s) { return rc(ioctl(fd, KVM_SET_SREGS, s)); }
 int ckvm_get_fpu(int fd, struct kvm_fpu *f) { return rc(ioctl(fd, KVM_GET_FPU, f)); }
 int ckvm_set_fpu(int fd, const struct kvm_fpu *f) { return rc(ioctl(fd, KVM_SET_FPU, f)); }
+int ckvm_get_vcpu_events(int fd, struct kvm_vcpu_events *e) { return rc(ioctl(fd, KVM_GET_VCPU_EVENTS, e)); }
+int ckvm_set_vcpu_events(int fd, const struct kvm_vcpu_events *e) { return rc(ioctl(fd, KVM_SET_VCPU_EVENTS, e)); }
 
 static struct kvm_msrs *msr_buffer(int count) {
     return calloc(1, sizeof(struct kvm_msrs) + (size_t)count * sizeof(struct kvm_msr_entry));

@@ -260,6 +260,13 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
         let n = ckvm_get_msrs(fd, MSR.saved, &values, Int32(MSR.saved.count))
         if n > 0 { for i in 0..<Int(n) { s.msrs[MSR.saved[i]] = values[i] } }
         if ckvm_get_fpu(fd, &fpu) >= 0 { s.fpu = Self.fpuState(fpu) }
+        var events = kvm_vcpu_events()
+        if ckvm_get_vcpu_events(fd, &events) >= 0 {
+            let shadow = Int32(events.interrupt.shadow)
+            if shadow & KVM_X86_SHADOW_INT_STI != 0 { s.interruptBlocking.insert(.bySTI) }
+            if shadow & KVM_X86_SHADOW_INT_MOV_SS != 0 { s.interruptBlocking.insert(.byMovSS) }
+            if events.nmi.masked != 0 { s.interruptBlocking.insert(.nmi) }
+        }
         return s
     }
 
@@ -295,6 +302,19 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
         if let f = s.fpu {
             var fpu = Self.kvmFPU(f)
             _ = try KVMError.check(ckvm_set_fpu(fd, &fpu), "KVM_SET_FPU")
+        }
+        // Start from KVM's events so the injection state it keeps is written back unchanged.
+        var events = kvm_vcpu_events()
+        if ckvm_get_vcpu_events(fd, &events) >= 0 {
+            var shadow: Int32 = 0
+            if s.interruptBlocking.contains(.bySTI) { shadow |= KVM_X86_SHADOW_INT_STI }
+            if s.interruptBlocking.contains(.byMovSS) { shadow |= KVM_X86_SHADOW_INT_MOV_SS }
+            events.interrupt.shadow = UInt8(shadow)
+            events.nmi.masked = s.interruptBlocking.contains(.nmi) ? 1 : 0
+            events.flags = UInt32(KVM_VCPUEVENT_VALID_SHADOW)
+            _ = try KVMError.check(ckvm_set_vcpu_events(fd, &events), "KVM_SET_VCPU_EVENTS")
+        } else if !s.interruptBlocking.isEmpty {
+            throw KVMError.ioctlFailed(operation: "KVM_GET_VCPU_EVENTS (needed to restore interrupt blocking)", errno: errno)
         }
     }
 

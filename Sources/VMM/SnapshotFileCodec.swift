@@ -268,7 +268,8 @@ struct SnapshotSectionEntry: Equatable, Sendable {
 ///       u64 gdt.base, u16 gdt.limit, u64 idt.base, u16 idt.limit
 ///       u64 × 7    cr0 cr2 cr3 cr4 cr8 efer apicBase
 ///       u32 msrCount, then msrCount × (u32 index, u64 value), indices strictly ascending
-///       u8 hasFPU (0 or 1); if 1:
+///       u8 flags: bit 0 FPU state follows; bits 1–3 `InterruptBlocking` (STI, MOV SS, NMI),
+///         zero in files from before they were saved; if bit 0:
 ///         u16 fcw, u16 fsw, u8 ftwx, u16 lastOpcode, u64 lastIP, u64 lastDP, u32 mxcsr,
 ///         u32 n, n bytes x87; u32 m, m bytes xmm
 enum SnapshotVCPUCodec {
@@ -308,14 +309,12 @@ enum SnapshotVCPUCodec {
         for v in [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apicBase] { w.u64(v) }
         w.u32(UInt32(s.msrs.count))
         for (index, value) in s.msrs.sorted(by: { $0.key < $1.key }) { w.u32(index); w.u64(value) }
+        w.u8((s.fpu == nil ? 0 : 1) | s.interruptBlocking.rawValue << 1)
         if let f = s.fpu {
-            w.u8(1)
             w.u16(f.fcw); w.u16(f.fsw); w.u8(f.ftwx); w.u16(f.lastOpcode)
             w.u64(f.lastIP); w.u64(f.lastDP); w.u32(f.mxcsr)
             w.u32(UInt32(f.x87.count)); w.raw(f.x87)
             w.u32(UInt32(f.xmm.count)); w.raw(f.xmm)
-        } else {
-            w.u8(0)
         }
     }
 
@@ -341,7 +340,10 @@ enum SnapshotVCPUCodec {
             previous = index
             s.msrs[index] = value
         }
-        if try r.bool() {
+        let flags = try r.u8()
+        guard let blocking = InterruptBlocking(exactly: flags >> 1) else { throw r.corrupt }
+        s.interruptBlocking = blocking
+        if flags & 1 != 0 {
             var f = FPUState()
             f.fcw = try r.u16(); f.fsw = try r.u16(); f.ftwx = try r.u8(); f.lastOpcode = try r.u16()
             f.lastIP = try r.u64(); f.lastDP = try r.u64(); f.mxcsr = try r.u32()

@@ -81,6 +81,27 @@ public struct FPUState: Equatable, Sendable {
     public init() {}
 }
 
+/// What keeps a vCPU from taking an interrupt at the next instruction boundary although
+/// IF may be set — VMX's interruptibility state, KVM's `kvm_vcpu_events`. It belongs to the
+/// saved state: a snapshot taken between `sti` and `hlt` that dropped it would let the
+/// restored vCPU take its wake-up interrupt before the `hlt` and then sleep for ever.
+public struct InterruptBlocking: OptionSet, Equatable, Sendable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    /// The instruction after STI (which set IF) runs before any interrupt.
+    public static let bySTI = InterruptBlocking(rawValue: 1 << 0)
+    /// The instruction after MOV SS / POP SS runs before any interrupt or debug trap.
+    public static let byMovSS = InterruptBlocking(rawValue: 1 << 1)
+    /// An NMI handler runs: no NMI is delivered until the next IRET.
+    public static let nmi = InterruptBlocking(rawValue: 1 << 2)
+    public static let all: InterruptBlocking = [.bySTI, .byMovSS, .nmi]
+    /// nil when `rawValue` has a bit that names no blocking (a corrupt record).
+    public init?(exactly rawValue: UInt8) {
+        guard rawValue & ~Self.all.rawValue == 0 else { return nil }
+        self.init(rawValue: rawValue)
+    }
+}
+
 /// The architectural state of one vCPU, engine-neutral. Enough to snapshot, migrate,
 /// and compare engines.
 public struct VCPUState: Equatable, Sendable {
@@ -104,6 +125,7 @@ public struct VCPUState: Equatable, Sendable {
     public var msrs: [UInt32: UInt64] = [:]
     /// nil where the engine does not model the FPU.
     public var fpu: FPUState?
+    public var interruptBlocking: InterruptBlocking = []
 
     public init() {}
 

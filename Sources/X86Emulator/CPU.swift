@@ -652,6 +652,9 @@ final class CPU {
         kernelGSBase = s.msrs[MSR.kernelGSBase] ?? 0
         if let tsc = s.msrs[MSR.tsc] { tscOffset = tsc &- instructions }
         if let f = s.fpu { fp.load(f) }
+        // One shadow flag models both kinds: each covers exactly the next instruction.
+        interruptShadow = !s.interruptBlocking.isDisjoint(with: [.bySTI, .byMovSS])
+        nmiBlocked = s.interruptBlocking.contains(.nmi)
         dropHeldMMIOReads(); pendingMMIOWrite = nil; moreMMIOWrites.removeAll(keepingCapacity: true); pendingInsValue = nil; awaitingInsValue = false
         pendingInSize = 0; lastMMIORead = nil; pendingExit = nil; attention = false
         flushTLB()
@@ -668,6 +671,8 @@ final class CPU {
                   MSR.sysenterCS: sysenterCS, MSR.sysenterESP: sysenterESP, MSR.sysenterEIP: sysenterEIP, MSR.pat: pat,
                   MSR.tsc: instructions &+ tscOffset]
         s.fpu = fp.save()
+        if interruptShadow { s.interruptBlocking.insert(.bySTI) }
+        if nmiBlocked { s.interruptBlocking.insert(.nmi) }
         return s
     }
 }

@@ -46,6 +46,7 @@ private enum Fixture {
         s.efer = 0xD01
         s.apicBase = 0xFEE0_0800 | (n == 0 ? 0x100 : 0)
         for (k, index) in MSR.saved.enumerated() { s.msrs[index] = UInt64(k) &* 0x1111_2222_3333 &+ UInt64(n) }
+        s.interruptBlocking = InterruptBlocking(rawValue: UInt8(n) & InterruptBlocking.all.rawValue)
         if fpu {
             var f = FPUState()
             f.fcw = 0x27F; f.fsw = 0x3800; f.ftwx = 0x81; f.lastOpcode = 0x1D9
@@ -194,6 +195,20 @@ private func expectSameDevices(_ a: [(name: String, state: [UInt8])], _ b: [(nam
         odd.rip = .max; odd.cs.type = 0xFF; odd.cs.dpl = 0xFF; odd.gdt.limit = .max
         odd.msrs = [0: 1, .max: .max]
         #expect(try SnapshotVCPUCodec.decode(SnapshotVCPUCodec.encode([odd])) == [odd])
+    }
+
+    /// The FPU byte carries the interrupt blocking in bits 1–3: a file written before that
+    /// (0 or 1) still reads, a bit that names nothing is corruption.
+    @Test func vcpuFlagsByteKeepsOldFilesAndRejectsUnknownBits() throws {
+        var state = Fixture.vcpu(1, fpu: false)
+        state.interruptBlocking = []
+        var bytes = SnapshotVCPUCodec.encode([state])
+        let flagsOffset = bytes.count - 1
+        #expect(bytes[flagsOffset] == 0)
+        bytes[flagsOffset] = 0b1010  // STI and NMI blocking, no FPU
+        #expect(try SnapshotVCPUCodec.decode(bytes)[0].interruptBlocking == [.bySTI, .nmi])
+        bytes[flagsOffset] = 0b1_0000
+        #expect(throws: SnapshotError.self) { try SnapshotVCPUCodec.decode(bytes) }
     }
 
     @Test func vcpuDecoderRejectsEveryTruncationAndTrailingBytes() {

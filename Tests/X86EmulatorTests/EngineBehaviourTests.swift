@@ -147,6 +147,33 @@ func withIDT(_ st: inout VCPUState) { st.idt = DescriptorTableRegister(base: 0x5
         #expect(try w.run() == .preemptionTimer)
     }
 
+    /// A vCPU stopped between STI and HLT (as a snapshot may stop it) keeps STI's shadow
+    /// across getState/setState: the HLT runs before the waiting interrupt, which then wakes
+    /// it — rather than the interrupt first and a HLT that sleeps for ever.
+    @Test func stiShadowSurvivesStateExchange() throws {
+        // sti; hlt; jmp $   (vector 0x20 → hlt handler at 0x6000)
+        let s = try Snippet([0xFB, 0xF4, 0xEB, 0xFE], engine: SoftwareEngine(), state: withIDT)
+        try installHaltingIDT(s)
+        let v = try #require(s.vcpu as? SoftwareVirtualCPU)
+        v.preemptionBudget = 1
+        #expect(try v.run() == .preemptionTimer)
+        let betweenSTIAndHLT = try s.state
+        #expect(betweenSTIAndHLT.rip == Snippet.codeAddress + 1)
+        #expect(betweenSTIAndHLT.interruptBlocking == [.bySTI])
+
+        try v.setState(betweenSTIAndHLT)
+        v.injectInterrupt(vector: 0x20)
+        #expect(try v.run() == .halt)
+        #expect(try s.state.rip == Snippet.codeAddress + 2, "the guest's own HLT ran first")
+
+        var unshadowed = betweenSTIAndHLT
+        unshadowed.interruptBlocking = []
+        try v.setState(unshadowed)
+        v.injectInterrupt(vector: 0x20)
+        #expect(try v.run() == .halt)
+        #expect(try s.state.rip == 0x6001, "without the shadow the interrupt is taken before the HLT")
+    }
+
     @Test func hypercallExitAndResult() throws {
         // mov eax,0; mov edi,20; mov esi,22; vmcall; hlt
         let s = try Snippet([0xB8, 0, 0, 0, 0, 0xBF, 20, 0, 0, 0, 0xBE, 22, 0, 0, 0, 0x0F, 0x01, 0xC1, 0xF4], engine: SoftwareEngine())

@@ -36,6 +36,8 @@ int ckvm_get_sregs(int vcpu_fd, struct kvm_sregs *sregs);
 int ckvm_set_sregs(int vcpu_fd, const struct kvm_sregs *sregs);
 int ckvm_get_fpu(int vcpu_fd, struct kvm_fpu *fpu);
 int ckvm_set_fpu(int vcpu_fd, const struct kvm_fpu *fpu);
+int ckvm_get_vcpu_events(int vcpu_fd, struct kvm_vcpu_events *events);
+int ckvm_set_vcpu_events(int vcpu_fd, const struct kvm_vcpu_events *events);
 /// Reads `count` MSRs whose indices are in `indices`; values go to `values`. Returns the
 /// number read or -errno.
 int ckvm_get_msrs(int vcpu_fd, const uint32_t *indices, uint64_t *values, int count);
