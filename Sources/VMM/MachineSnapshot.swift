@@ -27,6 +27,8 @@ public enum MachineSnapshotError: Error, CustomStringConvertible {
     /// The machine has ended: there is no running guest left to snapshot.
     case ended(StopReason)
     case engineMismatch(snapshot: String, requested: String)
+    /// The machine is in a state its devices cannot save (the reason says which and why).
+    case notSavableNow(String)
 
     public var description: String {
         switch self {
@@ -38,6 +40,8 @@ public enum MachineSnapshotError: Error, CustomStringConvertible {
             return "the VM has already ended (\(reason.summary)): only a running VM can be snapshotted"
         case let .engineMismatch(snapshot, requested):
             return "the snapshot was taken on the \(snapshot) engine and restores only there (asked for \(requested)): the hypercall ABI in its RAM differs"
+        case let .notSavableNow(reason):
+            return "the VM cannot be saved now: \(reason)"
         }
     }
 }
@@ -118,6 +122,7 @@ extension Machine {
         }
         let unsupported = attachedDevices.compactMap { d -> String? in if case let .unsupported(n) = d.recipe { return n } else { return nil } }
         guard unsupported.isEmpty else { throw MachineSnapshotError.devicesNotSupported(unsupported) }
+        if let reason = pcPlatform?.unsavableReason { throw MachineSnapshotError.notSavableNow(reason) }
     }
 
     /// The device records of a snapshot (and of a migration stream): COM1, the device list,
@@ -127,6 +132,7 @@ extension Machine {
         var devices: [(name: String, state: [UInt8])] = [("com1", uart.savedState)]
         let encoder = JSONEncoder()
         devices.append(("devices", Array(try encoder.encode(attachedDevices.map(\.recipe)))))
+        if let pc = pcPlatform { devices.append((PCPlatformDevices.recordName, Array(try encoder.encode(pc.savedState)))) }
         for (i, d) in attachedDevices.enumerated() {
             guard let t = d.transport else { continue }
             devices.append(("virtio\(i)", Array(try encoder.encode(t.savedState))))
@@ -144,8 +150,10 @@ extension Machine {
                             timeoutSeconds: Double? = nil, serialOutput: @escaping @Sendable (UInt8) -> Void) throws {
         let m = snapshot.metadata
         guard m.engine == engine.name else { throw MachineSnapshotError.engineMismatch(snapshot: m.engine, requested: engine.name) }
-        let config = MachineConfiguration(memorySize: m.memorySize, vcpuCount: m.vcpuCount, commandLine: m.commandLine,
+        var config = MachineConfiguration(memorySize: m.memorySize, vcpuCount: m.vcpuCount, commandLine: m.commandLine,
                                           timeoutSeconds: timeoutSeconds, guestName: m.imageIdentity)
+        // A PC's isa-debug-exit sits where the plain machine's exit port is, with QEMU's encoding.
+        config.debugExitEncoding = snapshot.devices.contains { $0.name == PCPlatformDevices.recordName }
         var loader: LazyMemoryLoader?
         try self.init(configuration: config, engine: engine, serialOutput: serialOutput) { memory in
             if lazy {
@@ -163,10 +171,30 @@ extension Machine {
         try restoreDevices(from: snapshot.devices, console: serialOutput)
     }
 
+    /// Rebuilds the PC platform a snapshot was taken on and gives its devices their states.
+    private func restorePCPlatform(from record: [UInt8]) throws {
+        let saved: PCPlatformDevices.SavedState
+        do { saved = try JSONDecoder().decode(PCPlatformDevices.SavedState.self, from: Data(record)) } catch {
+            throw MachineSnapshotError.badDeviceState("PC platform: \(error)")
+        }
+        guard pcPlatform == nil else { throw MachineSnapshotError.badDeviceState("PC platform restored twice") }
+        let devices = try PCPlatform.install(on: self, linux: saved.linux)
+        let counters = try allVCPUs.map { try $0.getState().msrs[MSR.tsc] ?? 0 }
+        do { try devices.restore(saved, timeStampCounters: counters) } catch {
+            throw MachineSnapshotError.badDeviceState(error.description)
+        }
+        // Every application processor was running (or the snapshot was refused): each goes
+        // on from its restored state instead of waiting for STARTUP.
+        startupGate = nil
+    }
+
     /// Gives COM1 its saved state and rebuilds the saved devices in their slots with theirs
     /// (records as `savedDeviceStates()` makes them).
     func restoreDevices(from records: [(name: String, state: [UInt8])], console: @escaping @Sendable (UInt8) -> Void) throws {
         if let com1 = records.first(where: { $0.name == "com1" }) { uart.restore(state: com1.state) }
+        if let record = records.first(where: { $0.name == PCPlatformDevices.recordName }) {
+            try restorePCPlatform(from: record.state)
+        }
         guard let manifest = records.first(where: { $0.name == "devices" }) else { return }
         let decoder = JSONDecoder()
         let recipes: [DeviceRecipe]

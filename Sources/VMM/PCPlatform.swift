@@ -29,8 +29,17 @@ public enum PCPlatform {
             // Application processors get their state at STARTUP; until then they do not run.
             return [boot] + (1..<max(1, configuration.vcpuCount)).map { _ in MultibootKernel.startupState(vector: 0) }
         }
-        let count = configuration.vcpuCount
-        try machine.attach(FirmwareConfig(ramSize: configuration.memorySize, cpuCount: count),
+        try install(on: machine, linux: image.isLinux)
+        return machine
+    }
+
+    /// Attaches the PC devices to `machine` (made, not yet running): for a freshly loaded
+    /// kernel, and again for a restored snapshot or migrated VM before the devices get their
+    /// saved states. `linux`: a Linux kernel (COM1's interrupt, the RTC and the ACPI PM blocks).
+    @discardableResult
+    static func install(on machine: Machine, linux: Bool) throws -> PCPlatformDevices {
+        let count = machine.configuration.vcpuCount
+        try machine.attach(FirmwareConfig(ramSize: machine.configuration.memorySize, cpuCount: count),
                            firstPort: FirmwareConfig.port, count: FirmwareConfig.portCount)
         let pic = LegacyPIC(), slavePIC = LegacyPIC()
         try machine.attach(pic, firstPort: LegacyPIC.masterPort, count: 2)
@@ -46,13 +55,16 @@ public enum PCPlatform {
         try machine.attach(PCTestDevice.InterruptLines(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
         try machine.attach(PCTestDevice.Register(), firstPort: PCTestDevice.registerPort, count: PCTestDevice.registerPortCount)
         try machine.attach(PCTestDevice.Memory(), base: PCTestDevice.memoryBase, size: PCTestDevice.memorySize)
-        if case .linux = image {
+        var linuxDevices: (CMOSClock, ACPIPowerManagement)?
+        if linux {
             // Linux's 8250 driver wants COM1's interrupt; kvm-unit-tests poll the UART, and
             // an interrupt per transmitted byte only slows their output.
             machine.uart.connectInterruptLine { [weak ioapic] level in ioapic?.setLine(UART16550.com1IRQ, level) }
-            try machine.attach(CMOSClock(), firstPort: CMOSClock.port, count: 2)
-            try machine.attach(ACPIPowerManagement(sleepTypeS5: ACPITables.sleepTypeS5) { [weak machine] in machine?.requestStop(.exitPort(status: 0)) },
-                               firstPort: ACPIPowerManagement.eventBlock, count: ACPIPowerManagement.portCount)
+            let cmos = CMOSClock()
+            try machine.attach(cmos, firstPort: CMOSClock.port, count: 2)
+            let pm = ACPIPowerManagement(sleepTypeS5: ACPITables.sleepTypeS5) { [weak machine] in machine?.requestStop(.exitPort(status: 0)) }
+            try machine.attach(pm, firstPort: ACPIPowerManagement.eventBlock, count: ACPIPowerManagement.portCount)
+            linuxDevices = (cmos, pm)
         }
         machine.startupGate = count > 1 ? gate : nil
         machine.addMessageSignalledInterruptSource()
@@ -63,7 +75,10 @@ public enum PCPlatform {
                 forwarding.setInterruptController(apic)
             }
         }
-        return machine
+        let devices = PCPlatformDevices(linux: linux, localAPICs: apic, ioapic: ioapic, masterPIC: pic, slavePIC: slavePIC,
+                                        cmos: linuxDevices?.0, powerManagement: linuxDevices?.1, startupGate: gate)
+        machine.pcPlatform = devices
+        return devices
     }
 }
 
@@ -113,4 +128,6 @@ final class PCPlatformMSRs: PlatformMSRHandler {
 private enum KernelImage {
     case linux(LinuxKernel)
     case multiboot(MultibootKernel)
+
+    var isLinux: Bool { if case .linux = self { true } else { false } }
 }

@@ -29,6 +29,11 @@ package final class StartupGate: Sendable {
         if started { slots[vcpu].signal.signal() }
     }
 
+    /// Every application processor has had its STARTUP IPI (so each runs from its own state).
+    package var allStarted: Bool {
+        slots.dropFirst().allSatisfy { slot in slot.phase.withLock { if case .started = $0 { true } else { false } } }
+    }
+
     /// Blocks vCPU `vcpu`'s thread until its STARTUP IPI (its entry state) or until
     /// `stopped()` (nil).
     package func waitForStartup(vcpu: Int, stopped: () -> Bool) -> VCPUState? {

@@ -11,14 +11,23 @@ public final class ACPIPowerManagement: PortIODevice, Sendable {
     public static let portCount = 6
     public var name: String { "acpi-pm" }
 
-    private struct Registers { var status: UInt16 = 0; var enable: UInt16 = 0; var control: UInt16 = 1 }
-    private let registers = Mutex(Registers())
+    /// PM1_STS, PM1_EN and PM1_CNT.
+    public struct SavedState: Codable, Sendable, Equatable {
+        fileprivate var status: UInt16 = 0, enable: UInt16 = 0, control: UInt16 = 1
+    }
+    private let registers = Mutex(SavedState())
     private let sleepTypeS5: UInt16
     private let powerOff: @Sendable () -> Void
 
     public init(sleepTypeS5: UInt16, powerOff: @escaping @Sendable () -> Void) {
         self.sleepTypeS5 = sleepTypeS5
         self.powerOff = powerOff
+    }
+
+    public var savedState: SavedState { registers.withLock { $0 } }
+
+    public func restore(_ saved: SavedState) {
+        registers.withLock { $0 = saved; $0.control |= 1 }  // SCI_EN stays set
     }
 
     /// The 16-bit register at byte `offset` and the byte within it.

@@ -13,10 +13,12 @@ public final class CMOSClock: PortIODevice, Sendable {
     public static let port: UInt16 = 0x70
     public var name: String { "cmos-rtc" }
 
-    private struct State {
-        var index: UInt8 = 0
-        var ram = [UInt8](repeating: 0, count: 128)
+    /// The index register and CMOS RAM (the time registers always follow the host clock).
+    public struct SavedState: Codable, Sendable, Equatable {
+        fileprivate var index: UInt8 = 0
+        fileprivate var ram = [UInt8](repeating: 0, count: 128)
     }
+    private typealias State = SavedState
     private let state: Mutex<State>
     /// Seconds since the epoch, UTC (the host clock; a test may fix it).
     private let now: @Sendable () -> Int
@@ -51,6 +53,15 @@ public final class CMOSClock: PortIODevice, Sendable {
             default: s.ram[Int(s.index)] = byte
             }
         }
+    }
+
+    public var savedState: SavedState { state.withLock { $0 } }
+
+    public func restore(_ saved: SavedState) throws(DeviceStateError) {
+        guard saved.ram.count == 128, saved.index < 128 else {
+            throw DeviceStateError(device: name, "\(saved.ram.count) bytes of CMOS RAM (128 expected), index \(saved.index)")
+        }
+        state.withLock { $0 = saved }
     }
 
     /// The time and date registers (seconds … year, century at 0x32) in the mode register B sets.

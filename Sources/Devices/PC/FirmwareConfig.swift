@@ -69,10 +69,20 @@ public final class FirmwareConfig: PortIODevice, Sendable {
 public final class LegacyPIC: PortIODevice, Sendable {
     public var name: String { "8259-pic" }
     public static let masterPort: UInt16 = 0x20, slavePort: UInt16 = 0xA0
-    private struct Chip { var mask: UInt8 = 0xFF; var initStep = 0; var readISR = false }
-    private let chip = Mutex(Chip())
+    /// The mask, where initialisation stands and OCW3's register choice.
+    public struct SavedState: Codable, Sendable, Equatable {
+        fileprivate var mask: UInt8 = 0xFF, initStep = 0, readISR = false
+    }
+    private let chip = Mutex(SavedState())
 
     public init() {}
+
+    public var savedState: SavedState { chip.withLock { $0 } }
+
+    public func restore(_ saved: SavedState) throws(DeviceStateError) {
+        guard (0...3).contains(saved.initStep) else { throw DeviceStateError(device: name, "initialisation step \(saved.initStep)") }
+        chip.withLock { $0 = saved }
+    }
 
     public func portRead(offset: UInt16, size: UInt8) -> UInt32 {
         chip.withLock { c in offset == 1 ? UInt32(c.mask) : 0 }  // IRR/ISR: nothing pending

@@ -10,13 +10,14 @@ public final class IOAPIC: MMIODevice, Sendable {
     public static let pins = 24
     public var name: String { "ioapic" }
 
-    private struct State {
-        var select: UInt32 = 0
-        var id: UInt32 = 0
-        var entries = [UInt64](repeating: 1 << 16, count: IOAPIC.pins)  // masked
-        var lines = [Bool](repeating: false, count: IOAPIC.pins)
+    /// IOREGSEL, the ID, the redirection entries (with remote IRR) and the input levels.
+    public struct SavedState: Codable, Sendable, Equatable {
+        fileprivate var select: UInt32 = 0
+        fileprivate var id: UInt32 = 0
+        fileprivate var entries = [UInt64](repeating: 1 << 16, count: IOAPIC.pins)  // masked
+        fileprivate var lines = [Bool](repeating: false, count: IOAPIC.pins)
     }
-    private let state = Mutex(State())
+    private let state = Mutex(SavedState())
     private let apics: LocalAPICBank
 
     public init(apics: LocalAPICBank) {
@@ -70,6 +71,16 @@ public final class IOAPIC: MMIODevice, Sendable {
         case 0x40: endOfInterrupt(vector: UInt8(truncatingIfNeeded: v))
         default: break
         }
+    }
+
+    public var savedState: SavedState { state.withLock { $0 } }
+
+    /// Restores `savedState` into a fresh I/O APIC whose devices have not driven a line yet.
+    public func restore(_ saved: SavedState) throws(DeviceStateError) {
+        guard saved.entries.count == Self.pins, saved.lines.count == Self.pins else {
+            throw DeviceStateError(device: name, "\(saved.entries.count) redirection entries and \(saved.lines.count) lines (\(Self.pins) expected)")
+        }
+        state.withLock { $0 = saved }
     }
 
     /// Drives input `pin` (from a device or pc-testdev's port 0x2000 + pin).

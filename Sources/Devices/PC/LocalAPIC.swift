@@ -338,6 +338,65 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         }
     }
 
+    // MARK: Snapshot
+
+    /// One local APIC as a snapshot keeps it. The count's progress is kept as the time
+    /// elapsed since it started: host clocks do not carry over to the restoring process.
+    public struct SavedUnit: Codable, Sendable, Equatable {
+        fileprivate var base: UInt64
+        fileprivate var tpr, ldr, dfr, svr, esr, icrHigh: UInt32
+        fileprivate var lvt, isr, irr, tmr: [UInt32]
+        fileprivate var initialCount, divide: UInt32
+        fileprivate var countElapsedNanoseconds: UInt64
+        fileprivate var countStopped: Bool
+        /// The armed TSC deadline (0: none).
+        fileprivate var deadline: UInt64
+    }
+
+    /// Call with the vCPUs paused.
+    public var savedState: [SavedUnit] {
+        let now = monotonicNanoseconds()
+        return apics.map { unit in
+            unit.state.withLock { r in
+                SavedUnit(base: r.base, tpr: r.tpr, ldr: r.ldr, dfr: r.dfr, svr: r.svr, esr: r.esr, icrHigh: r.icrHigh,
+                          lvt: r.lvt, isr: r.isr, irr: r.irr, tmr: r.tmr, initialCount: r.initialCount, divide: r.divide,
+                          countElapsedNanoseconds: now &- r.countStart, countStopped: r.countStopped, deadline: r.deadline)
+            }
+        }
+    }
+
+    /// Restores `savedState` into a bank of as many APICs, before the vCPUs run. `timeStampCounters[i]`
+    /// is vCPU i's restored TSC, against which a TSC deadline is armed again; the count goes on
+    /// from where it was; requested interrupts (IRR) are offered to the vCPUs again.
+    public func restore(_ saved: [SavedUnit], timeStampCounters: [UInt64]) throws(DeviceStateError) {
+        guard saved.count == apics.count, timeStampCounters.count == apics.count else {
+            throw DeviceStateError(device: "local-apic", "\(saved.count) saved APICs for \(apics.count) vCPUs")
+        }
+        for u in saved where u.lvt.count != 7 || u.isr.count != 8 || u.irr.count != 8 || u.tmr.count != 8 {
+            throw DeviceStateError(device: "local-apic", "\(u.lvt.count) LVT entries, \(u.isr.count)/\(u.irr.count)/\(u.tmr.count) ISR/IRR/TMR words")
+        }
+        let now = monotonicNanoseconds()
+        for (vcpu, u) in saved.enumerated() {
+            let requested = apics[vcpu].state.withLock { r -> [UInt8] in
+                cancelTimer(&r)
+                r.base = u.base; r.tpr = u.tpr; r.ldr = u.ldr; r.dfr = u.dfr; r.svr = u.svr; r.esr = u.esr
+                r.icrHigh = u.icrHigh; r.lvt = u.lvt; r.isr = u.isr; r.irr = u.irr; r.tmr = u.tmr
+                r.initialCount = u.initialCount; r.divide = u.divide
+                r.countStart = now &- u.countElapsedNanoseconds
+                r.countStopped = u.countStopped
+                r.deadline = Self.timerMode(r) == 2 ? u.deadline : 0
+                if r.deadline != 0 {
+                    let tsc = timeStampCounters[vcpu]
+                    schedule(vcpu: vcpu, &r, afterNanoseconds: r.deadline > tsc ? r.deadline - tsc : 0, repeating: nil)
+                } else {
+                    rearm(vcpu: vcpu, &r, now: now)
+                }
+                return (16..<256).filter { r.irr[$0 >> 5] & (1 << UInt32($0 & 31)) != 0 }.map { UInt8($0) }
+            }
+            for vector in requested { wiring.deliver(vcpu, vector) }
+        }
+    }
+
     // MARK: Timer
 
     private static func divisor(_ r: Registers) -> UInt64 {

@@ -1,0 +1,67 @@
+import Devices
+import VirtCore
+
+/// The PC platform's devices with state of their own, as `PCPlatform.install` made them:
+/// what a snapshot or a migration saves, and what a restore gives back.
+package final class PCPlatformDevices: Sendable {
+    let linux: Bool
+    let localAPICs: LocalAPICBank
+    let ioapic: IOAPIC
+    let masterPIC: LegacyPIC, slavePIC: LegacyPIC
+    let cmos: CMOSClock?
+    let powerManagement: ACPIPowerManagement?
+    let startupGate: StartupGate
+
+    init(linux: Bool, localAPICs: LocalAPICBank, ioapic: IOAPIC, masterPIC: LegacyPIC, slavePIC: LegacyPIC,
+         cmos: CMOSClock?, powerManagement: ACPIPowerManagement?, startupGate: StartupGate) {
+        self.linux = linux
+        self.localAPICs = localAPICs
+        self.ioapic = ioapic
+        self.masterPIC = masterPIC
+        self.slavePIC = slavePIC
+        self.cmos = cmos
+        self.powerManagement = powerManagement
+        self.startupGate = startupGate
+    }
+
+    /// The snapshot record's name.
+    static let recordName = "pc"
+
+    /// The platform's record: which platform to rebuild and each device's state.
+    struct SavedState: Codable, Equatable {
+        var linux: Bool
+        var localAPICs: [LocalAPICBank.SavedUnit]
+        var ioapic: IOAPIC.SavedState
+        var masterPIC: LegacyPIC.SavedState, slavePIC: LegacyPIC.SavedState
+        var cmos: CMOSClock.SavedState?
+        var powerManagement: ACPIPowerManagement.SavedState?
+    }
+
+    /// Why this platform cannot be saved now, or nil. An application processor still waiting
+    /// for its STARTUP IPI has no state of its own yet to save.
+    var unsavableReason: String? {
+        startupGate.allStarted ? nil
+            : "an application processor has not been started yet (it waits for INIT and STARTUP); snapshot once the guest has brought up its CPUs"
+    }
+
+    /// Call with the vCPUs paused.
+    var savedState: SavedState {
+        SavedState(linux: linux, localAPICs: localAPICs.savedState, ioapic: ioapic.savedState,
+                   masterPIC: masterPIC.savedState, slavePIC: slavePIC.savedState,
+                   cmos: cmos?.savedState, powerManagement: powerManagement?.savedState)
+    }
+
+    /// Gives the devices of a freshly installed platform their saved states.
+    func restore(_ saved: SavedState, timeStampCounters: [UInt64]) throws(DeviceStateError) {
+        guard saved.linux == linux, (saved.cmos != nil) == (cmos != nil), (saved.powerManagement != nil) == (powerManagement != nil) else {
+            throw DeviceStateError(device: "pc", "the saved platform's devices differ from this one's")
+        }
+        try ioapic.restore(saved.ioapic)
+        try masterPIC.restore(saved.masterPIC)
+        try slavePIC.restore(saved.slavePIC)
+        if let c = saved.cmos { try cmos?.restore(c) }
+        if let p = saved.powerManagement { powerManagement?.restore(p) }
+        // Last: a restored APIC may offer interrupts to the vCPUs at once.
+        try localAPICs.restore(saved.localAPICs, timeStampCounters: timeStampCounters)
+    }
+}
