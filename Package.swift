@@ -14,7 +14,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
-        // Launch measurement (SHA-256) and attestation reports (P-384) of confidential VMs.
+        // Attestation reports (P-384) of confidential VMs.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
@@ -33,8 +33,10 @@ let package = Package(
         .executableTarget(name: "GuestBuilder", path: "Sources/GuestBuilder"),
         .plugin(name: "GuestBuildPlugin", capability: .buildTool(), dependencies: ["GuestBuilder"]),
         .target(name: "GuestImages", plugins: ["GuestBuildPlugin"]),
-        .target(name: "VMM", dependencies: ["CHost", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages",
-                                            .product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "VMM", dependencies: ["CHost", "VirtCore", "KVMEngine", "X86Emulator", "Devices", "GuestImages"]),
+        // Confidential VMs' attestation reports (P-384). Not in VMM: swift-crypto imports Foundation on
+        // Linux, which `swiftvisor` must not link (start-up cost); swiftvisor-api carries out what needs it.
+        .target(name: "Attestation", dependencies: ["VMM", "VirtCore", .product(name: "Crypto", package: "swift-crypto")]),
         // The operator's HTTP/1.1 + JSON API on a Unix socket (SwiftNIO), its client, and Prometheus metrics.
         .target(name: "OperatorAPI", dependencies: [
             "VMM", "VirtCore", "Devices", "GuestImages",
@@ -44,7 +46,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
-        .target(name: "SwiftvisorKit", dependencies: ["VMM", "VirtCore", "Devices", "GuestImages"]),
+        .target(name: "SwiftvisorKit", dependencies: ["VMM", "Attestation", "VirtCore", "Devices", "GuestImages"]),
         // Experiments reproducing the source text's scenarios; tables, JSON and SVG charts.
         .target(name: "Lab", dependencies: ["VMM", "Devices", "VirtCore", "GuestImages", "X86Emulator"]),
         // The command-line tool's commands, parsed alike by its two executables.
@@ -61,7 +63,7 @@ let package = Package(
         .executableTarget(name: "swiftvisor", dependencies: ["SwiftvisorCLI"], path: "Sources/SwiftvisorTool",
                           linkerSettings: [.unsafeFlags(["-Xclang-linker", "-no-pie"])]),
         .executableTarget(name: "swiftvisor-api", dependencies: [
-            "SwiftvisorCLI", "OperatorAPI", "VMM", "VirtCore",
+            "SwiftvisorCLI", "OperatorAPI", "Attestation", "VMM", "VirtCore",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
@@ -80,6 +82,6 @@ let package = Package(
         // kvm-unit-tests built from its source and run on the PC platform (skipped without it).
         .testTarget(name: "ThirdPartyGuestTests", dependencies: ["TestSupport"]),
         .testTarget(name: "OperatorAPITests", dependencies: ["OperatorAPI", "VMM", "VirtCore", "Devices", "TestSupport"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "OperatorAPI", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "Attestation", .product(name: "Crypto", package: "swift-crypto"), "OperatorAPI", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
     ]
 )

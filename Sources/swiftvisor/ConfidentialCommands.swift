@@ -26,15 +26,20 @@ struct ConfidentialArguments: ParsableArguments {
         guard workingSet >= 16 else { throw ValidationError("--working-set must be at least 16 pages") }
     }
 
-    /// Signs the launch measurement into `attestationReport` once the machine launches.
-    func attach(to machine: Machine, guest: String) throws {
-        guard let path = attestationReport else { return }
-        _ = try HostAttestationKey.load()  // a missing or broken key stops the run before it starts
-        machine.onLaunch = { measurement in
-            do {
-                try writeJSON(path, try AttestationReport.sign(measurement, guest: guest, key: try HostAttestationKey.load()))
-            } catch {
-                printError("swiftvisor: error: cannot write the attestation report: \(error)")
+    /// What signs the launch measurement into `attestationReport` once a machine launches:
+    /// nothing without it; with it, in `swiftvisor`, the process first becomes swiftvisor-api.
+    func reportAttacher() throws -> (Machine, String) throws -> Void {
+        guard let path = attestationReport else { return { _, _ in } }
+        let implementation = try AttestationCommands.resolved()
+        return { machine, guest in
+            // A missing or broken key stops the run before it starts.
+            let write = try implementation.reportWriter(path: path, guest: guest)
+            machine.onLaunch = { measurement in
+                do {
+                    try write(measurement)
+                } catch {
+                    printError("swiftvisor: error: cannot write the attestation report: \(error)")
+                }
             }
         }
     }
@@ -104,19 +109,9 @@ struct Verify: ParsableCommand {
     var hostKey: String?
 
     func run() throws {
+        let implementation = try AttestationCommands.resolved()
         do {
-            let decoder = JSONDecoder()
-            decoder.keyDecodingStrategy = .convertFromSnakeCase
-            let r = try decoder.decode(AttestationReport.self, from: try Data(contentsOf: URL(fileURLWithPath: report)))
-            let trusted = try hostKey.map { hex in
-                guard let key = AttestationReport.publicKey(hex: hex) else { throw ConfidentialError("--host-key is not a P-384 public key") }
-                return key
-            } ?? HostAttestationKey.load(createIfMissing: false).publicKey
-            try r.verify(trustedKey: trusted)
-            if let m = measurement, m.lowercased() != r.measurement.digest {
-                throw ConfidentialError("the launch digest \(r.measurement.digest) is not the expected \(m.lowercased())")
-            }
-            print("verified: \(r.guest) launched \(r.measurement.mode) with measurement \(r.measurement.digest)")
+            print(try implementation.verify(reportPath: report, expectedDigest: measurement, hostKeyHex: hostKey))
         } catch {
             printError("swiftvisor: verify: \(error)")
             throw ExitCode(1)

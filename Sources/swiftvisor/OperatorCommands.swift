@@ -42,8 +42,8 @@ package enum OperatorCommands {
     }
 
     /// Replaces this process by swiftvisor-api from the same directory, same arguments; one
-    /// line and exit 125 if it cannot.
-    private static func handOver() throws -> Never {
+    /// line and exit 125 if it cannot. (Also for the attestation commands: AttestationCommands.swift.)
+    static func handOver() throws -> Never {
         let path = directoryOfThisExecutable() + siblingName
         _ = execv(path, CommandLine.unsafeArgv)
         let reason = String(cString: strerror(errno))

@@ -12,6 +12,9 @@ import Glibc
 struct Run: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
+        // Parsed alone on the fast path (Swiftvisor.main): a command with a super-command skips
+        // the parser's check for completion-script requests (two more parsers built by reflection).
+        _superCommandName: "swiftvisor",
         abstract: "Boot one guest (or several, side by side) and stream the serial console.",
         discussion: """
             GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static \
@@ -158,6 +161,7 @@ struct Run: ParsableCommand {
 
     func run() throws {
         let startSession = try OperatorCommands.sessionStarter(api)
+        let attachAttestationReport = try confidentialOptions.reportAttacher()
         let logger = api.bootstrapLogging()
         if let incoming { return try runIncoming(incoming, logger: logger, startSession: startSession) }
         let many = guests.count > 1
@@ -190,7 +194,7 @@ struct Run: ParsableCommand {
                 let machine: Machine
                 if let image {
                     machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
-                    try confidentialOptions.attach(to: machine, guest: name)
+                    try attachAttestationReport(machine, name)
                 } else {
                     let modules = try initrd.map { [(bytes: try Self.readFile($0), commandLine: $0)] } ?? []
                     machine = try PCPlatform.machine(kernel: try Self.readFile(name), modules: modules, configuration: config,
@@ -427,7 +431,7 @@ enum ConsoleInput {
 }
 
 /// Writes `value` as JSON (snake_case keys, sorted, indented) to `path`.
-func writeJSON(_ path: String, _ value: some Encodable) throws {
+package func writeJSON(_ path: String, _ value: some Encodable) throws {
     let encoder = JSONEncoder()
     encoder.keyEncodingStrategy = .convertToSnakeCase
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -19,6 +19,20 @@ import Testing
         }
     }
 
+    /// Nor does it link swift-crypto or the full Foundation (with ICU) that swift-crypto imports on
+    /// Linux: the attestation commands are the sibling's too. FoundationEssentials is fine. Foundation
+    /// is looked for as a module (static stdlib) and as a shared library (dynamic).
+    @Test func cryptoAndFoundationAreOnlyInTheSibling() throws {
+        for module in ["Crypto", "Attestation"] {
+            #expect(try !links(swiftvisorPath, module: module), "swiftvisor links \(module)")
+            #expect(try links(siblingPath, module: module), "swiftvisor-api lacks \(module)")
+        }
+        for name in ["Foundation", "FoundationInternationalization", "libFoundation.so", "libFoundationInternationalization.so", "lib_FoundationICU.so"] {
+            #expect(try !links(swiftvisorPath, module: name), "swiftvisor links \(name)")
+        }
+        #expect(try links(siblingPath, module: "Foundation") || links(siblingPath, module: "libFoundation.so"), "the check would not see Foundation")
+    }
+
     /// Without the sibling, `run` still works and the operator commands say what is missing.
     @Test func aMissingSiblingIsOneClearLine() throws {
         let dir = NSTemporaryDirectory() + "swiftvisor-alone-\(getpid())"
@@ -30,7 +44,8 @@ import Testing
         #expect(ran.status == 0, "\(ran.stderr)")
         #expect(ran.stdout.contains("Hello from Swiftvisor!"))
         let socket = dir + "/vm.sock"
-        for args in [["serve", "--api-sock", socket], ["run", "hello", "--api-sock", socket], ["ctl", "--api-sock", socket, "status"]] {
+        for args in [["serve", "--api-sock", socket], ["run", "hello", "--api-sock", socket], ["ctl", "--api-sock", socket, "status"],
+                     ["verify", dir + "/report.json"], ["run", "hello", "--confidential", "--attestation-report", dir + "/report.json"]] {
             let r = try swiftvisor(args, executable: alone)
             #expect(r.status == 125, "\(args): \(r.stderr)")
             let lines = r.stderr.split(separator: "\n")
