@@ -114,8 +114,10 @@ while IFS='|' read -r name file smp args qp arch groups to; do
         case "$e" in
             software|kvm)
                 if [ "$e" = kvm ] && [ $kvm_usable = 0 ]; then printf ' %-22s' "SKIP(no /dev/kvm)"; echo -e "$name\t$e\tSKIP\t0\t0" >> "$results"; continue; fi
+                # The entry's -cpu flags that swiftvisor's --cpu takes (e.g. -x2apic); the model and other flags are QEMU's.
+                cpuflags=$(echo "$qp" | sed -n 's/.*-cpu \([^ ]*\).*/\1/p' | tr ',' '\n' | grep -E '^([+-]x2apic|\+tsc-deadline)$' | paste -sd, -)
                 timeout -k 5 $((t + 10)) "$swiftvisor" run --engine "$e" --memory 256M --vcpus "$smp" --timeout "$t" \
-                    --kernel "$scratch/src/x86/$file" ${args:+--cmdline "$args"} </dev/null >"$log" 2>&1
+                    ${cpuflags:+--cpu "$cpuflags"} --kernel "$scratch/src/x86/$file" ${args:+--cmdline "$args"} </dev/null >"$log" 2>&1
                 status=$? ;;
             qemu)
                 cpu="-cpu max"; [[ "$qp" == *"-cpu "* ]] && cpu=""
