@@ -141,6 +141,8 @@ final class CPU {
     var waitingForTimer = false
     /// The #GP being raised is a non-canonical data address.
     var nonCanonicalAccess = false
+    /// PAUSE instructions executed (SpinWait.swift).
+    var pauses: UInt64 = 0
     /// x87 and SSE registers (SSE/FloatingPointState.swift).
     var fp = FloatingPointState()
     /// Set by STI (when it enables IF) and MOV SS/POP SS: no interrupt is taken before the

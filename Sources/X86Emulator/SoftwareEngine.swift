@@ -287,7 +287,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 return .interrupted
             }
             if cpu.timerDeadline != .max || cpu.waitingForTimer {
-                if case let .halt? = waitForTimer() { return .halt }
+                if case .halt? = waitForTimer() { return .halt }
                 if exitIsRequested { continue }
             }
             if cpu.shadowEntries != nil { syncShadowFlush() }

@@ -60,7 +60,7 @@ struct KVMUnitTestsOnTheSoftwareEngine {
     /// Each named entry of unittests.cfg passes: isa-debug-exit status 1 and a SUMMARY line
     /// with no unexpected failure.
     @Test func namedEntriesPass() throws {
-        let named = ["setjmp", "msr", "tsc", "smap", "smptest", "eventinj", "xsave", "ioapic", "sieve"]
+        let named = ["setjmp", "msr", "tsc", "smap", "smptest", "eventinj", "xsave", "ioapic", "sieve", "x2apic", "xapic", "emulator"]
         let withoutSummary: Set = ["sieve"]  // prints its counts, no SUMMARY line: the exit status says it
         // A fixed scratch directory: the suite is rebuilt only when its source changes.
         let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("swiftvisor-kvm-unit-tests").path
@@ -69,7 +69,9 @@ struct KVMUnitTestsOnTheSoftwareEngine {
             let o = try #require(outcomes[name], "no result for \(name)")
             #expect(o.status == "PASS", "\(name): \(o.status), log in \(scratch)/logs/\(name).software.log")
             if withoutSummary.contains(name) { continue }
-            #expect(o.total > 0 && o.passed == o.total, "\(name): \(o.passed) of \(o.total) test cases passed")
+            // emulator skips two cases (forced emulation is KVM's debugging aid; MOVBE is not advertised).
+            let skipped = name == "emulator" ? 2 : 0
+            #expect(o.total > 0 && o.passed == o.total - skipped, "\(name): \(o.passed) of \(o.total) test cases passed")
         }
     }
 
