@@ -31,7 +31,7 @@ enum KVMUnitTests {
     static func run(_ tests: [String], scratch: String) throws -> [String: Outcome] {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [script, "--engines", "software", "--only", tests.joined(separator: ","), "--timeout", "120"]
+        p.arguments = [script, "--engines", "software", "--only", tests.joined(separator: ","), "--timeout", "300", "--min-timeout", "300"]
         var env = ProcessInfo.processInfo.environment
         env["SWIFTVISOR"] = swiftvisor
         env["KUT_SRC"] = source
