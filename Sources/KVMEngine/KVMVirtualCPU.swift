@@ -165,7 +165,7 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
         let rc = ckvm_get_regs(fd, &hypercallRegs)
         if rc < 0 { throw .hostCallFailed(operation: "KVM_GET_REGS", errno: -rc) }
         let g = hypercallRegs
-        return .hypercall(Hypercall(number: g.rax & 0xFFFF_FFFF, arg0: g.rdi, arg1: g.rsi, arg2: g.rdx, arg3: g.r10))
+        return .hypercall(Hypercall(number: g.rax & 0xFFFF_FFFF, arg0: g.rdi, arg1: g.rsi, arg2: g.rdx, arg3: g.r10, rbx: g.rbx, rcx: g.rcx))
     }
 
     /// The bytes at the guest's RIP, found through its own page tables (best effort).

@@ -8,15 +8,21 @@ import VirtCore
 /// processors (which wait in wait-for-SIPI), the I/O APIC, and pc-testdev (its register, IRQ-line ports and device memory).
 public enum PCPlatform {
     /// Builds the machine for a multiboot kernel. `modules`: multiboot modules (an initrd)
-    /// with their command lines.
+    /// with their command lines. `cpu`: the features a `-cpu` line may change.
     public static func machine(kernel: [UInt8], modules: [(bytes: [UInt8], commandLine: String)] = [],
-                               configuration: MachineConfiguration, engine: any Engine,
+                               configuration: MachineConfiguration, engine: any Engine, cpu: PCCPUFeatures = PCCPUFeatures(),
                                serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> Machine {
         // A bzImage or vmlinux boots through the Linux boot protocol; anything else must be multiboot.
         let image: KernelImage = LinuxKernel.isBzImage(kernel) || LinuxKernel.isELF64(kernel)
             ? .linux(try LinuxKernel(bytes: kernel)) : .multiboot(try MultibootKernel(bytes: kernel))
         var config = configuration
         config.debugExitEncoding = true
+        let apicSlot = LocalAPICSlot()
+        config.hypercalls.register(LocalAPICSlot.kvmSendIPI) { call, vcpu in
+            // KVM's convention: RBX, RCX the destination bitmap, RDX the lowest APIC ID, RSI the ICR.
+            apicSlot.bank?.sendPVIPI(from: vcpu, low: call.rbx, high: call.rcx, minID: UInt32(truncatingIfNeeded: call.arg2),
+                                     icr: call.arg1) ?? HypercallTable.unknownResult
+        }
         let machine = try Machine(configuration: config, engine: engine, image: nil, serialOutput: serialOutput) { memory in
             let boot: VCPUState
             switch image {
@@ -45,11 +51,19 @@ public enum PCPlatform {
         try machine.attach(pic, firstPort: LegacyPIC.masterPort, count: 2)
         try machine.attach(slavePIC, firstPort: LegacyPIC.slavePort, count: 2)
         let gate = StartupGate(vcpuCount: count)
-        let apic = LocalAPICBank(vcpuCount: count, wiring: LocalAPICWiring(
+        // The timers count on each vCPU's own TSC where the engine offers it (software engine).
+        // (The machine owns the vCPUs and the APICs: weakly referenced here.)
+        let guestClock = machine.allVCPUs.allSatisfy({ $0 is any PlatformTimerForwarding })
+            ? LocalAPICGuestClock(now: { [weak machine] in (machine?.allVCPUs[$0] as? any PlatformTimerForwarding)?.timeStampCounter ?? 0 },
+                                  arm: { [weak machine] in (machine?.allVCPUs[$0] as? any PlatformTimerForwarding)?.setTimerDeadline($1) })
+            : nil
+        let apic = LocalAPICBank(vcpuCount: count, x2APIC: cpu.x2APIC, wiring: LocalAPICWiring(
             deliver: { [weak machine] vcpu, vector in machine?.raiseInterrupt(vector: vector, vcpu: vcpu) },
             initCPU: { vcpu in gate.initCPU(vcpu) },
-            startup: { vcpu, vector in gate.startup(vcpu, vector: vector) }))
+            startup: { vcpu, vector in gate.startup(vcpu, vector: vector) },
+            guestClock: guestClock))
         machine.localAPIC = apic
+        apicSlot.bank = apic
         let ioapic = IOAPIC(apics: apic)
         try machine.attach(ioapic, base: IOAPIC.base, size: IOAPIC.size)
         try machine.attach(PCTestDevice.InterruptLines(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
@@ -104,6 +118,8 @@ final class PCPlatformMSRs: PlatformMSRHandler {
         banks = (0..<vcpuCount).map { _ in Bank() }
     }
 
+    var x2APICAvailable: Bool { apic.x2APICAvailable }
+
     func readMSR(vcpu: Int, index: UInt32, tsc: UInt64, apicBase: UInt64) -> UInt64? {
         if Self.counters.contains(index), vcpu < banks.count { return banks[vcpu].values.withLock { $0[Int(index & 7)] } }
         if index == Self.miscEnable, vcpu < banks.count { return banks[vcpu].miscEnable.withLock { $0 } }
@@ -130,4 +146,16 @@ private enum KernelImage {
     case multiboot(MultibootKernel)
 
     var isLinux: Bool { if case .linux = self { true } else { false } }
+}
+
+/// The local APICs for KVM's PV send-IPI hypercall, whose handler is registered before the
+/// machine (and so its APICs) exists.
+private final class LocalAPICSlot: Sendable {
+    /// KVM_HC_SEND_IPI.
+    static let kvmSendIPI: UInt64 = 10
+    private let slot = Mutex<LocalAPICBank?>(nil)
+    var bank: LocalAPICBank? {
+        get { slot.withLock { $0 } }
+        set { slot.withLock { $0 = newValue } }
+    }
 }

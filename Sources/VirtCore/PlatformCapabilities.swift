@@ -8,6 +8,12 @@ public protocol PlatformMSRHandler: AnyObject, Sendable {
     func readMSR(vcpu: Int, index: UInt32, tsc: UInt64, apicBase: UInt64) -> UInt64?
     /// False for #GP.
     func writeMSR(vcpu: Int, index: UInt32, value: UInt64, tsc: UInt64, apicBase: UInt64) -> Bool
+    /// Whether the local APIC has x2APIC mode (the engine's CPUID.1:ECX.x2APIC).
+    var x2APICAvailable: Bool { get }
+}
+
+extension PlatformMSRHandler {
+    public var x2APICAvailable: Bool { true }
 }
 
 /// A local interrupt controller in the VMM that decides which requested vector a vCPU may
@@ -20,6 +26,22 @@ public protocol PlatformInterruptController: AnyObject, Sendable {
     /// CR8: the task priority's class (TPR[7:4]), read and written.
     func taskPriorityClass(vcpu: Int) -> UInt8
     func setTaskPriorityClass(vcpu: Int, _ value: UInt8)
+    /// The timer deadline armed with `PlatformTimerForwarding.setTimerDeadline` passed;
+    /// `tsc`: the vCPU's time-stamp counter now.
+    func timerDeadlineReached(vcpu: Int, tsc: UInt64)
+}
+
+extension PlatformInterruptController {
+    public func timerDeadlineReached(vcpu: Int, tsc: UInt64) {}
+}
+
+/// A vCPU on whose own time-stamp counter the platform's timer counts, as KVM's local APIC
+/// timer shares the guest TSC's clock: the engine reports the deadline once its TSC reaches
+/// it, and a `hlt` with interrupts enabled waits out the time to it (host time then passes
+/// for guest time), so what the guest measures does not depend on host load.
+public protocol PlatformTimerForwarding: PlatformMSRForwarding {
+    /// Arms (nil: disarms) the timer deadline, in TSC ticks. On the vCPU's own thread.
+    func setTimerDeadline(_ tsc: UInt64?)
 }
 
 /// A vCPU whose unimplemented MSRs go to a `PlatformMSRHandler` (the software engine;

@@ -36,9 +36,12 @@ public struct MMIOAccess: Sendable, Equatable {
 public struct Hypercall: Sendable, Equatable {
     public var number: UInt64
     public var arg0: UInt64, arg1: UInt64, arg2: UInt64, arg3: UInt64
+    /// RBX and RCX too: KVM's hypercalls take their arguments in RBX, RCX, RDX, RSI.
+    public var rbx: UInt64, rcx: UInt64
 
-    public init(number: UInt64, arg0: UInt64 = 0, arg1: UInt64 = 0, arg2: UInt64 = 0, arg3: UInt64 = 0) {
+    public init(number: UInt64, arg0: UInt64 = 0, arg1: UInt64 = 0, arg2: UInt64 = 0, arg3: UInt64 = 0, rbx: UInt64 = 0, rcx: UInt64 = 0) {
         self.number = number; self.arg0 = arg0; self.arg1 = arg1; self.arg2 = arg2; self.arg3 = arg3
+        self.rbx = rbx; self.rcx = rcx
     }
 
     public var args: [UInt64] { [arg0, arg1, arg2, arg3] }

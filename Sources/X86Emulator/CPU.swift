@@ -135,6 +135,14 @@ final class CPU {
     var sysenterCS: UInt64 = 0, sysenterESP: UInt64 = 0, sysenterEIP: UInt64 = 0, tscAux: UInt64 = 0
     var kernelGSBase: UInt64 = 0
     var tscOffset: UInt64 = 0
+    /// The platform timer's deadline in TSC ticks (`.max`: none), and whether a `hlt` waits
+    /// for it (GuestTimer.swift).
+    var timerDeadline: UInt64 = .max
+    var waitingForTimer = false
+    /// The #GP being raised is a non-canonical data address.
+    var nonCanonicalAccess = false
+    /// PAUSE instructions executed (SpinWait.swift).
+    var pauses: UInt64 = 0
     /// x87 and SSE registers (SSE/FloatingPointState.swift).
     var fp = FloatingPointState()
     /// Set by STI (when it enables IF) and MOV SS/POP SS: no interrupt is taken before the
@@ -388,7 +396,10 @@ final class CPU {
 
     /// The page walk behind `translate`; fills the TLB on success.
     func walk(_ linear: UInt64, write: Bool, execute: Bool, user: Bool) throws(Fault) -> UInt64 {
-        guard Self.isCanonical(linear) else { throw Fault.gp() }
+        guard Self.isCanonical(linear) else {
+            nonCanonicalAccess = true  // #SS instead when the operand is on the stack segment (`handle`)
+            throw Fault.gp()
+        }
         if cr0 & CR.pg == 0 {
             if let c = confidential, linear < ramSize {  // without paging every access is private
                 _ = try confidentialDataAccess(c, host: linear, gpa: linear, isPrivate: true, write: write)

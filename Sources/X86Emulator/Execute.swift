@@ -136,7 +136,9 @@ extension CPU {
             if i.reg == 8 {  // XCHG r8, rAX
                 let a = reg(0, i.size, rex), b = reg(8, i.size, rex)
                 setReg(0, i.size, b, rex); setReg(8, i.size, a, rex)
-            }  // else NOP / PAUSE
+            } else if i.rep == 0xF3 {
+                spinWaitHint()  // PAUSE
+            }  // else NOP
         case 0x91...0x97:
             let n = Int(i.reg)
             let a = reg(0, i.size, rex), b = reg(n, i.size, rex)

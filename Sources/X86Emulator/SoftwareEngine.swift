@@ -1,3 +1,4 @@
+import Dispatch
 import Synchronization
 import VirtCore
 
@@ -89,15 +90,23 @@ public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, Cod
 /// `requestExit` and `injectInterrupt` may come from any thread.
 // SAFETY: the CPU and the timer budget belong to the thread calling run(); the flags other
 // threads touch (exit request, pending interrupts) are atomic.
-public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, PlatformMSRForwarding, @unchecked Sendable {
+public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, PlatformTimerForwarding, @unchecked Sendable {
     public let id: Int
     let vm: SoftwareVirtualMachine
     let cpu: CPU
     private let exitRequested = Atomic<Bool>(false)
     /// Vectors waiting for RFLAGS.IF.
     private let pending = PendingInterrupts()
-    /// An NMI (injected as vector 2) waiting for NMI blocking to end; IF does not hold it.
-    private let nmiPending = Atomic<Bool>(false)
+    /// NMIs (injected as vector 2) waiting for NMI blocking to end; IF does not hold them.
+    /// At most two wait at once, as KVM keeps them (two sent together are both taken); while
+    /// an NMI handler runs, or once one is taken, at most one (SDM Vol. 3A §6.7.1).
+    private let nmiPending = Atomic<Int>(0)
+    /// An NMI handler runs (`cpu.nmiBlocked`, as other threads see it): one more NMI may wait.
+    private let nmiMasked = Atomic<Bool>(false)
+    /// `hlt` waiting for the platform timer (GuestTimer.swift): set while the thread waits
+    /// on `idleWake`, which injections and exit requests then signal.
+    let idle = Atomic<Bool>(false)
+    let idleWake = DispatchSemaphore(value: 0)
 
     /// The model of the VMX preemption timer: instructions (attempts, including ones that
     /// fault) left before `run()` returns `.preemptionTimer`; nil: timer off. It fires once
@@ -121,7 +130,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
         interruptController = controller
         cpu.interruptController = controller
     }
-    private var interruptController: (any PlatformInterruptController)?
+    private(set) var interruptController: (any PlatformInterruptController)?
 
     /// The next injected vector the guest may take now (with a platform interrupt controller:
     /// above the processor priority, and acknowledged to it).
@@ -137,6 +146,17 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
         return v
     }
     public var timeStampCounter: UInt64 { cpu.instructions &+ cpu.tscOffset }
+
+    /// Takes one pending NMI, leaving at most one latched behind it.
+    private func takeNMI() -> Bool {
+        var count = nmiPending.load(ordering: .relaxed)
+        while count > 0 {
+            let (exchanged, now) = nmiPending.compareExchange(expected: count, desired: min(count - 1, 1), ordering: .acquiringAndReleasing)
+            if exchanged { return true }
+            count = now
+        }
+        return false
+    }
 
     /// Whether this vCPU runs translated code.
     public var usesTranslation: Bool { cpu.translator != nil }
@@ -200,7 +220,12 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
 
     public func completeHypercall(result: UInt64) { cpu.gpr[0] = result }
 
-    public func requestExit() { exitRequested.store(true, ordering: .releasing) }
+    public func requestExit() {
+        exitRequested.store(true, ordering: .sequentiallyConsistent)
+        if idle.load(ordering: .sequentiallyConsistent) { idleWake.signal() }
+    }
+
+    var exitIsRequested: Bool { exitRequested.load(ordering: .sequentiallyConsistent) }
 
     /// Queues an external interrupt, delivered through the IDT once RFLAGS.IF is set and no
     /// STI/MOV SS interrupt shadow is in force (as KVM_INTERRUPT); the highest vector
@@ -208,10 +233,21 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     /// A running vCPU sees it within one block. Vector 2 is the NMI: taken whatever IF
     /// says, and not again until the handler's IRET.
     public func injectInterrupt(vector: UInt8) {
-        if vector == 2 { nmiPending.store(true, ordering: .releasing) } else { pending.post(vector) }
+        if vector == 2 {
+            let limit = nmiMasked.load(ordering: .acquiring) ? 1 : 2
+            var count = nmiPending.load(ordering: .relaxed)
+            while count < limit {
+                let (exchanged, now) = nmiPending.compareExchange(expected: count, desired: count + 1, ordering: .acquiringAndReleasing)
+                if exchanged { break }
+                count = now
+            }
+        } else {
+            pending.post(vector)
+        }
+        if idle.load(ordering: .sequentiallyConsistent) { idleWake.signal() }
     }
 
-    public var hasPendingInterrupt: Bool { !pending.isEmpty || nmiPending.load(ordering: .acquiring) }
+    public var hasPendingInterrupt: Bool { !pending.isEmpty || nmiPending.load(ordering: .acquiring) != 0 }
 
     public var interruptsEnabled: Bool { cpu.rflags & Flag.if != 0 }
 
@@ -242,16 +278,26 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
             }
         }
         while true {
-            if cpu.attention, let e = takeExit() { return e }
+            if cpu.attention, let e = takeExit() {
+                // `hlt` with interrupts enabled and the platform timer armed: waits here (guest time).
+                if case .halt = e, cpu.timerDeadline != .max, cpu.rflags & Flag.if != 0 { cpu.waitingForTimer = true; continue }
+                return e
+            }
             if exitRequested.load(ordering: .relaxed) && exitRequested.exchange(false, ordering: .acquiring) {
                 return .interrupted
+            }
+            if cpu.timerDeadline != .max || cpu.waitingForTimer {
+                if case .halt? = waitForTimer() { return .halt }
+                if exitIsRequested { continue }
             }
             if cpu.shadowEntries != nil { syncShadowFlush() }
             // An instruction re-executed with its MMIO values completes before any event.
             let holdingReads = cpu.holdsMMIOReads
-            if !holdingReads && !cpu.interruptShadow && !cpu.nmiBlocked && nmiPending.load(ordering: .relaxed)
-                && nmiPending.exchange(false, ordering: .acquiring) {
+            if !cpu.nmiBlocked && nmiMasked.load(ordering: .relaxed) { nmiMasked.store(false, ordering: .releasing) }  // IRET
+            if !holdingReads && !cpu.interruptShadow && !cpu.nmiBlocked && nmiPending.load(ordering: .relaxed) != 0
+                && takeNMI() {
                 cpu.nmiBlocked = true
+                nmiMasked.store(true, ordering: .releasing)
                 if !cpu.raise(vector: 2, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }
             }
@@ -266,6 +312,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 if budget == 0 { preemptionBudget = nil; return .preemptionTimer }
                 limit = Int(min(UInt64(limit), budget))
             }
+            if cpu.timerDeadline != .max { limit = Int(min(UInt64(limit), max(1, cpu.timerDeadline &- (cpu.instructions &+ cpu.tscOffset)))) }
             cpu.attention = false
             let used: Int
             if cpu.inLegacyMode {
@@ -339,6 +386,14 @@ extension CPU {
         return limit - left
     }
 
+    /// The current instruction's memory operand is addressed through SS: based on RSP or
+    /// RBP without a segment override.
+    private func memoryOperandOnStackSegment() -> Bool {
+        guard let p = try? fetchDecoded() else { return false }
+        let i = p.pointee
+        return i.isMem && (i.base == 4 || i.base == 5) && i.seg == 0
+    }
+
     /// A fault of the current instruction: exits for MMIO reads and fetches outside RAM,
     /// guest exceptions otherwise (triple fault: `.shutdown`).
     func handle(_ f: Fault) {
@@ -348,7 +403,11 @@ extension CPU {
         case let .mmioRead(address, size):
             lastMMIORead = (address, size)
             exit(.mmio(MMIOAccess(address: address, size: size, direction: .read)))
-        case let .exception(vector, code):
+        case .exception(var vector, let code):
+            if nonCanonicalAccess {
+                nonCanonicalAccess = false
+                if vector == 13 && memoryOperandOnStackSegment() { vector = 12 }  // #SS(0) (SDM Vol. 3A §6.15)
+            }
             exceptionCount &+= 1
             if vector == 6 { undefinedOpcodeCount &+= 1 }
             if !raise(vector: vector, errorCode: code, software: false, fault: true) { exit(.shutdown) }

@@ -248,6 +248,8 @@ extension CPU {
             case 4: gpr[n] = UInt64(UInt32(truncatingIfNeeded: gpr[n]).byteSwapped)
             default: gpr[n] &= ~0xFFFF
             }
+        case 0x77:  // EMMS
+            try emms()
         case let sse where Self.isSSEOpcode(sse) || sse == 0xC3:
             try executeSSE(i)
         default:
@@ -297,7 +299,7 @@ extension CPU {
             case 0xD0, 0xD1:  // XGETBV, XSETBV
                 try extendedControlRegister(i)
             case 0xC1, 0xD9:  // VMCALL, VMMCALL (either, as KVM takes both): the hypercall exit; RAX receives the result via completeHypercall
-                exit(.hypercall(Hypercall(number: gpr[0], arg0: gpr[7], arg1: gpr[6], arg2: gpr[2], arg3: gpr[10])))
+                exit(.hypercall(Hypercall(number: gpr[0], arg0: gpr[7], arg1: gpr[6], arg2: gpr[2], arg3: gpr[10], rbx: gpr[3], rcx: gpr[1])))
             case 0xCA, 0xCB:  // CLAC, STAC
                 guard cpl == 0 else { throw Fault.ud }
                 if i.modrm == 0xCA { rflags &= ~Flag.ac } else { rflags |= Flag.ac }
@@ -402,7 +404,7 @@ extension CPU {
     /// CPUID leaves: vendor "SwiftvisorSW", family 6; long mode, NX, 1 GiB pages, SYSCALL,
     /// RDTSCP, LAHF in 64-bit mode, POPCNT, LZCNT, CMPXCHG8B/16B, CMOV, TSC, MSR, PAE,
     /// PGE, SMEP, SMAP, FSGSBASE, UMIP, x87 (FPU, FCMOV via CMOV), FXSR, SSE, SSE2, CLFLUSH,
-    /// XSAVE/XSAVEOPT (x87 and SSE components), CLFLUSHOPT. No MMX, SSE3+, AVX or BMI.
+    /// XSAVE/XSAVEOPT (x87 and SSE components), CLFLUSHOPT, MMX. No SSE3+, AVX or BMI.
     func cpuid() {
         let leaf = UInt32(truncatingIfNeeded: gpr[0])
         let sub = UInt32(truncatingIfNeeded: gpr[1])
@@ -419,11 +421,12 @@ extension CPU {
             c = (1 << 13) | (1 << 23) | (1 << 26)  // CX16, POPCNT, XSAVE
             if cr4 & CR.osxsave != 0 { c |= 1 << 27 }  // OSXSAVE mirrors CR4
             d = (1 << 0) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 8) | (1 << 13) | (1 << 15)  // FPU PSE TSC MSR PAE CX8 PGE CMOV
-            d |= (1 << 16) | (1 << 19) | (1 << 24) | (1 << 25) | (1 << 26)  // PAT CLFSH FXSR SSE SSE2
+            d |= (1 << 16) | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26)  // PAT CLFSH MMX FXSR SSE SSE2
             if let p = platformMSRs {  // the VMM's local APIC (PC platform): APIC (while enabled), x2APIC, TSC deadline; initial APIC ID
                 let base = p.readMSR(vcpu: vcpuIndex, index: MSR.apicBase, tsc: 0, apicBase: apicBase) ?? apicBase
                 if base & (1 << 11) != 0 { d |= 1 << 9 }
-                c |= (1 << 21) | (1 << 24); b |= UInt32(truncatingIfNeeded: vcpuIndex) << 24
+                c |= 1 << 24; b |= UInt32(truncatingIfNeeded: vcpuIndex) << 24
+                if p.x2APICAvailable { c |= 1 << 21 }
             }
         case 0xB where platformMSRs != nil:
             // x2APIC topology: one thread per core (level 0, SMT); EDX the x2APIC ID.

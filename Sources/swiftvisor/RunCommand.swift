@@ -43,6 +43,9 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Boot a kernel on a PC platform instead of a guest: a Linux bzImage or vmlinux (x86 boot protocol, 64-bit entry, e820 map, ACPI tables; needs --memory 256M or so), or a multiboot (v1) kernel (ELF32 or a.out kludge, entered in 32-bit protected mode). Local APICs, I/O APIC, fw_cfg, 8259, COM1 (IRQ 4), and isa-debug-exit at 0xF4 (exit status (code << 1) | 1, as QEMU). --cmdline is its command line, e.g. 'console=ttyS0'.", valueName: "file"))
     var kernel: String?
 
+    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("With --kernel: CPU feature changes, as QEMU's -cpu flags: '-x2apic' hides x2APIC (CPUID and IA32_APIC_BASE.EXTD); '+x2apic' and '+tsc-deadline' are the default.", valueName: "+flag,-flag"))
+    var cpu: String?
+
     @Option(name: .long, help: ArgumentHelp("With --kernel: the initrd (initramfs) of a Linux kernel, or the first multiboot module.", valueName: "file"))
     var initrd: String?
 
@@ -126,12 +129,14 @@ struct Run: ParsableCommand {
             return
         }
         if kernel != nil {
+            if let cpu { do { _ = try PCCPUFeatures(parsing: cpu) } catch { throw ValidationError("--cpu: \(error)") } }
             guard guests.isEmpty else { throw ValidationError("--kernel boots one kernel; name no guest with it") }
             guard disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole, !api.serves else {
                 throw ValidationError("--kernel takes no device or control options (the PC platform has its own devices)")
             }
         } else {
             guard initrd == nil else { throw ValidationError("--initrd needs --kernel") }
+            guard cpu == nil else { throw ValidationError("--cpu needs --kernel") }
             guard !guests.isEmpty else { throw ValidationError("name at least one guest") }
         }
         guard guests.count <= 16 else { throw ValidationError("at most 16 VMs per run") }
@@ -198,7 +203,8 @@ struct Run: ParsableCommand {
                 } else {
                     let modules = try initrd.map { [(bytes: try Self.readFile($0), commandLine: $0)] } ?? []
                     machine = try PCPlatform.machine(kernel: try Self.readFile(name), modules: modules, configuration: config,
-                                                     engine: engine, serialOutput: output)
+                                                     engine: engine, cpu: try cpu.map { try PCCPUFeatures(parsing: $0) } ?? PCCPUFeatures(),
+                                                     serialOutput: output)
                 }
                 if policy?.lockMemory == true { try Partitioning.lock(machine.memory) }
                 let console = try addDevices(to: machine, index: index, output: output)

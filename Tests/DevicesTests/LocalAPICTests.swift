@@ -125,4 +125,70 @@ import VirtCore
         apic.mmioWrite(vcpu: 0, offset: 0x320, size: 4, value: 0x1_00EE | 1 << 17)
         #expect(current() == 0)
     }
+
+    /// KVM_HC_SEND_IPI: the bitmap names APIC IDs from `minID`; the count of APICs that
+    /// accepted it comes back; IDs past the last APIC are ignored (apic.c's case: none); a
+    /// logical destination or a shorthand is -EINVAL.
+    @Test func pvSendIPIFollowsTheBitmap() {
+        let (apic, d) = bank(4)
+        #expect(apic.sendPVIPI(from: 0, low: 0b1010, high: 0, minID: 0, icr: 0x4031) == 2)
+        #expect(d.vectors(to: 1) == [0x31] && d.vectors(to: 3) == [0x31] && d.vectors(to: 0).isEmpty)
+        #expect(apic.sendPVIPI(from: 0, low: 0b11, high: 0, minID: 2, icr: 0x4032) == 2)
+        #expect(d.vectors(to: 2) == [0x32] && d.vectors(to: 3) == [0x31, 0x32])
+        #expect(apic.sendPVIPI(from: 0, low: 0xFFFF_FFFF, high: 0, minID: 0xFFFF_FFFF, icr: 0) == 0)
+        #expect(apic.sendPVIPI(from: 0, low: 1, high: 0, minID: 0, icr: 0x4831) == UInt64(bitPattern: -22))
+        #expect(apic.sendPVIPI(from: 0, low: 1, high: 0, minID: 0, icr: 0x8_4031) == UInt64(bitPattern: -22))
+        #expect(apic.sendPVIPI(from: 0, low: 1, high: 0, minID: 0, icr: 0x4400) == 1)  // NMI
+        #expect(d.vectors(to: 0) == [2])
+    }
+
+    /// Without x2APIC (QEMU's -cpu ...,-x2apic) IA32_APIC_BASE.EXTD is a #GP.
+    @Test func x2APICCanBeHidden() {
+        let apic = LocalAPICBank(vcpuCount: 1, x2APIC: false, wiring: LocalAPICWiring(deliver: { _, _ in }, initCPU: { _ in }, startup: { _, _ in }))
+        let base: UInt64 = 0xFEE0_0000 | 0x100
+        #expect(!apic.x2APICAvailable)
+        #expect(!setBase(apic, 0, base | Self.en | Self.extd))
+        #expect(setBase(apic, 0, base))
+        #expect(setBase(apic, 0, base | Self.en))
+        #expect(apic.readMSR(vcpu: 0, index: 0x802, tsc: 0, apicBase: 0) == nil)
+    }
+
+    /// With a guest clock the timers count its ticks and arm its deadlines; the expiry the
+    /// vCPU reports delivers the vector and, periodic, arms the next period.
+    @Test func timerCountsOnTheGuestClock() {
+        final class Clock: Sendable {
+            let now = Mutex<UInt64>(0)
+            let armed = Mutex<UInt64?>(nil)
+        }
+        let clock = Clock(), d = Deliveries()
+        let apic = LocalAPICBank(vcpuCount: 1, wiring: LocalAPICWiring(
+            deliver: { vcpu, vector in d.log.withLock { $0.append((vcpu, vector)) } }, initCPU: { _ in }, startup: { _, _ in },
+            guestClock: LocalAPICGuestClock(now: { _ in clock.now.withLock { $0 } }, arm: { _, t in clock.armed.withLock { $0 = t } })))
+        apic.mmioWrite(vcpu: 0, offset: 0xF0, size: 4, value: 0x1FF)
+        func at(_ t: UInt64) { clock.now.withLock { $0 = t } }
+        func current() -> UInt64 { apic.mmioRead(vcpu: 0, offset: 0x390, size: 4) }
+        at(1_000)
+        apic.mmioWrite(vcpu: 0, offset: 0x3E0, size: 4, value: 0x0)  // divide by 2
+        apic.mmioWrite(vcpu: 0, offset: 0x320, size: 4, value: 0xEE)  // one-shot
+        apic.mmioWrite(vcpu: 0, offset: 0x380, size: 4, value: 500)
+        #expect(clock.armed.withLock { $0 } == 2_000)
+        at(1_400)
+        #expect(current() == 300)
+        at(2_000)
+        apic.timerDeadlineReached(vcpu: 0, tsc: 2_000)
+        #expect(d.vectors(to: 0) == [0xEE] && current() == 0)
+        apic.mmioWrite(vcpu: 0, offset: 0x320, size: 4, value: 0xEF | 1 << 17)  // periodic (expired one-shot: stays at 0)
+        apic.mmioWrite(vcpu: 0, offset: 0x380, size: 4, value: 500)
+        #expect(clock.armed.withLock { $0 } == 3_000)
+        at(3_000)
+        apic.timerDeadlineReached(vcpu: 0, tsc: 3_000)
+        #expect(clock.armed.withLock { $0 } == 4_000 && current() == 500)
+        apic.mmioWrite(vcpu: 0, offset: 0x320, size: 4, value: 0xF0 | 2 << 17)  // TSC deadline: disarms
+        #expect(clock.armed.withLock { $0 } == nil)
+        #expect(apic.writeMSR(vcpu: 0, index: 0x6E0, value: 3_500, tsc: 3_000, apicBase: 0))
+        #expect(clock.armed.withLock { $0 } == 3_500)
+        apic.timerDeadlineReached(vcpu: 0, tsc: 3_500)
+        #expect(d.vectors(to: 0) == [0xEE, 0xEF, 0xF0])
+        #expect(apic.readMSR(vcpu: 0, index: 0x6E0, tsc: 3_500, apicBase: 0) == 0)
+    }
 }

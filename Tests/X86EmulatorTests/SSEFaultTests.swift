@@ -160,9 +160,8 @@ func faultOf(_ code: [UInt8], _ adjust: @escaping (inout VCPUState) -> Void = { 
 
     @Test func cpuidAdvertisesTheFloatingPointUnit() throws {
         let (_, one) = try faultOf([0xB8, 1, 0, 0, 0, 0x0F, 0xA2]) { $0.cr4 |= 1 << 18 }
-        for bit in [0, 24, 25, 26] { #expect(one.rdx & (1 << UInt64(bit)) != 0, "leaf 1 EDX bit \(bit)") }
+        for bit in [0, 23, 24, 25, 26] { #expect(one.rdx & (1 << UInt64(bit)) != 0, "leaf 1 EDX bit \(bit)") }  // FPU MMX FXSR SSE SSE2
         #expect(one.rcx & (1 << 26) != 0 && one.rcx & (1 << 27) != 0)  // XSAVE, OSXSAVE
-        #expect(one.rdx & (1 << 23) == 0)  // no MMX
         let (_, noOS) = try faultOf([0xB8, 1, 0, 0, 0, 0x0F, 0xA2])
         #expect(noOS.rcx & (1 << 27) == 0)
         let (_, d) = try faultOf([0xB8, 0xD, 0, 0, 0, 0x31, 0xC9, 0x0F, 0xA2])

@@ -3,14 +3,29 @@ import Synchronization
 import VirtCore
 
 /// What a local APIC asks of the machine: deliver a vector to a vCPU, and the INIT and
-/// STARTUP messages that start application processors.
+/// STARTUP messages that start application processors; and, optionally, the vCPUs' own
+/// clocks for the timers.
 public struct LocalAPICWiring: Sendable {
     public var deliver: @Sendable (_ vcpu: Int, _ vector: UInt8) -> Void
     public var initCPU: @Sendable (_ vcpu: Int) -> Void
     public var startup: @Sendable (_ vcpu: Int, _ vector: UInt8) -> Void
+    public var guestClock: LocalAPICGuestClock?
     public init(deliver: @escaping @Sendable (Int, UInt8) -> Void, initCPU: @escaping @Sendable (Int) -> Void,
-                startup: @escaping @Sendable (Int, UInt8) -> Void) {
-        self.deliver = deliver; self.initCPU = initCPU; self.startup = startup
+                startup: @escaping @Sendable (Int, UInt8) -> Void, guestClock: LocalAPICGuestClock? = nil) {
+        self.deliver = deliver; self.initCPU = initCPU; self.startup = startup; self.guestClock = guestClock
+    }
+}
+
+/// Each vCPU's time-stamp counter as the timers' clock (one tick per TSC tick), with the
+/// vCPU arming the next expiry itself and reporting it through `timerDeadlineReached` —
+/// as KVM's timer shares the guest TSC's clock, so what a guest measures with RDTSC and
+/// the timer agree however loaded the host is. Both are called on that vCPU's thread.
+/// Without it the timers count host nanoseconds and fire from dispatch timers.
+public struct LocalAPICGuestClock: Sendable {
+    public var now: @Sendable (_ vcpu: Int) -> UInt64
+    public var arm: @Sendable (_ vcpu: Int, _ deadline: UInt64?) -> Void
+    public init(now: @escaping @Sendable (Int) -> UInt64, arm: @escaping @Sendable (Int, UInt64?) -> Void) {
+        self.now = now; self.arm = arm
     }
 }
 
@@ -19,7 +34,8 @@ public struct LocalAPICWiring: Sendable {
 /// `PlatformMSRHandler`): ID, version, TPR/PPR (CR8 is TPR[7:4]), EOI, LDR/DFR, SVR,
 /// ISR/TMR/IRR, ESR, ICR (fixed, NMI, INIT, STARTUP with the destination shorthands,
 /// physical, flat and cluster logical destinations, x2APIC logical IDs), the LVT and the
-/// timer (one-shot, periodic, TSC-deadline) counting at 1 GHz, host time.
+/// timer (one-shot, periodic, TSC-deadline) counting at 1 GHz: on the vCPU's TSC when the
+/// wiring gives its clock, host time otherwise.
 ///
 /// IA32_APIC_BASE (MSR 0x1B) is kept here too: its state machine (disabled, xAPIC, x2APIC;
 /// SDM Vol. 3A §10.12.5 — no x2APIC → xAPIC or disabled → x2APIC step, EN=0 with EXTD=1
@@ -71,8 +87,13 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     public func setLevelEOIHandler(_ handler: @escaping @Sendable (UInt8) -> Void) { levelEOI.withLock { $0 = handler } }
     public var count: Int { apics.count }
 
-    public init(vcpuCount: Int, wiring: LocalAPICWiring) {
+    /// Whether the APICs have x2APIC mode (CPUID.1:ECX.x2APIC): without it, setting
+    /// IA32_APIC_BASE.EXTD is a #GP, as on a processor without x2APIC.
+    public let x2APICAvailable: Bool
+
+    public init(vcpuCount: Int, x2APIC: Bool = true, wiring: LocalAPICWiring) {
         apics = (0..<vcpuCount).map { Unit(bsp: $0 == 0) }
+        x2APICAvailable = x2APIC
         self.wiring = wiring
     }
 
@@ -99,7 +120,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     /// A WRMSR to IA32_APIC_BASE (reserved bits already checked by the CPU): false (#GP)
     /// for an invalid state or transition.
     private func setBase(vcpu: Int, _ value: UInt64) -> Bool {
-        guard value & Self.x2APICEnable == 0 || value & Self.baseEnable != 0 else { return false }  // EXTD without EN
+        guard value & Self.x2APICEnable == 0 || (x2APICAvailable && value & Self.baseEnable != 0) else { return false }  // EXTD without EN or x2APIC
         return apics[vcpu].state.withLock { r -> Bool in
             let old = Self.mode(r.base), new = Self.mode(value)
             if old == .x2APIC && new == .xAPIC { return false }
@@ -204,7 +225,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             case 0x31: return r.icrHigh
             case 0x32...0x37: return r.lvt[index - 0x32]
             case 0x38: return r.initialCount
-            case 0x39: return Self.currentCount(r, now: monotonicNanoseconds())
+            case 0x39: return Self.currentCount(r, now: now(vcpu))
             case 0x3E: return r.divide
             default: return nil
             }
@@ -243,8 +264,9 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
 
     /// A fixed interrupt for `vcpu`: requested now, delivered when its priority allows.
     /// `level`: level-triggered (its EOI goes to the I/O APIC).
-    public func accept(vcpu: Int, vector: UInt8, level: Bool = false) {
-        guard vcpu < apics.count, vector >= 16 else { return }
+    @discardableResult
+    public func accept(vcpu: Int, vector: UInt8, level: Bool = false) -> Bool {
+        guard vcpu < apics.count, vector >= 16 else { return false }
         let enabled = apics[vcpu].state.withLock { r -> Bool in
             guard r.svr & 0x100 != 0, r.base & Self.baseEnable != 0 else { return false }  // a disabled APIC drops it
             r.irr[Int(vector >> 5)] |= 1 << UInt32(vector & 31)
@@ -253,6 +275,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             return true
         }
         if enabled { wiring.deliver(vcpu, vector) }
+        return enabled
     }
 
     public func processorPriority(vcpu: Int) -> UInt8 {
@@ -321,21 +344,48 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     }
 
     private func sendIPI(from source: Int, low: UInt32, destination: UInt32, x2APIC: Bool) {
-        let vector = UInt8(low & 0xFF)
-        let mode = (low >> 8) & 7
         let logical = low & 0x800 != 0
         let shorthand = (low >> 18) & 3
-        let targets = targets(source: source, shorthand: shorthand, logical: logical, destination: destination, x2APIC: x2APIC)
-        for t in targets {
-            switch mode {
-            case 0, 1: accept(vcpu: t, vector: vector)  // fixed, lowest priority
-            case 4: wiring.deliver(t, 2)  // NMI
-            case 5:
-                if low & 0x4000 != 0 || low & 0x8000 == 0 { wiring.initCPU(t) }  // INIT (assert), not the level de-assert
-            case 6: wiring.startup(t, vector)
-            default: break
+        for t in targets(source: source, shorthand: shorthand, logical: logical, destination: destination, x2APIC: x2APIC) {
+            deliver(to: t, low: low)
+        }
+    }
+
+    // MARK: KVM's PV send-IPI hypercall
+
+    /// KVM_HC_SEND_IPI (hypercall 10; Documentation/virt/kvm/x86/hypercalls.rst): a fixed,
+    /// NMI, INIT or STARTUP message, physical destination without shorthand (`icr`'s low
+    /// half), to the APIC IDs `minID + i` for each bit i of `low` and `minID + 64 + i` of
+    /// `high`. Returns how many APICs accepted it, or -EINVAL (−22) for a logical
+    /// destination or a shorthand, as KVM does.
+    public func sendPVIPI(from source: Int, low: UInt64, high: UInt64, minID: UInt32, icr: UInt64) -> UInt64 {
+        let low32 = UInt32(truncatingIfNeeded: icr)
+        guard low32 & 0xC_0800 == 0 else { return UInt64(bitPattern: -22) }
+        var delivered: UInt64 = 0
+        for (bitmap, first) in [(low, UInt64(minID)), (high, UInt64(minID) + 64)] where first < UInt64(apics.count) {
+            for bit in 0..<64 where bitmap & (1 << UInt64(bit)) != 0 {
+                let (id, overflow) = first.addingReportingOverflow(UInt64(bit))
+                guard !overflow, id < UInt64(apics.count) else { break }
+                if deliver(to: Int(id), low: low32) { delivered += 1 }
             }
         }
+        return delivered
+    }
+
+    /// One IPI message to APIC `target`: whether it was accepted (a fixed interrupt is not by
+    /// a software-disabled APIC).
+    @discardableResult
+    private func deliver(to target: Int, low: UInt32) -> Bool {
+        let vector = UInt8(low & 0xFF)
+        switch (low >> 8) & 7 {
+        case 0, 1: return accept(vcpu: target, vector: vector)  // fixed, lowest priority
+        case 4: wiring.deliver(target, 2)  // NMI
+        case 5:
+            if low & 0x4000 != 0 || low & 0x8000 == 0 { wiring.initCPU(target) }  // INIT (assert), not the level de-assert
+        case 6: wiring.startup(target, vector)
+        default: return false
+        }
+        return true
     }
 
     // MARK: Snapshot
@@ -424,46 +474,50 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         guard old != new else { return }
         guard old != 2 && new != 2 else {
             r.initialCount = 0; r.deadline = 0; r.countStopped = false
-            cancelTimer(&r)
+            cancelTimer(vcpu: vcpu, &r)
             return
         }
         guard r.initialCount != 0, !r.countStopped else { return }
-        let now = monotonicNanoseconds()
+        let time = now(vcpu)
         let period = UInt64(r.initialCount) * Self.divisor(r)
-        let elapsed = now &- r.countStart
+        let elapsed = time &- r.countStart
         if old == 1 {
             r.countStart &+= elapsed - elapsed % period
         } else if elapsed >= period {
             r.countStopped = true
         }
-        rearm(vcpu: vcpu, &r, now: now)
+        rearm(vcpu: vcpu, &r, now: time)
     }
 
     /// Schedules the next expiry of the count (none when it is stopped or has expired).
     private func rearm(vcpu: Int, _ r: inout Registers, now: UInt64) {
-        cancelTimer(&r)
+        cancelTimer(vcpu: vcpu, &r)
         guard Self.timerMode(r) != 2, r.initialCount != 0, !r.countStopped else { return }
         let period = UInt64(r.initialCount) * Self.divisor(r)
         let elapsed = now &- r.countStart
         if Self.timerMode(r) == 1 {
-            schedule(vcpu: vcpu, &r, afterNanoseconds: period - elapsed % period, repeating: period)
+            schedule(vcpu: vcpu, &r, now: now, after: period - elapsed % period, repeating: period)
         } else if elapsed < period {
-            schedule(vcpu: vcpu, &r, afterNanoseconds: period - elapsed, repeating: nil)
+            schedule(vcpu: vcpu, &r, now: now, after: period - elapsed, repeating: nil)
         }
     }
 
-    private func cancelTimer(_ r: inout Registers) {
+    private func cancelTimer(vcpu: Int, _ r: inout Registers) {
         r.timer?.cancel()
         r.timer = nil
         r.timerGeneration &+= 1
+        wiring.guestClock?.arm(vcpu, nil)
     }
+
+    /// The timers' clock for APIC `vcpu` now.
+    private func now(_ vcpu: Int) -> UInt64 { wiring.guestClock?.now(vcpu) ?? monotonicNanoseconds() }
 
     private func startCount(vcpu: Int, _ count: UInt32) {
         apics[vcpu].state.withLock { r in
             guard Self.timerMode(r) != 2 else { return }  // ignored in TSC-deadline mode
             r.initialCount = count
             r.countStopped = false
-            r.countStart = monotonicNanoseconds()
+            r.countStart = now(vcpu)
             rearm(vcpu: vcpu, &r, now: r.countStart)
         }
     }
@@ -471,14 +525,20 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     private func armDeadline(vcpu: Int, deadline: UInt64, tsc: UInt64) {
         apics[vcpu].state.withLock { r in
             guard (r.lvt[0] >> 17) & 3 == 2 else { return }
-            cancelTimer(&r)
+            cancelTimer(vcpu: vcpu, &r)
             r.deadline = deadline
             guard deadline != 0 else { return }
-            schedule(vcpu: vcpu, &r, afterNanoseconds: deadline > tsc ? deadline - tsc : 0, repeating: nil)
+            schedule(vcpu: vcpu, &r, now: tsc, after: deadline > tsc ? deadline - tsc : 0, repeating: nil)
         }
     }
 
-    private func schedule(vcpu: Int, _ r: inout Registers, afterNanoseconds delay: UInt64, repeating: UInt64?) {
+    /// Arms the next expiry `delay` ticks after `now`: on the vCPU's clock (a periodic count
+    /// re-armed at each expiry), or as a dispatch timer.
+    private func schedule(vcpu: Int, _ r: inout Registers, now: UInt64, after delay: UInt64, repeating: UInt64?) {
+        if let clock = wiring.guestClock {
+            clock.arm(vcpu, now &+ delay)
+            return
+        }
         let generation = r.timerGeneration
         let t = DispatchSource.makeTimerSource(queue: queue)
         if let period = repeating {
@@ -490,6 +550,21 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         t.setEventHandler { [weak self] in self?.timerFired(vcpu: vcpu, generation: generation) }
         r.timer = t
         t.resume()
+    }
+
+    /// The vCPU's clock reached the armed expiry (guest clock only).
+    public func timerDeadlineReached(vcpu: Int, tsc: UInt64) {
+        guard vcpu < apics.count else { return }
+        let vector = apics[vcpu].state.withLock { r -> UInt8? in
+            switch Self.timerMode(r) {
+            case 2: r.deadline = 0
+            case 1: rearm(vcpu: vcpu, &r, now: tsc)
+            default: break
+            }
+            guard r.lvt[0] & 0x1_0000 == 0 else { return nil }  // masked
+            return UInt8(r.lvt[0] & 0xFF)
+        }
+        if let vector { accept(vcpu: vcpu, vector: vector) }
     }
 
     private func timerFired(vcpu: Int, generation: UInt64) {

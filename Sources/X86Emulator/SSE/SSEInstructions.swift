@@ -55,6 +55,7 @@ extension CPU {
             try write(ea(i), reg(Int(i.reg), i.rexW ? 8 : 4, i.hasREX), size: i.rexW ? 8 : 4)
             return
         }
+        if code == op && Self.isMMXOpcode(op) { try executeMMX(i); return }
         try requireSSE()
         fp.inUse |= 2
         let r = Int(i.reg), m = Int(i.rm)
