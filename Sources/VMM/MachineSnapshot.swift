@@ -178,7 +178,9 @@ extension Machine {
             throw MachineSnapshotError.badDeviceState("PC platform: \(error)")
         }
         guard pcPlatform == nil else { throw MachineSnapshotError.badDeviceState("PC platform restored twice") }
-        let devices = try PCPlatform.install(on: self, linux: saved.linux)
+        // KVM's PV send-IPI hypercall is not offered again: the configuration's hypercall table
+        // is fixed before the platform exists (only kvm-unit-tests' apic test calls it).
+        let devices = try PCPlatform.install(on: self, linux: saved.linux, cpu: saved.cpu, hypercallTarget: nil)
         let counters = try allVCPUs.map { try $0.getState().msrs[MSR.tsc] ?? 0 }
         do { try devices.restore(saved, timeStampCounters: counters) } catch {
             throw MachineSnapshotError.badDeviceState(error.description)

@@ -1,7 +1,7 @@
 /// CPU features of the PC platform a kernel may ask to change, the way QEMU's
 /// `-cpu MODEL,+flag,-flag` does (kvm-unit-tests' `xapic` entry runs with `-x2apic`).
 /// Only what the platform decides is here; the rest of CPUID is the engine's.
-public struct PCCPUFeatures: Sendable, Equatable {
+public struct PCCPUFeatures: Codable, Sendable, Equatable {
     /// x2APIC mode of the local APICs (CPUID.1:ECX.x2APIC); without it IA32_APIC_BASE.EXTD
     /// cannot be set (#GP), as on an xAPIC-only processor.
     public var x2APIC = true

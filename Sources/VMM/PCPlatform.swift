@@ -35,15 +35,16 @@ public enum PCPlatform {
             // Application processors get their state at STARTUP; until then they do not run.
             return [boot] + (1..<max(1, configuration.vcpuCount)).map { _ in MultibootKernel.startupState(vector: 0) }
         }
-        try install(on: machine, linux: image.isLinux)
+        try install(on: machine, linux: image.isLinux, cpu: cpu, hypercallTarget: apicSlot)
         return machine
     }
 
     /// Attaches the PC devices to `machine` (made, not yet running): for a freshly loaded
     /// kernel, and again for a restored snapshot or migrated VM before the devices get their
     /// saved states. `linux`: a Linux kernel (COM1's interrupt, the RTC and the ACPI PM blocks).
+    /// `hypercallTarget`: where the configuration's PV send-IPI hypercall finds the APICs.
     @discardableResult
-    static func install(on machine: Machine, linux: Bool) throws -> PCPlatformDevices {
+    static func install(on machine: Machine, linux: Bool, cpu: PCCPUFeatures, hypercallTarget: LocalAPICSlot?) throws -> PCPlatformDevices {
         let count = machine.configuration.vcpuCount
         try machine.attach(FirmwareConfig(ramSize: machine.configuration.memorySize, cpuCount: count),
                            firstPort: FirmwareConfig.port, count: FirmwareConfig.portCount)
@@ -63,7 +64,7 @@ public enum PCPlatform {
             startup: { vcpu, vector in gate.startup(vcpu, vector: vector) },
             guestClock: guestClock))
         machine.localAPIC = apic
-        apicSlot.bank = apic
+        hypercallTarget?.bank = apic
         let ioapic = IOAPIC(apics: apic)
         try machine.attach(ioapic, base: IOAPIC.base, size: IOAPIC.size)
         try machine.attach(PCTestDevice.InterruptLines(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
@@ -89,7 +90,7 @@ public enum PCPlatform {
                 forwarding.setInterruptController(apic)
             }
         }
-        let devices = PCPlatformDevices(linux: linux, localAPICs: apic, ioapic: ioapic, masterPIC: pic, slavePIC: slavePIC,
+        let devices = PCPlatformDevices(linux: linux, cpu: cpu, localAPICs: apic, ioapic: ioapic, masterPIC: pic, slavePIC: slavePIC,
                                         cmos: linuxDevices?.0, powerManagement: linuxDevices?.1, startupGate: gate)
         machine.pcPlatform = devices
         return devices
@@ -150,7 +151,7 @@ private enum KernelImage {
 
 /// The local APICs for KVM's PV send-IPI hypercall, whose handler is registered before the
 /// machine (and so its APICs) exists.
-private final class LocalAPICSlot: Sendable {
+final class LocalAPICSlot: Sendable {
     /// KVM_HC_SEND_IPI.
     static let kvmSendIPI: UInt64 = 10
     private let slot = Mutex<LocalAPICBank?>(nil)

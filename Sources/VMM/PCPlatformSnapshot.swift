@@ -5,6 +5,7 @@ import VirtCore
 /// what a snapshot or a migration saves, and what a restore gives back.
 package final class PCPlatformDevices: Sendable {
     let linux: Bool
+    let cpu: PCCPUFeatures
     let localAPICs: LocalAPICBank
     let ioapic: IOAPIC
     let masterPIC: LegacyPIC, slavePIC: LegacyPIC
@@ -12,9 +13,10 @@ package final class PCPlatformDevices: Sendable {
     let powerManagement: ACPIPowerManagement?
     let startupGate: StartupGate
 
-    init(linux: Bool, localAPICs: LocalAPICBank, ioapic: IOAPIC, masterPIC: LegacyPIC, slavePIC: LegacyPIC,
+    init(linux: Bool, cpu: PCCPUFeatures, localAPICs: LocalAPICBank, ioapic: IOAPIC, masterPIC: LegacyPIC, slavePIC: LegacyPIC,
          cmos: CMOSClock?, powerManagement: ACPIPowerManagement?, startupGate: StartupGate) {
         self.linux = linux
+        self.cpu = cpu
         self.localAPICs = localAPICs
         self.ioapic = ioapic
         self.masterPIC = masterPIC
@@ -30,6 +32,7 @@ package final class PCPlatformDevices: Sendable {
     /// The platform's record: which platform to rebuild and each device's state.
     struct SavedState: Codable, Equatable {
         var linux: Bool
+        var cpu: PCCPUFeatures
         var localAPICs: [LocalAPICBank.SavedUnit]
         var ioapic: IOAPIC.SavedState
         var masterPIC: LegacyPIC.SavedState, slavePIC: LegacyPIC.SavedState
@@ -46,7 +49,7 @@ package final class PCPlatformDevices: Sendable {
 
     /// Call with the vCPUs paused.
     var savedState: SavedState {
-        SavedState(linux: linux, localAPICs: localAPICs.savedState, ioapic: ioapic.savedState,
+        SavedState(linux: linux, cpu: cpu, localAPICs: localAPICs.savedState, ioapic: ioapic.savedState,
                    masterPIC: masterPIC.savedState, slavePIC: slavePIC.savedState,
                    cmos: cmos?.savedState, powerManagement: powerManagement?.savedState)
     }

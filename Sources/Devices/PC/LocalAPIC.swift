@@ -391,7 +391,8 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     // MARK: Snapshot
 
     /// One local APIC as a snapshot keeps it. The count's progress is kept as the time
-    /// elapsed since it started: host clocks do not carry over to the restoring process.
+    /// elapsed since it started on the timers' clock (the vCPU's TSC, or host time, which
+    /// does not carry over to the restoring process).
     public struct SavedUnit: Codable, Sendable, Equatable {
         fileprivate var base: UInt64
         fileprivate var tpr, ldr, dfr, svr, esr, icrHigh: UInt32
@@ -405,12 +406,12 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
 
     /// Call with the vCPUs paused.
     public var savedState: [SavedUnit] {
-        let now = monotonicNanoseconds()
-        return apics.map { unit in
-            unit.state.withLock { r in
+        apics.indices.map { vcpu in
+            let time = now(vcpu)
+            return apics[vcpu].state.withLock { r in
                 SavedUnit(base: r.base, tpr: r.tpr, ldr: r.ldr, dfr: r.dfr, svr: r.svr, esr: r.esr, icrHigh: r.icrHigh,
                           lvt: r.lvt, isr: r.isr, irr: r.irr, tmr: r.tmr, initialCount: r.initialCount, divide: r.divide,
-                          countElapsedNanoseconds: now &- r.countStart, countStopped: r.countStopped, deadline: r.deadline)
+                          countElapsedNanoseconds: time &- r.countStart, countStopped: r.countStopped, deadline: r.deadline)
             }
         }
     }
@@ -425,21 +426,21 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         for u in saved where u.lvt.count != 7 || u.isr.count != 8 || u.irr.count != 8 || u.tmr.count != 8 {
             throw DeviceStateError(device: "local-apic", "\(u.lvt.count) LVT entries, \(u.isr.count)/\(u.irr.count)/\(u.tmr.count) ISR/IRR/TMR words")
         }
-        let now = monotonicNanoseconds()
         for (vcpu, u) in saved.enumerated() {
+            let time = now(vcpu)
             let requested = apics[vcpu].state.withLock { r -> [UInt8] in
-                cancelTimer(&r)
+                cancelTimer(vcpu: vcpu, &r)
                 r.base = u.base; r.tpr = u.tpr; r.ldr = u.ldr; r.dfr = u.dfr; r.svr = u.svr; r.esr = u.esr
                 r.icrHigh = u.icrHigh; r.lvt = u.lvt; r.isr = u.isr; r.irr = u.irr; r.tmr = u.tmr
                 r.initialCount = u.initialCount; r.divide = u.divide
-                r.countStart = now &- u.countElapsedNanoseconds
+                r.countStart = time &- u.countElapsedNanoseconds
                 r.countStopped = u.countStopped
                 r.deadline = Self.timerMode(r) == 2 ? u.deadline : 0
                 if r.deadline != 0 {
                     let tsc = timeStampCounters[vcpu]
-                    schedule(vcpu: vcpu, &r, afterNanoseconds: r.deadline > tsc ? r.deadline - tsc : 0, repeating: nil)
+                    schedule(vcpu: vcpu, &r, now: tsc, after: r.deadline > tsc ? r.deadline - tsc : 0, repeating: nil)
                 } else {
-                    rearm(vcpu: vcpu, &r, now: now)
+                    rearm(vcpu: vcpu, &r, now: time)
                 }
                 return (16..<256).filter { r.irr[$0 >> 5] & (1 << UInt32($0 & 31)) != 0 }.map { UInt8($0) }
             }
