@@ -369,6 +369,8 @@ public final class Machine: @unchecked Sendable {
     /// the application processors waiting for a STARTUP IPI. Set before `run()`.
     package var localAPIC: LocalAPICBank?
     package var startupGate: StartupGate?
+    /// PC platform: the PCI bus its virtio-pci devices sit on. Set before `run()`.
+    package var pcPCI: PCPlatformPCI?
 
     /// The vCPU handles (for services that read or set their state while paused).
     package var allVCPUs: [any VCPU] { vcpus }
