@@ -140,7 +140,7 @@ struct Run: ParsableCommand {
         if noTranslation && engine == .kvm { throw ValidationError("--no-translation applies to the software engine, not kvm") }
         if paging == .shadow && engine != .software { throw ValidationError("--paging shadow needs --engine software (KVM always uses the host's nested paging)") }
         if api.serves && guests.count > 1 { throw ValidationError("--api-sock serves one VM; run one guest") }
-        for d in disk where try DiskArgument(d).vm >= guests.count {
+        for d in disk where try DiskArgument(d).vm >= (kernel == nil ? guests.count : 1) {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
         }
         for p in partition where try PartitionArgument(p).vm >= guests.count {

@@ -173,6 +173,22 @@ final class VirtioPCITestDriver {
         #expect(driver.read(VirtioPCITransport.Common.numQueues, 2) == 2)
     }
 
+    @Test func devicesAttachedOneByOneGetDisjointBARs() throws {
+        let driver = try VirtioPCITestDriver(VirtioConsole(output: { _ in }))
+        try driver.placeBARs()
+        let memory = try GuestMemory(size: 1 << 20)
+        let second = try VirtioPCITransport(device: VirtioConsole(output: { _ in }), memory: memory, deliver: nil)
+        try driver.bridge.attach(second, at: RequesterID(bus: 0, device: 2, function: 0), config: second.configuration)
+        try driver.bridge.assignBARs()  // as the platform does after each attach
+        let config = try #require(driver.bridge.config(of: RequesterID(bus: 0, device: 2, function: 0)))
+        let placed = [driver.bar0, driver.bar1, UInt64(config.read32(PCIConfigSpace.bar0) & ~0xF), UInt64(config.read32(PCIConfigSpace.bar0 + 4) & ~0xF)]
+        let ranges = zip(placed, [0x4000, 0x1000, 0x4000, 0x1000] as [UInt64]).map { $0..<($0 + $1) }
+        for (i, a) in ranges.enumerated() {
+            for b in ranges[(i + 1)...] { #expect(!a.overlaps(b), "\(a) overlaps \(b)") }
+        }
+        #expect(driver.bar0 == driver.bridge.barWindow.lowerBound)
+    }
+
     @Test func aDriverNegotiatesSetsUpQueuesAndGetsPerQueueMSIXMessages() throws {
         let output = VirtioRecorder()
         let driver = try VirtioPCITestDriver(VirtioConsole(output: output.sink))

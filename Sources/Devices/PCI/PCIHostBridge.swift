@@ -173,7 +173,15 @@ public final class PCIHostBridge: PortIODevice, MMIODevice, Sendable {
     /// keeps the firmware's placement (Linux claims it rather than reassigning).
     public func assignBARs() throws(PCIError) {
         try state.withLock { (s: inout State) throws(PCIError) in
+            // New BARs go above every BAR placed already (by an earlier call or the guest).
             var next = barWindow.lowerBound
+            for fn in s.functions.values {
+                for bar in 0..<6 {
+                    guard let size = fn.config.barSizes[bar] else { continue }
+                    let base = UInt64(fn.config.read32(PCIConfigSpace.bar0 + 4 * bar) & 0xFFFF_FFF0)
+                    if barWindow.contains(base) { next = max(next, base + UInt64(size)) }
+                }
+            }
             for id in s.functions.keys.sorted() {
                 guard var fn = s.functions[id] else { continue }
                 var placed = false
