@@ -9,8 +9,10 @@ import VirtCore
 ///   GSI n; the SCI, IRQ 9, level-triggered), LINT1 = NMI.
 /// - FADT (revision 3): no SMI command port (always in ACPI mode), the PM1a event and
 ///   control blocks of `ACPIPowerManagement`, SCI on IRQ 9; no PM timer, no GPE blocks.
-/// - DSDT: only `Name (_S5, Package () {5, 5, 0, 0})`, so an S5 request (power off) writes
-///   SLP_TYP = 5 with SLP_EN to PM1a_CNT.
+/// - DSDT: `Name (_S5, Package () {5, 5, 0, 0})`, so an S5 request (power off) writes
+///   SLP_TYP = 5 with SLP_EN to PM1a_CNT; `\_SB.PCI0` (PNP0A03, bus 0, no _CRS: Linux then
+///   uses its default windows) and `\_SB.RES0` (PNP0C02) whose _CRS reserves ECAM.
+/// - MCFG: ECAM of segment 0, bus 0 (`PCPlatformPCI`).
 enum ACPITables {
     static let rsdpAddress: UInt64 = 0xF_0000
     static let xsdtAddress: UInt64 = 0xF_0040
@@ -18,6 +20,7 @@ enum ACPITables {
     static let facsAddress: UInt64 = 0xF_0200  // 64-byte aligned
     static let madtAddress: UInt64 = 0xF_0300
     static let dsdtAddress: UInt64 = 0xF_0600
+    static let mcfgAddress: UInt64 = 0xF_0800
     static let sciIRQ: UInt8 = 9
     static let sleepTypeS5: UInt16 = 5
 
@@ -71,11 +74,37 @@ enum ACPITables {
 
     static func dsdt() -> [UInt8] {
         // NameOp "_S5_" PackageOp PkgLength(8) NumElements(4) BytePrefix 5, BytePrefix 5, Zero, Zero
-        table("DSDT", revision: 2, [0x08] + Array("_S5_".utf8) + [0x12, 0x08, 0x04, 0x0A, UInt8(sleepTypeS5), 0x0A, UInt8(sleepTypeS5), 0x00, 0x00])
+        let s5: [UInt8] = [0x08] + Array("_S5_".utf8) + [0x12, 0x08, 0x04, 0x0A, UInt8(sleepTypeS5), 0x0A, UInt8(sleepTypeS5), 0x00, 0x00]
+        return table("DSDT", revision: 2, s5 + AML.scope("\\_SB_", AML.device("PCI0", AML.name("_HID", AML.eisaID(0x0A03)) + AML.name("_UID", [0x00]))
+            + AML.device("RES0", AML.name("_HID", AML.eisaID(0x0C02)) + AML.name("_UID", [0x00])
+                + AML.name("_CRS", AML.buffer(AML.memory32Fixed(base: UInt32(PCPlatformPCI.ecamBase), length: 1 << 20) + [0x79, 0x00])))))
+    }
+
+    /// MCFG: one ECAM allocation, segment 0, buses 0–0.
+    static func mcfg() -> [UInt8] {
+        table("MCFG", revision: 1, le64(0) + le64(PCPlatformPCI.ecamBase) + le16(0) + [0, 0] + le32(0))
+    }
+
+    /// The few AML encodings the DSDT needs (ACPI 6.5 §20).
+    enum AML {
+        /// PkgLength: one byte below 64, else two (low nibble, then the rest).
+        static func package(_ body: [UInt8]) -> [UInt8] {
+            if body.count + 1 < 64 { return [UInt8(body.count + 1)] + body }
+            let n = body.count + 2
+            return [0x40 | UInt8(n & 0xF), UInt8(n >> 4)] + body
+        }
+        static func name(_ seg: String, _ value: [UInt8]) -> [UInt8] { [0x08] + Array(seg.utf8) + value }
+        static func scope(_ path: String, _ body: [UInt8]) -> [UInt8] { [0x10] + package(Array(path.utf8) + body) }
+        static func device(_ seg: String, _ body: [UInt8]) -> [UInt8] { [0x5B, 0x82] + package(Array(seg.utf8) + body) }
+        /// EisaId("PNPxxxx") as a DWordConst: "PNP" compressed (0x41D0), then the product number.
+        static func eisaID(_ product: UInt16) -> [UInt8] { [0x0C, 0x41, 0xD0, UInt8(product >> 8), UInt8(product & 0xFF)] }
+        static func buffer(_ bytes: [UInt8]) -> [UInt8] { [0x11] + package([0x0A, UInt8(bytes.count)] + bytes) }
+        /// A Memory32Fixed resource descriptor, read-write.
+        static func memory32Fixed(base: UInt32, length: UInt32) -> [UInt8] { [0x86, 0x09, 0x00, 0x01] + ACPITables.le32(base) + ACPITables.le32(length) }
     }
 
     static func write(into memory: GuestMemory, vcpuCount: Int, ioapicID: UInt8) throws {
-        let xsdt = table("XSDT", revision: 1, le64(fadtAddress) + le64(madtAddress))
+        let xsdt = table("XSDT", revision: 1, le64(fadtAddress) + le64(madtAddress) + le64(mcfgAddress))
         var rsdp = Array("RSD PTR ".utf8) + [0] + Array("SWIFTV".utf8) + [2] + le32(0) + le32(36) + le64(xsdtAddress) + [0, 0, 0, 0]
         rsdp[8] = checksum(Array(rsdp[0..<20]))
         rsdp[32] = checksum(rsdp)
@@ -86,6 +115,9 @@ enum ACPITables {
         try memory.write(fadt(), at: fadtAddress)
         try memory.write(facs(), at: facsAddress)
         try memory.write(madt, at: madtAddress)
-        try memory.write(dsdt(), at: dsdtAddress)
+        let dsdt = dsdt()
+        guard dsdtAddress + UInt64(dsdt.count) <= mcfgAddress else { throw LinuxBootError.doesNotFit("the DSDT") }
+        try memory.write(dsdt, at: dsdtAddress)
+        try memory.write(mcfg(), at: mcfgAddress)
     }
 }

@@ -371,6 +371,8 @@ public final class Machine: @unchecked Sendable {
     package var startupGate: StartupGate?
     /// The PC platform's devices, whose states a snapshot keeps (nil: not a PC).
     package var pcPlatform: PCPlatformDevices?
+    /// PC platform: the PCI bus its virtio-pci devices sit on. Set before `run()`.
+    package var pcPCI: PCPlatformPCI?
 
     /// The vCPU handles (for services that read or set their state while paused).
     package var allVCPUs: [any VCPU] { vcpus }

@@ -122,6 +122,8 @@ extension Machine {
         }
         let unsupported = attachedDevices.compactMap { d -> String? in if case let .unsupported(n) = d.recipe { return n } else { return nil } }
         guard unsupported.isEmpty else { throw MachineSnapshotError.devicesNotSupported(unsupported) }
+        let pciDevices = pcPCI?.virtioTransports.map { "virtio-pci \($0.name)" } ?? []
+        guard pciDevices.isEmpty else { throw MachineSnapshotError.devicesNotSupported(pciDevices) }
         if let reason = pcPlatform?.unsavableReason { throw MachineSnapshotError.notSavableNow(reason) }
     }
 

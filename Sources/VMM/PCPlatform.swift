@@ -5,7 +5,8 @@ import VirtCore
 /// A PC as QEMU's `-machine pc` presents it to a kernel booted with `-kernel`: multiboot
 /// entry, COM1, isa-debug-exit at 0xF4, fw_cfg at 0x510, the 8259 pair's registers, one
 /// local APIC per vCPU (xAPIC page and x2APIC MSRs) with INIT/STARTUP for the application
-/// processors (which wait in wait-for-SIPI), the I/O APIC, and pc-testdev (its register, IRQ-line ports and device memory).
+/// processors (which wait in wait-for-SIPI), the I/O APIC, pc-testdev (its register, IRQ-line ports and device memory),
+/// and PCI (`PCPlatformPCI`: host bridge, virtio-pci devices).
 public enum PCPlatform {
     /// Builds the machine for a multiboot kernel. `modules`: multiboot modules (an initrd)
     /// with their command lines. `cpu`: the features a `-cpu` line may change.
@@ -65,6 +66,7 @@ public enum PCPlatform {
             guestClock: guestClock))
         machine.localAPIC = apic
         hypercallTarget?.bank = apic
+        machine.pcPCI = try PCPlatformPCI(machine: machine, apic: apic)
         let ioapic = IOAPIC(apics: apic)
         try machine.attach(ioapic, base: IOAPIC.base, size: IOAPIC.size)
         try machine.attach(PCTestDevice.InterruptLines(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)

@@ -29,7 +29,8 @@ struct Run: ParsableCommand {
             switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME; \
             --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN); \
             --virtio-console adds a virtio console on standard output; --nic switch:NAME \
-            adds the emulated register-interface NIC; --balloon adds virtio-balloon.
+            adds the emulated register-interface NIC; --balloon adds virtio-balloon. With \
+            --kernel, --disk, --net and --virtio-console attach over virtio-pci (modern, MSI-X).
 
             swiftvisor exits with the status the guest writes to port 0xF4 (with several \
             VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple \
@@ -40,7 +41,7 @@ struct Run: ParsableCommand {
     @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
     var guests: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("Boot a kernel on a PC platform instead of a guest: a Linux bzImage or vmlinux (x86 boot protocol, 64-bit entry, e820 map, ACPI tables; needs --memory 256M or so), or a multiboot (v1) kernel (ELF32 or a.out kludge, entered in 32-bit protected mode). Local APICs, I/O APIC, fw_cfg, 8259, COM1 (IRQ 4), and isa-debug-exit at 0xF4 (exit status (code << 1) | 1, as QEMU). --cmdline is its command line, e.g. 'console=ttyS0'.", valueName: "file"))
+    @Option(name: .long, help: ArgumentHelp("Boot a kernel on a PC platform instead of a guest: a Linux bzImage or vmlinux (x86 boot protocol, 64-bit entry, e820 map, ACPI tables; needs --memory 256M or so), or a multiboot (v1) kernel (ELF32 or a.out kludge, entered in 32-bit protected mode). Local APICs, I/O APIC, fw_cfg, 8259, COM1 (IRQ 4), PCI (ports 0xCF8/0xCFC and ECAM, MCFG) with virtio-pci devices, and isa-debug-exit at 0xF4 (exit status (code << 1) | 1, as QEMU). --cmdline is its command line, e.g. 'console=ttyS0'.", valueName: "file"))
     var kernel: String?
 
     @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("With --kernel: CPU feature changes, as QEMU's -cpu flags: '-x2apic' hides x2APIC (CPUID and IA32_APIC_BASE.EXTD); '+x2apic' and '+tsc-deadline' are the default.", valueName: "+flag,-flag"))
@@ -131,8 +132,8 @@ struct Run: ParsableCommand {
         if kernel != nil {
             if let cpu { do { _ = try PCCPUFeatures(parsing: cpu) } catch { throw ValidationError("--cpu: \(error)") } }
             guard guests.isEmpty else { throw ValidationError("--kernel boots one kernel; name no guest with it") }
-            guard disk.isEmpty, net.isEmpty, nic.isEmpty, !balloon, !virtioConsole, !api.serves else {
-                throw ValidationError("--kernel takes no device or control options (the PC platform has its own devices)")
+            guard nic.isEmpty, !balloon, !api.serves else {
+                throw ValidationError("--kernel takes only --disk, --net and --virtio-console as devices (virtio-pci), and no control options")
             }
         } else {
             guard initrd == nil else { throw ValidationError("--initrd needs --kernel") }
@@ -147,7 +148,7 @@ struct Run: ParsableCommand {
         if noTranslation && engine == .kvm { throw ValidationError("--no-translation applies to the software engine, not kvm") }
         if paging == .shadow && engine != .software { throw ValidationError("--paging shadow needs --engine software (KVM always uses the host's nested paging)") }
         if api.serves && guests.count > 1 { throw ValidationError("--api-sock serves one VM; run one guest") }
-        for d in disk where try DiskArgument(d).vm >= guests.count {
+        for d in disk where try DiskArgument(d).vm >= (kernel == nil ? guests.count : 1) {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
         }
         for p in partition where try PartitionArgument(p).vm >= guests.count {
@@ -296,6 +297,7 @@ struct Run: ParsableCommand {
 
     /// Adds the devices the options ask for; returns the virtio console, if any.
     func addDevices(to machine: Machine, index: Int, output: @escaping @Sendable (UInt8) -> Void) throws -> VirtioConsole? {
+        if kernel != nil { return try addPCIDevices(to: machine, output: output) }
         for d in disk {
             let arg = try DiskArgument(d)
             if arg.vm == index { try machine.addVirtioBlock(path: arg.path, readOnly: arg.readOnly) }
@@ -305,6 +307,17 @@ struct Run: ParsableCommand {
         if balloon { try machine.addVirtioBalloon() }
         guard virtioConsole else { return nil }
         return try machine.addVirtioConsole { bytes in bytes.forEach(output) }.device as? VirtioConsole
+    }
+
+    /// The PC platform's devices: virtio-pci, in the order disks, NICs, console.
+    func addPCIDevices(to machine: Machine, output: @escaping @Sendable (UInt8) -> Void) throws -> VirtioConsole? {
+        for d in disk {
+            let arg = try DiskArgument(d)
+            try machine.addVirtioPCIBlock(path: arg.path, readOnly: arg.readOnly)
+        }
+        for n in net { try machine.addVirtioPCINet(attachment: NetworkAttachment(n)!) }
+        guard virtioConsole else { return nil }
+        return try machine.addVirtioPCIConsole { bytes in bytes.forEach(output) }.device as? VirtioConsole
     }
 
     func report(_ result: RunResult, machine: Machine, label: String, jsonPath: String?) {

@@ -50,11 +50,12 @@ final class LinuxRun: Sendable {
     private let output = Pipe()
     private let console = SerialCapture()
 
-    init(_ files: LinuxGuest.Files, vcpus: Int = 1, cmdline: String = "console=ttyS0 tsc_early_khz=1000000") throws {
+    init(_ files: LinuxGuest.Files, vcpus: Int = 1, cmdline: String = "console=ttyS0 tsc_early_khz=1000000",
+         extraArguments: [String] = []) throws {
         process.executableURL = URL(fileURLWithPath: KVMUnitTests.swiftvisor)
         // The timeout bounds a stuck boot; the waits below are each bounded too.
         process.arguments = ["run", "--engine", "software", "--memory", "256M", "--vcpus", "\(vcpus)",
-                             "--kernel", files.kernel, "--initrd", files.initrd, "--cmdline", cmdline, "--timeout", "600"]
+                             "--kernel", files.kernel, "--initrd", files.initrd, "--cmdline", cmdline, "--timeout", "600"] + extraArguments
         process.standardInput = input
         process.standardOutput = output
         process.standardError = output

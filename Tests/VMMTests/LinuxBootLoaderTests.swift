@@ -154,7 +154,7 @@ import VirtCore
             #expect(bytes.reduce(0, &+) == 0)
             signatures.append(String(decoding: bytes[0..<4], as: UTF8.self))
         }
-        #expect(signatures == ["FACP", "APIC"])
+        #expect(signatures == ["FACP", "APIC", "MCFG"])
         let dsdt = UInt64(try memory.load(UInt32.self, at: ACPITables.fadtAddress + 40))
         let dsdtBytes = try memory.read(at: dsdt, count: Int(try memory.load(UInt32.self, at: dsdt + 4)))
         #expect(dsdtBytes.reduce(0, &+) == 0 && String(decoding: dsdtBytes[37..<41], as: UTF8.self) == "_S5_")

@@ -15,11 +15,13 @@ public protocol PCIDevice: AnyObject, Sendable {
 public enum PCIError: Error, Equatable, Sendable, CustomStringConvertible {
     case functionInUse(RequesterID)
     case busOutOfRange(RequesterID, buses: Int)
+    case barWindowFull(RequesterID, bar: Int)
 
     public var description: String {
         switch self {
         case let .functionInUse(f): return "PCI function \(f) is taken"
         case let .busOutOfRange(f, buses): return "PCI function \(f) is beyond the bridge's \(buses) buses"
+        case let .barWindowFull(f, bar): return "BAR \(bar) of PCI function \(f) does not fit in the bridge's BAR window"
         }
     }
 }
@@ -138,26 +140,66 @@ public final class PCIHostBridge: PortIODevice, MMIODevice, Sendable {
     }
 
     public func mmioRead(offset: UInt64, size: UInt8) -> UInt64 {
-        state.withLock { s in
-            if offset < ecamSize {
-                let (f, register) = Self.ecamDecode(offset)
-                let n = min(Int(size), 4)
-                return UInt64(configRead(&s, f, register, n))
-            }
-            guard let (id, fn, bar, at) = barHit(s, mmioBase + offset) else { return size == 8 ? .max : (1 << (8 * UInt64(size))) - 1 }
-            return fn.device.barRead(function: id, bar: bar, offset: at, size: size, config: fn.config)
+        if offset < ecamSize {
+            let (f, register) = Self.ecamDecode(offset)
+            return UInt64(state.withLock { s in configRead(&s, f, register, min(Int(size), 4)) })
         }
+        let value = barAccess(offset) { id, fn, bar, at in
+            fn.device.barRead(function: id, bar: bar, offset: at, size: size, config: fn.config)
+        }
+        return value ?? (size == 8 ? .max : (1 << (8 * UInt64(size))) - 1)
     }
 
     public func mmioWrite(offset: UInt64, size: UInt8, value: UInt64) {
-        state.withLock { s in
-            if offset < ecamSize {
-                let (f, register) = Self.ecamDecode(offset)
-                configWrite(&s, f, register, min(Int(size), 4), UInt32(truncatingIfNeeded: value))
-                return
-            }
-            guard let (id, fn, bar, at) = barHit(s, mmioBase + offset) else { return }
+        if offset < ecamSize {
+            let (f, register) = Self.ecamDecode(offset)
+            state.withLock { s in configWrite(&s, f, register, min(Int(size), 4), UInt32(truncatingIfNeeded: value)) }
+            return
+        }
+        _ = barAccess(offset) { id, fn, bar, at in
             fn.device.barWrite(function: id, bar: bar, offset: at, size: size, value: value, config: fn.config)
+        }
+    }
+
+    /// Runs `body` on the BAR that decodes `offset`, outside the bridge's lock (a device
+    /// may take its own lock and reach other VMs; the bridge lock only guards the map).
+    private func barAccess<T>(_ offset: UInt64, _ body: (RequesterID, Function, Int, UInt64) -> T) -> T? {
+        guard let (id, fn, bar, at) = state.withLock({ barHit($0, mmioBase + offset) }) else { return nil }
+        return body(id, fn, bar, at)
+    }
+
+    /// Places every memory BAR still at 0 in the BAR window (naturally aligned, in function
+    /// order) and turns on memory decoding: what PC firmware does before booting an OS that
+    /// keeps the firmware's placement (Linux claims it rather than reassigning).
+    public func assignBARs() throws(PCIError) {
+        try state.withLock { (s: inout State) throws(PCIError) in
+            // New BARs go above every BAR placed already (by an earlier call or the guest).
+            var next = barWindow.lowerBound
+            for fn in s.functions.values {
+                for bar in 0..<6 {
+                    guard let size = fn.config.barSizes[bar] else { continue }
+                    let base = UInt64(fn.config.read32(PCIConfigSpace.bar0 + 4 * bar) & 0xFFFF_FFF0)
+                    if barWindow.contains(base) { next = max(next, base + UInt64(size)) }
+                }
+            }
+            for id in s.functions.keys.sorted() {
+                guard var fn = s.functions[id] else { continue }
+                var placed = false
+                for bar in 0..<6 {
+                    guard let size = fn.config.barSizes[bar].map(UInt64.init),
+                          fn.config.read32(PCIConfigSpace.bar0 + 4 * bar) & 0xFFFF_FFF0 == 0 else { continue }
+                    let base = (next + size - 1) & ~(size - 1)
+                    guard base + size <= barWindow.upperBound else { throw .barWindowFull(id, bar: bar) }
+                    fn.config.guestWrite(offset: PCIConfigSpace.bar0 + 4 * bar, size: 4, value: UInt32(base))
+                    next = base + size
+                    placed = true
+                }
+                if placed {
+                    let command = fn.config.commandRegister | PCIConfigSpace.memorySpaceEnable
+                    fn.config.guestWrite(offset: PCIConfigSpace.command, size: 2, value: UInt32(command))
+                }
+                s.functions[id] = fn
+            }
         }
     }
 }

@@ -139,28 +139,10 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
         static let configGeneration: UInt64 = 0x0FC
     }
 
+    /// The shared virtio state and the interrupt line's level.
     private struct State {
-        var status: UInt8 = 0
-        var deviceFeaturesSel: UInt32 = 0
-        var driverFeaturesSel: UInt32 = 0
-        var driverFeatures: UInt64 = 0
-        /// The driver set a bit in a feature word beyond bit 63: never acceptable.
-        var driverFeaturesBeyond64 = false
-        var negotiated: UInt64 = 0
-        var queueSel: UInt32 = 0
-        var queues: [VirtioQueue]
-        var interruptStatus: UInt32 = 0
+        var function: VirtioFunction
         var lineAsserted = false
-        /// Frozen for a snapshot: queue processing is deferred (the queues to process later).
-        var frozen = false
-        var deferredQueues: Set<Int> = []
-        var configGeneration: UInt32 = 0
-
-        /// The device may consume buffers: DRIVER_OK set, no error state.
-        var isLive: Bool {
-            status & VirtioStatus.driverOK != 0
-                && status & (VirtioStatus.deviceNeedsReset | VirtioStatus.failed) == 0
-        }
     }
 
     public let name: String
@@ -182,40 +164,37 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
         self.device = device
         self.memory = memory
         self.interrupt = interrupt
-        self.diagnostics = VirtioDiagnostics(deviceName: name, log: log)
-        // Never offer what this implementation lacks, whatever a device claims.
-        let unsupported = VirtioFeature.indirectDescriptors | VirtioFeature.eventIndex
-            | VirtioFeature.accessPlatform | VirtioFeature.ringPacked
-        self.offeredFeatures = (device.offeredFeatures & ~unsupported) | VirtioFeature.version1
-        let queues = device.queueMaxSizes.enumerated().map { VirtioQueue(index: $0.offset, maxSize: $0.element) }
-        self.state = Mutex(State(queues: queues))
+        let diagnostics = VirtioDiagnostics(deviceName: name, log: log)
+        self.diagnostics = diagnostics
+        let function = VirtioFunction(device: device, memory: memory, diagnostics: diagnostics)
+        self.offeredFeatures = function.offeredFeatures
+        self.state = Mutex(State(function: function))
         device.attach(to: self)
     }
 
     // MARK: Host-side view (VMM, tests)
 
-    public var status: UInt8 { state.withLock { $0.status } }
-    public var interruptStatus: UInt32 { state.withLock { $0.interruptStatus } }
-    public var negotiatedFeatures: UInt64 { state.withLock { $0.negotiated } }
-    public var configGeneration: UInt32 { state.withLock { $0.configGeneration } }
-    public var needsReset: Bool { state.withLock { $0.status & VirtioStatus.deviceNeedsReset != 0 } }
+    public var status: UInt8 { state.withLock { $0.function.status } }
+    public var interruptStatus: UInt32 { state.withLock { $0.function.interruptStatus } }
+    public var negotiatedFeatures: UInt64 { state.withLock { $0.function.negotiated } }
+    public var configGeneration: UInt32 { state.withLock { $0.function.configGeneration } }
+    public var needsReset: Bool { state.withLock { $0.function.status & VirtioStatus.deviceNeedsReset != 0 } }
     /// A copy of queue `index`'s state, or nil if there is no such queue.
     public func queue(_ index: Int) -> VirtioQueue? {
-        state.withLock { s in s.queues.indices.contains(index) ? s.queues[index] : nil }
+        state.withLock { s in s.function.queues.indices.contains(index) ? s.function.queues[index] : nil }
     }
 
     /// Routes the device's DMA through the IOMMU as `dma`'s function (nil: straight to RAM).
     public func routeDMA(through dma: DeviceDMA?) {
-        state.withLock { s in for i in s.queues.indices { s.queues[i].dma = dma } }
+        state.withLock { s in for i in s.function.queues.indices { s.function.queues[i].dma = dma } }
     }
 
     // MARK: VirtioTransportHandle
 
     public func processQueue(_ index: Int) {
         state.withLock { s in
-            guard s.queues.indices.contains(index) else { return }
-            if s.frozen { s.deferredQueues.insert(index); return }
-            process(index, &s)
+            s.function.hostRequestsProcessing(index)
+            updateLine(&s)
         }
         device.performDeferredWork()
     }
@@ -224,14 +203,14 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
 
     /// Stops the device touching guest memory (host-initiated processing is deferred) so a
     /// snapshot sees memory and device state at one point. The vCPUs must be paused.
-    public func freeze() { state.withLock { $0.frozen = true } }
+    public func freeze() { state.withLock { $0.function.frozen = true } }
 
     /// Ends `freeze()` and processes what was deferred.
     public func thaw() {
         let deferred = state.withLock { s -> Set<Int> in
-            s.frozen = false
-            defer { s.deferredQueues = [] }
-            return s.deferredQueues
+            s.function.frozen = false
+            defer { s.function.deferredQueues = [] }
+            return s.function.deferredQueues
         }
         for q in deferred.sorted() { processQueue(q) }
     }
@@ -249,10 +228,11 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
 
     public var savedState: SavedState {
         state.withLock { s in
-            SavedState(status: s.status, deviceFeaturesSel: s.deviceFeaturesSel, driverFeaturesSel: s.driverFeaturesSel,
-                       driverFeatures: s.driverFeatures, negotiated: s.negotiated, queueSel: s.queueSel,
-                       queues: s.queues.map(\.savedState), interruptStatus: s.interruptStatus,
-                       configGeneration: s.configGeneration)
+            let f = s.function
+            return SavedState(status: f.status, deviceFeaturesSel: f.deviceFeaturesSel, driverFeaturesSel: f.driverFeaturesSel,
+                              driverFeatures: f.driverFeatures, negotiated: f.negotiated, queueSel: f.queueSel,
+                              queues: f.queues.map(\.savedState), interruptStatus: f.interruptStatus,
+                              configGeneration: f.configGeneration)
         }
     }
 
@@ -260,64 +240,59 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
     /// driver finds the device as it left it (a DRIVER_OK device is activated again).
     public func restore(_ saved: SavedState) throws {
         try state.withLock { s throws in
-            guard saved.queues.count == s.queues.count else {
-                throw VirtioDeviceError(kind: "restoreMismatch", message: "\(name): saved state has \(saved.queues.count) queues, the device \(s.queues.count)")
+            guard saved.queues.count == s.function.queues.count else {
+                throw VirtioDeviceError(kind: "restoreMismatch", message: "\(name): saved state has \(saved.queues.count) queues, the device \(s.function.queues.count)")
             }
             for (i, q) in saved.queues.enumerated() {
-                do throws(VirtqueueError) { try s.queues[i].restore(q, in: memory) } catch {
+                do throws(VirtqueueError) { try s.function.queues[i].restore(q, in: memory) } catch {
                     throw VirtioDeviceError(kind: "restoreQueue", message: "\(name): saved queue \(i) is invalid: \(error)")
                 }
             }
-            s.status = saved.status
-            s.deviceFeaturesSel = saved.deviceFeaturesSel
-            s.driverFeaturesSel = saved.driverFeaturesSel
-            s.driverFeatures = saved.driverFeatures
-            s.negotiated = saved.negotiated
-            s.queueSel = saved.queueSel
-            s.configGeneration = saved.configGeneration
-            if s.status & VirtioStatus.driverOK != 0 {
-                do throws(VirtioDeviceError) { try device.activate(features: s.negotiated) } catch { enterNeedsReset(&s) }
+            s.function.status = saved.status
+            s.function.deviceFeaturesSel = saved.deviceFeaturesSel
+            s.function.driverFeaturesSel = saved.driverFeaturesSel
+            s.function.driverFeatures = saved.driverFeatures
+            s.function.negotiated = saved.negotiated
+            s.function.queueSel = saved.queueSel
+            s.function.configGeneration = saved.configGeneration
+            if s.function.status & VirtioStatus.driverOK != 0 {
+                do throws(VirtioDeviceError) { try device.activate(features: s.function.negotiated) } catch { s.function.enterNeedsReset() }
             }
-            s.interruptStatus = saved.interruptStatus
+            s.function.interruptStatus = saved.interruptStatus
             updateLine(&s)
         }
     }
 
     public func configurationChanged() {
         state.withLock { s in
-            s.configGeneration &+= 1
-            // Notifications are only sent to a driver that has finished initialisation.
-            if s.status & VirtioStatus.driverOK != 0 { raise(VirtioInterrupt.configurationChange, &s) }
+            s.function.configurationChanged()
+            updateLine(&s)
         }
     }
 
     // MARK: MMIODevice
 
     public func mmioRead(offset: UInt64, size: UInt8) -> UInt64 {
-        if offset >= Self.configOffset { return readConfig(offset: offset - Self.configOffset, size: size) }
+        if offset >= Self.configOffset {
+            return state.withLock { $0.function.readConfig(offset: offset - Self.configOffset, size: size) }
+        }
         guard size == 4, offset % 4 == 0 else {
             diagnostics.record(VirtioDriverError.accessSize(offset: offset, size: size))
             return 0
         }
         return UInt64(state.withLock { s -> UInt32 in
-            let sel = Int(s.queueSel)
-            let hasQueue = s.queues.indices.contains(sel)
+            let sel = s.function.selectedQueue
             switch offset {
             case Register.magicValue: return Self.magicValue
             case Register.version: return Self.version
             case Register.deviceID: return device.deviceID.rawValue
             case Register.vendorID: return Self.vendorID
-            case Register.deviceFeatures:
-                switch s.deviceFeaturesSel {
-                case 0: return UInt32(truncatingIfNeeded: offeredFeatures)
-                case 1: return UInt32(truncatingIfNeeded: offeredFeatures >> 32)
-                default: return 0
-                }
-            case Register.queueNumMax: return hasQueue ? UInt32(s.queues[sel].maxSize) : 0
-            case Register.queueReady: return hasQueue && s.queues[sel].isReady ? 1 : 0
-            case Register.interruptStatus: return s.interruptStatus
-            case Register.status: return UInt32(s.status)
-            case Register.configGeneration: return s.configGeneration
+            case Register.deviceFeatures: return s.function.deviceFeatureWord
+            case Register.queueNumMax: return sel.map { UInt32(s.function.queues[$0].maxSize) } ?? 0
+            case Register.queueReady: return sel.map { s.function.queues[$0].isReady ? 1 : 0 } ?? 0
+            case Register.interruptStatus: return s.function.interruptStatus
+            case Register.status: return UInt32(s.function.status)
+            case Register.configGeneration: return s.function.configGeneration
             // No shared-memory regions: their length and base read as all ones (4.2.2).
             case Register.shmLenLow, Register.shmLenHigh, Register.shmBaseLow, Register.shmBaseHigh:
                 return 0xFFFF_FFFF
@@ -336,7 +311,7 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
 
     public func mmioWrite(offset: UInt64, size: UInt8, value: UInt64) {
         if offset >= Self.configOffset {
-            writeConfig(offset: offset - Self.configOffset, size: size, value: value)
+            state.withLock { $0.function.writeConfig(offset: offset - Self.configOffset, size: size, value: value) }
             device.performDeferredWork()
             return
         }
@@ -347,36 +322,22 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
         let v = UInt32(truncatingIfNeeded: value)
         state.withLock { s in
             switch offset {
-            case Register.deviceFeaturesSel: s.deviceFeaturesSel = v
-            case Register.driverFeaturesSel: s.driverFeaturesSel = v
-            case Register.driverFeatures: writeDriverFeatures(v, &s)
-            case Register.queueSel: s.queueSel = v
-            case Register.queueNum:
-                let sel = s.queueSel
-                configureQueue(&s) { q throws(VirtioDriverError) in
-                    guard v > 0, v <= UInt32(q.maxSize), v & (v - 1) == 0 else {
-                        throw .invalidQueueSize(queue: sel, size: UInt64(v), max: q.maxSize)
-                    }
-                    try Self.queueChange(q.index) { () throws(VirtqueueError) in try q.trySetSize(UInt16(v)) }
-                }
-            case Register.queueDescLow: setRing(.descriptorTable, &s) { Self.low(v, $0) }
-            case Register.queueDescHigh: setRing(.descriptorTable, &s) { Self.high(v, $0) }
-            case Register.queueDriverLow: setRing(.availableRing, &s) { Self.low(v, $0) }
-            case Register.queueDriverHigh: setRing(.availableRing, &s) { Self.high(v, $0) }
-            case Register.queueDeviceLow: setRing(.usedRing, &s) { Self.low(v, $0) }
-            case Register.queueDeviceHigh: setRing(.usedRing, &s) { Self.high(v, $0) }
-            case Register.queueReady: writeQueueReady(v, &s)
-            case Register.queueNotify:
-                // Without VIRTIO_F_NOTIFICATION_DATA the value is just the queue index.
-                guard s.queues.indices.contains(Int(v)) else {
-                    diagnostics.record(VirtioDriverError.noSuchQueue(v))
-                    return
-                }
-                process(Int(v), &s)
-            case Register.interruptACK:
-                s.interruptStatus &= ~v
-                updateLine(&s)
-            case Register.status: writeStatus(UInt8(truncatingIfNeeded: v), &s)
+            case Register.deviceFeaturesSel: s.function.deviceFeaturesSel = v
+            case Register.driverFeaturesSel: s.function.driverFeaturesSel = v
+            case Register.driverFeatures: s.function.writeDriverFeatures(v)
+            case Register.queueSel: s.function.queueSel = v
+            case Register.queueNum: s.function.setQueueSize(v)
+            case Register.queueDescLow: s.function.setRing(.descriptorTable) { VirtioFunction.low(v, $0) }
+            case Register.queueDescHigh: s.function.setRing(.descriptorTable) { VirtioFunction.high(v, $0) }
+            case Register.queueDriverLow: s.function.setRing(.availableRing) { VirtioFunction.low(v, $0) }
+            case Register.queueDriverHigh: s.function.setRing(.availableRing) { VirtioFunction.high(v, $0) }
+            case Register.queueDeviceLow: s.function.setRing(.usedRing) { VirtioFunction.low(v, $0) }
+            case Register.queueDeviceHigh: s.function.setRing(.usedRing) { VirtioFunction.high(v, $0) }
+            case Register.queueReady: s.function.writeQueueReady(v)
+            // Without VIRTIO_F_NOTIFICATION_DATA the value is just the queue index.
+            case Register.queueNotify: s.function.notify(v)
+            case Register.interruptACK: s.function.interruptStatus &= ~v
+            case Register.status: s.function.writeStatus(UInt8(truncatingIfNeeded: v))
             case Register.shmSel: break  // no regions; reads of length/base say so
             case Register.magicValue, Register.version, Register.deviceID, Register.vendorID,
                  Register.deviceFeatures, Register.queueNumMax, Register.interruptStatus,
@@ -387,201 +348,15 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
                 // Includes QueueReset: VIRTIO_F_RING_RESET is not offered.
                 diagnostics.record(VirtioDriverError.unknownRegister(offset: offset))
             }
+            updateLine(&s)
         }
         if offset == Register.queueNotify || offset == Register.status { device.performDeferredWork() }
     }
 
-    private static func low(_ v: UInt32, _ old: UInt64) -> UInt64 { (old & 0xFFFF_FFFF_0000_0000) | UInt64(v) }
-    private static func high(_ v: UInt32, _ old: UInt64) -> UInt64 { (old & 0xFFFF_FFFF) | (UInt64(v) << 32) }
-
-    // MARK: Configuration space
-
-    private func readConfig(offset: UInt64, size: UInt8) -> UInt64 {
-        let bytes = state.withLock { _ in device.configSpace() }
-        guard [1, 2, 4, 8].contains(size), offset < UInt64(bytes.count),
-              UInt64(size) <= UInt64(bytes.count) - offset else {
-            diagnostics.record(VirtioDriverError.configAccess(offset: offset, size: size, configSize: bytes.count))
-            return 0
-        }
-        var value: UInt64 = 0
-        for i in 0..<Int(size) { value |= UInt64(bytes[Int(offset) + i]) << (8 * UInt64(i)) }
-        return value
-    }
-
-    private func writeConfig(offset: UInt64, size: UInt8, value: UInt64) {
-        state.withLock { _ in
-            let count = device.configSpace().count
-            guard [1, 2, 4, 8].contains(size), offset < UInt64(count), UInt64(size) <= UInt64(count) - offset else {
-                diagnostics.record(VirtioDriverError.configAccess(offset: offset, size: size, configSize: count))
-                return
-            }
-            let bytes = (0..<Int(size)).map { UInt8(truncatingIfNeeded: value >> (8 * UInt64($0))) }
-            device.writeConfig(offset: Int(offset), bytes: bytes)
-        }
-    }
-
-    // MARK: Feature negotiation and status
-
-    private func writeDriverFeatures(_ v: UInt32, _ s: inout State) {
-        guard s.status & VirtioStatus.driver != 0, s.status & VirtioStatus.featuresOK == 0 else {
-            diagnostics.record(VirtioDriverError.featuresWrittenOutOfOrder(status: s.status))
-            return
-        }
-        switch s.driverFeaturesSel {
-        case 0: s.driverFeatures = (s.driverFeatures & 0xFFFF_FFFF_0000_0000) | UInt64(v)
-        case 1: s.driverFeatures = (s.driverFeatures & 0xFFFF_FFFF) | (UInt64(v) << 32)
-        default: if v != 0 { s.driverFeaturesBeyond64 = true }
-        }
-    }
-
-    private func featureProblem(_ s: State) -> VirtioDriverError? {
-        let requested = s.driverFeatures
-        if requested & ~offeredFeatures != 0 || s.driverFeaturesBeyond64 {
-            return .unofferedFeatures(requested: requested, offered: offeredFeatures)
-        }
-        if requested & VirtioFeature.version1 == 0 { return .missingVersion1(requested: requested) }
-        if !device.accepts(features: requested) { return .featuresRefusedByDevice(requested: requested) }
-        return nil
-    }
-
-    private func writeStatus(_ value: UInt8, _ s: inout State) {
-        if value == 0 {
-            reset(&s)
-            return
-        }
-        let deviceBits = s.status & VirtioStatus.deviceNeedsReset
-        let old = s.status & ~VirtioStatus.deviceNeedsReset
-        // DEVICE_NEEDS_RESET belongs to the device; a driver echoing it back is harmless.
-        var new = value & ~VirtioStatus.deviceNeedsReset
-        let stepsInOrder = (new & VirtioStatus.driver == 0 || new & VirtioStatus.acknowledge != 0)
-            && (new & VirtioStatus.featuresOK == 0 || new & VirtioStatus.driver != 0)
-            && (new & VirtioStatus.driverOK == 0 || new & VirtioStatus.featuresOK != 0)
-        guard new & ~VirtioStatus.driverWritable == 0, new & old == old, stepsInOrder else {
-            diagnostics.record(VirtioDriverError.invalidStatusTransition(from: s.status, to: value))
-            return
-        }
-        let added = new & ~old
-        if added & VirtioStatus.featuresOK != 0 {
-            if let problem = featureProblem(s) {
-                // Spec 3.1.1: the device leaves FEATURES_OK clear; the driver re-reads
-                // Status, sees that, and gives up. DRIVER_OK cannot stand without it.
-                diagnostics.record(problem)
-                new &= ~(VirtioStatus.featuresOK | VirtioStatus.driverOK)
-            } else {
-                s.negotiated = s.driverFeatures
-            }
-        }
-        s.status = new | deviceBits
-        if added & VirtioStatus.driverOK != 0, new & VirtioStatus.driverOK != 0 {
-            do {
-                try device.activate(features: s.negotiated)
-            } catch {
-                diagnostics.record(error)
-                enterNeedsReset(&s)
-                return
-            }
-            // Buffers the driver posted (and notified) before DRIVER_OK were left alone.
-            for i in s.queues.indices { process(i, &s) }
-        }
-    }
-
-    private func reset(_ s: inout State) {
-        s.status = 0
-        s.deviceFeaturesSel = 0
-        s.driverFeaturesSel = 0
-        s.driverFeatures = 0
-        s.driverFeaturesBeyond64 = false
-        s.negotiated = 0
-        s.queueSel = 0
-        for i in s.queues.indices { s.queues[i].reset() }
-        s.interruptStatus = 0
-        updateLine(&s)
-        device.reset()
-    }
-
-    // MARK: Queues
-
-    /// Applies `change` to the selected queue if the protocol allows configuring it now.
-    /// One half of a ring address: the queue takes the whole address through its validating
-    /// setter (alignment is the driver's to get right once both halves are written, so it is
-    /// checked when the queue is enabled).
-    private func setRing(_ ring: VirtqueueRing, _ s: inout State, _ combine: (UInt64) -> UInt64) {
-        configureQueue(&s) { q throws(VirtioDriverError) in
-            let current: UInt64
-            switch ring {
-            case .descriptorTable: current = q.descriptorTable
-            case .availableRing: current = q.availableRing
-            case .usedRing: current = q.usedRing
-            }
-            try Self.queueChange(q.index) { () throws(VirtqueueError) in try q.trySetAddress(ring, combine(current), checkAlignment: false) }
-        }
-    }
-
-    /// Runs a queue setter; its error becomes the driver error the diagnostics record.
-    private static func queueChange(_ queue: Int, _ body: () throws(VirtqueueError) -> Void) throws(VirtioDriverError) {
-        do { try body() } catch { throw .invalidQueueLayout(queue: UInt32(queue), error) }
-    }
-
-    private func configureQueue(_ s: inout State, _ change: (inout VirtioQueue) throws(VirtioDriverError) -> Void) {
-        let sel = Int(s.queueSel)
-        guard s.queues.indices.contains(sel) else {
-            diagnostics.record(VirtioDriverError.noSuchQueue(s.queueSel))
-            return
-        }
-        guard s.status & VirtioStatus.featuresOK != 0, s.status & VirtioStatus.driverOK == 0,
-              !s.queues[sel].isReady else {
-            diagnostics.record(VirtioDriverError.queueConfigurationNotAllowed(
-                queue: s.queueSel, status: s.status, queueReady: s.queues[sel].isReady))
-            return
-        }
-        do { try change(&s.queues[sel]) } catch { diagnostics.record(error) }
-    }
-
-    private func writeQueueReady(_ v: UInt32, _ s: inout State) {
-        let sel = Int(s.queueSel)
-        guard s.queues.indices.contains(sel) else {
-            diagnostics.record(VirtioDriverError.noSuchQueue(s.queueSel))
-            return
-        }
-        if v & 1 == 0 {
-            // Stopping a queue is always allowed (drivers do it while tearing down).
-            s.queues[sel].disable()
-            return
-        }
-        guard !s.queues[sel].isReady else { return }
-        configureQueue(&s) { q throws(VirtioDriverError) in
-            do throws(VirtqueueError) { try q.enable(in: memory) } catch {
-                throw .invalidQueueLayout(queue: UInt32(sel), error)
-            }
-        }
-    }
-
-    /// Lets the device work on queue `index`, then raises a used-buffer interrupt if it
-    /// returned buffers. A ring-level fault puts the device into DEVICE_NEEDS_RESET.
-    private func process(_ index: Int, _ s: inout State) {
-        guard s.isLive, s.queues[index].isReady else { return }
-        s.queues[index].countNotification()
-        do {
-            try device.process(queue: index, &s.queues[index], memory: memory, diagnostics: diagnostics)
-        } catch {
-            diagnostics.record(QueueFault(queue: index, error: error))
-            enterNeedsReset(&s)
-        }
-        if s.queues[index].takeInterruptRequest(in: memory) { raise(VirtioInterrupt.usedBuffer, &s) }
-    }
-
-    private func enterNeedsReset(_ s: inout State) {
-        s.status |= VirtioStatus.deviceNeedsReset
-        raise(VirtioInterrupt.configurationChange, &s)
-    }
-
-    private func raise(_ bits: UInt32, _ s: inout State) {
-        s.interruptStatus |= bits
-        updateLine(&s)
-    }
-
+    /// Drives the line from InterruptStatus (under the lock, so levels cannot be reordered).
     private func updateLine(_ s: inout State) {
-        let asserted = s.interruptStatus != 0
+        _ = s.function.takeRaised()  // one line for every cause: InterruptStatus says which
+        let asserted = s.function.interruptStatus != 0
         guard asserted != s.lineAsserted else { return }
         s.lineAsserted = asserted
         interrupt?(asserted)
