@@ -2,8 +2,8 @@
 # Fetches Debian's cloud kernel (linux-image-cloud-amd64, the version its metapackage
 # points at) and busybox-static with `apt-get download` (nothing is installed), unpacks
 # them with dpkg-deb and builds an initramfs: a gzipped cpio (newc) archive holding
-# busybox, its applet links and an /init that mounts proc, sys and dev and runs a shell
-# on the console. Prints the kernel and initramfs paths:
+# busybox, an /init that mounts proc, sys and dev and starts busybox init, and an inittab
+# with a shell on ttyS0. Prints the kernel and initramfs paths:
 #
 #   kernel=/…/vmlinuz-6.1.0-…-cloud-amd64
 #   initrd=/…/initramfs.cpio.gz
@@ -63,24 +63,29 @@ kernel=$(ls "$scratch/kernel/boot/vmlinuz-"* 2>/dev/null | head -1)
 [ -n "$kernel" ] || fail "no /boot/vmlinuz-* in $image_deb"
 
 initrd=$scratch/initramfs.cpio.gz
-if [ ! -f "$initrd" ]; then
-    log "building the initramfs"
-    rm -rf "$scratch/busybox" "$scratch/root" && mkdir -p "$scratch/busybox" "$scratch/root"
-    dpkg-deb -x "$busybox_deb" "$scratch/busybox" || fail "dpkg-deb -x $busybox_deb failed"
-    mkdir -p "$scratch/root/bin" "$scratch/root/sbin" "$scratch/root/proc" "$scratch/root/sys" \
-             "$scratch/root/dev" "$scratch/root/tmp" "$scratch/root/root" "$scratch/root/usr/bin" "$scratch/root/usr/sbin"
-    cp "$scratch/busybox/bin/busybox" "$scratch/root/bin/busybox" || fail "no bin/busybox in $busybox_deb"
-    cat > "$scratch/root/init" <<'EOF'
-#!/bin/busybox sh
+# /init mounts the pseudo file systems and hands over to busybox init, whose inittab runs a
+# shell on ttyS0 (a controlling tty: job control works) and lets `poweroff` power off.
+init_script='#!/bin/busybox sh
 /bin/busybox --install -s
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "swiftvisor initramfs: $(uname -r)"
-# A shell on the console; its exit powers the machine off.
-setsid sh -c 'exec sh </dev/console >/dev/console 2>&1'
-poweroff -f
-EOF
+exec /sbin/init'
+inittab='ttyS0::respawn:-/bin/sh
+::shutdown:/bin/umount -a -r'
+# A changed /init or inittab (a newer script) rebuilds the archive.
+[ "$(cat "$scratch/root/init" 2>/dev/null)" = "$init_script" ] && [ "$(cat "$scratch/root/etc/inittab" 2>/dev/null)" = "$inittab" ] || rm -f "$initrd"
+if [ ! -f "$initrd" ]; then
+    log "building the initramfs"
+    rm -rf "$scratch/busybox" "$scratch/root" && mkdir -p "$scratch/busybox" "$scratch/root"
+    dpkg-deb -x "$busybox_deb" "$scratch/busybox" || fail "dpkg-deb -x $busybox_deb failed"
+    mkdir -p "$scratch/root/bin" "$scratch/root/sbin" "$scratch/root/proc" "$scratch/root/sys" "$scratch/root/etc" \
+             "$scratch/root/dev" "$scratch/root/tmp" "$scratch/root/root" "$scratch/root/usr/bin" "$scratch/root/usr/sbin"
+    cp "$scratch/busybox/bin/busybox" "$scratch/root/bin/busybox" || fail "no bin/busybox in $busybox_deb"
+    ln -s ../bin/busybox "$scratch/root/sbin/init"
+    printf '%s\n' "$init_script" > "$scratch/root/init"
+    printf '%s\n' "$inittab" > "$scratch/root/etc/inittab"
     chmod 755 "$scratch/root/init"
     # The cpio "newc" format: a 110-byte ASCII header per entry, name and data each padded
     # to 4 bytes, ended by TRAILER!!!. /dev/console exists before devtmpfs is mounted so

@@ -18,6 +18,11 @@ extension CPU {
             case 3:  // LTR
                 try requireCPL0()
                 try loadTaskRegister(UInt16(truncatingIfNeeded: try readRM(i, 2)))
+            case 4, 5:  // VERR, VERW (Linux's MDS mitigation runs VERW on every return to user mode)
+                guard cr0 & CR.pe != 0 else { throw Fault.ud }
+                let selector = UInt16(truncatingIfNeeded: try readRM(i, 2))
+                let accessible = try segmentAccessible(selector, write: i.ext == 5)
+                rflags = accessible ? rflags | Flag.zf : rflags & ~Flag.zf
             default:
                 throw Fault.ud
             }
@@ -399,6 +404,23 @@ extension CPU {
             }
         default: throw Fault.ud
         }
+    }
+
+    /// VERR/VERW's test: `selector` names a code or data segment readable (`write`: a data
+    /// segment writable) at the current privilege level. No fault for a null selector, one
+    /// past its table's limit or a system segment — ZF clear; the present bit is not checked.
+    func segmentAccessible(_ selector: UInt16, write: Bool) throws(Fault) -> Bool {
+        guard selector & 0xFFFC != 0 else { return false }
+        let local = selector & 4 != 0
+        if local && (!ldtr.present || ldtr.unusable) { return false }
+        let offset = UInt64(selector & 0xFFF8)
+        guard offset + 7 <= (local ? UInt64(ldtr.limit) : UInt64(gdt.limit)) else { return false }
+        let segment = Self.segment(selector, try readSystem((local ? ldtr.base : gdt.base) &+ offset, size: 8))
+        guard segment.s else { return false }
+        let code = segment.type & 8 != 0
+        if write ? code || segment.type & 2 == 0 : code && segment.type & 2 == 0 { return false }
+        let conforming = code && segment.type & 4 != 0
+        return conforming || segment.dpl >= Swift.max(cpl, UInt8(selector & 3))
     }
 
     /// CPUID leaves: vendor "SwiftvisorSW", family 6; long mode, NX, 1 GiB pages, SYSCALL,

@@ -67,6 +67,16 @@ final class LinuxRun: Sendable {
 
     var text: String { console.text }
 
+    /// Types `line` and a newline on the console (the child's standard input).
+    func type(_ line: String) {
+        input.fileHandleForWriting.write(Data((line + "\n").utf8))
+    }
+
+    /// Waits (bounded) for the shell's next prompt after `from`; the offset past it.
+    func prompt(after from: String.Index?, seconds: Double = 300) -> String.Index? {
+        waitFor("/ # ", after: from, seconds: seconds)
+    }
+
     /// Waits (bounded) until the output after `from` contains `needle`; the offset past it.
     func waitFor(_ needle: String, after from: String.Index? = nil, seconds: Double) -> String.Index? {
         var found: String.Index?
@@ -94,8 +104,7 @@ final class LinuxRun: Sendable {
 struct LinuxBootTests {
     /// The kernel decompresses itself, prints its banner on COM1, finds its memory (e820),
     /// ACPI tables (MADT: the I/O APIC) and clock (RTC), unpacks the initramfs, registers
-    /// ttyS0 on IRQ 4 and starts /init. (What follows — busybox answering on the console —
-    /// does not happen yet: see the README's Linux section.)
+    /// ttyS0 on IRQ 4 and starts /init.
     @Test func bootsToInit() throws {
         let files = try LinuxGuest.prepared.get()
         let run = try LinuxRun(files)
@@ -106,6 +115,35 @@ struct LinuxBootTests {
                           "Freeing initrd memory", "serial8250: ttyS0 at I/O 0x3f8 (irq = 4", "Run /init as init process"] {
             #expect(run.waitFor(milestone, after: banner, seconds: 400) != nil, "missing \"\(milestone)\":\n\(run.tail)")
         }
+        #expect(!run.text.contains("Kernel panic"), "\(run.tail)")
+    }
+
+    /// Busybox's shell on ttyS0 answers commands typed on the console (standard input of
+    /// `swiftvisor run`), and `poweroff` powers the machine off through ACPI S5: the VMM
+    /// exits with status 0.
+    @Test func shellAnswersAndPowersOff() throws {
+        let files = try LinuxGuest.prepared.get()
+        let run = try LinuxRun(files)
+        defer { run.kill() }
+        let started = run.waitFor("Run /init as init process", seconds: 400)
+        try #require(started != nil, "the kernel did not start /init:\n\(run.tail)")
+        var at = run.prompt(after: started)
+        try #require(at != nil, "no shell prompt on ttyS0:\n\(run.tail)")
+        // Each command's output follows the echo of its line; the next prompt ends it.
+        for (command, expected) in [("echo ok-$((6*7))", "ok-42"), ("uname -a", "Linux (none) 6."),
+                                    ("cat /proc/cpuinfo", "processor\t: 0"), ("cat /proc/cpuinfo", "Swiftvisor software x86-64")] {
+            run.type(command)
+            let answered = run.waitFor(command, after: at, seconds: 120)
+            try #require(answered != nil, "\(command) not echoed:\n\(run.tail)")
+            #expect(run.waitFor(expected, after: answered, seconds: 120) != nil, "\(command): no \"\(expected)\":\n\(run.tail)")
+            at = run.prompt(after: answered)
+            try #require(at != nil, "no prompt after \(command):\n\(run.tail)")
+        }
+        run.type("poweroff")
+        #expect(run.waitFor("reboot: Power down", after: at, seconds: 120) != nil, "\(run.tail)")
+        _ = waitUntil(seconds: 120) { !run.process.isRunning }
+        try #require(!run.process.isRunning, "swiftvisor still runs after poweroff:\n\(run.tail)")
+        #expect(run.process.terminationStatus == 0, "exit status \(run.process.terminationStatus):\n\(run.tail)")
         #expect(!run.text.contains("Kernel panic"), "\(run.tail)")
     }
 }
