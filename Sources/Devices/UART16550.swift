@@ -67,11 +67,11 @@ public final class UART16550: PortIODevice, Sendable {
 
     public var pendingInputCount: Int { state.withLock { $0.input.count - $0.inputHead } }
 
-    /// The registers a guest programmed, for snapshots: IER, LCR, MCR, SCR, DLL, DLM, FIFO
-    /// enable, then the unread input bytes.
+    /// The registers a guest programmed, for snapshots: IER, LCR, MCR, SCR, DLL, DLM, a flags
+    /// byte (bit 0 FIFO enabled, bit 1 THR-empty interrupt pending), then the unread input bytes.
     public var savedState: [UInt8] {
         state.withLock { r in
-            [r.ier, r.lcr, r.mcr, r.scr, r.dll, r.dlm, r.fifoEnabled ? 1 : 0] + Array(r.input[r.inputHead...])
+            [r.ier, r.lcr, r.mcr, r.scr, r.dll, r.dlm, (r.fifoEnabled ? 1 : 0) | (r.thrEmptyPending ? 2 : 0)] + Array(r.input[r.inputHead...])
         }
     }
 
@@ -80,10 +80,17 @@ public final class UART16550: PortIODevice, Sendable {
         guard saved.count >= 7 else { return }
         state.withLock { r in
             r.ier = saved[0] & 0x0F; r.lcr = saved[1]; r.mcr = saved[2] & 0x1F; r.scr = saved[3]
-            r.dll = saved[4]; r.dlm = saved[5]; r.fifoEnabled = saved[6] != 0
+            r.dll = saved[4]; r.dlm = saved[5]; r.fifoEnabled = saved[6] & 1 != 0
             r.input = Array(saved[7...]); r.inputHead = 0
-            r.thrEmptyPending = false
+            r.thrEmptyPending = saved[6] & 2 != 0
         }
+    }
+
+    /// Drives the interrupt line with the current condition: after a restore, so the
+    /// controller's view of the line matches the restored UART (an input that then arrives
+    /// is an edge again).
+    public func resendInterruptLine() {
+        irqLine(state.withLock { Self.interruptPending($0) })
     }
 
     private static func interruptPending(_ r: Registers) -> Bool {

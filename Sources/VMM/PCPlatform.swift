@@ -93,7 +93,8 @@ public enum PCPlatform {
             }
         }
         let devices = PCPlatformDevices(linux: linux, cpu: cpu, localAPICs: apic, ioapic: ioapic, masterPIC: pic, slavePIC: slavePIC,
-                                        cmos: linuxDevices?.0, powerManagement: linuxDevices?.1, startupGate: gate)
+                                        cmos: linuxDevices?.0, powerManagement: linuxDevices?.1, startupGate: gate,
+                                        com1: linux ? machine.uart : nil)
         machine.pcPlatform = devices
         return devices
     }

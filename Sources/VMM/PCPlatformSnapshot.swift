@@ -12,9 +12,11 @@ package final class PCPlatformDevices: Sendable {
     let cmos: CMOSClock?
     let powerManagement: ACPIPowerManagement?
     let startupGate: StartupGate
+    /// COM1 when its interrupt is wired to the I/O APIC (Linux).
+    let com1: UART16550?
 
     init(linux: Bool, cpu: PCCPUFeatures, localAPICs: LocalAPICBank, ioapic: IOAPIC, masterPIC: LegacyPIC, slavePIC: LegacyPIC,
-         cmos: CMOSClock?, powerManagement: ACPIPowerManagement?, startupGate: StartupGate) {
+         cmos: CMOSClock?, powerManagement: ACPIPowerManagement?, startupGate: StartupGate, com1: UART16550?) {
         self.linux = linux
         self.cpu = cpu
         self.localAPICs = localAPICs
@@ -24,6 +26,7 @@ package final class PCPlatformDevices: Sendable {
         self.cmos = cmos
         self.powerManagement = powerManagement
         self.startupGate = startupGate
+        self.com1 = com1
     }
 
     /// The snapshot record's name.
@@ -60,6 +63,7 @@ package final class PCPlatformDevices: Sendable {
             throw DeviceStateError(device: "pc", "the saved platform's devices differ from this one's")
         }
         try ioapic.restore(saved.ioapic)
+        com1?.resendInterruptLine()  // COM1's state came back before the platform did
         try masterPIC.restore(saved.masterPIC)
         try slavePIC.restore(saved.slavePIC)
         if let c = saved.cmos { try cmos?.restore(c) }
