@@ -24,7 +24,8 @@ initrd=$(echo "$paths" | sed -n 's/^initrd=//p')
 out=$scratch/initramfs-virtio.cpio.gz
 fail() { echo "linux-virtio-guest.sh: $*" >&2; exit 2; }
 
-if [ ! -f "$out" ] || [ "$out" -ot "$initrd" ]; then
+# Rebuilt when the plain initramfs or this script (its /init) is newer.
+if [ ! -f "$out" ] || [ "$out" -ot "$initrd" ] || [ "$out" -ot "$0" ]; then
     modules=$(ls -d "$scratch/kernel/lib/modules/"*/kernel 2>/dev/null | head -1)
     [ -n "$modules" ] || fail "no lib/modules in the unpacked kernel package"
     extra=$scratch/virtio-extra && rm -rf "$extra" && mkdir -p "$extra/lib/modules/virtio"
@@ -53,7 +54,10 @@ if [ ! -f "$out" ] || [ "$out" -ot "$initrd" ]; then
 for m in$names; do
     /bin/busybox insmod /lib/modules/virtio/\$m.ko || echo "swiftvisor-init: insmod \$m failed" > /dev/kmsg
 done
+# sysfs only for the listing: the plain /init mounts it again.
+/bin/busybox mount -t sysfs sysfs /sys
 for n in \$(/bin/busybox ls /sys/class/net); do echo "swiftvisor-init: network interface \$n" > /dev/kmsg; done
+/bin/busybox umount /sys
 exec /init.base
 INIT
     chmod 755 "$extra/init" "$extra/init.base"

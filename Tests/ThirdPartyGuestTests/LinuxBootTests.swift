@@ -8,17 +8,20 @@ enum LinuxGuest {
     struct Files { var kernel: String; var initrd: String }
 
     /// The script's result, once per test process: the files, or why there are none.
-    static let prepared: Result<Files, PreparationFailure> = {
+    static let prepared = prepare(script: "linux-guest.sh", initrdKey: "initrd")
+
+    /// Runs `Scripts/<script> --quiet` and reads its `kernel=` and `<initrdKey>=` lines.
+    static func prepare(script: String, initrdKey: String) -> Result<Files, PreparationFailure> {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [KVMUnitTests.repository.appendingPathComponent("Scripts/linux-guest.sh").path, "--quiet"]
+        p.arguments = [KVMUnitTests.repository.appendingPathComponent("Scripts/\(script)").path, "--quiet"]
         var env = ProcessInfo.processInfo.environment
         env["LINUX_SCRATCH"] = FileManager.default.temporaryDirectory.appendingPathComponent("swiftvisor-linux").path
         p.environment = env
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err
-        do { try p.run() } catch { return .failure(PreparationFailure(reason: "cannot run Scripts/linux-guest.sh: \(error)")) }
+        do { try p.run() } catch { return .failure(PreparationFailure(reason: "cannot run Scripts/\(script): \(error)")) }
         let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         let problem = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
@@ -27,11 +30,11 @@ enum LinuxGuest {
             let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
             if parts.count == 2 { values[parts[0]] = parts[1] }
         }
-        guard p.terminationStatus == 0, let kernel = values["kernel"], let initrd = values["initrd"] else {
-            return .failure(PreparationFailure(reason: "Scripts/linux-guest.sh could not fetch the kernel and busybox (apt-get or network unavailable?): \(problem.trimmingCharacters(in: .whitespacesAndNewlines))"))
+        guard p.terminationStatus == 0, let kernel = values["kernel"], let initrd = values[initrdKey] else {
+            return .failure(PreparationFailure(reason: "Scripts/\(script) could not fetch the kernel and busybox (apt-get or network unavailable?): \(problem.trimmingCharacters(in: .whitespacesAndNewlines))"))
         }
         return .success(Files(kernel: kernel, initrd: initrd))
-    }()
+    }
 
     struct PreparationFailure: Error { var reason: String }
 

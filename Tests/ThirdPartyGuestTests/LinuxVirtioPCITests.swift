@@ -5,30 +5,7 @@ import Testing
 /// The kernel of `LinuxGuest` with the initramfs of `Scripts/linux-virtio-guest.sh`: the
 /// same busybox, plus Debian's virtio modules, loaded by /init before the plain /init runs.
 enum LinuxVirtioGuest {
-    static let prepared: Result<LinuxGuest.Files, LinuxGuest.PreparationFailure> = {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = [KVMUnitTests.repository.appendingPathComponent("Scripts/linux-virtio-guest.sh").path, "--quiet"]
-        var env = ProcessInfo.processInfo.environment
-        env["LINUX_SCRATCH"] = FileManager.default.temporaryDirectory.appendingPathComponent("swiftvisor-linux").path
-        p.environment = env
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        do { try p.run() } catch { return .failure(.init(reason: "cannot run Scripts/linux-virtio-guest.sh: \(error)")) }
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let problem = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        var values: [String: String] = [:]
-        for line in text.split(separator: "\n") {
-            let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
-            if parts.count == 2 { values[parts[0]] = parts[1] }
-        }
-        guard p.terminationStatus == 0, let kernel = values["kernel"], let initrd = values["virtio_initrd"] else {
-            return .failure(.init(reason: "Scripts/linux-virtio-guest.sh could not prepare the kernel and modules (apt-get or network unavailable?): \(problem.trimmingCharacters(in: .whitespacesAndNewlines))"))
-        }
-        return .success(LinuxGuest.Files(kernel: kernel, initrd: initrd))
-    }()
+    static let prepared = LinuxGuest.prepare(script: "linux-virtio-guest.sh", initrdKey: "virtio_initrd")
 
     static var available: Bool { (try? prepared.get()) != nil }
     static var skipReason: Comment {
