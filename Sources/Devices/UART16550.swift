@@ -1,4 +1,5 @@
 import Synchronization
+import VirtCore
 
 /// A 16550A UART as PC serial ports have it (eight registers from the base port).
 ///
@@ -35,23 +36,23 @@ public final class UART16550: PortIODevice, Sendable {
     private let state = Mutex(Registers())
     private let output: @Sendable (UInt8) -> Void
     /// Raised/lowered when the interrupt condition changes (nil: no interrupt line wired).
-    private let wiredLine: Mutex<(@Sendable (Bool) -> Void)?>
+    private let wiredLine: LockedFunction<@Sendable (Bool) -> Void>
 
     public init(name: String = "com1", output: @escaping @Sendable (UInt8) -> Void,
                 irqLine: (@Sendable (Bool) -> Void)? = nil) {
         self.name = name
         self.output = output
-        wiredLine = Mutex(irqLine)
+        wiredLine = LockedFunction(irqLine)
     }
 
     /// Wires the interrupt line (a platform's interrupt controller input), replacing any
     /// earlier one. Before the guest runs.
     public func connectInterruptLine(_ line: @escaping @Sendable (Bool) -> Void) {
-        wiredLine.withLock { $0 = line }
+        wiredLine.set(line)
     }
 
     private func irqLine(_ level: Bool) {
-        guard let line = wiredLine.withLock({ $0 }) else { return }
+        guard let line = wiredLine.function else { return }
         line(level)
     }
 

@@ -109,11 +109,9 @@ public final class PageDeduplicator: @unchecked Sendable {
         self.machines = machines
         if machines.count == 1, let table = machines[0].vm as? any FrameRemapping {
             guard machines[0].bus.mmioDeviceNames.isEmpty else { throw DeduplicationError.devicesAttached }
-            machines[0].memoryFaultHandler.withLock {
-                $0 = { [weak self] gpa, access in
-                    guard access.contains(.write), let self else { return false }
-                    return self.breakSharing(page: Int(gpa >> 12), table: table)
-                }
+            machines[0].memoryFaultHandler.set { [weak self] gpa, access in
+                guard access.contains(.write), let self else { return false }
+                return self.breakSharing(page: Int(gpa >> 12), table: table)
             }
         } else {
             let fd = host_memfd_create("swiftvisor-dedup-store")
@@ -123,7 +121,7 @@ public final class PageDeduplicator: @unchecked Sendable {
     }
 
     deinit {
-        if storeFD < 0 { machine.memoryFaultHandler.withLock { $0 = nil } }
+        if storeFD < 0 { machine.memoryFaultHandler.set(nil) }
         if storeFD >= 0 { close(storeFD) }
     }
 

@@ -170,7 +170,7 @@ public final class Machine: @unchecked Sendable {
     /// Called on a vCPU's thread for a `.memoryFault` exit (an EPT violation of the
     /// software engine); true: handled, run on. Set while a service (a copy-on-write
     /// snapshot) has pages protected.
-    let memoryFaultHandler = Mutex<(@Sendable (UInt64, MemoryAccessKind) -> Bool)?>(nil)
+    let memoryFaultHandler = LockedFunction<@Sendable (UInt64, MemoryAccessKind) -> Bool>()
     /// MMIO devices in slot order, with how to make each again.
     var attachedDevices: [AttachedDevice] = []
     /// The machine's virtio-balloon, if it has one (the control socket's `balloon` command).
@@ -634,7 +634,7 @@ public final class Machine: @unchecked Sendable {
                 requestStop(.engineFailure(vcpu: vcpu.id, failure: .unhandledException(vector: vector, errorCode: code)))
                 done = true
             case let .memoryFault(gpa, access):
-                if let handler = memoryFaultHandler.withLock({ $0 }), handler(gpa, access) { break }
+                if let handler = memoryFaultHandler.function, handler(gpa, access) { break }
                 requestStop(.engineFailure(vcpu: vcpu.id, failure: .unhandledMemoryFault(gpa: gpa, access: access)))
                 done = true
             case let .shadowPaging(event):
@@ -644,7 +644,7 @@ public final class Machine: @unchecked Sendable {
                     break
                 }
                 if case let .secondLevelViolation(gpa, access) = pager.handle(event, vcpu: shadowVCPU) {
-                    if let handler = memoryFaultHandler.withLock({ $0 }), handler(gpa, access) { break }
+                    if let handler = memoryFaultHandler.function, handler(gpa, access) { break }
                     requestStop(.engineFailure(vcpu: vcpu.id, failure: .unhandledMemoryFault(gpa: gpa, access: access)))
                     done = true
                 }

@@ -79,12 +79,10 @@ extension Machine {
         // memory (DMA), the host mapping is protected instead, which catches both.
         if let table = vm as? any SecondLevelTranslation, transports.isEmpty {
             protection = SecondLevelWriteProtection(table: table)
-            memoryFaultHandler.withLock {
-                $0 = { gpa, access in
-                    guard access.contains(.write) else { return false }
-                    session.firstWrite(page: Int(gpa >> 12))
-                    return true
-                }
+            memoryFaultHandler.set { gpa, access in
+                guard access.contains(.write) else { return false }
+                session.firstWrite(page: Int(gpa >> 12))
+                return true
             }
         } else {
             protection = try UserfaultWriteProtection(memory: memory) { page in session.firstWrite(page: page) }
@@ -92,7 +90,7 @@ extension Machine {
         session.protection = protection
         defer {
             protection.finish()
-            memoryFaultHandler.withLock { $0 = nil }
+            memoryFaultHandler.set(nil)
         }
         try protection.protectAll()
         whilePaused?()
@@ -167,9 +165,7 @@ extension Machine {
         }
         lazyLoader = loader
         // RAM the snapshot cannot supply stops the VM with the reason, never runs on as zeros.
-        loader?.counters.onFailure.withLock {
-            $0 = { [weak self] page, reason in self?.requestStop(.engineFailure(vcpu: 0, failure: .lazyRestore(page: page, reason: reason))) }
-        }
+        loader?.counters.onFailure.set({ [weak self] page, reason in self?.requestStop(.engineFailure(vcpu: 0, failure: .lazyRestore(page: page, reason: reason))) })
         try restoreDevices(from: snapshot.devices, console: serialOutput)
     }
 
@@ -248,7 +244,7 @@ final class LazyMemoryLoader: @unchecked Sendable {
         let faults = Atomic<UInt64>(0)
         /// Told when the file cannot supply a page (a corrupt chunk): the page is filled with
         /// zeros only so the faulting thread can go on to be stopped.
-        let onFailure = Mutex<(@Sendable (_ page: Int, _ reason: String) -> Void)?>(nil)
+        let onFailure = LockedFunction<@Sendable (_ page: Int, _ reason: String) -> Void>()
     }
     let counters = Counters()
 
@@ -280,7 +276,7 @@ final class LazyMemoryLoader: @unchecked Sendable {
                     try snapshot.readPage(page, into: buffer)
                 } catch {
                     buffer.initializeMemory(as: UInt8.self, repeating: 0)
-                    counters.onFailure.withLock { $0 }?(page, "\(error)")
+                    counters.onFailure.function?(page, "\(error)")
                 }
                 _ = host_uffd_copy(uffd, UnsafeMutableRawPointer(bitPattern: base + UInt(page) * 4096), buffer.baseAddress, 4096)
             }

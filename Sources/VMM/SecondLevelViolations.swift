@@ -6,6 +6,6 @@ extension Machine {
     /// is retried; false stops the machine with an engine failure. Runs on the vCPU's
     /// thread while that vCPU is out of `run()`.
     public func setSecondLevelViolationHandler(_ handler: (@Sendable (UInt64, MemoryAccessKind) -> Bool)?) {
-        memoryFaultHandler.withLock { $0 = handler }
+        memoryFaultHandler.set(handler)
     }
 }

@@ -90,13 +90,11 @@ import VirtCore
         }
         for r in pages { sl.setPermissions(allowed, pages: r) }
         let faults = Mutex<[(UInt64, MemoryAccessKind)]>([])
-        m.memoryFaultHandler.withLock {
-            $0 = { gpa, access in
-                faults.withLock { $0.append((gpa, access)) }
-                // The VMM sees the fault (address and access), never the contents: they are ciphertext.
-                sl.setPermissions(.all, pages: Int(gpa >> 12)..<Int(gpa >> 12) + 1)
-                return true
-            }
+        m.memoryFaultHandler.set { gpa, access in
+            faults.withLock { $0.append((gpa, access)) }
+            // The VMM sees the fault (address and access), never the contents: they are ciphertext.
+            sl.setPermissions(.all, pages: Int(gpa >> 12)..<Int(gpa >> 12) + 1)
+            return true
         }
         let result = try m.run()
         #expect(result.stopReason == .exitPort(status: 0))

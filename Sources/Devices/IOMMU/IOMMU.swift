@@ -1,4 +1,5 @@
 import Synchronization
+import VirtCore
 
 /// A device function on the bus (PCI bus/device/function), the IOMMU's source ID.
 public struct RequesterID: Hashable, Sendable, Codable, CustomStringConvertible, Comparable {
@@ -137,7 +138,7 @@ public final class IOMMU: Sendable {
 
     public let configuration: IOMMUConfiguration
     private let state: Mutex<State>
-    private let faultHandler = Mutex<(@Sendable (DMAFault) -> Void)?>(nil)
+    private let faultHandler = LockedFunction<@Sendable (DMAFault) -> Void>()
 
     public init(configuration: IOMMUConfiguration = IOMMUConfiguration()) {
         precondition(configuration.faultLogCapacity > 0, "the fault log holds at least one fault")
@@ -152,7 +153,7 @@ public final class IOMMU: Sendable {
     }
 
     /// Called (on the DMA's thread) for every fault, as VT-d's fault event interrupt.
-    public func setFaultHandler(_ handler: (@Sendable (DMAFault) -> Void)?) { faultHandler.withLock { $0 = handler } }
+    public func setFaultHandler(_ handler: (@Sendable (DMAFault) -> Void)?) { faultHandler.set(handler) }
 
     public func createDomain(_ id: UInt16) throws(IOMMUError) {
         try state.withLock { (s: inout State) throws(IOMMUError) in
@@ -237,7 +238,7 @@ public final class IOMMU: Sendable {
             s.counters.bytes += UInt64(covered)
             return .success(Translation(hostAddress: entry.hostBase + offset, length: covered))
         }
-        if case let .failure(fault) = result, let handler = faultHandler.withLock({ $0 }) { handler(fault) }
+        if case let .failure(fault) = result, let handler = faultHandler.function { handler(fault) }
         return result
     }
 

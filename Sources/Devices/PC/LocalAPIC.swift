@@ -82,9 +82,9 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     private let wiring: LocalAPICWiring
     private let queue = DispatchQueue(label: "swiftvisor.lapic-timer")
     /// The I/O APIC's EOI for level-triggered vectors (set once, before the guest runs).
-    private let levelEOI = Mutex<(@Sendable (UInt8) -> Void)?>(nil)
+    private let levelEOI = LockedFunction<@Sendable (UInt8) -> Void>()
 
-    public func setLevelEOIHandler(_ handler: @escaping @Sendable (UInt8) -> Void) { levelEOI.withLock { $0 = handler } }
+    public func setLevelEOIHandler(_ handler: @escaping @Sendable (UInt8) -> Void) { levelEOI.set(handler) }
     public var count: Int { apics.count }
 
     /// Whether the APICs have x2APIC mode (CPUID.1:ECX.x2APIC): without it, setting
@@ -299,7 +299,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             r.isr[v >> 5] &= ~bit
             return r.tmr[v >> 5] & bit != 0 ? UInt8(v) : nil
         }
-        if let v = levelVector, let eoi = levelEOI.withLock({ $0 }) { eoi(v) }
+        if let v = levelVector, let eoi = levelEOI.function { eoi(v) }
     }
 
     /// An interrupt message from the I/O APIC (xAPIC destination format).

@@ -327,9 +327,7 @@ public final class IncomingMigration: @unchecked Sendable {
                 postcopy.recoverySeconds = options.postcopyRecoverySeconds
                 postcopy.engineName = options.engine.name
                 postcopy.awaitResume = { [weak self] seconds in self?.awaitResumeConnection(seconds: seconds) }
-                postcopy.onFailure.withLock {
-                    $0 = { [weak machine] reason in machine?.requestStop(.engineFailure(vcpu: 0, failure: .postcopy(reason))) }
-                }
+                postcopy.onFailure.set({ [weak machine] reason in machine?.requestStop(.engineFailure(vcpu: 0, failure: .postcopy(reason))) })
                 postcopy.start()
             }
             do {

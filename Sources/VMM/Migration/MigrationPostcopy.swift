@@ -369,7 +369,7 @@ final class PostcopyReceiver: @unchecked Sendable {
     let finished = Atomic<Bool>(false)
     /// Told when the stream fails before every page is in and no source resumes it (the
     /// machine then stops).
-    let onFailure = Mutex<(@Sendable (String) -> Void)?>(nil)
+    let onFailure = LockedFunction<@Sendable (String) -> Void>()
     /// After a break, waits up to the given seconds for the source to reconnect (nil: none).
     var awaitResume: (@Sendable (Double) -> MigrationConnection?)?
     /// How long a broken stream waits for the source to resume (0: the guest stops at once).
@@ -470,7 +470,7 @@ final class PostcopyReceiver: @unchecked Sendable {
                 // It cannot go on without the source's pages: stop it, tell the source, then
                 // fill what is missing with zeros only so the threads blocked on those pages
                 // reach their stop.
-                onFailure.withLock { $0 }?("\(error); the source keeps the missing pages")
+                onFailure.function?("\(error); the source keeps the missing pages")
                 sendLock.withLock { _ in channel.sendFailure("\(error)") }
                 for page in 0..<pageCount where !received.withLock({ $0[page] }) {
                     _ = host_uffd_copy(uffd, memory.base + page * MigrationFormat.pageSize, zero, UInt64(MigrationFormat.pageSize))
