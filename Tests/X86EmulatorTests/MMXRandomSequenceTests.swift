@@ -71,13 +71,13 @@ enum MMXSequenceGenerator {
     }
 }
 
-struct MMXCase {
+struct MMXCase: GeneratedCase {
     var code: [GeneratedInstruction] = []
     var initial: [UInt64] = []
     var mm: [UInt64] = []
     var flags: UInt64 = 0
 
-    struct Outcome: Equatable, CustomStringConvertible {
+    struct Outcome: GeneratedOutcome {
         var gprs: [UInt64], rip: UInt64, rflags: UInt64, mm: [UInt8], x87: [UInt8], stack: [UInt8]
         var completed: Bool
         var description: String {
@@ -126,35 +126,8 @@ struct MMXCase {
 @Suite(.requiresKVM("needs /dev/kvm: CPL3 code runs natively there, so it is the reference CPU"))
 struct MMXRandomSequenceTests {
     @Test func softwareEngineMatchesTheRealCPUOnMMXCode() throws {
-        let kvm = try KVMEngine()
-        var mismatches: [String] = []
-        var completed = 0
-        for seed in UInt64(1)...150 {
-            let c = MMXSequenceGenerator.sequence(seed: seed, length: 10)
-            let expected = try c.run(on: kvm)
-            if expected.completed { completed += 1 }
-            for translation in [false, true] {
-                let got = try c.run(on: SoftwareEngine(translation: translation))
-                if got != expected {
-                    let shrunk = try shrink(c, kvm, translation: translation)
-                    let code = shrunk.code.map { $0.bytes.map { String($0, radix: 16) }.joined(separator: " ") }.joined(separator: " | ")
-                    let cpu = try shrunk.run(on: kvm), software = try shrunk.run(on: SoftwareEngine(translation: translation))
-                    mismatches.append("seed \(seed) translation \(translation): \(code)\n  cpu: \(cpu)\n  sw:  \(software)")
-                }
-            }
-        }
-        #expect(completed >= 145, "only \(completed) of 150 sequences ran to the end")
-        #expect(mismatches.isEmpty, "\(mismatches.count) sequences differ:\n\(mismatches.prefix(8).joined(separator: "\n"))")
-    }
-
-    func shrink(_ c: MMXCase, _ kvm: KVMEngine, translation: Bool) throws -> MMXCase {
-        var current = c
-        var i = 0
-        while i < current.code.count {
-            var candidate = current
-            candidate.code.remove(at: i)
-            if try candidate.run(on: kvm) != candidate.run(on: SoftwareEngine(translation: translation)) { current = candidate } else { i += 1 }
-        }
-        return current
+        let r = try RealCPUComparison(seeds: 1...150) { MMXSequenceGenerator.sequence(seed: $0, length: 10) }
+        #expect(r.completed >= 145, "only \(r.completed) of 150 sequences ran to the end")
+        #expect(r.mismatches.isEmpty, "\(r.mismatches.count) sequences differ:\n\(r.mismatches.prefix(8).joined(separator: "\n"))")
     }
 }

@@ -161,13 +161,13 @@ extension VectorSequenceGenerator {
 }
 
 /// One sequence with its initial XMM/GPR state; `run` returns what the comparison looks at.
-struct VectorCase {
+struct VectorCase: GeneratedCase {
     var code: [GeneratedInstruction] = []
     var initial: [UInt64] = []
     var xmm: [UInt64] = []
     var flags: UInt64 = 0
 
-    struct Outcome: Equatable, CustomStringConvertible {
+    struct Outcome: GeneratedOutcome {
         var gprs: [UInt64], rip: UInt64, rflags: UInt64, xmm: [UInt8], mxcsr: UInt32, stack: [UInt8]
         /// The sequence ran to its final `ud2` (no exception on the way).
         var completed: Bool
@@ -219,37 +219,9 @@ struct VectorCase {
 @Suite(.requiresKVM("needs /dev/kvm: CPL3 code runs natively there, so it is the reference CPU"))
 struct SSERandomSequenceTests {
     @Test func softwareEngineMatchesTheRealCPUOnVectorCode() throws {
-        let kvm = try KVMEngine()
-        var mismatches: [String] = []
-        var completed = 0
-        for seed in UInt64(1)...200 {
-            let c = VectorSequenceGenerator.sequence(seed: seed, length: 10)
-            let expected = try c.run(on: kvm)
-            if expected.completed { completed += 1 }
-            for translation in [false, true] {
-                let got = try c.run(on: SoftwareEngine(translation: translation))
-                if got != expected {
-                    let shrunk = try shrink(c, kvm, translation: translation)
-                    let code = shrunk.code.map { $0.bytes.map { String($0, radix: 16) }.joined(separator: " ") }.joined(separator: " | ")
-                    let cpu = try shrunk.run(on: kvm), software = try shrunk.run(on: SoftwareEngine(translation: translation))
-                    mismatches.append("seed \(seed) translation \(translation): \(code)\n  cpu: \(cpu)\n  sw:  \(software)")
-                }
-            }
-        }
+        let r = try RealCPUComparison(seeds: 1...200) { VectorSequenceGenerator.sequence(seed: $0, length: 10) }
         // The generator makes valid code: nearly every sequence runs to its end on the real CPU.
-        #expect(completed >= 190, "only \(completed) of 200 sequences ran to the end")
-        #expect(mismatches.isEmpty, "\(mismatches.count) sequences differ:\n\(mismatches.prefix(8).joined(separator: "\n"))")
-    }
-
-    /// Drops instructions while the disagreement persists.
-    func shrink(_ c: VectorCase, _ kvm: KVMEngine, translation: Bool) throws -> VectorCase {
-        var current = c
-        var i = 0
-        while i < current.code.count {
-            var candidate = current
-            candidate.code.remove(at: i)
-            if try candidate.run(on: kvm) != candidate.run(on: SoftwareEngine(translation: translation)) { current = candidate } else { i += 1 }
-        }
-        return current
+        #expect(r.completed >= 190, "only \(r.completed) of 200 sequences ran to the end")
+        #expect(r.mismatches.isEmpty, "\(r.mismatches.count) sequences differ:\n\(r.mismatches.prefix(8).joined(separator: "\n"))")
     }
 }
