@@ -80,7 +80,7 @@ let package = Package(
         .testTarget(name: "CLITests", dependencies: ["TestSupport", "OperatorAPI"]),
         .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore", "TestSupport"]),
         // kvm-unit-tests built from its source and run on the PC platform (skipped without it).
-        .testTarget(name: "ThirdPartyGuestTests", dependencies: ["TestSupport", "VMM", "VirtCore"]),
+        .testTarget(name: "ThirdPartyGuestTests", dependencies: ["TestSupport", "Lab", "VMM", "VirtCore"]),
         .testTarget(name: "OperatorAPITests", dependencies: ["OperatorAPI", "VMM", "VirtCore", "Devices", "TestSupport"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "Attestation", .product(name: "Crypto", package: "swift-crypto"), "OperatorAPI", "GuestImages", "KVMEngine", "X86Emulator", "Devices", "VirtCore", "TestSupport"]),
     ]

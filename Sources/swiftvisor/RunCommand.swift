@@ -56,7 +56,7 @@ struct Run: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Number of vCPUs.", valueName: "n"))
     var vcpus = 1
 
-    @Option(name: .long, help: "Execution engine: kvm (hardware) or software (binary translator + interpreter, runs anywhere). Default: kvm when /dev/kvm is usable, otherwise software.")
+    @Option(name: .long, help: "Execution engine: kvm (hardware) or software (binary translator + interpreter, runs anywhere). Default: kvm when /dev/kvm is usable (with --kernel: and runs guest ring-0 code natively, which a nested KVM does not), otherwise software.")
     var engine: EngineChoice?
 
     @Flag(name: .long, help: "Software engine: interpret every instruction instead of translating blocks to host code (the reference path; much slower).")
@@ -181,10 +181,12 @@ struct Run: ParsableCommand {
                 let (name, guestCmdline) = kernel == nil ? Self.split(spec) : (spec, nil)
                 let image = kernel == nil ? try GuestProgram.load(name) : nil
                 let engineChoice = self.engine ?? (confidentialOptions.confidential ? .software : nil)
-                let engine = try engineChoice.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
-                    ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation) { message in
-                        if index == 0 { logger.notice("\(message)") }
-                    }
+                let notice = { (message: String) in if index == 0 { logger.notice("\(message)") } }
+                // A kernel runs mostly in ring 0, which a nested KVM emulates: measured before KVM is picked.
+                let engine = try kernel != nil
+                    ? EngineSelection.forKernel(requested: engineChoice, kvmPath: kvmPath, translation: !noTranslation, notice: notice)
+                    : engineChoice.map { try EngineSelection.make($0, kvmPath: kvmPath, translation: !noTranslation) }
+                        ?? EngineSelection.makeDefault(kvmPath: kvmPath, translation: !noTranslation, notice: notice)
                 var config = MachineConfiguration(memorySize: memory.bytes, vcpuCount: vcpus, commandLine: guestCmdline ?? cmdline,
                                                   timeoutSeconds: timeout, guestName: name)
                 if crashAfterMs != nil { config.tickSeconds = 0.01 }
