@@ -208,6 +208,7 @@ struct Run: ParsableCommand {
                     config.vcpuThreadSetup = Partitioning.threadSetup(policy)
                 }
                 let consoleSocket = try consoleDir.map { try ConsoleSocket(path: ConsoleSocket.path(directory: $0, index: index)) }
+                if let consoleSocket { consoleSockets.append(consoleSocket) }
                 let output = ConsoleSocket.tee(many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write, consoleSocket)
                 let machine: Machine
                 if let image {
@@ -219,10 +220,7 @@ struct Run: ParsableCommand {
                                                      engine: engine, cpu: try cpu.map { try PCCPUFeatures(parsing: $0) } ?? PCCPUFeatures(),
                                                      serialOutput: output)
                 }
-                if let consoleSocket {
-                    consoleSocket.start { [uart = machine.uart] in uart.enqueueInput($0) }
-                    consoleSockets.append(consoleSocket)
-                }
+                consoleSocket?.start { [uart = machine.uart] in uart.enqueueInput($0) }
                 if policy?.lockMemory == true { try Partitioning.lock(machine.memory) }
                 let console = try addDevices(to: machine, index: index, output: output)
                 if policy != nil { try isolation?.confineVirtioDevices(of: machine, name: "vm\(index)") }
