@@ -26,7 +26,8 @@ extension LinuxConsole {
     }
 
     /// Types `command`, waits for its echo and then for `expected` after it; the offset past
-    /// `expected`, or nil (the caller's failure message shows `tail`).
+    /// `expected`, or nil (the caller's failure message shows `tail`). The prompt and the
+    /// command must fit on one 80-column line: the shell echoes a longer one wrapped.
     func answer(_ command: String, expecting expected: String, after from: String.Index?, seconds: Double = 120) -> String.Index? {
         type(command)
         guard let echoed = waitFor(command, after: from, seconds: seconds) else { return nil }

@@ -148,21 +148,26 @@ struct LinuxNetworkTests {
         }
         print("LinuxNetworkTests (\(label)): both shells up after \(String(format: "%.1f", Date().timeIntervalSince(started))) s, booting side by side (software engine, 1 vCPU each)")
         for (n, vm) in zip(1..., vms) {
-            let configured = vm.answer("ip addr add 10.0.0.\(n)/24 dev eth0 && ip link set eth0 up && echo eth0-up-$((40+\(n)))",
-                                       expecting: "eth0-up-4\(n)", after: at[n - 1])
+            // Two short commands: a line wider than the terminal comes back wrapped.
+            let addressed = vm.answer("ip addr add 10.0.0.\(n)/24 dev eth0", expecting: "/ # ", after: at[n - 1])
+            try #require(addressed != nil, "VM \(n): ip addr add failed:\n\(vm.tail)")
+            let configured = vm.answer("ip link set eth0 up && echo eth0-up-$((40+\(n)))", expecting: "eth0-up-4\(n)", after: addressed)
             try #require(configured != nil, "VM \(n): configuring eth0 failed:\n\(vm.tail)")
             at[n - 1] = vm.prompt(after: configured)
             try #require(at[n - 1] != nil, "VM \(n): no prompt after configuring eth0:\n\(vm.tail)")
         }
 
         // -W bounds the wait for each reply: a lost frame ends the command with fewer received.
+        let pingStarted = Date()
         let pinged = vms[0].answer("ping -c 3 -W 10 10.0.0.2", expecting: "packets received", after: at[0], seconds: 180)
         try #require(pinged != nil, "ping did not finish:\n\(vms[0].tail)")
         let loss = vms[0].waitFor("% packet loss", after: pinged, seconds: 30)
         let summary = vms[0].text[..<(loss ?? pinged!)].split(separator: "\n").last.map(String.init) ?? ""
         #expect(summary.contains("3 packets transmitted, 3 packets received, 0% packet loss"), "\(vms[0].tail)")
         if let rtt = vms[0].waitFor("round-trip min/avg/max = ", after: pinged, seconds: 30) {
-            print("LinuxNetworkTests (\(label)): ping 10.0.0.1 → 10.0.0.2: \(vms[0].text[rtt...].prefix { $0 != "\n" && $0 != "\r" })")
+            // The guest's times are on its TSC (retired instructions at the 1 GHz of
+            // tsc_early_khz), not the host's clock; the wall time covers 3 echoes 1 s apart.
+            print("LinuxNetworkTests (\(label)): ping 10.0.0.1 → 10.0.0.2: round-trip min/avg/max \(vms[0].text[rtt...].prefix { $0 != "\n" && $0 != "\r" }) (guest clock); ping -c 3 took \(String(format: "%.2f", Date().timeIntervalSince(pingStarted))) s of wall time")
         }
         at[0] = vms[0].prompt(after: pinged)
         try #require(at[0] != nil, "VM 1: no prompt after ping:\n\(vms[0].tail)")
