@@ -164,10 +164,11 @@ struct LinuxNetworkTests {
         let loss = vms[0].waitFor("% packet loss", after: pinged, seconds: 30)
         let summary = vms[0].text[..<(loss ?? pinged!)].split(separator: "\n").last.map(String.init) ?? ""
         #expect(summary.contains("3 packets transmitted, 3 packets received, 0% packet loss"), "\(vms[0].tail)")
-        if let rtt = vms[0].waitFor("round-trip min/avg/max = ", after: pinged, seconds: 30) {
+        let wallSeconds = Date().timeIntervalSince(pingStarted)
+        if let rtt = vms[0].waitFor("round-trip min/avg/max = ", after: pinged, seconds: 30), vms[0].waitFor(" ms", after: rtt, seconds: 30) != nil {
             // The guest's times are on its TSC (retired instructions at the 1 GHz of
             // tsc_early_khz), not the host's clock; the wall time covers 3 echoes 1 s apart.
-            print("LinuxNetworkTests (\(label)): ping 10.0.0.1 → 10.0.0.2: round-trip min/avg/max \(vms[0].text[rtt...].prefix { $0 != "\n" && $0 != "\r" }) (guest clock); ping -c 3 took \(String(format: "%.2f", Date().timeIntervalSince(pingStarted))) s of wall time")
+            print("LinuxNetworkTests (\(label)): ping 10.0.0.1 → 10.0.0.2: round-trip min/avg/max \(vms[0].text[rtt...].prefix { !$0.isNewline }) (guest clock); ping -c 3 took \(String(format: "%.2f", wallSeconds)) s of wall time")
         }
         at[0] = vms[0].prompt(after: pinged)
         try #require(at[0] != nil, "VM 1: no prompt after ping:\n\(vms[0].tail)")
