@@ -2,7 +2,8 @@
 # Builds on Scripts/linux-guest.sh: the same kernel and initramfs, plus a second initramfs
 # that also carries the kernel's virtio-pci modules (virtio_pci, virtio_blk, virtio_net,
 # virtio_console and what they depend on, from the same linux-image .deb) and an /init
-# that loads them before running the plain initramfs's /init. Debian's cloud kernel builds
+# that loads them before running the plain initramfs's /init, or, when the command line
+# says root=/dev/vdX, mounts that disk (ext4) and switch_roots to its /init. Debian's cloud kernel builds
 # them as modules, so a disk or NIC on virtio-pci needs them loaded. Prints:
 #
 #   kernel=/…/vmlinuz-…-cloud-amd64
@@ -58,6 +59,20 @@ done
 /bin/busybox mount -t sysfs sysfs /sys
 for n in \$(/bin/busybox ls /sys/class/net); do echo "swiftvisor-init: network interface \$n" > /dev/kmsg; done
 /bin/busybox umount /sys
+# root=/dev/vda (linux-rootfs-guest.sh's disk): the root file system is the virtio disk,
+# mounted here now that virtio_blk is in; its own /init then runs as PID 1.
+/bin/busybox mount -t proc proc /proc
+root=\$(/bin/busybox sed -n 's/.*root=\\(\/dev\/vd[a-z]*\\).*/\\1/p' /proc/cmdline)
+/bin/busybox umount /proc
+if [ -n "\$root" ]; then
+    /bin/busybox mkdir -p /newroot
+    if /bin/busybox mount -t ext4 "\$root" /newroot; then
+        echo "swiftvisor-init: switching root to \$root" > /dev/kmsg
+        /bin/busybox mount --move /dev /newroot/dev
+        exec /bin/busybox switch_root /newroot /init
+    fi
+    echo "swiftvisor-init: cannot mount \$root; staying in the initramfs" > /dev/kmsg
+fi
 exec /init.base
 INIT
     chmod 755 "$extra/init" "$extra/init.base"

@@ -22,7 +22,9 @@ struct Run: ParsableCommand {
             by its own command line in the same argument: 'net-ping pong=1 count=5'. \
             Several GUESTs run as several VMs of this process with the same options; each \
             gets its own NICs and consoles (--net switch:NAME connects them). With more than one VM, \
-            output lines are prefixed with [vm0], [vm1], …; standard input goes to vm0.
+            output lines are prefixed with [vm0], [vm1], …; standard input goes to vm0, and \
+            --console-dir DIR serves each VM's console on DIR/vmN.sock. --kernel K --vms N \
+            boots N VMs of one kernel the same way.
 
             Devices: --disk PATH[,ro][,vm=N] adds a virtio-blk disk backed by a raw image \
             file to vm0 (or vmN); the image is locked while in use; --net \
@@ -98,6 +100,12 @@ struct Run: ParsableCommand {
     @Flag(name: .long, help: "Add a virtio console connected to standard output.")
     var virtioConsole = false
 
+    @Option(name: .long, help: ArgumentHelp("With --kernel: boot this many VMs of the kernel side by side, each with the same options and its own devices (--disk …,vm=N gives a disk to VM N; --net switch:NAME puts every VM's NIC on the one switch). Their lines are prefixed [vm0], [vm1], …; --console-dir drives each one's shell.", valueName: "n"))
+    var vms = 1
+
+    @Option(name: .long, help: ArgumentHelp("Also serve VM N's serial console on the Unix socket DIR/vmN.sock: a client reads the VM's output from then on and what it sends is typed into the VM (one client at a time; e.g. 'socat - UNIX-CONNECT:DIR/vm1.sock'). Standard input reaches vm0 only, so this is how each VM of a run is driven.", valueName: "dir"))
+    var consoleDir: String?
+
     @OptionGroup(title: "Confidential VMs")
     var confidentialOptions: ConfidentialArguments
 
@@ -140,7 +148,8 @@ struct Run: ParsableCommand {
             guard cpu == nil else { throw ValidationError("--cpu needs --kernel") }
             guard !guests.isEmpty else { throw ValidationError("name at least one guest") }
         }
-        guard guests.count <= 16 else { throw ValidationError("at most 16 VMs per run") }
+        guard guests.count <= 16, (1...16).contains(vms) else { throw ValidationError("at most 16 VMs per run") }
+        if vms != 1 && kernel == nil { throw ValidationError("--vms needs --kernel (for guests, name several GUESTs)") }
         guard (1...BootLayout.maxVCPUs).contains(vcpus) else {
             throw ValidationError("--vcpus must be between 1 and \(BootLayout.maxVCPUs)")
         }
@@ -148,7 +157,7 @@ struct Run: ParsableCommand {
         if noTranslation && engine == .kvm { throw ValidationError("--no-translation applies to the software engine, not kvm") }
         if paging == .shadow && engine != .software { throw ValidationError("--paging shadow needs --engine software (KVM always uses the host's nested paging)") }
         if api.serves && guests.count > 1 { throw ValidationError("--api-sock serves one VM; run one guest") }
-        for d in disk where try DiskArgument(d).vm >= (kernel == nil ? guests.count : 1) {
+        for d in disk where try DiskArgument(d).vm >= (kernel == nil ? guests.count : vms) {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
         }
         for p in partition where try PartitionArgument(p).vm >= guests.count {
@@ -170,14 +179,16 @@ struct Run: ParsableCommand {
         let attachAttestationReport = try confidentialOptions.reportAttacher()
         let logger = api.bootstrapLogging()
         if let incoming { return try runIncoming(incoming, logger: logger, startSession: startSession) }
-        let many = guests.count > 1
+        let many = (kernel == nil ? guests.count : vms) > 1
         var machines: [Machine] = []
+        var consoleSockets: [ConsoleSocket] = []
+        defer { consoleSockets.forEach { $0.close() } }
         var firstVirtioConsole: VirtioConsole?
         // Partitions' devices reach only their own VM's RAM, through the IOMMU.
         let isolation: DeviceAssignmentPlatform?
         do {
             isolation = partition.isEmpty ? nil : try DeviceAssignmentPlatform(virtualFunctions: 0)
-            for (index, spec) in (kernel.map { [$0] } ?? guests).enumerated() {
+            for (index, spec) in (kernel.map { Array(repeating: $0, count: vms) } ?? guests).enumerated() {
                 let (name, guestCmdline) = kernel == nil ? Self.split(spec) : (spec, nil)
                 let image = kernel == nil ? try GuestProgram.load(name) : nil
                 let engineChoice = self.engine ?? (confidentialOptions.confidential ? .software : nil)
@@ -198,7 +209,9 @@ struct Run: ParsableCommand {
                     try Partitioning.check(policy, memoryBytes: memory.bytes)
                     config.vcpuThreadSetup = Partitioning.threadSetup(policy)
                 }
-                let output = many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write
+                let consoleSocket = try consoleDir.map { try ConsoleSocket(path: ConsoleSocket.path(directory: $0, index: index)) }
+                if let consoleSocket { consoleSockets.append(consoleSocket) }
+                let output = ConsoleSocket.tee(many ? PrefixedOutput(prefix: "[vm\(index)] ").write : ConsoleOutput.write, consoleSocket)
                 let machine: Machine
                 if let image {
                     machine = try Machine(image: image, configuration: config, engine: engine, serialOutput: output)
@@ -209,6 +222,7 @@ struct Run: ParsableCommand {
                                                      engine: engine, cpu: try cpu.map { try PCCPUFeatures(parsing: $0) } ?? PCCPUFeatures(),
                                                      serialOutput: output)
                 }
+                consoleSocket?.start { [uart = machine.uart] in uart.enqueueInput($0) }
                 if policy?.lockMemory == true { try Partitioning.lock(machine.memory) }
                 let console = try addDevices(to: machine, index: index, output: output)
                 if policy != nil { try isolation?.confineVirtioDevices(of: machine, name: "vm\(index)") }
@@ -299,7 +313,7 @@ struct Run: ParsableCommand {
 
     /// Adds the devices the options ask for; returns the virtio console, if any.
     func addDevices(to machine: Machine, index: Int, output: @escaping @Sendable (UInt8) -> Void) throws -> VirtioConsole? {
-        if kernel != nil { return try addPCIDevices(to: machine, output: output) }
+        if kernel != nil { return try addPCIDevices(to: machine, index: index, output: output) }
         for d in disk {
             let arg = try DiskArgument(d)
             if arg.vm == index { try machine.addVirtioBlock(path: arg.path, readOnly: arg.readOnly) }
@@ -312,10 +326,10 @@ struct Run: ParsableCommand {
     }
 
     /// The PC platform's devices: virtio-pci, in the order disks, NICs, console.
-    func addPCIDevices(to machine: Machine, output: @escaping @Sendable (UInt8) -> Void) throws -> VirtioConsole? {
+    func addPCIDevices(to machine: Machine, index: Int, output: @escaping @Sendable (UInt8) -> Void) throws -> VirtioConsole? {
         for d in disk {
             let arg = try DiskArgument(d)
-            try machine.addVirtioPCIBlock(path: arg.path, readOnly: arg.readOnly)
+            if arg.vm == index { try machine.addVirtioPCIBlock(path: arg.path, readOnly: arg.readOnly) }
         }
         for n in net { try machine.addVirtioPCINet(attachment: NetworkAttachment(n)!) }
         guard virtioConsole else { return nil }

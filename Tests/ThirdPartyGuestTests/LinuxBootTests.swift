@@ -5,13 +5,21 @@ import Testing
 /// Debian's cloud kernel and busybox, fetched by `Scripts/linux-guest.sh` through apt-get
 /// and booted unmodified with `swiftvisor run --kernel … --initrd …` on the software engine.
 enum LinuxGuest {
-    struct Files { var kernel: String; var initrd: String }
+    struct Files {
+        var kernel: String
+        var initrd: String
+        /// Every `key=value` line the script printed (e.g. `rootfs=`).
+        var outputs: [String: String] = [:]
+    }
 
     /// The script's result, once per test process: the files, or why there are none.
     static let prepared = prepare(script: "linux-guest.sh", initrdKey: "initrd")
 
     /// Runs `Scripts/<script> --quiet` and reads its `kernel=` and `<initrdKey>=` lines.
+    /// One script at a time: they build on each other in the same scratch directory.
     static func prepare(script: String, initrdKey: String) -> Result<Files, PreparationFailure> {
+        scriptLock.lock()
+        defer { scriptLock.unlock() }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/bash")
         p.arguments = [KVMUnitTests.repository.appendingPathComponent("Scripts/\(script)").path, "--quiet"]
@@ -33,10 +41,11 @@ enum LinuxGuest {
         guard p.terminationStatus == 0, let kernel = values["kernel"], let initrd = values[initrdKey] else {
             return .failure(PreparationFailure(reason: "Scripts/\(script) could not fetch the kernel and busybox (apt-get or network unavailable?): \(problem.trimmingCharacters(in: .whitespacesAndNewlines))"))
         }
-        return .success(Files(kernel: kernel, initrd: initrd))
+        return .success(Files(kernel: kernel, initrd: initrd, outputs: values))
     }
 
     struct PreparationFailure: Error { var reason: String }
+    private static let scriptLock = NSLock()
 
     static var available: Bool { (try? prepared.get()) != nil }
     static var skipReason: Comment {
@@ -47,7 +56,7 @@ enum LinuxGuest {
 
 /// A `swiftvisor run --kernel` child process: its console output collected as it comes,
 /// its standard input a pipe (the console's input).
-final class LinuxRun: Sendable {
+final class LinuxRun: LinuxConsole, Sendable {
     let process = Process()
     private let input = Pipe()
     private let output = Pipe()
@@ -75,32 +84,9 @@ final class LinuxRun: Sendable {
         input.fileHandleForWriting.write(Data((line + "\n").utf8))
     }
 
-    /// Waits (bounded) for the shell's next prompt after `from`; the offset past it.
-    func prompt(after from: String.Index?, seconds: Double = 300) -> String.Index? {
-        waitFor("/ # ", after: from, seconds: seconds)
-    }
-
-    /// Waits (bounded) until the output after `from` contains `needle`; the offset past it.
-    func waitFor(_ needle: String, after from: String.Index? = nil, seconds: Double) -> String.Index? {
-        var found: String.Index?
-        _ = waitUntil(seconds: seconds) {
-            let t = text
-            let start = from.map { min($0, t.endIndex) } ?? t.startIndex
-            found = t.range(of: needle, range: start..<t.endIndex)?.upperBound
-            return found != nil || !process.isRunning
-        }
-        if found == nil {
-            let t = text
-            let start = from.map { min($0, t.endIndex) } ?? t.startIndex
-            found = t.range(of: needle, range: start..<t.endIndex)?.upperBound
-        }
-        return found
-    }
+    var isRunning: Bool { process.isRunning }
 
     func kill() { if process.isRunning { process.terminate() } }
-
-    /// The last lines of the console, for a failure message.
-    var tail: String { text.split(separator: "\n", omittingEmptySubsequences: false).suffix(25).joined(separator: "\n") }
 }
 
 @Suite(.serialized, .enabled(if: LinuxGuest.available, LinuxGuest.skipReason))
