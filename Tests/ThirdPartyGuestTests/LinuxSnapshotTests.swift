@@ -15,7 +15,7 @@ struct LinuxSnapshotTests {
         let kernel = try [UInt8](Data(contentsOf: URL(fileURLWithPath: files.kernel)))
         let initrd = try [UInt8](Data(contentsOf: URL(fileURLWithPath: files.initrd)))
         let console = SerialCapture()
-        let configuration = MachineConfiguration(memorySize: 256 << 20, commandLine: "console=ttyS0 tsc_early_khz=1000000",
+        let configuration = MachineConfiguration(memorySize: 256 << 20, commandLine: "console=ttyS0",
                                                  timeoutSeconds: 900)
         let machine = try PCPlatform.machine(kernel: kernel, modules: [(initrd, "")], configuration: configuration,
                                              engine: try TestEngines.make(.software), serialOutput: console.append)
