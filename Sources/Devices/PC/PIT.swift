@@ -95,7 +95,7 @@ public final class ProgrammableIntervalTimer: PortIODevice, Sendable {
     }
 
     /// PIT ticks in `nanoseconds`.
-    static func ticks(nanoseconds: UInt64) -> UInt64 {
+    public static func ticks(nanoseconds: UInt64) -> UInt64 {
         let (high, low) = nanoseconds.multipliedFullWidth(by: frequency)
         return UInt64(1_000_000_000).dividingFullWidth((high, low)).quotient
     }
