@@ -12,7 +12,7 @@ import VMM
 package struct LinuxRestoreBenchmark: Sendable {
     package var kernel: String
     package var initrd: String
-    package var commandLine = "console=ttyS0 tsc_early_khz=1000000"
+    package var commandLine = "console=ttyS0"
     package var memory: UInt64 = 256 << 20
     package var runs = 5
     /// Where the snapshot file goes (a tmpfs by default: the restore then measures the VMM, not the disk).

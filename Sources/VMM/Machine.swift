@@ -484,6 +484,7 @@ public final class Machine: @unchecked Sendable {
         let start = monotonicNanoseconds()
         let threads = vcpus.enumerated().map { id, vcpu in
             HostThread(name: "vcpu\(id)") { [self] in
+                VCPUThread.enter(vcpu: id)
                 do { try configuration.vcpuThreadSetup?(id) } catch {
                     requestStop(.engineFailure(vcpu: id, failure: .threadSetup("\(error)")))
                 }

@@ -5,7 +5,7 @@ import VirtCore
 /// A PC as QEMU's `-machine pc` presents it to a kernel booted with `-kernel`: multiboot
 /// entry, COM1, isa-debug-exit at 0xF4, fw_cfg at 0x510, the 8259 pair's registers, one
 /// local APIC per vCPU (xAPIC page and x2APIC MSRs) with INIT/STARTUP for the application
-/// processors (which wait in wait-for-SIPI), the I/O APIC, pc-testdev (its register, IRQ-line ports and device memory),
+/// processors (which wait in wait-for-SIPI), the I/O APIC, the 8254 PIT (and port 0x61), pc-testdev (its register, IRQ-line ports and device memory),
 /// and PCI (`PCPlatformPCI`: host bridge, virtio-pci devices).
 public enum PCPlatform {
     /// Builds the machine for a multiboot kernel. `modules`: multiboot modules (an initrd)
@@ -65,10 +65,18 @@ public enum PCPlatform {
             startup: { vcpu, vector in gate.startup(vcpu, vector: vector) },
             guestClock: guestClock))
         machine.localAPIC = apic
+        // The 8254 counts on the reading vCPU's TSC where the timers do (so Linux calibrates
+        // the TSC at its true rate), host time otherwise; IRQ0 is ISA IRQ 0, GSI 0.
+        let pitClock: @Sendable () -> UInt64
+        if let guestClock { pitClock = { guestClock.now(VCPUThread.current ?? 0) } } else { pitClock = { monotonicNanoseconds() } }
+        let pit = ProgrammableIntervalTimer(now: pitClock)
+        try machine.attach(pit, firstPort: ProgrammableIntervalTimer.port, count: ProgrammableIntervalTimer.portCount)
+        try machine.attach(ProgrammableIntervalTimer.SystemControlPort(pit: pit), firstPort: ProgrammableIntervalTimer.SystemControlPort.port, count: 1)
         hypercallTarget?.bank = apic
         machine.pcPCI = try PCPlatformPCI(machine: machine, apic: apic)
         let ioapic = IOAPIC(apics: apic)
         try machine.attach(ioapic, base: IOAPIC.base, size: IOAPIC.size)
+        pit.connectIRQ0 { [weak ioapic] level in ioapic?.setLine(ProgrammableIntervalTimer.irq, level) }
         try machine.attach(PCTestDevice.InterruptLines(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
         try machine.attach(PCTestDevice.Register(), firstPort: PCTestDevice.registerPort, count: PCTestDevice.registerPortCount)
         try machine.attach(PCTestDevice.Memory(), base: PCTestDevice.memoryBase, size: PCTestDevice.memorySize)
@@ -92,7 +100,7 @@ public enum PCPlatform {
                 forwarding.setInterruptController(apic)
             }
         }
-        let devices = PCPlatformDevices(linux: linux, cpu: cpu, localAPICs: apic, ioapic: ioapic, masterPIC: pic, slavePIC: slavePIC,
+        let devices = PCPlatformDevices(linux: linux, cpu: cpu, localAPICs: apic, ioapic: ioapic, pit: pit, masterPIC: pic, slavePIC: slavePIC,
                                         cmos: linuxDevices?.0, powerManagement: linuxDevices?.1, startupGate: gate,
                                         com1: linux ? machine.uart : nil)
         machine.pcPlatform = devices

@@ -8,6 +8,7 @@ package final class PCPlatformDevices: Sendable {
     let cpu: PCCPUFeatures
     let localAPICs: LocalAPICBank
     let ioapic: IOAPIC
+    let pit: ProgrammableIntervalTimer
     let masterPIC: LegacyPIC, slavePIC: LegacyPIC
     let cmos: CMOSClock?
     let powerManagement: ACPIPowerManagement?
@@ -15,12 +16,13 @@ package final class PCPlatformDevices: Sendable {
     /// COM1 when its interrupt is wired to the I/O APIC (Linux).
     let com1: UART16550?
 
-    init(linux: Bool, cpu: PCCPUFeatures, localAPICs: LocalAPICBank, ioapic: IOAPIC, masterPIC: LegacyPIC, slavePIC: LegacyPIC,
+    init(linux: Bool, cpu: PCCPUFeatures, localAPICs: LocalAPICBank, ioapic: IOAPIC, pit: ProgrammableIntervalTimer, masterPIC: LegacyPIC, slavePIC: LegacyPIC,
          cmos: CMOSClock?, powerManagement: ACPIPowerManagement?, startupGate: StartupGate, com1: UART16550?) {
         self.linux = linux
         self.cpu = cpu
         self.localAPICs = localAPICs
         self.ioapic = ioapic
+        self.pit = pit
         self.masterPIC = masterPIC
         self.slavePIC = slavePIC
         self.cmos = cmos
@@ -38,6 +40,8 @@ package final class PCPlatformDevices: Sendable {
         var cpu: PCCPUFeatures
         var localAPICs: [LocalAPICBank.SavedUnit]
         var ioapic: IOAPIC.SavedState
+        /// Absent in snapshots made before the platform had an 8254 (it then starts unprogrammed).
+        var pit: ProgrammableIntervalTimer.SavedState?
         var masterPIC: LegacyPIC.SavedState, slavePIC: LegacyPIC.SavedState
         var cmos: CMOSClock.SavedState?
         var powerManagement: ACPIPowerManagement.SavedState?
@@ -52,7 +56,7 @@ package final class PCPlatformDevices: Sendable {
 
     /// Call with the vCPUs paused.
     var savedState: SavedState {
-        SavedState(linux: linux, cpu: cpu, localAPICs: localAPICs.savedState, ioapic: ioapic.savedState,
+        SavedState(linux: linux, cpu: cpu, localAPICs: localAPICs.savedState, ioapic: ioapic.savedState, pit: pit.savedState,
                    masterPIC: masterPIC.savedState, slavePIC: slavePIC.savedState,
                    cmos: cmos?.savedState, powerManagement: powerManagement?.savedState)
     }
@@ -63,6 +67,7 @@ package final class PCPlatformDevices: Sendable {
             throw DeviceStateError(device: "pc", "the saved platform's devices differ from this one's")
         }
         try ioapic.restore(saved.ioapic)
+        if let p = saved.pit { try pit.restore(p) }
         com1?.resendInterruptLine()  // COM1's state came back before the platform did
         try masterPIC.restore(saved.masterPIC)
         try slavePIC.restore(saved.slavePIC)

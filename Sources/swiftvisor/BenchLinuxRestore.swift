@@ -26,7 +26,7 @@ struct BenchLinuxRestore: ParsableCommand {
     var initrd: String
 
     @Option(name: .long, help: ArgumentHelp("The kernel's command line.", valueName: "text"))
-    var cmdline = "console=ttyS0 tsc_early_khz=1000000"
+    var cmdline = "console=ttyS0"
 
     @Option(name: .long, help: ArgumentHelp("Guest RAM.", valueName: "size"))
     var memory = MemoryArgument(argument: "256M")!

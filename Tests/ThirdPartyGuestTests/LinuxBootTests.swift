@@ -62,7 +62,7 @@ final class LinuxRun: LinuxConsole, Sendable {
     private let output = Pipe()
     private let console = SerialCapture()
 
-    init(_ files: LinuxGuest.Files, vcpus: Int = 1, cmdline: String = "console=ttyS0 tsc_early_khz=1000000",
+    init(_ files: LinuxGuest.Files, vcpus: Int = 1, cmdline: String = "console=ttyS0",
          extraArguments: [String] = []) throws {
         process.executableURL = URL(fileURLWithPath: KVMUnitTests.swiftvisor)
         // The timeout bounds a stuck boot; the waits below are each bounded too.
@@ -91,20 +91,36 @@ final class LinuxRun: LinuxConsole, Sendable {
 
 @Suite(.serialized, .enabled(if: LinuxGuest.available, LinuxGuest.skipReason))
 struct LinuxBootTests {
-    /// The kernel decompresses itself, prints its banner on COM1, finds its memory (e820),
-    /// ACPI tables (MADT: the I/O APIC) and clock (RTC), unpacks the initramfs, registers
-    /// ttyS0 on IRQ 4 and starts /init.
+    /// The kernel decompresses itself, prints its banner on COM1, calibrates its TSC against
+    /// the 8254 (the engine's 1 GHz, with no `tsc_early_khz` on the command line), finds its
+    /// memory (e820), ACPI tables (MADT: the I/O APIC) and clock (RTC), unpacks the
+    /// initramfs, registers ttyS0 on IRQ 4 and starts /init.
     @Test func bootsToInit() throws {
         let files = try LinuxGuest.prepared.get()
         let run = try LinuxRun(files)
         defer { run.kill() }
         let banner = run.waitFor("Linux version 6.", seconds: 180)
         try #require(banner != nil, "no kernel banner on the serial console:\n\(run.tail)")
+        let calibrated = run.waitFor("tsc: Fast TSC calibration using PIT", after: banner, seconds: 120)
+        try #require(calibrated != nil, "the kernel did not calibrate its TSC against the PIT:\n\(run.tail)")
+        let detected = run.waitFor(" MHz processor", after: calibrated, seconds: 60)
+        try #require(detected != nil, "no \"tsc: Detected … MHz processor\":\n\(run.tail)")
+        let mhz = Self.detectedMegahertz(in: run.text)
+        try #require(mhz != nil, "unreadable TSC rate:\n\(run.tail)")
+        // quick_pit_calibrate stops once its error bound is below 500 ppm.
+        #expect(abs(mhz! - 1000) <= 0.5, "TSC calibrated at \(mhz!) MHz, the engine's TSC runs at 1000 MHz")
         for milestone in ["ACPI: Using IOAPIC for interrupt routing", "rtc_cmos rtc_cmos: setting system clock",
                           "Freeing initrd memory", "serial8250: ttyS0 at I/O 0x3f8 (irq = 4", "Run /init as init process"] {
             #expect(run.waitFor(milestone, after: banner, seconds: 400) != nil, "missing \"\(milestone)\":\n\(run.tail)")
         }
         #expect(!run.text.contains("Kernel panic"), "\(run.tail)")
+    }
+
+    /// The number in the kernel's `tsc: Detected 999.993 MHz processor`.
+    static func detectedMegahertz(in text: String) -> Double? {
+        guard let line = text.split(separator: "\n").first(where: { $0.contains("tsc: Detected") && $0.contains("MHz processor") }),
+              let words = line.components(separatedBy: "tsc: Detected ").last?.split(separator: " ").first else { return nil }
+        return Double(words)
     }
 
     /// Busybox's shell on ttyS0 answers commands typed on the console (standard input of
@@ -121,6 +137,38 @@ struct LinuxBootTests {
         // Each command's output follows the echo of its line; the next prompt ends it.
         for (command, expected) in [("echo ok-$((6*7))", "ok-42"), ("uname -a", "Linux (none) 6."),
                                     ("cat /proc/cpuinfo", "processor\t: 0"), ("cat /proc/cpuinfo", "Swiftvisor software x86-64")] {
+            run.type(command)
+            let answered = run.waitFor(command, after: at, seconds: 120)
+            try #require(answered != nil, "\(command) not echoed:\n\(run.tail)")
+            #expect(run.waitFor(expected, after: answered, seconds: 120) != nil, "\(command): no \"\(expected)\":\n\(run.tail)")
+            at = run.prompt(after: answered)
+            try #require(at != nil, "no prompt after \(command):\n\(run.tail)")
+        }
+        run.type("poweroff")
+        #expect(run.waitFor("reboot: Power down", after: at, seconds: 120) != nil, "\(run.tail)")
+        _ = waitUntil(seconds: 120) { !run.process.isRunning }
+        try #require(!run.process.isRunning, "swiftvisor still runs after poweroff:\n\(run.tail)")
+        #expect(run.process.terminationStatus == 0, "exit status \(run.process.terminationStatus):\n\(run.tail)")
+        #expect(!run.text.contains("Kernel panic"), "\(run.tail)")
+    }
+
+    /// Two vCPUs: the kernel starts the second through INIT and STARTUP (its trampoline runs
+    /// from real mode through protected mode into long mode), `nproc` answers 2 and
+    /// /proc/cpuinfo lists both, and `poweroff` from the shell ends the VMM with status 0.
+    /// Each wait is bounded: a CPU that never comes up fails here with the console's tail.
+    @Test func twoVCPUsBootAndPowerOff() throws {
+        let files = try LinuxGuest.prepared.get()
+        let run = try LinuxRun(files, vcpus: 2)
+        defer { run.kill() }
+        let booting = run.waitFor("x86: Booting SMP configuration", seconds: 300)
+        try #require(booting != nil, "the kernel did not start its secondary CPUs:\n\(run.tail)")
+        let up = run.waitFor("smp: Brought up 1 node, 2 CPUs", after: booting, seconds: 120)
+        try #require(up != nil, "the second CPU did not come up:\n\(run.tail)")
+        let started = run.waitFor("Run /init as init process", after: up, seconds: 400)
+        try #require(started != nil, "the kernel did not start /init:\n\(run.tail)")
+        var at = run.prompt(after: started)
+        try #require(at != nil, "no shell prompt on ttyS0:\n\(run.tail)")
+        for (command, expected) in [("nproc", "\r\n2\r\n"), ("cat /proc/cpuinfo", "processor\t: 1")] {
             run.type(command)
             let answered = run.waitFor(command, after: at, seconds: 120)
             try #require(answered != nil, "\(command) not echoed:\n\(run.tail)")

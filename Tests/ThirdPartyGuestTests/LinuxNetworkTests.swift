@@ -18,7 +18,7 @@ final class LinuxMachine: LinuxConsole, Sendable {
     private final class Outcome: Sendable { let result = Mutex<Result<StopReason, RunFailure>?>(nil) }
 
     init(_ files: LinuxGuest.Files, name: String, network: NetworkAttachment, vcpus: Int = 1) throws {
-        let config = MachineConfiguration(memorySize: 256 << 20, vcpuCount: vcpus, commandLine: "console=ttyS0 tsc_early_khz=1000000",
+        let config = MachineConfiguration(memorySize: 256 << 20, vcpuCount: vcpus, commandLine: "console=ttyS0",
                                           timeoutSeconds: 600, guestName: name)
         let kernel = [UInt8](try Data(contentsOf: URL(fileURLWithPath: files.kernel)))
         let initrd = [UInt8](try Data(contentsOf: URL(fileURLWithPath: files.initrd)))
@@ -166,8 +166,8 @@ struct LinuxNetworkTests {
         #expect(summary.contains("3 packets transmitted, 3 packets received, 0% packet loss"), "\(vms[0].tail)")
         let wallSeconds = Date().timeIntervalSince(pingStarted)
         if let rtt = vms[0].waitFor("round-trip min/avg/max = ", after: pinged, seconds: 30), vms[0].waitFor(" ms", after: rtt, seconds: 30) != nil {
-            // The guest's times are on its TSC (retired instructions at the 1 GHz of
-            // tsc_early_khz), not the host's clock; the wall time covers 3 echoes 1 s apart.
+            // The guest's times are on its TSC (retired instructions at the 1 GHz the PIT
+            // calibration finds), not the host's clock; the wall time covers 3 echoes 1 s apart.
             print("LinuxNetworkTests (\(label)): ping 10.0.0.1 → 10.0.0.2: round-trip min/avg/max \(vms[0].text[rtt...].prefix { !$0.isNewline }) (guest clock); ping -c 3 took \(String(format: "%.2f", wallSeconds)) s of wall time")
         }
         at[0] = vms[0].prompt(after: pinged)

@@ -44,7 +44,7 @@ struct LinuxRootDiskTests {
         defer { try? FileManager.default.removeItem(at: image) }
 
         let booted = Date()
-        let run = try LinuxRun(files, cmdline: "console=ttyS0 tsc_early_khz=1000000 root=/dev/vda", extraArguments: ["--disk", image.path])
+        let run = try LinuxRun(files, cmdline: "console=ttyS0 root=/dev/vda", extraArguments: ["--disk", image.path])
         defer { run.kill() }
         let switched = run.waitFor("swiftvisor-init: switching root to /dev/vda", seconds: 400)
         try #require(switched != nil, "the initramfs did not switch to the disk:\n\(run.tail)")

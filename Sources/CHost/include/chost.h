@@ -91,5 +91,6 @@ uint32_t host_crc32c(uint32_t crc, const void *data, size_t count);
 // 1 when host_crc32c uses the CPU's crc32 instruction.
 int host_crc32c_is_hardware(void);
 #include "host_sse.h"
+#include "host_vcpu_thread.h"  // which vCPU a thread runs
 
 #endif
