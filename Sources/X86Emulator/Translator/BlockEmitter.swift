@@ -478,7 +478,7 @@ extension CPU {
         let page = gpa >> 12
         let mark = CodePages.markCode(codeGens, Int(page))
         // Cached write permissions to this page would bypass the code-write check.
-        if mark.newlyMarked { flushTranslatorCaches() }
+        if mark.newlyMarked { dropTranslatorWrites(toPage: Int(page)) }
         let gen = mark.generation
 
         var plans: [(Instr, TranslationPlan, UInt64)] = []
