@@ -13,6 +13,8 @@ struct LinuxBootBenchmarkReport: Codable, Equatable {
         var seconds: Double?
         /// Why the boot did not reach the prompt, or why the guest did not power off.
         var failure: String?
+        /// CPU time the process used, boot and power-off (user + system, all threads).
+        var cpuSeconds: Double?
     }
 
     struct EngineResult: Codable, Equatable {
@@ -24,6 +26,7 @@ struct LinuxBootBenchmarkReport: Codable, Equatable {
         var medianSeconds: Double?
         var minSeconds: Double?
         var maxSeconds: Double?
+        var medianCPUSeconds: Double?
     }
 
     var benchmark = "linux-boot"
@@ -69,8 +72,9 @@ struct BenchLinuxBoot: ParsableCommand {
             was built in) fetches Debian's cloud kernel and busybox with apt-get on first use \
             and builds the initramfs (cached in .build/linux, or $LINUX_SCRATCH).
 
-            Prints median, min and max per engine and the ratio of the medians; --json FILE \
-            writes the same with every boot. Without QEMU: 'apt-get install qemu-system-x86'. \
+            Prints median, min and max per engine, the median CPU time of the process (user + \
+            system; a loaded host stretches wall time more) and the ratio of the medians; \
+            --json FILE writes the same with every boot. Without QEMU: 'apt-get install qemu-system-x86'. \
             Build with 'swift build -c release' for meaningful numbers.
             """)
 
@@ -135,8 +139,10 @@ struct BenchLinuxBoot: ParsableCommand {
         printError("", newline: false)
         let results = engines.enumerated().map { k, e in
             let times = boots[k].compactMap(\.seconds).sorted()
+            let cpu = boots[k].filter { $0.seconds != nil }.compactMap(\.cpuSeconds).sorted()
             return LinuxBootBenchmarkReport.EngineResult(engine: e.name, version: e.version(), boots: boots[k],
-                                                         medianSeconds: Self.median(times), minSeconds: times.first, maxSeconds: times.last)
+                                                         medianSeconds: Self.median(times), minSeconds: times.first, maxSeconds: times.last,
+                                                         medianCPUSeconds: Self.median(cpu))
         }
         var ratio: Double?
         if let s = results.first(where: { $0.engine == "software" })?.medianSeconds,
@@ -146,12 +152,12 @@ struct BenchLinuxBoot: ParsableCommand {
         let report = LinuxBootBenchmarkReport(kernel: files.kernel, initrd: files.initrd, cmdline: cmdline, memoryMiB: memory, runs: runs,
                                               engines: results, softwareOverQEMU: ratio, qemuNote: qemuNote)
         print("Linux boot to the busybox prompt, \(memory) MiB, \(runs) boot\(runs == 1 ? "" : "s") per engine, interleaved")
-        print("engine      median     min        max        failed  version")
+        print("engine      median     min        max        CPU (median)  failed  version")
         for r in results {
             func s(_ v: Double?) -> String { v.map { "\($0.fixed(2)) s" } ?? "-" }
             let failed = r.boots.filter { $0.seconds == nil }.count
             print(r.engine.padded(to: 12) + s(r.medianSeconds).padded(to: 11) + s(r.minSeconds).padded(to: 11)
-                  + s(r.maxSeconds).padded(to: 11) + "\(failed)".padded(to: 8) + r.version)
+                  + s(r.maxSeconds).padded(to: 11) + s(r.medianCPUSeconds).padded(to: 14) + "\(failed)".padded(to: 8) + r.version)
         }
         if let ratio { print("software / QEMU TCG (medians): \(ratio.fixed(2))") }
         if let qemuNote { print("note: \(qemuNote)") }
@@ -287,8 +293,7 @@ enum LinuxBootEngine {
         let deadline = start &+ UInt64(timeout * 1e9)
         guard let promptAt = reader.wait(for: Self.prompt, until: deadline) else {
             kill(pid, SIGKILL)
-            var status: Int32 = 0
-            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+            let (status, _) = Self.reap(pid)
             let why = reader.ended ? "exited (wait status \(status)) before the shell prompt" : "no shell prompt within \(timeout.significant(3)) s; killed"
             return .init(failure: why + Self.tail(reader.text))
         }
@@ -298,10 +303,18 @@ enum LinuxBootEngine {
         // Power-off: the guest's shutdown path, bounded like the boot.
         let exited = reader.drain(until: monotonicNanoseconds() &+ 30_000_000_000)
         if !exited { kill(pid, SIGKILL) }
+        let (_, cpu) = Self.reap(pid)
+        if !exited { return .init(seconds: seconds, failure: "did not power off within 30 s; killed", cpuSeconds: cpu) }
+        return .init(seconds: seconds, cpuSeconds: cpu)
+    }
+
+    /// Waits for the (ended or killed) child: its wait status and CPU seconds.
+    private static func reap(_ pid: pid_t) -> (status: Int32, cpuSeconds: Double) {
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        if !exited { return .init(seconds: seconds, failure: "did not power off within 30 s; killed") }
-        return .init(seconds: seconds)
+        var usage = rusage()
+        while wait4(pid, &status, 0, &usage) < 0 && errno == EINTR {}
+        let cpu = Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
+        return (status, cpu)
     }
 
     /// The last console line, for a failure message.
