@@ -107,6 +107,11 @@ enum CR {
 /// The architectural state of the software CPU and its view of guest memory. Registers
 /// live in one unsafe buffer so the interpreter loop does no ARC or bounds-check work on
 /// them. Owned by one vCPU thread.
+///
+/// Its stored state is `@exclusivity(unchecked)`: the dynamic exclusivity checks
+/// (`swift_beginAccess`) of class properties cost about a quarter of a Linux boot.
+// SAFETY: one vCPU thread owns a CPU, and no access to a property overlaps another access
+// to it (none is passed inout to code that reaches it again through the CPU).
 final class CPU {
     /// Physical address width reported by CPUID 0x80000008; page-table bits above it are reserved.
     static let maxPhysicalAddressBits: UInt64 = 40
@@ -117,93 +122,93 @@ final class CPU {
     let context: UnsafeMutableRawPointer
     let gpr: UnsafeMutablePointer<UInt64>
     /// The block translator (nil: interpret everything).
-    var translator: BlockTranslator?
+    @exclusivity(unchecked) var translator: BlockTranslator?
     /// The translator's TLB and jump cache must be emptied before translated code runs again.
-    var translatorFlushPending = true
-    var lastTranslatorKey: UInt64 = ~0
+    @exclusivity(unchecked) var translatorFlushPending = true
+    @exclusivity(unchecked) var lastTranslatorKey: UInt64 = ~0
     /// Instruction attempts handed to the interpreter while translation is on.
-    var interpretedUnderTranslation: UInt64 = 0
-    var rip: UInt64 = 0
-    var rflags: UInt64 = 0x2
-    var cs = SegmentRegister(), ss = SegmentRegister(), ds = SegmentRegister(), es = SegmentRegister()
-    var fs = SegmentRegister(), gs = SegmentRegister(), tr = SegmentRegister(), ldtr = SegmentRegister()
-    var gdt = DescriptorTableRegister(), idt = DescriptorTableRegister()
-    var cr0: UInt64 = 0x6000_0010, cr2: UInt64 = 0, cr3: UInt64 = 0, cr4: UInt64 = 0, cr8: UInt64 = 0
-    var efer: UInt64 = 0
+    @exclusivity(unchecked) var interpretedUnderTranslation: UInt64 = 0
+    @exclusivity(unchecked) var rip: UInt64 = 0
+    @exclusivity(unchecked) var rflags: UInt64 = 0x2
+    @exclusivity(unchecked) var cs = SegmentRegister(), ss = SegmentRegister(), ds = SegmentRegister(), es = SegmentRegister()
+    @exclusivity(unchecked) var fs = SegmentRegister(), gs = SegmentRegister(), tr = SegmentRegister(), ldtr = SegmentRegister()
+    @exclusivity(unchecked) var gdt = DescriptorTableRegister(), idt = DescriptorTableRegister()
+    @exclusivity(unchecked) var cr0: UInt64 = 0x6000_0010, cr2: UInt64 = 0, cr3: UInt64 = 0, cr4: UInt64 = 0, cr8: UInt64 = 0
+    @exclusivity(unchecked) var efer: UInt64 = 0
     var apicBase: UInt64 = 0xFEE0_0900
-    var star: UInt64 = 0, lstar: UInt64 = 0, cstar: UInt64 = 0, fmask: UInt64 = 0, pat: UInt64 = 0x0007_0406_0007_0406
-    var sysenterCS: UInt64 = 0, sysenterESP: UInt64 = 0, sysenterEIP: UInt64 = 0, tscAux: UInt64 = 0
-    var kernelGSBase: UInt64 = 0
-    var tscOffset: UInt64 = 0
+    @exclusivity(unchecked) var star: UInt64 = 0, lstar: UInt64 = 0, cstar: UInt64 = 0, fmask: UInt64 = 0, pat: UInt64 = 0x0007_0406_0007_0406
+    @exclusivity(unchecked) var sysenterCS: UInt64 = 0, sysenterESP: UInt64 = 0, sysenterEIP: UInt64 = 0, tscAux: UInt64 = 0
+    @exclusivity(unchecked) var kernelGSBase: UInt64 = 0
+    @exclusivity(unchecked) var tscOffset: UInt64 = 0
     /// The platform timer's deadline in TSC ticks (`.max`: none), and whether a `hlt` waits
     /// for it (GuestTimer.swift).
-    var timerDeadline: UInt64 = .max
-    var waitingForTimer = false
+    @exclusivity(unchecked) var timerDeadline: UInt64 = .max
+    @exclusivity(unchecked) var waitingForTimer = false
     /// The #GP being raised is a non-canonical data address.
-    var nonCanonicalAccess = false
+    @exclusivity(unchecked) var nonCanonicalAccess = false
     /// PAUSE instructions executed (SpinWait.swift).
-    var pauses: UInt64 = 0
+    @exclusivity(unchecked) var pauses: UInt64 = 0
     /// x87 and SSE registers (SSE/FloatingPointState.swift).
-    var fp = FloatingPointState()
+    @exclusivity(unchecked) var fp = FloatingPointState()
     /// Set by STI (when it enables IF) and MOV SS/POP SS: no interrupt is taken before the
     /// next instruction completes.
-    var interruptShadow = false
+    @exclusivity(unchecked) var interruptShadow = false
     /// An NMI handler runs: further NMIs wait until the next IRET (SDM Vol. 3A §6.7.1).
-    var nmiBlocked = false
+    @exclusivity(unchecked) var nmiBlocked = false
     /// Instructions retired (the TSC and the preemption timer count these).
-    var instructions: UInt64 = 0
+    @exclusivity(unchecked) var instructions: UInt64 = 0
     /// Guest exceptions raised, and how many of them were #UD.
-    var exceptionCount: UInt64 = 0
-    var undefinedOpcodeCount: UInt64 = 0
+    @exclusivity(unchecked) var exceptionCount: UInt64 = 0
+    @exclusivity(unchecked) var undefinedOpcodeCount: UInt64 = 0
 
     /// The run loop must look at the CPU after this instruction: an exit is pending, an
     /// interrupt shadow started, or IF was set.
-    var attention = false
+    @exclusivity(unchecked) var attention = false
     /// The exit the current instruction produced (with `attention`).
-    var pendingExit: VMExit?
+    @exclusivity(unchecked) var pendingExit: VMExit?
 
     let ram: UnsafeMutableRawPointer
     let ramSize: UInt64
     /// A confidential VM's memory path (nil: ordinary VM); `ram` is then its view.
     let confidential: ConfidentialMemory?
     /// PVALIDATE's own walk (no reverse-map check) and the guest page it reached.
-    var pvalidateWalk = false
-    var pvalidateGuestPage: UInt64 = 0
+    @exclusivity(unchecked) var pvalidateWalk = false
+    @exclusivity(unchecked) var pvalidateGuestPage: UInt64 = 0
     let codePages: CodePages
     let codeGens: CodePages.Generations
     /// The VM's second-level page table (EPT model) and the INVEPT epoch this vCPU's TLB
     /// was filled under.
     let secondLevel: SecondLevelPageTable
-    var secondLevelEpoch: UInt64 = 0
+    @exclusivity(unchecked) var secondLevelEpoch: UInt64 = 0
 
     /// The last second-level violation's qualification (read by the VMM after the exit).
-    var lastViolation: SecondLevelViolation?
+    @exclusivity(unchecked) var lastViolation: SecondLevelViolation?
 
     /// Values the VMM supplied for the MMIO reads of the instruction being re-executed (several
     /// for CMPS between MMIO operands or a read crossing MMIO pages, one exit each); kept until that instruction
     /// completes (the run loop then runs it alone, before any interrupt), so each device
     /// read happens once.
     struct MMIOReadValue { var address: UInt64; var size: UInt8; var value: UInt64 }
-    var heldMMIOReads: [MMIOReadValue] = []
+    @exclusivity(unchecked) var heldMMIOReads: [MMIOReadValue] = []
     var holdsMMIOReads: Bool { !heldMMIOReads.isEmpty }
     func dropHeldMMIOReads() { heldMMIOReads.removeAll(keepingCapacity: true) }
     /// The MMIO read reported by the last exit (so `completeRead` can answer it).
-    var lastMMIORead: (address: UInt64, size: UInt8)?
+    @exclusivity(unchecked) var lastMMIORead: (address: UInt64, size: UInt8)?
     /// An MMIO write made by the current instruction, reported once it completes.
-    var pendingMMIOWrite: MMIOAccess?
+    @exclusivity(unchecked) var pendingMMIOWrite: MMIOAccess?
     /// Further MMIO writes of the same instruction (a 16-byte SSE store, a store crossing
     /// into a second MMIO page), reported one exit each after `pendingMMIOWrite`.
-    var moreMMIOWrites: [MMIOAccess] = []
+    @exclusivity(unchecked) var moreMMIOWrites: [MMIOAccess] = []
     /// DR0–DR3, DR6, DR7; `codeBreakpointsArmed`: DR7 enables an instruction breakpoint.
-    var debugAddress: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
-    var dr6: UInt64 = 0xFFFF_0FF0, dr7: UInt64 = 0x400
-    var codeBreakpointsArmed = false
+    @exclusivity(unchecked) var debugAddress: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+    @exclusivity(unchecked) var dr6: UInt64 = 0xFFFF_0FF0, dr7: UInt64 = 0x400
+    @exclusivity(unchecked) var codeBreakpointsArmed = false
     /// Size of the `in` whose value `completeRead` will put in RAX (0: none).
-    var pendingInSize = 0
+    @exclusivity(unchecked) var pendingInSize = 0
     /// An `ins` element the VMM supplied; the re-executed `ins` stores it at [RDI].
-    var pendingInsValue: UInt64?
+    @exclusivity(unchecked) var pendingInsValue: UInt64?
     /// Set while an `ins` waits for its value (so `completeRead` knows where it goes).
-    var awaitingInsValue = false
+    @exclusivity(unchecked) var awaitingInsValue = false
 
     /// An event whose delivery was stopped by an EPT violation, delivered again first
     /// thing in the next `run()`.
@@ -212,7 +217,7 @@ final class CPU {
     struct PendingEvent {
         var vector: UInt8; var errorCode: UInt32?; var software, fault, external: Bool; var after: UInt8? = nil
     }
-    var pendingEvent: PendingEvent?
+    @exclusivity(unchecked) var pendingEvent: PendingEvent?
 
     /// The VMM's local APIC registers, reached through RDMSR/WRMSR (nil: #GP), and this
     /// vCPU's index for it.
@@ -224,7 +229,7 @@ final class CPU {
     /// nil with one vCPU: nothing to serialise against.
     let atomicLock: AtomicInstructionLock?
     /// The locked instruction being executed, if any (AtomicExecution.swift).
-    var lockedAccess = LockedAccess()
+    @exclusivity(unchecked) var lockedAccess = LockedAccess()
 
     /// A direct-mapped TLB of 4 KiB translations: tag = linear page + 1 (0 = empty), the
     /// guest-physical frame, and what the cached walk allows (see `TLBBits`).
@@ -233,24 +238,24 @@ final class CPU {
     let tlbFrames: UnsafeMutablePointer<UInt64>
     let tlbBits: UnsafeMutablePointer<UInt8>
     /// Some entry came from a 2 MiB or 1 GiB page (INVLPG must then drop them all).
-    var tlbHasLargePages = false
+    @exclusivity(unchecked) var tlbHasLargePages = false
     /// Counters of page walks and their memory references (for the lab's reports); TLB
     /// lookups made by `translate` (the interpreter's accesses and the translator's misses).
-    var pageWalks: UInt64 = 0
-    var pageWalkReferences: UInt64 = 0
-    var tlbLookups: UInt64 = 0
+    @exclusivity(unchecked) var pageWalks: UInt64 = 0
+    @exclusivity(unchecked) var pageWalkReferences: UInt64 = 0
+    @exclusivity(unchecked) var tlbLookups: UInt64 = 0
     /// Set while the CPU makes an implicit supervisor-mode access (SMAP ignores RFLAGS.AC).
-    var implicitSupervisorAccess = false
+    @exclusivity(unchecked) var implicitSupervisorAccess = false
 
     /// Shadow mode (nil: nested): the VMM's shadow tables, the root this vCPU walks (a pool
     /// page, 0 for none), and the host frame one emulated write may reach despite its trap.
-    var shadowEntries: UnsafeMutablePointer<UInt64>?
-    var shadowRoot = 0
-    var trapBypassFrame: UInt64 = ~0
+    @exclusivity(unchecked) var shadowEntries: UnsafeMutablePointer<UInt64>?
+    @exclusivity(unchecked) var shadowRoot = 0
+    @exclusivity(unchecked) var trapBypassFrame: UInt64 = ~0
     /// The VM's shadow-flush generation this vCPU's TLB is current with, and the second
     /// level's restriction epoch its shadow root was checked against.
-    var shadowFlushSeen: UInt64 = 0
-    var secondLevelRestrictionSeen: UInt64 = 0
+    @exclusivity(unchecked) var shadowFlushSeen: UInt64 = 0
+    @exclusivity(unchecked) var secondLevelRestrictionSeen: UInt64 = 0
 
     enum TLBBits {
         /// Writable, and the leaf's dirty bit is already set (so a write needs no walk).
@@ -282,13 +287,13 @@ final class CPU {
 
     /// The code page the last instruction came from: tag (linear page << 2 | CPL) and
     /// guest-physical frame. Cleared with the TLB.
-    var fetchTag: UInt64 = ~0
-    var fetchFrame: UInt64 = 0
+    @exclusivity(unchecked) var fetchTag: UInt64 = ~0
+    @exclusivity(unchecked) var fetchFrame: UInt64 = 0
 
     /// Decoded-instruction cache, direct-mapped and keyed by guest-physical address.
     static let icacheBits = 14
     let icache: UnsafeMutablePointer<Instr>
-    var decodes: UInt64 = 0
+    @exclusivity(unchecked) var decodes: UInt64 = 0
 
     init(memory: GuestMemory, codePages: CodePages, secondLevel: SecondLevelPageTable, atomicLock: AtomicInstructionLock?,
          confidential: ConfidentialMemory? = nil) {
@@ -640,7 +645,7 @@ final class CPU {
         if Int(gpa & 0xFFF) + Int(slot.pointee.length) <= 0x1000 {
             let page = Int(gpa >> 12)
             let mark = CodePages.markCode(codeGens, page)
-            if mark.newlyMarked { translatorFlushPending = true }  // its cached write permissions must go
+            if mark.newlyMarked { dropTranslatorWrites(toPage: page) }  // its cached write permissions must go
             slot.pointee.gen = mark.generation
             slot.pointee.tag = gpa
         }

@@ -461,6 +461,10 @@ extension CPU {
                 instructions &-= 1
                 return
             }
+            if step == UInt64(size) && (op & 0xFE == 0xA4 || op & 0xFE == 0xAA) {
+                let done = try bulkString(op, size, m, segBase, rex, budget: budget)
+                if done != 0 { budget -= done; continue }
+            }
             budget -= 1
             try stringElement(op, size, step, m, segBase, rex)
             gpr[1] = (gpr[1] &- 1) & m

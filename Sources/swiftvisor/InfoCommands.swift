@@ -62,7 +62,7 @@ struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks (printed table; --json for machine-readable results).",
-        subcommands: [BenchExits.self, BenchCPU.self, BenchStartup.self, BenchMigration.self, BenchLinuxRestore.self])
+        subcommands: [BenchExits.self, BenchCPU.self, BenchStartup.self, BenchMigration.self, BenchLinuxBoot.self, BenchLinuxRestore.self])
 }
 
 struct BenchExits: ParsableCommand {

@@ -182,9 +182,10 @@ struct BlockEmitter {
         }
         a.mov64(rax, .mem(base: rbx, index: rdi, scale: 3, disp: C.tlb + 16))
         a.lea(rsi, .mem(base: rsi, index: rax, scale: 0, disp: 0))
-        for jump in [miss] + (codeMiss.map { [$0] } ?? []) {
-            misses.append(PendingMiss(jump: jump, back: a.position, index: index, rip: rip,
-                                      kind: UInt64(size) | (write ? 0x100 : 0), flagsLive: flagsLive, dirty: dirty))
+        let kind = UInt64(size) | (write ? 0x100 : 0)
+        misses.append(PendingMiss(jump: miss, back: a.position, index: index, rip: rip, kind: kind, flagsLive: flagsLive, dirty: dirty))
+        if let codeMiss {
+            misses.append(PendingMiss(jump: codeMiss, back: a.position, index: index, rip: rip, kind: kind, flagsLive: flagsLive, dirty: dirty))
         }
     }
 
@@ -478,7 +479,7 @@ extension CPU {
         let page = gpa >> 12
         let mark = CodePages.markCode(codeGens, Int(page))
         // Cached write permissions to this page would bypass the code-write check.
-        if mark.newlyMarked { flushTranslatorCaches() }
+        if mark.newlyMarked { dropTranslatorWrites(toPage: Int(page)) }
         let gen = mark.generation
 
         var plans: [(Instr, TranslationPlan, UInt64)] = []

@@ -119,7 +119,15 @@ final class BlockTranslator {
         var chainedEntry: Int
         static let interpreted = -1
     }
-    var blocks: [UInt64: Block] = [:]
+    // SAFETY: unchecked exclusivity (a hot lookup): one vCPU thread owns the translator.
+    @exclusivity(unchecked) var blocks: [UInt64: Block] = [:]
+
+    /// Instructions the interpreter runs (where no block can start), by guest RIP, so each
+    /// visit costs no page walk and no `blocks` lookup. Direct-mapped; valid as the jump
+    /// cache is (emptied with it) while the page's generation holds.
+    struct InterpretedAt { var rip: UInt64 = ~0; var gpa: UInt64 = 0; var gen: UInt32 = 0 }
+    static let interpretedEntries = 1024
+    let interpreted: UnsafeMutablePointer<InterpretedAt>
 
     /// Statistics.
     private(set) var blocksTranslated: UInt64 = 0
@@ -180,11 +188,14 @@ final class BlockTranslator {
         sharedEnd = (a.position + 63) & ~63
         used = sharedEnd
         enter = unsafeBitCast(rx, to: EnterFunction.self)
+        interpreted = .allocate(capacity: Self.interpretedEntries)
+        interpreted.initialize(repeating: InterpretedAt(), count: Self.interpretedEntries)
     }
 
     deinit {
         munmap(code, capacity)
         munmap(writable, capacity)
+        interpreted.deallocate()
     }
 
     static var missHelperAddress: UInt64 { UInt64(UInt(bitPattern: unsafeBitCast(translatorMissHelper, to: UnsafeRawPointer.self))) }

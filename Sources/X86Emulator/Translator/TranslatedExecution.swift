@@ -70,6 +70,8 @@ extension CPU {
         if slot.load(as: UInt64.self) == r {
             return Int(slot.load(fromByteOffset: 8, as: UInt64.self) &- UInt64(UInt(bitPattern: t.code)))
         }
+        let known = t.interpreted + Int((r ^ (r >> 12)) & UInt64(BlockTranslator.interpretedEntries - 1))
+        if known.pointee.rip == r && known.pointee.gen == CodePages.generation(codeGens, Int(known.pointee.gpa >> 12)) { return nil }
         let gpa: UInt64
         do throws(Fault) { gpa = try translate(r, write: false, execute: true, user: cs.dpl == 3) } catch { return nil }
         guard gpa < ramSize else { return nil }
@@ -80,10 +82,14 @@ extension CPU {
                 // Remember that this instruction is the interpreter's, until its page changes.
                 let gen = CodePages.generation(codeGens, Int(gpa >> 12))
                 t.blocks[gpa] = BlockTranslator.Block(rip: r, gen: gen, entry: BlockTranslator.Block.interpreted, chainedEntry: 0)
+                known.pointee = .init(rip: r, gpa: gpa, gen: gen)
                 return nil
             }
         }
-        guard let b = block, b.entry != BlockTranslator.Block.interpreted else { return nil }
+        guard let b = block, b.entry != BlockTranslator.Block.interpreted else {
+            if let b = block { known.pointee = .init(rip: r, gpa: gpa, gen: b.gen) }
+            return nil
+        }
         slot.storeBytes(of: r, as: UInt64.self)
         slot.storeBytes(of: UInt64(UInt(bitPattern: t.code + b.entry)), toByteOffset: 8, as: UInt64.self)
         return b.entry
@@ -138,7 +144,22 @@ extension CPU {
         for k in 0..<TranslatorContext.jumpCacheEntries {
             jc.storeBytes(of: TranslatorContext.emptyJumpKey, toByteOffset: k * 16, as: UInt64.self)
         }
+        if let t = translator { t.interpreted.update(repeating: .init(), count: BlockTranslator.interpretedEntries) }
         translatorFlushPending = false
+    }
+
+    /// A page just became a code page: the translator's TLB must no longer let stores to it
+    /// skip the code-write check. Only the write tags of entries mapping it go; the rest of
+    /// the TLB and the jump cache stay (a block's entry checks its page's generation).
+    func dropTranslatorWrites(toPage page: Int) {
+        let gens = UInt64(UInt(bitPattern: codeGens + page))
+        let tlb = context + Int(TranslatorContext.tlb)
+        for k in 0..<TranslatorContext.tlbEntries {
+            let e = tlb + k * TranslatorContext.tlbEntrySize
+            if e.load(fromByteOffset: 24, as: UInt64.self) == gens {
+                e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
+            }
+        }
     }
 
     /// The miss helper's work (see `translatorMissHelper`).
