@@ -77,7 +77,7 @@ let package = Package(
         // Every bundled guest on both engines: output, exits, registers, RAM.
         .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages", "Devices", "TestSupport"]),
         // Runs the built `swiftvisor` executable as a user would.
-        .testTarget(name: "CLITests", dependencies: ["TestSupport", "OperatorAPI"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport", "OperatorAPI", "SwiftvisorCLI"]),
         .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore", "TestSupport"]),
         // kvm-unit-tests built from its source and run on the PC platform (skipped without it).
         .testTarget(name: "ThirdPartyGuestTests", dependencies: ["TestSupport", "VMM", "VirtCore"]),
