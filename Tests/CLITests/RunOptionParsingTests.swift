@@ -138,3 +138,28 @@ import VirtCore
         #expect(Run.helpText(width: 60).split(separator: "\n").allSatisfy { $0.count <= 60 || !$0.contains(" ") })
     }
 }
+
+/// The same, through the executable: `run` stays in the command tree, and its usage errors are
+/// one `Error:` line, the usage and exit 64, as swift-argument-parser's are.
+@Suite struct RunCommandLineTests {
+    @Test func theRootHelpListsRunAndHelpRunIsItsHelp() throws {
+        let root = try swiftvisor(["--help"])
+        #expect(root.status == 0 && root.stdout.contains("\n  run "), "\(root.stdout)")
+        let help = try swiftvisor(["help", "run"])
+        #expect(help.status == 0 && help.stdout.contains("--vcpus <n>") && help.stdout.contains("CONFIDENTIAL VMS:"), "\(help.stdout)")
+        #expect(try swiftvisor(["run", "-h"]).stdout == help.stdout)
+    }
+
+    @Test func usageErrorsAreOneLineAndStatus64() throws {
+        for (arguments, message) in [(["run", "hello", "--bogus"], "Error: Unknown option '--bogus'"),
+                                     (["run", "hello", "--vcpus"], "Error: Missing value for '--vcpus <n>'"),
+                                     (["run", "hello", "--engine", "qemu"], "Error: The value 'qemu' is invalid for '--engine <engine>'")] {
+            let r = try swiftvisor(arguments)
+            #expect(r.status == 64, "\(arguments)")
+            let lines = r.stderr.split(separator: "\n")
+            #expect(lines.first?.hasPrefix(message) == true, "\(arguments): \(r.stderr)")
+            #expect(lines.count == 3 && lines[1].hasPrefix("Usage: swiftvisor run"), "\(r.stderr)")
+            #expect(r.stdout.isEmpty)
+        }
+    }
+}
