@@ -68,7 +68,10 @@ let package = Package(
                           exclude: ["startup-order.txt"],
                           linkerSettings: [.unsafeFlags(["-static-executable", "-use-ld=lld",
                                                          "-Xlinker", "--symbol-ordering-file=\(Context.packageDirectory)/Sources/SwiftvisorTool/startup-order.txt",
-                                                         "-Xlinker", "--no-warn-symbol-ordering"])]),
+                                                         "-Xlinker", "--no-warn-symbol-ordering"], .when(platforms: [.linux])),
+                                           // FoundationEssentials' own parts, which only -static-stdlib names to the linker.
+                                           .linkedLibrary("_FoundationCollections", .when(platforms: [.linux])),
+                                           .linkedLibrary("_FoundationCShims", .when(platforms: [.linux]))]),
         .executableTarget(name: "swiftvisor-api", dependencies: [
             "SwiftvisorCLI", "OperatorAPI", "Attestation", "VMM", "VirtCore",
             .product(name: "Logging", package: "swift-log"),
