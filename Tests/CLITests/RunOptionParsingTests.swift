@@ -21,7 +21,7 @@ import VirtCore
     }
 
     /// One case per option (and per spelling), with what it must set.
-    private static let cases: [(arguments: [String], holds: (Run) -> Bool)] = [
+    private static let cases: [(arguments: [String], holds: @Sendable (Run) -> Bool)] = [
         (["--kernel", "bzImage"], { $0.kernel == "bzImage" && $0.guests.isEmpty }),
         (["--kernel", "bzImage", "--cpu", "-x2apic"], { $0.cpu == "-x2apic" }),
         (["--kernel", "bzImage", "--initrd", "initrd.img"], { $0.initrd == "initrd.img" }),
