@@ -58,10 +58,20 @@ let package = Package(
         // `swiftvisor`, without the operator API's libraries (their start-up cost): it hands serve,
         // ctl, migrate, balloon, snapshot create and runs with --api-sock to swiftvisor-api, from
         // the same directory, by exec. (No target dependency on it: SwiftPM would link its libraries.)
-        // Not position-independent: no relocations to apply at start-up, no relocated data pages
-        // (an executable's own setting; packages that depend on this one never build it).
+        // A static executable (an executable's own setting; packages that depend on this one never
+        // build it): no dynamic loader, no relocations or symbol lookups at start-up, and only the
+        // parts of libc/libstdc++ it uses, not their whole mapped text. lld puts the functions
+        // `run hello` executes together (startup-order.txt, Scripts/startup-order.sh) where they
+        // have sections of their own (-function-sections), so the kernel's 64 KiB fault-around
+        // maps few other code pages.
         .executableTarget(name: "swiftvisor", dependencies: ["SwiftvisorCLI"], path: "Sources/SwiftvisorTool",
-                          linkerSettings: [.unsafeFlags(["-Xclang-linker", "-no-pie"])]),
+                          exclude: ["startup-order.txt"],
+                          linkerSettings: [.unsafeFlags(["-static-executable", "-use-ld=lld",
+                                                         "-Xlinker", "--symbol-ordering-file=\(Context.packageDirectory)/Sources/SwiftvisorTool/startup-order.txt",
+                                                         "-Xlinker", "--no-warn-symbol-ordering"], .when(platforms: [.linux])),
+                                           // FoundationEssentials' own parts, which only -static-stdlib names to the linker.
+                                           .linkedLibrary("_FoundationCollections", .when(platforms: [.linux])),
+                                           .linkedLibrary("_FoundationCShims", .when(platforms: [.linux]))]),
         .executableTarget(name: "swiftvisor-api", dependencies: [
             "SwiftvisorCLI", "OperatorAPI", "Attestation", "VMM", "VirtCore",
             .product(name: "Logging", package: "swift-log"),
@@ -77,7 +87,7 @@ let package = Package(
         // Every bundled guest on both engines: output, exits, registers, RAM.
         .testTarget(name: "DifferentialTests", dependencies: ["VMM", "KVMEngine", "X86Emulator", "VirtCore", "GuestImages", "Devices", "TestSupport"]),
         // Runs the built `swiftvisor` executable as a user would.
-        .testTarget(name: "CLITests", dependencies: ["TestSupport", "OperatorAPI"]),
+        .testTarget(name: "CLITests", dependencies: ["TestSupport", "OperatorAPI", "SwiftvisorCLI"]),
         .testTarget(name: "LabTests", dependencies: ["Lab", "VMM", "VirtCore", "TestSupport"]),
         // kvm-unit-tests built from its source and run on the PC platform (skipped without it).
         .testTarget(name: "ThirdPartyGuestTests", dependencies: ["TestSupport", "Lab", "VMM", "VirtCore"]),

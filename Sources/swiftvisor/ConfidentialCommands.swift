@@ -3,18 +3,13 @@ import FoundationEssentials
 import VMM
 import VirtCore
 
-/// `run --confidential …`: a confidential VM (S11, docs/confidential-vm.md).
-struct ConfidentialArguments: ParsableArguments {
-    @Flag(name: .long, help: "Run as a confidential VM (software engine): guest memory encrypted under a per-VM key, with SEV-SNP's reverse map; the launch is measured.")
+/// `run --confidential …`: a confidential VM (S11, docs/confidential-vm.md). Set by `run`'s
+/// option table (RunOptions.swift), which holds the options' help.
+struct ConfidentialArguments {
     var confidential = false
-
-    @Flag(name: .long, help: "With --confidential: encryption only (SEV), no reverse map — replay and remapping by the host go unnoticed.")
     var sevOnly = false
-
-    @Option(name: .long, help: ArgumentHelp("With --confidential: pages of the decrypted working set (the engine's plaintext cache).", valueName: "pages"))
+    /// Pages of the decrypted working set.
     var workingSet = 1024
-
-    @Option(name: .long, help: ArgumentHelp("With --confidential: write the attestation report (launch measurement signed with this host's P-384 key) to this file.", valueName: "path"))
     var attestationReport: String?
 
     var mode: ConfidentialMode? { confidential ? (sevOnly ? .sev : .snp) : nil }

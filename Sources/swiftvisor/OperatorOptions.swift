@@ -10,20 +10,29 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 package struct OperatorOptions: ParsableArguments {
     package init() {}
 
+    /// The options' help, shared with `run`'s option table (RunOptions.swift).
+    enum Help {
+        static let apiSock = "Serve the HTTP API (docs/api/swiftvisor.yaml) on a Unix socket at this path; 'swiftvisor ctl' and 'curl --unix-socket' talk to it. --control is the old name."
+        static let apiTCP = "Also serve the API on loopback TCP (e.g. 127.0.0.1:8080); needs --api-token-file."
+        static let apiTokenFile = "File holding the token TCP clients send as 'Authorization: Bearer TOKEN'."
+        static let metricsFile = "Write the metrics (Prometheus text format) to this file when the VM stops."
+        static let logLevel = "Events logged to standard error: trace, debug, info, notice, warning, error or critical."
+    }
+
     @Option(name: [.customLong("api-sock"), .customLong("control")],
-            help: ArgumentHelp("Serve the HTTP API (docs/api/swiftvisor.yaml) on a Unix socket at this path; 'swiftvisor ctl' and 'curl --unix-socket' talk to it. --control is the old name.", valueName: "path"))
+            help: ArgumentHelp(Help.apiSock, valueName: "path"))
     package var apiSock: String?
 
-    @Option(name: .customLong("api-tcp"), help: ArgumentHelp("Also serve the API on loopback TCP (e.g. 127.0.0.1:8080); needs --api-token-file.", valueName: "host:port"))
+    @Option(name: .customLong("api-tcp"), help: ArgumentHelp(Help.apiTCP, valueName: "host:port"))
     package var apiTCP: String?
 
-    @Option(name: .customLong("api-token-file"), help: ArgumentHelp("File holding the token TCP clients send as 'Authorization: Bearer TOKEN'.", valueName: "path"))
+    @Option(name: .customLong("api-token-file"), help: ArgumentHelp(Help.apiTokenFile, valueName: "path"))
     package var apiTokenFile: String?
 
-    @Option(name: .long, help: ArgumentHelp("Write the metrics (Prometheus text format) to this file when the VM stops.", valueName: "path"))
+    @Option(name: .long, help: ArgumentHelp(Help.metricsFile, valueName: "path"))
     package var metricsFile: String?
 
-    @Option(name: .long, help: ArgumentHelp("Events logged to standard error: trace, debug, info, notice, warning, error or critical.", valueName: "level"))
+    @Option(name: .long, help: ArgumentHelp(Help.logLevel, valueName: "level"))
     package var logLevel: Logger.Level = .info
 
     package var serves: Bool { apiSock != nil || apiTCP != nil }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import FoundationEssentials
 import Devices
+import Logging
 import GuestImages
 import VMM
 import Synchronization
@@ -9,125 +10,87 @@ import VirtCore
 import Glibc
 #endif
 
-struct Run: ParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "run",
-        // Parsed alone on the fast path (Swiftvisor.main): a command with a super-command skips
-        // the parser's check for completion-script requests (two more parsers built by reflection).
-        _superCommandName: "swiftvisor",
-        abstract: "Boot one guest (or several, side by side) and stream the serial console.",
-        discussion: """
-            GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static \
-            ELF64 x86-64 executable linked at 1 MiB (docs/guest-abi.md), optionally followed \
-            by its own command line in the same argument: 'net-ping pong=1 count=5'. \
-            Several GUESTs run as several VMs of this process with the same options; each \
-            gets its own NICs and consoles (--net switch:NAME connects them). With more than one VM, \
-            output lines are prefixed with [vm0], [vm1], …; standard input goes to vm0, and \
-            --console-dir DIR serves each VM's console on DIR/vmN.sock. --kernel K --vms N \
-            boots N VMs of one kernel the same way.
+/// `run`: its options (filled by `Run.parse`, RunOptions.swift, from the option table there) and
+/// what it does with them.
+struct Run {
+    static let abstract = "Boot one guest (or several, side by side) and stream the serial console."
+    static let discussion = """
+        GUEST is a bundled guest's name (see 'swiftvisor guests') or a path to a static \
+        ELF64 x86-64 executable linked at 1 MiB (docs/guest-abi.md), optionally followed \
+        by its own command line in the same argument: 'net-ping pong=1 count=5'. \
+        Several GUESTs run as several VMs of this process with the same options; each \
+        gets its own NICs and consoles (--net switch:NAME connects them). With more than one VM, \
+        output lines are prefixed with [vm0], [vm1], …; standard input goes to vm0, and \
+        --console-dir DIR serves each VM's console on DIR/vmN.sock. --kernel K --vms N \
+        boots N VMs of one kernel the same way.
 
-            Devices: --disk PATH[,ro][,vm=N] adds a virtio-blk disk backed by a raw image \
-            file to vm0 (or vmN); the image is locked while in use; --net \
-            switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME; \
-            --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN); \
-            --virtio-console adds a virtio console on standard output; --nic switch:NAME \
-            adds the emulated register-interface NIC; --balloon adds virtio-balloon. With \
-            --kernel, --disk, --net and --virtio-console attach over virtio-pci (modern, MSI-X).
+        Devices: --disk PATH[,ro][,vm=N] adds a virtio-blk disk backed by a raw image \
+        file to vm0 (or vmN); the image is locked while in use; --net \
+        switch:NAME adds a virtio-net NIC on the process-wide learning switch NAME; \
+        --net tap:IFNAME puts it on a host TAP interface (needs CAP_NET_ADMIN); \
+        --virtio-console adds a virtio console on standard output; --nic switch:NAME \
+        adds the emulated register-interface NIC; --balloon adds virtio-balloon. With \
+        --kernel, --disk, --net and --virtio-console attach over virtio-pci (modern, MSI-X).
 
-            swiftvisor exits with the status the guest writes to port 0xF4 (with several \
-            VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple \
-            fault, engine error, bad image or device).
-            """
-    )
+        swiftvisor exits with the status the guest writes to port 0xF4 (with several \
+        VMs: the first non-zero one); 124 on --timeout; 125 if a VM failed (triple \
+        fault, engine error, bad image or device).
+        """
 
-    @Argument(help: ArgumentHelp("Bundled guest name or path to an ELF file, optionally with its command line.", valueName: "guest"))
     var guests: [String] = []
-
-    @Option(name: .long, help: ArgumentHelp("Boot a kernel on a PC platform instead of a guest: a Linux bzImage or vmlinux (x86 boot protocol, 64-bit entry, e820 map, ACPI tables; needs --memory 256M or so), or a multiboot (v1) kernel (ELF32 or a.out kludge, entered in 32-bit protected mode). Local APICs, I/O APIC, fw_cfg, 8259, COM1 (IRQ 4), PCI (ports 0xCF8/0xCFC and ECAM, MCFG) with virtio-pci devices, and isa-debug-exit at 0xF4 (exit status (code << 1) | 1, as QEMU). --cmdline is its command line, e.g. 'console=ttyS0'.", valueName: "file"))
     var kernel: String?
-
-    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("With --kernel: CPU feature changes, as QEMU's -cpu flags: '-x2apic' hides x2APIC (CPUID and IA32_APIC_BASE.EXTD); '+x2apic' and '+tsc-deadline' are the default.", valueName: "+flag,-flag"))
     var cpu: String?
-
-    @Option(name: .long, help: ArgumentHelp("With --kernel: the initrd (initramfs) of a Linux kernel, or the first multiboot module.", valueName: "file"))
     var initrd: String?
-
-    @Option(name: .long, parsing: .unconditional, help: ArgumentHelp("Guest RAM, e.g. 64M, 1G (2M–3G, multiple of 2M).", valueName: "size"))
     var memory = MemoryArgument(argument: "64M")!
-
-    @Option(name: .long, help: ArgumentHelp("Number of vCPUs.", valueName: "n"))
+    /// Whether --memory was given (with --incoming it limits what is accepted).
+    var memorySpecified = false
     var vcpus = 1
-
-    @Option(name: .long, help: "Execution engine: kvm (hardware) or software (binary translator + interpreter, runs anywhere). Default: kvm when /dev/kvm is usable (with --kernel: and runs guest ring-0 code natively, which a nested KVM does not), otherwise software.")
     var engine: EngineChoice?
-
-    @Flag(name: .long, help: "Software engine: interpret every instruction instead of translating blocks to host code (the reference path; much slower).")
     var noTranslation = false
-
-    @Option(name: .long, help: ArgumentHelp("Software engine: second-level translation, nested (the engine walks guest tables and the EPT model) or shadow (the VMM keeps shadow page tables; guest table writes, CR3 loads, INVLPG and shadow misses exit).", valueName: "nested|shadow"))
     var paging: PagingMode = .nested
-
-    @Option(name: .long, help: ArgumentHelp("Stop the guest after this many seconds.", valueName: "seconds"))
     var timeout: Double?
-
-    @Option(name: .long, help: ArgumentHelp("Command line passed to the guest, e.g. 'count=1000 ring=3'.", valueName: "text"))
     var cmdline = ""
-
-    @Option(name: .long, help: ArgumentHelp("Add a virtio-blk disk: a raw image file; ',ro' read-only, ',vm=N' for the N-th VM. Repeatable.", valueName: "path[,ro][,vm=N]"))
     var disk: [String] = []
-
-    @Option(name: .long, help: ArgumentHelp("Add a virtio-net NIC: switch:NAME or tap:IFNAME. Repeatable.", valueName: "attachment"))
     var net: [String] = []
-
-    @Option(name: .long, help: ArgumentHelp("Add the emulated register-interface NIC: switch:NAME or tap:IFNAME.", valueName: "attachment"))
     var nic: [String] = []
-
-    @OptionGroup(title: "Operator API, metrics and logs")
-    var api: OperatorOptions
-
-    @Option(name: .long, help: ArgumentHelp("Wait for a VM migrating in at tcp:HOST:PORT or unix:PATH (see 'swiftvisor migrate') and run it; GUEST, if named, must be what arrives, and --memory, if given, is the most RAM accepted.", valueName: "address"))
+    // The operator options (OperatorOptions for `serve` and `snapshot restore`).
+    var apiSock: String?
+    var apiTCP: String?
+    var apiTokenFile: String?
+    var metricsFile: String?
+    var logLevel: Logger.Level = .info
     var incoming: String?
-
-    @Flag(name: .long, help: "With --incoming and --memory: allocate that much RAM while waiting, so a pre-copy migration of that size streams into existing pages rather than allocating each as it arrives (QEMU's -mem-prealloc; the RAM is held even if the guest never uses it).")
     var prealloc = false
-
-    @Flag(name: .long, help: "Add a virtio-balloon device (set its size with 'swiftvisor ctl balloon', through --api-sock).")
     var balloon = false
-
-    @Option(name: .long, help: ArgumentHelp("Partition VM N: pin its vCPU threads to host CPUs (joined by '+'), optionally at SCHED_FIFO priority P, its RAM locked. Repeatable.", valueName: "N:cpus[,fifo=P][,mlock]"))
     var partition: [String] = []
-
-    @Flag(name: .long, help: "Add a virtio console connected to standard output.")
     var virtioConsole = false
-
-    @Option(name: .long, help: ArgumentHelp("With --kernel: boot this many VMs of the kernel side by side, each with the same options and its own devices (--disk …,vm=N gives a disk to VM N; --net switch:NAME puts every VM's NIC on the one switch). Their lines are prefixed [vm0], [vm1], …; --console-dir drives each one's shell.", valueName: "n"))
     var vms = 1
-
-    @Option(name: .long, help: ArgumentHelp("Also serve VM N's serial console on the Unix socket DIR/vmN.sock: a client reads the VM's output from then on and what it sends is typed into the VM (one client at a time; e.g. 'socat - UNIX-CONNECT:DIR/vm1.sock'). Standard input reaches vm0 only, so this is how each VM of a run is driven.", valueName: "dir"))
     var consoleDir: String?
-
-    @OptionGroup(title: "Confidential VMs")
-    var confidentialOptions: ConfidentialArguments
-
-    @Flag(name: .long, help: "Print the exit statistics table to standard error when the guest stops.")
+    var confidentialOptions = ConfidentialArguments()
     var stats = false
-
-    @Option(name: .long, help: ArgumentHelp("Write the exit statistics as JSON to this file.", valueName: "path"))
     var statsJSON: String?
-
-    @Option(name: .long, help: .hidden)
     var kvmPath = "/dev/kvm"
-
-    /// Written by `bench startup`'s child runs (StartupBenchmark.swift).
-    @Option(name: .long, help: .hidden)
     var startupReport: String?
-
-    /// Tests only: a Swift runtime trap on vCPU 0's thread this long after the start (CLITests).
-    @Option(name: .long, help: .hidden)
     var crashAfterMs: Int?
+
+    /// Whether an API server is asked for.
+    var serves: Bool { apiSock != nil || apiTCP != nil }
+
+    /// The operator options as `swiftvisor-api` takes them (built only when asked for).
+    var operatorOptions: OperatorOptions {
+        var options = OperatorOptions()
+        options.apiSock = apiSock
+        options.apiTCP = apiTCP
+        options.apiTokenFile = apiTokenFile
+        options.metricsFile = metricsFile
+        options.logLevel = logLevel
+        return options
+    }
 
     func validate() throws {
         try memory.validateGuestRAM()
+        if apiTCP != nil { try operatorOptions.validate() }
+        try confidentialOptions.validate()
         if prealloc {
             guard incoming != nil, memorySpecified else { throw ValidationError("--prealloc needs --incoming and --memory (the RAM to allocate while waiting)") }
         }
@@ -140,7 +103,7 @@ struct Run: ParsableCommand {
         if kernel != nil {
             if let cpu { do { _ = try PCCPUFeatures(parsing: cpu) } catch { throw ValidationError("--cpu: \(error)") } }
             guard guests.isEmpty else { throw ValidationError("--kernel boots one kernel; name no guest with it") }
-            guard nic.isEmpty, !balloon, !api.serves else {
+            guard nic.isEmpty, !balloon, !serves else {
                 throw ValidationError("--kernel takes only --disk, --net and --virtio-console as devices (virtio-pci), and no control options")
             }
         } else {
@@ -156,7 +119,7 @@ struct Run: ParsableCommand {
         if let t = timeout, !(t > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
         if noTranslation && engine == .kvm { throw ValidationError("--no-translation applies to the software engine, not kvm") }
         if paging == .shadow && engine != .software { throw ValidationError("--paging shadow needs --engine software (KVM always uses the host's nested paging)") }
-        if api.serves && guests.count > 1 { throw ValidationError("--api-sock serves one VM; run one guest") }
+        if serves && guests.count > 1 { throw ValidationError("--api-sock serves one VM; run one guest") }
         for d in disk where try DiskArgument(d).vm >= (kernel == nil ? guests.count : vms) {
             throw ValidationError("--disk \(d): there is no VM \(try DiskArgument(d).vm) (VMs are numbered from 0)")
         }
@@ -171,13 +134,11 @@ struct Run: ParsableCommand {
         }
     }
 
-    /// Whether --memory was given (with --incoming it limits what is accepted).
-    var memorySpecified: Bool { CommandLine.arguments.contains { $0 == "--memory" || $0.hasPrefix("--memory=") } }
-
     func run() throws {
-        let startSession = try OperatorCommands.sessionStarter(api)
+        let startSession = try serves || metricsFile != nil ? OperatorCommands.sessionStarter(operatorOptions) : { _ in {} }
         let attachAttestationReport = try confidentialOptions.reportAttacher()
-        let logger = api.bootstrapLogging()
+        StderrLogHandler.bootstrap(level: logLevel)
+        let logger = Logger(label: "swiftvisor")
         if let incoming { return try runIncoming(incoming, logger: logger, startSession: startSession) }
         let many = (kernel == nil ? guests.count : vms) > 1
         var machines: [Machine] = []
@@ -263,7 +224,7 @@ struct Run: ParsableCommand {
         for machine in machines {
             for problem in machine.flushDevices() { failures.withLock { $0.append(problem) } }
         }
-        if let socket = api.apiSock, case .migrated? = results.withLock({ $0[0] })?.stopReason {
+        if let socket = apiSock, case .migrated? = results.withLock({ $0[0] })?.stopReason {
             machines[0].waitWhileMigrating {
                 printError("swiftvisor: post-copy broke after the switch-over; this process keeps the pages the destination lacks. Resume with: swiftvisor migrate --resume --socket \(socket) DESTINATION")
             }

@@ -18,7 +18,7 @@ package struct Swiftvisor: ParsableCommand {
               swiftvisor host                             what this host's /dev/kvm offers
               swiftvisor bench exits                      cost of a port-I/O exit, Swift loop vs C loop
             """,
-        subcommands: [Run.self, Serve.self, Ctl.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, MigrateCommand.self, BalloonCommand.self, LabCommand.self,
+        subcommands: [RunCommand.self, Serve.self, Ctl.self, Guests.self, Host.self, Bench.self, SnapshotCommand.self, MigrateCommand.self, BalloonCommand.self, LabCommand.self,
                       Measure.self, Verify.self]
     )
 
@@ -27,14 +27,11 @@ package struct Swiftvisor: ParsableCommand {
     /// Stop signals and fatal faults are handled before anything else runs (ProcessLifecycle).
     package static func main() {
         ProcessLifecycle.install()
-        // `run` is the start-up path (bench startup). Parsed as a command of its own it skips
-        // building the whole command tree (reflection over every command); what it does not take
-        // as a plain run (help, a usage error) goes the ordinary way, with the ordinary messages.
+        // `run` is the start-up path (bench startup): parsed by its own table (RunOptions.swift),
+        // without building swift-argument-parser's command tree by reflection.
         let arguments = Array(CommandLine.arguments.dropFirst())
-        if arguments.first == "run", let run = try? Run.parse(Array(arguments.dropFirst())) {
-            do { try run.run() } catch { exit(withError: error) }
-            return
-        }
+        if arguments.first == "run" { Run.main(Array(arguments.dropFirst())) }
+        if arguments == ["help", "run"] { Run.main(["--help"]) }
         main(nil)
     }
 }
