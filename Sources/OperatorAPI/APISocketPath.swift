@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import VirtCore
 
 /// Why the API cannot listen at, or reach, a socket path.
 public enum APISocketError: Error, Equatable, CustomStringConvertible {
@@ -55,14 +56,7 @@ public enum APISocketPath {
     }
 
     static func address(_ path: String) throws(APISocketError) -> sockaddr_un {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw .pathTooLong(path) }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
+        guard let addr = sockaddr_un.forPath(path) else { throw .pathTooLong(path) }
         return addr
     }
 }

@@ -26,14 +26,7 @@ final class ConsoleSocket: @unchecked Sendable {
     /// Listens at `path` (a stale socket there is replaced; anything else is an error).
     init(path: String) throws(ConsoleSocketError) {
         self.path = path
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw .pathTooLong(path) }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
+        guard var address = sockaddr_un.forPath(path) else { throw .pathTooLong(path) }
         var info = stat()
         if lstat(path, &info) == 0 {
             guard info.st_mode & S_IFMT == S_IFSOCK else { throw .notASocket(path) }

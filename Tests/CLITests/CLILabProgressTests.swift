@@ -28,17 +28,8 @@ import Testing
         let dir = NSTemporaryDirectory() + "swiftvisor-cli-progress-tty-\(getpid())"
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let command = ([swiftvisorPath] + Self.labArguments + ["--output", dir]).map { "'\($0)'" }.joined(separator: " ")
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: script)
-        p.arguments = ["-qec", command, "/dev/null"]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "\(text)")
+        let (status, text) = try runToCompletion(script, ["-qec", command, "/dev/null"])
+        #expect(status == 0, "\(text)")
         #expect(text.contains("\r\u{1B}[Klab pio-vs-mmio: 1/2 (port I/O)"), "\(text.debugDescription)")
         #expect(text.contains("\r\u{1B}[Klab pio-vs-mmio: 2/2 (shared page), about "), "\(text.debugDescription)")
         // Cleared at the end: what follows the last redraw is the table, not a progress line.

@@ -29,23 +29,15 @@ enum KVMUnitTests {
 
     /// Runs the script for `tests` on the software engine; per test its outcome.
     static func run(_ tests: [String], scratch: String) throws -> [String: Outcome] {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        // Every entry gets 300 s: a hang guard, not a speed limit (sieve alone takes 75 s on a
-        // quiet host and more than twice that while the other suites run beside it).
-        p.arguments = [script, "--engines", "software", "--only", tests.joined(separator: ","), "--timeout", "300", "--min-timeout", "300"]
         var env = ProcessInfo.processInfo.environment
         env["SWIFTVISOR"] = swiftvisor
         env["KUT_SRC"] = source
         env["KUT_SCRATCH"] = scratch
-        p.environment = env
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0, "script output:\n\(text)")
+        // Every entry gets 300 s: a hang guard, not a speed limit (sieve alone takes 75 s on a
+        // quiet host and more than twice that while the other suites run beside it).
+        let (status, text) = try runToCompletion("/bin/bash", [script, "--engines", "software", "--only", tests.joined(separator: ","),
+                                                                "--timeout", "300", "--min-timeout", "300"], environment: env)
+        #expect(status == 0, "script output:\n\(text)")
         let tsv = (try? String(contentsOfFile: scratch + "/results.tsv", encoding: .utf8)) ?? ""
         var outcomes: [String: Outcome] = [:]
         for line in tsv.split(separator: "\n") {
@@ -85,19 +77,10 @@ struct KVMUnitTestsOnTheSoftwareEngine {
         _ = try KVMUnitTests.run(["smptest"], scratch: scratch)  // builds the suite if needed
         let kernel = scratch + "/src/x86/smptest.flat"
         for run in 1...20 {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/timeout")
-            p.arguments = ["-k", "5", "60", KVMUnitTests.swiftvisor, "run", "--engine", "software", "--memory", "256M",
-                           "--vcpus", "2", "--timeout", "30", "--kernel", kernel]
-            let out = Pipe()
-            p.standardOutput = out
-            p.standardError = out
-            p.standardInput = FileHandle.nullDevice
-            try p.run()
-            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            p.waitUntilExit()
-            #expect(p.terminationStatus == 1 && text.contains("PASS: IPI to each CPU"), "run \(run): status \(p.terminationStatus)\n\(text)")
-            if p.terminationStatus != 1 { break }
+            let (status, text) = try runToCompletion("/usr/bin/timeout", ["-k", "5", "60", KVMUnitTests.swiftvisor, "run", "--engine", "software",
+                                                                          "--memory", "256M", "--vcpus", "2", "--timeout", "30", "--kernel", kernel])
+            #expect(status == 1 && text.contains("PASS: IPI to each CPU"), "run \(run): status \(status)\n\(text)")
+            if status != 1 { break }
         }
     }
 }

@@ -87,6 +87,31 @@ final class LinuxRun: LinuxConsole, Sendable {
     var isRunning: Bool { process.isRunning }
 
     func kill() { if process.isRunning { process.terminate() } }
+
+    /// Types each command at the prompt after `at` and expects its answer; the last prompt.
+    func answers(_ pairs: [(command: String, expected: String)], after at: String.Index?) throws -> String.Index? {
+        var at = at
+        for (command, expected) in pairs {
+            type(command)
+            let answered = waitFor(command, after: at, seconds: 120)
+            try #require(answered != nil, "\(command) not echoed:\n\(tail)")
+            #expect(waitFor(expected, after: answered, seconds: 120) != nil, "\(command): no \"\(expected)\":\n\(tail)")
+            at = prompt(after: answered)
+            try #require(at != nil, "no prompt after \(command):\n\(tail)")
+        }
+        return at
+    }
+
+    /// `poweroff` at the prompt after `at`: ACPI S5 ends `swiftvisor run` with status 0, and
+    /// the kernel never panicked.
+    func powersOffCleanly(after at: String.Index?) throws {
+        type("poweroff")
+        #expect(waitFor("reboot: Power down", after: at, seconds: 120) != nil, "\(tail)")
+        _ = waitUntil(seconds: 120) { !process.isRunning }
+        try #require(!process.isRunning, "swiftvisor still runs after poweroff:\n\(tail)")
+        #expect(process.terminationStatus == 0, "exit status \(process.terminationStatus):\n\(tail)")
+        #expect(!text.contains("Kernel panic"), "\(tail)")
+    }
 }
 
 @Suite(.serialized, .enabled(if: LinuxGuest.available, LinuxGuest.skipReason))
@@ -132,24 +157,12 @@ struct LinuxBootTests {
         defer { run.kill() }
         let started = run.waitFor("Run /init as init process", seconds: 400)
         try #require(started != nil, "the kernel did not start /init:\n\(run.tail)")
-        var at = run.prompt(after: started)
+        let at = run.prompt(after: started)
         try #require(at != nil, "no shell prompt on ttyS0:\n\(run.tail)")
         // Each command's output follows the echo of its line; the next prompt ends it.
-        for (command, expected) in [("echo ok-$((6*7))", "ok-42"), ("uname -a", "Linux (none) 6."),
-                                    ("cat /proc/cpuinfo", "processor\t: 0"), ("cat /proc/cpuinfo", "Swiftvisor software x86-64")] {
-            run.type(command)
-            let answered = run.waitFor(command, after: at, seconds: 120)
-            try #require(answered != nil, "\(command) not echoed:\n\(run.tail)")
-            #expect(run.waitFor(expected, after: answered, seconds: 120) != nil, "\(command): no \"\(expected)\":\n\(run.tail)")
-            at = run.prompt(after: answered)
-            try #require(at != nil, "no prompt after \(command):\n\(run.tail)")
-        }
-        run.type("poweroff")
-        #expect(run.waitFor("reboot: Power down", after: at, seconds: 120) != nil, "\(run.tail)")
-        _ = waitUntil(seconds: 120) { !run.process.isRunning }
-        try #require(!run.process.isRunning, "swiftvisor still runs after poweroff:\n\(run.tail)")
-        #expect(run.process.terminationStatus == 0, "exit status \(run.process.terminationStatus):\n\(run.tail)")
-        #expect(!run.text.contains("Kernel panic"), "\(run.tail)")
+        let last = try run.answers([("echo ok-$((6*7))", "ok-42"), ("uname -a", "Linux (none) 6."),
+                                    ("cat /proc/cpuinfo", "processor\t: 0"), ("cat /proc/cpuinfo", "Swiftvisor software x86-64")], after: at)
+        try run.powersOffCleanly(after: last)
     }
 
     /// Two vCPUs: the kernel starts the second through INIT and STARTUP (its trampoline runs
@@ -166,21 +179,9 @@ struct LinuxBootTests {
         try #require(up != nil, "the second CPU did not come up:\n\(run.tail)")
         let started = run.waitFor("Run /init as init process", after: up, seconds: 400)
         try #require(started != nil, "the kernel did not start /init:\n\(run.tail)")
-        var at = run.prompt(after: started)
+        let at = run.prompt(after: started)
         try #require(at != nil, "no shell prompt on ttyS0:\n\(run.tail)")
-        for (command, expected) in [("nproc", "\r\n2\r\n"), ("cat /proc/cpuinfo", "processor\t: 1")] {
-            run.type(command)
-            let answered = run.waitFor(command, after: at, seconds: 120)
-            try #require(answered != nil, "\(command) not echoed:\n\(run.tail)")
-            #expect(run.waitFor(expected, after: answered, seconds: 120) != nil, "\(command): no \"\(expected)\":\n\(run.tail)")
-            at = run.prompt(after: answered)
-            try #require(at != nil, "no prompt after \(command):\n\(run.tail)")
-        }
-        run.type("poweroff")
-        #expect(run.waitFor("reboot: Power down", after: at, seconds: 120) != nil, "\(run.tail)")
-        _ = waitUntil(seconds: 120) { !run.process.isRunning }
-        try #require(!run.process.isRunning, "swiftvisor still runs after poweroff:\n\(run.tail)")
-        #expect(run.process.terminationStatus == 0, "exit status \(run.process.terminationStatus):\n\(run.tail)")
-        #expect(!run.text.contains("Kernel panic"), "\(run.tail)")
+        let last = try run.answers([("nproc", "\r\n2\r\n"), ("cat /proc/cpuinfo", "processor\t: 1")], after: at)
+        try run.powersOffCleanly(after: last)
     }
 }

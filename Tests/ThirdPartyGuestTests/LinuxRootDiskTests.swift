@@ -17,16 +17,7 @@ enum LinuxRootDiskGuest {
         guard let path = ["/usr/sbin/\(tool)", "/sbin/\(tool)", "/usr/bin/\(tool)"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
             throw LinuxGuest.PreparationFailure(reason: "no \(tool) on this host (e2fsprogs)")
         }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = arguments
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        return (p.terminationStatus, text)
+        return try runToCompletion(path, arguments)
     }
 }
 
@@ -59,12 +50,7 @@ struct LinuxRootDiskTests {
         at = run.prompt(after: at)
         try #require(at != nil, "no prompt after the write:\n\(run.tail)")
 
-        run.type("poweroff")
-        #expect(run.waitFor("reboot: Power down", after: at, seconds: 120) != nil, "\(run.tail)")
-        _ = waitUntil(seconds: 120) { !run.process.isRunning }
-        try #require(!run.process.isRunning, "swiftvisor still runs after poweroff:\n\(run.tail)")
-        #expect(run.process.terminationStatus == 0, "exit status \(run.process.terminationStatus):\n\(run.tail)")
-        #expect(!run.text.contains("Kernel panic"), "\(run.tail)")
+        try run.powersOffCleanly(after: at)
         #expect(!run.text.contains("EXT4-fs error"), "\(run.tail)")
 
         let marker = try LinuxRootDiskGuest.e2fsprogs("debugfs", ["-R", "cat /root/marker", image.path])

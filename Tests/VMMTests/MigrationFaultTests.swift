@@ -136,6 +136,15 @@ struct SeededGenerator: RandomNumberGenerator {
         #expect(try Integrity.check(machine.memory, base: area.base, pages: area.pages) == nil)
     }
 
+    /// A Unix socket path longer than `sun_path` is a typed error, never an overrun (the
+    /// address was once copied into `sun_path` unchecked).
+    @Test func overlongUnixSocketPathIsRefused() {
+        let path = "/tmp/" + String(repeating: "p", count: 200) + ".sock"
+        #expect(throws: MigrationError.self) { try MigrationAddress.unix(path: path).socketAddresses() }
+        #expect(throws: MigrationError.self) { try MigrationConnection.connect(to: .unix(path: path), timeoutSeconds: 1) }
+        #expect((try? MigrationAddress.unix(path: "/tmp/m.sock").socketAddresses().count) == 1)
+    }
+
     @Test func corruptedByteIsCaughtByTheFrameChecksum() throws {
         let source = try IntegrityGuest(engine: .software)
         source.start()

@@ -1,6 +1,7 @@
 import Dispatch
 import FoundationEssentials
 import Synchronization
+import VirtCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -37,13 +38,8 @@ public enum MigrationAddress: Sendable, Equatable, CustomStringConvertible {
     func socketAddresses() throws(MigrationError) -> [(family: Int32, address: [UInt8])] {
         switch self {
         case let .unix(path):
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-                let bytes = Array(path.utf8)
-                raw.copyBytes(from: bytes)
-                raw[bytes.count] = 0
-            }
+            // A path longer than sun_path is refused, never truncated or overrun.
+            guard let addr = sockaddr_un.forPath(path) else { throw .badAddress(description) }
             return [(AF_UNIX, withUnsafeBytes(of: addr) { Array($0) })]
         case let .tcp(host, port):
             var hints = addrinfo()
