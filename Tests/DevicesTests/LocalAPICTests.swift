@@ -48,6 +48,37 @@ import VirtCore
     }
 
     /// CR8 is TPR[7:4] (SDM Vol. 3A §10.8.6.1).
+    /// The xAPIC ID is writable; a physical IPI reaches every APIC whose current ID it names
+    /// (two may share one: kvm-unit-tests' aliased-ID test), none at the old ID, and the
+    /// x2APIC ID stays the vCPU's index. Snapshots keep the written ID.
+    @Test func xapicIDIsWritableAndPhysicalIPIsFollowIt() throws {
+        let (apic, d) = bank(3)
+        #expect(apic.mmioRead(vcpu: 2, offset: 0x20, size: 4) == 2 << 24)
+        apic.mmioWrite(vcpu: 1, offset: 0x20, size: 4, value: 0x07 << 24)
+        apic.mmioWrite(vcpu: 2, offset: 0x20, size: 4, value: 0x07 << 24)
+        #expect(apic.mmioRead(vcpu: 1, offset: 0x20, size: 4) == 0x07 << 24)
+        func ipi(to id: UInt64, vector: UInt64) {
+            apic.mmioWrite(vcpu: 0, offset: 0x310, size: 4, value: id << 24)
+            apic.mmioWrite(vcpu: 0, offset: 0x300, size: 4, value: vector)  // fixed, physical
+        }
+        ipi(to: 7, vector: 0x41)
+        ipi(to: 1, vector: 0x42)  // nobody has ID 1 any more
+        #expect(d.vectors(to: 1) == [0x41] && d.vectors(to: 2) == [0x41] && d.vectors(to: 0).isEmpty)
+        // Restored into a fresh bank, the IDs come back with the rest.
+        let (copy, copied) = bank(3)
+        try copy.restore(apic.savedState, timeStampCounters: [0, 0, 0])
+        #expect(copy.mmioRead(vcpu: 2, offset: 0x20, size: 4) == 0x07 << 24)
+        copy.mmioWrite(vcpu: 0, offset: 0x310, size: 4, value: 7 << 24)
+        copy.mmioWrite(vcpu: 0, offset: 0x300, size: 4, value: 0x43)
+        #expect(copied.vectors(to: 1).contains(0x43) && copied.vectors(to: 2).contains(0x43))
+        // In x2APIC mode the ID is the index, whatever the xAPIC ID was; a reset (disable,
+        // enable) brings the initial xAPIC ID back.
+        #expect(setBase(apic, 1, 0xFEE0_0000 | Self.en | Self.extd))
+        #expect(apic.readMSR(vcpu: 1, index: 0x802, tsc: 0, apicBase: 0) == 1)
+        #expect(setBase(apic, 2, 0xFEE0_0000) && setBase(apic, 2, 0xFEE0_0000 | Self.en))
+        #expect(apic.mmioRead(vcpu: 2, offset: 0x20, size: 4) == 2 << 24)
+    }
+
     @Test func cr8IsTheTaskPriorityClass() {
         let (apic, _) = bank(1)
         apic.setTaskPriorityClass(vcpu: 0, 0xA)

@@ -58,6 +58,9 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     struct Registers {
         /// IA32_APIC_BASE: page address, EN (11), EXTD (10), BSP (8).
         var base: UInt64
+        /// The xAPIC ID (bits 31:24 of register 0x20), writable in xAPIC mode; starts as the
+        /// vCPU's index, which stays the x2APIC ID (read-only).
+        var xapicID: UInt32
         var tpr: UInt32 = 0, ldr: UInt32 = 0, dfr: UInt32 = 0xFFFF_FFFF, svr: UInt32 = 0xFF, esr: UInt32 = 0
         var icrHigh: UInt32 = 0
         var lvt = [UInt32](repeating: 0x1_0000, count: 7)  // timer, CMCI→thermal, perf, LINT0, LINT1, error (masked)
@@ -76,7 +79,9 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     /// One APIC's registers behind its lock.
     private final class Unit: Sendable {
         let state: Mutex<Registers>
-        init(bsp: Bool) { state = Mutex(Registers(base: 0xFEE0_0000 | LocalAPICBank.baseEnable | (bsp ? 0x100 : 0))) }
+        init(index: Int) {
+            state = Mutex(Registers(base: 0xFEE0_0000 | LocalAPICBank.baseEnable | (index == 0 ? 0x100 : 0), xapicID: UInt32(index & 0xFF)))
+        }
     }
     private let apics: [Unit]
     private let wiring: LocalAPICWiring
@@ -92,7 +97,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     public let x2APICAvailable: Bool
 
     public init(vcpuCount: Int, x2APIC: Bool = true, wiring: LocalAPICWiring) {
-        apics = (0..<vcpuCount).map { Unit(bsp: $0 == 0) }
+        apics = (0..<vcpuCount).map { Unit(index: $0) }
         x2APICAvailable = x2APIC
         self.wiring = wiring
     }
@@ -125,6 +130,8 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             let old = Self.mode(r.base), new = Self.mode(value)
             if old == .x2APIC && new == .xAPIC { return false }
             if old == .disabled && new == .x2APIC { return false }
+            // Disabling resets the APIC: the xAPIC ID is the initial one again (SDM Vol. 3A §10.4.3).
+            if new == .disabled { r.xapicID = UInt32(vcpu & 0xFF) }
             r.base = value
             return true
         }
@@ -145,7 +152,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     public func mmioRead(vcpu: Int, offset: UInt64, size: UInt8) -> UInt64 {
         guard vcpu < apics.count, offset & 0xF == 0 else { return 0 }
         let index = Int(offset >> 4)
-        if index == 0x02 { return UInt64(vcpu) << 24 }
+        if index == 0x02 { return UInt64(apics[vcpu].state.withLock { $0.xapicID }) << 24 }
         return UInt64(read(vcpu: vcpu, index: index) ?? 0)
     }
 
@@ -158,6 +165,9 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             return
         }
         if index == 0x31 { apics[vcpu].state.withLock { $0.icrHigh = UInt32(truncatingIfNeeded: value) }; return }
+        // The xAPIC ID is writable (KVM and QEMU let software change it; several APICs may then
+        // share one, and a physical message reaches each of them: kvm-unit-tests' xapic entry).
+        if index == 0x02 { apics[vcpu].state.withLock { $0.xapicID = UInt32(truncatingIfNeeded: value) >> 24 }; return }
         write(vcpu: vcpu, index: index, value: UInt32(truncatingIfNeeded: value))
     }
 
@@ -322,7 +332,14 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         default:
             let broadcast: UInt32 = x2APIC ? 0xFFFF_FFFF : 0xFF
             if destination == broadcast { return Array(0..<apics.count) }
-            if !logical { return Int(destination) < apics.count ? [Int(destination)] : [] }
+            if !logical {
+                // x2APIC IDs are the vCPU indexes; an xAPIC-format message matches each APIC in
+                // xAPIC mode by its (writable) xAPIC ID, one in x2APIC mode by its index.
+                if x2APIC { return Int(destination) < apics.count ? [Int(destination)] : [] }
+                return (0..<apics.count).filter { id in
+                    apics[id].state.withLock { r in Self.mode(r.base) == .x2APIC ? UInt32(id) == destination : r.xapicID == destination }
+                }
+            }
             return (0..<apics.count).filter { id in
                 apics[id].state.withLock { Self.matchesLogical($0, id: id, destination: destination) }
             }
@@ -395,6 +412,8 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     /// does not carry over to the restoring process).
     public struct SavedUnit: Codable, Sendable, Equatable {
         fileprivate var base: UInt64
+        /// Absent in snapshots from before the ID was writable: the vCPU's index.
+        fileprivate var xapicID: UInt32?
         fileprivate var tpr, ldr, dfr, svr, esr, icrHigh: UInt32
         fileprivate var lvt, isr, irr, tmr: [UInt32]
         fileprivate var initialCount, divide: UInt32
@@ -409,7 +428,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         apics.indices.map { vcpu in
             let time = now(vcpu)
             return apics[vcpu].state.withLock { r in
-                SavedUnit(base: r.base, tpr: r.tpr, ldr: r.ldr, dfr: r.dfr, svr: r.svr, esr: r.esr, icrHigh: r.icrHigh,
+                SavedUnit(base: r.base, xapicID: r.xapicID, tpr: r.tpr, ldr: r.ldr, dfr: r.dfr, svr: r.svr, esr: r.esr, icrHigh: r.icrHigh,
                           lvt: r.lvt, isr: r.isr, irr: r.irr, tmr: r.tmr, initialCount: r.initialCount, divide: r.divide,
                           countElapsedNanoseconds: time &- r.countStart, countStopped: r.countStopped, deadline: r.deadline)
             }
@@ -430,7 +449,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             let time = now(vcpu)
             let requested = apics[vcpu].state.withLock { r -> [UInt8] in
                 cancelTimer(vcpu: vcpu, &r)
-                r.base = u.base; r.tpr = u.tpr; r.ldr = u.ldr; r.dfr = u.dfr; r.svr = u.svr; r.esr = u.esr
+                r.base = u.base; r.xapicID = (u.xapicID ?? UInt32(vcpu)) & 0xFF; r.tpr = u.tpr; r.ldr = u.ldr; r.dfr = u.dfr; r.svr = u.svr; r.esr = u.esr
                 r.icrHigh = u.icrHigh; r.lvt = u.lvt; r.isr = u.isr; r.irr = u.irr; r.tmr = u.tmr
                 r.initialCount = u.initialCount; r.divide = u.divide
                 r.countStart = time &- u.countElapsedNanoseconds
