@@ -33,11 +33,13 @@ import VMM
             #expect(row.response.medianMicroseconds <= row.response.p99Microseconds && row.response.p99Microseconds <= row.response.worstMicroseconds)
         }
         let (plain, pi, pcp) = (r.rows[0].response, r.rows[1].response, r.rows[2].response)
-        // The load's 2 ms bursts show in the plain mutex's p99 (many jobs meet a preempted
-        // holder), not in the others'. p99 rather than the worst case: one job may meet
-        // an unrelated host hiccup in any configuration.
-        #expect(plain.p99Microseconds > 1000, "\(r.rows)")
-        #expect(pi.p99Microseconds < plain.p99Microseconds && pcp.p99Microseconds < plain.p99Microseconds, "\(r.rows)")
+        // The load's 2 ms bursts stretch many jobs under a plain mutex (they meet a preempted
+        // holder) and few under the others. Counted, not a percentile: under a loaded test run
+        // two or three host hiccups in any configuration are already its p99.
+        let slowBuckets = (MixedCriticalityLab.histogramEdges.firstIndex(of: 1600) ?? 6) + 1
+        func slow(_ l: MixedCriticalityLab.Latency) -> Int { l.histogram[slowBuckets...].reduce(0, +) }
+        #expect(plain.p99Microseconds > 1000 && slow(plain) >= 8, "\(r.rows)")
+        #expect(2 * slow(pi) < slow(plain) && 2 * slow(pcp) < slow(plain), "\(r.rows)")
         #expect(MixedCriticalityLab.chart(r).svg.hasPrefix("<svg"))
     }
 
