@@ -8,8 +8,8 @@ struct BenchLinuxRestore: ParsableCommand {
         commandName: "linux-restore",
         abstract: "Restore of a booted Linux to an answered command (the microVM use case), eager and lazy, beside the 50 ms target.",
         discussion: """
-            Boots the kernel and initramfs (e.g. the ones Scripts/linux-guest.sh prints: Debian's cloud \
-            kernel and a busybox shell) to the shell prompt on --engine, snapshots it into --snapshot-dir \
+            Boots the kernel and initramfs (default: the ones Scripts/linux-guest.sh prints, Debian's cloud \
+            kernel and a busybox shell, fetched on first use) to the shell prompt on --engine, snapshots it into --snapshot-dir \
             (a tmpfs by default), then restores it --runs times each way, alternating lazy and eager. Each \
             restore is timed from opening the file to the answer of 'echo TOKEN-$((6*7))' typed on the \
             restored console: "build" is the machine made (RAM read and verified, or armed for \
@@ -19,11 +19,11 @@ struct BenchLinuxRestore: ParsableCommand {
             (a restored VM starts with an empty translation cache).
             """)
 
-    @Option(name: .long, help: ArgumentHelp("The kernel (bzImage or vmlinux).", valueName: "file"))
-    var kernel: String
+    @Option(name: .long, help: ArgumentHelp("The kernel (bzImage or vmlinux); default: from Scripts/linux-guest.sh.", valueName: "file"))
+    var kernel: String?
 
-    @Option(name: .long, help: ArgumentHelp("The initramfs, whose /init starts a shell on ttyS0.", valueName: "file"))
-    var initrd: String
+    @Option(name: .long, help: ArgumentHelp("The initramfs, whose /init starts a shell on ttyS0; default: from Scripts/linux-guest.sh.", valueName: "file"))
+    var initrd: String?
 
     @Option(name: .long, help: ArgumentHelp("The kernel's command line.", valueName: "text"))
     var cmdline = "console=ttyS0"
@@ -48,7 +48,8 @@ struct BenchLinuxRestore: ParsableCommand {
     }
 
     func run() throws {
-        var benchmark = LinuxRestoreBenchmark(kernel: kernel, initrd: initrd)
+        let files = try BenchLinuxBoot.guestFiles(kernel: kernel, initrd: initrd, command: "bench linux-restore")
+        var benchmark = LinuxRestoreBenchmark(kernel: files.kernel, initrd: files.initrd)
         benchmark.commandLine = cmdline
         benchmark.memory = memory.bytes
         benchmark.runs = runs

@@ -111,7 +111,7 @@ struct BenchLinuxBoot: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)  // a guest that exits before reading 'poweroff' must not end the benchmark
-        let files = try guestFiles()
+        let files = try Self.guestFiles(kernel: kernel, initrd: initrd, command: "bench linux-boot")
         var engines: [LinuxBootEngine] = []
         var qemuNote: String?
         if engine != "qemu" {
@@ -177,15 +177,15 @@ struct BenchLinuxBoot: ParsableCommand {
         return nil
     }
 
-    /// --kernel/--initrd, or what Scripts/linux-guest.sh prints.
-    private func guestFiles() throws -> (kernel: String, initrd: String) {
+    /// --kernel/--initrd, or what Scripts/linux-guest.sh prints (`command` names who asks).
+    static func guestFiles(kernel: String?, initrd: String?, command: String) throws -> (kernel: String, initrd: String) {
         if let kernel, access(kernel, R_OK) != 0 { throw LinuxBootBenchmarkError.missingFile(option: "--kernel", path: kernel) }
         if let initrd, access(initrd, R_OK) != 0 { throw LinuxBootBenchmarkError.missingFile(option: "--initrd", path: initrd) }
         if let kernel, let initrd { return (kernel, initrd) }
         guard let script = Self.linuxGuestScript() else {
             throw LinuxBootBenchmarkError.preparation("give --kernel and --initrd: Scripts/linux-guest.sh is not beside this binary's source tree")
         }
-        printError("bench linux-boot: preparing the kernel and initramfs with \(script) (downloads with apt-get on first use)")
+        printError("\(command): preparing the kernel and initramfs with \(script) (downloads with apt-get on first use)")
         let outcome = try HostProcess.run("/bin/bash", [script])
         var values: [String: String] = [:]
         for line in outcome.output.split(separator: "\n") {
