@@ -503,9 +503,11 @@ extension PostcopyTests {
         // Every round runs unless the guest, throttled, dirtied nothing in one (a fast host,
         // or one so loaded that the held guest hardly ran): then nothing is left and the
         // migration rightly stops early.
-        #expect(report.rounds >= 1 && report.rounds <= 4)
+        // Round 0 is the bulk pass: a guest starved by the host may have dirtied nothing in it.
+        #expect(report.rounds >= 0 && report.rounds <= 4)
         #expect(report.rounds == 4 || report.dirtyPagesPerRound.last == 0)
-        #expect(report.throttle == 1 - 1 / Double(1 << (report.rounds - 1)), "50 % after round 1, then halving what runs: 75 %, 87.5 %")
+        let expectedThrottle = report.rounds == 0 ? 0 : 1 - 1 / Double(1 << (report.rounds - 1))
+        #expect(report.throttle == expectedThrottle, "none before round 2, 50 % after round 1, then halving what runs: 75 %, 87.5 %")
         // Compared before the destination runs: from then on its guest changes its RAM.
         #expect(try ramDifference(source.machine.memory, machine.memory) == nil)
         #expect(try Integrity.check(machine.memory, base: area.base, pages: area.pages) == nil)
