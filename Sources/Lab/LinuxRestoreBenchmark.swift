@@ -32,8 +32,11 @@ package struct LinuxRestoreBenchmark: Sendable {
         package var answerMilliseconds: Double
         /// CPU time the process used over the same span (all threads: vCPU, fault handler, host).
         package var cpuMilliseconds: Double
-        /// Pages faulted in before the answer (lazy restores).
+        /// Faults served before the answer (lazy restores: guest accesses that waited for a page).
         package var pagesFaultedIn: UInt64
+        /// Pages placed in RAM before the answer (lazy restores: the faulting pages and their
+        /// 64 KiB chunks' other non-zero pages).
+        package var pagesLoaded: UInt64
         /// What the engine ran, where it counts instructions (software engine).
         package var execution: ExecutionCounts?
     }
@@ -110,12 +113,12 @@ package struct LinuxRestoreBenchmark: Sendable {
         let runner = HostThread(name: "linux-restore") { _ = try? clone.run() }
         let answered = out.wait(for: "\(token)-42", seconds: 60)
         let finished = monotonicNanoseconds(), cpu = processCPUNanoseconds() - cpuStarted
-        let faults = clone.lazyRestoreFaults
+        let faults = clone.lazyRestoreFaults, loaded = clone.lazyRestorePagesLoaded
         clone.stop()
         runner.join()
         guard answered else { throw Failure.noAnswer(lazy: lazy, lastOutput: String(out.text.suffix(1500))) }
         return Restore(lazy: lazy, buildMilliseconds: Double(built - started) / 1e6, answerMilliseconds: Double(finished - started) / 1e6,
-                       cpuMilliseconds: Double(cpu) / 1e6, pagesFaultedIn: faults, execution: clone.executionCounts)
+                       cpuMilliseconds: Double(cpu) / 1e6, pagesFaultedIn: faults, pagesLoaded: loaded, execution: clone.executionCounts)
     }
 
     private static func read(_ path: String) throws -> [UInt8] {

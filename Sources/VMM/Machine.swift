@@ -177,8 +177,10 @@ public final class Machine: @unchecked Sendable {
     public internal(set) var balloon: VirtioBalloon?
     /// Fills RAM on first touch for a lazily restored machine (nil otherwise).
     var lazyLoader: LazyMemoryLoader?
-    /// Pages a lazy restore has faulted in so far.
+    /// Faults a lazy restore has served so far (guest accesses that waited for a page).
     public var lazyRestoreFaults: UInt64 { lazyLoader?.counters.faults.load(ordering: .relaxed) ?? 0 }
+    /// Lazy restore: pages placed in RAM so far (the faulting ones and their chunks' other non-zero pages).
+    public var lazyRestorePagesLoaded: UInt64 { lazyLoader?.counters.pagesLoaded.load(ordering: .relaxed) ?? 0 }
     /// KVM ioeventfd doorbells of virtio devices (nil: none, or not KVM).
     var doorbells: DoorbellThread?
     /// Held while the machine migrates out (one migration at a time).

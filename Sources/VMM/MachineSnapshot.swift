@@ -233,7 +233,12 @@ extension Machine {
 
 /// Lazy restore: guest RAM registered with userfaultfd in missing-page mode; the first
 /// touch of a page (by a vCPU through KVM, by the interpreter, or by a device) faults, and
-/// a handler thread copies the page in from the snapshot file.
+/// a handler thread copies the page in from the snapshot file. The file is read and
+/// verified a 64 KiB chunk at a time anyway, so the first fault in a chunk also places the
+/// non-zero pages of its group of chunks (after waking the faulting thread with its own
+/// page): code and data a guest uses together lie together, and each fault saved is a round
+/// trip through this thread (two context switches) the guest would otherwise wait for.
+/// Zero pages are left to fault, so RAM the guest never touches is still not allocated.
 // SAFETY: the fault thread is started and joined by the owner; shared counters are atomic and the failure hook is behind a Mutex.
 final class LazyMemoryLoader: @unchecked Sendable {
     private let uffd: Int32
@@ -241,7 +246,10 @@ final class LazyMemoryLoader: @unchecked Sendable {
     private var thread: HostThread?
     private let memory: GuestMemory
     final class Counters: Sendable {
+        /// Faults served (each a guest access that waited for the handler).
         let faults = Atomic<UInt64>(0)
+        /// Pages placed: the faulting ones and their chunks' other non-zero pages.
+        let pagesLoaded = Atomic<UInt64>(0)
         /// Told when the file cannot supply a page (a corrupt chunk): the page is filled with
         /// zeros only so the faulting thread can go on to be stopped.
         let onFailure = LockedFunction<@Sendable (_ page: Int, _ reason: String) -> Void>()
@@ -262,25 +270,69 @@ final class LazyMemoryLoader: @unchecked Sendable {
         let base = UInt(bitPattern: memory.base)
         let pages = Int(memory.size / 4096)
         thread = HostThread(name: "lazy-restore") { [uffd, stopFD, counters] in
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
-            defer { buffer.deallocate() }
+            let page = SnapshotFormat.pageSize, perChunk = SnapshotFormat.pagesPerChunk
+            let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: SnapshotFormat.chunkSize, alignment: page)
+            defer { chunk.deallocate() }
+            var chunkPlaced = [Bool](repeating: false, count: snapshot.chunkCount)
             var address: UInt64 = 0
             var isWrite: Int32 = 0, isWP: Int32 = 0
+            func place(_ p: Int, from source: UnsafeRawPointer) {
+                _ = host_uffd_copy(uffd, UnsafeMutableRawPointer(bitPattern: base + UInt(p) * UInt(page)), source, UInt64(page))
+                counters.pagesLoaded.add(1, ordering: .relaxed)
+            }
+            /// The chunk in `chunk` (read and verified): its non-zero pages but `skipping`.
+            func placeNonZeroPages(of c: Int, length: Int, skipping: Int?) {
+                chunkPlaced[c] = true
+                let first = c * perChunk
+                for p in first..<(first + length / page) where p != skipping {
+                    let source = UnsafeRawBufferPointer(rebasing: chunk[(p - first) * page ..< (p - first + 1) * page])
+                    if !Self.isZero(source) { place(p, from: source.baseAddress!) }
+                }
+            }
             while true {
                 let r = host_uffd_next_fault(uffd, stopFD, -1, &address, &isWrite, &isWP)
                 if r != 1 { return }
-                let page = Int((UInt(address) - base) >> 12)
-                guard page >= 0, page < pages else { continue }
+                let faulting = Int((UInt(address) - base) >> 12)
+                guard faulting >= 0, faulting < pages else { continue }
                 counters.faults.add(1, ordering: .relaxed)
-                do {
-                    try snapshot.readPage(page, into: buffer)
-                } catch {
-                    buffer.initializeMemory(as: UInt8.self, repeating: 0)
-                    counters.onFailure.function?(page, "\(error)")
+                let c = faulting / perChunk
+                if chunkPlaced[c] {
+                    // A zero page left to fault, or one the guest gave back: just this page.
+                    do { try snapshot.readPage(faulting, into: chunk) } catch {
+                        chunk.initializeMemory(as: UInt8.self, repeating: 0)
+                        counters.onFailure.function?(faulting, "\(error)")
+                    }
+                    place(faulting, from: chunk.baseAddress!)
+                    continue
                 }
-                _ = host_uffd_copy(uffd, UnsafeMutableRawPointer(bitPattern: base + UInt(page) * 4096), buffer.baseAddress, 4096)
+                let length: Int
+                do { length = try snapshot.readChunk(c, into: chunk) } catch {
+                    chunk.initializeMemory(as: UInt8.self, repeating: 0)
+                    counters.onFailure.function?(faulting, "\(error)")
+                    place(faulting, from: chunk.baseAddress!)
+                    continue
+                }
+                place(faulting, from: chunk.baseAddress! + (faulting - c * perChunk) * page)
+                // Then the rest of the chunk, and the other chunks of its group (one that
+                // fails its checksum is left to report itself when the guest touches it).
+                placeNonZeroPages(of: c, length: length, skipping: faulting)
+                let group = c - c % Self.chunksPerGroup
+                for other in group..<min(group + Self.chunksPerGroup, chunkPlaced.count) where !chunkPlaced[other] {
+                    guard let n = try? snapshot.readChunk(other, into: chunk) else { continue }
+                    placeNonZeroPages(of: other, length: n, skipping: nil)
+                }
             }
         }
+    }
+
+    /// Chunks placed together on the first fault in any of them (256 KiB: code and data a
+    /// guest uses together mostly lie within that of each other).
+    static let chunksPerGroup = 4
+
+    private static func isZero(_ page: UnsafeRawBufferPointer) -> Bool {
+        var any: UInt64 = 0
+        for k in stride(from: 0, to: page.count, by: 8) { any |= page.load(fromByteOffset: k, as: UInt64.self) }
+        return any == 0
     }
 
     deinit {

@@ -125,6 +125,9 @@ final class CPU {
     @exclusivity(unchecked) var translator: BlockTranslator?
     /// The translator's TLB and jump cache must be emptied before translated code runs again.
     @exclusivity(unchecked) var translatorFlushPending = true
+    /// What to empty at the next flush.
+    // SAFETY: unchecked exclusivity: only this vCPU's thread fills and flushes.
+    @exclusivity(unchecked) var translatorFills = TranslatorFillLog()
     @exclusivity(unchecked) var lastTranslatorKey: UInt64 = ~0
     /// Instruction attempts handed to the interpreter while translation is on.
     @exclusivity(unchecked) var interpretedUnderTranslation: UInt64 = 0
@@ -328,6 +331,7 @@ final class CPU {
 
     deinit {
         context.deallocate()
+        translatorFills.deallocate()
         tlbTags.deallocate()
         tlbFrames.deallocate()
         tlbBits.deallocate()

@@ -14,8 +14,9 @@ struct BenchLinuxRestore: ParsableCommand {
             restore is timed from opening the file to the answer of 'echo TOKEN-$((6*7))' typed on the \
             restored console: "build" is the machine made (RAM read and verified, or armed for \
             userfaultfd), "answer" the shell's reply; "CPU" is the process's CPU time over the same span \
-            (all threads). Lazy restores also count the pages faulted in; the last two columns say how \
-            much guest code the answer took and how many blocks the software engine translated for it \
+            (all threads). Lazy restores also count the faults served and the pages placed (the first \
+            fault in a 64 KiB chunk places its non-zero pages too); the last two columns say how much \
+            guest code the answer took and how many blocks the software engine translated for it \
             (a restored VM starts with an empty translation cache).
             """)
 
@@ -59,7 +60,7 @@ struct BenchLinuxRestore: ParsableCommand {
         print("Linux restore to an answered command (\(result.engine) engine, \(MemorySize.format(result.memoryBytes)) RAM, "
               + "booted to the prompt in \(result.bootToPromptSeconds.fixed(1)) s (CPU \(result.bootCPUSeconds.fixed(1)) s), snapshot \(result.snapshotBytes >> 20) MiB in \(snapshotDir))")
         let table = LabTable(
-            title: "", columns: ["restore", "build ms (median)", "answer ms (median)", "answer ms (min–max)", "CPU ms (median)", "pages faulted in", "guest instructions", "blocks translated", "target", "met"],
+            title: "", columns: ["restore", "build ms (median)", "answer ms (median)", "answer ms (min–max)", "CPU ms (median)", "faults", "pages loaded", "guest instructions", "blocks translated", "target", "met"],
             rows: [true, false].map { lazy in
                 let rs = result.restores.filter { $0.lazy == lazy }
                 let answers = rs.map(\.answerMilliseconds)
@@ -68,6 +69,7 @@ struct BenchLinuxRestore: ParsableCommand {
                         "\(answers.min()?.fixed(1) ?? "-")–\(answers.max()?.fixed(1) ?? "-")",
                         median(rs.map(\.cpuMilliseconds)).fixed(1),
                         lazy ? String(Int(median(rs.map { Double($0.pagesFaultedIn) }))) : "-",
+                        lazy ? String(Int(median(rs.map { Double($0.pagesLoaded) }))) : "-",
                         rs.last?.execution.map { String($0.instructions) } ?? "-",
                         rs.last?.execution.map { String($0.blocksTranslated) } ?? "-",
                         lazy ? "≤ 50 ms" : "—", lazy ? (answer <= 50 ? "yes" : "no") : "—"]

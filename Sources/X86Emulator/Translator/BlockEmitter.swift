@@ -6,7 +6,7 @@ struct BlockEmitter {
     var a: HostAssembler
     let translator: BlockTranslator
     /// Host register caching each guest register (-1: not used by the block).
-    var host = [Int](repeating: -1, count: 16)
+    var host = GuestRegisterMap()
     /// Guest registers written so far (stored back at every exit).
     var dirty: UInt16 = 0
     /// Host RFLAGS hold the guest's arithmetic flags, newer than the context's copy.
@@ -16,9 +16,10 @@ struct BlockEmitter {
     struct PendingMiss { var jump: HostLabel; var back: Int; var index: Int; var rip: UInt64; var kind: UInt64; var flagsLive: Bool; var dirty: UInt16 }
     struct PendingFail { var jump: HostLabel; var index: Int; var rip: UInt64; var dirty: UInt16 }
     struct PendingChain { var jump: HostLabel; var target: UInt64 }
-    var misses: [PendingMiss] = []
-    var fails: [PendingFail] = []
-    var chains: [PendingChain] = []
+    /// The stubs to emit after the body; their storage is the translator's, reused block after block.
+    var misses: [PendingMiss]
+    var fails: [PendingFail]
+    var chains: [PendingChain]
     /// The block's linear page: direct branches within it are chained.
     var page: UInt64 = 0
     /// Offset (in the block) where chained branches enter, past the generation check.
@@ -34,7 +35,10 @@ struct BlockEmitter {
     /// registers it writes — a later iteration's early exit must store them all.
     init(translator: BlockTranslator, used: UInt16, count: Int, loopsWriting: UInt16?) {
         self.translator = translator
-        a = HostAssembler(origin: translator.used)
+        a = translator.assembler()
+        misses = translator.spare.takeMisses()
+        fails = translator.spare.takeFails()
+        chains = translator.spare.takeChains()
         self.count = count
         dirty = loopsWriting ?? 0
         var next = 0
@@ -212,7 +216,7 @@ struct BlockEmitter {
             storeDirty(m.dirty)
             a.store64(.reg(rdi), rbx)                                        // mov rdi, rbx (RSI: linear)
             a.movImm(HostReg.rdx, m.kind)
-            a.instruction([0xFF], w: false, reg: 2, rm: .at(rbx, C.missHelper))  // call [helper]
+            a.instruction(HostOpcode(0xFF), w: false, reg: 2, rm: .at(rbx, C.missHelper))  // call [helper]
             a.bytes(0x48, 0x85, 0xC0)                                        // test rax, rax
             let failed = a.jccForward(0x4)
             a.store64(.reg(rsi), rax)                                        // mov rsi, rax
@@ -234,6 +238,7 @@ struct BlockEmitter {
             a.store64(.at(rbx, C.chainSite), rcx)
             exitWith(.chain, rip: c.target)
         }
+        translator.spare.giveBack(misses: &misses, fails: &fails, chains: &chains)
     }
 
     /// Instruction `index` onwards did not run: give their budget back, interpret at `rip`.
@@ -269,7 +274,7 @@ struct BlockEmitter {
                 switch size {
                 case 8: a.mov64(rcx, operand)
                 case 4: a.mov32(rcx, operand)
-                default: a.instruction([0x0F, 0xB7], w: false, reg: rcx, rm: operand)  // movzx ecx, word
+                default: a.instruction(HostOpcode(0x0F, 0xB7), w: false, reg: rcx, rm: operand)  // movzx ecx, word
                 }
                 operand = .reg(rcx)
             }
@@ -278,34 +283,34 @@ struct BlockEmitter {
         a.mov64(rdx, .reg(host[2]))
         if divide {
             guard case let .reg(d) = operand else { return }
-            func sized(_ opcode: [UInt8], reg: Int, rm: HostOperand) {
+            func sized(_ opcode: HostOpcode, reg: Int, rm: HostOperand) {
                 if size == 2 { a.byte(0x66) }
                 a.instruction(opcode, w: w, reg: reg, rm: rm)
             }
-            sized([0x85], reg: d, rm: .reg(d))                          // test divisor, divisor
+            sized(HostOpcode(0x85), reg: d, rm: .reg(d))                          // test divisor, divisor
             fails.append(PendingFail(jump: a.jccForward(0x4), index: index, rip: rip, dirty: dirty))  // jz
             if ext == 6 {
-                sized([0x39], reg: d, rm: .reg(rdx))                    // cmp rdx, divisor
+                sized(HostOpcode(0x39), reg: d, rm: .reg(rdx))                    // cmp rdx, divisor
                 fails.append(PendingFail(jump: a.jccForward(0x3), index: index, rip: rip, dirty: dirty))  // jae: quotient too large
             } else {
                 // RDX must be RAX's sign (the usual CQO; IDIV), and MIN / -1 overflows.
                 switch size {
                 case 8: a.mov64(rdi, .reg(rax)); a.bytes(0x48, 0xC1, 0xFF, 0x3F)      // sar rdi, 63
                 case 4: a.mov32(rdi, .reg(rax)); a.bytes(0xC1, 0xFF, 0x1F)            // sar edi, 31
-                default: a.instruction([0x0F, 0xBF], w: false, reg: rdi, rm: .reg(rax)); a.bytes(0xC1, 0xFF, 0x0F)  // movsx edi, ax; sar edi, 15
+                default: a.instruction(HostOpcode(0x0F, 0xBF), w: false, reg: rdi, rm: .reg(rax)); a.bytes(0xC1, 0xFF, 0x0F)  // movsx edi, ax; sar edi, 15
                 }
-                sized([0x39], reg: rdi, rm: .reg(rdx))                  // cmp rdx, sign
+                sized(HostOpcode(0x39), reg: rdi, rm: .reg(rdx))                  // cmp rdx, sign
                 fails.append(PendingFail(jump: a.jccForward(0x5), index: index, rip: rip, dirty: dirty))  // jne
-                sized([0x83], reg: 7, rm: .reg(d)); a.byte(0xFF)        // cmp divisor, -1
+                sized(HostOpcode(0x83), reg: 7, rm: .reg(d)); a.byte(0xFF)        // cmp divisor, -1
                 let notMinusOne = a.jccForward(0x5)
                 a.movImm(rdi, size == 8 ? 1 << 63 : size == 4 ? 0x8000_0000 : 0x8000)
-                sized([0x39], reg: rdi, rm: .reg(rax))                  // cmp rax, MIN
+                sized(HostOpcode(0x39), reg: rdi, rm: .reg(rax))                  // cmp rax, MIN
                 fails.append(PendingFail(jump: a.jccForward(0x4), index: index, rip: rip, dirty: dirty))  // je
                 a.bind(notMinusOne)
             }
         }
         if size == 2 { a.byte(0x66) }
-        a.instruction([0xF7], w: w, reg: ext, rm: operand)
+        a.instruction(HostOpcode(0xF7), w: w, reg: ext, rm: operand)
         a.mov64(host[0], .reg(rax))
         a.mov64(host[2], .reg(rdx))
         if restore { a.restoreFlags(from: C.flags); flagsLive = true }
@@ -354,7 +359,7 @@ struct BlockEmitter {
             switch i.osize {
             case 8: a.mov64(host[g], .reg(rsi))
             case 4: a.mov32(host[g], .reg(rsi))
-            default: a.byte(0x66); a.instruction([0x89], w: false, reg: rsi, rm: .reg(host[g]))
+            default: a.byte(0x66); a.instruction(HostOpcode(0x89), w: false, reg: rsi, rm: .reg(host[g]))
             }
         case .movImmediate:
             guard case let .guest(g) = p.regField else { return }
@@ -382,9 +387,9 @@ struct BlockEmitter {
         case .extendAccumulator:
             let h = host[0]
             switch i.osize {
-            case 8: a.instruction([0x63], w: true, reg: h, rm: .reg(h))                     // movsxd
-            case 4: a.instruction([0x0F, 0xBF], w: false, reg: h, rm: .reg(h))              // movsx r32, r16
-            default: a.byte(0x66); a.instruction([0x0F, 0xBE], w: false, reg: h, rm: .reg(h), forceREX: true)
+            case 8: a.instruction(HostOpcode(0x63), w: true, reg: h, rm: .reg(h))                     // movsxd
+            case 4: a.instruction(HostOpcode(0x0F, 0xBF), w: false, reg: h, rm: .reg(h))              // movsx r32, r16
+            default: a.byte(0x66); a.instruction(HostOpcode(0x0F, 0xBE), w: false, reg: h, rm: .reg(h), forceREX: true)
             }
         case .signExtendIntoDX:
             let ha = host[0], hd = host[2]
@@ -392,10 +397,10 @@ struct BlockEmitter {
             case 8: a.movImm(rcx, 63); a.sarx(hd, .reg(ha), count: rcx, w: true)
             case 4: a.movImm(rcx, 31); a.sarx(hd, .reg(ha), count: rcx, w: false)
             default:
-                a.instruction([0x0F, 0xBF], w: false, reg: rax, rm: .reg(ha))              // movsx eax, ax'
+                a.instruction(HostOpcode(0x0F, 0xBF), w: false, reg: rax, rm: .reg(ha))              // movsx eax, ax'
                 a.movImm(rcx, 31)
                 a.sarx(rax, .reg(rax), count: rcx, w: false)
-                a.byte(0x66); a.instruction([0x89], w: false, reg: rax, rm: .reg(hd))       // mov dx', ax
+                a.byte(0x66); a.instruction(HostOpcode(0x89), w: false, reg: rax, rm: .reg(hd))       // mov dx', ax
             }
         case .push:
             guard case let .guest(g) = p.regField else { return }
@@ -468,6 +473,42 @@ struct BlockEmitter {
     }
 }
 
+/// Host register per guest register, inline (a heap array per block would be an allocation
+/// per translation).
+struct GuestRegisterMap {
+    private var slots = SIMD16<Int8>(repeating: -1)
+    subscript(guest: Int) -> Int {
+        get { Int(slots[guest]) }
+        set { slots[guest] = Int8(newValue) }
+    }
+}
+
+/// Storage the translator lends each block's emitter and takes back, so translating a
+/// block allocates nothing once the arrays have grown.
+struct TranslatorScratch {
+    typealias PlannedInstruction = (Instr, TranslationPlan, UInt64)
+    private var plans: [PlannedInstruction] = []
+    private var misses: [BlockEmitter.PendingMiss] = []
+    private var fails: [BlockEmitter.PendingFail] = []
+    private var chains: [BlockEmitter.PendingChain] = []
+
+    mutating func takePlans() -> [PlannedInstruction] { defer { plans = [] }; return plans }
+    mutating func takeMisses() -> [BlockEmitter.PendingMiss] { defer { misses = [] }; return misses }
+    mutating func takeFails() -> [BlockEmitter.PendingFail] { defer { fails = [] }; return fails }
+    mutating func takeChains() -> [BlockEmitter.PendingChain] { defer { chains = [] }; return chains }
+
+    mutating func giveBack(plans p: inout [PlannedInstruction]) {
+        p.removeAll(keepingCapacity: true)
+        swap(&plans, &p)
+    }
+    mutating func giveBack(misses m: inout [BlockEmitter.PendingMiss], fails f: inout [BlockEmitter.PendingFail],
+                           chains c: inout [BlockEmitter.PendingChain]) {
+        m.removeAll(keepingCapacity: true); swap(&misses, &m)
+        f.removeAll(keepingCapacity: true); swap(&fails, &f)
+        c.removeAll(keepingCapacity: true); swap(&chains, &c)
+    }
+}
+
 extension CPU {
     /// Translates the block at `rip` (guest-physical `gpa`); nil when its first instruction
     /// must be interpreted.
@@ -482,7 +523,8 @@ extension CPU {
         if mark.newlyMarked { dropTranslatorWrites(toPage: Int(page)) }
         let gen = mark.generation
 
-        var plans: [(Instr, TranslationPlan, UInt64)] = []
+        var plans = t.spare.takePlans()
+        defer { t.spare.giveBack(plans: &plans) }
         var used: UInt16 = 0
         var r = rip, g = gpa
         var endedByBranch = false
@@ -513,13 +555,13 @@ extension CPU {
         } ?? false
         let written = plans.reduce(UInt16(0)) { $0 | $1.1.written }
         var e = BlockEmitter(translator: t, used: used, count: plans.count, loopsWriting: loops ? written : nil)
-        e.prologue(rip: rip, frame: page, gen: gen, restoreFlags: Self.flagsLiveOnEntry(plans.map(\.1)))
+        e.prologue(rip: rip, frame: page, gen: gen, restoreFlags: Self.flagsLiveOnEntry(plans.lazy.map(\.1)))
         for (k, (ins, plan, at)) in plans.enumerated() { e.emit(ins, plan, index: k, rip: at) }
         if !endedByBranch {
             if endedByUnsupported { e.leaveToInterpreter(at: r) } else { e.leave(to: r) }
         }
         e.finish()
-        let entry = t.place(e.a)
+        let entry = t.commit(e.a)
         let block = BlockTranslator.Block(rip: rip, gen: gen, entry: entry, chainedEntry: entry + e.chainedEntry)
         t.blocks[gpa] = block
         return block
@@ -530,7 +572,7 @@ extension CPU {
     /// is still needed — by a later reader, at the block's end (its successors), or at an
     /// instruction that may leave the block early (an exception there shows the guest its
     /// RFLAGS). Before the first flag writer, an early exit finds the flags in the context.
-    static func flagsLiveOnEntry(_ plans: [TranslationPlan]) -> Bool {
+    static func flagsLiveOnEntry(_ plans: some BidirectionalCollection<TranslationPlan>) -> Bool {
         var live = true
         var needed = false
         for p in plans.reversed() {

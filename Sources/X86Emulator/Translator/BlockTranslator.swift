@@ -120,7 +120,9 @@ final class BlockTranslator {
         static let interpreted = -1
     }
     // SAFETY: unchecked exclusivity (a hot lookup): one vCPU thread owns the translator.
-    @exclusivity(unchecked) var blocks: [UInt64: Block] = [:]
+    @exclusivity(unchecked) var blocks = BlockTable()
+    // SAFETY: unchecked exclusivity: only the owning vCPU thread's translateBlock touches it.
+    @exclusivity(unchecked) var spare = TranslatorScratch()
 
     /// Instructions the interpreter runs (where no block can start), by guest RIP, so each
     /// visit costs no page walk and no `blocks` lookup. Direct-mapped; valid as the jump
@@ -154,9 +156,9 @@ final class BlockTranslator {
         }
         code = rx
         writable = rw
-        var a = HostAssembler(origin: 0)
+        var a = HostAssembler(start: rw, room: capacity, origin: 0)
         // enter(context, entry): save callee-saved registers, align the stack for calls, go.
-        a.bytes(0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57)  // push rbx rbp r12 r13 r14 r15
+        a.longSequence(0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57)  // push rbx rbp r12 r13 r14 r15
         a.bytes(0x48, 0x83, 0xEC, 0x08)                                    // sub rsp, 8
         a.bytes(0x48, 0x89, 0xFB)                                          // mov rbx, rdi
         a.mov64(Self.budgetRegister, .at(HostReg.rbx, TranslatorContext.budget))
@@ -164,7 +166,7 @@ final class BlockTranslator {
         let epilogueAt = a.position
         a.store64(.at(HostReg.rbx, TranslatorContext.budget), Self.budgetRegister)
         a.bytes(0x48, 0x83, 0xC4, 0x08)                                    // add rsp, 8
-        a.bytes(0x41, 0x5F, 0x41, 0x5E, 0x41, 0x5D, 0x41, 0x5C, 0x5D, 0x5B, 0xC3)
+        a.longSequence(0x41, 0x5F, 0x41, 0x5E, 0x41, 0x5D, 0x41, 0x5C, 0x5D, 0x5B, 0xC3)
         // lookup: RAX = guest RIP; registers stored, flags saved.
         let lookupAt = a.position
         a.store64(.at(HostReg.rbx, TranslatorContext.rip), HostReg.rax)
@@ -174,15 +176,14 @@ final class BlockTranslator {
         a.bytes(0x48, 0x31, 0xD1)                                          // xor rcx, rdx
         a.bytes(0x81, 0xE1); a.imm32(Int32(TranslatorContext.jumpCacheEntries - 1))  // and ecx, entries-1
         a.bytes(0xC1, 0xE1, 0x04)                                          // shl ecx, 4
-        a.instruction([0x39], w: true, reg: HostReg.rax,
+        a.instruction(HostOpcode(0x39), w: true, reg: HostReg.rax,
                       rm: .mem(base: HostReg.rbx, index: HostReg.rcx, scale: 0, disp: TranslatorContext.jumpCache))
         let miss = a.jccForward(0x5)                                       // jne miss
-        a.instruction([0xFF], w: false, reg: 4,
+        a.instruction(HostOpcode(0xFF), w: false, reg: 4,
                       rm: .mem(base: HostReg.rbx, index: HostReg.rcx, scale: 0, disp: TranslatorContext.jumpCache + 8))
         a.bind(miss)
         a.bytes(0x31, 0xC0)                                                // xor eax, eax (.lookup)
         a.jmp(to: epilogueAt)
-        a.bytes.withUnsafeBytes { rw.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
         epilogue = epilogueAt
         lookup = lookupAt
         sharedEnd = (a.position + 63) & ~63
@@ -196,6 +197,7 @@ final class BlockTranslator {
         munmap(code, capacity)
         munmap(writable, capacity)
         interpreted.deallocate()
+        blocks.deallocate()
     }
 
     static var missHelperAddress: UInt64 { UInt64(UInt(bitPattern: unsafeBitCast(translatorMissHelper, to: UnsafeRawPointer.self))) }
@@ -205,7 +207,7 @@ final class BlockTranslator {
 
     /// Forgets every block (the buffer is full).
     func reset() {
-        blocks.removeAll(keepingCapacity: true)
+        blocks.removeAll()
         used = sharedEnd
         resets &+= 1
     }
@@ -222,12 +224,16 @@ final class BlockTranslator {
     /// SWIFTVISOR_TRANSLATOR_DUMP: a file to rewrite with the code buffer after each block.
     private static let dumpPath: String? = getenv("SWIFTVISOR_TRANSLATOR_DUMP").map { String(cString: $0) }
 
-    /// Copies assembled code into the buffer; returns its offset.
-    func place(_ a: HostAssembler) -> Int {
+    /// An assembler writing the next block in place (`commit` keeps it).
+    func assembler() -> HostAssembler {
+        HostAssembler(start: writable + used, room: capacity - used, origin: used)
+    }
+
+    /// Keeps the block `a` wrote; returns its offset.
+    func commit(_ a: HostAssembler) -> Int {
         let at = a.origin
-        precondition(at == used && at + a.bytes.count <= capacity)
-        a.bytes.withUnsafeBytes { (writable + at).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        used = (at + a.bytes.count + 15) & ~15
+        precondition(at == used && at + a.position <= capacity)
+        used = (at + a.position + 15) & ~15
         blocksTranslated &+= 1
         if let path = Self.dumpPath, let f = fopen(path, "w") {
             fwrite(code, 1, used, f); fclose(f)

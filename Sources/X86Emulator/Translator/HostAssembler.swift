@@ -15,31 +15,80 @@ enum HostOperand {
 /// A forward jump whose rel32 is filled in once the target is placed.
 struct HostLabel { var offset: Int }
 
-/// Emits host machine code into a byte array. Only the encodings the block translator
-/// needs; every one is spelled out so the generated code can be read against the SDM.
-struct HostAssembler {
-    var bytes: [UInt8] = []
-    /// Where in the code buffer `bytes[0]` will be placed (for jumps to shared stubs).
-    let origin: Int
+/// One or two opcode bytes, held inline: a plan per guest instruction carries one, and an
+/// array there would be a heap allocation per instruction translated.
+struct HostOpcode {
+    private var first: UInt8
+    private var second: UInt8
+    private var count: UInt8
 
-    init(origin: Int) {
+    init(_ b: UInt8) { first = b; second = 0; count = 1 }
+    init(_ b0: UInt8, _ b1: UInt8) { first = b0; second = b1; count = 2 }
+
+    static let none = HostOpcode(0x90)
+
+    func emit(into a: inout HostAssembler) {
+        a.byte(first)
+        if count == 2 { a.byte(second) }
+    }
+}
+
+/// Emits host machine code straight into the translator's writable code mapping (no
+/// intermediate array: translating a block allocates nothing). Only the encodings the
+/// block translator needs; every one is spelled out so the generated code can be read
+/// against the SDM.
+struct HostAssembler {
+    /// Where `position` 0 is: the writable mapping at `origin`.
+    private let start: UnsafeMutableRawPointer
+    /// Bytes that may be written from `start` (the rest of the buffer).
+    private let room: Int
+    /// Where in the code buffer `start` is (for jumps to shared stubs).
+    let origin: Int
+    private(set) var position = 0
+
+    /// `start`: the writable mapping at buffer offset `origin`, with `room` bytes after it.
+    init(start: UnsafeMutableRawPointer, room: Int, origin: Int) {
+        self.start = start
+        self.room = room
         self.origin = origin
-        bytes.reserveCapacity(4096)
     }
 
-    var position: Int { bytes.count }
+    /// The bytes emitted so far (for tests and dumps).
+    var emitted: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: start, count: position) }
 
-    mutating func byte(_ b: UInt8) { bytes.append(b) }
-    mutating func bytes(_ bs: UInt8...) { bytes.append(contentsOf: bs) }
-    mutating func imm32(_ v: Int32) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
-    mutating func imm64(_ v: UInt64) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
+    mutating func byte(_ b: UInt8) {
+        // A block is bounded (`BlockTranslator.blockReserve`); overrunning it is a translator bug.
+        precondition(position < room, "translated block overran the code buffer")
+        start.storeBytes(of: b, toByteOffset: position, as: UInt8.self)
+        position += 1
+    }
+    mutating func bytes(_ b0: UInt8, _ b1: UInt8) { byte(b0); byte(b1) }
+    mutating func bytes(_ b0: UInt8, _ b1: UInt8, _ b2: UInt8) { byte(b0); byte(b1); byte(b2) }
+    mutating func bytes(_ b0: UInt8, _ b1: UInt8, _ b2: UInt8, _ b3: UInt8) { byte(b0); byte(b1); byte(b2); byte(b3) }
+    /// Longer fixed sequences (the shared stubs, assembled once).
+    mutating func longSequence(_ bs: UInt8...) { for b in bs { byte(b) } }
+    mutating func imm32(_ v: Int32) {
+        precondition(position + 4 <= room, "translated block overran the code buffer")
+        start.storeBytes(of: v.littleEndian, toByteOffset: position, as: Int32.self)
+        position += 4
+    }
+    mutating func imm64(_ v: UInt64) {
+        precondition(position + 8 <= room, "translated block overran the code buffer")
+        start.storeBytes(of: v.littleEndian, toByteOffset: position, as: UInt64.self)
+        position += 8
+    }
     mutating func immediate(_ v: UInt64, size: Int) {
-        withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0.prefix(size)) }
+        switch size {
+        case 8: imm64(v)
+        case 4: imm32(Int32(truncatingIfNeeded: v))
+        case 2: byte(UInt8(truncatingIfNeeded: v)); byte(UInt8(truncatingIfNeeded: v >> 8))
+        default: byte(UInt8(truncatingIfNeeded: v))
+        }
     }
 
     /// REX (when needed or forced), then ModRM/SIB/displacement for `reg` and `rm`.
     /// `opcode` goes between them (legacy prefixes are the caller's).
-    mutating func instruction(_ opcode: [UInt8], w: Bool, reg: Int, rm: HostOperand, forceREX: Bool = false) {
+    mutating func instruction(_ opcode: HostOpcode, w: Bool, reg: Int, rm: HostOperand, forceREX: Bool = false) {
         var rex: UInt8 = 0x40
         if w { rex |= 8 }
         if reg >= 8 { rex |= 4 }
@@ -50,7 +99,7 @@ struct HostAssembler {
             if let x = index, x >= 8 { rex |= 2 }
         }
         if rex != 0x40 || forceREX { byte(rex) }
-        bytes.append(contentsOf: opcode)
+        opcode.emit(into: &self)
         modrm(reg: reg, rm: rm)
     }
 
@@ -81,12 +130,12 @@ struct HostAssembler {
 
     // MARK: Moves (none of these touch RFLAGS)
 
-    mutating func mov64(_ dst: Int, _ src: HostOperand) { instruction([0x8B], w: true, reg: dst, rm: src) }
-    mutating func store64(_ dst: HostOperand, _ src: Int) { instruction([0x89], w: true, reg: src, rm: dst) }
-    mutating func mov32(_ dst: Int, _ src: HostOperand) { instruction([0x8B], w: false, reg: dst, rm: src) }
-    mutating func store16(_ dst: HostOperand, _ src: Int) { byte(0x66); instruction([0x89], w: false, reg: src, rm: dst) }
-    mutating func load16(_ dst: Int, _ src: HostOperand) { byte(0x66); instruction([0x8B], w: false, reg: dst, rm: src) }
-    mutating func lea(_ dst: Int, _ src: HostOperand, w: Bool = true) { instruction([0x8D], w: w, reg: dst, rm: src) }
+    mutating func mov64(_ dst: Int, _ src: HostOperand) { instruction(HostOpcode(0x8B), w: true, reg: dst, rm: src) }
+    mutating func store64(_ dst: HostOperand, _ src: Int) { instruction(HostOpcode(0x89), w: true, reg: src, rm: dst) }
+    mutating func mov32(_ dst: Int, _ src: HostOperand) { instruction(HostOpcode(0x8B), w: false, reg: dst, rm: src) }
+    mutating func store16(_ dst: HostOperand, _ src: Int) { byte(0x66); instruction(HostOpcode(0x89), w: false, reg: src, rm: dst) }
+    mutating func load16(_ dst: Int, _ src: HostOperand) { byte(0x66); instruction(HostOpcode(0x8B), w: false, reg: dst, rm: src) }
+    mutating func lea(_ dst: Int, _ src: HostOperand, w: Bool = true) { instruction(HostOpcode(0x8D), w: w, reg: dst, rm: src) }
 
     /// `mov r64, imm` in its shortest flag-free form.
     mutating func movImm(_ dst: Int, _ v: UInt64) {
@@ -94,18 +143,18 @@ struct HostAssembler {
             if dst >= 8 { byte(0x41) }
             byte(0xB8 + UInt8(dst & 7)); imm32(Int32(bitPattern: UInt32(v)))
         } else if Int64(bitPattern: v) >= Int64(Int32.min) && Int64(bitPattern: v) < 0 {
-            instruction([0xC7], w: true, reg: 0, rm: .reg(dst)); imm32(Int32(truncatingIfNeeded: Int64(bitPattern: v)))
+            instruction(HostOpcode(0xC7), w: true, reg: 0, rm: .reg(dst)); imm32(Int32(truncatingIfNeeded: Int64(bitPattern: v)))
         } else {
             byte(dst >= 8 ? 0x49 : 0x48); byte(0xB8 + UInt8(dst & 7)); imm64(v)
         }
     }
 
     /// `sub r64, imm32` / `add r64, imm32` (these do set RFLAGS).
-    mutating func subImm(_ r: Int, _ v: Int32) { instruction([0x81], w: true, reg: 5, rm: .reg(r)); imm32(v) }
-    mutating func addImm(_ r: Int, _ v: Int32) { instruction([0x81], w: true, reg: 0, rm: .reg(r)); imm32(v) }
+    mutating func subImm(_ r: Int, _ v: Int32) { instruction(HostOpcode(0x81), w: true, reg: 5, rm: .reg(r)); imm32(v) }
+    mutating func addImm(_ r: Int, _ v: Int32) { instruction(HostOpcode(0x81), w: true, reg: 0, rm: .reg(r)); imm32(v) }
 
     /// `not r64` (flag-free).
-    mutating func not64(_ r: Int) { instruction([0xF7], w: true, reg: 2, rm: .reg(r)) }
+    mutating func not64(_ r: Int) { instruction(HostOpcode(0xF7), w: true, reg: 2, rm: .reg(r)) }
 
     /// `pext dst, src, [mask]` (BMI2, flag-free): VEX.LZ.F3.0F38.W1 F5 /r.
     mutating func pext(_ dst: Int, _ src: Int, mask: HostOperand) { vex0F38(0xF5, pp: 2, w: true, reg: dst, vvvv: src, rm: mask) }
@@ -158,7 +207,7 @@ struct HostAssembler {
     mutating func bind(_ label: HostLabel) { patch(label, to: position) }
     mutating func patch(_ label: HostLabel, to target: Int) {
         let rel = Int32(target - (label.offset + 4))
-        withUnsafeBytes(of: rel.littleEndian) { for i in 0..<4 { bytes[label.offset + i] = $0[i] } }
+        (start + label.offset).storeBytes(of: rel.littleEndian, as: Int32.self)
     }
     /// `jmp rel32` to an already placed position.
     mutating func jmp(to target: Int) { byte(0xE9); imm32(Int32(target - (position + 4))) }

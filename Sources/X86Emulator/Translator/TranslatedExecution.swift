@@ -70,7 +70,8 @@ extension CPU {
         if slot.load(as: UInt64.self) == r {
             return Int(slot.load(fromByteOffset: 8, as: UInt64.self) &- UInt64(UInt(bitPattern: t.code)))
         }
-        let known = t.interpreted + Int((r ^ (r >> 12)) & UInt64(BlockTranslator.interpretedEntries - 1))
+        let knownIndex = Int((r ^ (r >> 12)) & UInt64(BlockTranslator.interpretedEntries - 1))
+        let known = t.interpreted + knownIndex
         if known.pointee.rip == r && known.pointee.gen == CodePages.generation(codeGens, Int(known.pointee.gpa >> 12)) { return nil }
         let gpa: UInt64
         do throws(Fault) { gpa = try translate(r, write: false, execute: true, user: cs.dpl == 3) } catch { return nil }
@@ -83,15 +84,20 @@ extension CPU {
                 let gen = CodePages.generation(codeGens, Int(gpa >> 12))
                 t.blocks[gpa] = BlockTranslator.Block(rip: r, gen: gen, entry: BlockTranslator.Block.interpreted, chainedEntry: 0)
                 known.pointee = .init(rip: r, gpa: gpa, gen: gen)
+                translatorFills.note(.interpreted, knownIndex)
                 return nil
             }
         }
         guard let b = block, b.entry != BlockTranslator.Block.interpreted else {
-            if let b = block { known.pointee = .init(rip: r, gpa: gpa, gen: b.gen) }
+            if let b = block {
+                known.pointee = .init(rip: r, gpa: gpa, gen: b.gen)
+                translatorFills.note(.interpreted, knownIndex)
+            }
             return nil
         }
         slot.storeBytes(of: r, as: UInt64.self)
         slot.storeBytes(of: UInt64(UInt(bitPattern: t.code + b.entry)), toByteOffset: 8, as: UInt64.self)
+        translatorFills.note(.jumpCache, jumpCacheIndex(r))
         return b.entry
     }
 
@@ -115,7 +121,11 @@ extension CPU {
 
     /// The jump-cache slot of guest RIP `r` (the hash the shared lookup stub computes too).
     private func jumpCacheSlot(_ r: UInt64) -> UnsafeMutableRawPointer {
-        context + Int(TranslatorContext.jumpCache) + Int((r ^ (r >> 12)) & UInt64(TranslatorContext.jumpCacheEntries - 1)) * 16
+        context + Int(TranslatorContext.jumpCache) + jumpCacheIndex(r) * 16
+    }
+
+    private func jumpCacheIndex(_ r: UInt64) -> Int {
+        Int((r ^ (r >> 12)) & UInt64(TranslatorContext.jumpCacheEntries - 1))
     }
 
     /// RFLAGS' arithmetic flags into the context (OF byte, LAHF byte), and FS/GS bases.
@@ -135,16 +145,29 @@ extension CPU {
     /// a page becomes a code page).
     func flushTranslatorCaches() {
         let tlb = context + Int(TranslatorContext.tlb)
-        for k in 0..<TranslatorContext.tlbEntries {
+        let jc = context + Int(TranslatorContext.jumpCache)
+        func clearTLB(_ k: Int) {
             let e = tlb + k * TranslatorContext.tlbEntrySize
             e.storeBytes(of: TranslatorContext.emptyTag, as: UInt64.self)
             e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
         }
-        let jc = context + Int(TranslatorContext.jumpCache)
-        for k in 0..<TranslatorContext.jumpCacheEntries {
-            jc.storeBytes(of: TranslatorContext.emptyJumpKey, toByteOffset: k * 16, as: UInt64.self)
+        if translatorFills.overflowed {
+            for k in 0..<TranslatorContext.tlbEntries { clearTLB(k) }
+            for k in 0..<TranslatorContext.jumpCacheEntries {
+                jc.storeBytes(of: TranslatorContext.emptyJumpKey, toByteOffset: k * 16, as: UInt64.self)
+            }
+            if let t = translator { t.interpreted.update(repeating: .init(), count: BlockTranslator.interpretedEntries) }
+        } else {
+            let interpreted = translator?.interpreted
+            translatorFills.forEach { table, k in
+                switch table {
+                case .tlb: clearTLB(k)
+                case .jumpCache: jc.storeBytes(of: TranslatorContext.emptyJumpKey, toByteOffset: k * 16, as: UInt64.self)
+                case .interpreted: interpreted?[k] = .init()
+                }
+            }
         }
-        if let t = translator { t.interpreted.update(repeating: .init(), count: BlockTranslator.interpretedEntries) }
+        translatorFills.reset()
         translatorFlushPending = false
     }
 
@@ -154,11 +177,16 @@ extension CPU {
     func dropTranslatorWrites(toPage page: Int) {
         let gens = UInt64(UInt(bitPattern: codeGens + page))
         let tlb = context + Int(TranslatorContext.tlb)
-        for k in 0..<TranslatorContext.tlbEntries {
+        func drop(_ k: Int) {
             let e = tlb + k * TranslatorContext.tlbEntrySize
             if e.load(fromByteOffset: 24, as: UInt64.self) == gens {
                 e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)
             }
+        }
+        if translatorFills.overflowed {
+            for k in 0..<TranslatorContext.tlbEntries { drop(k) }
+        } else {
+            translatorFills.forEach { table, k in if table == .tlb { drop(k) } }
         }
     }
 
@@ -173,7 +201,9 @@ extension CPU {
         let frame = hostOffset & ~0xFFF
         if write && CodePages.hasCode(codeGens, Int(frame >> 12)) { return 0 }
         let vpn = linear >> 12
-        let e = context + Int(TranslatorContext.tlb) + Int(vpn & UInt64(TranslatorContext.tlbEntries - 1)) * TranslatorContext.tlbEntrySize
+        let index = Int(vpn & UInt64(TranslatorContext.tlbEntries - 1))
+        let e = context + Int(TranslatorContext.tlb) + index * TranslatorContext.tlbEntrySize
+        translatorFills.note(.tlb, index)
         let readTag = e.load(as: UInt64.self), writeTag = e.load(fromByteOffset: 8, as: UInt64.self)
         if readTag != vpn && writeTag != vpn {
             e.storeBytes(of: TranslatorContext.emptyTag, toByteOffset: 8, as: UInt64.self)

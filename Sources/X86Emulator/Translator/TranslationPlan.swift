@@ -32,7 +32,7 @@ struct TranslationPlan {
     enum Field { case guest(Int), ext(Int) }
 
     var kind: Kind
-    var opcode: [UInt8] = []
+    var opcode = HostOpcode.none
     var regField: Field = .ext(0)
     /// The r/m operand when it is a register (nil: memory, or none).
     var rmGuest: Int? = nil
@@ -87,7 +87,7 @@ extension TranslationPlan {
         if i.rep != 0 && !(op == 0xC3 || ((op == 0x1B8 || op == 0x1BC || op == 0x1BD) && i.rep == 0xF3)) { return nil }
 
         var p = TranslationPlan(kind: .native)
-        func native(_ opcode: [UInt8], reg: Field, byte: Bool, imm: Int = 0, access: Int = 0, write: Bool = false,
+        func native(_ opcode: HostOpcode, reg: Field, byte: Bool, imm: Int = 0, access: Int = 0, write: Bool = false,
                     writesReg: Bool = false, writesRM: Bool = false, reads: Bool = false, writes: Bool = false,
                     partial: Bool = false) -> TranslationPlan? {
             p.opcode = opcode
@@ -124,12 +124,12 @@ extension TranslationPlan {
             let carry = alu == 2 || alu == 3
             switch op & 7 {
             case 0, 1:
-                return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: byte, write: alu != 7, writesRM: alu != 7, reads: carry, writes: true)
+                return native(HostOpcode(UInt8(op)), reg: .guest(Int(i.reg)), byte: byte, write: alu != 7, writesRM: alu != 7, reads: carry, writes: true)
             case 2, 3:
-                return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: byte, writesReg: alu != 7, reads: carry, writes: true)
+                return native(HostOpcode(UInt8(op)), reg: .guest(Int(i.reg)), byte: byte, writesReg: alu != 7, reads: carry, writes: true)
             default:
                 // AL/eAX, imm: as group 1 on the cached RAX.
-                p.opcode = [byte ? 0x80 : 0x81]
+                p.opcode = HostOpcode(byte ? 0x80 : 0x81)
                 p.regField = .ext(alu)
                 p.byteRegisters = byte
                 p.immediateSize = byte ? 1 : zSize
@@ -141,22 +141,22 @@ extension TranslationPlan {
                 return p
             }
         case 0x63:
-            return native([0x63], reg: .guest(Int(i.reg)), byte: false, access: 4, writesReg: true)
+            return native(HostOpcode(0x63), reg: .guest(Int(i.reg)), byte: false, access: 4, writesReg: true)
         case 0x69, 0x6B:
-            return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: false, imm: op == 0x6B ? 1 : zSize, writesReg: true, partial: true)
+            return native(HostOpcode(UInt8(op)), reg: .guest(Int(i.reg)), byte: false, imm: op == 0x6B ? 1 : zSize, writesReg: true, partial: true)
         case 0x80, 0x81, 0x83:
             let ext = i.ext
-            return native([UInt8(op)], reg: .ext(ext), byte: op == 0x80, imm: op == 0x81 ? zSize : 1, write: ext != 7,
+            return native(HostOpcode(UInt8(op)), reg: .ext(ext), byte: op == 0x80, imm: op == 0x81 ? zSize : 1, write: ext != 7,
                           writesRM: ext != 7, reads: ext == 2 || ext == 3, writes: true)
         case 0x84, 0x85:
-            return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: op == 0x84, writes: true)
+            return native(HostOpcode(UInt8(op)), reg: .guest(Int(i.reg)), byte: op == 0x84, writes: true)
         case 0x86, 0x87:
             if isMem && sharedMemory { return nil }  // atomic: serialised with LOCK instructions
-            return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: op == 0x86, write: true, writesReg: true, writesRM: true)
+            return native(HostOpcode(UInt8(op)), reg: .guest(Int(i.reg)), byte: op == 0x86, write: true, writesReg: true, writesRM: true)
         case 0x88, 0x89:
-            return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: op == 0x88, write: true, writesRM: true)
+            return native(HostOpcode(UInt8(op)), reg: .guest(Int(i.reg)), byte: op == 0x88, write: true, writesRM: true)
         case 0x8A, 0x8B:
-            return native([UInt8(op)], reg: .guest(Int(i.reg)), byte: op == 0x8A, writesReg: true)
+            return native(HostOpcode(UInt8(op)), reg: .guest(Int(i.reg)), byte: op == 0x8A, writesReg: true)
         case 0x8D:
             guard isMem else { return nil }
             p.kind = .lea
@@ -174,7 +174,7 @@ extension TranslationPlan {
             p.written = op == 0x98 ? 1 : 0b100
             return p
         case 0xA8, 0xA9:
-            p.opcode = [op == 0xA8 ? 0xF6 : 0xF7]
+            p.opcode = HostOpcode(op == 0xA8 ? 0xF6 : 0xF7)
             p.regField = .ext(0)
             p.byteRegisters = op == 0xA8
             p.immediateSize = op == 0xA8 ? 1 : zSize
@@ -196,23 +196,23 @@ extension TranslationPlan {
             if ext == 6 { return nil }
             let byCL = op == 0xD2 || op == 0xD3
             let throughCarry = ext == 2 || ext == 3  // RCL, RCR
-            guard var q = native([UInt8(op)], reg: .ext(ext), byte: op & 1 == 0, imm: op <= 0xC1 ? 1 : 0, write: true,
+            guard var q = native(HostOpcode(UInt8(op)), reg: .ext(ext), byte: op & 1 == 0, imm: op <= 0xC1 ? 1 : 0, write: true,
                                  writesRM: true, reads: throughCarry, partial: true) else { return nil }
             if byCL { q.usesCL = true; q.used |= 1 << 1 }
             return q
         case 0xC6, 0xC7:
             guard i.ext == 0 else { return nil }
-            return native([UInt8(op)], reg: .ext(0), byte: op == 0xC6, imm: op == 0xC6 ? 1 : zSize, write: true, writesRM: true)
+            return native(HostOpcode(UInt8(op)), reg: .ext(0), byte: op == 0xC6, imm: op == 0xC6 ? 1 : zSize, write: true, writesRM: true)
         case 0xF6, 0xF7:
             let ext = i.ext
             let byte = op == 0xF6
             switch ext {
-            case 0, 1: return native([UInt8(op)], reg: .ext(ext), byte: byte, imm: byte ? 1 : zSize, writes: true)
-            case 2: return native([UInt8(op)], reg: .ext(2), byte: byte, write: true, writesRM: true)
-            case 3: return native([UInt8(op)], reg: .ext(3), byte: byte, write: true, writesRM: true, writes: true)
+            case 0, 1: return native(HostOpcode(UInt8(op)), reg: .ext(ext), byte: byte, imm: byte ? 1 : zSize, writes: true)
+            case 2: return native(HostOpcode(UInt8(op)), reg: .ext(2), byte: byte, write: true, writesRM: true)
+            case 3: return native(HostOpcode(UInt8(op)), reg: .ext(3), byte: byte, write: true, writesRM: true, writes: true)
             default:
                 // MUL/IMUL/DIV/IDIV on RDX:RAX; the byte forms (AH:AL) stay interpreted.
-                guard !byte, var q = native([0xF7], reg: .ext(ext), byte: false, partial: ext <= 5) else { return nil }
+                guard !byte, var q = native(HostOpcode(0xF7), reg: .ext(ext), byte: false, partial: ext <= 5) else { return nil }
                 q.kind = .multiplyDivide
                 q.used |= 0b101
                 q.written |= 0b101
@@ -222,7 +222,7 @@ extension TranslationPlan {
         case 0xFE, 0xFF:
             let ext = i.ext
             if ext <= 1 {
-                return native([UInt8(op)], reg: .ext(ext), byte: op == 0xFE, write: true, writesRM: true, partial: true)
+                return native(HostOpcode(UInt8(op)), reg: .ext(ext), byte: op == 0xFE, write: true, writesRM: true, partial: true)
             }
             guard op == 0xFF, !i.opsize16 else { return nil }
             switch ext {
@@ -284,36 +284,36 @@ extension TranslationPlan {
             p.kind = .nop
             return p
         case 0x140...0x14F:
-            return native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, writesReg: true, reads: true)
+            return native(HostOpcode(0x0F, UInt8(op & 0xFF)), reg: .guest(Int(i.reg)), byte: false, writesReg: true, reads: true)
         case 0x190...0x19F:
-            return native([0x0F, UInt8(op & 0xFF)], reg: .ext(0), byte: true, access: 1, write: true, writesRM: true, reads: true)
+            return native(HostOpcode(0x0F, UInt8(op & 0xFF)), reg: .ext(0), byte: true, access: 1, write: true, writesRM: true, reads: true)
         case 0x1A3, 0x1AB, 0x1B3, 0x1BB:
             // The register bit offset reaches outside the operand for memory: interpret those.
             guard mod3 else { return nil }
-            return native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, writesRM: op != 0x1A3, partial: true)
+            return native(HostOpcode(0x0F, UInt8(op & 0xFF)), reg: .guest(Int(i.reg)), byte: false, writesRM: op != 0x1A3, partial: true)
         case 0x1BA:
             let ext = i.ext
             guard ext >= 4 else { return nil }
-            return native([0x0F, 0xBA], reg: .ext(ext), byte: false, imm: 1, write: ext != 4, writesRM: ext != 4, partial: true)
+            return native(HostOpcode(0x0F, 0xBA), reg: .ext(ext), byte: false, imm: 1, write: ext != 4, writesRM: ext != 4, partial: true)
         case 0x1A4, 0x1A5, 0x1AC, 0x1AD:
-            guard var q = native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, imm: op & 1 == 0 ? 1 : 0,
+            guard var q = native(HostOpcode(0x0F, UInt8(op & 0xFF)), reg: .guest(Int(i.reg)), byte: false, imm: op & 1 == 0 ? 1 : 0,
                                  write: true, writesRM: true, partial: true) else { return nil }
             if op & 1 == 1 { q.usesCL = true; q.used |= 1 << 1 }
             return q
         case 0x1AF:
-            return native([0x0F, 0xAF], reg: .guest(Int(i.reg)), byte: false, writesReg: true, partial: true)
+            return native(HostOpcode(0x0F, 0xAF), reg: .guest(Int(i.reg)), byte: false, writesReg: true, partial: true)
         case 0x1B6, 0x1B7, 0x1BE, 0x1BF:
             let byteSource = op & 1 == 0
             if byteSource && mod3 && !i.hasREX && i.rm >= 4 { return nil }
-            return native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, access: byteSource ? 1 : 2, writesReg: true)
+            return native(HostOpcode(0x0F, UInt8(op & 0xFF)), reg: .guest(Int(i.reg)), byte: false, access: byteSource ? 1 : 2, writesReg: true)
                 .map { var q = $0; q.byteRegisters = byteSource; return q }
         case 0x1B8, 0x1BC, 0x1BD:
-            guard var q = native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: false, writesReg: true, partial: true)
+            guard var q = native(HostOpcode(0x0F, UInt8(op & 0xFF)), reg: .guest(Int(i.reg)), byte: false, writesReg: true, partial: true)
             else { return nil }
             q.prefixF3 = i.rep == 0xF3
             return q
         case 0x1C0, 0x1C1:
-            return native([0x0F, UInt8(op & 0xFF)], reg: .guest(Int(i.reg)), byte: op == 0x1C0, write: true, writesReg: true, writesRM: true,
+            return native(HostOpcode(0x0F, UInt8(op & 0xFF)), reg: .guest(Int(i.reg)), byte: op == 0x1C0, write: true, writesReg: true, writesRM: true,
                           writes: true)
         case 0x1C8...0x1CF:
             guard !i.opsize16 else { return nil }
