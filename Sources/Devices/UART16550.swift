@@ -159,7 +159,10 @@ public final class UART16550: PortIODevice, Sendable {
             }
             return Self.interruptPending(r)
         }
-        if emit { output(byte) }
-        irqLine(irq)
+        guard emit else { irqLine(irq); return }
+        output(byte)
+        // The output callback may have queued input (a terminal answering a query): the
+        // line follows the registers as they are now.
+        irqLine(state.withLock { Self.interruptPending($0) })
     }
 }
