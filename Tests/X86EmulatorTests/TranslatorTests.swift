@@ -93,7 +93,8 @@ struct TranslatorTests {
         let (s, v) = try snippet([0xB9, 0x10, 0x00, 0x00, 0x00, 0xFF, 0xC9, 0x75, 0xFC, 0xF4], translation: true)  // loop; hlt
         #expect(try s.run() == .halt)
         #expect(v.blocksTranslated > 0)
-        let maps = try String(contentsOfFile: "/proc/self/maps", encoding: .utf8)
+        // Read while the snippet's translator (and its buffer) is alive: ARC may end it after its last use.
+        let maps = try withExtendedLifetime(s) { try String(contentsOfFile: "/proc/self/maps", encoding: .utf8) }
         let writableAndExecutable = maps.split(separator: "\n").filter { line in
             let perms = line.split(separator: " ").dropFirst().first ?? ""
             return perms.hasPrefix("rwx")
