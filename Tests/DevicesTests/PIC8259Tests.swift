@@ -174,9 +174,9 @@ import VirtCore
         p.pic.setIRQ(11, false)
         #expect(!p.output.current)
         #expect(p.readIRR(p.slave) == 0)
-        // Edge-triggered by contrast: one pulse, one interrupt.
-        p.pic.setIRQ(4, true)
-        #expect(p.pic.acknowledge() == 0x34)
+        // Edge-triggered by contrast (IRQ 1 cannot be level): held high, one interrupt.
+        p.pic.setIRQ(1, true)
+        #expect(p.pic.acknowledge() == 0x31)
         p.eoi(p.master)
         #expect(!p.output.current)
     }
