@@ -35,7 +35,7 @@ struct LinuxPICTests {
 
     /// The count of the XT-PIC line named `name` in a /proc/interrupts listing (one CPU), or 0.
     static func count(of name: String, in table: String) -> Int {
-        let line = table.split(separator: "\n").first { $0.contains("XT-PIC") && $0.contains(" \(name)") }
+        let line = table.split(whereSeparator: \.isNewline).first { $0.contains("XT-PIC") && $0.contains(" \(name)") }
         return line.flatMap { $0.split(separator: " ").dropFirst().first.flatMap { Int($0) } } ?? 0
     }
 }

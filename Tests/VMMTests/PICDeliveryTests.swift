@@ -1,4 +1,5 @@
 import Devices
+import Foundation
 import TestSupport
 import Testing
 import VirtCore
@@ -70,5 +71,29 @@ import VirtCore
         pic.masterPorts.portWrite(offset: 0, size: 1, value: 0x0B)
         pic.slavePorts.portWrite(offset: 0, size: 1, value: 0x0B)
         #expect(pic.masterPorts.portRead(offset: 0, size: 1) == 0 && pic.slavePorts.portRead(offset: 0, size: 1) == 0)
+    }
+
+    /// A PC record from before the 8259 delivered interrupts (each chip's mask, init step and
+    /// OCW3 choice as `masterPIC` and `slavePIC`) still restores: the masks come back. A
+    /// record with neither form is refused with the device named.
+    @Test func recordsFromBeforeDeliveryRestoreTheirMasks() throws {
+        func machine() throws -> Machine {
+            try PCPlatform.machine(kernel: LinuxBootLoaderTests.vmlinux(code: [0xF4]), configuration: MachineConfiguration(memorySize: 64 << 20),
+                                   engine: try TestEngines.make(.software), serialOutput: { _ in })
+        }
+        let source = try #require(try machine().pcPlatform)
+        var record = try #require(try JSONSerialization.jsonObject(with: JSONEncoder().encode(source.savedState)) as? [String: Any])
+        record["pic"] = nil
+        record["masterPIC"] = ["mask": 0xB8, "initStep": 0, "readISR": false]
+        record["slavePIC"] = ["mask": 0x8F, "initStep": 0, "readISR": true]
+        let old = try JSONDecoder().decode(PCPlatformDevices.SavedState.self, from: JSONSerialization.data(withJSONObject: record))
+        let target = try #require(try machine().pcPlatform)
+        try target.restore(old, timeStampCounters: [0])
+        #expect(target.pic.masterPorts.portRead(offset: 1, size: 1) == 0xB8 && target.pic.slavePorts.portRead(offset: 1, size: 1) == 0x8F)
+
+        record["masterPIC"] = nil
+        record["slavePIC"] = nil
+        let neither = try JSONDecoder().decode(PCPlatformDevices.SavedState.self, from: JSONSerialization.data(withJSONObject: record))
+        #expect(throws: DeviceStateError.self) { try #require(try machine().pcPlatform).restore(neither, timeStampCounters: [0]) }
     }
 }

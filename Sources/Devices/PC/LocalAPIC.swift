@@ -134,7 +134,10 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     }
 
     public func acknowledgeExternalInterrupt(vcpu: Int) -> UInt8? {
-        guard passesExtINT(vcpu: vcpu), let acknowledge = externalAcknowledge.function else { return nil }
+        guard passesExtINT(vcpu: vcpu), let acknowledge = externalAcknowledge.function else {
+            if vcpu == 0 { updateExternalInterrupt() }  // a request the vCPU still saw raced with its withdrawal
+            return nil
+        }
         return acknowledge()
     }
     public var count: Int { apics.count }
