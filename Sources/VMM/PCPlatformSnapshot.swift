@@ -13,7 +13,7 @@ package final class PCPlatformDevices: Sendable {
     let cmos: CMOSClock?
     let powerManagement: ACPIPowerManagement?
     let startupGate: StartupGate
-    /// COM1 when its interrupt is wired to the I/O APIC (Linux).
+    /// COM1 when its interrupt is wired (Linux: IRQ 4 of the 8259 and the I/O APIC).
     let com1: UART16550?
 
     init(linux: Bool, cpu: PCCPUFeatures, localAPICs: LocalAPICBank, ioapic: IOAPIC, pit: ProgrammableIntervalTimer, pic: PIC8259,
