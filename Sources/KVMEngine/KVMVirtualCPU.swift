@@ -9,7 +9,7 @@ import Glibc
 /// One KVM vCPU: its fd and the shared `kvm_run` page.
 // SAFETY: the run page and pending-read state belong to the thread calling run(); kicks from
 // other threads go through the atomic thread handle under `kickLock` and immediate_exit.
-public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
+public final class KVMVirtualCPU: ReferenceRunLoop, ExternalInterruptInput, @unchecked Sendable {
     /// Signal used to knock a vCPU thread out of KVM_RUN.
     static let kickSignal = SIGUSR1
     private static let kickHandlerInstalled: Bool = { ckvm_install_kick_handler(KVMVirtualCPU.kickSignal) == 0 }()
@@ -33,6 +33,10 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
     /// Set by `requestExit`: `run()` returns `.interrupted` (kicks for interrupts don't).
     private let exitRequested = Atomic<Bool>(false)
     private let pending = PendingInterrupts()
+    /// An ExtINT request (the 8259's INTR through LINT0): its vector comes from the
+    /// controller's acknowledge at injection.
+    private let externalRequest = Atomic<Bool>(false)
+    private var externalController: (any ExternalInterruptController)?
 
     init(vm: KVMVirtualMachine, id: Int) throws(KVMError) {
         _ = Self.kickHandlerInstalled
@@ -71,7 +75,7 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
             kickLock.withLock { _ in runningThread.store(me, ordering: .releasing) }
         }
         while true {
-            if !pending.isEmpty { try offerInterrupt() }
+            if interruptWaits { try offerInterrupt() }
             let rc = ckvm_run(fd)
             if rc < 0 {
                 guard -rc == EINTR || -rc == EAGAIN else { throw .hostCallFailed(operation: "KVM_RUN", errno: -rc) }
@@ -87,23 +91,40 @@ public final class KVMVirtualCPU: ReferenceRunLoop, @unchecked Sendable {
 
     /// Without an in-kernel irqchip the VMM is the interrupt controller: inject when the
     /// guest can take an interrupt now, else ask KVM to exit as soon as it can.
+    /// An ExtINT request is acknowledged only here, as the vector goes in.
     private func offerInterrupt() throws(VCPUError) {
-        if ckvm_run_ready_for_interrupt(runPage) != 0, let vector = pending.takeHighest() {
-            let rc = ckvm_interrupt(fd, UInt32(vector))
-            if rc < 0 {
-                pending.post(vector)
-                throw .hostCallFailed(operation: "KVM_INTERRUPT", errno: -rc)
+        if ckvm_run_ready_for_interrupt(runPage) != 0 {
+            let injected = pending.takeHighest()
+            if let vector = injected ?? takeExternalInterrupt() {
+                let rc = ckvm_interrupt(fd, UInt32(vector))
+                if rc < 0 {
+                    if let injected { pending.post(injected) }
+                    throw .hostCallFailed(operation: "KVM_INTERRUPT", errno: -rc)
+                }
             }
         }
-        ckvm_run_request_interrupt_window(runPage, pending.isEmpty ? 0 : 1)
+        ckvm_run_request_interrupt_window(runPage, interruptWaits ? 1 : 0)
     }
+
+    private func takeExternalInterrupt() -> UInt8? {
+        guard externalRequest.load(ordering: .acquiring), let controller = externalController else { return nil }
+        return controller.acknowledgeExternalInterrupt(vcpu: id)
+    }
+
+    private var interruptWaits: Bool { !pending.isEmpty || externalRequest.load(ordering: .relaxed) }
 
     public func injectInterrupt(vector: UInt8) {
         pending.post(vector)
         kick()
     }
 
-    public var hasPendingInterrupt: Bool { !pending.isEmpty }
+    public func setExternalInterruptController(_ controller: (any ExternalInterruptController)?) { externalController = controller }
+    public func setExternalInterruptRequest(_ asserted: Bool) {
+        externalRequest.store(asserted, ordering: .releasing)
+        if asserted { kick() }
+    }
+
+    public var hasPendingInterrupt: Bool { interruptWaits }
 
     public var interruptsEnabled: Bool { ckvm_run_if_flag(runPage) != 0 }
 

@@ -444,6 +444,13 @@ public final class Machine: @unchecked Sendable {
         wakeups[id].signal()
     }
 
+    /// The ExtINT request toward vCPU `id` (the 8259's INTR through its LINT0) at `asserted`;
+    /// asserting it wakes the vCPU if it waits in `hlt`. Any thread.
+    package func setExternalInterruptRequest(_ asserted: Bool, vcpu id: Int) {
+        (vcpus[id] as? any ExternalInterruptInput)?.setExternalInterruptRequest(asserted)
+        if asserted { wakeups[id].signal() }
+    }
+
     /// The engine's vCPU `id` (for engine-specific tools such as the exit benchmark).
     package func vcpu(_ id: Int) -> any VCPU { vcpus[id] }
 

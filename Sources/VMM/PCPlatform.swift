@@ -3,7 +3,7 @@ import Synchronization
 import VirtCore
 
 /// A PC as QEMU's `-machine pc` presents it to a kernel booted with `-kernel`: multiboot
-/// entry, COM1, isa-debug-exit at 0xF4, fw_cfg at 0x510, the 8259 pair's registers, one
+/// entry, COM1, isa-debug-exit at 0xF4, fw_cfg at 0x510, the 8259 pair (its INTR on the boot CPU's LINT0), one
 /// local APIC per vCPU (xAPIC page and x2APIC MSRs) with INIT/STARTUP for the application
 /// processors (which wait in wait-for-SIPI), the I/O APIC, the 8254 PIT (and port 0x61), pc-testdev (its register, IRQ-line ports and device memory),
 /// and PCI (`PCPlatformPCI`: host bridge, virtio-pci devices).
@@ -30,6 +30,7 @@ public enum PCPlatform {
             case let .linux(linux):
                 boot = try linux.load(into: memory, commandLine: configuration.commandLine, initrd: modules.first?.bytes)
                 try ACPITables.write(into: memory, vcpuCount: configuration.vcpuCount, ioapicID: UInt8(configuration.vcpuCount))
+                try MPTable.write(into: memory, vcpuCount: configuration.vcpuCount, ioapicID: UInt8(configuration.vcpuCount))
             case let .multiboot(multiboot):
                 boot = try multiboot.load(into: memory, commandLine: configuration.commandLine, modules: modules)
             }
@@ -49,9 +50,10 @@ public enum PCPlatform {
         let count = machine.configuration.vcpuCount
         try machine.attach(FirmwareConfig(ramSize: machine.configuration.memorySize, cpuCount: count),
                            firstPort: FirmwareConfig.port, count: FirmwareConfig.portCount)
-        let pic = LegacyPIC(), slavePIC = LegacyPIC()
-        try machine.attach(pic, firstPort: LegacyPIC.masterPort, count: 2)
-        try machine.attach(slavePIC, firstPort: LegacyPIC.slavePort, count: 2)
+        let pic = PIC8259()
+        try machine.attach(pic.masterPorts, firstPort: PIC8259.masterPort, count: 2)
+        try machine.attach(pic.slavePorts, firstPort: PIC8259.slavePort, count: 2)
+        try machine.attach(pic.edgeLevelControl, firstPort: PIC8259.elcrPort, count: 2)
         let gate = StartupGate(vcpuCount: count)
         // The timers count on each vCPU's own TSC where the engine offers it (software engine).
         // (The machine owns the vCPUs and the APICs: weakly referenced here.)
@@ -63,8 +65,13 @@ public enum PCPlatform {
             deliver: { [weak machine] vcpu, vector in machine?.raiseInterrupt(vector: vector, vcpu: vcpu) },
             initCPU: { vcpu in gate.initCPU(vcpu) },
             startup: { vcpu, vector in gate.startup(vcpu, vector: vector) },
-            guestClock: guestClock))
+            guestClock: guestClock,
+            externalInterrupt: { [weak machine] vcpu, asserted in machine?.setExternalInterruptRequest(asserted, vcpu: vcpu) }))
         machine.localAPIC = apic
+        // The 8259's INTR is the boot CPU's LINT0; its vector comes from the 8259's acknowledge.
+        pic.connectOutput { [weak apic] level in apic?.setLINT0(level) }
+        apic.connectExternalInterruptController { [weak pic] in pic?.acknowledge() ?? 0x0F }
+        for vcpu in machine.allVCPUs { (vcpu as? any ExternalInterruptInput)?.setExternalInterruptController(apic) }
         // The 8254 counts on the reading vCPU's TSC where the timers do (so Linux calibrates
         // the TSC at its true rate), host time otherwise; IRQ0 is ISA IRQ 0, GSI 0.
         let pitClock: @Sendable () -> UInt64
@@ -76,15 +83,16 @@ public enum PCPlatform {
         machine.pcPCI = try PCPlatformPCI(machine: machine, apic: apic)
         let ioapic = IOAPIC(apics: apic)
         try machine.attach(ioapic, base: IOAPIC.base, size: IOAPIC.size)
-        pit.connectIRQ0 { [weak ioapic] level in ioapic?.setLine(ProgrammableIntervalTimer.irq, level) }
-        try machine.attach(PCTestDevice.InterruptLines(ioapic: ioapic), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
+        let lines = PCInterruptLines(pic: pic, ioapic: ioapic)
+        pit.connectIRQ0 { level in lines.set(ProgrammableIntervalTimer.irq, level) }
+        try machine.attach(PCTestDevice.InterruptLines(lines: lines), firstPort: PCTestDevice.irqPort, count: IOAPIC.pins)
         try machine.attach(PCTestDevice.Register(), firstPort: PCTestDevice.registerPort, count: PCTestDevice.registerPortCount)
         try machine.attach(PCTestDevice.Memory(), base: PCTestDevice.memoryBase, size: PCTestDevice.memorySize)
         var linuxDevices: (CMOSClock, ACPIPowerManagement)?
         if linux {
             // Linux's 8250 driver wants COM1's interrupt; kvm-unit-tests poll the UART, and
             // an interrupt per transmitted byte only slows their output.
-            machine.uart.connectInterruptLine { [weak ioapic] level in ioapic?.setLine(UART16550.com1IRQ, level) }
+            machine.uart.connectInterruptLine { level in lines.set(UART16550.com1IRQ, level) }
             let cmos = CMOSClock()
             try machine.attach(cmos, firstPort: CMOSClock.port, count: 2)
             let pm = ACPIPowerManagement(sleepTypeS5: ACPITables.sleepTypeS5) { [weak machine] in machine?.requestStop(.exitPort(status: 0)) }
@@ -100,7 +108,7 @@ public enum PCPlatform {
                 forwarding.setInterruptController(apic)
             }
         }
-        let devices = PCPlatformDevices(linux: linux, cpu: cpu, localAPICs: apic, ioapic: ioapic, pit: pit, masterPIC: pic, slavePIC: slavePIC,
+        let devices = PCPlatformDevices(linux: linux, cpu: cpu, localAPICs: apic, ioapic: ioapic, pit: pit, pic: pic,
                                         cmos: linuxDevices?.0, powerManagement: linuxDevices?.1, startupGate: gate,
                                         com1: linux ? machine.uart : nil)
         machine.pcPlatform = devices

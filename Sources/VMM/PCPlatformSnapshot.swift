@@ -9,22 +9,21 @@ package final class PCPlatformDevices: Sendable {
     let localAPICs: LocalAPICBank
     let ioapic: IOAPIC
     let pit: ProgrammableIntervalTimer
-    let masterPIC: LegacyPIC, slavePIC: LegacyPIC
+    let pic: PIC8259
     let cmos: CMOSClock?
     let powerManagement: ACPIPowerManagement?
     let startupGate: StartupGate
-    /// COM1 when its interrupt is wired to the I/O APIC (Linux).
+    /// COM1 when its interrupt is wired (Linux: IRQ 4 of the 8259 and the I/O APIC).
     let com1: UART16550?
 
-    init(linux: Bool, cpu: PCCPUFeatures, localAPICs: LocalAPICBank, ioapic: IOAPIC, pit: ProgrammableIntervalTimer, masterPIC: LegacyPIC, slavePIC: LegacyPIC,
+    init(linux: Bool, cpu: PCCPUFeatures, localAPICs: LocalAPICBank, ioapic: IOAPIC, pit: ProgrammableIntervalTimer, pic: PIC8259,
          cmos: CMOSClock?, powerManagement: ACPIPowerManagement?, startupGate: StartupGate, com1: UART16550?) {
         self.linux = linux
         self.cpu = cpu
         self.localAPICs = localAPICs
         self.ioapic = ioapic
         self.pit = pit
-        self.masterPIC = masterPIC
-        self.slavePIC = slavePIC
+        self.pic = pic
         self.cmos = cmos
         self.powerManagement = powerManagement
         self.startupGate = startupGate
@@ -42,9 +41,19 @@ package final class PCPlatformDevices: Sendable {
         var ioapic: IOAPIC.SavedState
         /// Absent in snapshots made before the platform had an 8254 (it then starts unprogrammed).
         var pit: ProgrammableIntervalTimer.SavedState?
-        var masterPIC: LegacyPIC.SavedState, slavePIC: LegacyPIC.SavedState
+        /// The 8259 pair; absent in snapshots made when only its registers were modelled
+        /// (those kept each chip's mask in `masterPIC` and `slavePIC`, which restore the masks).
+        var pic: PIC8259.SavedState?
+        var masterPIC: PICRegistersBeforeDelivery?, slavePIC: PICRegistersBeforeDelivery?
         var cmos: CMOSClock.SavedState?
         var powerManagement: ACPIPowerManagement.SavedState?
+    }
+
+    /// One 8259's record in snapshots from before the pair delivered interrupts.
+    struct PICRegistersBeforeDelivery: Codable, Equatable {
+        var mask: UInt8
+        var initStep: Int
+        var readISR: Bool
     }
 
     /// Why this platform cannot be saved now, or nil. An application processor still waiting
@@ -57,7 +66,7 @@ package final class PCPlatformDevices: Sendable {
     /// Call with the vCPUs paused.
     var savedState: SavedState {
         SavedState(linux: linux, cpu: cpu, localAPICs: localAPICs.savedState, ioapic: ioapic.savedState, pit: pit.savedState,
-                   masterPIC: masterPIC.savedState, slavePIC: slavePIC.savedState,
+                   pic: pic.savedState,
                    cmos: cmos?.savedState, powerManagement: powerManagement?.savedState)
     }
 
@@ -69,8 +78,13 @@ package final class PCPlatformDevices: Sendable {
         try ioapic.restore(saved.ioapic)
         if let p = saved.pit { try pit.restore(p) }
         com1?.resendInterruptLine()  // COM1's state came back before the platform did
-        try masterPIC.restore(saved.masterPIC)
-        try slavePIC.restore(saved.slavePIC)
+        if let p = saved.pic {
+            try pic.restore(p)
+        } else if let master = saved.masterPIC, let slave = saved.slavePIC {
+            pic.restoreMasks(master: master.mask, slave: slave.mask)
+        } else {
+            throw DeviceStateError(device: pic.name, "the snapshot keeps no 8259 state")
+        }
         if let c = saved.cmos { try cmos?.restore(c) }
         if let p = saved.powerManagement { powerManagement?.restore(p) }
         // Last: a restored APIC may offer interrupts to the vCPUs at once.

@@ -90,13 +90,17 @@ public final class SoftwareVirtualMachine: DirtyPageLogging, FrameRemapping, Cod
 /// `requestExit` and `injectInterrupt` may come from any thread.
 // SAFETY: the CPU and the timer budget belong to the thread calling run(); the flags other
 // threads touch (exit request, pending interrupts) are atomic.
-public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, PlatformTimerForwarding, @unchecked Sendable {
+public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, PlatformTimerForwarding, ExternalInterruptInput, @unchecked Sendable {
     public let id: Int
     let vm: SoftwareVirtualMachine
     let cpu: CPU
     private let exitRequested = Atomic<Bool>(false)
     /// Vectors waiting for RFLAGS.IF.
     private let pending = PendingInterrupts()
+    /// An ExtINT request (the 8259's INTR through LINT0): its vector comes from the
+    /// controller when it is taken.
+    private let externalRequest = Atomic<Bool>(false)
+    private var externalController: (any ExternalInterruptController)?
     /// NMIs (injected as vector 2) waiting for NMI blocking to end; IF does not hold them.
     /// At most two wait at once, as KVM keeps them (two sent together are both taken); while
     /// an NMI handler runs, or once one is taken, at most one (SDM Vol. 3A §6.7.1).
@@ -132,9 +136,26 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
     }
     private(set) var interruptController: (any PlatformInterruptController)?
 
+    public func setExternalInterruptController(_ controller: (any ExternalInterruptController)?) { externalController = controller }
+    public func setExternalInterruptRequest(_ asserted: Bool) {
+        externalRequest.store(asserted, ordering: .releasing)
+        if asserted && idle.load(ordering: .sequentiallyConsistent) { idleWake.signal() }
+    }
+
+    /// Whether an injected vector or an ExtINT request waits.
+    private var interruptWaits: Bool { !pending.isEmpty || externalRequest.load(ordering: .relaxed) }
+
+    /// The next interrupt the guest may take now: an injected vector, else the vector an
+    /// ExtINT request's acknowledge answers.
+    private func takeInterrupt() -> UInt8? {
+        if let v = takeInjectedInterrupt() { return v }
+        guard externalRequest.load(ordering: .acquiring), let controller = externalController else { return nil }
+        return controller.acknowledgeExternalInterrupt(vcpu: id)
+    }
+
     /// The next injected vector the guest may take now (with a platform interrupt controller:
     /// above the processor priority, and acknowledged to it).
-    private func takeInterrupt() -> UInt8? {
+    private func takeInjectedInterrupt() -> UInt8? {
         guard let controller = interruptController else { return pending.takeHighest() }
         let threshold = controller.processorPriority(vcpu: id) & 0xF0
         guard let v = pending.takeHighest() else { return nil }
@@ -247,7 +268,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
         if idle.load(ordering: .sequentiallyConsistent) { idleWake.signal() }
     }
 
-    public var hasPendingInterrupt: Bool { !pending.isEmpty || nmiPending.load(ordering: .acquiring) != 0 }
+    public var hasPendingInterrupt: Bool { interruptWaits || nmiPending.load(ordering: .acquiring) != 0 }
 
     public var interruptsEnabled: Bool { cpu.rflags & Flag.if != 0 }
 
@@ -301,7 +322,7 @@ public final class SoftwareVirtualCPU: PreemptionTimer, InstructionCounting, Pla
                 if !cpu.raise(vector: 2, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }
             }
-            if !holdingReads && !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && !pending.isEmpty, let v = takeInterrupt() {
+            if !holdingReads && !cpu.interruptShadow && cpu.rflags & Flag.if != 0 && interruptWaits, let v = takeInterrupt() {
                 if !cpu.raise(vector: v, errorCode: nil, software: false, fault: false) { return .shutdown }
                 if cpu.attention { continue }  // delivery stopped at an EPT violation
             }

@@ -90,10 +90,10 @@ import VirtCore
     }
 
     @Test func picMaskSurvives() throws {
-        let pic = LegacyPIC()
-        pic.portWrite(offset: 1, size: 1, value: 0xFB)
-        let restored = LegacyPIC()
+        let pic = PIC8259()
+        pic.masterPorts.portWrite(offset: 1, size: 1, value: 0xFB)
+        let restored = PIC8259()
         try restored.restore(pic.savedState)
-        #expect(restored.portRead(offset: 1, size: 1) == 0xFB)
+        #expect(restored.masterPorts.portRead(offset: 1, size: 1) == 0xFB)
     }
 }

@@ -63,46 +63,6 @@ public final class FirmwareConfig: PortIODevice, Sendable {
     }
 }
 
-/// The 8259A pair's registers (0x20–0x21 and 0xA0–0xA1): the initialisation sequence and
-/// the interrupt masks are accepted and read back. Interrupts are delivered through the
-/// local APIC and I/O APIC, so the PIC itself never raises one.
-public final class LegacyPIC: PortIODevice, Sendable {
-    public var name: String { "8259-pic" }
-    public static let masterPort: UInt16 = 0x20, slavePort: UInt16 = 0xA0
-    /// The mask, where initialisation stands and OCW3's register choice.
-    public struct SavedState: Codable, Sendable, Equatable {
-        fileprivate var mask: UInt8 = 0xFF, initStep = 0, readISR = false
-    }
-    private let chip = Mutex(SavedState())
-
-    public init() {}
-
-    public var savedState: SavedState { chip.withLock { $0 } }
-
-    public func restore(_ saved: SavedState) throws(DeviceStateError) {
-        guard (0...3).contains(saved.initStep) else { throw DeviceStateError(device: name, "initialisation step \(saved.initStep)") }
-        chip.withLock { $0 = saved }
-    }
-
-    public func portRead(offset: UInt16, size: UInt8) -> UInt32 {
-        chip.withLock { c in offset == 1 ? UInt32(c.mask) : 0 }  // IRR/ISR: nothing pending
-    }
-
-    public func portWrite(offset: UInt16, size: UInt8, value: UInt32) {
-        let v = UInt8(truncatingIfNeeded: value)
-        chip.withLock { c in
-            if offset == 0 {
-                if v & 0x10 != 0 { c.initStep = 1; c.mask = 0 }  // ICW1
-                else if v & 0x18 == 0x08 { c.readISR = v & 3 == 3 }  // OCW3
-            } else if c.initStep > 0 {
-                c.initStep = c.initStep == 3 ? 0 : c.initStep + 1  // ICW2…ICW4
-            } else {
-                c.mask = v  // OCW1
-            }
-        }
-    }
-}
-
 /// QEMU's isa-debug-exit: a write of `code` stops the VM with exit status
 /// `(code << 1) | 1`, so 1 means the guest reported success with code 0.
 public final class DebugExitPort: PortIODevice, Sendable {

@@ -10,9 +10,13 @@ public struct LocalAPICWiring: Sendable {
     public var initCPU: @Sendable (_ vcpu: Int) -> Void
     public var startup: @Sendable (_ vcpu: Int, _ vector: UInt8) -> Void
     public var guestClock: LocalAPICGuestClock?
+    /// The ExtINT request toward a vCPU (the 8259's INTR as LINT0 passes it), asserted or not.
+    public var externalInterrupt: (@Sendable (_ vcpu: Int, _ asserted: Bool) -> Void)?
     public init(deliver: @escaping @Sendable (Int, UInt8) -> Void, initCPU: @escaping @Sendable (Int) -> Void,
-                startup: @escaping @Sendable (Int, UInt8) -> Void, guestClock: LocalAPICGuestClock? = nil) {
+                startup: @escaping @Sendable (Int, UInt8) -> Void, guestClock: LocalAPICGuestClock? = nil,
+                externalInterrupt: (@Sendable (Int, Bool) -> Void)? = nil) {
         self.deliver = deliver; self.initCPU = initCPU; self.startup = startup; self.guestClock = guestClock
+        self.externalInterrupt = externalInterrupt
     }
 }
 
@@ -46,7 +50,7 @@ public struct LocalAPICGuestClock: Sendable {
 /// takes it once RFLAGS.IF is set and its priority class is above the processor priority
 /// (TPR and the highest in-service vector), acknowledging it here (IRR → ISR). EOI and TPR
 /// writes lower the priority, and the next one is taken.
-public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptController, Sendable {
+public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptController, ExternalInterruptController, Sendable {
     public static let base: UInt64 = 0xFEE0_0000
     public static let tscDeadlineMSR: UInt32 = 0x6E0
     public static let apicBaseMSR: UInt32 = 0x1B
@@ -80,7 +84,10 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     private final class Unit: Sendable {
         let state: Mutex<Registers>
         init(index: Int) {
-            state = Mutex(Registers(base: 0xFEE0_0000 | LocalAPICBank.baseEnable | (index == 0 ? 0x100 : 0), xapicID: UInt32(index & 0xFF)))
+            var r = Registers(base: 0xFEE0_0000 | LocalAPICBank.baseEnable | (index == 0 ? 0x100 : 0), xapicID: UInt32(index & 0xFF))
+            // The boot CPU's LINT0 as a PC BIOS leaves it: ExtINT, unmasked (virtual wire, as KVM and QEMU reset it).
+            if index == 0 { r.lvt[LocalAPICBank.lint0] = LocalAPICBank.extINTMode }
+            state = Mutex(r)
         }
     }
     private let apics: [Unit]
@@ -88,8 +95,51 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     private let queue = DispatchQueue(label: "swiftvisor.lapic-timer")
     /// The I/O APIC's EOI for level-triggered vectors (set once, before the guest runs).
     private let levelEOI = LockedFunction<@Sendable (UInt8) -> Void>()
+    /// The LVT index of LINT0, and its delivery mode ExtINT.
+    static let lint0 = 3
+    static let extINTMode: UInt32 = 0x700
+    /// The level of the boot CPU's LINT0 input (the 8259's INTR), and the 8259's acknowledge.
+    private let lint0Level = Atomic<Bool>(false)
+    private let externalAcknowledge = LockedFunction<@Sendable () -> UInt8>()
 
     public func setLevelEOIHandler(_ handler: @escaping @Sendable (UInt8) -> Void) { levelEOI.set(handler) }
+
+    // MARK: LINT0 and ExtINT
+
+    /// The interrupt controller behind the boot CPU's LINT0: its acknowledge gives the
+    /// vector of an ExtINT. Set before the guest runs.
+    public func connectExternalInterruptController(acknowledge: @escaping @Sendable () -> UInt8) { externalAcknowledge.set(acknowledge) }
+
+    /// The boot CPU's LINT0 input (the 8259's INTR) at `level`.
+    public func setLINT0(_ level: Bool) {
+        lint0Level.store(level, ordering: .releasing)
+        updateExternalInterrupt()
+    }
+
+    /// Whether APIC `vcpu` passes its LINT0 input on as ExtINT: when it is globally disabled
+    /// (IA32_APIC_BASE.EN clear: the input goes to the core as it is), or its LVT LINT0 entry
+    /// is unmasked with delivery mode ExtINT.
+    private func passesExtINT(vcpu: Int) -> Bool {
+        guard vcpu == 0, vcpu < apics.count else { return false }
+        return apics[vcpu].state.withLock { r in
+            r.base & Self.baseEnable == 0 || r.lvt[Self.lint0] & 0x1_0700 == Self.extINTMode
+        }
+    }
+
+    /// Tells the boot CPU whether an ExtINT is requested now (after LINT0's level, its LVT
+    /// entry or the APIC's enable changed).
+    private func updateExternalInterrupt() {
+        guard let request = wiring.externalInterrupt, !apics.isEmpty else { return }
+        request(0, lint0Level.load(ordering: .acquiring) && passesExtINT(vcpu: 0))
+    }
+
+    public func acknowledgeExternalInterrupt(vcpu: Int) -> UInt8? {
+        guard passesExtINT(vcpu: vcpu), let acknowledge = externalAcknowledge.function else {
+            if vcpu == 0 { updateExternalInterrupt() }  // a request the vCPU still saw raced with its withdrawal
+            return nil
+        }
+        return acknowledge()
+    }
     public var count: Int { apics.count }
 
     /// Whether the APICs have x2APIC mode (CPUID.1:ECX.x2APIC): without it, setting
@@ -126,6 +176,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
     /// for an invalid state or transition.
     private func setBase(vcpu: Int, _ value: UInt64) -> Bool {
         guard value & Self.x2APICEnable == 0 || (x2APICAvailable && value & Self.baseEnable != 0) else { return false }  // EXTD without EN or x2APIC
+        defer { if vcpu == 0 { updateExternalInterrupt() } }
         return apics[vcpu].state.withLock { r -> Bool in
             let old = Self.mode(r.base), new = Self.mode(value)
             if old == .x2APIC && new == .xAPIC { return false }
@@ -253,7 +304,9 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
         case 0x28: apics[vcpu].state.withLock { $0.esr = 0 }
         case 0x32:
             apics[vcpu].state.withLock { r in changeTimerMode(vcpu: vcpu, &r, lvt: value & 0x7_10FF) }
-        case 0x33...0x37: apics[vcpu].state.withLock { $0.lvt[index - 0x32] = value & 0x1_17FF }
+        case 0x33...0x37:
+            apics[vcpu].state.withLock { $0.lvt[index - 0x32] = value & 0x1_17FF }
+            if index - 0x32 == Self.lint0 && vcpu == 0 { updateExternalInterrupt() }
         case 0x38: startCount(vcpu: vcpu, value)
         case 0x3E: apics[vcpu].state.withLock { $0.divide = value & 0xB }
         default: break
@@ -465,6 +518,7 @@ public final class LocalAPICBank: PlatformMSRHandler, PlatformInterruptControlle
             }
             for vector in requested { wiring.deliver(vcpu, vector) }
         }
+        updateExternalInterrupt()
     }
 
     // MARK: Timer

@@ -3,7 +3,7 @@ import Synchronization
 /// QEMU's pc-testdev, the device kvm-unit-tests drives: a 32-bit scratch register at ports
 /// 0xE0–0xE3 (read back as written, per byte lane; the same register again at 0xE8–0xEB,
 /// where QEMU splits accesses into bytes, which comes to the same), a page "flush" at 0xE4
-/// (QEMU re-protects the host page; nothing to do here), the I/O APIC input lines at ports
+/// (QEMU re-protects the host page; nothing to do here), the interrupt lines at ports
 /// 0x2000–0x2017 (the byte written sets line `port - 0x2000`), and 64 KiB of device memory
 /// at 0xFF000000 that reads back what was written — emulated MMIO for the emulator tests.
 public enum PCTestDevice {
@@ -39,13 +39,13 @@ public enum PCTestDevice {
         }
     }
 
-    /// Ports 0x2000–0x2017: I/O APIC input lines.
+    /// Ports 0x2000–0x2017: the platform's interrupt lines (GSI 0–23; 0–15 reach the 8259 too).
     public final class InterruptLines: PortIODevice, Sendable {
         public var name: String { "pc-testdev-irq" }
-        private let ioapic: IOAPIC
-        public init(ioapic: IOAPIC) { self.ioapic = ioapic }
+        private let lines: PCInterruptLines
+        public init(lines: PCInterruptLines) { self.lines = lines }
         public func portRead(offset: UInt16, size: UInt8) -> UInt32 { 0 }
-        public func portWrite(offset: UInt16, size: UInt8, value: UInt32) { ioapic.setLine(Int(offset), value & 1 != 0) }
+        public func portWrite(offset: UInt16, size: UInt8, value: UInt32) { lines.set(Int(offset), value & 1 != 0) }
     }
 
     /// 0xFF000000–0xFF00FFFF: memory behind MMIO exits (little-endian bytes).
