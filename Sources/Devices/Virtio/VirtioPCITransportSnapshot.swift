@@ -19,8 +19,8 @@ extension VirtioPCITransport {
     }
 
     /// Restores a saved state into a freshly made transport for the same device, after the
-    /// bridge has restored `config` (its MSI-X message control). Throws, changing nothing
-    /// the guest can see yet, when the record does not fit this device.
+    /// bridge has restored `config` (its MSI-X message control). Throws, changing nothing,
+    /// when the record does not fit this device.
     public func restore(_ saved: SavedState, config: PCIConfigSpace) throws {
         try state.withLock { s throws in
             guard saved.queueVectors.count == s.queueVectors.count else {
@@ -30,9 +30,13 @@ extension VirtioPCITransport {
             if let bad = vectors.first(where: { $0 != Self.noVector && Int($0) >= s.msix.vectors }) {
                 throw VirtioDeviceError(kind: "restoreMismatch", message: "\(name): saved MSI-X vector \(bad) is beyond the table's \(s.msix.vectors)")
             }
-            try s.msix.restore(saved.msix)
-            try s.function.restore(saved.function, name: name)
-            s.msixControl = s.msix.control(config)
+            // Both checked on copies first, so a record that fails leaves the transport as it was.
+            var msix = s.msix, function = s.function
+            try msix.restore(saved.msix)
+            try function.restore(saved.function, name: name)
+            s.msix = msix
+            s.function = function
+            s.msixControl = msix.control(config)
             s.configVector = saved.configVector
             s.queueVectors = saved.queueVectors
         }
