@@ -61,7 +61,7 @@ extension Machine {
         pause()
         // Devices stop touching memory too (freezing waits for work in progress), so memory
         // and device state belong to one point.
-        let transports = attachedDevices.compactMap(\.transport)
+        let transports = freezableTransports
         for t in transports { t.freeze() }
         var resumed = false
         defer {
@@ -120,8 +120,6 @@ extension Machine {
         }
         let unsupported = attachedDevices.compactMap { d -> String? in if case let .unsupported(n) = d.recipe { return n } else { return nil } }
         guard unsupported.isEmpty else { throw MachineSnapshotError.devicesNotSupported(unsupported) }
-        let pciDevices = pcPCI?.virtioTransports.map { "virtio-pci \($0.name)" } ?? []
-        guard pciDevices.isEmpty else { throw MachineSnapshotError.devicesNotSupported(pciDevices) }
         if let reason = pcPlatform?.unsavableReason { throw MachineSnapshotError.notSavableNow(reason) }
     }
 
@@ -133,6 +131,7 @@ extension Machine {
         let encoder = JSONEncoder()
         devices.append(("devices", Array(try encoder.encode(attachedDevices.map(\.recipe)))))
         if let pc = pcPlatform { devices.append((PCPlatformDevices.recordName, Array(try encoder.encode(pc.savedState)))) }
+        devices += try pciDeviceRecords()
         for (i, d) in attachedDevices.enumerated() {
             guard let t = d.transport else { continue }
             devices.append(("virtio\(i)", Array(try encoder.encode(t.savedState))))
@@ -195,6 +194,7 @@ extension Machine {
         if let record = records.first(where: { $0.name == PCPlatformDevices.recordName }) {
             try restorePCPlatform(from: record.state)
         }
+        try restorePCIDevices(from: records, console: console)
         guard let manifest = records.first(where: { $0.name == "devices" }) else { return }
         let decoder = JSONDecoder()
         let recipes: [DeviceRecipe]

@@ -13,7 +13,7 @@ public final class PCPlatformPCI: Sendable {
     private let memory: GuestMemory
     private let apic: LocalAPICBank
     private let nextDevice = Mutex<UInt8>(1)
-    private let transports = Mutex<[VirtioPCITransport]>([])
+    private let functions = Mutex<[AttachedPCIFunction]>([])
 
     init(machine: Machine, apic: LocalAPICBank) throws {
         bridge = PCIHostBridge(mmioBase: Self.ecamBase, buses: 1)
@@ -33,8 +33,9 @@ public final class PCPlatformPCI: Sendable {
                             destination: UInt32(message.address >> 12 & 0xFF), level: false)
     }
 
-    /// Puts `device` behind a virtio-pci transport in the next slot of bus 0.
-    func attach(_ device: any VirtioDevice, name: String) throws -> VirtioPCITransport {
+    /// Puts `device` behind a virtio-pci transport in the next slot of bus 0; `recipe`
+    /// makes it again when a snapshot is restored.
+    func attach(_ device: any VirtioDevice, name: String, recipe: DeviceRecipe) throws -> VirtioPCITransport {
         let slot = nextDevice.withLock { n -> UInt8 in
             defer { n += 1 }
             return n
@@ -44,12 +45,14 @@ public final class PCPlatformPCI: Sendable {
                                                name: "\(name)@00:\(slot < 16 ? "0" : "")\(String(slot, radix: 16)).0")
         try bridge.attach(transport, at: RequesterID(bus: 0, device: slot, function: 0), config: transport.configuration)
         try bridge.assignBARs()
-        transports.withLock { $0.append(transport) }
+        functions.withLock { $0.append(AttachedPCIFunction(transport: transport, recipe: recipe, function: RequesterID(bus: 0, device: slot, function: 0))) }
         return transport
     }
 
     /// The virtio-pci transports attached, in slot order.
-    public var virtioTransports: [VirtioPCITransport] { transports.withLock { $0 } }
+    public var virtioTransports: [VirtioPCITransport] { attachedFunctions.map(\.transport) }
+    /// The virtio-pci functions attached, in slot order.
+    var attachedFunctions: [AttachedPCIFunction] { functions.withLock { $0 } }
 }
 
 public enum PCPlatformPCIError: Error, Equatable, CustomStringConvertible {
@@ -75,18 +78,19 @@ extension Machine {
     /// virtio-blk over the raw disk image at `path`, on the PC platform's PCI bus.
     @discardableResult
     public func addVirtioPCIBlock(path: String, readOnly: Bool = false) throws -> VirtioPCITransport {
-        try pcPCIBus().attach(try VirtioBlock(path: path, readOnly: readOnly), name: "virtio-blk")
+        try pcPCIBus().attach(try VirtioBlock(path: path, readOnly: readOnly), name: "virtio-blk", recipe: .virtioBlock(absolutePath: path, readOnly: readOnly))
     }
 
     /// virtio-net on a named attachment, on the PC platform's PCI bus.
     @discardableResult
     public func addVirtioPCINet(attachment: NetworkAttachment, mac: MACAddress = .random()) throws -> VirtioPCITransport {
-        try pcPCIBus().attach(VirtioNet(mac: mac, backend: try attachment.makeBackend()), name: "virtio-net")
+        try pcPCIBus().attach(VirtioNet(mac: mac, backend: try attachment.makeBackend()), name: "virtio-net",
+                              recipe: .virtioNet(attachment: attachment.description, mac: mac.description))
     }
 
     /// virtio-console on the PC platform's PCI bus: guest output goes to `output`.
     @discardableResult
     public func addVirtioPCIConsole(output: @escaping @Sendable ([UInt8]) -> Void) throws -> VirtioPCITransport {
-        try pcPCIBus().attach(VirtioConsole(output: output), name: "virtio-console")
+        try pcPCIBus().attach(VirtioConsole(output: output), name: "virtio-console", recipe: .virtioConsole)
     }
 }

@@ -269,9 +269,10 @@ struct SnapshotSectionEntry: Equatable, Sendable {
 ///       u64 × 7    cr0 cr2 cr3 cr4 cr8 efer apicBase
 ///       u32 msrCount, then msrCount × (u32 index, u64 value), indices strictly ascending
 ///       u8 flags: bit 0 FPU state follows; bits 1–3 `InterruptBlocking` (STI, MOV SS, NMI),
-///         zero in files from before they were saved; if bit 0:
+///         zero in files from before they were saved; bit 4 XCR0 follows the FPU state
+///         (files from before it was saved restore XCR0 = 1); if bit 0:
 ///         u16 fcw, u16 fsw, u8 ftwx, u16 lastOpcode, u64 lastIP, u64 lastDP, u32 mxcsr,
-///         u32 n, n bytes x87; u32 m, m bytes xmm
+///         u32 n, n bytes x87; u32 m, m bytes xmm; if bit 4 too: u64 xcr0
 enum SnapshotVCPUCodec {
     static let section = SnapshotSectionKind.vcpus.name
     /// The smallest encoded vCPU (no MSRs, no FPU).
@@ -309,12 +310,13 @@ enum SnapshotVCPUCodec {
         for v in [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apicBase] { w.u64(v) }
         w.u32(UInt32(s.msrs.count))
         for (index, value) in s.msrs.sorted(by: { $0.key < $1.key }) { w.u32(index); w.u64(value) }
-        w.u8((s.fpu == nil ? 0 : 1) | s.interruptBlocking.rawValue << 1)
+        w.u8((s.fpu == nil ? 0 : 1 | 1 << 4) | s.interruptBlocking.rawValue << 1)
         if let f = s.fpu {
             w.u16(f.fcw); w.u16(f.fsw); w.u8(f.ftwx); w.u16(f.lastOpcode)
             w.u64(f.lastIP); w.u64(f.lastDP); w.u32(f.mxcsr)
             w.u32(UInt32(f.x87.count)); w.raw(f.x87)
             w.u32(UInt32(f.xmm.count)); w.raw(f.xmm)
+            w.u64(f.xcr0)
         }
     }
 
@@ -341,7 +343,7 @@ enum SnapshotVCPUCodec {
             s.msrs[index] = value
         }
         let flags = try r.u8()
-        guard let blocking = InterruptBlocking(exactly: flags >> 1) else { throw r.corrupt }
+        guard flags & 0xE0 == 0, flags & 0x11 != 0x10, let blocking = InterruptBlocking(exactly: flags >> 1 & 7) else { throw r.corrupt }
         s.interruptBlocking = blocking
         if flags & 1 != 0 {
             var f = FPUState()
@@ -349,6 +351,7 @@ enum SnapshotVCPUCodec {
             f.lastIP = try r.u64(); f.lastDP = try r.u64(); f.mxcsr = try r.u32()
             f.x87 = try r.raw(try r.count(UInt32.self, minimumBytesEach: 1))
             f.xmm = try r.raw(try r.count(UInt32.self, minimumBytesEach: 1))
+            if flags & 1 << 4 != 0 { f.xcr0 = try r.u64() }
             s.fpu = f
         }
         return s

@@ -9,8 +9,7 @@ extension Machine {
     @discardableResult
     public func addVirtioBlock(path: String, readOnly: Bool = false) throws -> VirtioMMIOTransport {
         let disk = try VirtioBlock(path: path, readOnly: readOnly)
-        let absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
-        return try addVirtioDevice(disk, name: "virtio-blk", recipe: .virtioBlock(path: absolute, readOnly: readOnly))
+        return try addVirtioDevice(disk, name: "virtio-blk", recipe: .virtioBlock(absolutePath: path, readOnly: readOnly))
     }
 
     /// virtio-console: guest output goes to `output`; feed input with

@@ -78,6 +78,9 @@ public struct FPUState: Equatable, Sendable {
     public var x87: [UInt8] = [UInt8](repeating: 0, count: 128)
     /// Sixteen 16-byte XMM registers, 256 bytes.
     public var xmm: [UInt8] = [UInt8](repeating: 0, count: 256)
+    /// XCR0, the state components XSAVE/XRSTOR cover: a restored kernel's XRSTOR faults
+    /// if it comes back narrower than the guest set it (1, x87 only, at reset).
+    public var xcr0: UInt64 = 1
     public init() {}
 }
 

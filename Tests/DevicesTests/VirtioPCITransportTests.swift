@@ -18,13 +18,14 @@ final class VirtioPCITestDriver {
     private(set) var bar0: UInt64 = 0
     private(set) var bar1: UInt64 = 0
 
-    init(_ device: any VirtioDevice) throws {
-        memory = try GuestMemory(size: 4 << 20)
+    /// `memory`: the guest RAM to use (default: 4 MiB of fresh RAM).
+    init(_ device: any VirtioDevice, memory: GuestMemory? = nil) throws {
+        self.memory = try memory ?? GuestMemory(size: 4 << 20)
         bridge = PCIHostBridge(mmioBase: Self.ecam, buses: 1)
         let host = PCIHostBridgeFunction()
         try bridge.attach(host, at: RequesterID(bus: 0, device: 0, function: 0), config: host.configuration)
         let messages = messages
-        transport = try VirtioPCITransport(device: device, memory: memory, deliver: { messages.append($0) }, log: recorder.log)
+        transport = try VirtioPCITransport(device: device, memory: self.memory, deliver: { messages.append($0) }, log: recorder.log)
         try bridge.attach(transport, at: Self.slot, config: transport.configuration)
     }
 

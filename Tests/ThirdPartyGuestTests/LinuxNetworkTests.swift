@@ -17,17 +17,31 @@ final class LinuxMachine: LinuxConsole, Sendable {
 
     private final class Outcome: Sendable { let result = Mutex<Result<StopReason, RunFailure>?>(nil) }
 
-    init(_ files: LinuxGuest.Files, name: String, network: NetworkAttachment, vcpus: Int = 1) throws {
-        let config = MachineConfiguration(memorySize: 256 << 20, vcpuCount: vcpus, commandLine: "console=ttyS0",
+    convenience init(_ files: LinuxGuest.Files, name: String, network: NetworkAttachment, vcpus: Int = 1) throws {
+        try self.init(files, name: name, vcpus: vcpus) { try $0.addVirtioPCINet(attachment: network) }
+    }
+
+    /// Booted with `commandLine`; `devices` attaches the machine's virtio-pci devices.
+    convenience init(_ files: LinuxGuest.Files, name: String, commandLine: String = "console=ttyS0", vcpus: Int = 1,
+                     devices: (Machine) throws -> Void) throws {
+        let config = MachineConfiguration(memorySize: 256 << 20, vcpuCount: vcpus, commandLine: commandLine,
                                           timeoutSeconds: 600, guestName: name)
         let kernel = [UInt8](try Data(contentsOf: URL(fileURLWithPath: files.kernel)))
         let initrd = [UInt8](try Data(contentsOf: URL(fileURLWithPath: files.initrd)))
+        try self.init(name: name) { output in
+            let machine = try PCPlatform.machine(kernel: kernel, modules: [(bytes: initrd, commandLine: files.initrd)], configuration: config,
+                                                 engine: try TestEngines.make(.software), serialOutput: output)
+            try devices(machine)
+            return machine
+        }
+    }
+
+    /// Runs the machine `make` builds (a restored snapshot, say) with COM1 going to `output`.
+    init(name: String, make: (_ output: @escaping @Sendable (UInt8) -> Void) throws -> Machine) throws {
         let console = SerialCapture(), outcome = Outcome()
         self.console = console
         self.outcome = outcome
-        let machine = try PCPlatform.machine(kernel: kernel, modules: [(bytes: initrd, commandLine: files.initrd)], configuration: config,
-                                             engine: try TestEngines.make(.software), serialOutput: { console.append($0) })
-        try machine.addVirtioPCINet(attachment: network)
+        let machine = try make { console.append($0) }
         self.machine = machine
         thread = HostThread(name: name) {
             let ended: Result<StopReason, RunFailure>

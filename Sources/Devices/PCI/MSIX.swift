@@ -109,4 +109,22 @@ public struct MSIX: Sendable, Equatable {
             table[index + 1] = (index + 1) % 4 == 3 ? UInt32(truncatingIfNeeded: value >> 32) & 1 : UInt32(truncatingIfNeeded: value >> 32)
         }
     }
+
+    /// The table and pending bits, for a snapshot (the enable and function-mask bits live
+    /// in configuration space).
+    public struct SavedState: Codable, Sendable, Equatable {
+        public var table: [UInt32]
+        public var pending: [Bool]
+    }
+
+    public var savedState: SavedState { SavedState(table: table, pending: pending) }
+
+    /// Takes a saved table of the same size back (vector control keeps only its mask bit).
+    public mutating func restore(_ saved: SavedState) throws(DeviceStateError) {
+        guard saved.table.count == table.count, saved.pending.count == vectors else {
+            throw DeviceStateError(device: "MSI-X", "\(saved.table.count / 4) vectors saved, \(vectors) here")
+        }
+        table = saved.table.enumerated().map { $0.offset % 4 == 3 ? $0.element & 1 : $0.element }
+        pending = saved.pending
+    }
 }

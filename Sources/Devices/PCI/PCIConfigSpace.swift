@@ -42,6 +42,23 @@ public struct PCIConfigSpace: Sendable, Equatable {
 
     public var commandRegister: UInt16 { read16(Self.command) }
 
+    // MARK: snapshots
+
+    /// All 4 KiB as they stand (the guest's settings and the device's fixed fields).
+    public var savedBytes: [UInt8] { bytes }
+
+    /// Takes saved bytes back: the guest-writable bits from `saved`; every other bit must
+    /// match this function's, or the record is another device's (nothing changes then).
+    public mutating func restore(savedBytes saved: [UInt8]) throws(DeviceStateError) {
+        guard saved.count == Self.size else {
+            throw DeviceStateError(device: "PCI configuration space", "\(saved.count) bytes saved, \(Self.size) expected")
+        }
+        if let at = saved.indices.first(where: { (saved[$0] ^ bytes[$0]) & ~writable[$0] != 0 }) {
+            throw DeviceStateError(device: "PCI configuration space", "read-only byte 0x\(String(at, radix: 16)) differs from this function's: saved for another device")
+        }
+        bytes = saved
+    }
+
     // MARK: the guest's side
 
     /// A configuration read of 1, 2 or 4 bytes (naturally aligned; others read all ones).

@@ -76,6 +76,16 @@ public final class PCIHostBridge: PortIODevice, MMIODevice, Sendable {
     public func config(of function: RequesterID) -> PCIConfigSpace? { state.withLock { $0.functions[function]?.config } }
     public var functions: [RequesterID] { state.withLock { $0.functions.keys.sorted() } }
 
+    /// Gives a function the configuration space a snapshot saved (`PCIConfigSpace.restore`):
+    /// its BARs decode where the guest had placed them from the next access on.
+    public func restoreConfig(of function: RequesterID, savedBytes: [UInt8]) throws(DeviceStateError) {
+        try state.withLock { (s: inout State) throws(DeviceStateError) in
+            guard var fn = s.functions[function] else { throw DeviceStateError(device: "PCI \(function)", "no such function") }
+            try fn.config.restore(savedBytes: savedBytes)
+            s.functions[function] = fn
+        }
+    }
+
     // MARK: configuration access
 
     private func configRead(_ s: inout State, _ f: RequesterID, _ offset: Int, _ size: Int) -> UInt32 {

@@ -207,58 +207,19 @@ public final class VirtioMMIOTransport: MMIODevice, VirtioTransportHandle, Senda
 
     /// Ends `freeze()` and processes what was deferred.
     public func thaw() {
-        let deferred = state.withLock { s -> Set<Int> in
-            s.function.frozen = false
-            defer { s.function.deferredQueues = [] }
-            return s.function.deferredQueues
-        }
-        for q in deferred.sorted() { processQueue(q) }
+        for q in state.withLock({ $0.function.thaw() }) { processQueue(q) }
     }
 
     /// The transport's register and queue state, for a snapshot.
-    public struct SavedState: Codable, Sendable, Equatable {
-        public var status: UInt8
-        public var deviceFeaturesSel: UInt32, driverFeaturesSel: UInt32
-        public var driverFeatures: UInt64, negotiated: UInt64
-        public var queueSel: UInt32
-        public var queues: [VirtioQueue.SavedState]
-        public var interruptStatus: UInt32
-        public var configGeneration: UInt32
-    }
+    public typealias SavedState = VirtioFunctionState
 
-    public var savedState: SavedState {
-        state.withLock { s in
-            let f = s.function
-            return SavedState(status: f.status, deviceFeaturesSel: f.deviceFeaturesSel, driverFeaturesSel: f.driverFeaturesSel,
-                              driverFeatures: f.driverFeatures, negotiated: f.negotiated, queueSel: f.queueSel,
-                              queues: f.queues.map(\.savedState), interruptStatus: f.interruptStatus,
-                              configGeneration: f.configGeneration)
-        }
-    }
+    public var savedState: SavedState { state.withLock { $0.function.savedState } }
 
     /// Restores a saved state into a freshly made transport for the same device: the
     /// driver finds the device as it left it (a DRIVER_OK device is activated again).
     public func restore(_ saved: SavedState) throws {
         try state.withLock { s throws in
-            guard saved.queues.count == s.function.queues.count else {
-                throw VirtioDeviceError(kind: "restoreMismatch", message: "\(name): saved state has \(saved.queues.count) queues, the device \(s.function.queues.count)")
-            }
-            for (i, q) in saved.queues.enumerated() {
-                do throws(VirtqueueError) { try s.function.queues[i].restore(q, in: memory) } catch {
-                    throw VirtioDeviceError(kind: "restoreQueue", message: "\(name): saved queue \(i) is invalid: \(error)")
-                }
-            }
-            s.function.status = saved.status
-            s.function.deviceFeaturesSel = saved.deviceFeaturesSel
-            s.function.driverFeaturesSel = saved.driverFeaturesSel
-            s.function.driverFeatures = saved.driverFeatures
-            s.function.negotiated = saved.negotiated
-            s.function.queueSel = saved.queueSel
-            s.function.configGeneration = saved.configGeneration
-            if s.function.status & VirtioStatus.driverOK != 0 {
-                do throws(VirtioDeviceError) { try device.activate(features: s.function.negotiated) } catch { s.function.enterNeedsReset() }
-            }
-            s.function.interruptStatus = saved.interruptStatus
+            try s.function.restore(saved, name: name)
             updateLine(&s)
         }
     }

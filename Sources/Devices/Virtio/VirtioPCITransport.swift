@@ -120,7 +120,7 @@ public final class VirtioPCITransport: PCIDevice, VirtioTransportHandle, Sendabl
         }
     }
 
-    /// Everything the transport keeps, in one value (for a snapshot, later).
+    /// Everything the transport keeps, in one value (a snapshot saves it: VirtioPCITransportSnapshot.swift).
     struct State: Sendable {
         var function: VirtioFunction
         var msix: MSIX
@@ -141,7 +141,7 @@ public final class VirtioPCITransport: PCIDevice, VirtioTransportHandle, Sendabl
     private let deviceConfigLength: Int
     private let queueCount: Int
     private let deliver: MessageSink?
-    private let state: Mutex<State>
+    let state: Mutex<State>
 
     /// - Parameters:
     ///   - deliver: where MSI-X messages go (the platform's interrupt path; nil: none, as in tests).

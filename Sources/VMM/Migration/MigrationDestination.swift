@@ -334,7 +334,8 @@ public final class IncomingMigration: @unchecked Sendable {
                 try machine.restoreDevices(from: records, console: serialOutput)
                 // The guest runtime reads the hypercall mechanism from boot info at each call,
                 // so a machine that crossed engines uses this engine's from now on.
-                try BootLayout.setHypercallMechanism(options.engine.hypercallMechanism, in: machine.memory)
+                // (A PC platform guest has no boot info: that page is its own.)
+                if machine.pcPlatform == nil { try BootLayout.setHypercallMechanism(options.engine.hypercallMechanism, in: machine.memory) }
                 machine.vm.noteHostWrite(gpa: 0, length: machine.memory.size)
             } catch {
                 throw MigrationError.restoreFailed("\(error)")

@@ -36,7 +36,7 @@ extension Machine {
             (clock.now - t).seconds
         }
         let pageCount = Int(memory.size) / MigrationFormat.pageSize
-        let transports = attachedDevices.compactMap(\.transport)
+        let transports = freezableTransports
         let downtimeStart = clock.now
         pause()
         for t in transports { t.freeze() }

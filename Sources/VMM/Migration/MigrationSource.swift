@@ -138,7 +138,7 @@ extension Machine {
             return try migratePostcopy(channel: channel, address: address, answer: answer, started: started, progress: progress)
         }
 
-        let transports = attachedDevices.compactMap(\.transport)
+        let transports = freezableTransports
         var logging = false, frozen = false, paused = false, committed = false
         var heldByThrottle = false
         defer {

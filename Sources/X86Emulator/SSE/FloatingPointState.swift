@@ -90,7 +90,7 @@ struct FloatingPointState {
     func save() -> FPUState {
         var f = FPUState()
         f.fcw = fcw; f.fsw = fsw; f.ftwx = valid; f.lastOpcode = fop
-        f.lastIP = fip; f.lastDP = fdp; f.mxcsr = mxcsr
+        f.lastIP = fip; f.lastDP = fdp; f.mxcsr = mxcsr; f.xcr0 = xcr0
         var x87 = [UInt8](repeating: 0, count: 128)
         x87.withUnsafeMutableBytes { d in
             guard let base = d.baseAddress else { return }
@@ -104,6 +104,7 @@ struct FloatingPointState {
     mutating func load(_ f: FPUState) {
         fcw = f.fcw; fsw = f.fsw; fop = f.lastOpcode; fip = f.lastIP; fdp = f.lastDP
         mxcsr = f.mxcsr & Self.mxcsrMask
+        xcr0 = f.xcr0 & Self.supportedXCR0 | 1
         valid = f.ftwx
         f.x87.withUnsafeBytes { s in
             guard let base = s.baseAddress, s.count >= 128 else { return }
