@@ -25,11 +25,15 @@ public final class KVMVirtualCPU: ReferenceRunLoop, ExternalInterruptInput, @unc
     private var pendingRead = PendingRead.none
     /// Registers fetched for the last hypercall exit, so its result can be written back.
     private var hypercallRegs = kvm_regs()
-    /// pthread of the thread that runs this vCPU, for kicks (0 = none). Set and cleared
-    /// under `kickLock`, which a kick holds while it signals, so a kick never signals a
-    /// thread that has ended (signalling a dead pthread_t is undefined and can crash).
+    /// pthread of the thread inside `run()`, for kicks (0 = none). Cleared under `kickLock`,
+    /// which a kick holds while it signals, as `run()` returns: a kick never signals a thread
+    /// that has left — one that has ended (signalling a dead pthread_t is undefined), or a
+    /// caller's thread gone on to other work, whose next system call the signal would
+    /// interrupt. Between runs a kick sets immediate_exit, which the next KVM_RUN honours.
     private let runningThread = Atomic<UInt>(0)
     private let kickLock = Mutex(())
+    /// The thread on which the kick signal was last unblocked (touched by the running thread only).
+    private var kickSignalUnblockedOn: UInt = 0
     /// Set by `requestExit`: `run()` returns `.interrupted` (kicks for interrupts don't).
     private let exitRequested = Atomic<Bool>(false)
     private let pending = PendingInterrupts()
@@ -69,11 +73,13 @@ public final class KVMVirtualCPU: ReferenceRunLoop, ExternalInterruptInput, @unc
 
     public func run() throws(VCPUError) -> VMExit {
         let me = UInt(pthread_self())
-        if runningThread.load(ordering: .relaxed) != me {
+        if kickSignalUnblockedOn != me {
             // First run on this thread: let the kick signal interrupt KVM_RUN here.
             _ = host_unblock_signal(Self.kickSignal)
-            kickLock.withLock { _ in runningThread.store(me, ordering: .releasing) }
+            kickSignalUnblockedOn = me
         }
+        runningThread.store(me, ordering: .releasing)
+        defer { kickLock.withLock { _ in runningThread.store(0, ordering: .releasing) } }
         while true {
             if interruptWaits { try offerInterrupt() }
             let rc = ckvm_run(fd)

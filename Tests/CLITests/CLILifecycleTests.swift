@@ -26,7 +26,7 @@ final class BackgroundSwiftvisor: Sendable {
             readersDone.enter()
             Thread { [readersDone] in
                 while true {
-                    let chunk = pipe.fileHandleForReading.availableData
+                    let chunk = pipe.fileHandleForReading.readSomeRetrying()
                     if chunk.isEmpty { break }
                     sink.data.withLock { $0 += chunk }
                 }

@@ -36,21 +36,21 @@ import TestSupport
         defer { if source.isRunning { source.terminate() } }
         var seen = Data()
         while !String(decoding: seen, as: UTF8.self).contains("count 20\n") {
-            let chunk = sourceOut.fileHandleForReading.availableData
+            let chunk = sourceOut.fileHandleForReading.readSomeRetrying()
             if chunk.isEmpty { break }
             seen += chunk
         }
         let migrate = try swiftvisor(["migrate", "--socket", control, "unix:\(incoming)"] + (strategy == "post-copy" ? ["--postcopy"] : []))
         #expect(migrate.status == 0, "\(migrate.stderr)")
         #expect(migrate.stderr.contains("migrated to unix:\(incoming) (\(sourceEngine) → software)"))
-        let sourceText = String(decoding: seen + sourceOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let sourceText = String(decoding: seen + sourceOut.fileHandleForReading.readToEndRetrying(), as: UTF8.self)
         source.waitUntilExit()
-        let destinationText = String(decoding: destinationOut.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let destinationText = String(decoding: destinationOut.fileHandleForReading.readToEndRetrying(), as: UTF8.self)
         destination.waitUntilExit()
         #expect(source.terminationStatus == 0)
         #expect(destination.terminationStatus == 0)
-        #expect(String(decoding: sourceErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).contains("migrated to"))
-        let destinationLog = String(decoding: destinationErr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(String(decoding: sourceErr.fileHandleForReading.readToEndRetrying(), as: UTF8.self).contains("migrated to"))
+        let destinationLog = String(decoding: destinationErr.fileHandleForReading.readToEndRetrying(), as: UTF8.self)
         #expect(destinationLog.contains("received 64 MiB from the \(sourceEngine) engine"))
         // Pre-copy streams into the RAM --prealloc made; post-copy needs its pages missing.
         #expect(destinationLog.contains("into preallocated RAM") == (strategy == "pre-copy"), "\(destinationLog)")

@@ -37,7 +37,7 @@ final class APIProcess: @unchecked Sendable {  // SAFETY: `process` is set in in
 
     private static func drain(_ pipe: Pipe, into append: (Data) -> Void) {
         while true {
-            let chunk = pipe.fileHandleForReading.availableData
+            let chunk = pipe.fileHandleForReading.readSomeRetrying()
             if chunk.isEmpty { return }
             append(chunk)
         }

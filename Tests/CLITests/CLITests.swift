@@ -33,10 +33,10 @@ func swiftvisor(_ args: [String], stdin: String = "", launcher: [String] = [], e
     let errData = Mutex(Data())
     let errDone = DispatchSemaphore(value: 0)
     Thread {
-        errData.withLock { $0 = err.fileHandleForReading.readDataToEndOfFile() }
+        errData.withLock { $0 = err.fileHandleForReading.readToEndRetrying() }
         errDone.signal()
     }.start()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    let outData = out.fileHandleForReading.readToEndRetrying()
     errDone.wait()
     p.waitUntilExit()
     return CLIResult(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
@@ -275,12 +275,12 @@ extension CLIDeviceTests {
         // Snapshot once the counter is under way (it has printed "count 20").
         var seen = Data()
         while !String(decoding: seen, as: UTF8.self).contains("count 20\n") {
-            let chunk = out.fileHandleForReading.availableData
+            let chunk = out.fileHandleForReading.readSomeRetrying()
             if chunk.isEmpty { break }  // the VM ended early: the expectations below say so
             seen += chunk
         }
         let create = try swiftvisor(["snapshot", "create", "--socket", socket, file, "--note", "cli test"])
-        let originalOutput = String(decoding: seen + out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let originalOutput = String(decoding: seen + out.fileHandleForReading.readToEndRetrying(), as: UTF8.self)
         original.waitUntilExit()
         #expect(create.status == 0, "\(create.stderr)")
         #expect(create.stdout.contains("copy-on-write faults"))

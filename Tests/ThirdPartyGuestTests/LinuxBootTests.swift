@@ -30,8 +30,8 @@ enum LinuxGuest {
         p.standardOutput = out
         p.standardError = err
         do { try p.run() } catch { return .failure(PreparationFailure(reason: "cannot run Scripts/\(script): \(error)")) }
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let problem = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let text = String(decoding: out.fileHandleForReading.readToEndRetrying(), as: UTF8.self)
+        let problem = String(decoding: err.fileHandleForReading.readToEndRetrying(), as: UTF8.self)
         p.waitUntilExit()
         var values: [String: String] = [:]
         for line in text.split(separator: "\n") {
@@ -71,10 +71,16 @@ final class LinuxRun: LinuxConsole, Sendable {
         process.standardInput = input
         process.standardOutput = output
         process.standardError = output
-        output.fileHandleForReading.readabilityHandler = { [console] handle in
-            for byte in handle.availableData { console.append(byte) }
-        }
         try process.run()
+        // A thread of its own reads the console (not a readabilityHandler: Foundation's
+        // traps when a signal interrupts its read).
+        Thread { [console, handle = output.fileHandleForReading] in
+            while true {
+                let chunk = handle.readSomeRetrying()
+                if chunk.isEmpty { return }
+                for byte in chunk { console.append(byte) }
+            }
+        }.start()
     }
 
     var text: String { console.text }
