@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 
 /// Runs `executable` with standard input empty and standard output and error into one
 /// pipe, to its end: its exit status and all it printed.
@@ -36,7 +37,7 @@ extension FileHandle {
     public func readSomeRetrying() -> Data {
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
-            let n = buffer.withUnsafeMutableBytes { read(fileDescriptor, $0.baseAddress, $0.count) }
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fileDescriptor, $0.baseAddress, $0.count) }
             if n >= 0 { return Data(buffer[0..<n]) }
             if errno != EINTR { return Data() }
         }
