@@ -53,9 +53,6 @@ struct HostAssembler {
         self.origin = origin
     }
 
-    /// The bytes emitted so far (for tests and dumps).
-    var emitted: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: start, count: position) }
-
     mutating func byte(_ b: UInt8) {
         // A block is bounded (`BlockTranslator.blockReserve`); overrunning it is a translator bug.
         precondition(position < room, "translated block overran the code buffer")
