@@ -159,10 +159,7 @@ public final class UART16550: PortIODevice, Sendable {
             }
             return Self.interruptPending(r)
         }
-        guard emit else { irqLine(irq); return }
-        output(byte)
-        // The output callback may have queued input (a terminal answering a query): the
-        // line follows the registers as they are now.
-        irqLine(state.withLock { Self.interruptPending($0) })
+        if emit { output(byte) }
+        irqLine(irq)
     }
 }

@@ -246,11 +246,6 @@ public final class KVMVirtualCPU: ReferenceRunLoop, ExternalInterruptInput, @unc
         }
     }
 
-    /// The running thread is about to end: later kicks only set immediate_exit.
-    public func runThreadWillExit() {
-        kickLock.withLock { _ in runningThread.store(0, ordering: .releasing) }
-    }
-
     /// Runs the guest in the shim's plain C KVM_RUN loop (no Swift between exits) until it
     /// writes `exitPort`: the reference the exit benchmark compares the Swift loop with.
     public func runReferenceLoop(exitPort: UInt16) throws(KVMError) -> (ioExits: UInt64, exitValue: UInt32) {

@@ -105,14 +105,7 @@ package struct LinuxRestoreBenchmark: Sendable {
             try Self.type("echo warm\(k)-$((6*7))", until: "warm\(k)-42", on: machine, console)
             warm = WarmAnswer(answerMilliseconds: Double(monotonicNanoseconds() - t0) / 1e6,
                               cpuMilliseconds: Double(processCPUNanoseconds() - cpu0) / 1e6,
-                              execution: machine.executionCounts.flatMap { after in
-                                  counts.map { before in
-                                      ExecutionCounts(instructions: after.instructions &- before.instructions,
-                                                      interpreted: after.interpreted &- before.interpreted,
-                                                      blocksTranslated: after.blocksTranslated &- before.blocksTranslated,
-                                                      translating: after.translating)
-                                  }
-                              })
+                              execution: machine.executionCounts.flatMap { after in counts.map { after - $0 } })
             guard console.wait(for: "warm\(k)-42\r\n/ # ", seconds: 60) else {
                 throw Failure.noPrompt(seconds: 60, lastOutput: String(console.text.suffix(1500)))
             }

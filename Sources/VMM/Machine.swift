@@ -533,7 +533,6 @@ public final class Machine: @unchecked Sendable {
         let shadowVCPU = vcpu as? any ShadowPagingVCPU
         defer {
             liveExits.publish(vcpu: vcpu.id, stats)
-            vcpu.runThreadWillExit()
             finishedCount.add(1, ordering: .acquiringAndReleasing)
             parkedSignal.signal()
         }

@@ -160,6 +160,12 @@ public struct ExecutionCounts: Sendable, Equatable, Codable {
         ExecutionCounts(instructions: a.instructions &+ b.instructions, interpreted: a.interpreted &+ b.interpreted,
                         blocksTranslated: a.blocksTranslated &+ b.blocksTranslated, translating: a.translating || b.translating)
     }
+
+    /// What ran between two readings (`a` the later).
+    public static func - (a: ExecutionCounts, b: ExecutionCounts) -> ExecutionCounts {
+        ExecutionCounts(instructions: a.instructions &- b.instructions, interpreted: a.interpreted &- b.interpreted,
+                        blocksTranslated: a.blocksTranslated &- b.blocksTranslated, translating: a.translating)
+    }
 }
 
 /// Retired-instruction counts (a hardware VMM would read a performance counter).

@@ -69,17 +69,12 @@ public protocol VCPU: AnyObject, Sendable {
     func injectInterrupt(vector: UInt8)
     /// True while an injected interrupt waits for delivery.
     var hasPendingInterrupt: Bool { get }
-    /// The thread that has been calling `run()` is about to end; kicks from other threads
-    /// (`requestExit`, `injectInterrupt`) must not signal it any more.
-    func runThreadWillExit()
     /// RFLAGS.IF as of the last exit: a `hlt` with IF set waits for an interrupt, one with
     /// IF clear halts the vCPU for good.
     var interruptsEnabled: Bool { get }
 }
 
 extension VCPU {
-    public func runThreadWillExit() {}
-
     /// For engines whose string port reads arrive one element at a time.
     public func completeStringRead(_ bytes: [UInt8]) {
         completeRead(value: bytes.prefix(8).enumerated().reduce(0) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) })
